@@ -1,0 +1,82 @@
+//! Carries out one command from the controller and reports how it went.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmha_proto::v1::command::Kind;
+use vmha_proto::v1::{Command, OperationProgress, OperationResult};
+
+use crate::hypervisor::{MigrateOptions, MigrationStats};
+use crate::session::{Agent, Client};
+
+pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
+    let op = cmd.operation_id.clone();
+    let started = Instant::now();
+    tracing::info!(operation = %op, command = ?cmd.kind, "executing");
+    let outcome: anyhow::Result<MigrationStats> = match cmd.kind {
+        None => Err(anyhow::anyhow!("empty command (a newer controller?)")),
+        Some(Kind::Migrate(m)) => {
+            let opts = MigrateOptions {
+                dest_uri: m.dest_uri,
+                auto_converge: m.auto_converge,
+                bandwidth_mib_s: (m.bandwidth_mib_s > 0).then_some(m.bandwidth_mib_s),
+                timeout: (m.timeout_ms > 0).then(|| Duration::from_millis(m.timeout_ms)),
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut progress_client = client.clone();
+            let progress_op = op.clone();
+            let forward = tokio::spawn(async move {
+                while let Some(p) = rx.recv().await {
+                    let p: crate::hypervisor::JobProgress = p;
+                    let _ = progress_client
+                        .report_progress(OperationProgress {
+                            operation_id: progress_op.clone(),
+                            data_total: p.data_total,
+                            data_processed: p.data_processed,
+                            data_remaining: p.data_remaining,
+                            elapsed_ms: p.elapsed_ms,
+                        })
+                        .await;
+                }
+            });
+            let r = agent
+                .blocking(move |hv| hv.migrate(&m.uuid, &opts, &move |p| { let _ = tx.send(p); }))
+                .await;
+            let _ = forward.await;
+            r
+        }
+        Some(Kind::Start(s)) => agent.blocking(move |hv| hv.define_and_start(&s.xml).map(|_| Default::default())).await,
+        Some(Kind::Shutdown(s)) => agent.blocking(move |hv| hv.shutdown(&s.uuid).map(|_| Default::default())).await,
+        Some(Kind::Destroy(d)) => agent.blocking(move |hv| hv.destroy(&d.uuid).map(|_| Default::default())).await,
+    };
+    // Report the effect before the result: the controller must never see a result and then a
+    // report that predates it (a migrated VM would briefly look back on this host).
+    if let Err(e) = agent.heartbeat(&mut client).await {
+        tracing::warn!(operation = %op, error = format!("{e:#}"), "report after the command failed");
+    }
+    let result = match &outcome {
+        Ok(s) => OperationResult {
+            operation_id: op.clone(),
+            ok: true,
+            error: String::new(),
+            elapsed_ms: if s.elapsed_ms > 0 { s.elapsed_ms } else { started.elapsed().as_millis() as u64 },
+            downtime_ms: s.downtime_ms,
+            bytes: s.bytes,
+        },
+        Err(e) => OperationResult {
+            operation_id: op.clone(),
+            ok: false,
+            error: format!("{e:#}"),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            downtime_ms: 0,
+            bytes: 0,
+        },
+    };
+    match &outcome {
+        Ok(_) => tracing::info!(operation = %op, elapsed_ms = result.elapsed_ms, "done"),
+        Err(e) => tracing::warn!(operation = %op, error = format!("{e:#}"), "failed"),
+    }
+    if let Err(e) = client.report_result(result).await {
+        tracing::warn!(operation = %op, error = %e, "could not report the result");
+    }
+}

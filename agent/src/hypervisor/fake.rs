@@ -1,0 +1,103 @@
+//! An in-memory [`Hypervisor`] for tests of the agent's logic: domains are rows in a map, a
+//! migration moves a row into another fake (its "destination host").
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use vmha_proto::v1::{Domain, DomainState, HostFacts};
+
+use super::{Hypervisor, HypervisorError, JobProgress, MigrateOptions, MigrationStats};
+
+#[derive(Clone, Default)]
+pub struct FakeHypervisor {
+    domains: Arc<Mutex<BTreeMap<String, Domain>>>,
+    /// Destination URI -> the fake host behind it.
+    peers: Arc<Mutex<BTreeMap<String, FakeHypervisor>>>,
+}
+
+impl FakeHypervisor {
+    pub fn add_running(&self, uuid: &str, name: &str) {
+        self.domains.lock().unwrap().insert(
+            uuid.into(),
+            Domain {
+                uuid: uuid.into(),
+                name: name.into(),
+                state: DomainState::Running as i32,
+                memory_kib: 65_536,
+                vcpus: 1,
+                persistent: true,
+            },
+        );
+    }
+
+    pub fn connect_peer(&self, uri: &str, peer: &FakeHypervisor) {
+        self.peers.lock().unwrap().insert(uri.into(), peer.clone());
+    }
+
+    fn set_state(&self, uuid: &str, state: DomainState) -> Result<(), HypervisorError> {
+        let mut d = self.domains.lock().unwrap();
+        let dom = d.get_mut(uuid).ok_or_else(|| HypervisorError::NoSuchDomain(uuid.into()))?;
+        dom.state = state as i32;
+        Ok(())
+    }
+}
+
+impl Hypervisor for FakeHypervisor {
+    fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
+        Ok(HostFacts {
+            cpus: 4,
+            memory_total_kib: 8 << 20,
+            memory_free_kib: 4 << 20,
+            cpu_model: "fake".into(),
+            libvirt_version: "0.0.0".into(),
+            hypervisor_version: "0.0.0".into(),
+        })
+    }
+
+    fn domains(&self) -> Result<Vec<Domain>, HypervisorError> {
+        Ok(self.domains.lock().unwrap().values().cloned().collect())
+    }
+
+    fn define_and_start(&self, xml: &str) -> Result<String, HypervisorError> {
+        // The fake takes the XML's <name> as both name and UUID.
+        let name = xml
+            .split("<name>")
+            .nth(1)
+            .and_then(|r| r.split("</name>").next())
+            .ok_or_else(|| HypervisorError::Host { op: "define", message: "no <name>".into() })?;
+        self.add_running(name, name);
+        Ok(name.into())
+    }
+
+    fn shutdown(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.set_state(uuid, DomainState::ShutOff)
+    }
+
+    fn destroy(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.set_state(uuid, DomainState::ShutOff)
+    }
+
+    fn migrate(
+        &self,
+        uuid: &str,
+        opts: &MigrateOptions,
+        progress: &(dyn Fn(JobProgress) + Sync),
+    ) -> Result<MigrationStats, HypervisorError> {
+        let peer = self.peers.lock().unwrap().get(&opts.dest_uri).cloned().ok_or_else(|| {
+            HypervisorError::Domain {
+                op: "virDomainMigrateToURI3",
+                domain: uuid.into(),
+                message: format!("unable to connect to server at '{}'", opts.dest_uri),
+            }
+        })?;
+        let dom = self
+            .domains
+            .lock()
+            .unwrap()
+            .remove(uuid)
+            .ok_or_else(|| HypervisorError::NoSuchDomain(uuid.into()))?;
+        progress(JobProgress { data_total: 100, data_processed: 100, data_remaining: 0, elapsed_ms: 1 });
+        peer.domains.lock().unwrap().insert(uuid.into(), dom);
+        Ok(MigrationStats { elapsed_ms: 1, downtime_ms: 1, bytes: 100 })
+    }
+}

@@ -1,0 +1,217 @@
+//! [`Hypervisor`] over libvirt, through the `virt` crate.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt::domain::{Domain as VirtDomain, DomainState as VirtState, MigrateParameters};
+use virt::enumutil::Enum;
+use virt::sys;
+use vmha_proto::v1::{Domain, DomainState, HostFacts};
+
+use super::{
+    Hypervisor, HypervisorError, JobProgress, MigrateOptions, MigrationStats, jobstats,
+};
+
+/// How often a running migration's job statistics are sampled.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+pub struct Libvirt {
+    uri: String,
+    /// Reopened when libvirtd restarts; each call takes its own reference, so a long call (a
+    /// migration) never blocks the heartbeat's calls.
+    conn: Mutex<Option<Connect>>,
+}
+
+impl Libvirt {
+    pub fn new(uri: impl Into<String>) -> Libvirt {
+        Libvirt { uri: uri.into(), conn: Mutex::new(None) }
+    }
+
+    fn conn(&self) -> Result<Connect, HypervisorError> {
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = slot.as_ref() {
+            if c.is_alive().unwrap_or(false) {
+                return Ok(c.clone());
+            }
+        }
+        let c = Connect::open(Some(&self.uri)).map_err(|e| HypervisorError::Connect {
+            uri: self.uri.clone(),
+            message: e.message().to_string(),
+        })?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    fn lookup(&self, uuid: &str) -> Result<VirtDomain, HypervisorError> {
+        let conn = self.conn()?;
+        conn.lookup_domain_by_uuid_string(uuid)
+            .map_err(|_| HypervisorError::NoSuchDomain(uuid.to_string()))
+    }
+}
+
+fn domain_err(op: &'static str, domain: &str) -> impl FnOnce(virt::error::Error) -> HypervisorError {
+    let domain = domain.to_string();
+    move |e| HypervisorError::Domain { op, domain, message: e.message().to_string() }
+}
+
+fn host_err(op: &'static str) -> impl FnOnce(virt::error::Error) -> HypervisorError {
+    move |e| HypervisorError::Host { op, message: e.message().to_string() }
+}
+
+/// libvirt encodes versions as major * 1_000_000 + minor * 1_000 + release.
+fn version_string(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1_000) % 1_000, v % 1_000)
+}
+
+fn map_state(s: virt::domain::DomainStateEnum) -> DomainState {
+    match s {
+        Enum::Known(VirtState::Running) => DomainState::Running,
+        Enum::Known(VirtState::Blocked) => DomainState::Blocked,
+        Enum::Known(VirtState::Paused) => DomainState::Paused,
+        Enum::Known(VirtState::Shutdown) => DomainState::ShuttingDown,
+        Enum::Known(VirtState::Shutoff) => DomainState::ShutOff,
+        Enum::Known(VirtState::Crashed) => DomainState::Crashed,
+        Enum::Known(VirtState::PMSuspended) => DomainState::Suspended,
+        Enum::Known(VirtState::NoState) | Enum::Unknown(_) => DomainState::Unspecified,
+    }
+}
+
+impl Hypervisor for Libvirt {
+    fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
+        let conn = self.conn()?;
+        let node = conn.node_info().map_err(host_err("virNodeGetInfo"))?;
+        let free = conn.free_memory().map_err(host_err("virNodeGetFreeMemory"))?;
+        Ok(HostFacts {
+            cpus: node.cpus,
+            memory_total_kib: node.memory,
+            memory_free_kib: free / 1024,
+            cpu_model: node.model,
+            libvirt_version: version_string(conn.lib_version().map_err(host_err("virConnectGetLibVersion"))?),
+            hypervisor_version: version_string(conn.hyp_version().map_err(host_err("virConnectGetVersion"))?),
+        })
+    }
+
+    fn domains(&self) -> Result<Vec<Domain>, HypervisorError> {
+        let conn = self.conn()?;
+        let doms = conn.list_all_domains(0).map_err(host_err("virConnectListAllDomains"))?;
+        let mut out = Vec::with_capacity(doms.len());
+        for d in doms {
+            // A domain can vanish between the listing and these calls (undefined by a finished
+            // migration); skip it rather than fail the whole report.
+            let (Ok(uuid), Ok(name), Ok(info)) = (d.uuid_string(), d.name(), d.info()) else {
+                continue;
+            };
+            out.push(Domain {
+                uuid,
+                name,
+                state: map_state(info.state) as i32,
+                memory_kib: info.max_mem,
+                vcpus: info.nr_virt_cpu,
+                persistent: d.is_persistent().unwrap_or(false),
+            });
+        }
+        Ok(out)
+    }
+
+    fn define_and_start(&self, xml: &str) -> Result<String, HypervisorError> {
+        let conn = self.conn()?;
+        let dom = conn.define_domain_xml(xml).map_err(host_err("virDomainDefineXML"))?;
+        let uuid = dom.uuid_string().map_err(host_err("virDomainGetUUIDString"))?;
+        dom.create().map_err(domain_err("virDomainCreate", &uuid))?;
+        Ok(uuid)
+    }
+
+    fn shutdown(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.lookup(uuid)?.shutdown().map_err(domain_err("virDomainShutdown", uuid))
+    }
+
+    fn destroy(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.lookup(uuid)?.destroy().map_err(domain_err("virDomainDestroy", uuid))
+    }
+
+    fn migrate(
+        &self,
+        uuid: &str,
+        opts: &MigrateOptions,
+        progress: &(dyn Fn(JobProgress) + Sync),
+    ) -> Result<MigrationStats, HypervisorError> {
+        let dom = self.lookup(uuid)?;
+        let persistent = dom.is_persistent().unwrap_or(false);
+        // UNDEFINE_SOURCE is left out on purpose: it removes the source domain the moment the
+        // migration ends, and with it the completed job's statistics (downtime, bytes). The
+        // source definition is undefined below instead, right after those are read.
+        let mut flags = sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER | sys::VIR_MIGRATE_PERSIST_DEST;
+        if opts.auto_converge {
+            flags |= sys::VIR_MIGRATE_AUTO_CONVERGE;
+        }
+        let params = MigrateParameters {
+            bandwidth: opts.bandwidth_mib_s,
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let timed_out = std::sync::atomic::AtomicBool::new(false);
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                use std::sync::atomic::Ordering::Relaxed;
+                while !done.load(Relaxed) {
+                    std::thread::sleep(PROGRESS_EVERY);
+                    if done.load(Relaxed) {
+                        break;
+                    }
+                    if let Ok(j) = jobstats::read(&dom, false) {
+                        if j.is_active() {
+                            progress(JobProgress {
+                                data_total: j.data_total,
+                                data_processed: j.data_processed,
+                                data_remaining: j.data_remaining,
+                                elapsed_ms: started.elapsed().as_millis() as u64,
+                            });
+                        }
+                    }
+                    if opts.timeout.is_some_and(|t| started.elapsed() > t)
+                        && !timed_out.swap(true, Relaxed)
+                    {
+                        let _ = jobstats::abort(&dom);
+                    }
+                }
+            });
+            let r = dom.migrate_to_uri3(Some(&opts.dest_uri), params, flags);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            r
+        });
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if let Err(e) = result {
+            if timed_out.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(HypervisorError::MigrationTimedOut {
+                    domain: uuid.to_string(),
+                    timeout: opts.timeout.unwrap_or_default(),
+                });
+            }
+            return Err(domain_err("virDomainMigrateToURI3", uuid)(e));
+        }
+        let completed = jobstats::read(&dom, true).unwrap_or_default();
+        if persistent {
+            // The guest runs on the destination now; a leftover inactive definition here would
+            // only confuse operators and the inventory. Failure is reported, not fatal.
+            if let Err(e) = dom.undefine() {
+                tracing::warn!(domain = uuid, error = %e.message(), "migrated, but undefining the source copy failed");
+            }
+        }
+        Ok(MigrationStats {
+            elapsed_ms,
+            downtime_ms: completed.downtime_ms,
+            bytes: completed.data_processed,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn libvirt_versions_read_as_dotted() {
+        assert_eq!(super::version_string(9_000_000), "9.0.0");
+        assert_eq!(super::version_string(7_002_013), "7.2.13");
+    }
+}

@@ -1,0 +1,72 @@
+//! The agent's only way to the hypervisor. Production uses libvirt ([`libvirt::Libvirt`]);
+//! tests use [`fake::FakeHypervisor`]. Calls block: the async side runs them on
+//! `spawn_blocking`.
+
+pub mod fake;
+mod jobstats;
+pub mod libvirt;
+
+use std::time::Duration;
+
+use vmha_proto::v1::{Domain, HostFacts};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("cannot connect to libvirt at {uri}: {message}; is libvirtd running?")]
+    Connect { uri: String, message: String },
+    #[error("no domain with UUID {0} on this host")]
+    NoSuchDomain(String),
+    #[error("{op} failed for domain {domain}: {message}")]
+    Domain { op: &'static str, domain: String, message: String },
+    #[error("{op} failed: {message}")]
+    Host { op: &'static str, message: String },
+    #[error("migration of {domain} aborted after the {timeout:?} timeout; it still runs here")]
+    MigrationTimedOut { domain: String, timeout: Duration },
+}
+
+/// How to live-migrate one domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrateOptions {
+    /// The destination libvirtd as this host's libvirtd reaches it (peer-to-peer).
+    pub dest_uri: String,
+    pub auto_converge: bool,
+    pub bandwidth_mib_s: Option<u64>,
+    pub timeout: Option<Duration>,
+}
+
+/// A sample of a running migration job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobProgress {
+    pub data_total: u64,
+    pub data_processed: u64,
+    pub data_remaining: u64,
+    pub elapsed_ms: u64,
+}
+
+/// What a finished migration cost, from libvirt's completed-job statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrationStats {
+    pub elapsed_ms: u64,
+    pub downtime_ms: u64,
+    pub bytes: u64,
+}
+
+pub trait Hypervisor: Send + Sync + 'static {
+    fn host_facts(&self) -> Result<HostFacts, HypervisorError>;
+    /// Every domain, running or only defined.
+    fn domains(&self) -> Result<Vec<Domain>, HypervisorError>;
+    /// Defines the domain persistently and starts it; returns its UUID.
+    fn define_and_start(&self, xml: &str) -> Result<String, HypervisorError>;
+    /// Asks the guest OS to shut down (ACPI); returns without waiting.
+    fn shutdown(&self, uuid: &str) -> Result<(), HypervisorError>;
+    /// Kills the QEMU process at once.
+    fn destroy(&self, uuid: &str) -> Result<(), HypervisorError>;
+    /// Live-migrates peer-to-peer, persistent on the destination, undefined here on success.
+    /// Blocks until the migration ends, calling `progress` with job samples meanwhile.
+    fn migrate(
+        &self,
+        uuid: &str,
+        opts: &MigrateOptions,
+        progress: &(dyn Fn(JobProgress) + Sync),
+    ) -> Result<MigrationStats, HypervisorError>;
+}

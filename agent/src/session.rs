@@ -1,0 +1,144 @@
+//! One agent's conversation with the controller: register, heartbeat every interval, take
+//! pushed commands and report their outcome. On any failure it moves to the next controller
+//! endpoint; a controller that goes away never stops a VM here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use vmha_proto::v1::agent_service_client::AgentServiceClient;
+use vmha_proto::v1::{CommandsRequest, HeartbeatRequest, RegisterRequest};
+
+use crate::config::Config;
+use crate::executor;
+use crate::hypervisor::Hypervisor;
+
+/// Stamps every request with this host's name: the controller's view of who is speaking.
+/// (With mTLS the certificate carries it; this header is the stand-in until then.)
+#[derive(Clone)]
+pub struct HostHeader(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for HostHeader {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(vmha_proto::HOST_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Client = AgentServiceClient<InterceptedService<Channel, HostHeader>>;
+
+pub struct Agent {
+    pub cfg: Config,
+    pub hv: Arc<dyn Hypervisor>,
+    /// Held while a report is taken and sent, so that a report taken before a command's effect
+    /// can never reach the controller after the command's result (see `executor`).
+    report_lock: tokio::sync::Mutex<u64>,
+    /// The newest leader epoch seen; commands from older leaders are refused.
+    epoch: AtomicU64,
+}
+
+impl Agent {
+    pub fn new(cfg: Config, hv: Arc<dyn Hypervisor>) -> Arc<Agent> {
+        Arc::new(Agent { cfg, hv, report_lock: tokio::sync::Mutex::new(0), epoch: AtomicU64::new(0) })
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    fn see_epoch(&self, epoch: u64) {
+        self.epoch.fetch_max(epoch, Ordering::SeqCst);
+    }
+
+    /// Runs forever, cycling through the controller endpoints.
+    pub async fn run(self: Arc<Self>) {
+        let mut next = 0usize;
+        loop {
+            let endpoint = &self.cfg.controllers[next % self.cfg.controllers.len()];
+            match self.clone().session(endpoint).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(controller = %endpoint, error = format!("{e:#}"), "lost the controller; retrying"),
+            }
+            next += 1;
+            tokio::time::sleep(self.cfg.heartbeat_interval.min(Duration::from_secs(1))).await;
+        }
+    }
+
+    async fn session(self: Arc<Self>, endpoint: &str) -> anyhow::Result<()> {
+        let channel = Endpoint::from_shared(endpoint.to_string())
+            .with_context(|| format!("controller endpoint '{endpoint}' is not a valid URI"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to the controller at {endpoint}"))?;
+        let header = self
+            .cfg
+            .host_name
+            .parse()
+            .context("host name is not a valid header value")?;
+        let mut client: Client = AgentServiceClient::with_interceptor(channel, HostHeader(header));
+
+        let facts = self.blocking(|hv| hv.host_facts()).await?;
+        let reg = client
+            .register(RegisterRequest {
+                migration_uri: self.cfg.migration_uri.clone(),
+                facts: Some(facts),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .await
+            .context("register")?
+            .into_inner();
+        self.see_epoch(reg.epoch);
+        tracing::info!(controller = %endpoint, epoch = reg.epoch, "registered");
+
+        let mut commands = client.commands(CommandsRequest {}).await.context("open command stream")?.into_inner();
+        let mut tick = tokio::time::interval(self.cfg.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.heartbeat(&mut client).await?,
+                msg = commands.message() => match msg.context("command stream")? {
+                    Some(cmd) => {
+                        if cmd.epoch < self.epoch() {
+                            tracing::warn!(operation = %cmd.operation_id, epoch = cmd.epoch, "refusing a command from an older leader");
+                            continue;
+                        }
+                        tokio::spawn(executor::execute(self.clone(), client.clone(), cmd));
+                    }
+                    None => bail!("the controller closed the command stream"),
+                },
+            }
+        }
+    }
+
+    /// Takes a full report (facts and every domain) and sends it.
+    pub async fn heartbeat(&self, client: &mut Client) -> anyhow::Result<()> {
+        let mut seq = self.report_lock.lock().await;
+        let (facts, domains) = self
+            .blocking(|hv| Ok((hv.host_facts()?, hv.domains()?)))
+            .await?;
+        *seq += 1;
+        let req = HeartbeatRequest { seq: *seq, facts: Some(facts), domains };
+        let answer = tokio::time::timeout(self.cfg.heartbeat_interval * 2, client.heartbeat(req))
+            .await
+            .context("heartbeat timed out")?
+            .context("heartbeat")?
+            .into_inner();
+        self.see_epoch(answer.epoch);
+        Ok(())
+    }
+
+    /// Runs a hypervisor call off the async runtime: libvirt calls block.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Hypervisor) -> Result<T, crate::hypervisor::HypervisorError> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let hv = self.hv.clone();
+        Ok(tokio::task::spawn_blocking(move || f(hv.as_ref())).await??)
+    }
+}

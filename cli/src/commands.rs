@@ -1,0 +1,305 @@
+//! The verbs, and how a controller answer becomes output and an exit code.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+use vmha_proto::v1::operator_service_client::OperatorServiceClient;
+use vmha_proto::v1::*;
+
+use crate::output::{self, Format, mib};
+
+const EXIT_HELP: &str = "\
+Exit codes: 0 done; 1 the operation ran and failed; 2 bad usage or input; 3 no such VM, host
+or operation; 4 refused (the cluster's state does not allow it, nothing changed); 5 the
+controller cannot be reached.";
+
+/// Operate a vmha cluster: see hosts and VMs, protect VMs, live-migrate them, read the event log.
+#[derive(Debug, Parser)]
+#[command(version, about, after_help = EXIT_HELP)]
+pub struct Cli {
+    /// Controller endpoint; standbys may follow, comma-separated.
+    #[arg(long, global = true, env = "VMHA_CONTROLLER", default_value = "http://127.0.0.1:7400", value_delimiter = ',')]
+    controller: Vec<String>,
+    /// Output: a table for people, or JSON for scripts.
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Debug, Subcommand)]
+enum Verb {
+    /// The cluster at a glance: hosts, VMs, protected VMs that are not running.
+    Status,
+    /// Hosts.
+    #[command(subcommand)]
+    Host(HostVerb),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmVerb),
+    /// Mark a VM as highly available: restarted elsewhere if its host dies.
+    Protect {
+        /// VM name or libvirt domain UUID.
+        vm: String,
+        /// Restart order after a host failure: higher first (-1000 to 1000).
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i32>,
+    },
+    /// Stop protecting a VM (it keeps running where it is).
+    Unprotect {
+        /// VM name or libvirt domain UUID.
+        vm: String,
+    },
+    /// Live-migrate a running VM to another host, with no restart.
+    #[command(after_help = "Shows a progress bar while libvirt copies memory, then the result.\n\
+        Example: vmha migrate dns1 --to kvm2")]
+    Migrate {
+        /// VM name or libvirt domain UUID.
+        vm: String,
+        /// Target host (see `vmha host ls`).
+        #[arg(long)]
+        to: String,
+        /// Return once the migration has started; follow it with `vmha events`.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// The audit log: what vmha and operators did, and why.
+    Events {
+        /// How many of the newest events to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Keep printing new events as they happen (Ctrl-C to stop).
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostVerb {
+    /// List hosts with their liveness, admin state and capacity.
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmVerb {
+    /// List VMs with their host, state and protection.
+    Ls,
+    /// One VM in detail.
+    Show {
+        /// VM name or libvirt domain UUID.
+        vm: String,
+    },
+}
+
+/// An error for the operator: one line, and the exit code scripts rely on.
+pub struct Failure {
+    pub message: String,
+    pub exit_code: u8,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Failure {
+        let exit_code = match s.code() {
+            Code::InvalidArgument | Code::OutOfRange => 2,
+            Code::NotFound => 3,
+            Code::FailedPrecondition | Code::AlreadyExists | Code::PermissionDenied | Code::Aborted => 4,
+            Code::Unavailable | Code::DeadlineExceeded => 5,
+            _ => 1,
+        };
+        let message = match s.code() {
+            Code::Unavailable => format!("the controller is unavailable: {}", s.message()),
+            _ => s.message().to_string(),
+        };
+        Failure { message, exit_code }
+    }
+}
+
+type Client = OperatorServiceClient<Channel>;
+
+async fn connect(endpoints: &[String]) -> Result<Client, Failure> {
+    let mut last = String::new();
+    for e in endpoints {
+        let ep = Endpoint::from_shared(e.clone()).map_err(|_| Failure {
+            message: format!("'{e}' is not a controller URL like http://10.0.0.1:7400"),
+            exit_code: 2,
+        })?;
+        match ep.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect().await {
+            Ok(ch) => return Ok(OperatorServiceClient::new(ch)),
+            Err(err) => last = format!("{e}: {err}"),
+        }
+    }
+    Err(Failure {
+        message: format!("cannot reach the controller ({last}); set --controller or VMHA_CONTROLLER"),
+        exit_code: 5,
+    })
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    let mut c = connect(&cli.controller).await?;
+    let fmt = cli.output;
+    match cli.command {
+        Verb::Status => {
+            let s = c.status(StatusRequest {}).await?.into_inner();
+            match fmt {
+                Format::Json => output::json(&s),
+                Format::Table => {
+                    println!(
+                        "epoch {}  hosts {}/{} online  VMs {} running of {}  protected {} ({} not running)",
+                        s.epoch, s.hosts_online, s.hosts_total, s.vms_running, s.vms_total, s.vms_protected, s.protected_not_running
+                    );
+                    host_table(&s.hosts);
+                }
+            }
+        }
+        Verb::Host(HostVerb::Ls) => {
+            let hosts = c.list_hosts(ListHostsRequest {}).await?.into_inner().hosts;
+            match fmt {
+                Format::Json => output::json(&hosts),
+                Format::Table => host_table(&hosts),
+            }
+        }
+        Verb::Vm(VmVerb::Ls) => {
+            let vms = c.list_vms(ListVmsRequest {}).await?.into_inner().vms;
+            match fmt {
+                Format::Json => output::json(&vms),
+                Format::Table => output::table(
+                    &["NAME", "HOST", "STATE", "MEMORY", "VCPUS", "PROTECTED", "PRIORITY", "UUID"],
+                    vms.iter().map(vm_row).collect(),
+                ),
+            }
+        }
+        Verb::Vm(VmVerb::Show { vm }) => {
+            let v = c.get_vm(GetVmRequest { vm }).await?.into_inner();
+            show_vm(fmt, &v);
+        }
+        Verb::Protect { vm, priority } => {
+            let v = c.set_protection(SetProtectionRequest { vm, protected: true, priority }).await?.into_inner();
+            show_vm(fmt, &v);
+        }
+        Verb::Unprotect { vm } => {
+            let v = c.set_protection(SetProtectionRequest { vm, protected: false, priority: None }).await?.into_inner();
+            show_vm(fmt, &v);
+        }
+        Verb::Migrate { vm, to, no_wait } => {
+            let op = c.migrate(MigrateRequest { vm, target_host: to }).await?.into_inner();
+            let op = if no_wait { op } else { follow_operation(&mut c, op, fmt).await? };
+            match fmt {
+                Format::Json => output::json(&op),
+                Format::Table => println!("{}", describe_operation(&op)),
+            }
+            if op.state == "failed" || op.state == "aborted" {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Verb::Events { limit, follow } => {
+            let mut after = 0;
+            let mut limit = limit;
+            loop {
+                let events = c.list_events(ListEventsRequest { limit, after_id: after }).await?.into_inner().events;
+                for e in &events {
+                    match fmt {
+                        Format::Json => println!("{}", serde_json::to_string(e).expect("serialisable")),
+                        Format::Table => println!("{}  {:<10} {:<20} {}  [{}]", e.at, e.subject_kind, e.subject, e.message, e.actor),
+                    }
+                }
+                after = events.last().map_or(after, |e| e.id);
+                if !follow {
+                    break;
+                }
+                limit = 1000;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn host_table(hosts: &[Host]) {
+    output::table(
+        &["HOST", "STATE", "ADMIN", "VMS", "CPUS", "MEMORY FREE/TOTAL", "HEARTBEAT", "LIBVIRT"],
+        hosts
+            .iter()
+            .map(|h| {
+                vec![
+                    h.name.clone(),
+                    h.state.clone(),
+                    h.admin_state.clone(),
+                    h.vms_running.to_string(),
+                    h.cpus.to_string(),
+                    format!("{} / {}", mib(h.memory_free_mib), mib(h.memory_total_mib)),
+                    h.heartbeat_age_s.map_or("never".into(), |a| format!("{a:.1}s ago")),
+                    h.libvirt_version.clone(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn vm_row(v: &Vm) -> Vec<String> {
+    vec![
+        v.name.clone(),
+        if v.host.is_empty() { "-".into() } else { v.host.clone() },
+        v.state.clone(),
+        mib(v.memory_mib),
+        v.vcpus.to_string(),
+        if v.protected { "yes".into() } else { "no".into() },
+        v.priority.to_string(),
+        v.uuid.clone(),
+    ]
+}
+
+fn show_vm(fmt: Format, v: &Vm) {
+    match fmt {
+        Format::Json => output::json(v),
+        Format::Table => {
+            let row = vm_row(v);
+            for (k, val) in ["name", "host", "state", "memory", "vcpus", "protected", "priority", "uuid"].iter().zip(row) {
+                println!("{k:>10}: {val}");
+            }
+        }
+    }
+}
+
+fn describe_operation(op: &Operation) -> String {
+    match op.state.as_str() {
+        "succeeded" => format!(
+            "{} migrated from {} to {} in {} ms (downtime {} ms, {} sent)",
+            op.vm, op.source, op.target, op.elapsed_ms, op.downtime_ms, mib(op.bytes >> 20)
+        ),
+        "failed" | "aborted" => format!(
+            "migration of {} from {} to {} {}: {}",
+            op.vm, op.source, op.target, op.state, op.error
+        ),
+        s => format!("migration of {} from {} to {} is {s} (operation {})", op.vm, op.source, op.target, op.id),
+    }
+}
+
+/// Follows the operation to its end, drawing a progress bar on a terminal.
+async fn follow_operation(c: &mut Client, op: Operation, fmt: Format) -> Result<Operation, Failure> {
+    let bar = if fmt == Format::Table { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("{} {} -> {}", op.vm, op.source, op.target));
+    let mut stream = c.watch_operation(WatchOperationRequest { id: op.id.clone() }).await?.into_inner();
+    let mut last = op;
+    while let Some(update) = stream.message().await? {
+        if update.data_total > 0 {
+            bar.set_length(update.data_total);
+            bar.set_position(update.data_processed);
+        }
+        let done = matches!(update.state.as_str(), "succeeded" | "failed" | "aborted");
+        last = update;
+        if done {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(last)
+}

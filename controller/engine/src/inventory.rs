@@ -1,0 +1,219 @@
+//! Keeps the VM inventory in step with what agents report. Which host a VM is "on" is decided
+//! here, once, for the CLI, placement and the database alike.
+
+use crate::{ClusterState, Millis, RunState, VmView};
+
+/// One domain as an agent reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportedDomain {
+    pub uuid: String,
+    pub name: String,
+    pub state: RunState,
+    pub memory_kib: u64,
+    pub vcpus: u32,
+}
+
+/// What a report changed; the shell persists each and writes one event for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InventoryChange {
+    /// A domain no VM record had.
+    Appeared { uuid: String, name: String, host: String, state: RunState },
+    /// The VM is now on `to` (after a migration, a restart elsewhere, or a host coming back).
+    Moved { uuid: String, name: String, from: String, to: String, state: RunState },
+    /// Same host, new state.
+    StateChanged { uuid: String, name: String, host: String, from: RunState, to: RunState },
+    /// The host it was on no longer reports it.
+    Vanished { uuid: String, name: String, from: String },
+    /// Name, memory or vCPUs changed; no event, but the record must be rewritten.
+    Updated { uuid: String },
+}
+
+impl InventoryChange {
+    pub fn uuid(&self) -> &str {
+        match self {
+            InventoryChange::Appeared { uuid, .. }
+            | InventoryChange::Moved { uuid, .. }
+            | InventoryChange::StateChanged { uuid, .. }
+            | InventoryChange::Vanished { uuid, .. }
+            | InventoryChange::Updated { uuid } => uuid,
+        }
+    }
+}
+
+/// Applies `host`'s full list of domains, received at `now`, to `state`.
+///
+/// A VM's location moves to the reporting host only if the VM has none or the host reports it
+/// running: the incoming side of a live migration reports a paused copy while the source still
+/// runs it, and that must not look like a move.
+pub fn apply_report(
+    state: &mut ClusterState,
+    host: &str,
+    domains: &[ReportedDomain],
+    now: Millis,
+) -> Vec<InventoryChange> {
+    if let Some(h) = state.hosts.get_mut(host) {
+        h.last_heartbeat = Some(now);
+    }
+    let mut changes = Vec::new();
+    for d in domains {
+        let Some(vm) = state.vms.get_mut(&d.uuid) else {
+            state.vms.insert(
+                d.uuid.clone(),
+                VmView {
+                    uuid: d.uuid.clone(),
+                    name: d.name.clone(),
+                    host: Some(host.into()),
+                    state: d.state,
+                    memory_kib: d.memory_kib,
+                    vcpus: d.vcpus,
+                    protected: false,
+                    priority: 0,
+                    busy_with: None,
+                },
+            );
+            changes.push(InventoryChange::Appeared {
+                uuid: d.uuid.clone(),
+                name: d.name.clone(),
+                host: host.into(),
+                state: d.state,
+            });
+            continue;
+        };
+        if (vm.name.as_str(), vm.memory_kib, vm.vcpus) != (d.name.as_str(), d.memory_kib, d.vcpus) {
+            vm.name = d.name.clone();
+            vm.memory_kib = d.memory_kib;
+            vm.vcpus = d.vcpus;
+            changes.push(InventoryChange::Updated { uuid: d.uuid.clone() });
+        }
+        match vm.host.as_deref() {
+            Some(h) if h == host => {
+                if vm.state != d.state {
+                    changes.push(InventoryChange::StateChanged {
+                        uuid: d.uuid.clone(),
+                        name: d.name.clone(),
+                        host: host.into(),
+                        from: vm.state,
+                        to: d.state,
+                    });
+                    vm.state = d.state;
+                }
+            }
+            None => {
+                vm.host = Some(host.into());
+                vm.state = d.state;
+                changes.push(InventoryChange::Appeared {
+                    uuid: d.uuid.clone(),
+                    name: d.name.clone(),
+                    host: host.into(),
+                    state: d.state,
+                });
+            }
+            Some(other) if d.state == RunState::Running => {
+                changes.push(InventoryChange::Moved {
+                    uuid: d.uuid.clone(),
+                    name: d.name.clone(),
+                    from: other.into(),
+                    to: host.into(),
+                    state: d.state,
+                });
+                vm.host = Some(host.into());
+                vm.state = d.state;
+            }
+            Some(_) => {}
+        }
+    }
+    for vm in state.vms.values_mut() {
+        if vm.host.as_deref() == Some(host) && !domains.iter().any(|d| d.uuid == vm.uuid) {
+            vm.host = None;
+            vm.state = RunState::Unknown;
+            changes.push(InventoryChange::Vanished {
+                uuid: vm.uuid.clone(),
+                name: vm.name.clone(),
+                from: host.into(),
+            });
+        }
+    }
+    changes
+}
+
+/// Records the outcome of a successful live migration at once, so the CLI shows the VM on its
+/// new host without waiting for the target's next heartbeat.
+pub fn apply_migrated(state: &mut ClusterState, uuid: &str, target: &str) -> Option<InventoryChange> {
+    let vm = state.vms.get_mut(uuid)?;
+    let from = vm.host.replace(target.into());
+    vm.state = RunState::Running;
+    match from {
+        Some(f) if f == target => None,
+        from => Some(InventoryChange::Moved {
+            uuid: uuid.into(),
+            name: vm.name.clone(),
+            from: from.unwrap_or_default(),
+            to: target.into(),
+            state: RunState::Running,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dom(uuid: &str, state: RunState) -> ReportedDomain {
+        ReportedDomain {
+            uuid: uuid.into(),
+            name: format!("vm-{uuid}"),
+            state,
+            memory_kib: 65_536,
+            vcpus: 1,
+        }
+    }
+
+    #[test]
+    fn a_live_migration_moves_the_vm_only_once_the_target_runs_it() {
+        let mut s = ClusterState::default();
+        let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
+        assert!(matches!(&c[..], [InventoryChange::Appeared { host, .. }] if host == "kvm1"));
+        // Mid-migration the target holds a paused copy: still on kvm1.
+        let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Paused)], Millis(10));
+        assert!(c.is_empty(), "{c:?}");
+        assert_eq!(s.vms["a"].host.as_deref(), Some("kvm1"));
+        let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Running)], Millis(20));
+        assert!(matches!(&c[..], [InventoryChange::Moved { from, to, .. }] if from == "kvm1" && to == "kvm2"));
+        // The source's next report no longer lists it: that is not a vanishing, it moved.
+        let c = apply_report(&mut s, "kvm1", &[], Millis(30));
+        assert!(c.is_empty(), "{c:?}");
+        assert_eq!(s.vms["a"].host.as_deref(), Some("kvm2"));
+    }
+
+    #[test]
+    fn a_vm_no_host_reports_is_unplaced_until_one_does() {
+        let mut s = ClusterState::default();
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
+        let c = apply_report(&mut s, "kvm1", &[], Millis(1));
+        assert!(matches!(&c[..], [InventoryChange::Vanished { from, .. }] if from == "kvm1"));
+        assert_eq!((s.vms["a"].host.as_deref(), s.vms["a"].state), (None, RunState::Unknown));
+        let c = apply_report(&mut s, "kvm3", &[dom("a", RunState::ShutOff)], Millis(2));
+        assert!(matches!(&c[..], [InventoryChange::Appeared { host, .. }] if host == "kvm3"));
+    }
+
+    #[test]
+    fn state_changes_and_resizes_are_reported_once() {
+        let mut s = ClusterState::default();
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
+        let mut d = dom("a", RunState::ShutOff);
+        d.memory_kib *= 2;
+        let c = apply_report(&mut s, "kvm1", std::slice::from_ref(&d), Millis(1));
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(apply_report(&mut s, "kvm1", &[d], Millis(2)).is_empty());
+    }
+
+    #[test]
+    fn a_finished_migration_moves_the_vm_before_any_heartbeat() {
+        let mut s = ClusterState::default();
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
+        assert!(apply_migrated(&mut s, "a", "kvm2").is_some());
+        assert_eq!(s.vms["a"].host.as_deref(), Some("kvm2"));
+        assert!(apply_migrated(&mut s, "a", "kvm2").is_none());
+        assert!(apply_migrated(&mut s, "zzz", "kvm2").is_none());
+    }
+}

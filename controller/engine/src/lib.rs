@@ -1,0 +1,19 @@
+//! vmha's decision logic.
+//!
+//! Everything here is a pure function of the cluster state the controller observed, the
+//! request at hand and the time, which is always an argument: no I/O, no clock reads, no
+//! randomness. The controller's shell feeds it what agents and operators say, and performs what
+//! it decides (database writes, commands to agents). That is what lets the same code run in unit
+//! tests, property tests over random fault schedules and production.
+
+pub mod cluster;
+pub mod inventory;
+pub mod liveness;
+pub mod migration;
+pub mod time;
+
+pub use cluster::{AdminState, ClusterState, HostView, RunState, VmView};
+pub use inventory::{InventoryChange, ReportedDomain};
+pub use liveness::{HostLiveness, Timings};
+pub use migration::{MigrationPlan, Refusal};
+pub use time::Millis;

@@ -1,0 +1,35 @@
+//! The controller's flags.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// vmha controller: keeps desired VM placement in PostgreSQL, serves the operator API used by
+/// `vmha`, and sends commands to the node agents.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Flags {
+    /// Address to serve agents and operators on.
+    #[arg(long, env = "VMHA_LISTEN", default_value = "0.0.0.0:7400")]
+    pub listen: SocketAddr,
+    /// PostgreSQL URL, e.g. postgres://vmha:PASSWORD@db.example.net/vmha.
+    #[arg(long, env = "VMHA_DATABASE_URL")]
+    pub database_url: String,
+    /// Expected interval between an agent's heartbeats.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// How long a heartbeat keeps a host counted as alive.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+    /// Live migrations still running after this long are aborted; the VM stays on its source.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub migration_timeout: Duration,
+    /// Bandwidth cap for live migrations in MiB/s (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub migration_bandwidth: u64,
+    /// Turn off libvirt's auto-converge (throttling a guest that dirties memory faster than
+    /// the network can copy it).
+    #[arg(long)]
+    pub no_auto_converge: bool,
+}

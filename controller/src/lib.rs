@@ -1,0 +1,9 @@
+//! vmha controller: the shell around `vmha-engine`.
+
+pub mod agent_api;
+pub mod config;
+pub mod controller;
+pub mod operator_api;
+pub mod store;
+pub mod validate;
+pub mod views;

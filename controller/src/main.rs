@@ -1,0 +1,48 @@
+use anyhow::Context;
+use clap::Parser;
+use vmha_controller::config::Flags;
+use vmha_controller::controller::{Controller, MigrationSettings};
+use vmha_controller::store::Store;
+use vmha_controller::{agent_api::AgentApi, operator_api::OperatorApi};
+use vmha_engine::Timings;
+use vmha_proto::v1::agent_service_server::AgentServiceServer;
+use vmha_proto::v1::operator_service_server::OperatorServiceServer;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let flags = Flags::parse();
+    let store = Store::open(&flags.database_url).await?;
+    let timings = Timings {
+        heartbeat_interval_ms: flags.heartbeat_interval.as_millis() as u64,
+        lease_ttl_ms: flags.lease_ttl.as_millis() as u64,
+        ..Timings::default()
+    };
+    let migration = MigrationSettings {
+        auto_converge: !flags.no_auto_converge,
+        bandwidth_mib_s: flags.migration_bandwidth,
+        timeout: flags.migration_timeout,
+    };
+    let controller = Controller::start(store, timings, migration).await?;
+    tracing::info!(listen = %flags.listen, epoch = controller.epoch, "vmha-controller serving");
+    tonic::transport::Server::builder()
+        .add_service(AgentServiceServer::new(AgentApi(controller.clone())))
+        .add_service(OperatorServiceServer::new(OperatorApi(controller)))
+        .serve_with_shutdown(flags.listen, shutdown())
+        .await
+        .with_context(|| format!("cannot serve on {}", flags.listen))?;
+    // Stopping the controller never stops a VM: agents keep them running and reconnect.
+    tracing::info!("vmha-controller stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

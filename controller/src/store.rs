@@ -1,0 +1,368 @@
+//! Everything the controller keeps in PostgreSQL: hosts, VMs (desired and last observed
+//! state), operations and the event log. Plain queries (no compile-time checked macros), so
+//! building needs no database.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::migrate::MigrateError;
+use uuid::Uuid;
+use vmha_engine::{AdminState, HostView, RunState, VmView};
+use vmha_engine::cluster::HostResources;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot reach PostgreSQL at {url}: {source}; check --database-url and that the server runs"
+    )]
+    Connect { url: String, source: sqlx::Error },
+    #[error(
+        "the database schema is at migration {applied}, newer than this controller knows \
+         (up to {known}); run the newer vmha-controller or restore the database"
+    )]
+    SchemaTooNew { applied: i64, known: i64 },
+    #[error("applying the schema migrations failed: {0}")]
+    Migrate(#[source] MigrateError),
+    #[error("database query failed ({what}): {source}")]
+    Query { what: &'static str, source: sqlx::Error },
+}
+
+fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { what, source }
+}
+
+/// A row of `operations`.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct OperationRow {
+    pub id: Uuid,
+    pub kind: String,
+    pub vm_uuid: Uuid,
+    pub vm_name: String,
+    pub source: String,
+    pub target: String,
+    pub state: String,
+    pub epoch: i64,
+    pub data_total: i64,
+    pub data_processed: i64,
+    pub data_remaining: i64,
+    pub elapsed_ms: i64,
+    pub downtime_ms: i64,
+    pub bytes: i64,
+    pub error: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A row of `events`.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct EventRow {
+    pub id: i64,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub subject_kind: String,
+    pub subject: String,
+    pub kind: String,
+    pub message: String,
+    pub actor: String,
+}
+
+/// An event to append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub subject_kind: &'static str,
+    pub subject: String,
+    pub kind: &'static str,
+    pub message: String,
+    pub actor: String,
+}
+
+/// How an operation ended, as the agent reported it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OperationOutcome {
+    pub state: &'static str,
+    pub error: String,
+    pub elapsed_ms: u64,
+    pub downtime_ms: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects and brings the schema up to date; refuses a schema newer than this build.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|source| StoreError::Connect { url: redact(url), source })?;
+        let store = Store { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        match MIGRATOR.run(&self.pool).await {
+            Ok(()) => Ok(()),
+            Err(MigrateError::VersionMissing(_)) => {
+                let applied: i64 = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(q("read schema version"))?;
+                Err(StoreError::SchemaTooNew { applied, known })
+            }
+            Err(e) => Err(StoreError::Migrate(e)),
+        }
+    }
+
+    /// Takes the next leader epoch (strictly greater than any before it).
+    pub async fn next_epoch(&self) -> Result<u64, StoreError> {
+        let e: i64 = sqlx::query_scalar("UPDATE cluster SET epoch = epoch + 1 RETURNING epoch")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("take epoch"))?;
+        Ok(e as u64)
+    }
+
+    pub async fn upsert_host(&self, h: &HostView, hypervisor_version: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO hosts (name, migration_uri, cpus, memory_total_kib, cpu_model, libvirt_version, hypervisor_version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (name) DO UPDATE SET migration_uri = $2, cpus = $3, memory_total_kib = $4,
+                 cpu_model = $5, libvirt_version = $6, hypervisor_version = $7",
+        )
+        .bind(&h.name)
+        .bind(&h.migration_uri)
+        .bind(h.resources.cpus as i32)
+        .bind(h.resources.memory_total_kib as i64)
+        .bind(&h.resources.cpu_model)
+        .bind(&h.libvirt_version)
+        .bind(hypervisor_version)
+        .execute(&self.pool)
+        .await
+        .map_err(q("upsert host"))?;
+        Ok(())
+    }
+
+    pub async fn load_hosts(&self) -> Result<Vec<HostView>, StoreError> {
+        let rows: Vec<(String, String, String, i32, i64, String, String)> = sqlx::query_as(
+            "SELECT name, migration_uri, admin_state, cpus, memory_total_kib, cpu_model, libvirt_version
+             FROM hosts ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("load hosts"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, migration_uri, admin, cpus, mem, cpu_model, libvirt_version)| HostView {
+                name,
+                admin: AdminState::parse(&admin).unwrap_or(AdminState::Active),
+                migration_uri,
+                resources: HostResources {
+                    cpus: cpus as u32,
+                    memory_total_kib: mem as u64,
+                    memory_free_kib: 0,
+                    cpu_model,
+                },
+                libvirt_version,
+                last_heartbeat: None,
+            })
+            .collect())
+    }
+
+    pub async fn load_vms(&self) -> Result<Vec<VmView>, StoreError> {
+        let rows: Vec<(Uuid, String, i64, i32, bool, i32, Option<String>)> = sqlx::query_as(
+            "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host FROM vms ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("load vms"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(uuid, name, mem, vcpus, protected, priority, host)| VmView {
+                uuid: uuid.to_string(),
+                name,
+                host,
+                // Observed state is rebuilt from reports; until then nobody knows.
+                state: RunState::Unknown,
+                memory_kib: mem as u64,
+                vcpus: vcpus as u32,
+                protected,
+                priority,
+                busy_with: None,
+            })
+            .collect())
+    }
+
+    /// Writes a VM's observed state and sizes (not its desired state: see `set_protection`).
+    pub async fn upsert_vm(&self, vm: &VmView) -> Result<(), StoreError> {
+        let uuid = Uuid::parse_str(&vm.uuid).map_err(|e| StoreError::Query {
+            what: "upsert vm",
+            source: sqlx::Error::Decode(Box::new(e)),
+        })?;
+        sqlx::query(
+            "INSERT INTO vms (uuid, name, memory_kib, vcpus, current_host, state)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (uuid) DO UPDATE SET name = $2, memory_kib = $3, vcpus = $4,
+                 current_host = $5, state = $6, updated_at = now()",
+        )
+        .bind(uuid)
+        .bind(&vm.name)
+        .bind(vm.memory_kib as i64)
+        .bind(vm.vcpus as i32)
+        .bind(&vm.host)
+        .bind(vm.state.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(q("upsert vm"))?;
+        Ok(())
+    }
+
+    pub async fn set_protection(&self, uuid: Uuid, protected: bool, priority: i32) -> Result<(), StoreError> {
+        sqlx::query("UPDATE vms SET protected = $2, priority = $3, updated_at = now() WHERE uuid = $1")
+            .bind(uuid)
+            .bind(protected)
+            .bind(priority)
+            .execute(&self.pool)
+            .await
+            .map_err(q("set protection"))?;
+        Ok(())
+    }
+
+    pub async fn insert_operation(&self, op: &OperationRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO operations (id, kind, vm_uuid, vm_name, source, target, state, epoch)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(op.id)
+        .bind(&op.kind)
+        .bind(op.vm_uuid)
+        .bind(&op.vm_name)
+        .bind(&op.source)
+        .bind(&op.target)
+        .bind(&op.state)
+        .bind(op.epoch)
+        .execute(&self.pool)
+        .await
+        .map_err(q("insert operation"))?;
+        Ok(())
+    }
+
+    pub async fn set_operation_running(&self, id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("UPDATE operations SET state = 'running' WHERE id = $1 AND state = 'pending'")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("mark operation running"))?;
+        Ok(())
+    }
+
+    pub async fn set_operation_progress(&self, id: Uuid, total: u64, processed: u64, remaining: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE operations SET data_total = $2, data_processed = $3, data_remaining = $4
+             WHERE id = $1 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(total as i64)
+        .bind(processed as i64)
+        .bind(remaining as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(q("record progress"))?;
+        Ok(())
+    }
+
+    pub async fn finish_operation(&self, id: Uuid, o: &OperationOutcome) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE operations SET state = $2, error = $3, elapsed_ms = $4, downtime_ms = $5,
+                 bytes = $6, finished_at = now()
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(o.state)
+        .bind(&o.error)
+        .bind(o.elapsed_ms as i64)
+        .bind(o.downtime_ms as i64)
+        .bind(o.bytes as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(q("finish operation"))?;
+        Ok(())
+    }
+
+    pub async fn get_operation(&self, id: Uuid) -> Result<Option<OperationRow>, StoreError> {
+        sqlx::query_as("SELECT * FROM operations WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("get operation"))
+    }
+
+    /// Operations a previous controller left pending or running are failed: nobody waits for
+    /// their result any more, and the VM is wherever libvirt reports it.
+    pub async fn fail_orphaned_operations(&self, epoch: u64) -> Result<Vec<OperationRow>, StoreError> {
+        sqlx::query_as(
+            "UPDATE operations SET state = 'failed', finished_at = now(),
+                 error = 'the controller that started it stopped before it finished; the VM stays where its host reports it'
+             WHERE state IN ('pending', 'running') AND epoch < $1 RETURNING *",
+        )
+        .bind(epoch as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("fail orphaned operations"))
+    }
+
+    pub async fn append_event(&self, e: &NewEvent) -> Result<i64, StoreError> {
+        sqlx::query_scalar(
+            "INSERT INTO events (subject_kind, subject, kind, message, actor) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(e.subject_kind)
+        .bind(&e.subject)
+        .bind(e.kind)
+        .bind(&e.message)
+        .bind(&e.actor)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("append event"))
+    }
+
+    /// The newest `limit` events after `after_id`, oldest first.
+    pub async fn list_events(&self, after_id: i64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        sqlx::query_as(
+            "SELECT * FROM (SELECT * FROM events WHERE id > $1 ORDER BY id DESC LIMIT $2) e ORDER BY id",
+        )
+        .bind(after_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("list events"))
+    }
+}
+
+/// Keeps passwords out of logs and error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(super::redact("postgres://vmha:s3cret@db:5432/vmha"), "postgres://vmha:***@db:5432/vmha");
+        assert_eq!(super::redact("postgres://postgres@127.0.0.1/vmha"), "postgres://postgres@127.0.0.1/vmha");
+    }
+}

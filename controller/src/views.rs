@@ -1,0 +1,68 @@
+//! What operators see: the operator API's messages, built from engine state and store rows.
+
+use vmha_engine::{HostLiveness, HostView, Millis, VmView};
+use vmha_proto::v1 as pb;
+
+use crate::store::{EventRow, OperationRow};
+
+pub fn host(h: &HostView, liveness: HostLiveness, now: Millis, vms_running: u32) -> pb::Host {
+    pb::Host {
+        name: h.name.clone(),
+        state: liveness.as_str().into(),
+        admin_state: h.admin.as_str().into(),
+        migration_uri: h.migration_uri.clone(),
+        cpus: h.resources.cpus,
+        memory_total_mib: h.resources.memory_total_kib / 1024,
+        memory_free_mib: h.resources.memory_free_kib / 1024,
+        cpu_model: h.resources.cpu_model.clone(),
+        libvirt_version: h.libvirt_version.clone(),
+        heartbeat_age_s: h.last_heartbeat.map(|t| now.since(t) as f64 / 1000.0),
+        vms_running,
+    }
+}
+
+pub fn vm(v: &VmView) -> pb::Vm {
+    pb::Vm {
+        uuid: v.uuid.clone(),
+        name: v.name.clone(),
+        host: v.host.clone().unwrap_or_default(),
+        state: v.state.as_str().into(),
+        memory_mib: v.memory_kib / 1024,
+        vcpus: v.vcpus,
+        protected: v.protected,
+        priority: v.priority,
+    }
+}
+
+pub fn operation(o: &OperationRow) -> pb::Operation {
+    pb::Operation {
+        id: o.id.to_string(),
+        kind: o.kind.clone(),
+        vm: o.vm_name.clone(),
+        vm_uuid: o.vm_uuid.to_string(),
+        source: o.source.clone(),
+        target: o.target.clone(),
+        state: o.state.clone(),
+        data_total: o.data_total as u64,
+        data_processed: o.data_processed as u64,
+        data_remaining: o.data_remaining as u64,
+        elapsed_ms: o.elapsed_ms as u64,
+        downtime_ms: o.downtime_ms as u64,
+        bytes: o.bytes as u64,
+        error: o.error.clone(),
+        epoch: o.epoch as u64,
+        created_at: o.created_at.to_rfc3339(),
+    }
+}
+
+pub fn event(e: &EventRow) -> pb::Event {
+    pb::Event {
+        id: e.id,
+        at: e.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        subject_kind: e.subject_kind.clone(),
+        subject: e.subject.clone(),
+        kind: e.kind.clone(),
+        message: e.message.clone(),
+        actor: e.actor.clone(),
+    }
+}
