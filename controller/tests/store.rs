@@ -1,0 +1,171 @@
+//! The store against a real PostgreSQL.
+
+mod support;
+
+use support::PgServer;
+use uuid::Uuid;
+use vmha_controller::store::{NewEvent, OperationOutcome, OperationRow, Store, StoreError};
+use vmha_engine::cluster::HostResources;
+use vmha_engine::{AdminState, HostView, RunState, VmView};
+
+fn host(name: &str) -> HostView {
+    HostView {
+        name: name.into(),
+        admin: AdminState::Active,
+        migration_uri: format!("qemu+tcp://{name}/system"),
+        resources: HostResources { cpus: 2, memory_total_kib: 1 << 20, memory_free_kib: 1 << 19, cpu_model: "x86_64".into() },
+        libvirt_version: "9.0.0".into(),
+        last_heartbeat: None,
+    }
+}
+
+fn vm(uuid: Uuid, host: &str) -> VmView {
+    VmView {
+        uuid: uuid.to_string(),
+        name: "dns1".into(),
+        host: Some(host.into()),
+        state: RunState::Running,
+        memory_kib: 65_536,
+        vcpus: 1,
+        protected: false,
+        priority: 0,
+        busy_with: None,
+    }
+}
+
+fn op(epoch: i64, vm_uuid: Uuid) -> OperationRow {
+    OperationRow {
+        id: Uuid::new_v4(),
+        kind: "migrate".into(),
+        vm_uuid,
+        vm_name: "dns1".into(),
+        source: "kvm1".into(),
+        target: "kvm2".into(),
+        state: "pending".into(),
+        epoch,
+        data_total: 0,
+        data_processed: 0,
+        data_remaining: 0,
+        elapsed_ms: 0,
+        downtime_ms: 0,
+        bytes: 0,
+        error: String::new(),
+        created_at: chrono::Utc::now(),
+    }
+}
+
+#[tokio::test]
+async fn the_schema_is_applied_once_and_each_start_takes_a_higher_epoch() {
+    let pg = PgServer::shared();
+    let url = pg.fresh_database();
+    let a = Store::open(&url).await.unwrap();
+    let e1 = a.next_epoch().await.unwrap();
+    let b = Store::open(&url).await.unwrap();
+    let e2 = b.next_epoch().await.unwrap();
+    assert!(e2 > e1, "{e2} > {e1}");
+}
+
+#[tokio::test]
+async fn a_schema_newer_than_this_build_is_refused_with_what_to_do() {
+    let pg = PgServer::shared();
+    let url = pg.fresh_database();
+    Store::open(&url).await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (9999, 'from the future', true, '\\x00', 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let err = Store::open(&url).await.err().expect("refused");
+    assert!(matches!(err, StoreError::SchemaTooNew { applied: 9999, .. }), "{err}");
+    assert!(err.to_string().contains("newer vmha-controller"), "{err}");
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_named_in_the_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("postgres://vmha:secret@127.0.0.1:{port}/vmha");
+    let err = Store::open(&url).await.err().expect("no server there");
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("--database-url"), "{msg}");
+    assert!(!msg.contains("secret"), "password leaked: {msg}");
+}
+
+#[tokio::test]
+async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    s.upsert_host(&host("kvm1"), "7.2.0").await.unwrap();
+    s.upsert_host(&host("kvm2"), "7.2.0").await.unwrap();
+    let id = Uuid::new_v4();
+    s.upsert_vm(&vm(id, "kvm1")).await.unwrap();
+    s.set_protection(id, true, 100).await.unwrap();
+    // A later report moves it; protection must survive the observed-state write.
+    let mut moved = vm(id, "kvm2");
+    moved.protected = false;
+    s.upsert_vm(&moved).await.unwrap();
+    let hosts = s.load_hosts().await.unwrap();
+    assert_eq!(hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["kvm1", "kvm2"]);
+    assert_eq!(hosts[0].resources.cpu_model, "x86_64");
+    let vms = s.load_vms().await.unwrap();
+    assert_eq!(vms.len(), 1);
+    assert_eq!((vms[0].host.as_deref(), vms[0].protected, vms[0].priority), (Some("kvm2"), true, 100));
+    assert_eq!(vms[0].state, RunState::Unknown, "observed state is rebuilt from reports, not trusted from the DB");
+}
+
+#[tokio::test]
+async fn operations_record_their_life_and_orphans_of_old_leaders_are_failed() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let vm_id = Uuid::new_v4();
+    let done = op(1, vm_id);
+    s.insert_operation(&done).await.unwrap();
+    s.set_operation_running(done.id).await.unwrap();
+    s.set_operation_progress(done.id, 100, 40, 60).await.unwrap();
+    s.finish_operation(
+        done.id,
+        &OperationOutcome { state: "succeeded", error: String::new(), elapsed_ms: 150, downtime_ms: 7, bytes: 1 << 20 },
+    )
+    .await
+    .unwrap();
+    let row = s.get_operation(done.id).await.unwrap().unwrap();
+    assert_eq!((row.state.as_str(), row.data_processed, row.downtime_ms), ("succeeded", 40, 7));
+
+    let orphan = op(1, vm_id);
+    s.insert_operation(&orphan).await.unwrap();
+    s.set_operation_running(orphan.id).await.unwrap();
+    let mine = op(2, vm_id);
+    s.insert_operation(&mine).await.unwrap();
+    let failed = s.fail_orphaned_operations(2).await.unwrap();
+    assert_eq!(failed.iter().map(|o| o.id).collect::<Vec<_>>(), [orphan.id]);
+    assert!(failed[0].error.contains("stopped before it finished"));
+    assert_eq!(s.get_operation(mine.id).await.unwrap().unwrap().state, "pending");
+    assert_eq!(s.get_operation(Uuid::new_v4()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn events_are_listed_newest_window_oldest_first_and_followable() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            s.append_event(&NewEvent {
+                subject_kind: "vm",
+                subject: "dns1".into(),
+                kind: "vm_state",
+                message: format!("event {i}"),
+                actor: "kvm1".into(),
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let last_two = s.list_events(0, 2).await.unwrap();
+    assert_eq!(last_two.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), ["event 1", "event 2"]);
+    let after_first = s.list_events(ids[0], 100).await.unwrap();
+    assert_eq!(after_first.len(), 2);
+    assert!(s.list_events(ids[2], 100).await.unwrap().is_empty());
+}
