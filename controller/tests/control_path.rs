@@ -1,0 +1,135 @@
+//! The whole control path on real gRPC and a real PostgreSQL, with agents whose hypervisor is
+//! the in-tree fake: report -> store -> operator API -> command -> result. (The same path on
+//! real KVM is the lab end-to-end test in cli/tests.)
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::PgServer;
+use tokio_stream::wrappers::TcpListenerStream;
+use vmha_agent::config::Config;
+use vmha_agent::hypervisor::fake::FakeHypervisor;
+use vmha_agent::hypervisor::Hypervisor;
+use vmha_agent::session::Agent;
+use vmha_controller::agent_api::AgentApi;
+use vmha_controller::controller::{Controller, MigrationSettings};
+use vmha_controller::operator_api::OperatorApi;
+use vmha_controller::store::Store;
+use vmha_engine::Timings;
+use vmha_proto::v1::agent_service_server::AgentServiceServer;
+use vmha_proto::v1::operator_service_client::OperatorServiceClient;
+use vmha_proto::v1::operator_service_server::OperatorServiceServer;
+use vmha_proto::v1::*;
+
+const DNS1: &str = "0d6b3f2e-1c1e-4f7e-9a55-2b8a1f6c0d01";
+
+async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    for _ in 0..100 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
+    let pg = PgServer::shared();
+    let store = Store::open(&pg.fresh_database()).await.unwrap();
+    let settings = MigrationSettings { auto_converge: true, bandwidth_mib_s: 0, timeout: Duration::from_secs(30) };
+    let controller = Controller::start(store, Timings::default(), settings).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(AgentApi(controller.clone())))
+            .add_service(OperatorServiceServer::new(OperatorApi(controller.clone())))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+
+    let (kvm1, kvm2) = (FakeHypervisor::default(), FakeHypervisor::default());
+    kvm1.add_running(DNS1, "dns1");
+    kvm1.connect_peer("fake://kvm2", &kvm2);
+    let mut agents = Vec::new();
+    for (name, hv) in [("kvm1", kvm1.clone()), ("kvm2", kvm2.clone())] {
+        let cfg = Config {
+            host_name: name.into(),
+            libvirt_uri: "fake://".into(),
+            migration_uri: format!("fake://{name}"),
+            controllers: vec![endpoint.clone()],
+            heartbeat_interval: Duration::from_millis(100),
+        };
+        agents.push(tokio::spawn(Agent::new(cfg, Arc::new(hv)).run()));
+    }
+
+    let mut op = OperatorServiceClient::connect(endpoint.clone()).await.unwrap();
+    let vm = until("dns1 reported on kvm1 and both hosts online", async || {
+        let hosts = op.list_hosts(ListHostsRequest {}).await.ok()?.into_inner().hosts;
+        let vm = op.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?.into_inner();
+        (hosts.iter().filter(|h| h.state == "online").count() == 2).then_some(vm)
+    })
+    .await;
+    assert_eq!((vm.uuid.as_str(), vm.host.as_str(), vm.state.as_str()), (DNS1, "kvm1", "running"));
+
+    let vm = op
+        .set_protection(SetProtectionRequest { vm: "dns1".into(), protected: true, priority: Some(100) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(vm.protected && vm.priority == 100);
+
+    let started = op.migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into() }).await.unwrap().into_inner();
+    assert_eq!((started.source.as_str(), started.target.as_str()), ("kvm1", "kvm2"));
+    let mut updates = op.watch_operation(WatchOperationRequest { id: started.id.clone() }).await.unwrap().into_inner();
+    let mut last = None;
+    while let Some(u) = updates.message().await.unwrap() {
+        last = Some(u);
+    }
+    let last = last.expect("at least the final state");
+    assert_eq!(last.state, "succeeded", "{last:?}");
+    assert_eq!(last.bytes, 100);
+
+    // The fake hosts agree, and so does the controller, without waiting for a heartbeat.
+    assert!(kvm1.domains().unwrap().is_empty());
+    assert_eq!(kvm2.domains().unwrap()[0].uuid, DNS1);
+    let vm = op.get_vm(GetVmRequest { vm: DNS1.into() }).await.unwrap().into_inner();
+    assert_eq!((vm.host.as_str(), vm.protected, vm.priority), ("kvm2", true, 100));
+
+    let events = op.list_events(ListEventsRequest { limit: 100, after_id: 0 }).await.unwrap().into_inner().events;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    for k in ["agent_connected", "vm_discovered", "vm_protected", "migration_requested", "migration_succeeded"] {
+        assert!(kinds.contains(&k), "no {k} in {kinds:?}");
+    }
+    let done = events.iter().find(|e| e.kind == "migration_succeeded").unwrap();
+    assert!(done.message.contains("dns1 live-migrated from kvm1 to kvm2"), "{}", done.message);
+
+    // Refusals change nothing and say why.
+    let e = op.migrate(MigrateRequest { vm: "nosuchvm".into(), target_host: "kvm1".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("nosuchvm"), "{}", e.message());
+    let e = op.migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("already runs on kvm2"), "{}", e.message());
+    let e = op.migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm9".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+
+    // A failing migration is recorded as failed and the VM stays.
+    let e = op.migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm1".into() }).await.unwrap().into_inner();
+    let mut updates = op.watch_operation(WatchOperationRequest { id: e.id }).await.unwrap().into_inner();
+    let mut last = None;
+    while let Some(u) = updates.message().await.unwrap() {
+        last = Some(u);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.state, "failed");
+    assert!(last.error.contains("unable to connect"), "{}", last.error);
+    assert_eq!(op.get_vm(GetVmRequest { vm: "dns1".into() }).await.unwrap().into_inner().host, "kvm2");
+
+    for a in agents {
+        a.abort();
+    }
+    server.abort();
+}
