@@ -1,5 +1,7 @@
 //! [`Hypervisor`] over libvirt, through the `virt` crate.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -150,17 +152,15 @@ impl Hypervisor for Libvirt {
             ..Default::default()
         };
         let started = Instant::now();
-        let done = std::sync::atomic::AtomicBool::new(false);
-        let timed_out = std::sync::atomic::AtomicBool::new(false);
+        let timed_out = &AtomicBool::new(false);
+        let dom_ref = &dom;
+        // Dropping `stop` wakes the sampler at once: a sleep would hold the finished
+        // migration hostage for up to one sampling period.
+        let (stop, stopped) = mpsc::channel::<()>();
         let result = std::thread::scope(|s| {
-            s.spawn(|| {
-                use std::sync::atomic::Ordering::Relaxed;
-                while !done.load(Relaxed) {
-                    std::thread::sleep(PROGRESS_EVERY);
-                    if done.load(Relaxed) {
-                        break;
-                    }
-                    if let Ok(j) = jobstats::read(&dom, false) {
+            s.spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(PROGRESS_EVERY) {
+                    if let Ok(j) = jobstats::read(dom_ref, false) {
                         if j.is_active() {
                             progress(JobProgress {
                                 data_total: j.data_total,
@@ -171,19 +171,19 @@ impl Hypervisor for Libvirt {
                         }
                     }
                     if opts.timeout.is_some_and(|t| started.elapsed() > t)
-                        && !timed_out.swap(true, Relaxed)
+                        && !timed_out.swap(true, Ordering::Relaxed)
                     {
-                        let _ = jobstats::abort(&dom);
+                        let _ = jobstats::abort(dom_ref);
                     }
                 }
             });
             let r = dom.migrate_to_uri3(Some(&opts.dest_uri), params, flags);
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            drop(stop);
             r
         });
         let elapsed_ms = started.elapsed().as_millis() as u64;
         if let Err(e) = result {
-            if timed_out.load(std::sync::atomic::Ordering::Relaxed) {
+            if timed_out.load(Ordering::Relaxed) {
                 return Err(HypervisorError::MigrationTimedOut {
                     domain: uuid.to_string(),
                     timeout: opts.timeout.unwrap_or_default(),
