@@ -3,9 +3,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // controller sent, with no second set of view structs to keep in step.
     tonic_prost_build::configure()
         .type_attribute(".vmha.v1", "#[derive(serde::Serialize)]")
-        .compile_protos(
-            &["proto/vmha/v1/agent.proto", "proto/vmha/v1/operator.proto"],
-            &["proto"],
-        )?;
+        .compile_protos(&["proto/vmha/v1/agent.proto", "proto/vmha/v1/operator.proto"], &["proto"])?;
     Ok(())
 }

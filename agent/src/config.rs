@@ -76,7 +76,10 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn load(flags: Flags, system_hostname: impl FnOnce() -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn load(
+        flags: Flags,
+        system_hostname: impl FnOnce() -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let file = match &flags.config {
             None => FileConfig::default(),
             Some(path) => {
@@ -109,13 +112,12 @@ impl Config {
                 )));
             }
         }
-        let migration_uri = flags.migration_uri.or(file.migration_uri).unwrap_or_else(|| {
-            format!("qemu+tls://{host_name}/system")
-        });
-        let heartbeat_interval = flags
-            .heartbeat_interval
-            .or(file.heartbeat_interval)
-            .unwrap_or(Duration::from_secs(1));
+        let migration_uri = flags
+            .migration_uri
+            .or(file.migration_uri)
+            .unwrap_or_else(|| format!("qemu+tls://{host_name}/system"));
+        let heartbeat_interval =
+            flags.heartbeat_interval.or(file.heartbeat_interval).unwrap_or(Duration::from_secs(1));
         if heartbeat_interval < Duration::from_millis(100) || heartbeat_interval > Duration::from_secs(60) {
             return Err(ConfigError::Invalid(format!(
                 "heartbeat interval {heartbeat_interval:?} is out of range (100ms to 60s)"

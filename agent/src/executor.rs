@@ -40,14 +40,24 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
                 }
             });
             let r = agent
-                .blocking(move |hv| hv.migrate(&m.uuid, &opts, &move |p| { let _ = tx.send(p); }))
+                .blocking(move |hv| {
+                    hv.migrate(&m.uuid, &opts, &move |p| {
+                        let _ = tx.send(p);
+                    })
+                })
                 .await;
             let _ = forward.await;
             r
         }
-        Some(Kind::Start(s)) => agent.blocking(move |hv| hv.define_and_start(&s.xml).map(|_| Default::default())).await,
-        Some(Kind::Shutdown(s)) => agent.blocking(move |hv| hv.shutdown(&s.uuid).map(|_| Default::default())).await,
-        Some(Kind::Destroy(d)) => agent.blocking(move |hv| hv.destroy(&d.uuid).map(|_| Default::default())).await,
+        Some(Kind::Start(s)) => {
+            agent.blocking(move |hv| hv.define_and_start(&s.xml).map(|_| Default::default())).await
+        }
+        Some(Kind::Shutdown(s)) => {
+            agent.blocking(move |hv| hv.shutdown(&s.uuid).map(|_| Default::default())).await
+        }
+        Some(Kind::Destroy(d)) => {
+            agent.blocking(move |hv| hv.destroy(&d.uuid).map(|_| Default::default())).await
+        }
     };
     // Report the effect before the result: the controller must never see a result and then a
     // report that predates it (a migrated VM would briefly look back on this host).

@@ -8,7 +8,9 @@ use vmha_agent::session::Agent;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let cfg = Config::load(Flags::parse(), || {
         std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())

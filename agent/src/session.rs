@@ -61,7 +61,9 @@ impl Agent {
             let endpoint = &self.cfg.controllers[next % self.cfg.controllers.len()];
             match self.clone().session(endpoint).await {
                 Ok(()) => {}
-                Err(e) => tracing::warn!(controller = %endpoint, error = format!("{e:#}"), "lost the controller; retrying"),
+                Err(e) => {
+                    tracing::warn!(controller = %endpoint, error = format!("{e:#}"), "lost the controller; retrying")
+                }
             }
             next += 1;
             tokio::time::sleep(self.cfg.heartbeat_interval.min(Duration::from_secs(1))).await;
@@ -76,11 +78,7 @@ impl Agent {
             .connect()
             .await
             .with_context(|| format!("cannot connect to the controller at {endpoint}"))?;
-        let header = self
-            .cfg
-            .host_name
-            .parse()
-            .context("host name is not a valid header value")?;
+        let header = self.cfg.host_name.parse().context("host name is not a valid header value")?;
         let mut client: Client = AgentServiceClient::with_interceptor(channel, HostHeader(header));
 
         let facts = self.blocking(|hv| hv.host_facts()).await?;
@@ -96,7 +94,8 @@ impl Agent {
         self.see_epoch(reg.epoch);
         tracing::info!(controller = %endpoint, epoch = reg.epoch, "registered");
 
-        let mut commands = client.commands(CommandsRequest {}).await.context("open command stream")?.into_inner();
+        let mut commands =
+            client.commands(CommandsRequest {}).await.context("open command stream")?.into_inner();
         let mut tick = tokio::time::interval(self.cfg.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -119,9 +118,7 @@ impl Agent {
     /// Takes a full report (facts and every domain) and sends it.
     pub async fn heartbeat(&self, client: &mut Client) -> anyhow::Result<()> {
         let mut seq = self.report_lock.lock().await;
-        let (facts, domains) = self
-            .blocking(|hv| Ok((hv.host_facts()?, hv.domains()?)))
-            .await?;
+        let (facts, domains) = self.blocking(|hv| Ok((hv.host_facts()?, hv.domains()?))).await?;
         *seq += 1;
         let req = HeartbeatRequest { seq: *seq, facts: Some(facts), domains };
         let answer = tokio::time::timeout(self.cfg.heartbeat_interval * 2, client.heartbeat(req))

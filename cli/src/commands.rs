@@ -22,7 +22,13 @@ controller cannot be reached.";
 #[command(version, about, after_help = EXIT_HELP)]
 pub struct Cli {
     /// Controller endpoint; standbys may follow, comma-separated.
-    #[arg(long, global = true, env = "VMHA_CONTROLLER", default_value = "http://127.0.0.1:7400", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "VMHA_CONTROLLER",
+        default_value = "http://127.0.0.1:7400",
+        value_delimiter = ','
+    )]
     controller: Vec<String>,
     /// Output: a table for people, or JSON for scripts.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
@@ -149,7 +155,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 Format::Table => {
                     println!(
                         "epoch {}  hosts {}/{} online  VMs {} running of {}  protected {} ({} not running)",
-                        s.epoch, s.hosts_online, s.hosts_total, s.vms_running, s.vms_total, s.vms_protected, s.protected_not_running
+                        s.epoch,
+                        s.hosts_online,
+                        s.hosts_total,
+                        s.vms_running,
+                        s.vms_total,
+                        s.vms_protected,
+                        s.protected_not_running
                     );
                     host_table(&s.hosts);
                 }
@@ -177,11 +189,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             show_vm(fmt, &v);
         }
         Verb::Protect { vm, priority } => {
-            let v = c.set_protection(SetProtectionRequest { vm, protected: true, priority }).await?.into_inner();
+            let v =
+                c.set_protection(SetProtectionRequest { vm, protected: true, priority }).await?.into_inner();
             show_vm(fmt, &v);
         }
         Verb::Unprotect { vm } => {
-            let v = c.set_protection(SetProtectionRequest { vm, protected: false, priority: None }).await?.into_inner();
+            let v = c
+                .set_protection(SetProtectionRequest { vm, protected: false, priority: None })
+                .await?
+                .into_inner();
             show_vm(fmt, &v);
         }
         Verb::Migrate { vm, to, no_wait } => {
@@ -199,11 +215,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let mut after = 0;
             let mut limit = limit;
             loop {
-                let events = c.list_events(ListEventsRequest { limit, after_id: after }).await?.into_inner().events;
+                let events =
+                    c.list_events(ListEventsRequest { limit, after_id: after }).await?.into_inner().events;
                 for e in &events {
                     match fmt {
                         Format::Json => println!("{}", serde_json::to_string(e).expect("serialisable")),
-                        Format::Table => println!("{}  {:<10} {:<20} {}  [{}]", e.at, e.subject_kind, e.subject, e.message, e.actor),
+                        Format::Table => println!(
+                            "{}  {:<10} {:<20} {}  [{}]",
+                            e.at, e.subject_kind, e.subject, e.message, e.actor
+                        ),
                     }
                 }
                 after = events.last().map_or(after, |e| e.id);
@@ -257,7 +277,9 @@ fn show_vm(fmt: Format, v: &Vm) {
         Format::Json => output::json(v),
         Format::Table => {
             let row = vm_row(v);
-            for (k, val) in ["name", "host", "state", "memory", "vcpus", "protected", "priority", "uuid"].iter().zip(row) {
+            for (k, val) in
+                ["name", "host", "state", "memory", "vcpus", "protected", "priority", "uuid"].iter().zip(row)
+            {
                 println!("{k:>10}: {val}");
             }
         }
@@ -268,13 +290,19 @@ fn describe_operation(op: &Operation) -> String {
     match op.state.as_str() {
         "succeeded" => format!(
             "{} migrated from {} to {} in {} ms (downtime {} ms, {} sent)",
-            op.vm, op.source, op.target, op.elapsed_ms, op.downtime_ms, mib(op.bytes >> 20)
+            op.vm,
+            op.source,
+            op.target,
+            op.elapsed_ms,
+            op.downtime_ms,
+            mib(op.bytes >> 20)
         ),
-        "failed" | "aborted" => format!(
-            "migration of {} from {} to {} {}: {}",
-            op.vm, op.source, op.target, op.state, op.error
-        ),
-        s => format!("migration of {} from {} to {} is {s} (operation {})", op.vm, op.source, op.target, op.id),
+        "failed" | "aborted" => {
+            format!("migration of {} from {} to {} {}: {}", op.vm, op.source, op.target, op.state, op.error)
+        }
+        s => {
+            format!("migration of {} from {} to {} is {s} (operation {})", op.vm, op.source, op.target, op.id)
+        }
     }
 }
 

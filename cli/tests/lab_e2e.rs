@@ -71,7 +71,11 @@ impl Lab {
     }
 
     fn all_names(&self, host: &str) -> Vec<String> {
-        self.virsh(host, &["list", "--all", "--name"]).lines().filter(|l| !l.is_empty()).map(String::from).collect()
+        self.virsh(host, &["list", "--all", "--name"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
     }
 }
 
@@ -113,7 +117,8 @@ fn protect_and_live_migrate_a_vm_on_real_kvm() {
     // The operation and its events are recorded.
     let events = lab.vmha_ok(&["events", "--limit", "500", "-o", "json"]);
     let events: Vec<serde_json::Value> = events.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let find = |kind: &str| events.iter().rev().find(|e| e["kind"] == kind && e["subject"] == "dns1").cloned();
+    let find =
+        |kind: &str| events.iter().rev().find(|e| e["kind"] == kind && e["subject"] == "dns1").cloned();
     let requested = find("migration_requested").expect("a migration_requested event");
     assert!(requested["message"].as_str().unwrap().contains(&format!("from {source} to {target}")));
     let done = find("migration_succeeded").expect("a migration_succeeded event");

@@ -93,10 +93,15 @@ impl AgentService for AgentApi {
 
     type CommandsStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send + 'static>>;
 
-    async fn commands(&self, req: Request<CommandsRequest>) -> Result<Response<Self::CommandsStream>, Status> {
+    async fn commands(
+        &self,
+        req: Request<CommandsRequest>,
+    ) -> Result<Response<Self::CommandsStream>, Status> {
         let host = validate::agent_host(&req)?;
         if !self.0.read(|s| s.hosts.contains_key(&host)) {
-            return Err(Status::failed_precondition(format!("host {host} has not registered with this controller")));
+            return Err(Status::failed_precondition(format!(
+                "host {host} has not registered with this controller"
+            )));
         }
         let rx = self.0.connect_agent(&host);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -48,7 +48,11 @@ pub fn internal(e: StoreError) -> Status {
 
 impl Controller {
     /// Takes a new epoch, loads desired state, and closes what a previous controller left open.
-    pub async fn start(store: Store, timings: Timings, migration: MigrationSettings) -> Result<Arc<Controller>, StoreError> {
+    pub async fn start(
+        store: Store,
+        timings: Timings,
+        migration: MigrationSettings,
+    ) -> Result<Arc<Controller>, StoreError> {
         let epoch = store.next_epoch().await?;
         let mut state = ClusterState { timings, ..Default::default() };
         for h in store.load_hosts().await? {
@@ -114,10 +118,23 @@ impl Controller {
         f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    pub async fn event(&self, subject_kind: &'static str, subject: &str, kind: &'static str, message: String, actor: &str) -> Result<(), Status> {
+    pub async fn event(
+        &self,
+        subject_kind: &'static str,
+        subject: &str,
+        kind: &'static str,
+        message: String,
+        actor: &str,
+    ) -> Result<(), Status> {
         tracing::info!(subject = %subject, kind, "{message}");
         self.store
-            .append_event(&NewEvent { subject_kind, subject: subject.into(), kind, message, actor: actor.into() })
+            .append_event(&NewEvent {
+                subject_kind,
+                subject: subject.into(),
+                kind,
+                message,
+                actor: actor.into(),
+            })
             .await
             .map(|_| ())
             .map_err(internal)
@@ -146,10 +163,9 @@ impl Controller {
                 InventoryChange::Moved { name, from, to, .. } => {
                     ("vm_moved", format!("{name} now runs on {to} (was on {from})"))
                 }
-                InventoryChange::StateChanged { name, host, from, to, .. } => (
-                    "vm_state",
-                    format!("{name} on {host} is now {} (was {})", to.as_str(), from.as_str()),
-                ),
+                InventoryChange::StateChanged { name, host, from, to, .. } => {
+                    ("vm_state", format!("{name} on {host} is now {} (was {})", to.as_str(), from.as_str()))
+                }
                 InventoryChange::Vanished { name, from, .. } => {
                     ("vm_vanished", format!("{name} is no longer reported by {from}"))
                 }
@@ -170,15 +186,19 @@ impl Controller {
     async fn send_command(&self, host: &str, cmd: Command) -> Result<(), String> {
         let tx = self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(host).cloned();
         let Some(tx) = tx else {
-            return Err(format!("the agent on {host} has no command stream open; is vmha-agent running there?"));
+            return Err(format!(
+                "the agent on {host} has no command stream open; is vmha-agent running there?"
+            ));
         };
         tx.send(Ok(cmd)).await.map_err(|_| format!("the agent on {host} disconnected"))
     }
 
     /// Writes the migration down, then sends it to the source agent.
     pub async fn start_migration(&self, plan: MigrationPlan, actor: &str) -> Result<Operation, Status> {
-        let id = Uuid::new_v4();
         let vm_uuid = Uuid::parse_str(&plan.vm_uuid).map_err(|e| Status::internal(e.to_string()))?;
+        let row =
+            OperationRow::pending("migrate", vm_uuid, &plan.vm_name, &plan.source, &plan.target, self.epoch);
+        let id = row.id;
         let claimed = self.update(|s| match s.vms.get_mut(&plan.vm_uuid) {
             Some(vm) if vm.busy_with.is_none() => {
                 vm.busy_with = Some(id.to_string());
@@ -192,24 +212,6 @@ impl Controller {
                 plan.vm_name
             )));
         }
-        let row = OperationRow {
-            id,
-            kind: "migrate".into(),
-            vm_uuid,
-            vm_name: plan.vm_name.clone(),
-            source: plan.source.clone(),
-            target: plan.target.clone(),
-            state: "pending".into(),
-            epoch: self.epoch as i64,
-            data_total: 0,
-            data_processed: 0,
-            data_remaining: 0,
-            elapsed_ms: 0,
-            downtime_ms: 0,
-            bytes: 0,
-            error: String::new(),
-            created_at: chrono::Utc::now(),
-        };
         if let Err(e) = self.store.insert_operation(&row).await {
             self.release(&plan.vm_uuid);
             return Err(internal(e));
@@ -220,7 +222,10 @@ impl Controller {
             "vm",
             &plan.vm_name,
             "migration_requested",
-            format!("live migration of {} from {} to {} requested (operation {id})", plan.vm_name, plan.source, plan.target),
+            format!(
+                "live migration of {} from {} to {} requested (operation {id})",
+                plan.vm_name, plan.source, plan.target
+            ),
             actor,
         )
         .await?;
@@ -236,7 +241,12 @@ impl Controller {
             })),
         };
         if let Err(why) = self.send_command(&plan.source, cmd).await {
-            self.finish(&plan.source, id, OperationOutcome { state: "failed", error: why, ..Default::default() }).await?;
+            self.finish(
+                &plan.source,
+                id,
+                OperationOutcome { state: "failed", error: why, ..Default::default() },
+            )
+            .await?;
         } else {
             self.store.set_operation_running(id).await.map_err(internal)?;
             self.modify_op(id, |op| {
@@ -269,13 +279,10 @@ impl Controller {
 
     /// The source of an operation, if `host` may report on it.
     fn check_reporter(&self, host: &str, id: &str) -> Result<Uuid, Status> {
-        let id = Uuid::parse_str(id).map_err(|_| Status::invalid_argument(format!("'{id}' is not an operation id")))?;
-        let source = self
-            .ops
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .map(|tx| tx.borrow().source.clone());
+        let id = Uuid::parse_str(id)
+            .map_err(|_| Status::invalid_argument(format!("'{id}' is not an operation id")))?;
+        let source =
+            self.ops.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|tx| tx.borrow().source.clone());
         match source {
             Some(s) if s == host => Ok(id),
             Some(_) => Err(Status::permission_denied(format!("operation {id} does not run on {host}"))),
@@ -311,7 +318,9 @@ impl Controller {
 
     /// Records how an operation ended, moves the VM in the inventory, tells followers.
     async fn finish(&self, source: &str, id: Uuid, o: OperationOutcome) -> Result<(), Status> {
-        let Some(op) = self.ops.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|tx| tx.borrow().clone()) else {
+        let Some(op) =
+            self.ops.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|tx| tx.borrow().clone())
+        else {
             return Ok(());
         };
         self.store.finish_operation(id, &o).await.map_err(internal)?;
@@ -324,7 +333,12 @@ impl Controller {
         let message = if ok {
             format!(
                 "{} live-migrated from {} to {} in {} ms (downtime {} ms, {} MiB sent)",
-                op.vm, op.source, op.target, o.elapsed_ms, o.downtime_ms, o.bytes >> 20
+                op.vm,
+                op.source,
+                op.target,
+                o.elapsed_ms,
+                o.downtime_ms,
+                o.bytes >> 20
             )
         } else {
             format!(
@@ -332,7 +346,14 @@ impl Controller {
                 op.vm, op.source, op.target, o.error, op.vm
             )
         };
-        self.event("vm", &op.vm, if ok { "migration_succeeded" } else { "migration_failed" }, message, "controller").await?;
+        self.event(
+            "vm",
+            &op.vm,
+            if ok { "migration_succeeded" } else { "migration_failed" },
+            message,
+            "controller",
+        )
+        .await?;
         let tx = self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         if let Some(tx) = tx {
             tx.send_modify(|v| {

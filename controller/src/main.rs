@@ -11,7 +11,9 @@ use vmha_proto::v1::operator_service_server::OperatorServiceServer;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let flags = Flags::parse();
     let store = Store::open(&flags.database_url).await?;

@@ -143,16 +143,23 @@ impl OperatorService for OperatorApi {
 
     type WatchOperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send + 'static>>;
 
-    async fn watch_operation(&self, req: Request<WatchOperationRequest>) -> Result<Response<Self::WatchOperationStream>, Status> {
-        let id = Uuid::parse_str(&req.get_ref().id)
-            .map_err(|_| Status::invalid_argument(format!("'{}' is not an operation id", req.get_ref().id)))?;
+    async fn watch_operation(
+        &self,
+        req: Request<WatchOperationRequest>,
+    ) -> Result<Response<Self::WatchOperationStream>, Status> {
+        let id = Uuid::parse_str(&req.get_ref().id).map_err(|_| {
+            Status::invalid_argument(format!("'{}' is not an operation id", req.get_ref().id))
+        })?;
         let live = self.0.watch_operation(id);
         let controller = self.0.clone();
         let stream = async_stream(controller, id, live);
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn list_events(&self, req: Request<ListEventsRequest>) -> Result<Response<ListEventsResponse>, Status> {
+    async fn list_events(
+        &self,
+        req: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit.min(10_000) };
         let rows = self.0.store.list_events(r.after_id, limit).await.map_err(internal)?;

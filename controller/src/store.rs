@@ -4,19 +4,17 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::migrate::MigrateError;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
-use vmha_engine::{AdminState, HostView, RunState, VmView};
 use vmha_engine::cluster::HostResources;
+use vmha_engine::{AdminState, HostView, RunState, VmView};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error(
-        "cannot reach PostgreSQL at {url}: {source}; check --database-url and that the server runs"
-    )]
+    #[error("cannot reach PostgreSQL at {url}: {source}; check --database-url and that the server runs")]
     Connect { url: String, source: sqlx::Error },
     #[error(
         "the database schema is at migration {applied}, newer than this controller knows \
@@ -52,6 +50,37 @@ pub struct OperationRow {
     pub bytes: i64,
     pub error: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl OperationRow {
+    /// A new operation, written down before its command is sent.
+    pub fn pending(
+        kind: &str,
+        vm_uuid: Uuid,
+        vm_name: &str,
+        source: &str,
+        target: &str,
+        epoch: u64,
+    ) -> OperationRow {
+        OperationRow {
+            id: Uuid::new_v4(),
+            kind: kind.into(),
+            vm_uuid,
+            vm_name: vm_name.into(),
+            source: source.into(),
+            target: target.into(),
+            state: "pending".into(),
+            epoch: epoch as i64,
+            data_total: 0,
+            data_processed: 0,
+            data_remaining: 0,
+            elapsed_ms: 0,
+            downtime_ms: 0,
+            bytes: 0,
+            error: String::new(),
+            created_at: chrono::Utc::now(),
+        }
+    }
 }
 
 /// A row of `events`.
@@ -176,7 +205,17 @@ impl Store {
     }
 
     pub async fn load_vms(&self) -> Result<Vec<VmView>, StoreError> {
-        let rows: Vec<(Uuid, String, i64, i32, bool, i32, Option<String>)> = sqlx::query_as(
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            uuid: Uuid,
+            name: String,
+            memory_kib: i64,
+            vcpus: i32,
+            protected: bool,
+            priority: i32,
+            current_host: Option<String>,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
             "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host FROM vms ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -184,16 +223,16 @@ impl Store {
         .map_err(q("load vms"))?;
         Ok(rows
             .into_iter()
-            .map(|(uuid, name, mem, vcpus, protected, priority, host)| VmView {
-                uuid: uuid.to_string(),
-                name,
-                host,
+            .map(|r| VmView {
+                uuid: r.uuid.to_string(),
+                name: r.name,
+                host: r.current_host,
                 // Observed state is rebuilt from reports; until then nobody knows.
                 state: RunState::Unknown,
-                memory_kib: mem as u64,
-                vcpus: vcpus as u32,
-                protected,
-                priority,
+                memory_kib: r.memory_kib as u64,
+                vcpus: r.vcpus as u32,
+                protected: r.protected,
+                priority: r.priority,
                 busy_with: None,
             })
             .collect())
@@ -201,10 +240,8 @@ impl Store {
 
     /// Writes a VM's observed state and sizes (not its desired state: see `set_protection`).
     pub async fn upsert_vm(&self, vm: &VmView) -> Result<(), StoreError> {
-        let uuid = Uuid::parse_str(&vm.uuid).map_err(|e| StoreError::Query {
-            what: "upsert vm",
-            source: sqlx::Error::Decode(Box::new(e)),
-        })?;
+        let uuid = Uuid::parse_str(&vm.uuid)
+            .map_err(|e| StoreError::Query { what: "upsert vm", source: sqlx::Error::Decode(Box::new(e)) })?;
         sqlx::query(
             "INSERT INTO vms (uuid, name, memory_kib, vcpus, current_host, state)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -262,7 +299,13 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_operation_progress(&self, id: Uuid, total: u64, processed: u64, remaining: u64) -> Result<(), StoreError> {
+    pub async fn set_operation_progress(
+        &self,
+        id: Uuid,
+        total: u64,
+        processed: u64,
+        remaining: u64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE operations SET data_total = $2, data_processed = $3, data_remaining = $4
              WHERE id = $1 AND state = 'running'",

@@ -13,9 +13,7 @@ pub fn agent_host<T>(req: &tonic::Request<T>) -> Result<String, Status> {
         .metadata()
         .get(vmha_proto::HOST_HEADER)
         .ok_or_else(|| Status::unauthenticated("the agent did not identify its host"))?;
-    let host = value
-        .to_str()
-        .map_err(|_| Status::unauthenticated("the agent's host name is not ASCII"))?;
+    let host = value.to_str().map_err(|_| Status::unauthenticated("the agent's host name is not ASCII"))?;
     if !vmha_proto::is_host_name(host) {
         return Err(Status::unauthenticated(format!("'{host}' is not a valid host name")));
     }
@@ -36,7 +34,11 @@ pub fn host_name(s: &str) -> Result<&str, Status> {
 
 pub fn migration_uri(s: &str) -> Result<&str, Status> {
     match s.split_once("://") {
-        Some((scheme, rest)) if !scheme.is_empty() && !rest.is_empty() && !s.contains(char::is_whitespace) => Ok(s),
+        Some((scheme, rest))
+            if !scheme.is_empty() && !rest.is_empty() && !s.contains(char::is_whitespace) =>
+        {
+            Ok(s)
+        }
         _ => Err(Status::invalid_argument(format!(
             "migration URI '{s}' is not a libvirt URI like qemu+tls://HOST/system"
         ))),
@@ -105,7 +107,14 @@ mod tests {
     use super::*;
 
     fn dom(uuid: &str, name: &str) -> Domain {
-        Domain { uuid: uuid.into(), name: name.into(), state: DomainState::Running as i32, memory_kib: 1, vcpus: 1, persistent: true }
+        Domain {
+            uuid: uuid.into(),
+            name: name.into(),
+            state: DomainState::Running as i32,
+            memory_kib: 1,
+            vcpus: 1,
+            persistent: true,
+        }
     }
 
     const U: &str = "6f1c1a52-6a3c-4d8e-9d42-0a4f0f7b9a10";

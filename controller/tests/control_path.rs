@@ -10,8 +10,8 @@ use std::time::Duration;
 use support::PgServer;
 use tokio_stream::wrappers::TcpListenerStream;
 use vmha_agent::config::Config;
-use vmha_agent::hypervisor::fake::FakeHypervisor;
 use vmha_agent::hypervisor::Hypervisor;
+use vmha_agent::hypervisor::fake::FakeHypervisor;
 use vmha_agent::session::Agent;
 use vmha_controller::agent_api::AgentApi;
 use vmha_controller::controller::{Controller, MigrationSettings};
@@ -39,7 +39,8 @@ async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     let pg = PgServer::shared();
     let store = Store::open(&pg.fresh_database()).await.unwrap();
-    let settings = MigrationSettings { auto_converge: true, bandwidth_mib_s: 0, timeout: Duration::from_secs(30) };
+    let settings =
+        MigrationSettings { auto_converge: true, bandwidth_mib_s: 0, timeout: Duration::from_secs(30) };
     let controller = Controller::start(store, Timings::default(), settings).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -81,9 +82,14 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
         .into_inner();
     assert!(vm.protected && vm.priority == 100);
 
-    let started = op.migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into() }).await.unwrap().into_inner();
+    let started = op
+        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((started.source.as_str(), started.target.as_str()), ("kvm1", "kvm2"));
-    let mut updates = op.watch_operation(WatchOperationRequest { id: started.id.clone() }).await.unwrap().into_inner();
+    let mut updates =
+        op.watch_operation(WatchOperationRequest { id: started.id.clone() }).await.unwrap().into_inner();
     let mut last = None;
     while let Some(u) = updates.message().await.unwrap() {
         last = Some(u);
@@ -98,16 +104,20 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     let vm = op.get_vm(GetVmRequest { vm: DNS1.into() }).await.unwrap().into_inner();
     assert_eq!((vm.host.as_str(), vm.protected, vm.priority), ("kvm2", true, 100));
 
-    let events = op.list_events(ListEventsRequest { limit: 100, after_id: 0 }).await.unwrap().into_inner().events;
+    let events =
+        op.list_events(ListEventsRequest { limit: 100, after_id: 0 }).await.unwrap().into_inner().events;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    for k in ["agent_connected", "vm_discovered", "vm_protected", "migration_requested", "migration_succeeded"] {
+    for k in
+        ["agent_connected", "vm_discovered", "vm_protected", "migration_requested", "migration_succeeded"]
+    {
         assert!(kinds.contains(&k), "no {k} in {kinds:?}");
     }
     let done = events.iter().find(|e| e.kind == "migration_succeeded").unwrap();
     assert!(done.message.contains("dns1 live-migrated from kvm1 to kvm2"), "{}", done.message);
 
     // Refusals change nothing and say why.
-    let e = op.migrate(MigrateRequest { vm: "nosuchvm".into(), target_host: "kvm1".into() }).await.unwrap_err();
+    let e =
+        op.migrate(MigrateRequest { vm: "nosuchvm".into(), target_host: "kvm1".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(e.message().contains("nosuchvm"), "{}", e.message());
     let e = op.migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into() }).await.unwrap_err();
@@ -117,7 +127,11 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     assert_eq!(e.code(), tonic::Code::NotFound);
 
     // A failing migration is recorded as failed and the VM stays.
-    let e = op.migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm1".into() }).await.unwrap().into_inner();
+    let e = op
+        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm1".into() })
+        .await
+        .unwrap()
+        .into_inner();
     let mut updates = op.watch_operation(WatchOperationRequest { id: e.id }).await.unwrap().into_inner();
     let mut last = None;
     while let Some(u) = updates.message().await.unwrap() {

@@ -13,7 +13,12 @@ fn host(name: &str) -> HostView {
         name: name.into(),
         admin: AdminState::Active,
         migration_uri: format!("qemu+tcp://{name}/system"),
-        resources: HostResources { cpus: 2, memory_total_kib: 1 << 20, memory_free_kib: 1 << 19, cpu_model: "x86_64".into() },
+        resources: HostResources {
+            cpus: 2,
+            memory_total_kib: 1 << 20,
+            memory_free_kib: 1 << 19,
+            cpu_model: "x86_64".into(),
+        },
         libvirt_version: "9.0.0".into(),
         last_heartbeat: None,
     }
@@ -33,25 +38,8 @@ fn vm(uuid: Uuid, host: &str) -> VmView {
     }
 }
 
-fn op(epoch: i64, vm_uuid: Uuid) -> OperationRow {
-    OperationRow {
-        id: Uuid::new_v4(),
-        kind: "migrate".into(),
-        vm_uuid,
-        vm_name: "dns1".into(),
-        source: "kvm1".into(),
-        target: "kvm2".into(),
-        state: "pending".into(),
-        epoch,
-        data_total: 0,
-        data_processed: 0,
-        data_remaining: 0,
-        elapsed_ms: 0,
-        downtime_ms: 0,
-        bytes: 0,
-        error: String::new(),
-        created_at: chrono::Utc::now(),
-    }
+fn op(epoch: u64, vm_uuid: Uuid) -> OperationRow {
+    OperationRow::pending("migrate", vm_uuid, "dns1", "kvm1", "kvm2", epoch)
 }
 
 #[tokio::test]
@@ -112,7 +100,11 @@ async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() 
     let vms = s.load_vms().await.unwrap();
     assert_eq!(vms.len(), 1);
     assert_eq!((vms[0].host.as_deref(), vms[0].protected, vms[0].priority), (Some("kvm2"), true, 100));
-    assert_eq!(vms[0].state, RunState::Unknown, "observed state is rebuilt from reports, not trusted from the DB");
+    assert_eq!(
+        vms[0].state,
+        RunState::Unknown,
+        "observed state is rebuilt from reports, not trusted from the DB"
+    );
 }
 
 #[tokio::test]
@@ -126,7 +118,13 @@ async fn operations_record_their_life_and_orphans_of_old_leaders_are_failed() {
     s.set_operation_progress(done.id, 100, 40, 60).await.unwrap();
     s.finish_operation(
         done.id,
-        &OperationOutcome { state: "succeeded", error: String::new(), elapsed_ms: 150, downtime_ms: 7, bytes: 1 << 20 },
+        &OperationOutcome {
+            state: "succeeded",
+            error: String::new(),
+            elapsed_ms: 150,
+            downtime_ms: 7,
+            bytes: 1 << 20,
+        },
     )
     .await
     .unwrap();

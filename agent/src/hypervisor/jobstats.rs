@@ -36,9 +36,8 @@ pub fn read(dom: &Domain, completed: bool) -> Result<JobStats, virt::error::Erro
     let mut nparams: c_int = 0;
     // SAFETY: `dom` holds a valid reference; libvirt fills the out-pointers and on success
     // hands us `params` (possibly null) which we free below with libvirt's own allocator.
-    let rc = unsafe {
-        sys::virDomainGetJobStats(dom.as_ptr(), &mut job_type, &mut params, &mut nparams, flags)
-    };
+    let rc =
+        unsafe { sys::virDomainGetJobStats(dom.as_ptr(), &mut job_type, &mut params, &mut nparams, flags) };
     if rc < 0 {
         return Err(virt::error::Error::last_error());
     }

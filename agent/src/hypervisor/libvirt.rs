@@ -1,8 +1,8 @@
 //! [`Hypervisor`] over libvirt, through the `virt` crate.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
@@ -11,9 +11,7 @@ use virt::enumutil::Enum;
 use virt::sys;
 use vmha_proto::v1::{Domain, DomainState, HostFacts};
 
-use super::{
-    Hypervisor, HypervisorError, JobProgress, MigrateOptions, MigrationStats, jobstats,
-};
+use super::{Hypervisor, HypervisorError, JobProgress, MigrateOptions, MigrationStats, jobstats};
 
 /// How often a running migration's job statistics are sampled.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
@@ -32,10 +30,10 @@ impl Libvirt {
 
     fn conn(&self) -> Result<Connect, HypervisorError> {
         let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = slot.as_ref() {
-            if c.is_alive().unwrap_or(false) {
-                return Ok(c.clone());
-            }
+        if let Some(c) = slot.as_ref()
+            && c.is_alive().unwrap_or(false)
+        {
+            return Ok(c.clone());
         }
         let c = Connect::open(Some(&self.uri)).map_err(|e| HypervisorError::Connect {
             uri: self.uri.clone(),
@@ -47,8 +45,7 @@ impl Libvirt {
 
     fn lookup(&self, uuid: &str) -> Result<VirtDomain, HypervisorError> {
         let conn = self.conn()?;
-        conn.lookup_domain_by_uuid_string(uuid)
-            .map_err(|_| HypervisorError::NoSuchDomain(uuid.to_string()))
+        conn.lookup_domain_by_uuid_string(uuid).map_err(|_| HypervisorError::NoSuchDomain(uuid.to_string()))
     }
 }
 
@@ -147,10 +144,7 @@ impl Hypervisor for Libvirt {
         if opts.auto_converge {
             flags |= sys::VIR_MIGRATE_AUTO_CONVERGE;
         }
-        let params = MigrateParameters {
-            bandwidth: opts.bandwidth_mib_s,
-            ..Default::default()
-        };
+        let params = MigrateParameters { bandwidth: opts.bandwidth_mib_s, ..Default::default() };
         let started = Instant::now();
         let timed_out = &AtomicBool::new(false);
         let dom_ref = &dom;
@@ -160,15 +154,15 @@ impl Hypervisor for Libvirt {
         let result = std::thread::scope(|s| {
             s.spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(PROGRESS_EVERY) {
-                    if let Ok(j) = jobstats::read(dom_ref, false) {
-                        if j.is_active() {
-                            progress(JobProgress {
-                                data_total: j.data_total,
-                                data_processed: j.data_processed,
-                                data_remaining: j.data_remaining,
-                                elapsed_ms: started.elapsed().as_millis() as u64,
-                            });
-                        }
+                    if let Ok(j) = jobstats::read(dom_ref, false)
+                        && j.is_active()
+                    {
+                        progress(JobProgress {
+                            data_total: j.data_total,
+                            data_processed: j.data_processed,
+                            data_remaining: j.data_remaining,
+                            elapsed_ms: started.elapsed().as_millis() as u64,
+                        });
                     }
                     if opts.timeout.is_some_and(|t| started.elapsed() > t)
                         && !timed_out.swap(true, Ordering::Relaxed)
@@ -199,11 +193,7 @@ impl Hypervisor for Libvirt {
                 tracing::warn!(domain = uuid, error = %e.message(), "migrated, but undefining the source copy failed");
             }
         }
-        Ok(MigrationStats {
-            elapsed_ms,
-            downtime_ms: completed.downtime_ms,
-            bytes: completed.data_processed,
-        })
+        Ok(MigrationStats { elapsed_ms, downtime_ms: completed.downtime_ms, bytes: completed.data_processed })
     }
 }
 

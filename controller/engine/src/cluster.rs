@@ -71,9 +71,7 @@ impl RunState {
     /// its disks.
     pub fn has_process(self) -> bool {
         match self {
-            RunState::Running | RunState::Paused | RunState::ShuttingDown | RunState::Suspended => {
-                true
-            }
+            RunState::Running | RunState::Paused | RunState::ShuttingDown | RunState::Suspended => true,
             RunState::ShutOff | RunState::Crashed | RunState::Unknown => false,
         }
     }

@@ -159,13 +159,7 @@ mod tests {
     use super::*;
 
     fn dom(uuid: &str, state: RunState) -> ReportedDomain {
-        ReportedDomain {
-            uuid: uuid.into(),
-            name: format!("vm-{uuid}"),
-            state,
-            memory_kib: 65_536,
-            vcpus: 1,
-        }
+        ReportedDomain { uuid: uuid.into(), name: format!("vm-{uuid}"), state, memory_kib: 65_536, vcpus: 1 }
     }
 
     #[test]
@@ -178,7 +172,9 @@ mod tests {
         assert!(c.is_empty(), "{c:?}");
         assert_eq!(s.vms["a"].host.as_deref(), Some("kvm1"));
         let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Running)], Millis(20));
-        assert!(matches!(&c[..], [InventoryChange::Moved { from, to, .. }] if from == "kvm1" && to == "kvm2"));
+        assert!(
+            matches!(&c[..], [InventoryChange::Moved { from, to, .. }] if from == "kvm1" && to == "kvm2")
+        );
         // The source's next report no longer lists it: that is not a vanishing, it moved.
         let c = apply_report(&mut s, "kvm1", &[], Millis(30));
         assert!(c.is_empty(), "{c:?}");

@@ -195,10 +195,7 @@ mod tests {
         assert!(e.to_string().contains("vmha host undrain kvm2"), "{e}");
         s.hosts.get_mut("kvm3").unwrap().resources.memory_free_kib = 1024;
         let e = plan_migration(&s, "dns1", "kvm3", NOW).unwrap_err();
-        assert_eq!(
-            e,
-            Refusal::NoRoom { vm: "dns1".into(), host: "kvm3".into(), free_mib: 1, need_mib: 64 }
-        );
+        assert_eq!(e, Refusal::NoRoom { vm: "dns1".into(), host: "kvm3".into(), free_mib: 1, need_mib: 64 });
     }
 
     #[test]
@@ -222,9 +219,6 @@ mod tests {
         let mut twin = s.vms["u-dns1"].clone();
         twin.uuid = "u-dns1-b".into();
         s.vms.insert(twin.uuid.clone(), twin);
-        assert!(matches!(
-            plan_migration(&s, "dns1", "kvm2", NOW),
-            Err(Refusal::AmbiguousVm { .. })
-        ));
+        assert!(matches!(plan_migration(&s, "dns1", "kvm2", NOW), Err(Refusal::AmbiguousVm { .. })));
     }
 }

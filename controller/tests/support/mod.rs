@@ -48,7 +48,8 @@ impl PgServer {
         } else {
             Command::new(&exe)
         };
-        let out = cmd.args(args).current_dir(&self.dir).output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        let out =
+            cmd.args(args).current_dir(&self.dir).output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
         assert!(
             out.status.success(),
             "{tool} {args:?} failed: {}{}",
@@ -58,7 +59,11 @@ impl PgServer {
     }
 
     fn start() -> PgServer {
-        let dir = std::env::temp_dir().join(format!("vmha-test-pg-{}-{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::SeqCst)));
+        let dir = std::env::temp_dir().join(format!(
+            "vmha-test-pg-{}-{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::SeqCst)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let as_postgres = is_root();
         if as_postgres {
@@ -110,7 +115,8 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         let data = self.dir.join("data");
-        let stop = |s: &PgServer| s.run("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
+        let stop =
+            |s: &PgServer| s.run("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stop(self))).is_err() {
             eprintln!("could not stop the test PostgreSQL in {}", self.dir.display());
         }
