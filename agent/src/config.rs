@@ -41,6 +41,13 @@ pub struct Flags {
     /// How often to report to the controller [default: 1s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Option<Duration>,
+    /// Address to answer peer agents' lease polls on [default: 0.0.0.0:7401].
+    #[arg(long)]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// host:port peers use to reach this agent's poll endpoint [default: the host name and
+    /// the --peer-listen port].
+    #[arg(long)]
+    pub peer_address: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -53,6 +60,8 @@ struct FileConfig {
     controllers: Vec<String>,
     #[serde(default, with = "humantime_serde_opt")]
     heartbeat_interval: Option<Duration>,
+    peer_listen: Option<std::net::SocketAddr>,
+    peer_address: Option<String>,
 }
 
 mod humantime_serde_opt {
@@ -73,6 +82,8 @@ pub struct Config {
     pub migration_uri: String,
     pub controllers: Vec<String>,
     pub heartbeat_interval: Duration,
+    pub peer_listen: std::net::SocketAddr,
+    pub peer_address: String,
 }
 
 impl Config {
@@ -123,7 +134,18 @@ impl Config {
                 "heartbeat interval {heartbeat_interval:?} is out of range (100ms to 60s)"
             )));
         }
+        let peer_listen =
+            flags.peer_listen.or(file.peer_listen).unwrap_or_else(|| ([0, 0, 0, 0], 7401).into());
+        let peer_address = flags.peer_address.or(file.peer_address).unwrap_or_else(|| {
+            if peer_listen.ip().is_unspecified() {
+                format!("{host_name}:{}", peer_listen.port())
+            } else {
+                peer_listen.to_string()
+            }
+        });
         Ok(Config {
+            peer_listen,
+            peer_address,
             libvirt_uri: flags.libvirt_uri.or(file.libvirt_uri).unwrap_or_else(|| "qemu:///system".into()),
             host_name,
             migration_uri,

@@ -3,4 +3,6 @@
 pub mod config;
 pub mod executor;
 pub mod hypervisor;
+pub mod lease;
+pub mod peer;
 pub mod session;

@@ -3,7 +3,11 @@ use std::sync::Arc;
 use clap::Parser;
 use vmha_agent::config::{Config, Flags};
 use vmha_agent::hypervisor::libvirt::Libvirt;
+use vmha_agent::lease::LeaseShell;
+use vmha_agent::peer::PeerApi;
 use vmha_agent::session::Agent;
+use vmha_engine::selffence::SelfFenceConfig;
+use vmha_proto::v1::peer_service_server::PeerServiceServer;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -16,13 +20,24 @@ async fn main() -> anyhow::Result<()> {
         std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
     })?;
     tracing::info!(host = %cfg.host_name, libvirt = %cfg.libvirt_uri, controllers = ?cfg.controllers, "vmha-agent starting");
-    let hv = Arc::new(Libvirt::new(cfg.libvirt_uri.clone()));
+    let hv: Arc<dyn vmha_agent::hypervisor::Hypervisor> = Arc::new(Libvirt::new(cfg.libvirt_uri.clone()));
+    let lease = LeaseShell::new(
+        &cfg.host_name,
+        SelfFenceConfig {
+            heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+            ..Default::default()
+        },
+    );
+    let peers = tonic::transport::Server::builder()
+        .add_service(PeerServiceServer::new(PeerApi { host: cfg.host_name.clone(), lease: lease.clone() }))
+        .serve(cfg.peer_listen);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = Agent::new(cfg, hv).run() => Ok(()),
-        _ = tokio::signal::ctrl_c() => {
-            // Leaving never touches the VMs: they keep running without an agent.
-            tracing::info!("vmha-agent stopping; VMs keep running");
-            Ok(())
-        }
+        _ = Agent::new(cfg, hv.clone(), lease.clone()).run() => Ok(()),
+        _ = lease.run(hv) => Ok(()),
+        r = peers => r.map_err(|e| anyhow::anyhow!("peer endpoint: {e}")),
+        // Leaving never touches the VMs: they keep running without an agent.
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
     }
 }

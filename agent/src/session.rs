@@ -2,9 +2,11 @@
 //! pushed commands and report their outcome. On any failure it moves to the next controller
 //! endpoint; a controller that goes away never stops a VM here.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tonic::service::Interceptor;
@@ -16,6 +18,7 @@ use vmha_proto::v1::{CommandsRequest, HeartbeatRequest, RegisterRequest};
 use crate::config::Config;
 use crate::executor;
 use crate::hypervisor::Hypervisor;
+use crate::lease::LeaseShell;
 
 /// Stamps every request with this host's name: the controller's view of who is speaking.
 /// (With mTLS the certificate carries it; this header is the stand-in until then.)
@@ -39,11 +42,28 @@ pub struct Agent {
     report_lock: tokio::sync::Mutex<u64>,
     /// The newest leader epoch seen; commands from older leaders are refused.
     epoch: AtomicU64,
+    pub lease: Arc<LeaseShell>,
+    /// The newest answer's stamp and when it arrived: echoed by the next heartbeat.
+    last_answer: Mutex<Option<(u64, Instant)>>,
+    /// Hash of each domain's XML as last sent in this session.
+    sent_xml: Mutex<HashMap<String, u64>>,
 }
 
 impl Agent {
-    pub fn new(cfg: Config, hv: Arc<dyn Hypervisor>) -> Arc<Agent> {
-        Arc::new(Agent { cfg, hv, report_lock: tokio::sync::Mutex::new(0), epoch: AtomicU64::new(0) })
+    pub fn new(cfg: Config, hv: Arc<dyn Hypervisor>, lease: Arc<LeaseShell>) -> Arc<Agent> {
+        Arc::new(Agent {
+            cfg,
+            hv,
+            report_lock: tokio::sync::Mutex::new(0),
+            epoch: AtomicU64::new(0),
+            lease,
+            last_answer: Mutex::default(),
+            sent_xml: Mutex::default(),
+        })
+    }
+
+    fn answer_received(&self, stamp: u64) {
+        *self.last_answer.lock().unwrap_or_else(|p| p.into_inner()) = Some((stamp, Instant::now()));
     }
 
     pub fn epoch(&self) -> u64 {
@@ -87,20 +107,26 @@ impl Agent {
                 migration_uri: self.cfg.migration_uri.clone(),
                 facts: Some(facts),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
+                peer_address: self.cfg.peer_address.clone(),
             })
             .await
             .context("register")?
             .into_inner();
         self.see_epoch(reg.epoch);
+        self.answer_received(reg.stamp_ms);
+        // A new session may be a new leader: send every definition again.
+        self.sent_xml.lock().unwrap_or_else(|p| p.into_inner()).clear();
         tracing::info!(controller = %endpoint, epoch = reg.epoch, "registered");
 
         let mut commands =
             client.commands(CommandsRequest {}).await.context("open command stream")?.into_inner();
-        let mut tick = tokio::time::interval(self.cfg.heartbeat_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = tick.tick() => self.heartbeat(&mut client).await?,
+                _ = tokio::time::sleep_until(next) => {
+                    let wait = self.heartbeat(&mut client).await?;
+                    next = tokio::time::Instant::now() + wait;
+                }
                 msg = commands.message() => match msg.context("command stream")? {
                     Some(cmd) => {
                         if cmd.epoch < self.epoch() {
@@ -115,19 +141,65 @@ impl Agent {
         }
     }
 
-    /// Takes a full report (facts and every domain) and sends it.
-    pub async fn heartbeat(&self, client: &mut Client) -> anyhow::Result<()> {
+    /// Takes a full report (facts and every domain) and sends it; returns when the leader
+    /// wants the next one.
+    pub async fn heartbeat(&self, client: &mut Client) -> anyhow::Result<Duration> {
         let mut seq = self.report_lock.lock().await;
-        let (facts, domains) = self.blocking(|hv| Ok((hv.host_facts()?, hv.domains()?))).await?;
+        let (facts, mut domains) = self.blocking(|hv| Ok((hv.host_facts()?, hv.domains()?))).await?;
+        let mut sending = Vec::new();
+        {
+            let sent = self.sent_xml.lock().unwrap_or_else(|p| p.into_inner());
+            for d in &mut domains {
+                let mut h = DefaultHasher::new();
+                d.xml.hash(&mut h);
+                let hash = h.finish();
+                if sent.get(&d.uuid) == Some(&hash) {
+                    d.xml.clear();
+                } else {
+                    sending.push((d.uuid.clone(), hash));
+                }
+            }
+        }
         *seq += 1;
-        let req = HeartbeatRequest { seq: *seq, facts: Some(facts), domains };
+        let (echo_stamp_ms, echo_held_ms) = match *self.last_answer.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            Some((stamp, at)) => (stamp, at.elapsed().as_millis() as u64),
+            None => (0, 0),
+        };
+        let req = HeartbeatRequest {
+            seq: *seq,
+            facts: Some(facts),
+            domains,
+            echo_stamp_ms,
+            echo_held_ms,
+            self_fenced: self.lease.self_fenced(),
+        };
+        // The lease runs from here: the send, not the answer.
+        let sent_at = self.lease.now();
         let answer = tokio::time::timeout(self.cfg.heartbeat_interval * 2, client.heartbeat(req))
             .await
             .context("heartbeat timed out")?
             .context("heartbeat")?
             .into_inner();
+        self.answer_received(answer.stamp_ms);
         self.see_epoch(answer.epoch);
-        Ok(())
+        self.sent_xml.lock().unwrap_or_else(|p| p.into_inner()).extend(sending);
+        if answer.lease_ttl_ms == 0 {
+            tracing::warn!(reason = %answer.refused, "heartbeat earned no lease");
+        }
+        self.lease.answered(
+            sent_at,
+            answer.lease_ttl_ms,
+            answer.cluster_hosts as usize,
+            answer.peers,
+            answer.protected_uuids,
+        );
+        let wait = Duration::from_millis(answer.next_heartbeat_in_ms);
+        Ok(if wait.is_zero() || wait > self.cfg.heartbeat_interval * 2 {
+            self.cfg.heartbeat_interval
+        } else {
+            wait
+        })
     }
 
     /// Runs a hypervisor call off the async runtime: libvirt calls block.

@@ -54,6 +54,12 @@ enum Verb {
         /// Restart order after a host failure: higher first (-1000 to 1000).
         #[arg(long, allow_hyphen_values = true)]
         priority: Option<i32>,
+        /// VMs of one group never share a host, e.g. both recursive resolvers ("" clears it).
+        #[arg(long, value_name = "GROUP")]
+        anti_affinity: Option<String>,
+        /// Only these hosts may run it, comma-separated ("" allows any again).
+        #[arg(long, value_name = "H1,H2", value_delimiter = ',')]
+        hosts: Option<Vec<String>>,
     },
     /// Stop protecting a VM (it keeps running where it is).
     Unprotect {
@@ -86,8 +92,20 @@ enum Verb {
 
 #[derive(Debug, Subcommand)]
 enum HostVerb {
-    /// List hosts with their liveness, admin state and capacity.
+    /// List hosts with their liveness, lease, admin state and capacity.
     Ls,
+    /// Declare a host dead because you know it is off (powered down, unplugged): its protected
+    /// VMs are restarted elsewhere at once. Never do this for a host that may still run.
+    #[command(name = "confirm-down")]
+    ConfirmDown { host: String },
+    /// How a host that stops renewing its lease may be declared dead: `self` (its agent
+    /// destroys its protected VMs, the default), `external` (the controller's --fence-command
+    /// must confirm it off), `manual` (only `vmha host confirm-down`).
+    Fencing {
+        host: String,
+        #[arg(value_parser = ["self", "external", "manual"])]
+        mode: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,17 +206,38 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let v = c.get_vm(GetVmRequest { vm }).await?.into_inner();
             show_vm(fmt, &v);
         }
-        Verb::Protect { vm, priority } => {
-            let v =
-                c.set_protection(SetProtectionRequest { vm, protected: true, priority }).await?.into_inner();
+        Verb::Protect { vm, priority, anti_affinity, hosts } => {
+            let allowed_hosts: Vec<String> =
+                hosts.clone().unwrap_or_default().into_iter().filter(|h| !h.is_empty()).collect();
+            let req = SetProtectionRequest {
+                vm,
+                protected: true,
+                priority,
+                anti_affinity,
+                set_allowed_hosts: hosts.is_some(),
+                allowed_hosts,
+            };
+            let v = c.set_protection(req).await?.into_inner();
             show_vm(fmt, &v);
         }
         Verb::Unprotect { vm } => {
-            let v = c
-                .set_protection(SetProtectionRequest { vm, protected: false, priority: None })
-                .await?
-                .into_inner();
+            let req = SetProtectionRequest { vm, protected: false, ..Default::default() };
+            let v = c.set_protection(req).await?.into_inner();
             show_vm(fmt, &v);
+        }
+        Verb::Host(HostVerb::ConfirmDown { host }) => {
+            let h = c.confirm_down(ConfirmDownRequest { host }).await?.into_inner();
+            match fmt {
+                Format::Json => output::json(&h),
+                Format::Table => println!("{} is {}: {}", h.name, h.state, h.note),
+            }
+        }
+        Verb::Host(HostVerb::Fencing { host, mode }) => {
+            let h = c.set_fencing(SetFencingRequest { host, mode }).await?.into_inner();
+            match fmt {
+                Format::Json => output::json(&h),
+                Format::Table => println!("{}: fencing {}", h.name, h.fencing),
+            }
         }
         Verb::Migrate { vm, to, no_wait } => {
             let op = c.migrate(MigrateRequest { vm, target_host: to }).await?.into_inner();
@@ -240,14 +279,29 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
 
 fn host_table(hosts: &[Host]) {
     output::table(
-        &["HOST", "STATE", "ADMIN", "VMS", "CPUS", "MEMORY FREE/TOTAL", "HEARTBEAT", "LIBVIRT"],
+        &[
+            "HOST",
+            "STATE",
+            "LEASE",
+            "ADMIN",
+            "FENCING",
+            "VMS",
+            "CPUS",
+            "MEMORY FREE/TOTAL",
+            "HEARTBEAT",
+            "LIBVIRT",
+        ],
         hosts
             .iter()
             .map(|h| {
                 vec![
                     h.name.clone(),
                     h.state.clone(),
+                    h.lease_left_s.map_or("none".into(), |l| {
+                        if l >= 0.0 { format!("{l:.1}s left") } else { format!("expired {:.1}s ago", -l) }
+                    }),
                     h.admin_state.clone(),
+                    h.fencing.clone(),
                     h.vms_running.to_string(),
                     h.cpus.to_string(),
                     format!("{} / {}", mib(h.memory_free_mib), mib(h.memory_total_mib)),

@@ -8,11 +8,13 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use vmha_engine::cluster::HostResources;
-use vmha_engine::{AdminState, HostView, inventory};
+use vmha_engine::lease::{self, Echo, LeaseAnswer};
+use vmha_engine::{HostView, Millis, inventory, recovery};
 use vmha_proto::v1::agent_service_server::AgentService;
 use vmha_proto::v1::*;
 
 use crate::controller::{Controller, internal};
+
 use crate::validate;
 
 pub struct AgentApi(pub Arc<Controller>);
@@ -32,23 +34,20 @@ impl AgentService for AgentApi {
         let host = validate::agent_host(&req)?;
         let r = req.into_inner();
         validate::migration_uri(&r.migration_uri)?;
+        validate::peer_address(&r.peer_address)?;
         let facts = r.facts.ok_or_else(|| Status::invalid_argument("register without host facts"))?;
         let c = &self.0;
         let now = c.now();
-        let view = c.update(|s| {
-            let h = s.hosts.entry(host.clone()).or_insert_with(|| HostView {
-                name: host.clone(),
-                admin: AdminState::Active,
-                migration_uri: String::new(),
-                resources: HostResources::default(),
-                libvirt_version: String::new(),
-                last_heartbeat: None,
-            });
+        let (view, stamp) = c.update(|s| {
+            lease::observe_quorum(s, now);
+            let h = s.hosts.entry(host.clone()).or_insert_with(|| HostView::new(&host));
             h.migration_uri = r.migration_uri.clone();
+            h.peer_address = r.peer_address.clone();
             h.resources = resources(&facts);
             h.libvirt_version = facts.libvirt_version.clone();
             h.last_heartbeat = Some(now);
-            h.clone()
+            let view = h.clone();
+            (view, lease::issue_stamp(s, &host, now))
         });
         c.store.upsert_host(&view, &facts.hypervisor_version).await.map_err(internal)?;
         c.event(
@@ -69,6 +68,7 @@ impl AgentService for AgentApi {
         Ok(Response::new(RegisterResponse {
             epoch: c.epoch,
             heartbeat_interval_ms: c.timings().heartbeat_interval_ms,
+            stamp_ms: stamp.0,
         }))
     }
 
@@ -76,19 +76,75 @@ impl AgentService for AgentApi {
         let host = validate::agent_host(&req)?;
         let r = req.into_inner();
         let domains = validate::reported_domains(&r.domains)?;
+        let echo =
+            (r.echo_stamp_ms > 0).then_some(Echo { stamp: Millis(r.echo_stamp_ms), held_ms: r.echo_held_ms });
         let c = &self.0;
         let now = c.now();
-        let changes = c.update(|s| {
-            let h = s.hosts.get_mut(&host).ok_or_else(|| {
-                Status::failed_precondition(format!("host {host} has not registered with this controller"))
-            })?;
+        let outcome = c.update(|s| {
+            let Some(h) = s.hosts.get_mut(&host) else {
+                return Err(Status::failed_precondition(format!(
+                    "host {host} has not registered with this controller"
+                )));
+            };
+            h.last_heartbeat = Some(now);
             if let Some(f) = &r.facts {
                 h.resources = resources(f);
             }
-            Ok::<_, Status>(inventory::apply_report(s, &host, &domains, now))
+            let answer = lease::on_heartbeat(s, &host, echo, now);
+            let (mut actions, stale) = recovery::on_report(s, &host, &domains, now);
+            let kept: Vec<_> = domains.iter().filter(|d| !stale.contains(&d.uuid)).cloned().collect();
+            let changes = inventory::apply_report(s, &host, &kept, now);
+            actions.extend(recovery::after_report(s, &host, &changes, now));
+            let mut new_xml = Vec::new();
+            for d in r.domains.iter().filter(|d| !d.xml.is_empty()) {
+                let uuid = d.uuid.to_lowercase();
+                if let Some(vm) = s.vms.get_mut(&uuid).filter(|vm| vm.xml != d.xml) {
+                    vm.xml = d.xml.clone();
+                    new_xml.push((uuid, d.xml.clone()));
+                }
+            }
+            let peers = s
+                .hosts
+                .values()
+                .map(|h| Peer { host: h.name.clone(), address: h.peer_address.clone() })
+                .collect();
+            let protected = s.vms.values().filter(|v| v.protected).map(|v| v.uuid.clone()).collect();
+            Ok((answer, changes, actions, new_xml, peers, protected, s.hosts.len() as u32))
         })?;
+        let (answer, changes, actions, new_xml, peers, protected_uuids, cluster_hosts) = outcome;
         c.persist_inventory(changes, &host).await?;
-        Ok(Response::new(HeartbeatResponse { epoch: c.epoch, lease_ttl_ms: c.timings().lease_ttl_ms }))
+        for (uuid, xml) in new_xml {
+            c.store.set_vm_xml(&uuid, &xml).await.map_err(internal)?;
+        }
+        if !actions.is_empty() {
+            let c = c.clone();
+            tokio::spawn(async move {
+                if let Err(e) = c.perform(actions).await {
+                    tracing::error!(error = %e, "after a report");
+                }
+            });
+        }
+        let interval = c.timings().heartbeat_interval_ms;
+        // Align every host's heartbeats on the leader's clock, so that their leases end
+        // together if the leader goes away (see docs/safety.md).
+        let mut next = interval - now.0 % interval;
+        if next < interval / 4 {
+            next += interval;
+        }
+        let (lease_ttl_ms, refused) = match answer {
+            LeaseAnswer::Granted { ttl_ms, .. } => (ttl_ms, String::new()),
+            LeaseAnswer::Refused { reason, .. } => (0, reason.to_string()),
+        };
+        Ok(Response::new(HeartbeatResponse {
+            epoch: c.epoch,
+            lease_ttl_ms,
+            stamp_ms: answer.stamp().0,
+            refused,
+            next_heartbeat_in_ms: next,
+            cluster_hosts,
+            peers,
+            protected_uuids,
+        }))
     }
 
     type CommandsStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send + 'static>>;

@@ -28,6 +28,21 @@ pub struct Flags {
     /// Bandwidth cap for live migrations in MiB/s (0: none).
     #[arg(long, default_value_t = 0)]
     pub migration_bandwidth: u64,
+    /// How long after its lease expired a host may be declared dead (self-fencing hosts).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub fence_margin: Duration,
+    /// Command that powers a host off (fencing mode `external`), called with the host name;
+    /// exit 0 means confirmed off.
+    #[arg(long)]
+    pub fence_command: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub fence_timeout: Duration,
+    /// A failed restart after a host failure is retried on another host this many times.
+    #[arg(long, default_value_t = 2)]
+    pub max_relocate: u32,
+    /// Restarts in flight at once after a host failure.
+    #[arg(long, default_value_t = 4)]
+    pub max_parallel_starts: usize,
     /// Turn off libvirt's auto-converge (throttling a guest that dirties memory faster than
     /// the network can copy it).
     #[arg(long)]

@@ -1,7 +1,9 @@
 //! The controller's shell: holds the observed cluster state for the engine, persists what the
-//! engine decides or observes, and talks to connected agents. The gRPC handlers call into it.
+//! engine decides or observes, and talks to connected agents. The gRPC handlers and the tick
+//! loop call into it; decisions are made in `vmha_engine`, never here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,8 +11,12 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use uuid::Uuid;
 use vmha_engine::inventory::{self, InventoryChange};
-use vmha_engine::{ClusterState, MigrationPlan, Millis, Timings};
-use vmha_proto::v1::{Command, MigrateDomain, Operation, OperationProgress, OperationResult, command};
+use vmha_engine::recovery::{self, Action};
+use vmha_engine::{ClusterState, MigrationPlan, Millis, Policy, Timings};
+use vmha_proto::v1::{
+    Command, DestroyDomain, MigrateDomain, Operation, OperationProgress, OperationResult, StartDomain,
+    command,
+};
 
 use crate::store::{NewEvent, OperationOutcome, OperationRow, Store, StoreError};
 use crate::views;
@@ -23,22 +29,36 @@ pub struct MigrationSettings {
     pub timeout: Duration,
 }
 
+/// The external fence command (fencing mode `external`): run with the host name as its one
+/// argument; exit status 0 means the host is confirmed off.
+#[derive(Clone, Debug)]
+pub struct FenceSettings {
+    pub command: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
 type AgentSender = mpsc::Sender<Result<Command, Status>>;
+
+/// How often the engine is asked whether to declare a host dead or start a waiting VM.
+const TICK: Duration = Duration::from_millis(100);
 
 pub struct Controller {
     pub store: Store,
     pub epoch: u64,
     pub migration: MigrationSettings,
+    pub fence: FenceSettings,
     origin: Instant,
     /// The engine's input. A std mutex: never held across an await.
     state: Mutex<ClusterState>,
     /// Command streams of connected agents, by host.
     agents: Mutex<HashMap<String, AgentSender>>,
-    /// Operations in flight, for `WatchOperation` followers.
+    /// Operations in flight, for `WatchOperation` followers and result checks.
     ops: Mutex<HashMap<Uuid, watch::Sender<Operation>>>,
     /// Serialises inventory writes so that the database sees VM records in the order the
     /// state changed, never an older snapshot after a newer one.
     persist: tokio::sync::Mutex<()>,
+    /// Actions decided outside a request or tick (a fence command's verdict), for the next tick.
+    deferred: Mutex<Vec<Action>>,
 }
 
 pub fn internal(e: StoreError) -> Status {
@@ -46,15 +66,22 @@ pub fn internal(e: StoreError) -> Status {
     Status::internal(e.to_string())
 }
 
+/// The host that carries out an operation (and alone may report on it).
+fn executor(op: &Operation) -> &str {
+    if op.kind == "start" { &op.target } else { &op.source }
+}
+
 impl Controller {
     /// Takes a new epoch, loads desired state, and closes what a previous controller left open.
     pub async fn start(
         store: Store,
         timings: Timings,
+        policy: Policy,
         migration: MigrationSettings,
+        fence: FenceSettings,
     ) -> Result<Arc<Controller>, StoreError> {
         let epoch = store.next_epoch().await?;
-        let mut state = ClusterState { timings, ..Default::default() };
+        let mut state = ClusterState { timings, policy, started: Millis(0), ..Default::default() };
         for h in store.load_hosts().await? {
             state.hosts.insert(h.name.clone(), h);
         }
@@ -81,9 +108,11 @@ impl Controller {
                 subject: format!("epoch {epoch}"),
                 kind: "controller_started",
                 message: format!(
-                    "controller started with epoch {epoch}; {} hosts and {} VMs known",
+                    "controller started with epoch {epoch}; {} hosts and {} VMs known; nothing is declared dead \
+                     before it has held quorum for {} ms",
                     state.hosts.len(),
-                    state.vms.len()
+                    state.vms.len(),
+                    timings.lease_ttl_ms + timings.fence_margin_ms
                 ),
                 actor: "controller".into(),
             })
@@ -92,11 +121,13 @@ impl Controller {
             store,
             epoch,
             migration,
+            fence,
             origin: Instant::now(),
             state: Mutex::new(state),
             agents: Mutex::default(),
             ops: Mutex::default(),
             persist: tokio::sync::Mutex::new(()),
+            deferred: Mutex::default(),
         }))
     }
 
@@ -116,6 +147,22 @@ impl Controller {
     /// Changes the cluster state.
     pub fn update<R>(&self, f: impl FnOnce(&mut ClusterState) -> R) -> R {
         f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Asks the engine what to do every tick, and does it. Runs for the controller's life.
+    pub async fn run_ticks(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = self.now();
+            let mut actions: Vec<Action> =
+                std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
+            actions.extend(self.update(|s| recovery::tick(s, now)));
+            if let Err(e) = self.perform(actions).await {
+                tracing::error!(error = %e, "carrying out the engine's actions failed");
+            }
+        }
     }
 
     pub async fn event(
@@ -138,6 +185,106 @@ impl Controller {
             .await
             .map(|_| ())
             .map_err(internal)
+    }
+
+    /// Carries out the engine's actions, and those their immediate failures lead to.
+    pub async fn perform(self: &Arc<Self>, actions: Vec<Action>) -> Result<(), Status> {
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::DeclaredDead { host, cause } => {
+                    self.event(
+                        "host",
+                        &host,
+                        "host_dead",
+                        format!("{host} declared dead: {cause}"),
+                        "controller",
+                    )
+                    .await?;
+                    self.persist_vms_on(&host).await?;
+                }
+                Action::Fence { host } => {
+                    self.event(
+                        "host",
+                        &host,
+                        "fencing",
+                        format!("{host} lost its lease; running the fence command"),
+                        "controller",
+                    )
+                    .await?;
+                    tokio::spawn(self.clone().fence(host));
+                }
+                Action::Start { vm_uuid, vm_name, host } => {
+                    if let Err(why) = self.start_vm(&vm_uuid, &vm_name, &host).await {
+                        let now = self.now();
+                        queue.extend(
+                            self.update(|s| recovery::start_finished(s, &vm_uuid, &host, Err(why), now)),
+                        );
+                    }
+                }
+                Action::DestroyStale { vm_uuid, vm_name, host } => {
+                    let cmd = command::Kind::Destroy(DestroyDomain { uuid: vm_uuid.clone() });
+                    if let Err(why) = self.send_operation("destroy", &vm_uuid, &vm_name, &host, "", cmd).await
+                    {
+                        self.event(
+                            "vm",
+                            &vm_name,
+                            "stale_copy",
+                            format!("could not destroy it on {host}: {why}"),
+                            "controller",
+                        )
+                        .await?;
+                    }
+                }
+                Action::Event { subject_kind, subject, kind, message } => {
+                    self.event(subject_kind, &subject, kind, message, "controller").await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the fence command for `host` and hands its verdict to the engine.
+    async fn fence(self: Arc<Self>, host: String) {
+        let result = match &self.fence.command {
+            None => Err("no --fence-command is configured".to_string()),
+            Some(cmd) => {
+                let run = tokio::process::Command::new(cmd).arg(&host).kill_on_drop(true).output();
+                match tokio::time::timeout(self.fence.timeout, run).await {
+                    Err(_) => Err(format!(
+                        "{} {host} did not finish within {:?}",
+                        cmd.display(),
+                        self.fence.timeout
+                    )),
+                    Ok(Err(e)) => Err(format!("cannot run {}: {e}", cmd.display())),
+                    Ok(Ok(out)) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .next()
+                        .unwrap_or("exit 0")
+                        .to_string()),
+                    Ok(Ok(out)) => Err(format!(
+                        "{} {host} exited with {}: {}",
+                        cmd.display(),
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+                    )),
+                }
+            }
+        };
+        let now = self.now();
+        let actions = self.update(|s| recovery::fence_finished(s, &host, result, now));
+        // Carried out by the tick loop (a task spawned by `perform` cannot await `perform`).
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner()).extend(actions);
+    }
+
+    async fn persist_vms_on(&self, host: &str) -> Result<(), Status> {
+        let vms: Vec<_> =
+            self.read(|s| s.vms.values().filter(|v| v.host.as_deref() == Some(host)).cloned().collect());
+        let _order = self.persist.lock().await;
+        for vm in vms {
+            self.store.upsert_vm(&vm).await.map_err(internal)?;
+        }
+        Ok(())
     }
 
     /// Writes the VMs that changed, as they are now, and one event per observable change.
@@ -193,15 +340,69 @@ impl Controller {
         tx.send(Ok(cmd)).await.map_err(|_| format!("the agent on {host} disconnected"))
     }
 
+    /// Writes an operation down, then sends its command to the host that carries it out.
+    /// On a send failure the operation is recorded as failed and the reason returned.
+    async fn send_operation(
+        &self,
+        kind: &str,
+        vm_uuid: &str,
+        vm_name: &str,
+        source: &str,
+        target: &str,
+        cmd: command::Kind,
+    ) -> Result<Operation, String> {
+        let uuid = Uuid::parse_str(vm_uuid).map_err(|e| e.to_string())?;
+        let row = OperationRow::pending(kind, uuid, vm_name, source, target, self.epoch);
+        let id = row.id;
+        self.store.insert_operation(&row).await.map_err(|e| e.to_string())?;
+        let (tx, _) = watch::channel(views::operation(&row));
+        let view = tx.borrow().clone();
+        let runs_on = executor(&view).to_string();
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        let cmd = Command { operation_id: id.to_string(), epoch: self.epoch, kind: Some(cmd) };
+        if let Err(why) = self.send_command(&runs_on, cmd).await {
+            self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            let failed = OperationOutcome { state: "failed", error: why.clone(), ..Default::default() };
+            let _ = self.store.finish_operation(id, &failed).await;
+            return Err(why);
+        }
+        self.store.set_operation_running(id).await.map_err(|e| e.to_string())?;
+        self.modify_op(id, |op| {
+            if op.state == "pending" {
+                op.state = "running".into();
+            }
+        });
+        Ok(self.watch_operation(id).map(|rx| rx.borrow().clone()).unwrap_or(view))
+    }
+
+    /// A restart after a host failure: define and start the VM on `host`.
+    async fn start_vm(&self, vm_uuid: &str, vm_name: &str, host: &str) -> Result<(), String> {
+        let (xml, from) = self.read(|s| {
+            let vm = s.vms.get(vm_uuid);
+            (
+                vm.map(|v| v.xml.clone()).unwrap_or_default(),
+                vm.and_then(|v| v.host.clone()).unwrap_or_default(),
+            )
+        });
+        self.event(
+            "vm",
+            vm_name,
+            "restart_started",
+            format!("starting {vm_name} on {host} (was on {from})"),
+            "controller",
+        )
+        .await
+        .map_err(|e| e.message().to_string())?;
+        let cmd = command::Kind::Start(StartDomain { xml });
+        self.send_operation("start", vm_uuid, vm_name, &from, host, cmd).await.map(|_| ())
+    }
+
     /// Writes the migration down, then sends it to the source agent.
     pub async fn start_migration(&self, plan: MigrationPlan, actor: &str) -> Result<Operation, Status> {
-        let vm_uuid = Uuid::parse_str(&plan.vm_uuid).map_err(|e| Status::internal(e.to_string()))?;
-        let row =
-            OperationRow::pending("migrate", vm_uuid, &plan.vm_name, &plan.source, &plan.target, self.epoch);
-        let id = row.id;
+        let claim = format!("migration to {}", plan.target);
         let claimed = self.update(|s| match s.vms.get_mut(&plan.vm_uuid) {
             Some(vm) if vm.busy_with.is_none() => {
-                vm.busy_with = Some(id.to_string());
+                vm.busy_with = Some(claim);
                 true
             }
             _ => false,
@@ -212,50 +413,36 @@ impl Controller {
                 plan.vm_name
             )));
         }
-        if let Err(e) = self.store.insert_operation(&row).await {
-            self.release(&plan.vm_uuid);
-            return Err(internal(e));
-        }
-        let (tx, _) = watch::channel(views::operation(&row));
-        self.ops.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
         self.event(
             "vm",
             &plan.vm_name,
             "migration_requested",
-            format!(
-                "live migration of {} from {} to {} requested (operation {id})",
-                plan.vm_name, plan.source, plan.target
-            ),
+            format!("live migration of {} from {} to {} requested", plan.vm_name, plan.source, plan.target),
             actor,
         )
         .await?;
-        let cmd = Command {
-            operation_id: id.to_string(),
-            epoch: self.epoch,
-            kind: Some(command::Kind::Migrate(MigrateDomain {
-                uuid: plan.vm_uuid.clone(),
-                dest_uri: plan.target_uri.clone(),
-                auto_converge: self.migration.auto_converge,
-                bandwidth_mib_s: self.migration.bandwidth_mib_s,
-                timeout_ms: self.migration.timeout.as_millis() as u64,
-            })),
-        };
-        if let Err(why) = self.send_command(&plan.source, cmd).await {
-            self.finish(
-                &plan.source,
-                id,
-                OperationOutcome { state: "failed", error: why, ..Default::default() },
-            )
-            .await?;
-        } else {
-            self.store.set_operation_running(id).await.map_err(internal)?;
-            self.modify_op(id, |op| {
-                if op.state == "pending" {
-                    op.state = "running".into();
-                }
-            });
+        let cmd = command::Kind::Migrate(MigrateDomain {
+            uuid: plan.vm_uuid.clone(),
+            dest_uri: plan.target_uri.clone(),
+            auto_converge: self.migration.auto_converge,
+            bandwidth_mib_s: self.migration.bandwidth_mib_s,
+            timeout_ms: self.migration.timeout.as_millis() as u64,
+        });
+        match self
+            .send_operation("migrate", &plan.vm_uuid, &plan.vm_name, &plan.source, &plan.target, cmd)
+            .await
+        {
+            Ok(op) => Ok(op),
+            Err(why) => {
+                self.release(&plan.vm_uuid);
+                let message = format!(
+                    "live migration of {} from {} to {} failed: {why}; {} stays on {}",
+                    plan.vm_name, plan.source, plan.target, plan.vm_name, plan.source
+                );
+                self.event("vm", &plan.vm_name, "migration_failed", message.clone(), "controller").await?;
+                Err(Status::unavailable(message))
+            }
         }
-        Ok(self.watch_operation(id).map(|rx| rx.borrow().clone()).unwrap_or_else(|| views::operation(&row)))
     }
 
     fn release(&self, vm_uuid: &str) {
@@ -277,21 +464,21 @@ impl Controller {
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|tx| tx.subscribe())
     }
 
-    /// The source of an operation, if `host` may report on it.
-    fn check_reporter(&self, host: &str, id: &str) -> Result<Uuid, Status> {
+    /// The operation, if `host` is the one that carries it out.
+    fn check_reporter(&self, host: &str, id: &str) -> Result<Operation, Status> {
         let id = Uuid::parse_str(id)
             .map_err(|_| Status::invalid_argument(format!("'{id}' is not an operation id")))?;
-        let source =
-            self.ops.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|tx| tx.borrow().source.clone());
-        match source {
-            Some(s) if s == host => Ok(id),
+        let op = self.ops.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|tx| tx.borrow().clone());
+        match op {
+            Some(op) if executor(&op) == host => Ok(op),
             Some(_) => Err(Status::permission_denied(format!("operation {id} does not run on {host}"))),
             None => Err(Status::not_found(format!("operation {id} is not in flight"))),
         }
     }
 
     pub async fn progress(&self, host: &str, p: OperationProgress) -> Result<(), Status> {
-        let id = self.check_reporter(host, &p.operation_id)?;
+        let op = self.check_reporter(host, &p.operation_id)?;
+        let id = Uuid::parse_str(&op.id).expect("checked");
         self.modify_op(id, |op| {
             op.data_total = p.data_total;
             op.data_processed = p.data_processed;
@@ -304,56 +491,62 @@ impl Controller {
             .map_err(internal)
     }
 
-    pub async fn result(&self, host: &str, r: OperationResult) -> Result<(), Status> {
-        let id = self.check_reporter(host, &r.operation_id)?;
-        let outcome = OperationOutcome {
+    /// Records how an operation ended, tells the engine and the followers.
+    pub async fn result(self: &Arc<Self>, host: &str, r: OperationResult) -> Result<(), Status> {
+        let op = self.check_reporter(host, &r.operation_id)?;
+        let id = Uuid::parse_str(&op.id).expect("checked");
+        let o = OperationOutcome {
             state: if r.ok { "succeeded" } else { "failed" },
             error: r.error,
             elapsed_ms: r.elapsed_ms,
             downtime_ms: r.downtime_ms,
             bytes: r.bytes,
         };
-        self.finish(host, id, outcome).await
-    }
-
-    /// Records how an operation ended, moves the VM in the inventory, tells followers.
-    async fn finish(&self, source: &str, id: Uuid, o: OperationOutcome) -> Result<(), Status> {
-        let Some(op) =
-            self.ops.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|tx| tx.borrow().clone())
-        else {
-            return Ok(());
-        };
         self.store.finish_operation(id, &o).await.map_err(internal)?;
-        let ok = o.state == "succeeded";
-        if ok {
-            let change = self.update(|s| inventory::apply_migrated(s, &op.vm_uuid, &op.target));
-            self.persist_inventory(change.into_iter().collect(), "controller").await?;
+        let ok = r.ok;
+        let now = self.now();
+        match op.kind.as_str() {
+            "migrate" => {
+                if ok {
+                    let change = self.update(|s| inventory::apply_migrated(s, &op.vm_uuid, &op.target));
+                    self.persist_inventory(change.into_iter().collect(), "controller").await?;
+                }
+                self.release(&op.vm_uuid);
+                let message = if ok {
+                    format!(
+                        "{} live-migrated from {} to {} in {} ms (downtime {} ms, {} MiB sent)",
+                        op.vm,
+                        op.source,
+                        op.target,
+                        o.elapsed_ms,
+                        o.downtime_ms,
+                        o.bytes >> 20
+                    )
+                } else {
+                    format!(
+                        "live migration of {} from {} to {} failed: {}; {} stays on {}",
+                        op.vm, op.source, op.target, o.error, op.vm, op.source
+                    )
+                };
+                let kind = if ok { "migration_succeeded" } else { "migration_failed" };
+                self.event("vm", &op.vm, kind, message, "controller").await?;
+            }
+            "start" => {
+                let verdict = if ok { Ok(()) } else { Err(o.error.clone()) };
+                let actions =
+                    self.update(|s| recovery::start_finished(s, &op.vm_uuid, &op.target, verdict, now));
+                self.persist_vms_on(&op.target).await?;
+                self.perform(actions).await?;
+            }
+            _ => {
+                let message = if ok {
+                    format!("{} of {} on {} done", op.kind, op.vm, op.source)
+                } else {
+                    format!("{} of {} on {} failed: {}", op.kind, op.vm, op.source, o.error)
+                };
+                self.event("vm", &op.vm, "operation_done", message, "controller").await?;
+            }
         }
-        self.release(&op.vm_uuid);
-        let message = if ok {
-            format!(
-                "{} live-migrated from {} to {} in {} ms (downtime {} ms, {} MiB sent)",
-                op.vm,
-                op.source,
-                op.target,
-                o.elapsed_ms,
-                o.downtime_ms,
-                o.bytes >> 20
-            )
-        } else {
-            format!(
-                "live migration of {} from {} to {} failed: {}; {} stays on {source}",
-                op.vm, op.source, op.target, o.error, op.vm
-            )
-        };
-        self.event(
-            "vm",
-            &op.vm,
-            if ok { "migration_succeeded" } else { "migration_failed" },
-            message,
-            "controller",
-        )
-        .await?;
         let tx = self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         if let Some(tx) = tx {
             tx.send_modify(|v| {

@@ -1,10 +1,10 @@
 use anyhow::Context;
 use clap::Parser;
 use vmha_controller::config::Flags;
-use vmha_controller::controller::{Controller, MigrationSettings};
+use vmha_controller::controller::{Controller, FenceSettings, MigrationSettings};
 use vmha_controller::store::Store;
 use vmha_controller::{agent_api::AgentApi, operator_api::OperatorApi};
-use vmha_engine::Timings;
+use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
 use vmha_proto::v1::operator_service_server::OperatorServiceServer;
 
@@ -20,14 +20,22 @@ async fn main() -> anyhow::Result<()> {
     let timings = Timings {
         heartbeat_interval_ms: flags.heartbeat_interval.as_millis() as u64,
         lease_ttl_ms: flags.lease_ttl.as_millis() as u64,
+        fence_margin_ms: flags.fence_margin.as_millis() as u64,
         ..Timings::default()
     };
+    let policy = Policy {
+        max_relocate: flags.max_relocate,
+        max_parallel_starts: flags.max_parallel_starts,
+        ..Policy::default()
+    };
+    let fence = FenceSettings { command: flags.fence_command, timeout: flags.fence_timeout };
     let migration = MigrationSettings {
         auto_converge: !flags.no_auto_converge,
         bandwidth_mib_s: flags.migration_bandwidth,
         timeout: flags.migration_timeout,
     };
-    let controller = Controller::start(store, timings, migration).await?;
+    let controller = Controller::start(store, timings, policy, migration, fence).await?;
+    tokio::spawn(controller.clone().run_ticks());
     tracing::info!(listen = %flags.listen, epoch = controller.epoch, "vmha-controller serving");
     tonic::transport::Server::builder()
         .add_service(AgentServiceServer::new(AgentApi(controller.clone())))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
-use vmha_engine::{HostLiveness, Refusal, migration};
+use vmha_engine::{FencingMode, HostLiveness, Refusal, migration, recovery};
 use vmha_proto::v1::operator_service_server::OperatorService;
 use vmha_proto::v1::*;
 
@@ -41,19 +41,7 @@ fn is_terminal(state: &str) -> bool {
 impl OperatorApi {
     fn hosts(&self) -> Vec<Host> {
         let now = self.0.now();
-        self.0.read(|s| {
-            s.hosts
-                .values()
-                .map(|h| {
-                    let running = s
-                        .vms
-                        .values()
-                        .filter(|v| v.host.as_deref() == Some(&h.name) && v.state.has_process())
-                        .count() as u32;
-                    views::host(h, s.liveness(&h.name, now), now, running)
-                })
-                .collect()
-        })
+        self.0.read(|s| s.hosts.keys().map(|h| views::host(s, h, now)).collect())
     }
 }
 
@@ -61,13 +49,22 @@ impl OperatorApi {
 impl OperatorService for OperatorApi {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let hosts = self.hosts();
-        let (vms_total, vms_running, vms_protected, protected_not_running) = self.0.read(|s| {
+        let now = self.0.now();
+        let (vms_total, vms_running, vms_protected, protected_down, quorum) = self.0.read(|s| {
             let running = |v: &&vmha_engine::VmView| v.state == vmha_engine::RunState::Running;
+            let down: Vec<Vm> = s
+                .vms
+                .values()
+                .filter(|v| v.protected)
+                .map(|v| views::vm(s, v, now))
+                .filter(|v| !v.why_not_running.is_empty())
+                .collect();
             (
                 s.vms.len() as u32,
                 s.vms.values().filter(running).count() as u32,
                 s.vms.values().filter(|v| v.protected).count() as u32,
-                s.vms.values().filter(|v| v.protected && !running(v)).count() as u32,
+                down,
+                vmha_engine::lease::has_quorum(s, now),
             )
         });
         Ok(Response::new(StatusResponse {
@@ -77,9 +74,11 @@ impl OperatorService for OperatorApi {
             vms_total,
             vms_running,
             vms_protected,
-            protected_not_running,
+            protected_not_running: protected_down.len() as u32,
             hosts,
             active_operations: Vec::new(),
+            quorum,
+            protected_down,
         }))
     }
 
@@ -88,48 +87,126 @@ impl OperatorService for OperatorApi {
     }
 
     async fn list_vms(&self, _: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
-        let mut vms: Vec<Vm> = self.0.read(|s| s.vms.values().map(views::vm).collect());
+        let now = self.0.now();
+        let mut vms: Vec<Vm> = self.0.read(|s| s.vms.values().map(|v| views::vm(s, v, now)).collect());
         vms.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
         Ok(Response::new(ListVmsResponse { vms }))
     }
 
     async fn get_vm(&self, req: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
         let key = validate::vm_ref(&req.get_ref().vm)?;
-        self.0.read(|s| s.find_vm(key).map(views::vm)).map(Response::new).map_err(refusal)
+        let now = self.0.now();
+        self.0.read(|s| s.find_vm(key).map(|v| views::vm(s, v, now))).map(Response::new).map_err(refusal)
     }
 
     async fn set_protection(&self, req: Request<SetProtectionRequest>) -> Result<Response<Vm>, Status> {
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?;
         let priority = r.priority.map(validate::priority).transpose()?;
+        let group = r.anti_affinity.as_deref().map(validate::group).transpose()?;
+        for h in &r.allowed_hosts {
+            validate::host_name(h)?;
+        }
+        let now = self.0.now();
         let (vm, before) = self
             .0
             .update(|s| {
                 let uuid = s.find_vm(key)?.uuid.clone();
+                if let Some(unknown) = r.allowed_hosts.iter().find(|h| !s.hosts.contains_key(*h)) {
+                    return Err(Refusal::UnknownHost(unknown.clone()));
+                }
                 let vm = s.vms.get_mut(&uuid).expect("found above");
-                let before = (vm.protected, vm.priority);
+                let before = vm.clone();
                 vm.protected = r.protected;
                 if let Some(p) = priority {
                     vm.priority = p;
                 }
+                if let Some(g) = group {
+                    vm.anti_affinity = (!g.is_empty()).then(|| g.to_string());
+                }
+                if r.set_allowed_hosts {
+                    vm.allowed_hosts = r.allowed_hosts.clone();
+                }
+                if !vm.protected {
+                    vm.recovery = None;
+                }
                 Ok((vm.clone(), before))
             })
             .map_err(refusal)?;
-        let uuid = Uuid::parse_str(&vm.uuid).map_err(|e| Status::internal(e.to_string()))?;
         // The row may not exist yet if the VM was discovered on a host whose registration the
         // store has not seen; write the observed part first.
         self.0.store.upsert_vm(&vm).await.map_err(internal)?;
-        self.0.store.set_protection(uuid, vm.protected, vm.priority).await.map_err(internal)?;
-        if before != (vm.protected, vm.priority) {
+        self.0.store.set_protection(&vm).await.map_err(internal)?;
+        let changed = (before.protected, before.priority, &before.anti_affinity, &before.allowed_hosts)
+            != (vm.protected, vm.priority, &vm.anti_affinity, &vm.allowed_hosts);
+        if changed {
             let message = if vm.protected {
-                format!("{} is protected with priority {} (higher restarts first)", vm.name, vm.priority)
+                let mut m =
+                    format!("{} is protected with priority {} (higher restarts first)", vm.name, vm.priority);
+                if let Some(g) = &vm.anti_affinity {
+                    m += &format!(", anti-affinity group {g}");
+                }
+                if !vm.allowed_hosts.is_empty() {
+                    m += &format!(", only on {}", vm.allowed_hosts.join(","));
+                }
+                m
             } else {
                 format!("{} is no longer protected: it will not be restarted elsewhere", vm.name)
             };
             let kind = if vm.protected { "vm_protected" } else { "vm_unprotected" };
             self.0.event("vm", &vm.name, kind, message, ACTOR).await?;
         }
-        Ok(Response::new(views::vm(&vm)))
+        let view = self.0.read(|s| views::vm(s, &vm, now));
+        Ok(Response::new(view))
+    }
+
+    async fn confirm_down(&self, req: Request<ConfirmDownRequest>) -> Result<Response<Host>, Status> {
+        let host = validate::host_name(&req.get_ref().host)?.to_string();
+        let now = self.0.now();
+        let actions = self.0.update(|s| recovery::confirm_down(s, &host, now)).map_err(|e| match e {
+            recovery::ConfirmRefusal::UnknownHost(_) => Status::not_found(e.to_string()),
+            recovery::ConfirmRefusal::Online(_) => Status::failed_precondition(e.to_string()),
+        })?;
+        self.0
+            .event("host", &host, "confirmed_down", format!("an operator confirmed {host} is off"), ACTOR)
+            .await?;
+        self.0.perform(actions).await?;
+        Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
+    }
+
+    async fn set_fencing(&self, req: Request<SetFencingRequest>) -> Result<Response<Host>, Status> {
+        let r = req.into_inner();
+        let host = validate::host_name(&r.host)?.to_string();
+        let mode = FencingMode::parse(&r.mode).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "fencing mode '{}' is not one of self, external, manual",
+                r.mode
+            ))
+        })?;
+        if mode == FencingMode::External && self.0.fence.command.is_none() {
+            return Err(Status::failed_precondition(
+                "external fencing needs the controller's --fence-command; nothing changed",
+            ));
+        }
+        let now = self.0.now();
+        self.0.update(|s| match s.hosts.get_mut(&host) {
+            Some(h) => {
+                h.fencing = mode.clone();
+                Ok(())
+            }
+            None => Err(Status::not_found(Refusal::UnknownHost(host.clone()).to_string())),
+        })?;
+        self.0.store.set_fencing(&host, &mode).await.map_err(internal)?;
+        self.0
+            .event(
+                "host",
+                &host,
+                "fencing_set",
+                format!("{host}'s fencing mode is now {}", mode.as_str()),
+                ACTOR,
+            )
+            .await?;
+        Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
     }
 
     async fn migrate(&self, req: Request<MigrateRequest>) -> Result<Response<Operation>, Status> {

@@ -8,7 +8,7 @@ use sqlx::migrate::MigrateError;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 use vmha_engine::cluster::HostResources;
-use vmha_engine::{AdminState, HostView, RunState, VmView};
+use vmha_engine::{AdminState, FencingMode, HostView, RunState, VmView};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -160,10 +160,11 @@ impl Store {
 
     pub async fn upsert_host(&self, h: &HostView, hypervisor_version: &str) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO hosts (name, migration_uri, cpus, memory_total_kib, cpu_model, libvirt_version, hypervisor_version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+            "INSERT INTO hosts (name, migration_uri, cpus, memory_total_kib, cpu_model, libvirt_version,
+                 hypervisor_version, peer_address)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (name) DO UPDATE SET migration_uri = $2, cpus = $3, memory_total_kib = $4,
-                 cpu_model = $5, libvirt_version = $6, hypervisor_version = $7",
+                 cpu_model = $5, libvirt_version = $6, hypervisor_version = $7, peer_address = $8",
         )
         .bind(&h.name)
         .bind(&h.migration_uri)
@@ -172,15 +173,39 @@ impl Store {
         .bind(&h.resources.cpu_model)
         .bind(&h.libvirt_version)
         .bind(hypervisor_version)
+        .bind(&h.peer_address)
         .execute(&self.pool)
         .await
         .map_err(q("upsert host"))?;
         Ok(())
     }
 
+    pub async fn set_fencing(&self, host: &str, mode: &FencingMode) -> Result<(), StoreError> {
+        sqlx::query("UPDATE hosts SET fencing = $2 WHERE name = $1")
+            .bind(host)
+            .bind(mode.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(q("set fencing"))?;
+        Ok(())
+    }
+
     pub async fn load_hosts(&self) -> Result<Vec<HostView>, StoreError> {
-        let rows: Vec<(String, String, String, i32, i64, String, String)> = sqlx::query_as(
-            "SELECT name, migration_uri, admin_state, cpus, memory_total_kib, cpu_model, libvirt_version
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            name: String,
+            migration_uri: String,
+            admin_state: String,
+            cpus: i32,
+            memory_total_kib: i64,
+            cpu_model: String,
+            libvirt_version: String,
+            fencing: String,
+            peer_address: String,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT name, migration_uri, admin_state, cpus, memory_total_kib, cpu_model, libvirt_version,
+                 fencing, peer_address
              FROM hosts ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -188,18 +213,20 @@ impl Store {
         .map_err(q("load hosts"))?;
         Ok(rows
             .into_iter()
-            .map(|(name, migration_uri, admin, cpus, mem, cpu_model, libvirt_version)| HostView {
-                name,
-                admin: AdminState::parse(&admin).unwrap_or(AdminState::Active),
-                migration_uri,
-                resources: HostResources {
-                    cpus: cpus as u32,
-                    memory_total_kib: mem as u64,
+            .map(|r| {
+                let mut h = HostView::new(&r.name);
+                h.admin = AdminState::parse(&r.admin_state).unwrap_or(AdminState::Active);
+                h.migration_uri = r.migration_uri;
+                h.peer_address = r.peer_address;
+                h.fencing = FencingMode::parse(&r.fencing).unwrap_or(FencingMode::SelfFence);
+                h.resources = HostResources {
+                    cpus: r.cpus as u32,
+                    memory_total_kib: r.memory_total_kib as u64,
                     memory_free_kib: 0,
-                    cpu_model,
-                },
-                libvirt_version,
-                last_heartbeat: None,
+                    cpu_model: r.cpu_model,
+                };
+                h.libvirt_version = r.libvirt_version;
+                h
             })
             .collect())
     }
@@ -214,26 +241,33 @@ impl Store {
             protected: bool,
             priority: i32,
             current_host: Option<String>,
+            anti_affinity: Option<String>,
+            allowed_hosts: Vec<String>,
+            xml: String,
         }
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host FROM vms ORDER BY name",
+            "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host, anti_affinity,
+                 allowed_hosts, xml
+             FROM vms ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(q("load vms"))?;
         Ok(rows
             .into_iter()
-            .map(|r| VmView {
-                uuid: r.uuid.to_string(),
-                name: r.name,
-                host: r.current_host,
+            .map(|r| {
+                let mut vm = VmView::new(&r.uuid.to_string(), &r.name);
                 // Observed state is rebuilt from reports; until then nobody knows.
-                state: RunState::Unknown,
-                memory_kib: r.memory_kib as u64,
-                vcpus: r.vcpus as u32,
-                protected: r.protected,
-                priority: r.priority,
-                busy_with: None,
+                vm.state = RunState::Unknown;
+                vm.host = r.current_host;
+                vm.memory_kib = r.memory_kib as u64;
+                vm.vcpus = r.vcpus as u32;
+                vm.protected = r.protected;
+                vm.priority = r.priority;
+                vm.anti_affinity = r.anti_affinity;
+                vm.allowed_hosts = r.allowed_hosts;
+                vm.xml = r.xml;
+                vm
             })
             .collect())
     }
@@ -260,14 +294,31 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_protection(&self, uuid: Uuid, protected: bool, priority: i32) -> Result<(), StoreError> {
-        sqlx::query("UPDATE vms SET protected = $2, priority = $3, updated_at = now() WHERE uuid = $1")
-            .bind(uuid)
-            .bind(protected)
-            .bind(priority)
+    /// Writes a VM's desired state: protection, priority, anti-affinity group, allowed hosts.
+    pub async fn set_protection(&self, vm: &VmView) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE vms SET protected = $2, priority = $3, anti_affinity = $4, allowed_hosts = $5,
+                 updated_at = now()
+             WHERE uuid = $1",
+        )
+        .bind(parse_uuid(&vm.uuid)?)
+        .bind(vm.protected)
+        .bind(vm.priority)
+        .bind(&vm.anti_affinity)
+        .bind(&vm.allowed_hosts)
+        .execute(&self.pool)
+        .await
+        .map_err(q("set protection"))?;
+        Ok(())
+    }
+
+    pub async fn set_vm_xml(&self, uuid: &str, xml: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE vms SET xml = $2 WHERE uuid = $1")
+            .bind(parse_uuid(uuid)?)
+            .bind(xml)
             .execute(&self.pool)
             .await
-            .map_err(q("set protection"))?;
+            .map_err(q("store domain XML"))?;
         Ok(())
     }
 
@@ -385,6 +436,11 @@ impl Store {
         .await
         .map_err(q("list events"))
     }
+}
+
+fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(s)
+        .map_err(|e| StoreError::Query { what: "parse VM UUID", source: sqlx::Error::Decode(Box::new(e)) })
 }
 
 /// Keeps passwords out of logs and error messages.

@@ -45,6 +45,14 @@ pub fn migration_uri(s: &str) -> Result<&str, Status> {
     }
 }
 
+/// `host:port` where an agent answers peer polls.
+pub fn peer_address(s: &str) -> Result<&str, Status> {
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(s),
+        _ => Err(Status::invalid_argument(format!("peer address '{s}' is not host:port"))),
+    }
+}
+
 /// A VM reference from an operator: a name or a UUID, never empty.
 pub fn vm_ref(s: &str) -> Result<&str, Status> {
     let t = s.trim();
@@ -52,6 +60,17 @@ pub fn vm_ref(s: &str) -> Result<&str, Status> {
         return Err(Status::invalid_argument("give a VM name or UUID"));
     }
     Ok(t)
+}
+
+/// An anti-affinity group name ("" clears it).
+pub fn group(s: &str) -> Result<&str, Status> {
+    if s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        Ok(s)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "anti-affinity group '{s}' may use letters, digits, '-', '_', '.'"
+        )))
+    }
 }
 
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
@@ -114,6 +133,7 @@ mod tests {
             memory_kib: 1,
             vcpus: 1,
             persistent: true,
+            xml: String::new(),
         }
     }
 
@@ -154,6 +174,12 @@ mod tests {
         assert!(migration_uri("qemu+tcp://10.0.0.2/system").is_ok());
         assert!(migration_uri("kvm2").is_err());
         assert!(migration_uri("qemu+tcp:// x").is_err());
+        assert!(peer_address("10.0.0.2:7401").is_ok());
+        assert!(
+            peer_address("kvm2").is_err()
+                && peer_address("kvm2:0").is_err()
+                && peer_address(":7401").is_err()
+        );
     }
 
     #[test]

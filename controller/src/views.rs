@@ -1,14 +1,32 @@
 //! What operators see: the operator API's messages, built from engine state and store rows.
 
-use vmha_engine::{HostLiveness, HostView, Millis, VmView};
+use vmha_engine::recovery::explain;
+use vmha_engine::{AdminState, ClusterState, HostLiveness, Millis, VmView};
 use vmha_proto::v1 as pb;
 
 use crate::store::{EventRow, OperationRow};
 
-pub fn host(h: &HostView, liveness: HostLiveness, now: Millis, vms_running: u32) -> pb::Host {
+pub fn host(s: &ClusterState, name: &str, now: Millis) -> pb::Host {
+    let h = &s.hosts[name];
+    let liveness = s.liveness(name, now);
+    let state = match (liveness, h.admin) {
+        (HostLiveness::Dead, _) => "dead",
+        (_, AdminState::Maintenance) => "maintenance",
+        (l, _) => l.as_str(),
+    };
+    let note = match (&h.dead, liveness) {
+        (Some(d), _) => d.cause.clone(),
+        (None, HostLiveness::Suspect) => {
+            match s.vms.values().find(|v| v.host.as_deref() == Some(name) && v.protected) {
+                Some(v) => explain(s, &v.uuid, now).unwrap_or_default(),
+                None => "no lease; it runs no protected VM".into(),
+            }
+        }
+        (None, _) => String::new(),
+    };
     pb::Host {
         name: h.name.clone(),
-        state: liveness.as_str().into(),
+        state: state.into(),
         admin_state: h.admin.as_str().into(),
         migration_uri: h.migration_uri.clone(),
         cpus: h.resources.cpus,
@@ -17,11 +35,18 @@ pub fn host(h: &HostView, liveness: HostLiveness, now: Millis, vms_running: u32)
         cpu_model: h.resources.cpu_model.clone(),
         libvirt_version: h.libvirt_version.clone(),
         heartbeat_age_s: h.last_heartbeat.map(|t| now.since(t) as f64 / 1000.0),
-        vms_running,
+        vms_running: s
+            .vms
+            .values()
+            .filter(|v| v.host.as_deref() == Some(name) && v.state.has_process())
+            .count() as u32,
+        lease_left_s: h.lease.end(&s.timings).map(|e| (e.0 as f64 - now.0 as f64) / 1000.0),
+        fencing: h.fencing.as_str().into(),
+        note,
     }
 }
 
-pub fn vm(v: &VmView) -> pb::Vm {
+pub fn vm(s: &ClusterState, v: &VmView, now: Millis) -> pb::Vm {
     pb::Vm {
         uuid: v.uuid.clone(),
         name: v.name.clone(),
@@ -31,6 +56,13 @@ pub fn vm(v: &VmView) -> pb::Vm {
         vcpus: v.vcpus,
         protected: v.protected,
         priority: v.priority,
+        anti_affinity: v.anti_affinity.clone().unwrap_or_default(),
+        allowed_hosts: v.allowed_hosts.clone(),
+        why_not_running: if v.protected {
+            explain(s, &v.uuid, now).unwrap_or_default()
+        } else {
+            String::new()
+        },
     }
 }
 

@@ -12,12 +12,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use vmha_agent::config::Config;
 use vmha_agent::hypervisor::Hypervisor;
 use vmha_agent::hypervisor::fake::FakeHypervisor;
+use vmha_agent::lease::LeaseShell;
 use vmha_agent::session::Agent;
 use vmha_controller::agent_api::AgentApi;
-use vmha_controller::controller::{Controller, MigrationSettings};
+use vmha_controller::controller::{Controller, FenceSettings, MigrationSettings};
 use vmha_controller::operator_api::OperatorApi;
 use vmha_controller::store::Store;
-use vmha_engine::Timings;
+use vmha_engine::selffence::SelfFenceConfig;
+use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
 use vmha_proto::v1::operator_service_client::OperatorServiceClient;
 use vmha_proto::v1::operator_service_server::OperatorServiceServer;
@@ -41,7 +43,10 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     let store = Store::open(&pg.fresh_database()).await.unwrap();
     let settings =
         MigrationSettings { auto_converge: true, bandwidth_mib_s: 0, timeout: Duration::from_secs(30) };
-    let controller = Controller::start(store, Timings::default(), settings).await.unwrap();
+    let fence = FenceSettings { command: None, timeout: Duration::from_secs(1) };
+    let controller =
+        Controller::start(store, Timings::default(), Policy::default(), settings, fence).await.unwrap();
+    tokio::spawn(controller.clone().run_ticks());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(
@@ -62,8 +67,11 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
             migration_uri: format!("fake://{name}"),
             controllers: vec![endpoint.clone()],
             heartbeat_interval: Duration::from_millis(100),
+            peer_listen: ([127, 0, 0, 1], 0).into(),
+            peer_address: "127.0.0.1:1".into(),
         };
-        agents.push(tokio::spawn(Agent::new(cfg, Arc::new(hv)).run()));
+        let lease = LeaseShell::new(name, SelfFenceConfig::default());
+        agents.push(tokio::spawn(Agent::new(cfg, Arc::new(hv), lease).run()));
     }
 
     let mut op = OperatorServiceClient::connect(endpoint.clone()).await.unwrap();
@@ -76,7 +84,12 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     assert_eq!((vm.uuid.as_str(), vm.host.as_str(), vm.state.as_str()), (DNS1, "kvm1", "running"));
 
     let vm = op
-        .set_protection(SetProtectionRequest { vm: "dns1".into(), protected: true, priority: Some(100) })
+        .set_protection(SetProtectionRequest {
+            vm: "dns1".into(),
+            protected: true,
+            priority: Some(100),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

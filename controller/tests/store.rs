@@ -6,36 +6,28 @@ use support::PgServer;
 use uuid::Uuid;
 use vmha_controller::store::{NewEvent, OperationOutcome, OperationRow, Store, StoreError};
 use vmha_engine::cluster::HostResources;
-use vmha_engine::{AdminState, HostView, RunState, VmView};
+use vmha_engine::{HostView, RunState, VmView};
 
 fn host(name: &str) -> HostView {
-    HostView {
-        name: name.into(),
-        admin: AdminState::Active,
-        migration_uri: format!("qemu+tcp://{name}/system"),
-        resources: HostResources {
-            cpus: 2,
-            memory_total_kib: 1 << 20,
-            memory_free_kib: 1 << 19,
-            cpu_model: "x86_64".into(),
-        },
-        libvirt_version: "9.0.0".into(),
-        last_heartbeat: None,
-    }
+    let mut h = HostView::new(name);
+    h.migration_uri = format!("qemu+tcp://{name}/system");
+    h.resources = HostResources {
+        cpus: 2,
+        memory_total_kib: 1 << 20,
+        memory_free_kib: 1 << 19,
+        cpu_model: "x86_64".into(),
+    };
+    h.libvirt_version = "9.0.0".into();
+    h
 }
 
 fn vm(uuid: Uuid, host: &str) -> VmView {
-    VmView {
-        uuid: uuid.to_string(),
-        name: "dns1".into(),
-        host: Some(host.into()),
-        state: RunState::Running,
-        memory_kib: 65_536,
-        vcpus: 1,
-        protected: false,
-        priority: 0,
-        busy_with: None,
-    }
+    let mut vm = VmView::new(&uuid.to_string(), "dns1");
+    vm.host = Some(host.into());
+    vm.state = RunState::Running;
+    vm.memory_kib = 65_536;
+    vm.vcpus = 1;
+    vm
 }
 
 fn op(epoch: u64, vm_uuid: Uuid) -> OperationRow {
@@ -89,7 +81,13 @@ async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() 
     s.upsert_host(&host("kvm2"), "7.2.0").await.unwrap();
     let id = Uuid::new_v4();
     s.upsert_vm(&vm(id, "kvm1")).await.unwrap();
-    s.set_protection(id, true, 100).await.unwrap();
+    let mut desired = vm(id, "kvm1");
+    desired.protected = true;
+    desired.priority = 100;
+    desired.anti_affinity = Some("dns".into());
+    desired.allowed_hosts = vec!["kvm1".into(), "kvm2".into()];
+    s.set_protection(&desired).await.unwrap();
+    s.set_vm_xml(&id.to_string(), "<domain/>").await.unwrap();
     // A later report moves it; protection must survive the observed-state write.
     let mut moved = vm(id, "kvm2");
     moved.protected = false;
@@ -100,6 +98,10 @@ async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() 
     let vms = s.load_vms().await.unwrap();
     assert_eq!(vms.len(), 1);
     assert_eq!((vms[0].host.as_deref(), vms[0].protected, vms[0].priority), (Some("kvm2"), true, 100));
+    assert_eq!(
+        (vms[0].anti_affinity.as_deref(), vms[0].allowed_hosts.len(), vms[0].xml.as_str()),
+        (Some("dns"), 2, "<domain/>")
+    );
     assert_eq!(
         vms[0].state,
         RunState::Unknown,

@@ -26,6 +26,7 @@ impl FakeHypervisor {
                 memory_kib: 65_536,
                 vcpus: 1,
                 persistent: true,
+                xml: format!("<domain><name>{name}</name><uuid>{uuid}</uuid></domain>"),
             },
         );
     }
@@ -59,14 +60,16 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn define_and_start(&self, xml: &str) -> Result<String, HypervisorError> {
-        // The fake takes the XML's <name> as both name and UUID.
-        let name = xml
-            .split("<name>")
-            .nth(1)
-            .and_then(|r| r.split("</name>").next())
-            .ok_or_else(|| HypervisorError::Host { op: "define", message: "no <name>".into() })?;
-        self.add_running(name, name);
-        Ok(name.into())
+        let tag = |t: &str| {
+            xml.split(&format!("<{t}>"))
+                .nth(1)
+                .and_then(|r| r.split(&format!("</{t}>")).next())
+                .map(str::to_string)
+                .ok_or_else(|| HypervisorError::Host { op: "define", message: format!("no <{t}>") })
+        };
+        let (name, uuid) = (tag("name")?, tag("uuid")?);
+        self.add_running(&uuid, &name);
+        Ok(uuid)
     }
 
     fn shutdown(&self, uuid: &str) -> Result<(), HypervisorError> {

@@ -101,13 +101,18 @@ impl Hypervisor for Libvirt {
             let (Ok(uuid), Ok(name), Ok(info)) = (d.uuid_string(), d.name(), d.info()) else {
                 continue;
             };
+            let persistent = d.is_persistent().unwrap_or(false);
+            // The inactive definition is what another host must define to start it.
+            let xml =
+                d.xml_desc(if persistent { sys::VIR_DOMAIN_XML_INACTIVE } else { 0 }).unwrap_or_default();
             out.push(Domain {
                 uuid,
                 name,
                 state: map_state(info.state) as i32,
                 memory_kib: info.max_mem,
                 vcpus: info.nr_virt_cpu,
-                persistent: d.is_persistent().unwrap_or(false),
+                persistent,
+                xml,
             });
         }
         Ok(out)

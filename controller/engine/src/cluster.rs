@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::{HostLiveness, Millis, Timings};
+use crate::Millis;
+use crate::lease::{HostLease, Timings};
+use crate::recovery::Recovery;
 
 /// What the operator wants a host to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +52,8 @@ pub enum RunState {
     Crashed,
     /// Suspended to memory by the guest (power management).
     Suspended,
+    /// Its host was declared dead: no copy runs (until a restart elsewhere or the host returns).
+    Lost,
     /// No host reports it.
     Unknown,
 }
@@ -63,6 +67,7 @@ impl RunState {
             RunState::ShutOff => "shut_off",
             RunState::Crashed => "crashed",
             RunState::Suspended => "suspended",
+            RunState::Lost => "down",
             RunState::Unknown => "unknown",
         }
     }
@@ -72,7 +77,7 @@ impl RunState {
     pub fn has_process(self) -> bool {
         match self {
             RunState::Running | RunState::Paused | RunState::ShuttingDown | RunState::Suspended => true,
-            RunState::ShutOff | RunState::Crashed | RunState::Unknown => false,
+            RunState::ShutOff | RunState::Crashed | RunState::Lost | RunState::Unknown => false,
         }
     }
 }
@@ -86,15 +91,78 @@ pub struct HostResources {
     pub cpu_model: String,
 }
 
+/// How a host that stopped renewing its lease may be declared dead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FencingMode {
+    /// The agent destroys its protected VMs when its lease expires (unless its peers confirm
+    /// the leader cannot have quorum); the leader waits `lease_ttl + fence_margin` under quorum.
+    SelfFence,
+    /// A fence command (IPMI, PDU, fence_virsh ...) must confirm power-off first.
+    External,
+    /// Only `vmha host confirm-down` declares it dead.
+    Manual,
+}
+
+impl FencingMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FencingMode::SelfFence => "self",
+            FencingMode::External => "external",
+            FencingMode::Manual => "manual",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FencingMode> {
+        match s {
+            "self" => Some(FencingMode::SelfFence),
+            "external" => Some(FencingMode::External),
+            "manual" => Some(FencingMode::Manual),
+            _ => None,
+        }
+    }
+}
+
+/// Why and when a host was declared dead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Death {
+    pub at: Millis,
+    pub cause: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostView {
     pub name: String,
     pub admin: AdminState,
     pub migration_uri: String,
+    /// Where its agent answers peer polls.
+    pub peer_address: String,
     pub resources: HostResources,
     pub libvirt_version: String,
-    /// On this controller's monotonic clock; `None` until the first heartbeat it receives.
+    /// Arrival of its last heartbeat, granted or not; `None` until the first one.
     pub last_heartbeat: Option<Millis>,
+    pub lease: HostLease,
+    pub fencing: FencingMode,
+    pub dead: Option<Death>,
+    /// An external fence command is running since then.
+    pub fencing_since: Option<Millis>,
+}
+
+impl HostView {
+    pub fn new(name: &str) -> HostView {
+        HostView {
+            name: name.into(),
+            admin: AdminState::Active,
+            migration_uri: String::new(),
+            peer_address: String::new(),
+            resources: HostResources::default(),
+            libvirt_version: String::new(),
+            last_heartbeat: None,
+            lease: HostLease::default(),
+            fencing: FencingMode::SelfFence,
+            dead: None,
+            fencing_since: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,6 +179,51 @@ pub struct VmView {
     pub priority: i32,
     /// Set while a migration or other operation owns the VM, so that no second one starts.
     pub busy_with: Option<String>,
+    /// VMs of one group never share a host.
+    pub anti_affinity: Option<String>,
+    /// Hosts it may run on; empty: any.
+    pub allowed_hosts: Vec<String>,
+    /// The inactive domain XML, to define it elsewhere; empty until an agent sent it.
+    pub xml: String,
+    /// Set while it must be restarted elsewhere.
+    pub recovery: Option<Recovery>,
+}
+
+impl VmView {
+    pub fn new(uuid: &str, name: &str) -> VmView {
+        VmView {
+            uuid: uuid.into(),
+            name: name.into(),
+            host: None,
+            state: RunState::Unknown,
+            memory_kib: 0,
+            vcpus: 0,
+            protected: false,
+            priority: 0,
+            busy_with: None,
+            anti_affinity: None,
+            allowed_hosts: Vec::new(),
+            xml: String::new(),
+            recovery: None,
+        }
+    }
+}
+
+/// Knobs of recovery and placement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// A failed restart is retried on another host this many times.
+    pub max_relocate: u32,
+    /// Restarts in flight at once, cluster-wide.
+    pub max_parallel_starts: usize,
+    /// vCPUs a host may carry per physical CPU.
+    pub vcpu_overcommit: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { max_relocate: 2, max_parallel_starts: 4, vcpu_overcommit: 4 }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -119,14 +232,14 @@ pub struct ClusterState {
     /// Keyed by domain UUID.
     pub vms: BTreeMap<String, VmView>,
     pub timings: Timings,
+    pub policy: Policy,
+    /// Since when the leader has held quorum without a break (see `lease::observe_quorum`).
+    pub quorum_since: Option<Millis>,
+    /// When this leader took over: no lease of an earlier leader outlives `started + ttl`.
+    pub started: Millis,
 }
 
 impl ClusterState {
-    pub fn liveness(&self, host: &str, now: Millis) -> HostLiveness {
-        let last = self.hosts.get(host).and_then(|h| h.last_heartbeat);
-        HostLiveness::of(last, now, &self.timings)
-    }
-
     /// Finds a VM by UUID or, failing that, by name. Names are unique per host in libvirt but
     /// not across a cluster, so a name that matches two UUIDs is ambiguous.
     pub fn find_vm(&self, key: &str) -> Result<&VmView, crate::Refusal> {
@@ -151,5 +264,39 @@ impl ClusterState {
             .filter(|vm| vm.host.as_deref() == Some(host) && vm.state.has_process())
             .map(|vm| vm.memory_kib)
             .sum()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// kvm1..kvm3, active, 4 CPUs and 4 GiB free each, no lease yet.
+    pub fn three_hosts() -> ClusterState {
+        let mut s = ClusterState::default();
+        for name in ["kvm1", "kvm2", "kvm3"] {
+            let mut h = HostView::new(name);
+            h.migration_uri = format!("qemu+tcp://{name}/system");
+            h.resources = HostResources {
+                cpus: 4,
+                memory_total_kib: 8 << 20,
+                memory_free_kib: 4 << 20,
+                cpu_model: "x86".into(),
+            };
+            s.hosts.insert(name.into(), h);
+        }
+        s
+    }
+
+    /// A running 64 MiB VM on `host`.
+    pub fn vm_on(s: &mut ClusterState, uuid: &str, name: &str, host: &str) -> VmView {
+        let mut vm = VmView::new(uuid, name);
+        vm.host = Some(host.into());
+        vm.state = RunState::Running;
+        vm.memory_kib = 65_536;
+        vm.vcpus = 1;
+        vm.xml = format!("<domain><name>{name}</name></domain>");
+        s.vms.insert(uuid.into(), vm.clone());
+        vm
     }
 }

@@ -51,26 +51,16 @@ pub fn apply_report(
     domains: &[ReportedDomain],
     now: Millis,
 ) -> Vec<InventoryChange> {
-    if let Some(h) = state.hosts.get_mut(host) {
-        h.last_heartbeat = Some(now);
-    }
+    let _ = now;
     let mut changes = Vec::new();
     for d in domains {
         let Some(vm) = state.vms.get_mut(&d.uuid) else {
-            state.vms.insert(
-                d.uuid.clone(),
-                VmView {
-                    uuid: d.uuid.clone(),
-                    name: d.name.clone(),
-                    host: Some(host.into()),
-                    state: d.state,
-                    memory_kib: d.memory_kib,
-                    vcpus: d.vcpus,
-                    protected: false,
-                    priority: 0,
-                    busy_with: None,
-                },
-            );
+            let mut vm = VmView::new(&d.uuid, &d.name);
+            vm.host = Some(host.into());
+            vm.state = d.state;
+            vm.memory_kib = d.memory_kib;
+            vm.vcpus = d.vcpus;
+            state.vms.insert(d.uuid.clone(), vm);
             changes.push(InventoryChange::Appeared {
                 uuid: d.uuid.clone(),
                 name: d.name.clone(),

@@ -8,12 +8,15 @@
 
 pub mod cluster;
 pub mod inventory;
-pub mod liveness;
+pub mod lease;
 pub mod migration;
+pub mod placement;
+pub mod recovery;
+pub mod selffence;
 pub mod time;
 
-pub use cluster::{AdminState, ClusterState, HostView, RunState, VmView};
+pub use cluster::{AdminState, ClusterState, Death, FencingMode, HostView, Policy, RunState, VmView};
 pub use inventory::{InventoryChange, ReportedDomain};
-pub use liveness::{HostLiveness, Timings};
+pub use lease::{HostLiveness, Timings};
 pub use migration::{MigrationPlan, Refusal};
 pub use time::Millis;

@@ -21,7 +21,7 @@ pub enum Refusal {
     #[error("VM {vm} is busy with operation {operation}; wait for it (`vmha events`) and retry")]
     Busy { vm: String, operation: String },
     #[error(
-        "host {host} is {liveness}: its agent has not sent a heartbeat within the lease; \
+        "host {host} is {liveness}: it holds no lease (no timely heartbeat); \
          check vmha-agent and libvirtd on {host}"
     )]
     HostDown { host: String, liveness: &'static str },
@@ -73,7 +73,7 @@ pub fn plan_migration(
     for host in [source, target] {
         match state.liveness(host, now) {
             HostLiveness::Online => {}
-            l @ (HostLiveness::Offline | HostLiveness::NeverSeen) => {
+            l @ (HostLiveness::Suspect | HostLiveness::Dead) => {
                 return Err(Refusal::HostDown { host: host.into(), liveness: l.as_str() });
             }
         }
@@ -107,43 +107,16 @@ pub fn plan_migration(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::HostResources;
-    use crate::{HostView, VmView};
+    use crate::cluster::tests::{three_hosts, vm_on};
 
     fn cluster() -> ClusterState {
-        let mut s = ClusterState::default();
-        for name in ["kvm1", "kvm2", "kvm3"] {
-            s.hosts.insert(
-                name.into(),
-                HostView {
-                    name: name.into(),
-                    admin: AdminState::Active,
-                    migration_uri: format!("qemu+tcp://{name}/system"),
-                    resources: HostResources {
-                        cpus: 4,
-                        memory_total_kib: 8 << 20,
-                        memory_free_kib: 4 << 20,
-                        cpu_model: "x86".into(),
-                    },
-                    libvirt_version: "9.0.0".into(),
-                    last_heartbeat: Some(Millis(1_000)),
-                },
-            );
+        let mut s = three_hosts();
+        for h in s.hosts.values_mut() {
+            h.lease.granted_at = Some(Millis(1_000));
         }
-        s.vms.insert(
-            "u-dns1".into(),
-            VmView {
-                uuid: "u-dns1".into(),
-                name: "dns1".into(),
-                host: Some("kvm1".into()),
-                state: RunState::Running,
-                memory_kib: 65_536,
-                vcpus: 1,
-                protected: true,
-                priority: 100,
-                busy_with: None,
-            },
-        );
+        let mut vm = vm_on(&mut s, "u-dns1", "dns1", "kvm1");
+        vm.protected = true;
+        s.vms.insert(vm.uuid.clone(), vm);
         s
     }
 
@@ -177,14 +150,14 @@ mod tests {
     #[test]
     fn refuses_a_silent_target_or_source() {
         let mut s = cluster();
-        s.hosts.get_mut("kvm2").unwrap().last_heartbeat = Some(Millis(0));
+        s.hosts.get_mut("kvm2").unwrap().lease.granted_at = Some(Millis(0));
         let now = Millis(5_001 + 1);
-        s.hosts.get_mut("kvm1").unwrap().last_heartbeat = Some(now);
+        s.hosts.get_mut("kvm1").unwrap().lease.granted_at = Some(now);
         let e = plan_migration(&s, "dns1", "kvm2", now).unwrap_err();
-        assert_eq!(e, Refusal::HostDown { host: "kvm2".into(), liveness: "offline" });
-        s.hosts.get_mut("kvm1").unwrap().last_heartbeat = None;
+        assert_eq!(e, Refusal::HostDown { host: "kvm2".into(), liveness: "suspect" });
+        s.hosts.get_mut("kvm1").unwrap().dead = Some(crate::Death { at: now, cause: "test".into() });
         let e = plan_migration(&s, "dns1", "kvm3", now).unwrap_err();
-        assert_eq!(e, Refusal::HostDown { host: "kvm1".into(), liveness: "unknown" });
+        assert_eq!(e, Refusal::HostDown { host: "kvm1".into(), liveness: "dead" });
     }
 
     #[test]

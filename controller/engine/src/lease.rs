@@ -1,0 +1,255 @@
+//! The leader's side of the safety rule (DESIGN.md, "Liveness, leases and fencing"): which
+//! heartbeats earn a lease, which leases count toward quorum, and whether quorum has held long
+//! enough for a silent host to be declared dead.
+//!
+//! Two refinements over the plain rule make the agents' peer polls sound (see
+//! `selffence` for the agent's half, and docs/safety.md for the argument):
+//! - **Bounded transit.** A heartbeat echoes the stamp of the last answer its agent received
+//!   and how long ago that was; the leader grants a lease only if that proves the heartbeat
+//!   spent at most `max_transit` in flight. So a lease the leader grants ends at most
+//!   `max_transit` after the agent's own view of it (which starts at the send).
+//! - **Acknowledged leases.** Toward quorum the leader counts only leases the agent has
+//!   acknowledged (echoed) in a later heartbeat: a lease the agent never learned of cannot be
+//!   one it tells its peers it lacks.
+
+use std::collections::VecDeque;
+
+use crate::{ClusterState, Millis};
+
+/// The timing knobs of the safety rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timings {
+    pub heartbeat_interval_ms: u64,
+    pub lease_ttl_ms: u64,
+    pub fence_margin_ms: u64,
+    /// Longest a heartbeat may spend in flight and still earn a lease.
+    pub max_transit_ms: u64,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings {
+            heartbeat_interval_ms: 1_000,
+            lease_ttl_ms: 5_000,
+            fence_margin_ms: 1_000,
+            max_transit_ms: 150,
+        }
+    }
+}
+
+/// An answer the leader sent to one host, remembered until the host echoes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Issued {
+    pub stamp: Millis,
+    /// The lease it granted, if any.
+    pub lease_end: Option<Millis>,
+}
+
+/// The leader's lease book for one host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostLease {
+    /// Recent answers, newest last (a few: the agent echoes the newest it received).
+    pub issued: VecDeque<Issued>,
+    /// End of the newest lease the agent has acknowledged: what quorum counts.
+    pub acked_end: Option<Millis>,
+    /// When the newest lease was granted (the heartbeat's arrival).
+    pub granted_at: Option<Millis>,
+}
+
+impl HostLease {
+    /// The end of the newest lease granted, acknowledged or not: the host is `online` until
+    /// then, and may be declared dead only `fence_margin` after it.
+    pub fn end(&self, t: &Timings) -> Option<Millis> {
+        self.granted_at.map(|g| Millis(g.0 + t.lease_ttl_ms))
+    }
+}
+
+/// What the leader answers a heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseAnswer {
+    /// A lease of `ttl_ms`, measured by the agent from the heartbeat's send.
+    Granted { stamp: Millis, ttl_ms: u64 },
+    /// No lease this time (the heartbeat was late or echoed nothing this leader sent).
+    Refused { stamp: Millis, reason: &'static str },
+}
+
+impl LeaseAnswer {
+    pub fn stamp(&self) -> Millis {
+        match self {
+            LeaseAnswer::Granted { stamp, .. } | LeaseAnswer::Refused { stamp, .. } => *stamp,
+        }
+    }
+}
+
+/// What a heartbeat says about the answer before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Echo {
+    /// The stamp of the newest answer the agent received from this leader.
+    pub stamp: Millis,
+    /// Agent time from receiving that answer to sending this heartbeat.
+    pub held_ms: u64,
+}
+
+const ISSUED_KEPT: usize = 8;
+
+/// `N + 1` votes for `N` hosts (the control plane has one); the majority of them.
+pub fn votes(state: &ClusterState) -> (usize, usize) {
+    let total = state.hosts.len() + 1;
+    (total, total / 2 + 1)
+}
+
+/// Whether the leader holds quorum at `now`: its own vote plus every host whose acknowledged
+/// lease is unexpired form a majority.
+pub fn has_quorum(state: &ClusterState, now: Millis) -> bool {
+    let (_, majority) = votes(state);
+    let leased = state.hosts.values().filter(|h| h.lease.acked_end.is_some_and(|e| e > now)).count();
+    leased + 1 >= majority
+}
+
+/// Keeps `quorum_since` exact. Between two calls leases only expire (grants and new hosts go
+/// through a call first), so the count only falls: quorum at this call means quorum all along
+/// since the previous one.
+pub fn observe_quorum(state: &mut ClusterState, now: Millis) {
+    if has_quorum(state, now) {
+        state.quorum_since.get_or_insert(now);
+    } else {
+        state.quorum_since = None;
+    }
+}
+
+/// Whether quorum has held without a break for at least `ms` up to `now`.
+pub fn quorum_held_for(state: &ClusterState, now: Millis, ms: u64) -> bool {
+    state.quorum_since.is_some_and(|s| now.since(s) >= ms)
+}
+
+/// Records an answer to `host` that grants nothing (its registration), for the echo check.
+pub fn issue_stamp(state: &mut ClusterState, host: &str, now: Millis) -> Millis {
+    if let Some(h) = state.hosts.get_mut(host) {
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None });
+    }
+    now
+}
+
+fn push_issued(l: &mut HostLease, i: Issued) {
+    l.issued.push_back(i);
+    while l.issued.len() > ISSUED_KEPT {
+        l.issued.pop_front();
+    }
+}
+
+/// A heartbeat from `host` arrived at `now`: acknowledge what it echoes, then grant a lease if
+/// it provably spent at most `max_transit` in flight.
+pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, now: Millis) -> LeaseAnswer {
+    observe_quorum(state, now);
+    let t = state.timings;
+    let Some(h) = state.hosts.get_mut(host) else {
+        return LeaseAnswer::Refused { stamp: now, reason: "host not registered" };
+    };
+    let known =
+        echo.and_then(|e| h.lease.issued.iter().find(|i| i.stamp == e.stamp).copied().map(|i| (e, i)));
+    let Some((echo, issued)) = known else {
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None });
+        return LeaseAnswer::Refused { stamp: now, reason: "it echoed no answer of this leader" };
+    };
+    if let Some(end) = issued.lease_end {
+        h.lease.acked_end = Some(h.lease.acked_end.map_or(end, |a| a.max(end)));
+    }
+    // The echoed answer left at `stamp`; the agent held it `held_ms` before sending this one.
+    // So this heartbeat was in flight at most now - stamp - held_ms.
+    let transit_bound = now.0.saturating_sub(echo.stamp.0).saturating_sub(echo.held_ms);
+    if echo.stamp > now || transit_bound > t.max_transit_ms {
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None });
+        return LeaseAnswer::Refused { stamp: now, reason: "the heartbeat was in flight too long" };
+    }
+    let end = Millis(now.0 + t.lease_ttl_ms);
+    push_issued(&mut h.lease, Issued { stamp: now, lease_end: Some(end) });
+    h.lease.granted_at = Some(now);
+    LeaseAnswer::Granted { stamp: now, ttl_ms: t.lease_ttl_ms }
+}
+
+/// How the controller sees a host now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostLiveness {
+    /// Holds an unexpired lease.
+    Online,
+    /// No unexpired lease, not (yet) declared dead: nothing is restarted from it.
+    Suspect,
+    /// Declared dead (lease expired under quorum, fenced, or confirmed by an operator); its
+    /// protected VMs are restarted elsewhere.
+    Dead,
+}
+
+impl HostLiveness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostLiveness::Online => "online",
+            HostLiveness::Suspect => "suspect",
+            HostLiveness::Dead => "dead",
+        }
+    }
+}
+
+impl ClusterState {
+    pub fn liveness(&self, host: &str, now: Millis) -> HostLiveness {
+        let Some(h) = self.hosts.get(host) else { return HostLiveness::Suspect };
+        if h.dead.is_some() {
+            HostLiveness::Dead
+        } else if h.lease.end(&self.timings).is_some_and(|e| e > now) {
+            HostLiveness::Online
+        } else {
+            HostLiveness::Suspect
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::tests::three_hosts;
+
+    fn echo(stamp: Millis, held_ms: u64) -> Option<Echo> {
+        Some(Echo { stamp, held_ms })
+    }
+
+    #[test]
+    fn a_prompt_heartbeat_echoing_our_answer_earns_a_lease_and_the_next_acknowledges_it() {
+        let mut s = three_hosts();
+        let r = issue_stamp(&mut s, "kvm1", Millis(1_000));
+        let a = on_heartbeat(&mut s, "kvm1", echo(r, 950), Millis(1_960));
+        assert_eq!(a, LeaseAnswer::Granted { stamp: Millis(1_960), ttl_ms: 5_000 });
+        assert_eq!(s.liveness("kvm1", Millis(6_959)), HostLiveness::Online);
+        assert_eq!(s.liveness("kvm1", Millis(6_960)), HostLiveness::Suspect);
+        assert_eq!(s.hosts["kvm1"].lease.acked_end, None, "not acknowledged yet");
+        on_heartbeat(&mut s, "kvm1", echo(a.stamp(), 1_000), Millis(2_970));
+        assert_eq!(s.hosts["kvm1"].lease.acked_end, Some(Millis(6_960)));
+    }
+
+    #[test]
+    fn a_heartbeat_that_may_have_been_in_flight_too_long_earns_nothing() {
+        let mut s = three_hosts();
+        let r = issue_stamp(&mut s, "kvm1", Millis(1_000));
+        // Held 100 ms, arrived 2 s after the answer: up to 1.9 s in flight.
+        let a = on_heartbeat(&mut s, "kvm1", echo(r, 100), Millis(3_000));
+        assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
+        // An echo this leader never sent (an older leader's) earns nothing either.
+        let a = on_heartbeat(&mut s, "kvm1", echo(Millis(999), 0), Millis(3_000));
+        assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
+        assert_eq!(s.liveness("kvm1", Millis(3_000)), HostLiveness::Suspect);
+    }
+
+    #[test]
+    fn quorum_counts_acknowledged_leases_and_the_control_plane_vote() {
+        let mut s = three_hosts();
+        assert_eq!(votes(&s), (4, 3));
+        s.hosts.get_mut("kvm1").unwrap().lease.acked_end = Some(Millis(10));
+        assert!(!has_quorum(&s, Millis(5)), "1 host + control plane = 2 of 4");
+        s.hosts.get_mut("kvm2").unwrap().lease.acked_end = Some(Millis(20));
+        assert!(has_quorum(&s, Millis(5)));
+        assert!(!has_quorum(&s, Millis(10)), "kvm1's lease ended at 10");
+        observe_quorum(&mut s, Millis(5));
+        observe_quorum(&mut s, Millis(9));
+        assert!(quorum_held_for(&s, Millis(9), 4));
+        observe_quorum(&mut s, Millis(10));
+        assert!(!quorum_held_for(&s, Millis(10), 0));
+    }
+}

@@ -1,0 +1,625 @@
+//! Host failure: when a silent host may be declared dead, and restarting its protected VMs
+//! elsewhere, most critical first. Also the return of a host that was declared dead.
+
+use crate::inventory::{InventoryChange, ReportedDomain};
+use crate::lease::{has_quorum, observe_quorum, quorum_held_for};
+use crate::{AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, placement};
+
+/// A protected VM's way back after its host died.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// When its host was declared dead.
+    pub since: Millis,
+    pub attempts: u32,
+    /// Hosts where a start failed.
+    pub tried: Vec<String>,
+    /// A start is in flight there.
+    pub starting_on: Option<String>,
+    /// Why it is not being started right now.
+    pub waiting: Option<String>,
+    /// Set when it gave up: the VM needs an operator.
+    pub error: Option<String>,
+}
+
+impl Recovery {
+    pub fn new(since: Millis) -> Recovery {
+        Recovery { since, attempts: 0, tried: Vec::new(), starting_on: None, waiting: None, error: None }
+    }
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Record that the host was declared dead, and why.
+    DeclaredDead { host: String, cause: String },
+    /// Run the external fence command for the host.
+    Fence { host: String },
+    /// Define and start the VM on `host` (its XML is in the state).
+    Start { vm_uuid: String, vm_name: String, host: String },
+    /// Destroy a stale copy on a host that came back (fencing was bypassed).
+    DestroyStale { vm_uuid: String, vm_name: String, host: String },
+    /// Write an event.
+    Event { subject_kind: &'static str, subject: String, kind: &'static str, message: String },
+}
+
+fn event(subject_kind: &'static str, subject: &str, kind: &'static str, message: String) -> Action {
+    Action::Event { subject_kind, subject: subject.into(), kind, message }
+}
+
+fn secs(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
+}
+
+/// Declares `host` dead and queues its protected VMs for restart.
+fn declare_dead(state: &mut ClusterState, host: &str, cause: String, now: Millis, out: &mut Vec<Action>) {
+    let Some(h) = state.hosts.get_mut(host) else { return };
+    if h.dead.is_some() {
+        return;
+    }
+    h.dead = Some(Death { at: now, cause: cause.clone() });
+    h.fencing_since = None;
+    out.push(Action::DeclaredDead { host: host.into(), cause });
+    for vm in state.vms.values_mut().filter(|v| v.host.as_deref() == Some(host)) {
+        let had_process = vm.state.has_process() || vm.state == RunState::Unknown;
+        vm.state = RunState::Lost;
+        vm.busy_with = None;
+        if vm.protected && had_process && vm.recovery.is_none() {
+            vm.recovery = Some(Recovery::new(now));
+        } else if !vm.protected && had_process {
+            out.push(event(
+                "vm",
+                &vm.name,
+                "vm_down",
+                format!("{} is down with {host}; it is not protected, so it is not restarted", vm.name),
+            ));
+        }
+    }
+}
+
+/// One step of failure handling at `now`: declare hosts dead where the rule allows, start
+/// fencing, and start waiting protected VMs in priority order.
+pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
+    observe_quorum(state, now);
+    let mut out = Vec::new();
+    let t = state.timings;
+    let window = t.lease_ttl_ms + t.fence_margin_ms;
+    let hosts: Vec<String> = state.hosts.keys().cloned().collect();
+    for name in hosts {
+        let h = &state.hosts[&name];
+        if h.dead.is_some()
+            || h.admin == AdminState::Maintenance
+            || state.liveness(&name, now) == HostLiveness::Online
+        {
+            continue;
+        }
+        // A lease granted by an earlier leader ended by `started + ttl` at the latest.
+        let lease_end = h.lease.end(&t).unwrap_or(Millis(state.started.0 + t.lease_ttl_ms));
+        if now.0 < lease_end.0 + t.fence_margin_ms {
+            continue;
+        }
+        let silent = now.since(h.last_heartbeat.unwrap_or(state.started));
+        match h.fencing {
+            FencingMode::SelfFence => {
+                if quorum_held_for(state, now, window) {
+                    let cause = format!(
+                        "no lease for {} (heard from {} ago) while this controller held quorum; its agent has \
+                         destroyed its protected VMs or the host is off",
+                        secs(now.since(lease_end)),
+                        secs(silent)
+                    );
+                    declare_dead(state, &name, cause, now, &mut out);
+                }
+            }
+            FencingMode::External => {
+                if h.fencing_since.is_none() && has_quorum(state, now) {
+                    state.hosts.get_mut(&name).expect("listed").fencing_since = Some(now);
+                    out.push(Action::Fence { host: name.clone() });
+                }
+            }
+            FencingMode::Manual => {
+                if h.fencing_since.is_none() {
+                    state.hosts.get_mut(&name).expect("listed").fencing_since = Some(now);
+                    out.push(event(
+                        "host",
+                        &name,
+                        "confirm_down_needed",
+                        format!(
+                            "{name} lost its lease; its fencing mode is manual, so nothing is restarted until an \
+                             operator who knows it is off runs `vmha host confirm-down {name}`"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    schedule_restarts(state, now, &mut out);
+    out
+}
+
+fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action>) {
+    let mut in_flight =
+        state.vms.values().filter(|v| v.recovery.as_ref().is_some_and(|r| r.starting_on.is_some())).count();
+    let mut queue: Vec<(i32, String, String)> = state
+        .vms
+        .values()
+        .filter(|v| v.recovery.as_ref().is_some_and(|r| r.starting_on.is_none() && r.error.is_none()))
+        .map(|v| (-v.priority, v.name.clone(), v.uuid.clone()))
+        .collect();
+    queue.sort();
+    for (_, _, uuid) in queue {
+        let vm = &state.vms[&uuid];
+        let tried = vm.recovery.as_ref().map(|r| r.tried.clone()).unwrap_or_default();
+        let decision = if in_flight >= state.policy.max_parallel_starts {
+            Err(format!("waiting for one of the {} restarts in flight", in_flight))
+        } else if vm.xml.is_empty() {
+            Err("no domain definition known (its host never sent one)".to_string())
+        } else {
+            placement::place(state, vm, now, &tried)
+        };
+        let vm = state.vms.get_mut(&uuid).expect("queued");
+        let r = vm.recovery.as_mut().expect("queued");
+        match decision {
+            Ok(host) => {
+                r.starting_on = Some(host.clone());
+                r.attempts += 1;
+                r.waiting = None;
+                in_flight += 1;
+                out.push(Action::Start { vm_uuid: uuid.clone(), vm_name: vm.name.clone(), host });
+            }
+            Err(why) => {
+                if r.waiting.as_deref() != Some(why.as_str()) {
+                    out.push(event("vm", &vm.name, "restart_waiting", format!("{} waits: {why}", vm.name)));
+                    r.waiting = Some(why);
+                }
+            }
+        }
+    }
+}
+
+/// A restart ended. On failure the VM is tried on another host, up to `max_relocate` times.
+pub fn start_finished(
+    state: &mut ClusterState,
+    uuid: &str,
+    host: &str,
+    result: Result<(), String>,
+    now: Millis,
+) -> Vec<Action> {
+    let max_relocate = state.policy.max_relocate;
+    let Some(vm) = state.vms.get_mut(uuid) else { return Vec::new() };
+    let Some(r) = vm.recovery.as_mut() else { return Vec::new() };
+    r.starting_on = None;
+    let mut out = Vec::new();
+    match result {
+        Ok(()) => {
+            let took = now.since(r.since);
+            vm.recovery = None;
+            vm.host = Some(host.into());
+            vm.state = RunState::Running;
+            out.push(event(
+                "vm",
+                &vm.name,
+                "vm_restarted",
+                format!("{} restarted on {host}, {} after its host was declared dead", vm.name, secs(took)),
+            ));
+        }
+        Err(e) => {
+            r.tried.push(host.into());
+            if r.attempts > max_relocate {
+                let msg = format!(
+                    "{} could not be restarted: {} attempts failed (last on {host}: {e}); fix the cause and start it by hand",
+                    vm.name, r.attempts
+                );
+                r.error = Some(msg.clone());
+                out.push(event("vm", &vm.name, "restart_failed", msg));
+            } else {
+                out.push(event(
+                    "vm",
+                    &vm.name,
+                    "restart_retry",
+                    format!("starting {} on {host} failed: {e}; trying another host", vm.name),
+                ));
+                schedule_restarts(state, now, &mut out);
+            }
+        }
+    }
+    out
+}
+
+/// The external fence command for `host` finished.
+pub fn fence_finished(
+    state: &mut ClusterState,
+    host: &str,
+    result: Result<String, String>,
+    now: Millis,
+) -> Vec<Action> {
+    let mut out = Vec::new();
+    match result {
+        Ok(said) => {
+            declare_dead(
+                state,
+                host,
+                format!("the fence command confirmed it is off ({said})"),
+                now,
+                &mut out,
+            );
+            schedule_restarts(state, now, &mut out);
+        }
+        Err(e) => out.push(event(
+            "host",
+            host,
+            "fence_failed",
+            format!(
+                "FENCING {host} FAILED: {e}; nothing of it is restarted. Fix the fence device, or run \
+                 `vmha host confirm-down {host}` once you know it is off"
+            ),
+        )),
+    }
+    out
+}
+
+/// Why an operator's confirm-down is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfirmRefusal {
+    #[error("no host named '{0}' is known; `vmha host ls` lists the hosts")]
+    UnknownHost(String),
+    #[error("{0} holds a lease (its agent sent a heartbeat within the lease); it is not down")]
+    Online(String),
+}
+
+/// An operator says `host` is off.
+pub fn confirm_down(
+    state: &mut ClusterState,
+    host: &str,
+    now: Millis,
+) -> Result<Vec<Action>, ConfirmRefusal> {
+    match state.hosts.get(host) {
+        None => return Err(ConfirmRefusal::UnknownHost(host.into())),
+        Some(_) if state.liveness(host, now) == HostLiveness::Online => {
+            return Err(ConfirmRefusal::Online(host.into()));
+        }
+        Some(_) => {}
+    }
+    let mut out = Vec::new();
+    declare_dead(state, host, "an operator confirmed it is off".into(), now, &mut out);
+    schedule_restarts(state, now, &mut out);
+    Ok(out)
+}
+
+/// A host reports (before the inventory takes the report). If it had been declared dead, any
+/// protected VM it still runs that was restarted elsewhere is a stale copy to destroy at once;
+/// one not restarted yet stays where it is. Returns the actions and the stale domains, which the
+/// inventory must not take as the VM's location.
+pub fn on_report(
+    state: &mut ClusterState,
+    host: &str,
+    domains: &[ReportedDomain],
+    now: Millis,
+) -> (Vec<Action>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut stale = Vec::new();
+    let Some(h) = state.hosts.get_mut(host) else { return (out, stale) };
+    h.fencing_since = None;
+    let Some(death) = h.dead.take() else { return (out, stale) };
+    out.push(event(
+        "host",
+        host,
+        "host_returned",
+        format!("{host} is back, {} after it was declared dead ({})", secs(now.since(death.at)), death.cause),
+    ));
+    for d in domains.iter().filter(|d| d.state.has_process()) {
+        let Some(vm) = state.vms.get_mut(&d.uuid) else { continue };
+        let elsewhere = vm.host.as_deref().is_some_and(|h| h != host);
+        let starting = vm.recovery.as_ref().is_some_and(|r| r.starting_on.is_some());
+        if elsewhere || starting {
+            stale.push(d.uuid.clone());
+            out.push(event(
+                "vm",
+                &vm.name,
+                "stale_copy",
+                format!(
+                    "{host} came back still running {} although it was restarted elsewhere: FENCING WAS \
+                     BYPASSED (agent down without a watchdog?); destroying the copy on {host}",
+                    vm.name
+                ),
+            ));
+            out.push(Action::DestroyStale {
+                vm_uuid: d.uuid.clone(),
+                vm_name: vm.name.clone(),
+                host: host.into(),
+            });
+        } else if vm.recovery.take().is_some() {
+            out.push(event(
+                "vm",
+                &vm.name,
+                "restart_cancelled",
+                format!("{} still runs on {host}, which is back; not restarting it elsewhere", vm.name),
+            ));
+        }
+    }
+    (out, stale)
+}
+
+/// After a report from a live host: a protected VM that stopped although vmha did not stop it
+/// (its agent self-fenced on a lease it then got back, or the guest died) is restarted.
+pub fn after_report(
+    state: &mut ClusterState,
+    host: &str,
+    changes: &[InventoryChange],
+    now: Millis,
+) -> Vec<Action> {
+    let mut out = Vec::new();
+    for c in changes {
+        let InventoryChange::StateChanged { uuid, name, from, to, .. } = c else { continue };
+        if !from.has_process() || to.has_process() || *to == RunState::Lost {
+            continue;
+        }
+        let Some(vm) = state.vms.get_mut(uuid) else { continue };
+        if !vm.protected || vm.busy_with.is_some() || vm.recovery.is_some() {
+            continue;
+        }
+        vm.recovery = Some(Recovery::new(now));
+        out.push(event(
+            "vm",
+            name,
+            "vm_stopped",
+            format!(
+                "{name} stopped on {host} ({}) without vmha asking: its agent self-fenced or the guest died; \
+                 restarting it (unprotect a VM before stopping it on purpose)",
+                to.as_str()
+            ),
+        ));
+    }
+    if !out.is_empty() {
+        schedule_restarts(state, now, &mut out);
+    }
+    out
+}
+
+/// Why a protected VM is not running, and what happens next; `None` if it runs.
+pub fn explain(state: &ClusterState, uuid: &str, now: Millis) -> Option<String> {
+    let vm = state.vms.get(uuid)?;
+    if let Some(r) = &vm.recovery {
+        return Some(match (&r.error, &r.starting_on, &r.waiting) {
+            (Some(e), _, _) => e.clone(),
+            (None, Some(h), _) => format!("restarting on {h} (attempt {})", r.attempts),
+            (None, None, Some(w)) => format!("waits to restart: {w}"),
+            (None, None, None) => "queued for restart".into(),
+        });
+    }
+    let Some(host) = vm.host.as_deref() else {
+        return Some("no host reports it".into());
+    };
+    let h = state.hosts.get(host)?;
+    if vm.state == RunState::Running && state.liveness(host, now) == HostLiveness::Online {
+        return None;
+    }
+    let t = state.timings;
+    Some(match state.liveness(host, now) {
+        HostLiveness::Suspect => {
+            let lease_end = h.lease.end(&t).unwrap_or(Millis(state.started.0 + t.lease_ttl_ms));
+            let due = lease_end.0 + t.fence_margin_ms;
+            match h.fencing {
+                FencingMode::SelfFence if now.0 < due => format!(
+                    "{host} is suspect; it may be declared dead in {} if this controller keeps quorum",
+                    secs(due - now.0)
+                ),
+                FencingMode::SelfFence => format!(
+                    "{host} is suspect, but this controller has not held quorum for {}: waiting (a partition \
+                     may hide a live host)",
+                    secs(t.lease_ttl_ms + t.fence_margin_ms)
+                ),
+                FencingMode::External => format!("{host} is suspect; waiting for its fence command"),
+                FencingMode::Manual => {
+                    format!("{host} is suspect; waiting for `vmha host confirm-down {host}`")
+                }
+            }
+        }
+        HostLiveness::Dead => format!("{host} is dead; {} is not protected", vm.name),
+        HostLiveness::Online => format!("{} on {host}", vm.state.as_str()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::tests::{three_hosts, vm_on};
+    use crate::lease::{Echo, issue_stamp, on_heartbeat};
+
+    /// Every host heartbeats at `t` (echoing its previous answer promptly).
+    fn beat(s: &mut ClusterState, hosts: &[&str], t: Millis) {
+        for h in hosts {
+            let last = s.hosts[*h].lease.issued.back().map(|i| i.stamp);
+            let stamp = last.unwrap_or_else(|| issue_stamp(s, h, Millis(t.0.saturating_sub(10))));
+            on_heartbeat(
+                s,
+                h,
+                Some(Echo { stamp, held_ms: t.0.saturating_sub(stamp.0).saturating_sub(5) }),
+                t,
+            );
+        }
+    }
+
+    fn cluster() -> ClusterState {
+        let mut s = three_hosts();
+        for (u, n, h, p) in
+            [("a", "dns1", "kvm1", 100), ("b", "radius1", "kvm1", 50), ("c", "dns2", "kvm2", 100)]
+        {
+            let mut vm = vm_on(&mut s, u, n, h);
+            vm.protected = true;
+            vm.priority = p;
+            s.vms.insert(u.into(), vm);
+        }
+        s
+    }
+
+    fn starts(actions: &[Action]) -> Vec<(String, String)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { vm_name, host, .. } => Some((vm_name.clone(), host.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_silent_host_is_declared_dead_after_lease_and_margin_under_quorum_and_its_vms_restart_by_priority() {
+        let mut s = cluster();
+        let mut t = 0;
+        while t <= 10_000 {
+            beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(t));
+            assert!(tick(&mut s, Millis(t)).is_empty());
+            t += 1_000;
+        }
+        // kvm1 falls silent after its heartbeat at 10 s: lease to 15 s, dead at 16 s.
+        while t < 16_000 {
+            beat(&mut s, &["kvm2", "kvm3"], Millis(t));
+            let a = tick(&mut s, Millis(t));
+            assert!(a.is_empty(), "at {t}: {a:?}");
+            t += 500;
+        }
+        beat(&mut s, &["kvm2", "kvm3"], Millis(16_000));
+        let a = tick(&mut s, Millis(16_000));
+        assert!(matches!(&a[0], Action::DeclaredDead { host, .. } if host == "kvm1"), "{a:?}");
+        let st = starts(&a);
+        assert_eq!(
+            st.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["dns1", "radius1"],
+            "priority order"
+        );
+        assert_eq!(s.vms["a"].state, RunState::Lost);
+        assert!(explain(&s, "a", Millis(16_000)).unwrap().starts_with("restarting on"));
+        let ev = start_finished(&mut s, "a", &st[0].1, Ok(()), Millis(16_500));
+        assert!(matches!(&ev[0], Action::Event { kind: "vm_restarted", .. }));
+        assert_eq!(
+            (s.vms["a"].host.as_deref(), s.vms["a"].state),
+            (Some(st[0].1.as_str()), RunState::Running)
+        );
+    }
+
+    #[test]
+    fn without_quorum_nothing_is_declared_dead() {
+        let mut s = cluster();
+        beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(0));
+        beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(1_000));
+        // Only kvm2 keeps renewing: 1 host + control plane = 2 of 4.
+        for t in (2_000..60_000).step_by(500) {
+            beat(&mut s, &["kvm2"], Millis(t));
+            let a = tick(&mut s, Millis(t));
+            assert!(a.iter().all(|a| !matches!(a, Action::DeclaredDead { .. })), "at {t}: {a:?}");
+        }
+        let why = explain(&s, "a", Millis(60_000)).unwrap();
+        assert!(why.contains("has not held quorum"), "{why}");
+    }
+
+    #[test]
+    fn a_new_leader_waits_a_full_lease_and_margin_before_declaring_anyone() {
+        let mut s = cluster();
+        s.started = Millis(0);
+        // Quorum forms at 500 ms, once both hosts have acknowledged a lease.
+        for t in (0..6_500).step_by(250) {
+            beat(&mut s, &["kvm2", "kvm3"], Millis(t));
+            assert!(tick(&mut s, Millis(t)).is_empty(), "at {t}");
+        }
+        beat(&mut s, &["kvm2", "kvm3"], Millis(6_500));
+        let a = tick(&mut s, Millis(6_500));
+        assert!(matches!(&a[0], Action::DeclaredDead { host, .. } if host == "kvm1"), "{a:?}");
+    }
+
+    #[test]
+    fn manual_and_external_hosts_wait_for_confirmation() {
+        let mut s = cluster();
+        s.hosts.get_mut("kvm1").unwrap().fencing = FencingMode::Manual;
+        s.hosts.get_mut("kvm2").unwrap().fencing = FencingMode::External;
+        // A fourth host, so that kvm3 and kvm4 give the controller quorum (3 of 5 votes).
+        let mut kvm4 = s.hosts["kvm3"].clone();
+        kvm4.name = "kvm4".into();
+        s.hosts.insert("kvm4".into(), kvm4);
+        let mut a = Vec::new();
+        for t in (0..20_000).step_by(500) {
+            beat(&mut s, &["kvm3", "kvm4"], Millis(t));
+            a.extend(tick(&mut s, Millis(t)));
+        }
+        assert!(a.iter().any(|a| matches!(a, Action::Event { kind: "confirm_down_needed", .. })));
+        assert!(a.iter().any(|a| matches!(a, Action::Fence { host } if host == "kvm2")));
+        assert!(a.iter().all(|a| !matches!(a, Action::DeclaredDead { .. })), "{a:?}");
+        let f = fence_finished(&mut s, "kvm2", Err("ipmitool: timeout".into()), Millis(20_000));
+        assert!(
+            matches!(&f[0], Action::Event { kind: "fence_failed", message, .. } if message.contains("confirm-down kvm2"))
+        );
+        let f = fence_finished(&mut s, "kvm2", Ok("off".into()), Millis(20_000));
+        assert!(matches!(&f[0], Action::DeclaredDead { .. }));
+        assert_eq!(starts(&f).len(), 1, "{f:?}");
+        let c = confirm_down(&mut s, "kvm1", Millis(20_000)).unwrap();
+        assert!(matches!(&c[0], Action::DeclaredDead { cause, .. } if cause.contains("operator")));
+        assert_eq!(confirm_down(&mut s, "kvm3", Millis(20_000)), Err(ConfirmRefusal::Online("kvm3".into())));
+        assert_eq!(
+            confirm_down(&mut s, "kvm9", Millis(20_000)),
+            Err(ConfirmRefusal::UnknownHost("kvm9".into()))
+        );
+    }
+
+    #[test]
+    fn no_room_waits_with_the_reason_and_failed_starts_move_on_then_give_up() {
+        let mut s = cluster();
+        s.policy.max_relocate = 1;
+        beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(0));
+        beat(&mut s, &["kvm2", "kvm3"], Millis(5_500));
+        s.hosts.get_mut("kvm3").unwrap().resources.memory_free_kib = 100 << 10;
+        let mut a = confirm_down(&mut s, "kvm1", Millis(5_500)).unwrap();
+        // dns1 and radius1 need 64 MiB each; kvm2 has room for both, kvm3 for one.
+        assert_eq!(starts(&a).len(), 2);
+        a = start_finished(&mut s, "a", "kvm2", Err("qemu: no KVM".into()), Millis(2));
+        assert_eq!(starts(&a), [("dns1".to_string(), "kvm3".to_string())]);
+        a = start_finished(&mut s, "a", "kvm3", Err("qemu: no KVM".into()), Millis(3));
+        assert!(matches!(&a[0], Action::Event { kind: "restart_failed", .. }), "{a:?}");
+        assert!(explain(&s, "a", Millis(3)).unwrap().contains("2 attempts failed"));
+    }
+
+    #[test]
+    fn a_returning_host_destroys_copies_restarted_elsewhere_and_keeps_the_rest() {
+        let mut s = cluster();
+        beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(0));
+        beat(&mut s, &["kvm2", "kvm3"], Millis(5_500));
+        s.hosts.get_mut("kvm2").unwrap().resources.memory_free_kib = 0;
+        s.hosts.get_mut("kvm3").unwrap().resources.memory_free_kib = 100 << 10;
+        let a = confirm_down(&mut s, "kvm1", Millis(5_500)).unwrap();
+        assert_eq!(starts(&a), [("dns1".to_string(), "kvm3".to_string())], "radius1 has no room: {a:?}");
+        start_finished(&mut s, "a", "kvm3", Ok(()), Millis(2));
+        let running = |u: &str, n: &str| ReportedDomain {
+            uuid: u.into(),
+            name: n.into(),
+            state: RunState::Running,
+            memory_kib: 65_536,
+            vcpus: 1,
+        };
+        let (a, stale) =
+            on_report(&mut s, "kvm1", &[running("a", "dns1"), running("b", "radius1")], Millis(5_600));
+        beat(&mut s, &["kvm1"], Millis(5_600));
+        assert_eq!(stale, ["a"]);
+        assert!(a.iter().any(
+            |x| matches!(x, Action::DestroyStale { vm_name, host, .. } if vm_name == "dns1" && host == "kvm1")
+        ));
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "restart_cancelled", .. })));
+        assert_eq!(s.vms["b"].recovery, None);
+        assert_eq!(s.liveness("kvm1", Millis(5_600)), HostLiveness::Online);
+    }
+
+    #[test]
+    fn a_protected_vm_that_stops_on_a_live_host_is_restarted_unless_vmha_is_moving_it() {
+        let mut s = cluster();
+        beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(0));
+        let stopped = |u: &str| InventoryChange::StateChanged {
+            uuid: u.into(),
+            name: "x".into(),
+            host: "kvm1".into(),
+            from: RunState::Running,
+            to: RunState::ShutOff,
+        };
+        s.vms.get_mut("b").unwrap().busy_with = Some("op".into());
+        let a = after_report(&mut s, "kvm1", &[stopped("a"), stopped("b")], Millis(10));
+        assert_eq!(starts(&a).len(), 1, "{a:?}");
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "vm_stopped", .. })));
+        assert!(s.vms["b"].recovery.is_none(), "a VM being migrated is not restarted");
+    }
+}
