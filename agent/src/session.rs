@@ -43,8 +43,8 @@ pub struct Agent {
     /// The newest leader epoch seen; commands from older leaders are refused.
     epoch: AtomicU64,
     pub lease: Arc<LeaseShell>,
-    /// The newest answer's stamp and when it arrived: echoed by the next heartbeat.
-    last_answer: Mutex<Option<(u64, Instant)>>,
+    /// The newest answer's epoch, stamp and arrival: echoed by the next heartbeat.
+    last_answer: Mutex<Option<(u64, u64, Instant)>>,
     /// Hash of each domain's XML as last sent in this session.
     sent_xml: Mutex<HashMap<String, u64>>,
 }
@@ -62,8 +62,8 @@ impl Agent {
         })
     }
 
-    fn answer_received(&self, stamp: u64) {
-        *self.last_answer.lock().unwrap_or_else(|p| p.into_inner()) = Some((stamp, Instant::now()));
+    fn answer_received(&self, epoch: u64, stamp: u64) {
+        *self.last_answer.lock().unwrap_or_else(|p| p.into_inner()) = Some((epoch, stamp, Instant::now()));
     }
 
     pub fn epoch(&self) -> u64 {
@@ -113,7 +113,7 @@ impl Agent {
             .context("register")?
             .into_inner();
         self.see_epoch(reg.epoch);
-        self.answer_received(reg.stamp_ms);
+        self.answer_received(reg.epoch, reg.stamp_ms);
         // A new session may be a new leader: send every definition again.
         self.sent_xml.lock().unwrap_or_else(|p| p.into_inner()).clear();
         tracing::info!(controller = %endpoint, epoch = reg.epoch, "registered");
@@ -161,15 +161,16 @@ impl Agent {
             }
         }
         *seq += 1;
-        let (echo_stamp_ms, echo_held_ms) = match *self.last_answer.lock().unwrap_or_else(|p| p.into_inner())
-        {
-            Some((stamp, at)) => (stamp, at.elapsed().as_millis() as u64),
-            None => (0, 0),
+        let last = *self.last_answer.lock().unwrap_or_else(|p| p.into_inner());
+        let (echo_epoch, echo_stamp_ms, echo_held_ms) = match last {
+            Some((epoch, stamp, at)) => (epoch, stamp, at.elapsed().as_millis() as u64),
+            None => (0, 0, 0),
         };
         let req = HeartbeatRequest {
             seq: *seq,
             facts: Some(facts),
             domains,
+            echo_epoch,
             echo_stamp_ms,
             echo_held_ms,
             self_fenced: self.lease.self_fenced(),
@@ -181,7 +182,7 @@ impl Agent {
             .context("heartbeat timed out")?
             .context("heartbeat")?
             .into_inner();
-        self.answer_received(answer.stamp_ms);
+        self.answer_received(answer.epoch, answer.stamp_ms);
         self.see_epoch(answer.epoch);
         self.sent_xml.lock().unwrap_or_else(|p| p.into_inner()).extend(sending);
         if answer.lease_ttl_ms == 0 {

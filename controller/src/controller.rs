@@ -81,7 +81,7 @@ impl Controller {
         fence: FenceSettings,
     ) -> Result<Arc<Controller>, StoreError> {
         let epoch = store.next_epoch().await?;
-        let mut state = ClusterState { timings, policy, started: Millis(0), ..Default::default() };
+        let mut state = ClusterState { timings, policy, started: Millis(0), epoch, ..Default::default() };
         for h in store.load_hosts().await? {
             state.hosts.insert(h.name.clone(), h);
         }

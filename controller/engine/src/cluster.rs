@@ -237,6 +237,8 @@ pub struct ClusterState {
     pub quorum_since: Option<Millis>,
     /// When this leader took over: no lease of an earlier leader outlives `started + ttl`.
     pub started: Millis,
+    /// This leader's epoch.
+    pub epoch: u64,
 }
 
 impl ClusterState {

@@ -84,6 +84,8 @@ impl LeaseAnswer {
 /// What a heartbeat says about the answer before it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Echo {
+    /// The leader (epoch) that sent it: stamps of another leader's clock mean nothing here.
+    pub epoch: u64,
     /// The stamp of the newest answer the agent received from this leader.
     pub stamp: Millis,
     /// Agent time from receiving that answer to sending this heartbeat.
@@ -142,11 +144,13 @@ fn push_issued(l: &mut HostLease, i: Issued) {
 pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, now: Millis) -> LeaseAnswer {
     observe_quorum(state, now);
     let t = state.timings;
+    let epoch = state.epoch;
     let Some(h) = state.hosts.get_mut(host) else {
         return LeaseAnswer::Refused { stamp: now, reason: "host not registered" };
     };
-    let known =
-        echo.and_then(|e| h.lease.issued.iter().find(|i| i.stamp == e.stamp).copied().map(|i| (e, i)));
+    let known = echo
+        .filter(|e| e.epoch == epoch)
+        .and_then(|e| h.lease.issued.iter().find(|i| i.stamp == e.stamp).copied().map(|i| (e, i)));
     let Some((echo, issued)) = known else {
         push_issued(&mut h.lease, Issued { stamp: now, lease_end: None });
         return LeaseAnswer::Refused { stamp: now, reason: "it echoed no answer of this leader" };
@@ -208,7 +212,7 @@ mod tests {
     use crate::cluster::tests::three_hosts;
 
     fn echo(stamp: Millis, held_ms: u64) -> Option<Echo> {
-        Some(Echo { stamp, held_ms })
+        Some(Echo { epoch: 0, stamp, held_ms })
     }
 
     #[test]
@@ -231,8 +235,12 @@ mod tests {
         // Held 100 ms, arrived 2 s after the answer: up to 1.9 s in flight.
         let a = on_heartbeat(&mut s, "kvm1", echo(r, 100), Millis(3_000));
         assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
-        // An echo this leader never sent (an older leader's) earns nothing either.
+        // An echo this leader never sent earns nothing either, nor one of an older leader.
         let a = on_heartbeat(&mut s, "kvm1", echo(Millis(999), 0), Millis(3_000));
+        assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
+        let stamp = a.stamp();
+        s.epoch = 7;
+        let a = on_heartbeat(&mut s, "kvm1", echo(stamp, 0), Millis(3_001));
         assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
         assert_eq!(s.liveness("kvm1", Millis(3_000)), HostLiveness::Suspect);
     }

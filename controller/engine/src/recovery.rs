@@ -433,7 +433,7 @@ mod tests {
             on_heartbeat(
                 s,
                 h,
-                Some(Echo { stamp, held_ms: t.0.saturating_sub(stamp.0).saturating_sub(5) }),
+                Some(Echo { epoch: 0, stamp, held_ms: t.0.saturating_sub(stamp.0).saturating_sub(5) }),
                 t,
             );
         }
