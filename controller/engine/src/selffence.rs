@@ -14,6 +14,7 @@ use crate::Millis;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SelfFenceConfig {
     pub heartbeat_interval_ms: u64,
+    pub lease_ttl_ms: u64,
     pub fence_margin_ms: u64,
     /// Longest a heartbeat may be in flight and still earn a lease (the leader enforces it).
     pub max_transit_ms: u64,
@@ -27,6 +28,7 @@ impl Default for SelfFenceConfig {
     fn default() -> Self {
         SelfFenceConfig {
             heartbeat_interval_ms: 1_000,
+            lease_ttl_ms: 5_000,
             fence_margin_ms: 1_000,
             max_transit_ms: 150,
             poll_every_ms: 200,
@@ -39,8 +41,8 @@ impl Default for SelfFenceConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerAnswer {
     pub host: String,
-    /// From the moment it answered; 0: no lease the leader could count.
-    pub upper_remaining_ms: u64,
+    /// From the moment it answered; negative: that long ago.
+    pub upper_remaining_ms: i64,
     /// When the answer arrived here.
     pub received_at: Millis,
 }
@@ -91,6 +93,8 @@ pub struct LeaseKeeper {
     cluster_hosts: usize,
     last_poll: Option<Poll>,
     poll_started: Option<Millis>,
+    /// The latest instant at which a poll showed the leader lacked quorum.
+    confirmed_at: Option<Millis>,
     phase: Phase,
 }
 
@@ -104,6 +108,7 @@ impl LeaseKeeper {
             cluster_hosts: 0,
             last_poll: None,
             poll_started: None,
+            confirmed_at: None,
             phase: Phase::Starting,
         }
     }
@@ -130,11 +135,14 @@ impl LeaseKeeper {
         self.cluster_hosts = n;
     }
 
-    /// What this agent answers a peer: until when the leader could count its lease. The leader
-    /// counts only leases this agent received (acknowledged ones), and each ends at most
-    /// `max_transit` after this agent's own view of it.
-    pub fn upper_remaining_ms(&self, now: Millis) -> u64 {
-        self.lease_end.map_or(0, |e| (e.0 + self.cfg.max_transit_ms).saturating_sub(now.0))
+    /// What this agent answers a peer: until when the leader could count its lease, from now
+    /// (negative: it could not since that long). The leader counts only leases this agent
+    /// received, and each ends at most `max_transit` after this agent's own view of it. Before
+    /// its first lease, an earlier run of this agent may have held one, sent before this run
+    /// started: it ended by `started + lease_ttl` in this agent's view.
+    pub fn upper_remaining_ms(&self, now: Millis) -> i64 {
+        let end = self.lease_end.unwrap_or(Millis(self.started.0 + self.cfg.lease_ttl_ms));
+        (end.0 + self.cfg.max_transit_ms) as i64 - now.0 as i64
     }
 
     pub fn polled(&mut self, poll: Poll) {
@@ -151,33 +159,45 @@ impl LeaseKeeper {
         due
     }
 
-    /// Whether the latest poll shows the leader cannot have quorum; the reason either way.
-    fn confirmed(&self, own_end: Millis, now: Millis) -> Result<String, String> {
-        let Some(poll) = &self.last_poll else { return Err("no peer poll has answered".into()) };
-        // A poll older than two poll periods says nothing about now.
+    /// What the latest poll shows about the leader's quorum.
+    fn judge(&self, own_end: Millis, now: Millis) -> Verdict {
+        let Some(poll) = &self.last_poll else { return Verdict::No("no peer poll has answered".into()) };
+        // A poll older than that says nothing about now.
         if now.since(poll.started) > 2 * self.cfg.poll_every_ms + self.cfg.heartbeat_interval_ms {
-            return Err("the latest peer poll is too old".into());
+            return Verdict::No("the latest peer poll is too old".into());
         }
-        let deadline = Millis((own_end.0 + self.cfg.fence_margin_ms).saturating_sub(self.cfg.guard_ms))
-            .max(poll.started);
-        let lapsed: Vec<&str> = poll
-            .answers
-            .iter()
-            .filter(|a| a.received_at.0 + a.upper_remaining_ms <= deadline.0)
-            .map(|a| a.host.as_str())
-            .collect();
         let total = self.cluster_hosts + 1;
         let majority = total / 2 + 1;
-        let blocking = lapsed.len() + 1;
-        let left = total.saturating_sub(blocking);
-        let detail = format!(
-            "{} of {} hosts confirmed without a lease the leader could count (this host and {}); the leader \
-             can hold at most {left} of {total} votes, majority {majority}",
-            blocking,
-            self.cluster_hosts,
-            if lapsed.is_empty() { "none of its peers".to_string() } else { lapsed.join(", ") }
-        );
-        if left < majority { Ok(detail) } else { Err(detail) }
+        // received_at + remaining is no earlier than the true end: the answer was given before
+        // it arrived.
+        let lapsed_by = |t: Millis| -> Vec<&str> {
+            poll.answers
+                .iter()
+                .filter(|a| a.received_at.0 as i64 + a.upper_remaining_ms <= t.0 as i64)
+                .map(|a| a.host.as_str())
+                .collect()
+        };
+        let detail = |lapsed: &[&str]| {
+            format!(
+                "{} of {} hosts without a lease the leader could count (this host and {}); the leader can hold \
+                 at most {} of {total} votes, majority {majority}",
+                lapsed.len() + 1,
+                self.cluster_hosts,
+                if lapsed.is_empty() { "none of its peers".to_string() } else { lapsed.join(", ") },
+                total - (lapsed.len() + 1).min(total),
+            )
+        };
+        let blocks = |lapsed: &[&str]| total.saturating_sub(lapsed.len() + 1) < majority;
+        let at_start = lapsed_by(poll.started);
+        if blocks(&at_start) {
+            return Verdict::Fact(poll.started, detail(&at_start));
+        }
+        let deadline = Millis((own_end.0 + self.cfg.fence_margin_ms).saturating_sub(self.cfg.guard_ms));
+        let by_deadline = lapsed_by(deadline);
+        if now < deadline && blocks(&by_deadline) {
+            return Verdict::Predicted(detail(&by_deadline));
+        }
+        Verdict::No(detail(&by_deadline))
     }
 
     pub fn tick(&mut self, now: Millis) -> Decision {
@@ -201,11 +221,29 @@ impl LeaseKeeper {
             return if self.poll_due(now) { Decision::PollPeers } else { Decision::Nothing };
         }
         if self.cluster_hosts == 0 {
-            // Never heard how big the cluster is: nobody can have restarted anything of ours
-            // under this agent's watch, but nothing confirms it either.
-            return if self.poll_due(now) { Decision::PollPeers } else { Decision::Nothing };
+            let reason = "no lease, and no leader ever said how big the cluster is: nothing can confirm the \
+                          leader lacks quorum"
+                .to_string();
+            self.phase = Phase::Fenced { reason: reason.clone() };
+            return Decision::Fence { reason };
         }
-        match self.confirmed(own_end, now) {
+        let keep = match self.judge(own_end, now) {
+            Verdict::Fact(at, reason) => {
+                self.confirmed_at = Some(self.confirmed_at.map_or(at, |c| c.max(at)));
+                Ok(reason)
+            }
+            Verdict::Predicted(reason) => Ok(format!("{reason}, once their leases lapse")),
+            // At the last confirmed instant the leader lacked quorum: it cannot declare this host
+            // dead before holding quorum for lease_ttl + fence_margin after it. Until then keep
+            // trying for a lease (the leader may just have come back for another host first).
+            Verdict::No(reason) => match self.confirmed_at {
+                Some(c) if now.0 + self.cfg.guard_ms < c.0 + self.cfg.lease_ttl_ms + self.cfg.fence_margin_ms => {
+                    Ok(format!("not confirmed any more ({reason}), but the leader lacked quorum {} ms ago", now.since(c)))
+                }
+                _ => Err(reason),
+            },
+        };
+        match keep {
             Ok(reason) => {
                 let first = !matches!(self.phase, Phase::Keeping { .. });
                 self.phase = Phase::Keeping { reason: reason.clone() };
@@ -226,11 +264,20 @@ impl LeaseKeeper {
     }
 }
 
+/// What a poll shows.
+enum Verdict {
+    /// At this instant (the poll's start) the leader lacked quorum.
+    Fact(Millis, String),
+    /// The leader will lack quorum by the deadline unless peers renew, which the next polls see.
+    Predicted(String),
+    No(String),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn answer(host: &str, upper: u64, at: u64) -> PeerAnswer {
+    fn answer(host: &str, upper: i64, at: u64) -> PeerAnswer {
         PeerAnswer { host: host.into(), upper_remaining_ms: upper, received_at: Millis(at) }
     }
 
@@ -299,7 +346,8 @@ mod tests {
     fn what_peers_are_told_covers_the_leaders_longer_view() {
         let k = leased(1_000);
         assert_eq!(k.upper_remaining_ms(Millis(6_000)), 150);
-        assert_eq!(k.upper_remaining_ms(Millis(6_150)), 0);
-        assert_eq!(LeaseKeeper::new(SelfFenceConfig::default(), Millis(0)).upper_remaining_ms(Millis(1)), 0);
+        assert_eq!(k.upper_remaining_ms(Millis(6_200)), -50);
+        // A fresh agent: an earlier run's lease may be counted until start + ttl + transit.
+        assert_eq!(LeaseKeeper::new(SelfFenceConfig::default(), Millis(100)).upper_remaining_ms(Millis(200)), 5_050);
     }
 }
