@@ -74,7 +74,7 @@ impl LeaseShell {
     }
 
     /// What this agent tells a polling peer.
-    pub fn upper_remaining_ms(&self) -> u64 {
+    pub fn upper_remaining_ms(&self) -> i64 {
         let now = self.now();
         self.keeper().upper_remaining_ms(now)
     }

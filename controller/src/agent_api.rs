@@ -76,8 +76,11 @@ impl AgentService for AgentApi {
         let host = validate::agent_host(&req)?;
         let r = req.into_inner();
         let domains = validate::reported_domains(&r.domains)?;
-        let echo = (r.echo_stamp_ms > 0)
-            .then_some(Echo { epoch: r.echo_epoch, stamp: Millis(r.echo_stamp_ms), held_ms: r.echo_held_ms });
+        let echo = (r.echo_stamp_ms > 0).then_some(Echo {
+            epoch: r.echo_epoch,
+            stamp: Millis(r.echo_stamp_ms),
+            held_ms: r.echo_held_ms,
+        });
         let c = &self.0;
         let now = c.now();
         let outcome = c.update(|s| {

@@ -79,6 +79,7 @@ impl OperatorService for OperatorApi {
             active_operations: Vec::new(),
             quorum,
             protected_down,
+            leader_clock_ms: now.0,
         }))
     }
 

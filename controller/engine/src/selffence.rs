@@ -237,8 +237,13 @@ impl LeaseKeeper {
             // dead before holding quorum for lease_ttl + fence_margin after it. Until then keep
             // trying for a lease (the leader may just have come back for another host first).
             Verdict::No(reason) => match self.confirmed_at {
-                Some(c) if now.0 + self.cfg.guard_ms < c.0 + self.cfg.lease_ttl_ms + self.cfg.fence_margin_ms => {
-                    Ok(format!("not confirmed any more ({reason}), but the leader lacked quorum {} ms ago", now.since(c)))
+                Some(c)
+                    if now.0 + self.cfg.guard_ms < c.0 + self.cfg.lease_ttl_ms + self.cfg.fence_margin_ms =>
+                {
+                    Ok(format!(
+                        "not confirmed any more ({reason}), but the leader lacked quorum {} ms ago",
+                        now.since(c)
+                    ))
                 }
                 _ => Err(reason),
             },
@@ -348,6 +353,9 @@ mod tests {
         assert_eq!(k.upper_remaining_ms(Millis(6_000)), 150);
         assert_eq!(k.upper_remaining_ms(Millis(6_200)), -50);
         // A fresh agent: an earlier run's lease may be counted until start + ttl + transit.
-        assert_eq!(LeaseKeeper::new(SelfFenceConfig::default(), Millis(100)).upper_remaining_ms(Millis(200)), 5_050);
+        assert_eq!(
+            LeaseKeeper::new(SelfFenceConfig::default(), Millis(100)).upper_remaining_ms(Millis(200)),
+            5_050
+        );
     }
 }

@@ -44,13 +44,41 @@ enum Fault {
 enum Event {
     Fault(Fault),
     /// A heartbeat reaches the leader.
-    Heartbeat { host: usize, sent_at: u64, echo: Option<Echo>, life: u64 },
+    Heartbeat {
+        host: usize,
+        sent_at: u64,
+        echo: Option<Echo>,
+        life: u64,
+    },
     /// The leader's answer reaches the agent.
-    Answer { host: usize, sent_at: u64, answer: LeaseAnswer, epoch: u64, hosts: usize, next_in: u64, life: u64 },
+    Answer {
+        host: usize,
+        sent_at: u64,
+        answer: LeaseAnswer,
+        epoch: u64,
+        hosts: usize,
+        next_in: u64,
+        life: u64,
+    },
     /// A peer answers a poll (computed when it arrives at the peer).
-    PeerAsked { asker: usize, peer: usize, poll: u64, back_delay: u64, life: u64 },
-    PeerAnswered { asker: usize, poll: u64, answer: PeerAnswer, life: u64 },
-    PollDone { host: usize, poll: u64, life: u64 },
+    PeerAsked {
+        asker: usize,
+        peer: usize,
+        poll: u64,
+        back_delay: u64,
+        life: u64,
+    },
+    PeerAnswered {
+        asker: usize,
+        poll: u64,
+        answer: PeerAnswer,
+        life: u64,
+    },
+    PollDone {
+        host: usize,
+        poll: u64,
+        life: u64,
+    },
 }
 
 struct Agent {
@@ -101,8 +129,12 @@ impl Sim {
         let mut leader = ClusterState { timings: Timings::default(), epoch: 1, ..Default::default() };
         for i in 0..hosts {
             let mut h = HostView::new(&host_name(i));
-            h.resources =
-                HostResources { cpus: 8, memory_total_kib: 8 << 20, memory_free_kib: 4 << 20, cpu_model: "x".into() };
+            h.resources = HostResources {
+                cpus: 8,
+                memory_total_kib: 8 << 20,
+                memory_free_kib: 4 << 20,
+                cpu_model: "x".into(),
+            };
             leader.hosts.insert(host_name(i), h);
             let mut vm = VmView::new(&vm_uuid(i), &format!("vm{i}"));
             vm.host = Some(host_name(i));
@@ -218,7 +250,10 @@ impl Sim {
                 for p in 0..self.agents.len() {
                     if p != h && self.peers_reachable(h, p) {
                         let (d1, d2) = (self.delay(), self.delay());
-                        self.at(now + d1, Event::PeerAsked { asker: h, peer: p, poll: now, back_delay: d2, life });
+                        self.at(
+                            now + d1,
+                            Event::PeerAsked { asker: h, peer: p, poll: now, back_delay: d2, life },
+                        );
                     }
                 }
                 self.agents[h].polls.push((now, Vec::new()));
@@ -257,7 +292,11 @@ impl Sim {
                     .map(|v| ReportedDomain {
                         uuid: vm_uuid(v),
                         name: format!("vm{v}"),
-                        state: if self.copies[v].contains(&host) { RunState::Running } else { RunState::ShutOff },
+                        state: if self.copies[v].contains(&host) {
+                            RunState::Running
+                        } else {
+                            RunState::ShutOff
+                        },
                         memory_kib: 65_536,
                         vcpus: 1,
                     })
@@ -295,7 +334,8 @@ impl Sim {
                 }
                 let upper = self.agents[peer].keeper.upper_remaining_ms(Millis(self.now));
                 let t = self.now + back_delay;
-                let answer = PeerAnswer { host: host_name(peer), upper_remaining_ms: upper, received_at: Millis(t) };
+                let answer =
+                    PeerAnswer { host: host_name(peer), upper_remaining_ms: upper, received_at: Millis(t) };
                 self.at(t, Event::PeerAnswered { asker, poll, answer, life });
             }
             Event::PeerAnswered { asker, poll, answer, life } => {
