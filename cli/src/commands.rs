@@ -60,6 +60,10 @@ enum Verb {
         /// Only these hosts may run it, comma-separated ("" allows any again).
         #[arg(long, value_name = "H1,H2", value_delimiter = ',')]
         hosts: Option<Vec<String>>,
+        /// Its home: with the controller's --failback-after, it goes back there by live
+        /// migration once that host is healthy again ("" clears it).
+        #[arg(long, value_name = "HOST")]
+        prefer: Option<String>,
     },
     /// Stop protecting a VM (it keeps running where it is).
     Unprotect {
@@ -206,7 +210,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let v = c.get_vm(GetVmRequest { vm }).await?.into_inner();
             show_vm(fmt, &v);
         }
-        Verb::Protect { vm, priority, anti_affinity, hosts } => {
+        Verb::Protect { vm, priority, anti_affinity, hosts, prefer } => {
             let allowed_hosts: Vec<String> =
                 hosts.clone().unwrap_or_default().into_iter().filter(|h| !h.is_empty()).collect();
             let req = SetProtectionRequest {
@@ -216,6 +220,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 anti_affinity,
                 set_allowed_hosts: hosts.is_some(),
                 allowed_hosts,
+                preferred_host: prefer,
             };
             let v = c.set_protection(req).await?.into_inner();
             show_vm(fmt, &v);
@@ -331,10 +336,18 @@ fn show_vm(fmt: Format, v: &Vm) {
         Format::Json => output::json(v),
         Format::Table => {
             let row = vm_row(v);
-            for (k, val) in
-                ["name", "host", "state", "memory", "vcpus", "protected", "priority", "uuid"].iter().zip(row)
-            {
-                println!("{k:>10}: {val}");
+            let keys = ["name", "host", "state", "memory", "vcpus", "protected", "priority", "uuid"];
+            for (k, val) in keys.iter().zip(row) {
+                println!("{k:>14}: {val}");
+            }
+            let extra = [
+                ("anti-affinity", v.anti_affinity.clone()),
+                ("allowed hosts", v.allowed_hosts.join(",")),
+                ("preferred host", v.preferred_host.clone()),
+                ("not running", v.why_not_running.clone()),
+            ];
+            for (k, val) in extra.iter().filter(|(_, val)| !val.is_empty()) {
+                println!("{k:>14}: {val}");
             }
         }
     }

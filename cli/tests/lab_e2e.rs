@@ -207,7 +207,7 @@ fn protect_and_live_migrate(lab: &Lab) {
     assert_eq!(vm["priority"], 100, "{vm}");
     assert_eq!(vm["state"], "running", "{vm}");
     let source = vm["host"].as_str().unwrap().to_string();
-    assert_eq!(running_on("dns1"), [source.clone()], "the processes agree dns1 runs on {source}");
+    assert_eq!(running_on("dns1"), std::slice::from_ref(&source), "the processes agree dns1 runs on {source}");
     let target = HOSTS.into_iter().find(|h| *h != source).unwrap();
 
     let out = lab.vmha_ok(&["migrate", "dns1", "--to", target]);
@@ -357,7 +357,8 @@ fn a_stopped_controller_stops_no_vm(lab: &Lab) {
 }
 
 fn main() {
-    let scenarios: [(&str, fn(&Lab)); 5] = [
+    type Scenario = (&'static str, fn(&Lab));
+    let scenarios: [Scenario; 5] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),

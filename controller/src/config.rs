@@ -40,6 +40,10 @@ pub struct Flags {
     /// A failed restart after a host failure is retried on another host this many times.
     #[arg(long, default_value_t = 2)]
     pub max_relocate: u32,
+    /// Move VMs back to their preferred host (`vmha protect --prefer`) once it has been healthy
+    /// this long, by live migration; off unless given.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub failback_after: Option<Duration>,
     /// Restarts in flight at once after a host failure.
     #[arg(long, default_value_t = 4)]
     pub max_parallel_starts: usize,

@@ -222,6 +222,25 @@ impl Controller {
                         );
                     }
                 }
+                Action::Failback { vm_uuid, vm_name, host } => {
+                    let now = self.now();
+                    match self.read(|s| vmha_engine::migration::plan_migration(s, &vm_uuid, &host, now)) {
+                        Ok(plan) => {
+                            self.event(
+                                "vm",
+                                &vm_name,
+                                "failback",
+                                format!("{vm_name}'s preferred host {host} is healthy again: moving it back"),
+                                "controller",
+                            )
+                            .await?;
+                            if let Err(e) = self.start_migration(plan, "failback").await {
+                                tracing::warn!(vm = %vm_name, error = %e.message(), "failback");
+                            }
+                        }
+                        Err(why) => tracing::debug!(vm = %vm_name, %why, "failback not possible now"),
+                    }
+                }
                 Action::DestroyStale { vm_uuid, vm_name, host } => {
                     let cmd = command::Kind::Destroy(DestroyDomain { uuid: vm_uuid.clone() });
                     if let Err(why) = self.send_operation("destroy", &vm_uuid, &vm_name, &host, "", cmd).await

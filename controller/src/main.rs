@@ -26,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
     let policy = Policy {
         max_relocate: flags.max_relocate,
         max_parallel_starts: flags.max_parallel_starts,
+        failback_after_ms: flags.failback_after.map(|d| d.as_millis() as u64),
         ..Policy::default()
     };
     let fence = FenceSettings { command: flags.fence_command, timeout: flags.fence_timeout };

@@ -105,6 +105,9 @@ impl OperatorService for OperatorApi {
         let key = validate::vm_ref(&r.vm)?;
         let priority = r.priority.map(validate::priority).transpose()?;
         let group = r.anti_affinity.as_deref().map(validate::group).transpose()?;
+        if let Some(p) = r.preferred_host.as_deref().filter(|p| !p.is_empty()) {
+            validate::host_name(p)?;
+        }
         for h in &r.allowed_hosts {
             validate::host_name(h)?;
         }
@@ -113,7 +116,8 @@ impl OperatorService for OperatorApi {
             .0
             .update(|s| {
                 let uuid = s.find_vm(key)?.uuid.clone();
-                if let Some(unknown) = r.allowed_hosts.iter().find(|h| !s.hosts.contains_key(*h)) {
+                let named = r.allowed_hosts.iter().chain(r.preferred_host.iter().filter(|p| !p.is_empty()));
+                if let Some(unknown) = named.into_iter().find(|h| !s.hosts.contains_key(*h)) {
                     return Err(Refusal::UnknownHost(unknown.clone()));
                 }
                 let vm = s.vms.get_mut(&uuid).expect("found above");
@@ -128,6 +132,9 @@ impl OperatorService for OperatorApi {
                 if r.set_allowed_hosts {
                     vm.allowed_hosts = r.allowed_hosts.clone();
                 }
+                if let Some(p) = &r.preferred_host {
+                    vm.preferred_host = (!p.is_empty()).then(|| p.clone());
+                }
                 if !vm.protected {
                     vm.recovery = None;
                 }
@@ -138,8 +145,14 @@ impl OperatorService for OperatorApi {
         // store has not seen; write the observed part first.
         self.0.store.upsert_vm(&vm).await.map_err(internal)?;
         self.0.store.set_protection(&vm).await.map_err(internal)?;
-        let changed = (before.protected, before.priority, &before.anti_affinity, &before.allowed_hosts)
-            != (vm.protected, vm.priority, &vm.anti_affinity, &vm.allowed_hosts);
+        let changed =
+            (
+                before.protected,
+                before.priority,
+                &before.anti_affinity,
+                &before.allowed_hosts,
+                &before.preferred_host,
+            ) != (vm.protected, vm.priority, &vm.anti_affinity, &vm.allowed_hosts, &vm.preferred_host);
         if changed {
             let message = if vm.protected {
                 let mut m =
@@ -149,6 +162,9 @@ impl OperatorService for OperatorApi {
                 }
                 if !vm.allowed_hosts.is_empty() {
                     m += &format!(", only on {}", vm.allowed_hosts.join(","));
+                }
+                if let Some(p) = &vm.preferred_host {
+                    m += &format!(", prefers {p}");
                 }
                 m
             } else {

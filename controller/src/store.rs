@@ -244,10 +244,11 @@ impl Store {
             anti_affinity: Option<String>,
             allowed_hosts: Vec<String>,
             xml: String,
+            preferred_host: Option<String>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host, anti_affinity,
-                 allowed_hosts, xml
+                 allowed_hosts, xml, preferred_host
              FROM vms ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -267,6 +268,7 @@ impl Store {
                 vm.anti_affinity = r.anti_affinity;
                 vm.allowed_hosts = r.allowed_hosts;
                 vm.xml = r.xml;
+                vm.preferred_host = r.preferred_host;
                 vm
             })
             .collect())
@@ -298,7 +300,7 @@ impl Store {
     pub async fn set_protection(&self, vm: &VmView) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE vms SET protected = $2, priority = $3, anti_affinity = $4, allowed_hosts = $5,
-                 updated_at = now()
+                 preferred_host = $6, updated_at = now()
              WHERE uuid = $1",
         )
         .bind(parse_uuid(&vm.uuid)?)
@@ -306,6 +308,7 @@ impl Store {
         .bind(vm.priority)
         .bind(&vm.anti_affinity)
         .bind(&vm.allowed_hosts)
+        .bind(&vm.preferred_host)
         .execute(&self.pool)
         .await
         .map_err(q("set protection"))?;

@@ -58,6 +58,7 @@ pub fn vm(s: &ClusterState, v: &VmView, now: Millis) -> pb::Vm {
         priority: v.priority,
         anti_affinity: v.anti_affinity.clone().unwrap_or_default(),
         allowed_hosts: v.allowed_hosts.clone(),
+        preferred_host: v.preferred_host.clone().unwrap_or_default(),
         why_not_running: if v.protected {
             explain(s, &v.uuid, now).unwrap_or_default()
         } else {

@@ -183,6 +183,8 @@ pub struct VmView {
     pub anti_affinity: Option<String>,
     /// Hosts it may run on; empty: any.
     pub allowed_hosts: Vec<String>,
+    /// Where it should run when that host is healthy (failback goes there).
+    pub preferred_host: Option<String>,
     /// The inactive domain XML, to define it elsewhere; empty until an agent sent it.
     pub xml: String,
     /// Set while it must be restarted elsewhere.
@@ -203,6 +205,7 @@ impl VmView {
             busy_with: None,
             anti_affinity: None,
             allowed_hosts: Vec::new(),
+            preferred_host: None,
             xml: String::new(),
             recovery: None,
         }
@@ -218,11 +221,14 @@ pub struct Policy {
     pub max_parallel_starts: usize,
     /// vCPUs a host may carry per physical CPU.
     pub vcpu_overcommit: u32,
+    /// Move a VM back to its preferred host by live migration once that host has held a lease
+    /// without a break for this long; `None`: never (Linux-HA's nice_failback).
+    pub failback_after_ms: Option<u64>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { max_relocate: 2, max_parallel_starts: 4, vcpu_overcommit: 4 }
+        Policy { max_relocate: 2, max_parallel_starts: 4, vcpu_overcommit: 4, failback_after_ms: None }
     }
 }
 

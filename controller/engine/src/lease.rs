@@ -54,6 +54,8 @@ pub struct HostLease {
     pub acked_end: Option<Millis>,
     /// When the newest lease was granted (the heartbeat's arrival).
     pub granted_at: Option<Millis>,
+    /// Since when it has held a lease without a break.
+    pub held_since: Option<Millis>,
 }
 
 impl HostLease {
@@ -167,6 +169,9 @@ pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, no
     }
     let end = Millis(now.0 + t.lease_ttl_ms);
     push_issued(&mut h.lease, Issued { stamp: now, lease_end: Some(end) });
+    if h.lease.end(&t).is_none_or(|e| e <= now) {
+        h.lease.held_since = Some(now);
+    }
     h.lease.granted_at = Some(now);
     LeaseAnswer::Granted { stamp: now, ttl_ms: t.lease_ttl_ms }
 }

@@ -65,6 +65,11 @@ fn unfit(state: &ClusterState, vm: &VmView, host: &str, now: Millis, exclude: &[
     None
 }
 
+/// Whether `host` can take `vm` now.
+pub fn fits(state: &ClusterState, vm: &VmView, host: &str, now: Millis) -> bool {
+    state.hosts.contains_key(host) && unfit(state, vm, host, now, &[]).is_none()
+}
+
 /// The host to start `vm` on, or why none fits (one clause per host).
 pub fn place(state: &ClusterState, vm: &VmView, now: Millis, exclude: &[String]) -> Result<String, String> {
     let mut reasons = Vec::new();

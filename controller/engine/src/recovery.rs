@@ -36,6 +36,8 @@ pub enum Action {
     Fence { host: String },
     /// Define and start the VM on `host` (its XML is in the state).
     Start { vm_uuid: String, vm_name: String, host: String },
+    /// Live-migrate the VM back to its preferred host (failback).
+    Failback { vm_uuid: String, vm_name: String, host: String },
     /// Destroy a stale copy on a host that came back (fencing was bypassed).
     DestroyStale { vm_uuid: String, vm_name: String, host: String },
     /// Write an event.
@@ -133,7 +135,37 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
         }
     }
     schedule_restarts(state, now, &mut out);
+    schedule_failback(state, now, &mut out);
     out
+}
+
+/// With failback on, one running VM at a time goes back to its preferred host once that host
+/// has held a lease for `failback_after` and can take it.
+fn schedule_failback(state: &ClusterState, now: Millis, out: &mut Vec<Action>) {
+    let Some(after) = state.policy.failback_after_ms else { return };
+    if state.vms.values().any(|v| v.busy_with.is_some()) {
+        return;
+    }
+    let due = state.vms.values().find(|v| {
+        let Some(p) = v.preferred_host.as_deref() else { return false };
+        let settled = state
+            .hosts
+            .get(p)
+            .is_some_and(|h| h.dead.is_none() && h.lease.held_since.is_some_and(|s| now.since(s) >= after));
+        v.state == RunState::Running
+            && v.recovery.is_none()
+            && v.host.as_deref().is_some_and(|h| h != p)
+            && settled
+            && state.liveness(p, now) == HostLiveness::Online
+            && placement::fits(state, v, p, now)
+    });
+    if let Some(v) = due {
+        out.push(Action::Failback {
+            vm_uuid: v.uuid.clone(),
+            vm_name: v.name.clone(),
+            host: v.preferred_host.clone().expect("filtered"),
+        });
+    }
 }
 
 fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action>) {
@@ -603,6 +635,30 @@ mod tests {
         assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "restart_cancelled", .. })));
         assert_eq!(s.vms["b"].recovery, None);
         assert_eq!(s.liveness("kvm1", Millis(5_600)), HostLiveness::Online);
+    }
+
+    #[test]
+    fn failback_moves_a_vm_home_once_its_host_has_been_healthy_for_a_while() {
+        let mut s = cluster();
+        s.policy.failback_after_ms = Some(10_000);
+        let vm = s.vms.get_mut("a").unwrap();
+        vm.preferred_host = Some("kvm3".into());
+        let mut a = Vec::new();
+        for t in (0..9_000).step_by(500) {
+            beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(t));
+            a.extend(tick(&mut s, Millis(t)));
+        }
+        assert!(a.is_empty(), "{a:?}");
+        for t in (9_000..=11_000).step_by(500) {
+            beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(t));
+            a.extend(tick(&mut s, Millis(t)));
+        }
+        assert!(
+            matches!(&a[..], [Action::Failback { vm_name, host, .. }, ..] if vm_name == "dns1" && host == "kvm3"),
+            "{a:?}"
+        );
+        s.policy.failback_after_ms = None;
+        assert!(tick(&mut s, Millis(11_500)).is_empty(), "off by default");
     }
 
     #[test]

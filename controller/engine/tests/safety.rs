@@ -218,7 +218,7 @@ impl Sim {
             for h in 0..self.agents.len() {
                 self.agent_step(h);
             }
-            if self.now >= self.paused_until && self.now % LEADER_TICK == 0 {
+            if self.now >= self.paused_until && self.now.is_multiple_of(LEADER_TICK) {
                 let now = Millis(self.now);
                 let actions = recovery::tick(&mut self.leader, now);
                 self.perform(actions);
@@ -340,10 +340,11 @@ impl Sim {
             }
             Event::PeerAnswered { asker, poll, answer, life } => {
                 let a = &mut self.agents[asker];
-                if a.life == life && answer.received_at.0 <= poll + POLL_TIMEOUT {
-                    if let Some((_, answers)) = a.polls.iter_mut().find(|(p, _)| *p == poll) {
-                        answers.push(answer);
-                    }
+                if a.life == life
+                    && answer.received_at.0 <= poll + POLL_TIMEOUT
+                    && let Some((_, answers)) = a.polls.iter_mut().find(|(p, _)| *p == poll)
+                {
+                    answers.push(answer);
                 }
             }
             Event::PollDone { host, poll, life } => {
