@@ -331,7 +331,7 @@ fn a_stopped_controller_stops_no_vm(lab: &Lab) {
     lab.settle();
     let before = qemu_processes();
     let last_event = lab.events().last().map_or(0, |e| e["id"].as_i64().unwrap());
-    // Stop it mid-second: heartbeats are aligned on its whole seconds (docs/safety.md).
+    // Stop it mid-second: heartbeats are aligned on its whole seconds (controller/engine/SAFETY.md).
     wait_until("the middle of a leader second", Duration::from_secs(5), || {
         let clock = lab.json(&["status"])["leader_clock_ms"].as_u64().unwrap();
         (300..700).contains(&(clock % 1000))

@@ -129,7 +129,7 @@ impl AgentService for AgentApi {
         }
         let interval = c.timings().heartbeat_interval_ms;
         // Align every host's heartbeats on the leader's clock, so that their leases end
-        // together if the leader goes away (see docs/safety.md).
+        // together if the leader goes away (see controller/engine/SAFETY.md).
         let mut next = interval - now.0 % interval;
         if next < interval / 4 {
             next += interval;

@@ -3,7 +3,7 @@
 //! enough for a silent host to be declared dead.
 //!
 //! Two refinements over the plain rule make the agents' peer polls sound (see
-//! `selffence` for the agent's half, and docs/safety.md for the argument):
+//! `selffence` for the agent's half, and controller/engine/SAFETY.md for the argument):
 //! - **Bounded transit.** A heartbeat echoes the stamp of the last answer its agent received
 //!   and how long ago that was; the leader grants a lease only if that proves the heartbeat
 //!   spent at most `max_transit` in flight. So a lease the leader grants ends at most

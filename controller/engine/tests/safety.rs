@@ -521,7 +521,7 @@ fn the_controller_cut_off_from_most_hosts_restarts_nothing_and_they_keep_their_v
     assert!(sim.copies[0].contains(&0) && sim.copies[1].contains(&1));
 }
 
-/// Known limit (docs/safety.md): a controller stopped in the few milliseconds while its hosts'
+/// Known limit (controller/engine/SAFETY.md): a controller stopped in the few milliseconds while its hosts'
 /// aligned heartbeats arrive leaves some hosts with a lease one interval longer than others;
 /// the others cannot confirm in time and self-fence. Outside that window nothing stops.
 #[test]
