@@ -82,6 +82,12 @@ enum Verb {
         /// Return once the migration has started; follow it with `vmha events`.
         #[arg(long)]
         no_wait: bool,
+        /// Bandwidth cap for this migration, MiB/s (default: the controller's).
+        #[arg(long, value_name = "MIB_S")]
+        bandwidth: Option<u64>,
+        /// Abort the migration after this long (e.g. 30s); the VM keeps running where it is.
+        #[arg(long, value_parser = humantime_duration)]
+        timeout: Option<Duration>,
     },
     /// The audit log: what vmha and operators did, and why.
     Events {
@@ -110,6 +116,40 @@ enum HostVerb {
         #[arg(value_parser = ["self", "external", "manual"])]
         mode: String,
     },
+    /// Move every VM off a host by live migration (protected first, bounded concurrency) and
+    /// put it in maintenance. A VM that cannot move stays; the drain then ends incomplete and
+    /// the host does not enter maintenance. Nothing is ever cold-restarted.
+    #[command(
+        after_help = "Examples:\n  vmha host drain kvm2 --dry-run   # the plan: each VM, its target, why\n  \
+        vmha host drain kvm2             # progress bars until done\n  \
+        vmha host drain kvm2 --no-wait   # start and return; re-attach with --wait"
+    )]
+    Drain {
+        host: String,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Start the drain and return at once.
+        #[arg(long, conflicts_with = "wait")]
+        no_wait: bool,
+        /// Follow a drain already running (or start one) until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Return a drained host to service: it takes VMs again.
+    Undrain { host: String },
+    /// Cap the memory vmha places on a host (0: no cap), e.g. to keep room for the host OS.
+    Limit {
+        host: String,
+        /// MiB of VMs at most.
+        #[arg(long, value_name = "MIB")]
+        memory: u64,
+    },
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let d: Duration = s.parse::<humantime::Duration>().map_err(|e| e.to_string())?.into();
+    Ok(d)
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,7 +186,7 @@ impl From<tonic::Status> for Failure {
     }
 }
 
-type Client = OperatorServiceClient<Channel>;
+pub type Client = OperatorServiceClient<Channel>;
 
 async fn connect(endpoints: &[String]) -> Result<Client, Failure> {
     let mut last = String::new();
@@ -176,8 +216,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 Format::Json => output::json(&s),
                 Format::Table => {
                     println!(
-                        "epoch {}  hosts {}/{} online  VMs {} running of {}  protected {} ({} not running)",
+                        "epoch {}  quorum {}  hosts {}/{} online  VMs {} running of {}  protected {} ({} not running)",
                         s.epoch,
+                        if s.quorum { "yes" } else { "NO" },
                         s.hosts_online,
                         s.hosts_total,
                         s.vms_running,
@@ -186,6 +227,20 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         s.protected_not_running
                     );
                     host_table(&s.hosts);
+                    for h in &s.hosts {
+                        if !h.note.is_empty() {
+                            println!("{}: {}", h.name, h.note);
+                        }
+                        for p in h.probes.iter().filter(|p| !p.ok) {
+                            println!("{}: probe {} failing: {}", h.name, p.name, p.detail);
+                        }
+                        if let Some(d) = h.drain.as_ref().filter(|d| d.state != "done") {
+                            println!("{}: drain {}: {}", h.name, d.state, d.message);
+                        }
+                    }
+                    for v in &s.protected_down {
+                        println!("protected {} is not running: {}", v.name, v.why_not_running);
+                    }
                 }
             }
         }
@@ -237,6 +292,25 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 Format::Table => println!("{} is {}: {}", h.name, h.state, h.note),
             }
         }
+        Verb::Host(HostVerb::Drain { host, dry_run, no_wait, wait }) => {
+            return crate::drain::run(&mut c, fmt, host, dry_run, no_wait, wait).await;
+        }
+        Verb::Host(HostVerb::Undrain { host }) => {
+            let h = c.undrain(UndrainRequest { host }).await?.into_inner();
+            match fmt {
+                Format::Json => output::json(&h),
+                Format::Table => println!("{} is {} ({})", h.name, h.admin_state, h.state),
+            }
+        }
+        Verb::Host(HostVerb::Limit { host, memory }) => {
+            let req = SetMemoryLimitRequest { host, memory_limit_mib: memory };
+            let h = c.set_memory_limit(req).await?.into_inner();
+            let limit = if h.memory_limit_mib == 0 { "none".into() } else { mib(h.memory_limit_mib) };
+            match fmt {
+                Format::Json => output::json(&h),
+                Format::Table => println!("{}: memory limit {limit}", h.name),
+            }
+        }
         Verb::Host(HostVerb::Fencing { host, mode }) => {
             let h = c.set_fencing(SetFencingRequest { host, mode }).await?.into_inner();
             match fmt {
@@ -244,8 +318,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 Format::Table => println!("{}: fencing {}", h.name, h.fencing),
             }
         }
-        Verb::Migrate { vm, to, no_wait } => {
-            let op = c.migrate(MigrateRequest { vm, target_host: to }).await?.into_inner();
+        Verb::Migrate { vm, to, no_wait, bandwidth, timeout } => {
+            let req = MigrateRequest {
+                vm,
+                target_host: to,
+                bandwidth_mib_s: bandwidth.unwrap_or(0),
+                timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+            };
+            let op = c.migrate(req).await?.into_inner();
             let op = if no_wait { op } else { follow_operation(&mut c, op, fmt).await? };
             match fmt {
                 Format::Json => output::json(&op),
@@ -289,12 +369,12 @@ fn host_table(hosts: &[Host]) {
             "STATE",
             "LEASE",
             "ADMIN",
+            "HEALTH",
             "FENCING",
             "VMS",
             "CPUS",
             "MEMORY FREE/TOTAL",
             "HEARTBEAT",
-            "LIBVIRT",
         ],
         hosts
             .iter()
@@ -306,12 +386,12 @@ fn host_table(hosts: &[Host]) {
                         if l >= 0.0 { format!("{l:.1}s left") } else { format!("expired {:.1}s ago", -l) }
                     }),
                     h.admin_state.clone(),
+                    h.health.clone(),
                     h.fencing.clone(),
                     h.vms_running.to_string(),
                     h.cpus.to_string(),
                     format!("{} / {}", mib(h.memory_free_mib), mib(h.memory_total_mib)),
                     h.heartbeat_age_s.map_or("never".into(), |a| format!("{a:.1}s ago")),
-                    h.libvirt_version.clone(),
                 ]
             })
             .collect(),

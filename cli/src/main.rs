@@ -1,6 +1,7 @@
 //! `vmha`: the operator's command line.
 
 mod commands;
+mod drain;
 mod output;
 
 use std::process::ExitCode;

@@ -207,7 +207,11 @@ fn protect_and_live_migrate(lab: &Lab) {
     assert_eq!(vm["priority"], 100, "{vm}");
     assert_eq!(vm["state"], "running", "{vm}");
     let source = vm["host"].as_str().unwrap().to_string();
-    assert_eq!(running_on("dns1"), std::slice::from_ref(&source), "the processes agree dns1 runs on {source}");
+    assert_eq!(
+        running_on("dns1"),
+        std::slice::from_ref(&source),
+        "the processes agree dns1 runs on {source}"
+    );
     let target = HOSTS.into_iter().find(|h| *h != source).unwrap();
 
     let out = lab.vmha_ok(&["migrate", "dns1", "--to", target]);
@@ -356,14 +360,132 @@ fn a_stopped_controller_stops_no_vm(lab: &Lab) {
     assert!(bad.is_empty(), "{bad:?}");
 }
 
+const GUESTS: [&str; 3] = ["dns1", "radius1", "dns2"];
+
+fn host_json(lab: &Lab, host: &str) -> serde_json::Value {
+    let hosts = lab.json(&["host", "ls"]);
+    hosts.as_array().unwrap().iter().find(|h| h["name"] == host).cloned().expect("host listed")
+}
+
+/// Kinds of the events after `after`, for `vm`.
+fn kinds_since(lab: &Lab, after: i64, vm: &str) -> Vec<String> {
+    lab.events()
+        .into_iter()
+        .filter(|e| e["id"].as_i64().unwrap() > after && e["subject"] == vm)
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn last_event_id(lab: &Lab) -> i64 {
+    lab.events().last().map_or(0, |e| e["id"].as_i64().unwrap())
+}
+
+fn drain_moves_every_vm_live_and_ends_in_maintenance(lab: &Lab) {
+    lab.settle();
+    let host = "kvm3";
+    for vm in GUESTS {
+        place(lab, vm, host);
+    }
+    let before = last_event_id(lab);
+    let plan = lab.vmha_ok(&["host", "drain", host, "--dry-run"]);
+    for vm in GUESTS {
+        assert!(plan.contains(vm), "the dry run lists {vm}: {plan}");
+    }
+    assert_eq!(host_json(lab, host)["admin_state"], "active", "a dry run changes nothing");
+    let out = lab.vmha_ok(&["host", "drain", host]);
+    assert!(out.contains(&format!("drain of {host} done")), "{out}");
+    for vm in GUESTS {
+        let on = running_on(vm);
+        assert!(on.len() == 1 && on[0] != host, "{vm} runs on {on:?}");
+        let kinds = kinds_since(lab, before, vm);
+        assert!(kinds.contains(&"migration_succeeded".to_string()), "{vm} was migrated: {kinds:?}");
+        assert!(!kinds.iter().any(|k| k.starts_with("restart")), "{vm} was not restarted: {kinds:?}");
+    }
+    assert_eq!(host_json(lab, host)["admin_state"], "maintenance");
+    lab.vmha_ok(&["host", "undrain", host]);
+    assert_eq!(host_json(lab, host)["admin_state"], "active");
+}
+
+fn a_drain_without_room_ends_incomplete_and_stops_nothing(lab: &Lab) {
+    lab.settle();
+    let host = "kvm1";
+    for vm in GUESTS {
+        place(lab, vm, host);
+    }
+    // Room for one 64 MiB guest on each other host: the third must stay.
+    lab.vmha_ok(&["host", "limit", "kvm2", "--memory", "64"]);
+    lab.vmha_ok(&["host", "limit", "kvm3", "--memory", "64"]);
+    let out = lab.vmha(&["host", "drain", host]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    lab.vmha_ok(&["host", "limit", "kvm2", "--memory", "0"]);
+    lab.vmha_ok(&["host", "limit", "kvm3", "--memory", "0"]);
+    assert_eq!(out.status.code(), Some(1), "an incomplete drain exits 1: {text}");
+    assert!(text.contains("incomplete") && text.contains("limit in use"), "{text}");
+    let stayed: Vec<_> = GUESTS.iter().filter(|vm| running_on(vm) == [host.to_string()]).collect();
+    assert_eq!(stayed.len(), 1, "exactly one guest stays, still running: {stayed:?}");
+    for vm in GUESTS {
+        assert_eq!(running_on(vm).len(), 1, "{vm} runs exactly once");
+    }
+    assert_eq!(host_json(lab, host)["admin_state"], "draining", "not in maintenance");
+    lab.vmha_ok(&["host", "undrain", host]);
+}
+
+fn a_failing_check_degrades_and_empties_a_host(lab: &Lab) {
+    lab.settle();
+    let host = "kvm2";
+    place(lab, "dns2", host);
+    let flag = PathBuf::from(&lab.env["VMHA_LAB_KVM2_FAIL"]);
+    std::fs::write(&flag, "simulated RAID failure\n").unwrap();
+    let emptied = std::panic::catch_unwind(|| {
+        wait_until("kvm2 degraded and empty", Duration::from_secs(40), || {
+            host_json(lab, host)["health"] == "degraded"
+                && GUESTS.iter().all(|vm| running_on(vm) != [host.to_string()])
+        })
+    });
+    std::fs::remove_file(&flag).unwrap();
+    emptied.unwrap();
+    let h = host_json(lab, host);
+    assert!(
+        h["probes"].as_array().unwrap().iter().any(|p| p["name"] == "check:lab-flag" && p["ok"] == false),
+        "{h}"
+    );
+    wait_until("kvm2 healthy again", Duration::from_secs(30), || host_json(lab, host)["health"] == "healthy");
+}
+
+fn a_throttled_migration_times_out_and_the_guest_stays(lab: &Lab) {
+    lab.settle();
+    let source = lab.host_of("radius1");
+    let target = HOSTS.into_iter().find(|h| *h != source).unwrap();
+    let out = lab.vmha(&["migrate", "radius1", "--to", target, "--bandwidth", "1", "--timeout", "2s"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "a failed migration exits 1: {text}");
+    assert!(text.contains("failed") && text.contains("timeout"), "{text}");
+    assert_eq!(running_on("radius1"), std::slice::from_ref(&source), "still running on the source");
+    assert_eq!(lab.virsh(&source, &["domstate", "radius1"]).trim(), "running");
+    assert_eq!(lab.host_of("radius1"), source);
+}
+
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 5] = [
+    let scenarios: [Scenario; 9] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
         ("an_isolated_host_fences_itself_and_is_replaced", an_isolated_host_fences_itself_and_is_replaced),
         ("a_stopped_controller_stops_no_vm", a_stopped_controller_stops_no_vm),
+        (
+            "drain_moves_every_vm_live_and_ends_in_maintenance",
+            drain_moves_every_vm_live_and_ends_in_maintenance,
+        ),
+        (
+            "a_drain_without_room_ends_incomplete_and_stops_nothing",
+            a_drain_without_room_ends_incomplete_and_stops_nothing,
+        ),
+        ("a_failing_check_degrades_and_empties_a_host", a_failing_check_degrades_and_empties_a_host),
+        (
+            "a_throttled_migration_times_out_and_the_guest_stays",
+            a_throttled_migration_times_out_and_the_guest_stays,
+        ),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let lab = Lab::up();
@@ -389,6 +511,10 @@ fn main() {
                     let _ = Command::new(repo().join("deploy/lab/revive")).arg(h).output();
                 }
                 let _ = Command::new("pkill").args(["-CONT", "-f", "vmha-controller"]).status();
+                for h in HOSTS {
+                    let _ = lab.vmha(&["host", "limit", h, "--memory", "0"]);
+                    let _ = lab.vmha(&["host", "undrain", h]);
+                }
             }
         }
     }

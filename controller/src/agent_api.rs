@@ -8,6 +8,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use vmha_engine::cluster::HostResources;
+use vmha_engine::drain::{self, Probe};
 use vmha_engine::lease::{self, Echo, LeaseAnswer};
 use vmha_engine::{HostView, Millis, inventory, recovery};
 use vmha_proto::v1::agent_service_server::AgentService;
@@ -94,6 +95,9 @@ impl AgentService for AgentApi {
                 h.resources = resources(f);
             }
             let answer = lease::on_heartbeat(s, &host, echo, now);
+            let probes =
+                r.probes.iter().map(|p| Probe { name: p.name.clone(), ok: p.ok, detail: p.detail.clone() });
+            drain::on_probes(s, &host, probes.collect(), now);
             let (mut actions, stale) = recovery::on_report(s, &host, &domains, now);
             let kept: Vec<_> = domains.iter().filter(|d| !stale.contains(&d.uuid)).cloned().collect();
             let changes = inventory::apply_report(s, &host, &kept, now);

@@ -47,6 +47,24 @@ pub struct Flags {
     /// Restarts in flight at once after a host failure.
     #[arg(long, default_value_t = 4)]
     pub max_parallel_starts: usize,
+    /// Let a live migration that does not converge switch to post-copy (the guest runs on the
+    /// target while the rest of its memory follows; a network failure then loses the guest).
+    #[arg(long)]
+    pub postcopy: bool,
+    /// Longest pause of the guest at the end of a live migration, in ms (0: libvirt's default).
+    #[arg(long, default_value_t = 0)]
+    pub max_downtime_ms: u64,
+    /// Live migrations at once from one host, and in the whole cluster.
+    #[arg(long, default_value_t = 2)]
+    pub migrations_per_host: usize,
+    #[arg(long, default_value_t = 4)]
+    pub migrations_per_cluster: usize,
+    /// A host whose health probes fail this long is degraded: its VMs are moved away.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub degraded_after: Duration,
+    /// A degraded host whose probes pass this long is healthy again.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub recover_after: Duration,
     /// Turn off libvirt's auto-converge (throttling a guest that dirties memory faster than
     /// the network can copy it).
     #[arg(long)]

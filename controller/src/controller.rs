@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use uuid::Uuid;
+use vmha_engine::drain;
 use vmha_engine::inventory::{self, InventoryChange};
 use vmha_engine::recovery::{self, Action};
 use vmha_engine::{ClusterState, MigrationPlan, Millis, Policy, Timings};
@@ -27,6 +28,8 @@ pub struct MigrationSettings {
     pub auto_converge: bool,
     pub bandwidth_mib_s: u64,
     pub timeout: Duration,
+    pub postcopy: bool,
+    pub max_downtime_ms: u64,
 }
 
 /// The external fence command (fencing mode `external`): run with the host name as its one
@@ -158,7 +161,11 @@ impl Controller {
             let now = self.now();
             let mut actions: Vec<Action> =
                 std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
-            actions.extend(self.update(|s| recovery::tick(s, now)));
+            actions.extend(self.update(|s| {
+                let mut a = recovery::tick(s, now);
+                a.extend(drain::tick(s, now));
+                a
+            }));
             if let Err(e) = self.perform(actions).await {
                 tracing::error!(error = %e, "carrying out the engine's actions failed");
             }
@@ -222,23 +229,37 @@ impl Controller {
                         );
                     }
                 }
-                Action::Failback { vm_uuid, vm_name, host } => {
+                Action::Migrate { vm_uuid, vm_name, host, why } => {
                     let now = self.now();
-                    match self.read(|s| vmha_engine::migration::plan_migration(s, &vm_uuid, &host, now)) {
+                    let started = match self
+                        .read(|s| vmha_engine::migration::plan_migration(s, &vm_uuid, &host, now))
+                    {
                         Ok(plan) => {
-                            self.event(
-                                "vm",
-                                &vm_name,
-                                "failback",
-                                format!("{vm_name}'s preferred host {host} is healthy again: moving it back"),
-                                "controller",
-                            )
-                            .await?;
-                            if let Err(e) = self.start_migration(plan, "failback").await {
-                                tracing::warn!(vm = %vm_name, error = %e.message(), "failback");
+                            if why == "failback" {
+                                self.event(
+                                    "vm",
+                                    &vm_name,
+                                    "failback",
+                                    format!(
+                                        "{vm_name}'s preferred host {host} is healthy again: moving it back"
+                                    ),
+                                    "controller",
+                                )
+                                .await?;
                             }
+                            self.start_migration(plan, why, None)
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.message().to_string())
                         }
-                        Err(why) => tracing::debug!(vm = %vm_name, %why, "failback not possible now"),
+                        Err(refusal) => Err(refusal.to_string()),
+                    };
+                    if let Err(e) = started {
+                        tracing::warn!(vm = %vm_name, error = %e, why, "migration not started");
+                        let now = self.now();
+                        queue.extend(
+                            self.update(|s| drain::migration_finished(s, &vm_uuid, &host, Err(e), now)),
+                        );
                     }
                 }
                 Action::DestroyStale { vm_uuid, vm_name, host } => {
@@ -294,6 +315,19 @@ impl Controller {
         let actions = self.update(|s| recovery::fence_finished(s, &host, result, now));
         // Carried out by the tick loop (a task spawned by `perform` cannot await `perform`).
         self.deferred.lock().unwrap_or_else(|p| p.into_inner()).extend(actions);
+    }
+
+    /// Writes a host's admin state (a drain may just have put it in maintenance).
+    pub async fn persist_admin(&self, host: &str) -> Result<(), Status> {
+        if let Some(h) = self.read(|s| s.hosts.get(host).cloned()) {
+            self.store.set_host_admin(&h).await.map_err(internal)?;
+        }
+        Ok(())
+    }
+
+    /// Operations in flight, for `vmha status` and drain progress.
+    pub fn active_operations(&self) -> Vec<Operation> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).values().map(|tx| tx.borrow().clone()).collect()
     }
 
     async fn persist_vms_on(&self, host: &str) -> Result<(), Status> {
@@ -417,7 +451,13 @@ impl Controller {
     }
 
     /// Writes the migration down, then sends it to the source agent.
-    pub async fn start_migration(&self, plan: MigrationPlan, actor: &str) -> Result<Operation, Status> {
+    /// `overrides`: bandwidth (MiB/s) and timeout for this migration instead of the defaults.
+    pub async fn start_migration(
+        &self,
+        plan: MigrationPlan,
+        actor: &str,
+        overrides: Option<(u64, Duration)>,
+    ) -> Result<Operation, Status> {
         let claim = format!("migration to {}", plan.target);
         let claimed = self.update(|s| match s.vms.get_mut(&plan.vm_uuid) {
             Some(vm) if vm.busy_with.is_none() => {
@@ -444,8 +484,10 @@ impl Controller {
             uuid: plan.vm_uuid.clone(),
             dest_uri: plan.target_uri.clone(),
             auto_converge: self.migration.auto_converge,
-            bandwidth_mib_s: self.migration.bandwidth_mib_s,
-            timeout_ms: self.migration.timeout.as_millis() as u64,
+            bandwidth_mib_s: overrides.map_or(self.migration.bandwidth_mib_s, |o| o.0),
+            timeout_ms: overrides.map_or(self.migration.timeout, |o| o.1).as_millis() as u64,
+            postcopy: self.migration.postcopy,
+            max_downtime_ms: self.migration.max_downtime_ms,
         });
         match self
             .send_operation("migrate", &plan.vm_uuid, &plan.vm_name, &plan.source, &plan.target, cmd)
@@ -549,6 +591,11 @@ impl Controller {
                 };
                 let kind = if ok { "migration_succeeded" } else { "migration_failed" };
                 self.event("vm", &op.vm, kind, message, "controller").await?;
+                let verdict = if ok { Ok(()) } else { Err(o.error.clone()) };
+                let actions =
+                    self.update(|s| drain::migration_finished(s, &op.vm_uuid, &op.target, verdict, now));
+                self.persist_admin(&op.source).await?;
+                self.perform(actions).await?;
             }
             "start" => {
                 let verdict = if ok { Ok(()) } else { Err(o.error.clone()) };

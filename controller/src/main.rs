@@ -27,6 +27,10 @@ async fn main() -> anyhow::Result<()> {
         max_relocate: flags.max_relocate,
         max_parallel_starts: flags.max_parallel_starts,
         failback_after_ms: flags.failback_after.map(|d| d.as_millis() as u64),
+        migrations_per_host: flags.migrations_per_host,
+        migrations_per_cluster: flags.migrations_per_cluster,
+        degraded_after_ms: flags.degraded_after.as_millis() as u64,
+        recover_after_ms: flags.recover_after.as_millis() as u64,
         ..Policy::default()
     };
     let fence = FenceSettings { command: flags.fence_command, timeout: flags.fence_timeout };
@@ -34,6 +38,8 @@ async fn main() -> anyhow::Result<()> {
         auto_converge: !flags.no_auto_converge,
         bandwidth_mib_s: flags.migration_bandwidth,
         timeout: flags.migration_timeout,
+        postcopy: flags.postcopy,
+        max_downtime_ms: flags.max_downtime_ms,
     };
     let controller = Controller::start(store, timings, policy, migration, fence).await?;
     tokio::spawn(controller.clone().run_ticks());

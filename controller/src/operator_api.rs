@@ -4,10 +4,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
-use vmha_engine::{FencingMode, HostLiveness, Refusal, migration, recovery};
+
+use vmha_engine::{FencingMode, HostLiveness, Refusal, drain, migration, recovery};
 use vmha_proto::v1::operator_service_server::OperatorService;
 use vmha_proto::v1::*;
 
@@ -76,7 +78,7 @@ impl OperatorService for OperatorApi {
             vms_protected,
             protected_not_running: protected_down.len() as u32,
             hosts,
-            active_operations: Vec::new(),
+            active_operations: self.0.active_operations(),
             quorum,
             protected_down,
             leader_clock_ms: now.0,
@@ -177,6 +179,65 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(view))
     }
 
+    async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainPlan>, Status> {
+        let r = req.into_inner();
+        let host = validate::host_name(&r.host)?.to_string();
+        if r.allow_restart {
+            return Err(Status::invalid_argument(
+                "--allow-restart is not available yet: a drain only live-migrates; nothing changed",
+            ));
+        }
+        let now = self.0.now();
+        if r.dry_run {
+            let steps = self.0.read(|s| drain::plan(s, &host, now)).map_err(refusal)?;
+            let d = drain::Drain {
+                cause: drain::DrainCause::Operator,
+                state: drain::DrainState::Planned,
+                steps,
+                message: "dry run: nothing changed".into(),
+            };
+            return Ok(Response::new(views::drain(&host, &d)));
+        }
+        let actions = self.0.update(|s| drain::start(s, &host, now)).map_err(refusal)?;
+        self.0.persist_admin(&host).await?;
+        self.0.perform(actions).await?;
+        self.0.persist_admin(&host).await?;
+        let plan = self.0.read(|s| s.hosts[&host].drain.as_ref().map(|d| views::drain(&host, d)));
+        Ok(Response::new(plan.unwrap_or_default()))
+    }
+
+    async fn undrain(&self, req: Request<UndrainRequest>) -> Result<Response<Host>, Status> {
+        let host = validate::host_name(&req.get_ref().host)?.to_string();
+        let actions = self.0.update(|s| drain::undrain(s, &host)).map_err(refusal)?;
+        self.0.persist_admin(&host).await?;
+        self.0.perform(actions).await?;
+        let now = self.0.now();
+        Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
+    }
+
+    async fn set_memory_limit(&self, req: Request<SetMemoryLimitRequest>) -> Result<Response<Host>, Status> {
+        let r = req.into_inner();
+        let host = validate::host_name(&r.host)?.to_string();
+        let limit = (r.memory_limit_mib > 0).then_some(r.memory_limit_mib * 1024);
+        self.0
+            .update(|s| match s.hosts.get_mut(&host) {
+                Some(h) => {
+                    h.memory_limit_kib = limit;
+                    Ok(())
+                }
+                None => Err(Refusal::UnknownHost(host.clone())),
+            })
+            .map_err(refusal)?;
+        self.0.persist_admin(&host).await?;
+        let message = match limit {
+            Some(l) => format!("vmha places at most {} MiB of VMs on {host}", l / 1024),
+            None => format!("no memory cap on {host} beyond what it has free"),
+        };
+        self.0.event("host", &host, "memory_limit", message, ACTOR).await?;
+        let now = self.0.now();
+        Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
+    }
+
     async fn confirm_down(&self, req: Request<ConfirmDownRequest>) -> Result<Response<Host>, Status> {
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         let now = self.0.now();
@@ -232,7 +293,14 @@ impl OperatorService for OperatorApi {
         let target = validate::host_name(&r.target_host)?;
         let now = self.0.now();
         let plan = self.0.read(|s| migration::plan_migration(s, key, target, now)).map_err(refusal)?;
-        Ok(Response::new(self.0.start_migration(plan, ACTOR).await?))
+        let defaults = &self.0.migration;
+        let overrides = (r.bandwidth_mib_s > 0 || r.timeout_ms > 0).then(|| {
+            let bandwidth = if r.bandwidth_mib_s > 0 { r.bandwidth_mib_s } else { defaults.bandwidth_mib_s };
+            let timeout =
+                if r.timeout_ms > 0 { Duration::from_millis(r.timeout_ms) } else { defaults.timeout };
+            (bandwidth, timeout)
+        });
+        Ok(Response::new(self.0.start_migration(plan, ACTOR, overrides).await?))
     }
 
     type WatchOperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send + 'static>>;

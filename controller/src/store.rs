@@ -180,6 +180,18 @@ impl Store {
         Ok(())
     }
 
+    /// Writes a host's operator-set state: admin state and memory cap.
+    pub async fn set_host_admin(&self, h: &HostView) -> Result<(), StoreError> {
+        sqlx::query("UPDATE hosts SET admin_state = $2, memory_limit_kib = $3 WHERE name = $1")
+            .bind(&h.name)
+            .bind(h.admin.as_str())
+            .bind(h.memory_limit_kib.map(|m| m as i64))
+            .execute(&self.pool)
+            .await
+            .map_err(q("set host admin state"))?;
+        Ok(())
+    }
+
     pub async fn set_fencing(&self, host: &str, mode: &FencingMode) -> Result<(), StoreError> {
         sqlx::query("UPDATE hosts SET fencing = $2 WHERE name = $1")
             .bind(host)
@@ -202,10 +214,11 @@ impl Store {
             libvirt_version: String,
             fencing: String,
             peer_address: String,
+            memory_limit_kib: Option<i64>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT name, migration_uri, admin_state, cpus, memory_total_kib, cpu_model, libvirt_version,
-                 fencing, peer_address
+                 fencing, peer_address, memory_limit_kib
              FROM hosts ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -226,6 +239,7 @@ impl Store {
                     cpu_model: r.cpu_model,
                 };
                 h.libvirt_version = r.libvirt_version;
+                h.memory_limit_kib = r.memory_limit_kib.map(|m| m as u64);
                 h
             })
             .collect())

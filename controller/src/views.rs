@@ -1,5 +1,6 @@
 //! What operators see: the operator API's messages, built from engine state and store rows.
 
+use vmha_engine::drain::{Drain, DrainStep, StepState};
 use vmha_engine::recovery::explain;
 use vmha_engine::{AdminState, ClusterState, HostLiveness, Millis, VmView};
 use vmha_proto::v1 as pb;
@@ -43,6 +44,42 @@ pub fn host(s: &ClusterState, name: &str, now: Millis) -> pb::Host {
         lease_left_s: h.lease.end(&s.timings).map(|e| (e.0 as f64 - now.0 as f64) / 1000.0),
         fencing: h.fencing.as_str().into(),
         note,
+        health: h.health.as_str().into(),
+        probes: h
+            .health
+            .probes
+            .iter()
+            .map(|p| pb::Probe { name: p.name.clone(), ok: p.ok, detail: p.detail.clone() })
+            .collect(),
+        drain: h.drain.as_ref().map(|d| drain(name, d)),
+        memory_limit_mib: h.memory_limit_kib.map_or(0, |m| m / 1024),
+    }
+}
+
+pub fn drain(host: &str, d: &Drain) -> pb::DrainPlan {
+    pb::DrainPlan {
+        host: host.into(),
+        state: d.state.as_str().into(),
+        message: d.message.clone(),
+        steps: d.steps.iter().map(drain_step).collect(),
+    }
+}
+
+pub fn drain_step(s: &DrainStep) -> pb::DrainStep {
+    let (target, error) = match &s.state {
+        StepState::Migrating { target } | StepState::Migrated { target } => (target.clone(), String::new()),
+        StepState::Failed { error } => (s.planned.clone().unwrap_or_default(), error.clone()),
+        StepState::Stuck { reason } => (String::new(), reason.clone()),
+        StepState::Pending => (s.planned.clone().unwrap_or_default(), String::new()),
+    };
+    pb::DrainStep {
+        vm: s.vm_name.clone(),
+        target,
+        why: s.why.clone(),
+        state: s.state.as_str().into(),
+        operation_id: String::new(),
+        error,
+        protected: s.protected,
     }
 }
 

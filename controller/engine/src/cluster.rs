@@ -145,6 +145,11 @@ pub struct HostView {
     pub dead: Option<Death>,
     /// An external fence command is running since then.
     pub fencing_since: Option<Millis>,
+    pub health: crate::drain::Health,
+    /// Memory vmha may place on it, whatever the host has free; `None`: no cap.
+    pub memory_limit_kib: Option<u64>,
+    /// The current or last drain.
+    pub drain: Option<crate::drain::Drain>,
 }
 
 impl HostView {
@@ -161,6 +166,9 @@ impl HostView {
             fencing: FencingMode::SelfFence,
             dead: None,
             fencing_since: None,
+            health: Default::default(),
+            memory_limit_kib: None,
+            drain: None,
         }
     }
 }
@@ -224,11 +232,26 @@ pub struct Policy {
     /// Move a VM back to its preferred host by live migration once that host has held a lease
     /// without a break for this long; `None`: never (Linux-HA's nice_failback).
     pub failback_after_ms: Option<u64>,
+    /// Live migrations at once from one host, and in the whole cluster.
+    pub migrations_per_host: usize,
+    pub migrations_per_cluster: usize,
+    /// Probes failing this long make a host degraded; passing this long make it healthy again.
+    pub degraded_after_ms: u64,
+    pub recover_after_ms: u64,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { max_relocate: 2, max_parallel_starts: 4, vcpu_overcommit: 4, failback_after_ms: None }
+        Policy {
+            max_relocate: 2,
+            max_parallel_starts: 4,
+            vcpu_overcommit: 4,
+            failback_after_ms: None,
+            migrations_per_host: 2,
+            migrations_per_cluster: 4,
+            degraded_after_ms: 30_000,
+            recover_after_ms: 60_000,
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! tests, property tests over random fault schedules and production.
 
 pub mod cluster;
+pub mod drain;
 pub mod inventory;
 pub mod lease;
 pub mod migration;

@@ -2,15 +2,24 @@
 
 use crate::{AdminState, ClusterState, HostLiveness, Millis, VmView};
 
-/// Memory and vCPUs already promised on `host` by restarts in flight, which its agent's
-/// reports do not show yet.
+/// Memory and vCPUs already promised on `host` by restarts and migrations in flight, which its
+/// agent's reports do not show yet.
 fn reserved(state: &ClusterState, host: &str, except: &str) -> (u64, u32) {
     state
         .vms
         .values()
         .filter(|v| v.uuid != except)
-        .filter(|v| v.recovery.as_ref().and_then(|r| r.starting_on.as_deref()) == Some(host))
+        .filter(|v| heading_to(state, v) == Some(host))
         .fold((0, 0), |(m, c), v| (m + v.memory_kib, c + v.vcpus))
+}
+
+/// Where a VM is about to run that its new host's reports do not show yet: a restart in
+/// flight, or a drain's live migration in flight.
+fn heading_to<'a>(state: &'a ClusterState, v: &'a VmView) -> Option<&'a str> {
+    if let Some(h) = v.recovery.as_ref().and_then(|r| r.starting_on.as_deref()) {
+        return Some(h);
+    }
+    state.hosts.values().filter_map(|h| h.drain.as_ref()).find_map(|d| d.heading_to(&v.uuid))
 }
 
 fn vcpus_on(state: &ClusterState, host: &str) -> u32 {
@@ -38,6 +47,9 @@ fn unfit(state: &ClusterState, vm: &VmView, host: &str, now: Millis, exclude: &[
             return Some(format!("{host}: {}", a.as_str()));
         }
     }
+    if h.health.degraded {
+        return Some(format!("{host}: degraded ({})", h.health.failing_summary()));
+    }
     if !vm.allowed_hosts.is_empty() && !vm.allowed_hosts.iter().any(|a| a == host) {
         return Some(format!("{host}: not among {}'s allowed hosts", vm.name));
     }
@@ -46,7 +58,7 @@ fn unfit(state: &ClusterState, vm: &VmView, host: &str, now: Millis, exclude: &[
             o.uuid != vm.uuid
                 && o.anti_affinity.as_ref() == Some(group)
                 && ((o.host.as_deref() == Some(host) && o.state.has_process())
-                    || o.recovery.as_ref().and_then(|r| r.starting_on.as_deref()) == Some(host))
+                    || heading_to(state, o) == Some(host))
         });
         if let Some(o) = clash {
             return Some(format!("{host}: anti-affinity group {group} ({} is there)", o.name));
@@ -56,6 +68,23 @@ fn unfit(state: &ClusterState, vm: &VmView, host: &str, now: Millis, exclude: &[
     let free = h.resources.memory_free_kib.saturating_sub(mem_reserved);
     if free < vm.memory_kib {
         return Some(format!("{host}: {} MiB free, needs {} MiB", free / 1024, vm.memory_kib.div_ceil(1024)));
+    }
+    if let Some(limit) = h.memory_limit_kib {
+        let used: u64 = state
+            .vms
+            .values()
+            .filter(|v| v.uuid != vm.uuid && v.host.as_deref() == Some(host) && v.state.has_process())
+            .map(|v| v.memory_kib)
+            .sum::<u64>()
+            + mem_reserved;
+        if used + vm.memory_kib > limit {
+            return Some(format!(
+                "{host}: {} of its {} MiB limit in use, needs {} MiB",
+                used / 1024,
+                limit / 1024,
+                vm.memory_kib.div_ceil(1024)
+            ));
+        }
     }
     let capacity = h.resources.cpus * state.policy.vcpu_overcommit;
     let used = vcpus_on(state, host) + cpu_reserved;

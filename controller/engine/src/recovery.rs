@@ -36,8 +36,8 @@ pub enum Action {
     Fence { host: String },
     /// Define and start the VM on `host` (its XML is in the state).
     Start { vm_uuid: String, vm_name: String, host: String },
-    /// Live-migrate the VM back to its preferred host (failback).
-    Failback { vm_uuid: String, vm_name: String, host: String },
+    /// Live-migrate the VM to `host`: "failback" (to its preferred host), "drain".
+    Migrate { vm_uuid: String, vm_name: String, host: String, why: &'static str },
     /// Destroy a stale copy on a host that came back (fencing was bypassed).
     DestroyStale { vm_uuid: String, vm_name: String, host: String },
     /// Write an event.
@@ -160,10 +160,11 @@ fn schedule_failback(state: &ClusterState, now: Millis, out: &mut Vec<Action>) {
             && placement::fits(state, v, p, now)
     });
     if let Some(v) = due {
-        out.push(Action::Failback {
+        out.push(Action::Migrate {
             vm_uuid: v.uuid.clone(),
             vm_name: v.name.clone(),
             host: v.preferred_host.clone().expect("filtered"),
+            why: "failback",
         });
     }
 }
@@ -654,7 +655,7 @@ mod tests {
             a.extend(tick(&mut s, Millis(t)));
         }
         assert!(
-            matches!(&a[..], [Action::Failback { vm_name, host, .. }, ..] if vm_name == "dns1" && host == "kvm3"),
+            matches!(&a[..], [Action::Migrate { vm_name, host, why: "failback", .. }, ..] if vm_name == "dns1" && host == "kvm3"),
             "{a:?}"
         );
         s.policy.failback_after_ms = None;

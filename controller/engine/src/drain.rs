@@ -1,0 +1,553 @@
+//! Emptying a host by live migration: an operator's drain (ending in maintenance) or the
+//! automatic one of a degraded host (whose health probes keep failing). Also host health.
+
+use crate::recovery::Action;
+use crate::{AdminState, ClusterState, HostLiveness, Millis, Refusal, RunState, placement};
+
+/// One health probe's latest result, as the agent reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// A host's health as its probes tell it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    pub probes: Vec<Probe>,
+    pub failing_since: Option<Millis>,
+    pub passing_since: Option<Millis>,
+    /// Failing for `degraded_after`: no placements, VMs migrated away.
+    pub degraded: bool,
+}
+
+impl Health {
+    pub fn failing_summary(&self) -> String {
+        let f: Vec<String> =
+            self.probes.iter().filter(|p| !p.ok).map(|p| format!("{}: {}", p.name, p.detail)).collect();
+        if f.is_empty() { "no probe failing".into() } else { f.join("; ") }
+    }
+
+    /// "healthy" | "failing" | "degraded"
+    pub fn as_str(&self) -> &'static str {
+        match (self.degraded, self.failing_since.is_some()) {
+            (true, _) => "degraded",
+            (false, true) => "failing",
+            (false, false) => "healthy",
+        }
+    }
+}
+
+/// Who asked for the drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainCause {
+    /// `vmha host drain`: ends in maintenance.
+    Operator,
+    /// Health probes failed: the host stays active and takes VMs again once healthy.
+    Degraded,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepState {
+    /// Waiting for a migration slot.
+    Pending,
+    /// Live migration in flight to `target`.
+    Migrating {
+        target: String,
+    },
+    Migrated {
+        target: String,
+    },
+    /// Every try failed.
+    Failed {
+        error: String,
+    },
+    /// No host can take it; it stays where it is.
+    Stuck {
+        reason: String,
+    },
+}
+
+impl StepState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Migrating { .. } => "migrating",
+            StepState::Migrated { .. } => "migrated",
+            StepState::Failed { .. } => "failed",
+            StepState::Stuck { .. } => "stuck",
+        }
+    }
+
+    fn finished(&self) -> bool {
+        match self {
+            StepState::Migrated { .. } | StepState::Failed { .. } | StepState::Stuck { .. } => true,
+            StepState::Pending | StepState::Migrating { .. } => false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrainStep {
+    pub vm_uuid: String,
+    pub vm_name: String,
+    pub protected: bool,
+    /// The planned target (a dry run's answer); the actual one is chosen when it starts.
+    pub planned: Option<String>,
+    pub why: String,
+    pub state: StepState,
+    pub tried: Vec<String>,
+}
+
+/// How a drain stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainState {
+    /// Only a plan (`--dry-run`).
+    Planned,
+    Draining,
+    /// Every VM moved (an operator's drain: the host is in maintenance).
+    Done,
+    /// Some VMs could not move; they stay, and the host does not enter maintenance.
+    Incomplete,
+}
+
+impl DrainState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainState::Planned => "planned",
+            DrainState::Draining => "draining",
+            DrainState::Done => "done",
+            DrainState::Incomplete => "incomplete",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drain {
+    pub cause: DrainCause,
+    pub state: DrainState,
+    pub steps: Vec<DrainStep>,
+    pub message: String,
+}
+
+impl Drain {
+    /// Where a VM of this drain is migrating to right now.
+    pub fn heading_to(&self, uuid: &str) -> Option<&str> {
+        self.steps.iter().find(|s| s.vm_uuid == uuid).and_then(|s| match &s.state {
+            StepState::Migrating { target } => Some(target.as_str()),
+            _ => None,
+        })
+    }
+}
+
+/// Takes a host's probe results.
+pub fn on_probes(state: &mut ClusterState, host: &str, probes: Vec<Probe>, now: Millis) {
+    let Some(h) = state.hosts.get_mut(host) else { return };
+    if probes.iter().any(|p| !p.ok) {
+        h.health.failing_since.get_or_insert(now);
+        h.health.passing_since = None;
+    } else {
+        h.health.passing_since.get_or_insert(now);
+        h.health.failing_since = None;
+    }
+    h.health.probes = probes;
+}
+
+/// The VMs to move off `host`, protected and most critical first, each with the host it would
+/// go to now (given the moves before it) or why none can take it.
+pub fn plan(state: &ClusterState, host: &str, now: Millis) -> Result<Vec<DrainStep>, Refusal> {
+    if !state.hosts.contains_key(host) {
+        return Err(Refusal::UnknownHost(host.into()));
+    }
+    let mut vms: Vec<_> = state
+        .vms
+        .values()
+        .filter(|v| v.host.as_deref() == Some(host) && v.state == RunState::Running)
+        .collect();
+    vms.sort_by_key(|v| (!v.protected, -v.priority, v.name.clone()));
+    // Plan on a copy in which every planned move is already in flight, so later VMs see the
+    // room and anti-affinity groups the earlier ones take.
+    let mut scratch = state.clone();
+    let mut probe_drain = Drain {
+        cause: DrainCause::Operator,
+        state: DrainState::Planned,
+        steps: Vec::new(),
+        message: String::new(),
+    };
+    let mut steps = Vec::new();
+    for vm in vms {
+        if let Some(h) = scratch.hosts.get_mut(host) {
+            h.drain = Some(probe_drain.clone());
+            h.admin = AdminState::Draining;
+        }
+        let (planned, why, st) = match placement::place(&scratch, vm, now, &[]) {
+            Ok(t) => (Some(t.clone()), format!("{t} has the most memory left after it"), StepState::Pending),
+            Err(reason) => (None, reason.clone(), StepState::Stuck { reason }),
+        };
+        let step = DrainStep {
+            vm_uuid: vm.uuid.clone(),
+            vm_name: vm.name.clone(),
+            protected: vm.protected,
+            planned: planned.clone(),
+            why,
+            state: st,
+            tried: Vec::new(),
+        };
+        let mut in_flight = step.clone();
+        if let Some(t) = planned {
+            in_flight.state = StepState::Migrating { target: t };
+        }
+        probe_drain.steps.push(in_flight);
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
+/// Starts an operator's drain of `host`.
+pub fn start(state: &mut ClusterState, host: &str, now: Millis) -> Result<Vec<Action>, Refusal> {
+    let steps = plan(state, host, now)?;
+    match state.liveness(host, now) {
+        HostLiveness::Online => {}
+        l @ (HostLiveness::Suspect | HostLiveness::Dead) => {
+            return Err(Refusal::HostDown { host: host.into(), liveness: l.as_str() });
+        }
+    }
+    let h = state.hosts.get_mut(host).expect("planned");
+    h.admin = AdminState::Draining;
+    let n = steps.len();
+    h.drain = Some(Drain {
+        cause: DrainCause::Operator,
+        state: DrainState::Draining,
+        steps,
+        message: String::new(),
+    });
+    let mut out = vec![Action::Event {
+        subject_kind: "host",
+        subject: host.into(),
+        kind: "drain_started",
+        message: format!("draining {host}: {n} running VMs to move by live migration, protected first"),
+    }];
+    out.extend(tick(state, now));
+    Ok(out)
+}
+
+/// Returns a drained (or draining) host to service.
+pub fn undrain(state: &mut ClusterState, host: &str) -> Result<Vec<Action>, Refusal> {
+    let h = state.hosts.get_mut(host).ok_or_else(|| Refusal::UnknownHost(host.into()))?;
+    let was = h.admin;
+    h.admin = AdminState::Active;
+    if h.drain.as_ref().is_some_and(|d| d.cause == DrainCause::Operator) {
+        h.drain = None;
+    }
+    Ok(vec![Action::Event {
+        subject_kind: "host",
+        subject: host.into(),
+        kind: "host_undrained",
+        message: format!("{host} is active again (was {}); it takes VMs", was.as_str()),
+    }])
+}
+
+fn event(host: &str, kind: &'static str, message: String) -> Action {
+    Action::Event { subject_kind: "host", subject: host.into(), kind, message }
+}
+
+/// One step of health and drain handling.
+pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
+    let mut out = Vec::new();
+    let p = state.policy;
+    let names: Vec<String> = state.hosts.keys().cloned().collect();
+    for name in &names {
+        let online = state.liveness(name, now) == HostLiveness::Online;
+        let h = state.hosts.get_mut(name).expect("listed");
+        let health = &mut h.health;
+        if online
+            && !health.degraded
+            && health.failing_since.is_some_and(|f| now.since(f) >= p.degraded_after_ms)
+        {
+            health.degraded = true;
+            out.push(event(
+                name,
+                "host_degraded",
+                format!("{name} is degraded ({}): no new VMs; moving its VMs away", health.failing_summary()),
+            ));
+            if h.drain.as_ref().is_none_or(|d| d.state != DrainState::Draining) {
+                let steps = plan(state, name, now).unwrap_or_default();
+                let h = state.hosts.get_mut(name).expect("listed");
+                h.drain = Some(Drain {
+                    cause: DrainCause::Degraded,
+                    state: DrainState::Draining,
+                    steps,
+                    message: String::new(),
+                });
+            }
+        } else if health.degraded && health.passing_since.is_some_and(|s| now.since(s) >= p.recover_after_ms)
+        {
+            health.degraded = false;
+            out.push(event(
+                name,
+                "host_recovered",
+                format!("{name} passes its health probes again: it takes VMs"),
+            ));
+            if h.drain.as_ref().is_some_and(|d| d.cause == DrainCause::Degraded) {
+                h.drain = None;
+            }
+        }
+    }
+    let busy_in_cluster = |s: &ClusterState| {
+        s.hosts
+            .values()
+            .filter_map(|h| h.drain.as_ref())
+            .flat_map(|d| d.steps.iter())
+            .filter(|st| matches!(st.state, StepState::Migrating { .. }))
+            .count()
+            + s.vms.values().filter(|v| v.busy_with.is_some() && !migrating_in_a_drain(s, &v.uuid)).count()
+    };
+    for name in &names {
+        if state.liveness(name, now) != HostLiveness::Online {
+            continue;
+        }
+        let Some(drain) = state.hosts[name].drain.as_ref().filter(|d| d.state == DrainState::Draining) else {
+            continue;
+        };
+        let pending: Vec<usize> = drain
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == StepState::Pending)
+            .map(|(i, _)| i)
+            .collect();
+        for i in pending {
+            let drain = state.hosts[name].drain.as_ref().expect("draining");
+            let from_here =
+                drain.steps.iter().filter(|s| matches!(s.state, StepState::Migrating { .. })).count();
+            if from_here >= p.migrations_per_host || busy_in_cluster(state) >= p.migrations_per_cluster {
+                break;
+            }
+            let step = &drain.steps[i];
+            let Some(vm) = state.vms.get(&step.vm_uuid).filter(|v| v.host.as_deref() == Some(name)) else {
+                // It left by other means (an operator moved it, it stopped): nothing to do.
+                let to = state.vms.get(&step.vm_uuid).and_then(|v| v.host.clone()).unwrap_or_default();
+                set_step(state, name, i, StepState::Migrated { target: to });
+                continue;
+            };
+            if vm.busy_with.is_some() {
+                continue;
+            }
+            let decision = placement::place(state, vm, now, &step.tried);
+            let (uuid, vm_name) = (vm.uuid.clone(), vm.name.clone());
+            match decision {
+                Ok(target) => {
+                    set_step(state, name, i, StepState::Migrating { target: target.clone() });
+                    out.push(Action::Migrate { vm_uuid: uuid, vm_name, host: target, why: "drain" });
+                }
+                Err(reason) => set_step(state, name, i, StepState::Stuck { reason }),
+            }
+        }
+        finish_if_done(state, name, &mut out);
+    }
+    out
+}
+
+fn migrating_in_a_drain(s: &ClusterState, uuid: &str) -> bool {
+    s.hosts.values().filter_map(|h| h.drain.as_ref()).any(|d| d.heading_to(uuid).is_some())
+}
+
+fn set_step(state: &mut ClusterState, host: &str, i: usize, st: StepState) {
+    if let Some(d) = state.hosts.get_mut(host).and_then(|h| h.drain.as_mut()) {
+        d.steps[i].state = st;
+    }
+}
+
+fn finish_if_done(state: &mut ClusterState, host: &str, out: &mut Vec<Action>) {
+    let Some(h) = state.hosts.get_mut(host) else { return };
+    let Some(d) = h.drain.as_mut().filter(|d| d.state == DrainState::Draining) else { return };
+    if !d.steps.iter().all(|s| s.state.finished()) {
+        return;
+    }
+    let left: Vec<String> = d
+        .steps
+        .iter()
+        .filter_map(|s| match &s.state {
+            StepState::Failed { error } => Some(format!("{}: {error}", s.vm_name)),
+            StepState::Stuck { reason } => Some(format!("{}: {reason}", s.vm_name)),
+            StepState::Migrated { .. } | StepState::Pending | StepState::Migrating { .. } => None,
+        })
+        .collect();
+    let moved = d.steps.len() - left.len();
+    if left.is_empty() {
+        d.state = DrainState::Done;
+        match d.cause {
+            DrainCause::Operator => {
+                h.admin = AdminState::Maintenance;
+                d.message = format!("{moved} VMs moved; {host} is in maintenance");
+                out.push(event(host, "drain_done", format!("drained {host}: {}", d.message)));
+            }
+            DrainCause::Degraded => {
+                d.message = format!("{moved} VMs moved off the degraded host");
+                out.push(event(host, "drain_done", format!("{host}: {}", d.message)));
+            }
+        }
+    } else {
+        d.state = DrainState::Incomplete;
+        d.message = format!(
+            "{moved} VMs moved, {} stay on {host} (nothing was stopped): {}",
+            left.len(),
+            left.join("; ")
+        );
+        out.push(event(host, "drain_incomplete", format!("drain of {host} incomplete: {}", d.message)));
+    }
+}
+
+/// A drain's live migration ended; a failed one is tried on another host.
+pub fn migration_finished(
+    state: &mut ClusterState,
+    uuid: &str,
+    target: &str,
+    result: Result<(), String>,
+    now: Millis,
+) -> Vec<Action> {
+    let max_tries = 1 + state.policy.max_relocate as usize;
+    let mut out = Vec::new();
+    let names: Vec<String> = state.hosts.keys().cloned().collect();
+    for name in names {
+        let Some(d) = state.hosts.get_mut(&name).and_then(|h| h.drain.as_mut()) else { continue };
+        let Some(step) = d.steps.iter_mut().find(|s| s.vm_uuid == uuid && s.state != StepState::Pending)
+        else {
+            continue;
+        };
+        if !matches!(step.state, StepState::Migrating { .. }) {
+            continue;
+        }
+        step.state = match &result {
+            Ok(()) => StepState::Migrated { target: target.into() },
+            Err(e) => {
+                step.tried.push(target.into());
+                if step.tried.len() >= max_tries {
+                    StepState::Failed { error: e.clone() }
+                } else {
+                    StepState::Pending
+                }
+            }
+        };
+        out.extend(tick(state, now));
+        finish_if_done(state, &name, &mut out);
+        break;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::tests::{three_hosts, vm_on};
+
+    fn cluster() -> ClusterState {
+        let mut s = three_hosts();
+        for h in s.hosts.values_mut() {
+            h.lease.granted_at = Some(Millis(0));
+        }
+        for (u, n, p, prot) in
+            [("a", "dns1", 100, true), ("b", "radius1", 50, true), ("c", "billing", 0, false)]
+        {
+            let mut vm = vm_on(&mut s, u, n, "kvm1");
+            vm.protected = prot;
+            vm.priority = p;
+            s.vms.insert(u.into(), vm);
+        }
+        s
+    }
+
+    fn migrations(a: &[Action]) -> Vec<(String, String)> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Migrate { vm_name, host, .. } => Some((vm_name.clone(), host.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_plan_moves_protected_vms_first_and_respects_anti_affinity_and_room() {
+        let mut s = cluster();
+        let mut dns2 = vm_on(&mut s, "d", "dns2", "kvm2");
+        dns2.anti_affinity = Some("dns".into());
+        s.vms.insert("d".into(), dns2);
+        s.vms.get_mut("a").unwrap().anti_affinity = Some("dns".into());
+        s.hosts.get_mut("kvm3").unwrap().memory_limit_kib = Some(100 << 10);
+        let p = plan(&s, "kvm1", Millis(1)).unwrap();
+        let got: Vec<(&str, Option<&str>)> =
+            p.iter().map(|s| (s.vm_name.as_str(), s.planned.as_deref())).collect();
+        // dns1 may not join dns2 on kvm2, so it takes kvm3's 100 MiB; then kvm3 is full.
+        assert_eq!(got, [("dns1", Some("kvm3")), ("radius1", Some("kvm2")), ("billing", Some("kvm2"))]);
+        s.hosts.get_mut("kvm2").unwrap().memory_limit_kib = Some(100 << 10);
+        let p = plan(&s, "kvm1", Millis(1)).unwrap();
+        assert!(matches!(&p[2].state, StepState::Stuck { reason } if reason.contains("limit")), "{p:?}");
+    }
+
+    #[test]
+    fn a_drain_runs_two_migrations_per_host_then_ends_in_maintenance() {
+        let mut s = cluster();
+        let a = start(&mut s, "kvm1", Millis(1)).unwrap();
+        let m = migrations(&a);
+        assert_eq!(m.len(), 2, "per-host limit: {a:?}");
+        assert_eq!(m[0].0, "dns1");
+        assert!(placement::place(&s, &s.vms["c"], Millis(1), &[]).is_ok());
+        assert!(tick(&mut s, Millis(2)).is_empty(), "no third while two run");
+        let a = migration_finished(&mut s, "a", &m[0].1, Ok(()), Millis(3));
+        assert_eq!(migrations(&a).len(), 1, "billing starts when a slot frees: {a:?}");
+        migration_finished(&mut s, "b", &m[1].1, Ok(()), Millis(4));
+        let target = migrations(&a)[0].1.clone();
+        let a = migration_finished(&mut s, "c", &target, Ok(()), Millis(5));
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "drain_done", .. })), "{a:?}");
+        assert_eq!(s.hosts["kvm1"].admin, AdminState::Maintenance);
+        undrain(&mut s, "kvm1").unwrap();
+        assert_eq!(s.hosts["kvm1"].admin, AdminState::Active);
+    }
+
+    #[test]
+    fn a_vm_with_no_room_leaves_the_drain_incomplete_and_the_host_out_of_maintenance() {
+        let mut s = cluster();
+        for h in ["kvm2", "kvm3"] {
+            s.hosts.get_mut(h).unwrap().memory_limit_kib = Some(64 << 10);
+        }
+        let a = start(&mut s, "kvm1", Millis(1)).unwrap();
+        let m = migrations(&a);
+        assert_eq!(m.len(), 2);
+        migration_finished(&mut s, "a", &m[0].1, Ok(()), Millis(2));
+        crate::inventory::apply_migrated(&mut s, "a", &m[0].1);
+        let a = migration_finished(&mut s, "b", &m[1].1, Err("target died".into()), Millis(3));
+        // radius1 is retried nowhere (no room left anywhere), billing never had room.
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "drain_incomplete", .. })), "{a:?}");
+        let d = s.hosts["kvm1"].drain.as_ref().unwrap();
+        assert_eq!(d.state, DrainState::Incomplete);
+        assert!(d.message.contains("billing") && d.message.contains("nothing was stopped"), "{}", d.message);
+        assert_eq!(s.hosts["kvm1"].admin, AdminState::Draining);
+    }
+
+    #[test]
+    fn failing_probes_degrade_a_host_which_then_takes_no_vms_and_is_emptied() {
+        let mut s = cluster();
+        let bad = vec![Probe { name: "check:raid".into(), ok: false, detail: "exit 1: degraded".into() }];
+        on_probes(&mut s, "kvm1", bad, Millis(0));
+        let online = |s: &mut ClusterState, t: u64| {
+            for h in s.hosts.values_mut() {
+                h.lease.granted_at = Some(Millis(t));
+            }
+        };
+        online(&mut s, 29_000);
+        assert!(tick(&mut s, Millis(29_999)).is_empty());
+        let a = tick(&mut s, Millis(30_000));
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "host_degraded", .. })), "{a:?}");
+        assert_eq!(migrations(&a).len(), 2);
+        assert_eq!(s.hosts["kvm1"].health.as_str(), "degraded");
+        let vm = s.vms["c"].clone();
+        let e = placement::place(&s, &vm, Millis(30_000), &["kvm2".into(), "kvm3".into()]).unwrap_err();
+        assert!(e.contains("kvm1: degraded (check:raid: exit 1: degraded)"), "{e}");
+        on_probes(&mut s, "kvm1", vec![], Millis(31_000));
+        online(&mut s, 90_000);
+        let a = tick(&mut s, Millis(91_000));
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "host_recovered", .. })), "{a:?}");
+        assert_eq!(s.hosts["kvm1"].admin, AdminState::Active);
+    }
+}
