@@ -6,6 +6,8 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::probes::{Check, ProbeConfig};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -48,6 +50,34 @@ pub struct Flags {
     /// the --peer-listen port].
     #[arg(long)]
     pub peer_address: Option<String>,
+    /// Operator health check, run every probe interval with `sh -c COMMAND`: the host reports
+    /// check:NAME not ok while it exits non-zero (or outlives probes.check_timeout, 10s by
+    /// default, and is killed). NAME: letters, digits, '-', '_', '.'. Repeatable; adds to the
+    /// config file's [[probes.check]] entries and replaces one with the same NAME.
+    #[arg(long = "check", value_name = "NAME=COMMAND", value_parser = parse_check_flag)]
+    pub checks: Vec<Check>,
+    /// Directory whose filesystem holds VM disks: the host reports storage:PATH not ok while
+    /// it has less than probes.storage_min_free_percent (5% by default) free. Repeatable; adds
+    /// to the config file's probes.storage_paths.
+    #[arg(long = "storage-path", value_name = "PATH")]
+    pub storage_paths: Vec<PathBuf>,
+    /// Network interface the host needs (e.g. the migration or storage link): the host reports
+    /// link:NIC not ok while it is down; for a bond, each member is checked too. Repeatable;
+    /// adds to the config file's probes.nics.
+    #[arg(long = "nic", value_name = "NIC")]
+    pub nics: Vec<String>,
+    /// How often the health probes run (libvirtd, memory, storage, links, md RAID, load,
+    /// checks); their latest results go with every heartbeat [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub probe_interval: Option<Duration>,
+}
+
+/// `--check NAME=COMMAND`; the name is validated with the file's checks in `Config::load`.
+fn parse_check_flag(s: &str) -> Result<Check, String> {
+    match s.split_once('=') {
+        Some((name, command)) => Ok(Check { name: name.trim().into(), command: command.into() }),
+        None => Err(format!("'{s}' is not NAME=COMMAND, e.g. --check 'raid=test -e /run/raid-ok'")),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +92,30 @@ struct FileConfig {
     heartbeat_interval: Option<Duration>,
     peer_listen: Option<std::net::SocketAddr>,
     peer_address: Option<String>,
+    #[serde(default)]
+    probes: FileProbes,
+}
+
+/// The `[probes]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProbes {
+    #[serde(default, with = "humantime_serde_opt")]
+    interval: Option<Duration>,
+    memory_min_mib: Option<u64>,
+    #[serde(default)]
+    storage_paths: Vec<PathBuf>,
+    storage_min_free_percent: Option<f64>,
+    #[serde(default)]
+    nics: Vec<String>,
+    load_max: Option<f64>,
+    #[serde(default, with = "humantime_serde_opt")]
+    libvirt_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    check_timeout: Option<Duration>,
+    /// `[[probes.check]]`
+    #[serde(default)]
+    check: Vec<Check>,
 }
 
 mod humantime_serde_opt {
@@ -84,6 +138,9 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub peer_listen: std::net::SocketAddr,
     pub peer_address: String,
+    /// What the health probes check and their thresholds (`ProbeConfig::default()`: the
+    /// always-on probes with default thresholds, no storage, NIC or operator checks).
+    pub probes: ProbeConfig,
 }
 
 impl Config {
@@ -143,7 +200,10 @@ impl Config {
                 peer_listen.to_string()
             }
         });
+        let probes =
+            probe_config(file.probes, flags.checks, flags.storage_paths, flags.nics, flags.probe_interval)?;
         Ok(Config {
+            probes,
             peer_listen,
             peer_address,
             libvirt_uri: flags.libvirt_uri.or(file.libvirt_uri).unwrap_or_else(|| "qemu:///system".into()),
@@ -153,6 +213,147 @@ impl Config {
             heartbeat_interval,
         })
     }
+}
+
+fn probe_config(
+    file: FileProbes,
+    flag_checks: Vec<Check>,
+    flag_paths: Vec<PathBuf>,
+    flag_nics: Vec<String>,
+    flag_interval: Option<Duration>,
+) -> Result<ProbeConfig, ConfigError> {
+    let d = ProbeConfig::default();
+    let in_range = |key: &str, v: Duration, min: Duration, max: Duration| {
+        if v < min || v > max {
+            return Err(ConfigError::Invalid(format!(
+                "{key} {} is out of range ({} to {})",
+                humantime::format_duration(v),
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            )));
+        }
+        Ok(v)
+    };
+    let (ms, min) = (Duration::from_millis(100), Duration::from_secs(60));
+    let interval = in_range(
+        "probe interval (--probe-interval or probes.interval)",
+        flag_interval.or(file.interval).unwrap_or(d.interval),
+        ms,
+        10 * min,
+    )?;
+    let libvirt_timeout =
+        in_range("probes.libvirt_timeout", file.libvirt_timeout.unwrap_or(d.libvirt_timeout), ms, 10 * min)?;
+    let check_timeout =
+        in_range("probes.check_timeout", file.check_timeout.unwrap_or(d.check_timeout), ms, 10 * min)?;
+
+    let storage_min_free_percent = file.storage_min_free_percent.unwrap_or(d.storage_min_free_percent);
+    if !(0.0..=100.0).contains(&storage_min_free_percent) {
+        return Err(ConfigError::Invalid(format!(
+            "probes.storage_min_free_percent {storage_min_free_percent} is out of range: give a percentage from 0 to 100"
+        )));
+    }
+    let load_max = file.load_max.unwrap_or(d.load_max);
+    if !(load_max.is_finite() && load_max > 0.0) {
+        return Err(ConfigError::Invalid(format!(
+            "probes.load_max {load_max} is not valid: give the highest acceptable 1-minute load average, e.g. 32 \
+             (default: 4 per CPU, here {})",
+            d.load_max
+        )));
+    }
+
+    let mut storage_paths: Vec<PathBuf> = Vec::new();
+    for p in file.storage_paths.into_iter().chain(flag_paths) {
+        if !p.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "storage path '{}' is not absolute: give the full path, e.g. /var/lib/libvirt/images",
+                p.display()
+            )));
+        }
+        if !storage_paths.contains(&p) {
+            storage_paths.push(p);
+        }
+    }
+    let mut nics: Vec<String> = Vec::new();
+    for n in file.nics.into_iter().chain(flag_nics) {
+        if !is_nic_name(&n) {
+            return Err(ConfigError::Invalid(format!(
+                "NIC name '{n}' is not valid: give an interface name as `ip link` shows it (1 to 15 \
+                 characters, no '/', ':' or spaces), e.g. bond0"
+            )));
+        }
+        if !nics.contains(&n) {
+            nics.push(n);
+        }
+    }
+
+    let mut checks: Vec<Check> = Vec::new();
+    for (c, from) in file.check.into_iter().map(|c| (c, "[[probes.check]]")) {
+        validate_check(&c, from)?;
+        if checks.iter().any(|o| o.name == c.name) {
+            return Err(ConfigError::Invalid(format!(
+                "check '{}' is defined twice in [[probes.check]]: give each check its own name",
+                c.name
+            )));
+        }
+        checks.push(c);
+    }
+    let mut from_flags: Vec<String> = Vec::new();
+    for c in flag_checks {
+        validate_check(&c, "--check")?;
+        if from_flags.contains(&c.name) {
+            return Err(ConfigError::Invalid(format!(
+                "--check '{}' is given twice: give each check its own name",
+                c.name
+            )));
+        }
+        from_flags.push(c.name.clone());
+        // Flags win over the file, as for every other setting.
+        match checks.iter_mut().find(|o| o.name == c.name) {
+            Some(o) => *o = c,
+            None => checks.push(c),
+        }
+    }
+
+    Ok(ProbeConfig {
+        interval,
+        memory_min_mib: file.memory_min_mib.unwrap_or(d.memory_min_mib),
+        storage_paths,
+        storage_min_free_percent,
+        nics,
+        load_max,
+        libvirt_timeout,
+        check_timeout,
+        checks,
+    })
+}
+
+fn validate_check(c: &Check, from: &str) -> Result<(), ConfigError> {
+    let name_ok = !c.name.is_empty()
+        && c.name.len() <= 63
+        && c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
+    if !name_ok {
+        return Err(ConfigError::Invalid(format!(
+            "{from}: check name '{}' is not valid: use 1 to 63 letters, digits, '-', '_' and '.'",
+            c.name
+        )));
+    }
+    if c.command.trim().is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "{from}: check '{}' has no command: give the shell command whose exit status 0 means healthy",
+            c.name
+        )));
+    }
+    Ok(())
+}
+
+/// What Linux accepts as an interface name (dev_valid_name), less ':' which only ever names
+/// an old-style address alias, never something in /sys/class/net.
+fn is_nic_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 15
+        && n != "."
+        && n != ".."
+        && !n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
 }
 
 #[cfg(test)]
@@ -201,5 +402,117 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn probes_default_without_a_probes_table() {
+        let cfg = Config::load(flags(&["--host-name", "h", "--controller", "http://c:1"]), || None).unwrap();
+        assert_eq!(cfg.probes, ProbeConfig::default());
+        assert_eq!(cfg.probes.interval, Duration::from_secs(5));
+        assert_eq!(cfg.probes.memory_min_mib, 256);
+        assert!(cfg.probes.load_max >= 4.0);
+    }
+
+    #[test]
+    fn probes_table_and_flags_merge() {
+        let dir = std::env::temp_dir().join(format!("vmha-agent-probes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(
+            &path,
+            r#"
+host_name = "kvm1"
+controllers = ["http://c1:7400"]
+
+[probes]
+interval = "2s"
+memory_min_mib = 512
+storage_paths = ["/var/lib/libvirt/images"]
+storage_min_free_percent = 10
+nics = ["bond0"]
+load_max = 32
+libvirt_timeout = "5s"
+check_timeout = "20s"
+
+[[probes.check]]
+name = "multipath"
+command = "multipath -ll | grep -q active"
+
+[[probes.check]]
+name = "ntp"
+command = "chronyc waitsync 1"
+"#,
+        )
+        .unwrap();
+        let cfg = Config::load(
+            flags(&[
+                "--config",
+                path.to_str().unwrap(),
+                "--check",
+                "ntp=true",
+                "--check",
+                "lab-flag=test ! -e /tmp/x=y",
+                "--storage-path",
+                "/srv/vms",
+                "--storage-path",
+                "/var/lib/libvirt/images",
+                "--nic",
+                "eth2",
+                "--probe-interval",
+                "1s",
+            ]),
+            || None,
+        )
+        .unwrap();
+        let p = cfg.probes;
+        assert_eq!(p.interval, Duration::from_secs(1));
+        assert_eq!(p.memory_min_mib, 512);
+        assert_eq!(p.storage_paths, [PathBuf::from("/var/lib/libvirt/images"), PathBuf::from("/srv/vms")]);
+        assert_eq!(p.storage_min_free_percent, 10.0);
+        assert_eq!(p.nics, ["bond0", "eth2"]);
+        assert_eq!(p.load_max, 32.0);
+        assert_eq!(p.libvirt_timeout, Duration::from_secs(5));
+        assert_eq!(p.check_timeout, Duration::from_secs(20));
+        let checks: Vec<(&str, &str)> = p.checks.iter().map(|c| (&*c.name, &*c.command)).collect();
+        assert_eq!(
+            checks,
+            [
+                ("multipath", "multipath -ll | grep -q active"),
+                ("ntp", "true"),
+                ("lab-flag", "test ! -e /tmp/x=y"),
+            ]
+        );
+
+        std::fs::write(
+            &path,
+            "host_name = \"kvm1\"\ncontrollers = [\"http://c1:7400\"]\n[probes]\nmemory_min = 1\n",
+        )
+        .unwrap();
+        let e = Config::load(flags(&["--config", path.to_str().unwrap()]), || None).unwrap_err();
+        assert!(e.to_string().contains("memory_min"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_probe_settings_are_refused_with_what_to_do() {
+        let load = |args: &[&str]| {
+            let mut all = vec!["--host-name", "h", "--controller", "http://c:1"];
+            all.extend_from_slice(args);
+            Config::load(flags(&all), || None).map_err(|e| e.to_string())
+        };
+        let e = load(&["--check", "bad name=true"]).unwrap_err();
+        assert!(e.contains("'bad name'") && e.contains("letters, digits"), "{e}");
+        let e = load(&["--check", "x="]).unwrap_err();
+        assert!(e.contains("'x' has no command"), "{e}");
+        let e = load(&["--check", "a=true", "--check", "a=false"]).unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        let e = load(&["--storage-path", "images"]).unwrap_err();
+        assert!(e.contains("'images' is not absolute"), "{e}");
+        let e = load(&["--nic", "eth0/1"]).unwrap_err();
+        assert!(e.contains("'eth0/1'"), "{e}");
+        let e = load(&["--probe-interval", "1ms"]).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        let e = Flags::try_parse_from(["vmha-agent", "--check", "no-equals-sign"]).unwrap_err().to_string();
+        assert!(e.contains("NAME=COMMAND"), "{e}");
     }
 }

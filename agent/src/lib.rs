@@ -5,4 +5,5 @@ pub mod executor;
 pub mod hypervisor;
 pub mod lease;
 pub mod peer;
+pub mod probes;
 pub mod session;

@@ -5,6 +5,7 @@ use vmha_agent::config::{Config, Flags};
 use vmha_agent::hypervisor::libvirt::Libvirt;
 use vmha_agent::lease::LeaseShell;
 use vmha_agent::peer::PeerApi;
+use vmha_agent::probes;
 use vmha_agent::session::Agent;
 use vmha_engine::selffence::SelfFenceConfig;
 use vmha_proto::v1::peer_service_server::PeerServiceServer;
@@ -31,9 +32,12 @@ async fn main() -> anyhow::Result<()> {
     let peers = tonic::transport::Server::builder()
         .add_service(PeerServiceServer::new(PeerApi { host: cfg.host_name.clone(), lease: lease.clone() }))
         .serve(cfg.peer_listen);
+    let probe_cfg = cfg.probes.clone();
+    let agent = Agent::new(cfg, hv.clone(), lease.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = Agent::new(cfg, hv.clone(), lease.clone()).run() => Ok(()),
+        _ = probes::run(probe_cfg, hv.clone(), agent.probes.clone()) => Ok(()),
+        _ = agent.run() => Ok(()),
         _ = lease.run(hv) => Ok(()),
         r = peers => r.map_err(|e| anyhow::anyhow!("peer endpoint: {e}")),
         // Leaving never touches the VMs: they keep running without an agent.

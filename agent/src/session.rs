@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::executor;
 use crate::hypervisor::Hypervisor;
 use crate::lease::LeaseShell;
+use crate::probes::ProbeBoard;
 
 /// Stamps every request with this host's name: the controller's view of who is speaking.
 /// (With mTLS the certificate carries it; this header is the stand-in until then.)
@@ -47,6 +48,9 @@ pub struct Agent {
     last_answer: Mutex<Option<(u64, u64, Instant)>>,
     /// Hash of each domain's XML as last sent in this session.
     sent_xml: Mutex<HashMap<String, u64>>,
+    /// The health probes' latest results, filled by `probes::run` (empty if it is not
+    /// running, as in tests that drive an agent without probes).
+    pub probes: Arc<ProbeBoard>,
 }
 
 impl Agent {
@@ -59,6 +63,7 @@ impl Agent {
             lease,
             last_answer: Mutex::default(),
             sent_xml: Mutex::default(),
+            probes: Arc::default(),
         })
     }
 
@@ -174,6 +179,7 @@ impl Agent {
             echo_stamp_ms,
             echo_held_ms,
             self_fenced: self.lease.self_fenced(),
+            probes: self.probes.latest(),
         };
         // The lease runs from here: the send, not the answer.
         let sent_at = self.lease.now();

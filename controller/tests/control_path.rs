@@ -41,8 +41,13 @@ async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     let pg = PgServer::shared();
     let store = Store::open(&pg.fresh_database()).await.unwrap();
-    let settings =
-        MigrationSettings { auto_converge: true, bandwidth_mib_s: 0, timeout: Duration::from_secs(30) };
+    let settings = MigrationSettings {
+        auto_converge: true,
+        bandwidth_mib_s: 0,
+        timeout: Duration::from_secs(30),
+        postcopy: false,
+        max_downtime_ms: 0,
+    };
     let fence = FenceSettings { command: None, timeout: Duration::from_secs(1) };
     let controller =
         Controller::start(store, Timings::default(), Policy::default(), settings, fence).await.unwrap();
@@ -69,6 +74,7 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
             heartbeat_interval: Duration::from_millis(100),
             peer_listen: ([127, 0, 0, 1], 0).into(),
             peer_address: "127.0.0.1:1".into(),
+            probes: vmha_agent::probes::ProbeConfig::default(),
         };
         let lease = LeaseShell::new(name, SelfFenceConfig::default());
         agents.push(tokio::spawn(Agent::new(cfg, Arc::new(hv), lease).run()));
@@ -96,7 +102,7 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     assert!(vm.protected && vm.priority == 100);
 
     let started = op
-        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into() })
+        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -129,19 +135,27 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     assert!(done.message.contains("dns1 live-migrated from kvm1 to kvm2"), "{}", done.message);
 
     // Refusals change nothing and say why.
-    let e =
-        op.migrate(MigrateRequest { vm: "nosuchvm".into(), target_host: "kvm1".into() }).await.unwrap_err();
+    let e = op
+        .migrate(MigrateRequest { vm: "nosuchvm".into(), target_host: "kvm1".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(e.message().contains("nosuchvm"), "{}", e.message());
-    let e = op.migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into() }).await.unwrap_err();
+    let e = op
+        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("already runs on kvm2"), "{}", e.message());
-    let e = op.migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm9".into() }).await.unwrap_err();
+    let e = op
+        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm9".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 
     // A failing migration is recorded as failed and the VM stays.
     let e = op
-        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm1".into() })
+        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm1".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();

@@ -63,6 +63,11 @@ lab_host_netns() { lab_check_host "$1"; printf 'vmha-%s\n' "$1"; }
 # partition is simply `ip link set vmha-kvm2 down`.
 lab_host_veth() { lab_host_netns "$1"; }
 lab_host_dir() { lab_check_host "$1"; printf '%s/%s\n' "$LAB_DIR" "$1"; }
+# While this file exists, the host's agent reports its lab-flag check as failing
+# (a stand-in for any operator check: a dead multipath, a full disk, ...). The
+# agent sees it at the same path: the host's mount namespace only bind-mounts
+# libvirt's directories over the root one.
+lab_host_fail_file() { printf '%s/fail\n' "$(lab_host_dir "$1")"; }
 
 # True if the pid in FILE is alive and its command line contains NAME (guards
 # against a recycled pid after a crash). Prints the pid.
@@ -376,14 +381,18 @@ lab_daemon_current() {
 
 # lab_start_agent HOST: start the vmha agent inside the host's namespaces, as
 # `up` and `revive` do. Each agent also serves a small peer endpoint on
-# <host address>:LAB_AGENT_PEER_PORT that the other agents poll.
+# <host address>:LAB_AGENT_PEER_PORT that the other agents poll. Its probes run
+# every second, with one operator check that fails while the host's fail file
+# (lab_host_fail_file) exists.
 lab_start_agent() {
   local h=$1
   lab_log "starting agent on $h"
   lab_spawn "$LAB_DIR/agent-$h.pid" "$LAB_DIR/agent-$h.log" "$h" \
     "$LAB_AGENT_BIN" --host-name "$h" --libvirt-uri qemu:///system \
     --migration-uri "$(lab_host_uri "$h")" --controller "$LAB_CONTROLLER_URL" \
-    --peer-listen "$(lab_host_ip "$h"):$LAB_AGENT_PEER_PORT"
+    --peer-listen "$(lab_host_ip "$h"):$LAB_AGENT_PEER_PORT" \
+    --probe-interval 1s \
+    --check "lab-flag=test ! -e $(printf '%q' "$(lab_host_fail_file "$h")")"
 }
 
 # lab_lock_host HOST: serialize the chaos verbs (kill, cut, heal, revive) on
