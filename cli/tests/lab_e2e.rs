@@ -456,7 +456,7 @@ fn a_throttled_migration_times_out_and_the_guest_stays(lab: &Lab) {
     lab.settle();
     let source = lab.host_of("radius1");
     let target = HOSTS.into_iter().find(|h| *h != source).unwrap();
-    let out = lab.vmha(&["migrate", "radius1", "--to", target, "--bandwidth", "1", "--timeout", "2s"]);
+    let out = lab.vmha(&["migrate", "radius1", "--to", target, "--bandwidth", "1", "--timeout", "100ms"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(1), "a failed migration exits 1: {text}");
     assert!(text.contains("failed") && text.contains("timeout"), "{text}");
