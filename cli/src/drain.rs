@@ -105,7 +105,7 @@ pub async fn run(
         if d.state != "draining" {
             break d;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     overall.finish_and_clear();
     match fmt {

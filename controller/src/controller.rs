@@ -347,6 +347,13 @@ impl Controller {
         }
         let _order = self.persist.lock().await;
         for change in changes {
+            if let InventoryChange::Vanished { uuid, name, from, forgotten: true } = &change {
+                self.store.delete_vm(uuid).await.map_err(internal)?;
+                let message =
+                    format!("{name} is no longer defined on {from} nor reported by any host: forgotten");
+                self.event("vm", name, "vm_forgotten", message, actor).await?;
+                continue;
+            }
             let Some(vm) = self.read(|s| s.vms.get(change.uuid()).cloned()) else { continue };
             if let Some(h) = &vm.host {
                 // The hosts table is the foreign key's target; a report can name a host that

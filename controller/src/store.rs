@@ -329,6 +329,15 @@ impl Store {
         Ok(())
     }
 
+    pub async fn delete_vm(&self, uuid: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM vms WHERE uuid = $1")
+            .bind(parse_uuid(uuid)?)
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete vm"))?;
+        Ok(())
+    }
+
     pub async fn set_vm_xml(&self, uuid: &str, xml: &str) -> Result<(), StoreError> {
         sqlx::query("UPDATE vms SET xml = $2 WHERE uuid = $1")
             .bind(parse_uuid(uuid)?)

@@ -277,7 +277,10 @@ impl ClusterState {
         if let Some(vm) = self.vms.get(key) {
             return Ok(vm);
         }
-        let mut by_name = self.vms.values().filter(|vm| vm.name == key);
+        let named: Vec<&VmView> = self.vms.values().filter(|vm| vm.name == key).collect();
+        // Two records may share a name when one is a leftover no host reports: take the placed one.
+        let placed: Vec<&VmView> = named.iter().copied().filter(|vm| vm.host.is_some()).collect();
+        let mut by_name = if placed.len() == 1 { placed.into_iter() } else { named.into_iter() };
         match (by_name.next(), by_name.next()) {
             (Some(vm), None) => Ok(vm),
             (Some(a), Some(b)) => Err(crate::Refusal::AmbiguousVm {

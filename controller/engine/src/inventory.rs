@@ -22,8 +22,10 @@ pub enum InventoryChange {
     Moved { uuid: String, name: String, from: String, to: String, state: RunState },
     /// Same host, new state.
     StateChanged { uuid: String, name: String, host: String, from: RunState, to: RunState },
-    /// The host it was on no longer reports it.
-    Vanished { uuid: String, name: String, from: String },
+    /// The host it was on no longer reports it. An unprotected VM that no host reports is
+    /// `forgotten`: dropped from the inventory (it was undefined or moved behind vmha's back;
+    /// if it shows up somewhere, it is discovered again).
+    Vanished { uuid: String, name: String, from: String, forgotten: bool },
     /// Name, memory or vCPUs changed; no event, but the record must be rewritten.
     Updated { uuid: String },
 }
@@ -120,7 +122,13 @@ pub fn apply_report(
                 uuid: vm.uuid.clone(),
                 name: vm.name.clone(),
                 from: host.into(),
+                forgotten: !vm.protected && vm.busy_with.is_none(),
             });
+        }
+    }
+    for c in &changes {
+        if let InventoryChange::Vanished { uuid, forgotten: true, .. } = c {
+            state.vms.remove(uuid);
         }
     }
     changes
@@ -176,7 +184,14 @@ mod tests {
         let mut s = ClusterState::default();
         apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
         let c = apply_report(&mut s, "kvm1", &[], Millis(1));
-        assert!(matches!(&c[..], [InventoryChange::Vanished { from, .. }] if from == "kvm1"));
+        assert!(
+            matches!(&c[..], [InventoryChange::Vanished { from, forgotten: true, .. }] if from == "kvm1")
+        );
+        assert!(!s.vms.contains_key("a"), "an unprotected VM defined nowhere is forgotten");
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(1));
+        s.vms.get_mut("a").unwrap().protected = true;
+        let c = apply_report(&mut s, "kvm1", &[], Millis(1));
+        assert!(matches!(&c[..], [InventoryChange::Vanished { forgotten: false, .. }]));
         assert_eq!((s.vms["a"].host.as_deref(), s.vms["a"].state), (None, RunState::Unknown));
         let c = apply_report(&mut s, "kvm3", &[dom("a", RunState::ShutOff)], Millis(2));
         assert!(matches!(&c[..], [InventoryChange::Appeared { host, .. }] if host == "kvm3"));
