@@ -21,6 +21,8 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
                 auto_converge: m.auto_converge,
                 bandwidth_mib_s: (m.bandwidth_mib_s > 0).then_some(m.bandwidth_mib_s),
                 timeout: (m.timeout_ms > 0).then(|| Duration::from_millis(m.timeout_ms)),
+                postcopy: m.postcopy,
+                max_downtime_ms: (m.max_downtime_ms > 0).then_some(m.max_downtime_ms),
             };
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let mut progress_client = client.clone();

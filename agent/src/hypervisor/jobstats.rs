@@ -65,6 +65,15 @@ pub fn read(dom: &Domain, completed: bool) -> Result<JobStats, virt::error::Erro
     Ok(stats)
 }
 
+/// Switches a running migration to post-copy (no safe wrapper exists in `virt`).
+pub fn start_post_copy(dom: &Domain) -> Result<(), virt::error::Error> {
+    // SAFETY: `dom` holds a valid reference for the duration of the call.
+    if unsafe { sys::virDomainMigrateStartPostCopy(dom.as_ptr(), 0) } < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
+}
+
 /// Aborts the domain's current job (no safe wrapper exists in `virt`).
 pub fn abort(dom: &Domain) -> Result<(), virt::error::Error> {
     // SAFETY: `dom` holds a valid reference for the duration of the call.

@@ -149,10 +149,22 @@ impl Hypervisor for Libvirt {
         if opts.auto_converge {
             flags |= sys::VIR_MIGRATE_AUTO_CONVERGE;
         }
+        if opts.postcopy {
+            flags |= sys::VIR_MIGRATE_POSTCOPY;
+        }
+        if let Some(ms) = opts.max_downtime_ms
+            && let Err(e) = dom.migrate_set_max_downtime(ms, 0)
+        {
+            tracing::warn!(domain = uuid, error = %e.message(), "could not set the maximum downtime; libvirt's default applies");
+        }
+        // Post-copy, when allowed, starts once pre-copy has had a fair chance to converge.
+        let postcopy_after = opts.postcopy.then(|| opts.timeout.map_or(Duration::from_secs(10), |t| t / 2));
+        let switched = &AtomicBool::new(false);
         let params = MigrateParameters { bandwidth: opts.bandwidth_mib_s, ..Default::default() };
         let started = Instant::now();
         let timed_out = &AtomicBool::new(false);
         let dom_ref = &dom;
+        let dom_uuid = uuid.to_string();
         // Dropping `stop` wakes the sampler at once: a sleep would hold the finished
         // migration hostage for up to one sampling period.
         let (stop, stopped) = mpsc::channel::<()>();
@@ -168,6 +180,12 @@ impl Hypervisor for Libvirt {
                             data_remaining: j.data_remaining,
                             elapsed_ms: started.elapsed().as_millis() as u64,
                         });
+                    }
+                    if postcopy_after.is_some_and(|a| started.elapsed() > a) && !switched.swap(true, Ordering::Relaxed) {
+                        match jobstats::start_post_copy(dom_ref) {
+                            Ok(()) => tracing::info!(domain = %dom_uuid, "switched to post-copy"),
+                            Err(e) => tracing::warn!(domain = %dom_uuid, error = %e.message(), "post-copy switch failed"),
+                        }
                     }
                     if opts.timeout.is_some_and(|t| started.elapsed() > t)
                         && !timed_out.swap(true, Ordering::Relaxed)

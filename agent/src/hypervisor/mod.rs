@@ -32,6 +32,9 @@ pub struct MigrateOptions {
     pub auto_converge: bool,
     pub bandwidth_mib_s: Option<u64>,
     pub timeout: Option<Duration>,
+    /// Switch to post-copy once half the timeout (or 10 s) has passed without converging.
+    pub postcopy: bool,
+    pub max_downtime_ms: Option<u64>,
 }
 
 /// A sample of a running migration job.
