@@ -27,6 +27,23 @@ use vmha_proto::v1::*;
 
 const DNS1: &str = "0d6b3f2e-1c1e-4f7e-9a55-2b8a1f6c0d01";
 
+type Operator = OperatorServiceClient<tonic::transport::Channel>;
+
+async fn migrate(op: &mut Operator, vm: &str, to: &str) -> Result<Operation, tonic::Status> {
+    let req = MigrateRequest { vm: vm.into(), target_host: to.into(), ..Default::default() };
+    op.migrate(req).await.map(|r| r.into_inner())
+}
+
+/// Follows an operation to its end.
+async fn final_state(op: &mut Operator, id: &str) -> Operation {
+    let mut updates = op.watch_operation(WatchOperationRequest { id: id.into() }).await.unwrap().into_inner();
+    let mut last = None;
+    while let Some(u) = updates.message().await.unwrap() {
+        last = Some(u);
+    }
+    last.expect("at least the final state")
+}
+
 async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     for _ in 0..100 {
         if let Some(v) = f().await {
@@ -101,19 +118,9 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
         .into_inner();
     assert!(vm.protected && vm.priority == 100);
 
-    let started = op
-        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let started = migrate(&mut op, "dns1", "kvm2").await.unwrap();
     assert_eq!((started.source.as_str(), started.target.as_str()), ("kvm1", "kvm2"));
-    let mut updates =
-        op.watch_operation(WatchOperationRequest { id: started.id.clone() }).await.unwrap().into_inner();
-    let mut last = None;
-    while let Some(u) = updates.message().await.unwrap() {
-        last = Some(u);
-    }
-    let last = last.expect("at least the final state");
+    let last = final_state(&mut op, &started.id).await;
     assert_eq!(last.state, "succeeded", "{last:?}");
     assert_eq!(last.bytes, 100);
 
@@ -135,36 +142,18 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     assert!(done.message.contains("dns1 live-migrated from kvm1 to kvm2"), "{}", done.message);
 
     // Refusals change nothing and say why.
-    let e = op
-        .migrate(MigrateRequest { vm: "nosuchvm".into(), target_host: "kvm1".into(), ..Default::default() })
-        .await
-        .unwrap_err();
+    let e = migrate(&mut op, "nosuchvm", "kvm1").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(e.message().contains("nosuchvm"), "{}", e.message());
-    let e = op
-        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm2".into(), ..Default::default() })
-        .await
-        .unwrap_err();
+    let e = migrate(&mut op, "dns1", "kvm2").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("already runs on kvm2"), "{}", e.message());
-    let e = op
-        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm9".into(), ..Default::default() })
-        .await
-        .unwrap_err();
+    let e = migrate(&mut op, "dns1", "kvm9").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 
     // A failing migration is recorded as failed and the VM stays.
-    let e = op
-        .migrate(MigrateRequest { vm: "dns1".into(), target_host: "kvm1".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut updates = op.watch_operation(WatchOperationRequest { id: e.id }).await.unwrap().into_inner();
-    let mut last = None;
-    while let Some(u) = updates.message().await.unwrap() {
-        last = Some(u);
-    }
-    let last = last.unwrap();
+    let failing = migrate(&mut op, "dns1", "kvm1").await.unwrap();
+    let last = final_state(&mut op, &failing.id).await;
     assert_eq!(last.state, "failed");
     assert!(last.error.contains("unable to connect"), "{}", last.error);
     assert_eq!(op.get_vm(GetVmRequest { vm: "dns1".into() }).await.unwrap().into_inner().host, "kvm2");
