@@ -135,6 +135,10 @@ enum HostVerb {
         /// Follow a drain already running (or start one) until it ends.
         #[arg(long)]
         wait: bool,
+        /// A VM whose live migration fails on every host may be stopped here and started
+        /// elsewhere (a restart: its guest reboots). Without it, such a VM stays.
+        #[arg(long)]
+        allow_restart: bool,
     },
     /// Return a drained host to service: it takes VMs again.
     Undrain { host: String },
@@ -292,8 +296,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 Format::Table => println!("{} is {}: {}", h.name, h.state, h.note),
             }
         }
-        Verb::Host(HostVerb::Drain { host, dry_run, no_wait, wait }) => {
-            return crate::drain::run(&mut c, fmt, host, dry_run, no_wait, wait).await;
+        Verb::Host(HostVerb::Drain { host, dry_run, no_wait, wait, allow_restart }) => {
+            return crate::drain::run(&mut c, fmt, host, dry_run, no_wait, wait, allow_restart).await;
         }
         Verb::Host(HostVerb::Undrain { host }) => {
             let h = c.undrain(UndrainRequest { host }).await?.into_inner();

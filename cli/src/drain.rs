@@ -45,11 +45,12 @@ pub async fn run(
     dry_run: bool,
     no_wait: bool,
     wait: bool,
+    allow_restart: bool,
 ) -> Result<ExitCode, Failure> {
     let running = current(c, &host).await?.filter(|d| d.state == "draining");
     let plan = match running {
         Some(p) if wait => p,
-        _ => c.drain(DrainRequest { host: host.clone(), dry_run, allow_restart: false }).await?.into_inner(),
+        _ => c.drain(DrainRequest { host: host.clone(), dry_run, allow_restart }).await?.into_inner(),
     };
     if dry_run || no_wait {
         match fmt {

@@ -262,6 +262,26 @@ impl Controller {
                         );
                     }
                 }
+                Action::ColdRestart { vm_uuid, vm_name, from, to } => {
+                    self.event(
+                        "vm",
+                        &vm_name,
+                        "cold_restart",
+                        format!("{vm_name} cannot be live-migrated off {from}; restarting it on {to} (--allow-restart)"),
+                        "controller",
+                    )
+                    .await?;
+                    // Destroyed first; the start on `to` follows the destroy's result.
+                    let cmd = command::Kind::Destroy(DestroyDomain { uuid: vm_uuid.clone() });
+                    if let Err(why) =
+                        self.send_operation("destroy", &vm_uuid, &vm_name, &from, &to, cmd).await
+                    {
+                        let now = self.now();
+                        queue.extend(
+                            self.update(|s| drain::restart_finished(s, &vm_uuid, &to, Err(why), now)),
+                        );
+                    }
+                }
                 Action::DestroyStale { vm_uuid, vm_name, host } => {
                     let cmd = command::Kind::Destroy(DestroyDomain { uuid: vm_uuid.clone() });
                     if let Err(why) = self.send_operation("destroy", &vm_uuid, &vm_name, &host, "", cmd).await
@@ -606,10 +626,28 @@ impl Controller {
             }
             "start" => {
                 let verdict = if ok { Ok(()) } else { Err(o.error.clone()) };
-                let actions =
-                    self.update(|s| recovery::start_finished(s, &op.vm_uuid, &op.target, verdict, now));
+                let actions = self.update(|s| {
+                    let mut a = recovery::start_finished(s, &op.vm_uuid, &op.target, verdict.clone(), now);
+                    a.extend(drain::restart_finished(s, &op.vm_uuid, &op.target, verdict, now));
+                    a
+                });
                 self.persist_vms_on(&op.target).await?;
                 self.perform(actions).await?;
+            }
+            "destroy" if !op.target.is_empty() => {
+                // The first half of a cold restart.
+                let started = match ok {
+                    true => self.start_vm(&op.vm_uuid, &op.vm, &op.target).await,
+                    false => Err(format!(
+                        "destroying it on {} failed: {}; it keeps running there",
+                        op.source, o.error
+                    )),
+                };
+                if let Err(why) = started {
+                    let actions =
+                        self.update(|s| drain::restart_finished(s, &op.vm_uuid, &op.target, Err(why), now));
+                    self.perform(actions).await?;
+                }
             }
             _ => {
                 let message = if ok {

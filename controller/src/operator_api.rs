@@ -182,23 +182,19 @@ impl OperatorService for OperatorApi {
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainPlan>, Status> {
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
-        if r.allow_restart {
-            return Err(Status::invalid_argument(
-                "--allow-restart is not available yet: a drain only live-migrates; nothing changed",
-            ));
-        }
         let now = self.0.now();
         if r.dry_run {
             let steps = self.0.read(|s| drain::plan(s, &host, now)).map_err(refusal)?;
             let d = drain::Drain {
                 cause: drain::DrainCause::Operator,
+                allow_restart: r.allow_restart,
                 state: drain::DrainState::Planned,
                 steps,
                 message: "dry run: nothing changed".into(),
             };
             return Ok(Response::new(views::drain(&host, &d)));
         }
-        let actions = self.0.update(|s| drain::start(s, &host, now)).map_err(refusal)?;
+        let actions = self.0.update(|s| drain::start(s, &host, r.allow_restart, now)).map_err(refusal)?;
         self.0.persist_admin(&host).await?;
         self.0.perform(actions).await?;
         self.0.persist_admin(&host).await?;

@@ -67,7 +67,10 @@ pub fn drain(host: &str, d: &Drain) -> pb::DrainPlan {
 
 pub fn drain_step(s: &DrainStep) -> pb::DrainStep {
     let (target, error) = match &s.state {
-        StepState::Migrating { target } | StepState::Migrated { target } => (target.clone(), String::new()),
+        StepState::Migrating { target }
+        | StepState::Migrated { target }
+        | StepState::Restarting { target }
+        | StepState::Restarted { target } => (target.clone(), String::new()),
         StepState::Failed { error } => (s.planned.clone().unwrap_or_default(), error.clone()),
         StepState::Stuck { reason } => (String::new(), reason.clone()),
         StepState::Pending => (s.planned.clone().unwrap_or_default(), String::new()),

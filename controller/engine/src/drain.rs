@@ -59,6 +59,14 @@ pub enum StepState {
     Migrated {
         target: String,
     },
+    /// Live migration failed and the operator allowed a cold restart: destroyed here, then
+    /// started on `target`.
+    Restarting {
+        target: String,
+    },
+    Restarted {
+        target: String,
+    },
     /// Every try failed.
     Failed {
         error: String,
@@ -75,6 +83,8 @@ impl StepState {
             StepState::Pending => "pending",
             StepState::Migrating { .. } => "migrating",
             StepState::Migrated { .. } => "migrated",
+            StepState::Restarting { .. } => "restarting",
+            StepState::Restarted { .. } => "restarted",
             StepState::Failed { .. } => "failed",
             StepState::Stuck { .. } => "stuck",
         }
@@ -82,8 +92,11 @@ impl StepState {
 
     fn finished(&self) -> bool {
         match self {
-            StepState::Migrated { .. } | StepState::Failed { .. } | StepState::Stuck { .. } => true,
-            StepState::Pending | StepState::Migrating { .. } => false,
+            StepState::Migrated { .. }
+            | StepState::Restarted { .. }
+            | StepState::Failed { .. }
+            | StepState::Stuck { .. } => true,
+            StepState::Pending | StepState::Migrating { .. } | StepState::Restarting { .. } => false,
         }
     }
 }
@@ -126,6 +139,8 @@ impl DrainState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Drain {
     pub cause: DrainCause,
+    /// A VM whose live migration fails may be cold-restarted elsewhere.
+    pub allow_restart: bool,
     pub state: DrainState,
     pub steps: Vec<DrainStep>,
     pub message: String,
@@ -135,7 +150,7 @@ impl Drain {
     /// Where a VM of this drain is migrating to right now.
     pub fn heading_to(&self, uuid: &str) -> Option<&str> {
         self.steps.iter().find(|s| s.vm_uuid == uuid).and_then(|s| match &s.state {
-            StepState::Migrating { target } => Some(target.as_str()),
+            StepState::Migrating { target } | StepState::Restarting { target } => Some(target.as_str()),
             _ => None,
         })
     }
@@ -171,6 +186,7 @@ pub fn plan(state: &ClusterState, host: &str, now: Millis) -> Result<Vec<DrainSt
     let mut scratch = state.clone();
     let mut probe_drain = Drain {
         cause: DrainCause::Operator,
+        allow_restart: false,
         state: DrainState::Planned,
         steps: Vec::new(),
         message: String::new(),
@@ -205,7 +221,12 @@ pub fn plan(state: &ClusterState, host: &str, now: Millis) -> Result<Vec<DrainSt
 }
 
 /// Starts an operator's drain of `host`.
-pub fn start(state: &mut ClusterState, host: &str, now: Millis) -> Result<Vec<Action>, Refusal> {
+pub fn start(
+    state: &mut ClusterState,
+    host: &str,
+    allow_restart: bool,
+    now: Millis,
+) -> Result<Vec<Action>, Refusal> {
     let steps = plan(state, host, now)?;
     match state.liveness(host, now) {
         HostLiveness::Online => {}
@@ -218,6 +239,7 @@ pub fn start(state: &mut ClusterState, host: &str, now: Millis) -> Result<Vec<Ac
     let n = steps.len();
     h.drain = Some(Drain {
         cause: DrainCause::Operator,
+        allow_restart,
         state: DrainState::Draining,
         steps,
         message: String::new(),
@@ -276,6 +298,7 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
                 let h = state.hosts.get_mut(name).expect("listed");
                 h.drain = Some(Drain {
                     cause: DrainCause::Degraded,
+                    allow_restart: false,
                     state: DrainState::Draining,
                     steps,
                     message: String::new(),
@@ -371,7 +394,11 @@ fn finish_if_done(state: &mut ClusterState, host: &str, out: &mut Vec<Action>) {
         .filter_map(|s| match &s.state {
             StepState::Failed { error } => Some(format!("{}: {error}", s.vm_name)),
             StepState::Stuck { reason } => Some(format!("{}: {reason}", s.vm_name)),
-            StepState::Migrated { .. } | StepState::Pending | StepState::Migrating { .. } => None,
+            StepState::Migrated { .. }
+            | StepState::Restarted { .. }
+            | StepState::Pending
+            | StepState::Migrating { .. }
+            | StepState::Restarting { .. } => None,
         })
         .collect();
     let moved = d.steps.len() - left.len();
@@ -419,17 +446,83 @@ pub fn migration_finished(
         if !matches!(step.state, StepState::Migrating { .. }) {
             continue;
         }
-        step.state = match &result {
-            Ok(()) => StepState::Migrated { target: target.into() },
+        let allow_restart = d.allow_restart;
+        let give_up = match &result {
+            Ok(()) => {
+                step.state = StepState::Migrated { target: target.into() };
+                None
+            }
             Err(e) => {
                 step.tried.push(target.into());
-                if step.tried.len() >= max_tries {
-                    StepState::Failed { error: e.clone() }
+                step.state = StepState::Failed { error: e.clone() };
+                if step.tried.len() < max_tries {
+                    step.state = StepState::Pending;
+                    None
                 } else {
-                    StepState::Pending
+                    Some(e.clone())
                 }
             }
         };
+        if let (Some(e), true) = (give_up, allow_restart) {
+            // Live migration is out; the operator accepted a restart elsewhere.
+            let vm = state.vms.get(uuid).cloned();
+            let to = vm.as_ref().and_then(|v| placement::place(state, v, now, std::slice::from_ref(&name)).ok());
+            let st = match (&vm, &to) {
+                (Some(_), Some(to)) => StepState::Restarting { target: to.clone() },
+                _ => StepState::Failed { error: format!("{e}; no host for a cold restart either") },
+            };
+            if let Some(i) =
+                state.hosts[&name].drain.as_ref().and_then(|d| d.steps.iter().position(|s| s.vm_uuid == uuid))
+            {
+                set_step(state, &name, i, st);
+            }
+            if let (Some(vm), Some(to)) = (vm, to) {
+                if let Some(v) = state.vms.get_mut(uuid) {
+                    v.busy_with = Some(format!("cold restart on {to}"));
+                }
+                out.push(Action::ColdRestart {
+                    vm_uuid: uuid.into(),
+                    vm_name: vm.name,
+                    from: name.clone(),
+                    to,
+                });
+            }
+        }
+        out.extend(tick(state, now));
+        finish_if_done(state, &name, &mut out);
+        break;
+    }
+    out
+}
+
+/// A drain's cold restart ended (destroyed on its host, then started on `target`).
+pub fn restart_finished(
+    state: &mut ClusterState,
+    uuid: &str,
+    target: &str,
+    result: Result<(), String>,
+    now: Millis,
+) -> Vec<Action> {
+    let mut out = Vec::new();
+    let names: Vec<String> = state.hosts.keys().cloned().collect();
+    for name in names {
+        let Some(i) = state.hosts[&name].drain.as_ref().and_then(|d| {
+            d.steps.iter().position(|s| s.vm_uuid == uuid && matches!(s.state, StepState::Restarting { .. }))
+        }) else {
+            continue;
+        };
+        let st = match &result {
+            Ok(()) => StepState::Restarted { target: target.into() },
+            Err(e) => StepState::Failed { error: format!("cold restart failed: {e}") },
+        };
+        set_step(state, &name, i, st);
+        if let Some(vm) = state.vms.get_mut(uuid) {
+            vm.busy_with = None;
+            if result.is_ok() {
+                vm.host = Some(target.into());
+                vm.state = RunState::Running;
+            }
+        }
         out.extend(tick(state, now));
         finish_if_done(state, &name, &mut out);
         break;
@@ -488,7 +581,7 @@ mod tests {
     #[test]
     fn a_drain_runs_two_migrations_per_host_then_ends_in_maintenance() {
         let mut s = cluster();
-        let a = start(&mut s, "kvm1", Millis(1)).unwrap();
+        let a = start(&mut s, "kvm1", false, Millis(1)).unwrap();
         let m = migrations(&a);
         assert_eq!(m.len(), 2, "per-host limit: {a:?}");
         assert_eq!(m[0].0, "dns1");
@@ -511,7 +604,7 @@ mod tests {
         for h in ["kvm2", "kvm3"] {
             s.hosts.get_mut(h).unwrap().memory_limit_kib = Some(64 << 10);
         }
-        let a = start(&mut s, "kvm1", Millis(1)).unwrap();
+        let a = start(&mut s, "kvm1", false, Millis(1)).unwrap();
         let m = migrations(&a);
         assert_eq!(m.len(), 2);
         migration_finished(&mut s, "a", &m[0].1, Ok(()), Millis(2));
@@ -523,6 +616,31 @@ mod tests {
         assert_eq!(d.state, DrainState::Incomplete);
         assert!(d.message.contains("billing") && d.message.contains("nothing was stopped"), "{}", d.message);
         assert_eq!(s.hosts["kvm1"].admin, AdminState::Draining);
+    }
+
+    #[test]
+    fn a_vm_that_cannot_be_migrated_is_cold_restarted_only_if_the_operator_allowed_it() {
+        for allow in [false, true] {
+            let mut s = cluster();
+            s.policy.max_relocate = 0;
+            s.vms.retain(|u, _| u == "a");
+            let a = start(&mut s, "kvm1", allow, Millis(1)).unwrap();
+            let (_, to) = migrations(&a).pop().unwrap();
+            let a = migration_finished(&mut s, "a", &to, Err("CPU incompatible".into()), Millis(2));
+            let cold: Vec<_> = a.iter().filter(|x| matches!(x, Action::ColdRestart { .. })).collect();
+            if !allow {
+                assert!(cold.is_empty(), "never without --allow-restart: {a:?}");
+                assert_eq!(s.hosts["kvm1"].drain.as_ref().unwrap().state, DrainState::Incomplete);
+                continue;
+            }
+            let Some(Action::ColdRestart { to, from, .. }) = cold.first() else { panic!("{a:?}") };
+            assert_eq!(from, "kvm1");
+            assert!(s.vms["a"].busy_with.is_some(), "nothing else may restart it meanwhile");
+            let to = to.clone();
+            let a = restart_finished(&mut s, "a", &to, Ok(()), Millis(3));
+            assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "drain_done", .. })), "{a:?}");
+            assert_eq!(s.vms["a"].host.as_deref(), Some(to.as_str()));
+        }
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub enum Action {
     Start { vm_uuid: String, vm_name: String, host: String },
     /// Live-migrate the VM to `host`: "failback" (to its preferred host), "drain".
     Migrate { vm_uuid: String, vm_name: String, host: String, why: &'static str },
+    /// Destroy the VM on `from`, then start it on `to` (a drain the operator allowed to
+    /// restart VMs that cannot be live-migrated).
+    ColdRestart { vm_uuid: String, vm_name: String, from: String, to: String },
     /// Destroy a stale copy on a host that came back (fencing was bypassed).
     DestroyStale { vm_uuid: String, vm_name: String, host: String },
     /// Write an event.
