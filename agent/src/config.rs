@@ -43,6 +43,10 @@ pub struct Flags {
     /// How often to report to the controller [default: 1s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Option<Duration>,
+    /// Directory for what the agent must remember across restarts (the protected VMs)
+    /// [default: /var/lib/vmha-agent].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Address to answer peer agents' lease polls on [default: 0.0.0.0:7401].
     #[arg(long)]
     pub peer_listen: Option<std::net::SocketAddr>,
@@ -92,6 +96,7 @@ struct FileConfig {
     heartbeat_interval: Option<Duration>,
     peer_listen: Option<std::net::SocketAddr>,
     peer_address: Option<String>,
+    state_dir: Option<PathBuf>,
     #[serde(default)]
     probes: FileProbes,
 }
@@ -138,6 +143,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub peer_listen: std::net::SocketAddr,
     pub peer_address: String,
+    /// Where the agent keeps what it must remember across restarts; `None`: nowhere (tests).
+    pub state_dir: Option<PathBuf>,
     /// What the health probes check and their thresholds (`ProbeConfig::default()`: the
     /// always-on probes with default thresholds, no storage, NIC or operator checks).
     pub probes: ProbeConfig,
@@ -205,6 +212,13 @@ impl Config {
         Ok(Config {
             probes,
             peer_listen,
+            state_dir: Some(
+                flags
+                    .state_dir
+                    .clone()
+                    .or(file.state_dir.clone())
+                    .unwrap_or_else(|| "/var/lib/vmha-agent".into()),
+            ),
             peer_address,
             libvirt_uri: flags.libvirt_uri.or(file.libvirt_uri).unwrap_or_else(|| "qemu:///system".into()),
             host_name,

@@ -3,6 +3,7 @@
 //! protected VMs when it must self-fence.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,9 @@ pub struct LeaseShell {
     keeper: Mutex<LeaseKeeper>,
     peers: Mutex<Vec<Peer>>,
     protected: Mutex<BTreeSet<String>>,
+    /// Where the protected list is kept across restarts: an agent restarted while cut off from
+    /// the controller must still know what to destroy if it has to self-fence.
+    state_file: Mutex<Option<PathBuf>>,
 }
 
 impl LeaseShell {
@@ -34,7 +38,34 @@ impl LeaseShell {
             keeper: Mutex::new(LeaseKeeper::new(cfg, Millis(0))),
             peers: Mutex::default(),
             protected: Mutex::default(),
+            state_file: Mutex::default(),
         })
+    }
+
+    /// Keeps the protected list in `file`, starting from what it holds.
+    pub fn remember_in(&self, file: PathBuf) {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let known: BTreeSet<String> =
+                    text.lines().filter(|l| !l.is_empty()).map(String::from).collect();
+                tracing::info!(file = %file.display(), protected = known.len(), "protected VMs as last known");
+                *self.protected.lock().unwrap_or_else(|p| p.into_inner()) = known;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(file = %file.display(), error = %e, "cannot read the protected VM list"),
+        }
+        *self.state_file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+    }
+
+    fn save_protected(&self, protected: &BTreeSet<String>) {
+        let Some(file) = self.state_file.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+        let text: String = protected.iter().map(|u| format!("{u}\n")).collect();
+        let tmp = file.with_extension("tmp");
+        // Written aside and renamed, so a crash never leaves half a list.
+        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &file));
+        if let Err(e) = written {
+            tracing::warn!(file = %file.display(), error = %e, "cannot save the protected VM list");
+        }
     }
 
     pub fn now(&self) -> Millis {
@@ -66,7 +97,12 @@ impl LeaseShell {
         drop(k);
         *self.peers.lock().unwrap_or_else(|p| p.into_inner()) =
             peers.into_iter().filter(|p| p.host != self.host).collect();
-        *self.protected.lock().unwrap_or_else(|p| p.into_inner()) = protected.into_iter().collect();
+        let protected: BTreeSet<String> = protected.into_iter().collect();
+        let mut known = self.protected.lock().unwrap_or_else(|p| p.into_inner());
+        if *known != protected {
+            self.save_protected(&protected);
+            *known = protected;
+        }
     }
 
     pub fn self_fenced(&self) -> bool {
@@ -143,5 +179,25 @@ fn fence(hv: &dyn Hypervisor, protected: &[String]) {
             Ok(()) => tracing::error!(domain = %uuid, "self-fence: destroyed"),
             Err(e) => tracing::error!(domain = %uuid, error = %e, "self-fence: destroy failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_protected_list_survives_an_agent_restart() {
+        let dir = std::env::temp_dir().join(format!("vmha-lease-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("protected");
+        let first = LeaseShell::new("kvm1", SelfFenceConfig::default());
+        first.remember_in(file.clone());
+        first.answered(Millis(0), 5_000, 3, vec![], vec!["u1".into(), "u2".into()]);
+        let restarted = LeaseShell::new("kvm1", SelfFenceConfig::default());
+        restarted.remember_in(file);
+        let known = restarted.protected.lock().unwrap().clone();
+        assert_eq!(known, BTreeSet::from(["u1".to_string(), "u2".to_string()]));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

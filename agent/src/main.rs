@@ -29,6 +29,12 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
     );
+    if let Some(dir) = &cfg.state_dir {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the state directory {}: {e}; pass --state-dir", dir.display())
+        })?;
+        lease.remember_in(dir.join("protected"));
+    }
     let peers = tonic::transport::Server::builder()
         .add_service(PeerServiceServer::new(PeerApi { host: cfg.host_name.clone(), lease: lease.clone() }))
         .serve(cfg.peer_listen);

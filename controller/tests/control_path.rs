@@ -92,6 +92,7 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
             peer_listen: ([127, 0, 0, 1], 0).into(),
             peer_address: "127.0.0.1:1".into(),
             probes: vmha_agent::probes::ProbeConfig::default(),
+            state_dir: None,
         };
         let lease = LeaseShell::new(name, SelfFenceConfig::default());
         agents.push(tokio::spawn(Agent::new(cfg, Arc::new(hv), lease).run()));

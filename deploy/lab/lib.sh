@@ -391,7 +391,7 @@ lab_start_agent() {
     "$LAB_AGENT_BIN" --host-name "$h" --libvirt-uri qemu:///system \
     --migration-uri "$(lab_host_uri "$h")" --controller "$LAB_CONTROLLER_URL" \
     --peer-listen "$(lab_host_ip "$h"):$LAB_AGENT_PEER_PORT" \
-    --probe-interval 1s \
+    --probe-interval 1s --state-dir "$(lab_host_dir "$h")/agent-state" \
     --check "lab-flag=test ! -e $(printf '%q' "$(lab_host_fail_file "$h")")"
 }
 

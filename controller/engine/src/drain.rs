@@ -466,7 +466,8 @@ pub fn migration_finished(
         if let (Some(e), true) = (give_up, allow_restart) {
             // Live migration is out; the operator accepted a restart elsewhere.
             let vm = state.vms.get(uuid).cloned();
-            let to = vm.as_ref().and_then(|v| placement::place(state, v, now, std::slice::from_ref(&name)).ok());
+            let to =
+                vm.as_ref().and_then(|v| placement::place(state, v, now, std::slice::from_ref(&name)).ok());
             let st = match (&vm, &to) {
                 (Some(_), Some(to)) => StepState::Restarting { target: to.clone() },
                 _ => StepState::Failed { error: format!("{e}; no host for a cold restart either") },
