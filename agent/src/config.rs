@@ -374,6 +374,15 @@ fn is_nic_name(n: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config/agent.toml");
+        let cfg = Config::load(flags(&["--config", path]), || None).expect("deploy/config/agent.toml loads");
+        assert_eq!(cfg.host_name, "kvm1");
+        assert_eq!(cfg.peer_address, "10.0.0.11:7401");
+        assert_eq!(cfg.state_dir.as_deref(), Some(std::path::Path::new("/var/lib/vmha-agent")));
+    }
+
     fn flags(args: &[&str]) -> Flags {
         Flags::parse_from(std::iter::once("vmha-agent").chain(args.iter().copied()))
     }
