@@ -115,14 +115,19 @@ pub fn apply_report(
         }
     }
     for vm in state.vms.values_mut() {
-        if vm.host.as_deref() == Some(host) && !domains.iter().any(|d| d.uuid == vm.uuid) {
+        // A VM being moved by vmha is not "vanished" when its source stops listing it: the
+        // operation's result says where it went.
+        if vm.host.as_deref() == Some(host)
+            && vm.busy_with.is_none()
+            && !domains.iter().any(|d| d.uuid == vm.uuid)
+        {
             vm.host = None;
             vm.state = RunState::Unknown;
             changes.push(InventoryChange::Vanished {
                 uuid: vm.uuid.clone(),
                 name: vm.name.clone(),
                 from: host.into(),
-                forgotten: !vm.protected && vm.busy_with.is_none(),
+                forgotten: !vm.protected,
             });
         }
     }
@@ -195,6 +200,16 @@ mod tests {
         assert_eq!((s.vms["a"].host.as_deref(), s.vms["a"].state), (None, RunState::Unknown));
         let c = apply_report(&mut s, "kvm3", &[dom("a", RunState::ShutOff)], Millis(2));
         assert!(matches!(&c[..], [InventoryChange::Appeared { host, .. }] if host == "kvm3"));
+    }
+
+    #[test]
+    fn a_vm_vmha_is_moving_does_not_vanish_when_its_source_stops_listing_it() {
+        let mut s = ClusterState::default();
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
+        s.vms.get_mut("a").unwrap().busy_with = Some("migration to kvm2".into());
+        assert!(apply_report(&mut s, "kvm1", &[], Millis(1)).is_empty());
+        let moved = apply_migrated(&mut s, "a", "kvm2");
+        assert!(matches!(moved, Some(InventoryChange::Moved { from, .. }) if from == "kvm1"));
     }
 
     #[test]
