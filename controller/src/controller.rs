@@ -30,6 +30,8 @@ pub struct MigrationSettings {
     pub timeout: Duration,
     pub postcopy: bool,
     pub max_downtime_ms: u64,
+    /// How long after `timeout` an operation without a result is given up.
+    pub result_grace: Duration,
 }
 
 /// The external fence command (fencing mode `external`): run with the host name as its one
@@ -158,6 +160,7 @@ impl Controller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            self.expire_silent_operations().await;
             let now = self.now();
             let mut actions: Vec<Action> =
                 std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
@@ -343,6 +346,38 @@ impl Controller {
             self.store.set_host_admin(&h).await.map_err(internal)?;
         }
         Ok(())
+    }
+
+    /// An operation whose agent never reports (it restarted mid-command, its host was cut off
+    /// for good) is failed after the migration timeout plus a grace, so the VM is not held
+    /// busy forever; heartbeats then show where it really is.
+    async fn expire_silent_operations(self: &Arc<Self>) {
+        let limit = chrono::Duration::from_std(self.migration.timeout + self.migration.result_grace)
+            .unwrap_or(chrono::Duration::MAX);
+        let now = chrono::Utc::now();
+        let silent: Vec<Operation> = self
+            .active_operations()
+            .into_iter()
+            .filter(|op| {
+                chrono::DateTime::parse_from_rfc3339(&op.created_at)
+                    .is_ok_and(|t| now.signed_duration_since(t) > limit)
+            })
+            .collect();
+        for op in silent {
+            let host = executor(&op).to_string();
+            let r = OperationResult {
+                operation_id: op.id.clone(),
+                ok: false,
+                error: format!(
+                    "no result from the agent on {host} within {} s; it may have restarted mid-command",
+                    limit.num_seconds()
+                ),
+                ..Default::default()
+            };
+            if let Err(e) = self.result(&host, r).await {
+                tracing::warn!(operation = %op.id, error = %e.message(), "expiring a silent operation");
+            }
+        }
     }
 
     /// Operations in flight, for `vmha status` and drain progress.

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::Parser;
 use vmha_controller::config::Flags;
@@ -40,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         timeout: flags.migration_timeout,
         postcopy: flags.postcopy,
         max_downtime_ms: flags.max_downtime_ms,
+        result_grace: Duration::from_secs(60),
     };
     let controller = Controller::start(store, timings, policy, migration, fence).await?;
     tokio::spawn(controller.clone().run_ticks());

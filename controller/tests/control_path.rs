@@ -10,8 +10,8 @@ use std::time::Duration;
 use support::PgServer;
 use tokio_stream::wrappers::TcpListenerStream;
 use vmha_agent::config::Config;
-use vmha_agent::hypervisor::Hypervisor;
 use vmha_agent::hypervisor::fake::FakeHypervisor;
+use vmha_agent::hypervisor::{Hypervisor, HypervisorError, JobProgress, MigrateOptions, MigrationStats};
 use vmha_agent::lease::LeaseShell;
 use vmha_agent::session::Agent;
 use vmha_controller::agent_api::AgentApi;
@@ -64,6 +64,7 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
         timeout: Duration::from_secs(30),
         postcopy: false,
         max_downtime_ms: 0,
+        result_grace: Duration::from_secs(60),
     };
     let fence = FenceSettings { command: None, timeout: Duration::from_secs(1) };
     let controller =
@@ -163,4 +164,96 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
         a.abort();
     }
     server.abort();
+}
+
+/// A hypervisor whose migrations hang, as when an agent stops mid-command.
+struct Hanging(FakeHypervisor);
+
+impl Hypervisor for Hanging {
+    fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
+        self.0.host_facts()
+    }
+    fn domains(&self) -> Result<Vec<Domain>, HypervisorError> {
+        self.0.domains()
+    }
+    fn define_and_start(&self, xml: &str) -> Result<String, HypervisorError> {
+        self.0.define_and_start(xml)
+    }
+    fn shutdown(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.0.shutdown(uuid)
+    }
+    fn destroy(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.0.destroy(uuid)
+    }
+    fn migrate(
+        &self,
+        uuid: &str,
+        _: &MigrateOptions,
+        _: &(dyn Fn(JobProgress) + Sync),
+    ) -> Result<MigrationStats, HypervisorError> {
+        std::thread::sleep(Duration::from_secs(4));
+        Err(HypervisorError::NoSuchDomain(uuid.into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_whose_agent_never_answers_is_failed_and_frees_the_vm() {
+    let pg = PgServer::shared();
+    let store = Store::open(&pg.fresh_database()).await.unwrap();
+    let settings = MigrationSettings {
+        auto_converge: true,
+        bandwidth_mib_s: 0,
+        timeout: Duration::from_secs(1),
+        postcopy: false,
+        max_downtime_ms: 0,
+        result_grace: Duration::from_secs(1),
+    };
+    let fence = FenceSettings { command: None, timeout: Duration::from_secs(1) };
+    let controller =
+        Controller::start(store, Timings::default(), Policy::default(), settings, fence).await.unwrap();
+    tokio::spawn(controller.clone().run_ticks());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(AgentApi(controller.clone())))
+            .add_service(OperatorServiceServer::new(OperatorApi(controller.clone())))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let kvm1 = FakeHypervisor::default();
+    kvm1.add_running(DNS1, "dns1");
+    let hvs: [(&str, Arc<dyn Hypervisor>); 2] =
+        [("kvm1", Arc::new(Hanging(kvm1))), ("kvm2", Arc::new(FakeHypervisor::default()))];
+    for (name, hv) in hvs {
+        let cfg = Config {
+            host_name: name.into(),
+            libvirt_uri: "fake://".into(),
+            migration_uri: format!("fake://{name}"),
+            controllers: vec![endpoint.clone()],
+            heartbeat_interval: Duration::from_millis(100),
+            peer_listen: ([127, 0, 0, 1], 0).into(),
+            peer_address: "127.0.0.1:1".into(),
+            probes: vmha_agent::probes::ProbeConfig::default(),
+            state_dir: None,
+        };
+        tokio::spawn(Agent::new(cfg, hv, LeaseShell::new(name, SelfFenceConfig::default())).run());
+    }
+    let mut op = OperatorServiceClient::connect(endpoint).await.unwrap();
+    until("both hosts online with dns1", async || {
+        let hosts = op.list_hosts(ListHostsRequest {}).await.ok()?.into_inner().hosts;
+        op.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?;
+        (hosts.iter().filter(|h| h.state == "online").count() == 2).then_some(())
+    })
+    .await;
+    let started = migrate(&mut op, "dns1", "kvm2").await.unwrap();
+    let last = final_state(&mut op, &started.id).await;
+    assert_eq!(last.state, "failed");
+    assert!(last.error.contains("no result from the agent on kvm1"), "{}", last.error);
+    // The VM is free again: a new request is not refused as busy.
+    let again = migrate(&mut op, "dns1", "kvm2").await;
+    assert!(
+        again.as_ref().is_ok_and(|o| o.state != "failed")
+            || again.as_ref().is_err_and(|e| !e.message().contains("busy")),
+        "{again:?}"
+    );
 }
