@@ -54,17 +54,18 @@ async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     panic!("timed out waiting for {what}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
+/// A controller on a fresh database, serving on a loopback port: its endpoint, and the
+/// database server, which stops when the last holder drops it.
+async fn start_controller(timeout: Duration, result_grace: Duration) -> (String, std::sync::Arc<PgServer>) {
     let pg = PgServer::shared();
     let store = Store::open(&pg.fresh_database()).await.unwrap();
     let settings = MigrationSettings {
         auto_converge: true,
         bandwidth_mib_s: 0,
-        timeout: Duration::from_secs(30),
+        timeout,
         postcopy: false,
         max_downtime_ms: 0,
-        result_grace: Duration::from_secs(60),
+        result_grace,
     };
     let fence = FenceSettings { command: None, timeout: Duration::from_secs(1) };
     let controller =
@@ -72,32 +73,39 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     tokio::spawn(controller.clone().run_ticks());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(
+    tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(AgentServiceServer::new(AgentApi(controller.clone())))
-            .add_service(OperatorServiceServer::new(OperatorApi(controller.clone())))
+            .add_service(OperatorServiceServer::new(OperatorApi(controller)))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
+    (endpoint, pg)
+}
 
+/// An agent for `name` on the given hypervisor, reporting to `endpoint`.
+fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) {
+    let cfg = Config {
+        host_name: name.into(),
+        libvirt_uri: "fake://".into(),
+        migration_uri: format!("fake://{name}"),
+        controllers: vec![endpoint.into()],
+        heartbeat_interval: Duration::from_millis(100),
+        peer_listen: ([127, 0, 0, 1], 0).into(),
+        peer_address: "127.0.0.1:1".into(),
+        probes: vmha_agent::probes::ProbeConfig::default(),
+        state_dir: None,
+    };
+    tokio::spawn(Agent::new(cfg, hv, LeaseShell::new(name, SelfFenceConfig::default())).run());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
+    let (endpoint, _db) = start_controller(Duration::from_secs(30), Duration::from_secs(60)).await;
     let (kvm1, kvm2) = (FakeHypervisor::default(), FakeHypervisor::default());
     kvm1.add_running(DNS1, "dns1");
     kvm1.connect_peer("fake://kvm2", &kvm2);
-    let mut agents = Vec::new();
-    for (name, hv) in [("kvm1", kvm1.clone()), ("kvm2", kvm2.clone())] {
-        let cfg = Config {
-            host_name: name.into(),
-            libvirt_uri: "fake://".into(),
-            migration_uri: format!("fake://{name}"),
-            controllers: vec![endpoint.clone()],
-            heartbeat_interval: Duration::from_millis(100),
-            peer_listen: ([127, 0, 0, 1], 0).into(),
-            peer_address: "127.0.0.1:1".into(),
-            probes: vmha_agent::probes::ProbeConfig::default(),
-            state_dir: None,
-        };
-        let lease = LeaseShell::new(name, SelfFenceConfig::default());
-        agents.push(tokio::spawn(Agent::new(cfg, Arc::new(hv), lease).run()));
-    }
+    spawn_agent("kvm1", Arc::new(kvm1.clone()), &endpoint);
+    spawn_agent("kvm2", Arc::new(kvm2.clone()), &endpoint);
 
     let mut op = OperatorServiceClient::connect(endpoint.clone()).await.unwrap();
     let vm = until("dns1 reported on kvm1 and both hosts online", async || {
@@ -159,11 +167,6 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     assert_eq!(last.state, "failed");
     assert!(last.error.contains("unable to connect"), "{}", last.error);
     assert_eq!(op.get_vm(GetVmRequest { vm: "dns1".into() }).await.unwrap().into_inner().host, "kvm2");
-
-    for a in agents {
-        a.abort();
-    }
-    server.abort();
 }
 
 /// A hypervisor whose migrations hang, as when an agent stops mid-command.
@@ -198,46 +201,11 @@ impl Hypervisor for Hanging {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operation_whose_agent_never_answers_is_failed_and_frees_the_vm() {
-    let pg = PgServer::shared();
-    let store = Store::open(&pg.fresh_database()).await.unwrap();
-    let settings = MigrationSettings {
-        auto_converge: true,
-        bandwidth_mib_s: 0,
-        timeout: Duration::from_secs(1),
-        postcopy: false,
-        max_downtime_ms: 0,
-        result_grace: Duration::from_secs(1),
-    };
-    let fence = FenceSettings { command: None, timeout: Duration::from_secs(1) };
-    let controller =
-        Controller::start(store, Timings::default(), Policy::default(), settings, fence).await.unwrap();
-    tokio::spawn(controller.clone().run_ticks());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentServiceServer::new(AgentApi(controller.clone())))
-            .add_service(OperatorServiceServer::new(OperatorApi(controller.clone())))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let (endpoint, _db) = start_controller(Duration::from_secs(1), Duration::from_secs(1)).await;
     let kvm1 = FakeHypervisor::default();
     kvm1.add_running(DNS1, "dns1");
-    let hvs: [(&str, Arc<dyn Hypervisor>); 2] =
-        [("kvm1", Arc::new(Hanging(kvm1))), ("kvm2", Arc::new(FakeHypervisor::default()))];
-    for (name, hv) in hvs {
-        let cfg = Config {
-            host_name: name.into(),
-            libvirt_uri: "fake://".into(),
-            migration_uri: format!("fake://{name}"),
-            controllers: vec![endpoint.clone()],
-            heartbeat_interval: Duration::from_millis(100),
-            peer_listen: ([127, 0, 0, 1], 0).into(),
-            peer_address: "127.0.0.1:1".into(),
-            probes: vmha_agent::probes::ProbeConfig::default(),
-            state_dir: None,
-        };
-        tokio::spawn(Agent::new(cfg, hv, LeaseShell::new(name, SelfFenceConfig::default())).run());
-    }
+    spawn_agent("kvm1", Arc::new(Hanging(kvm1)), &endpoint);
+    spawn_agent("kvm2", Arc::new(FakeHypervisor::default()), &endpoint);
     let mut op = OperatorServiceClient::connect(endpoint).await.unwrap();
     until("both hosts online with dns1", async || {
         let hosts = op.list_hosts(ListHostsRequest {}).await.ok()?.into_inner().hosts;
