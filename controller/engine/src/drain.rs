@@ -426,6 +426,14 @@ fn finish_if_done(state: &mut ClusterState, host: &str, out: &mut Vec<Action>) {
     }
 }
 
+/// The drain host and index of the step for `uuid` whose state is `want`.
+fn find_step(state: &ClusterState, uuid: &str, want: fn(&StepState) -> bool) -> Option<(String, usize)> {
+    state.hosts.iter().find_map(|(name, h)| {
+        let i = h.drain.as_ref()?.steps.iter().position(|s| s.vm_uuid == uuid && want(&s.state))?;
+        Some((name.clone(), i))
+    })
+}
+
 /// A drain's live migration ended; a failed one is tried on another host.
 pub fn migration_finished(
     state: &mut ClusterState,
@@ -434,65 +442,51 @@ pub fn migration_finished(
     result: Result<(), String>,
     now: Millis,
 ) -> Vec<Action> {
-    let max_tries = 1 + state.policy.max_relocate as usize;
     let mut out = Vec::new();
-    let names: Vec<String> = state.hosts.keys().cloned().collect();
-    for name in names {
-        let Some(d) = state.hosts.get_mut(&name).and_then(|h| h.drain.as_mut()) else { continue };
-        let Some(step) = d.steps.iter_mut().find(|s| s.vm_uuid == uuid && s.state != StepState::Pending)
-        else {
-            continue;
-        };
-        if !matches!(step.state, StepState::Migrating { .. }) {
-            continue;
-        }
-        let allow_restart = d.allow_restart;
-        let give_up = match &result {
-            Ok(()) => {
-                step.state = StepState::Migrated { target: target.into() };
-                None
-            }
-            Err(e) => {
-                step.tried.push(target.into());
-                step.state = StepState::Failed { error: e.clone() };
-                if step.tried.len() < max_tries {
-                    step.state = StepState::Pending;
-                    None
-                } else {
-                    Some(e.clone())
+    let Some((name, i)) = find_step(state, uuid, |s| matches!(s, StepState::Migrating { .. })) else {
+        return out;
+    };
+    let max_tries = 1 + state.policy.max_relocate as usize;
+    let d = state.hosts.get_mut(&name).and_then(|h| h.drain.as_mut()).expect("found above");
+    let allow_restart = d.allow_restart;
+    let step = &mut d.steps[i];
+    match result {
+        Ok(()) => step.state = StepState::Migrated { target: target.into() },
+        Err(e) => {
+            step.tried.push(target.into());
+            if step.tried.len() < max_tries {
+                step.state = StepState::Pending;
+            } else if !allow_restart {
+                step.state = StepState::Failed { error: e };
+            } else {
+                // Live migration is out; the operator accepted a restart elsewhere.
+                let vm = state.vms.get(uuid).cloned();
+                let to = vm
+                    .as_ref()
+                    .and_then(|v| placement::place(state, v, now, std::slice::from_ref(&name)).ok());
+                match (vm, to) {
+                    (Some(vm), Some(to)) => {
+                        set_step(state, &name, i, StepState::Restarting { target: to.clone() });
+                        if let Some(v) = state.vms.get_mut(uuid) {
+                            v.busy_with = Some(format!("cold restart on {to}"));
+                        }
+                        out.push(Action::ColdRestart {
+                            vm_uuid: uuid.into(),
+                            vm_name: vm.name,
+                            from: name.clone(),
+                            to,
+                        });
+                    }
+                    _ => {
+                        let error = format!("{e}; no host for a cold restart either");
+                        set_step(state, &name, i, StepState::Failed { error });
+                    }
                 }
             }
-        };
-        if let (Some(e), true) = (give_up, allow_restart) {
-            // Live migration is out; the operator accepted a restart elsewhere.
-            let vm = state.vms.get(uuid).cloned();
-            let to =
-                vm.as_ref().and_then(|v| placement::place(state, v, now, std::slice::from_ref(&name)).ok());
-            let st = match (&vm, &to) {
-                (Some(_), Some(to)) => StepState::Restarting { target: to.clone() },
-                _ => StepState::Failed { error: format!("{e}; no host for a cold restart either") },
-            };
-            if let Some(i) =
-                state.hosts[&name].drain.as_ref().and_then(|d| d.steps.iter().position(|s| s.vm_uuid == uuid))
-            {
-                set_step(state, &name, i, st);
-            }
-            if let (Some(vm), Some(to)) = (vm, to) {
-                if let Some(v) = state.vms.get_mut(uuid) {
-                    v.busy_with = Some(format!("cold restart on {to}"));
-                }
-                out.push(Action::ColdRestart {
-                    vm_uuid: uuid.into(),
-                    vm_name: vm.name,
-                    from: name.clone(),
-                    to,
-                });
-            }
         }
-        out.extend(tick(state, now));
-        finish_if_done(state, &name, &mut out);
-        break;
     }
+    out.extend(tick(state, now));
+    finish_if_done(state, &name, &mut out);
     out
 }
 
@@ -505,29 +499,23 @@ pub fn restart_finished(
     now: Millis,
 ) -> Vec<Action> {
     let mut out = Vec::new();
-    let names: Vec<String> = state.hosts.keys().cloned().collect();
-    for name in names {
-        let Some(i) = state.hosts[&name].drain.as_ref().and_then(|d| {
-            d.steps.iter().position(|s| s.vm_uuid == uuid && matches!(s.state, StepState::Restarting { .. }))
-        }) else {
-            continue;
-        };
-        let st = match &result {
-            Ok(()) => StepState::Restarted { target: target.into() },
-            Err(e) => StepState::Failed { error: format!("cold restart failed: {e}") },
-        };
-        set_step(state, &name, i, st);
-        if let Some(vm) = state.vms.get_mut(uuid) {
-            vm.busy_with = None;
-            if result.is_ok() {
-                vm.host = Some(target.into());
-                vm.state = RunState::Running;
-            }
+    let Some((name, i)) = find_step(state, uuid, |s| matches!(s, StepState::Restarting { .. })) else {
+        return out;
+    };
+    let st = match &result {
+        Ok(()) => StepState::Restarted { target: target.into() },
+        Err(e) => StepState::Failed { error: format!("cold restart failed: {e}") },
+    };
+    set_step(state, &name, i, st);
+    if let Some(vm) = state.vms.get_mut(uuid) {
+        vm.busy_with = None;
+        if result.is_ok() {
+            vm.host = Some(target.into());
+            vm.state = RunState::Running;
         }
-        out.extend(tick(state, now));
-        finish_if_done(state, &name, &mut out);
-        break;
     }
+    out.extend(tick(state, now));
+    finish_if_done(state, &name, &mut out);
     out
 }
 
