@@ -290,15 +290,6 @@ impl ClusterState {
             (None, _) => Err(crate::Refusal::UnknownVm(key.to_string())),
         }
     }
-
-    /// Memory the VMs placed on a host use, as the controller sees them.
-    pub fn memory_used_kib(&self, host: &str) -> u64 {
-        self.vms
-            .values()
-            .filter(|vm| vm.host.as_deref() == Some(host) && vm.state.has_process())
-            .map(|vm| vm.memory_kib)
-            .sum()
-    }
 }
 
 #[cfg(test)]

@@ -117,10 +117,6 @@ impl LeaseKeeper {
         &self.phase
     }
 
-    pub fn lease_end(&self) -> Option<Millis> {
-        self.lease_end
-    }
-
     /// The leader granted `ttl_ms` to the heartbeat sent at `sent_at`, in a cluster of
     /// `cluster_hosts` hosts.
     pub fn granted(&mut self, sent_at: Millis, ttl_ms: u64, cluster_hosts: usize) {
@@ -201,8 +197,7 @@ impl LeaseKeeper {
     }
 
     pub fn tick(&mut self, now: Millis) -> Decision {
-        if let Some(end) = self.lease_end.filter(|e| now < *e) {
-            let _ = end;
+        if self.lease_end.is_some_and(|e| now < e) {
             self.phase = Phase::Leased;
             // Two renewals missed: start asking the peers, so a poll is at hand at expiry.
             let missed =
