@@ -383,7 +383,9 @@ lab_daemon_current() {
 # `up` and `revive` do. Each agent also serves a small peer endpoint on
 # <host address>:LAB_AGENT_PEER_PORT that the other agents poll. Its probes run
 # every second, with one operator check that fails while the host's fail file
-# (lab_host_fail_file) exists.
+# (lab_host_fail_file) exists. It feeds the host's emulated watchdog (start
+# lab_start_watchdog first, or its open fails with ENXIO); a FIFO takes no
+# WDIOC_SETTIMEOUT, so the agent is told the monitor's timeout.
 lab_start_agent() {
   local h=$1
   lab_log "starting agent on $h"
@@ -392,7 +394,48 @@ lab_start_agent() {
     --migration-uri "$(lab_host_uri "$h")" --controller "$LAB_CONTROLLER_URL" \
     --peer-listen "$(lab_host_ip "$h"):$LAB_AGENT_PEER_PORT" \
     --probe-interval 1s --state-dir "$(lab_host_dir "$h")/agent-state" \
-    --check "lab-flag=test ! -e $(printf '%q' "$(lab_host_fail_file "$h")")"
+    --check "lab-flag=test ! -e $(printf '%q' "$(lab_host_fail_file "$h")")" \
+    --watchdog-device "$(lab_watchdog_path "$h")" --watchdog-timeout "$(lab_watchdog_secs)s"
+}
+
+# --- emulated hardware watchdog (deploy/lab/watchdog) ---------------------------
+# The device the host's agent opens: a FIFO the host's monitor reads. The
+# agent sees the same path (its mount namespace only bind-mounts libvirt's
+# directories).
+# Seconds without a feed before a lab host's watchdog resets it.
+lab_watchdog_secs() { echo 3; }
+lab_watchdog_path() { printf '%s/watchdog\n' "$(lab_host_dir "$1")"; }
+lab_watchdog_pidfile() { printf '%s/watchdog-%s.pid\n' "$LAB_DIR" "$1"; }
+# What a monitor's command line contains (python3 .../watchdog HOST SECS), so
+# that a monitor with another timeout counts as not current.
+lab_watchdog_cmd() { printf '%s/watchdog %s %s\n' "$LAB_SCRIPT_DIR" "$1" "$(lab_watchdog_secs "${2:-}")"; }
+
+# True if HOST's monitor runs with the lab's timeout and is not older than
+# the script (an edited monitor is restarted, like a rebuilt binary).
+lab_watchdog_current() {
+  local pidfile
+  pidfile=$(lab_watchdog_pidfile "$1")
+  lab_pid_alive "$pidfile" "$(lab_watchdog_cmd "$1" "${2:-}") " >/dev/null &&
+    [[ ! $LAB_SCRIPT_DIR/watchdog -nt $pidfile ]]
+}
+
+# lab_start_watchdog HOST: start the host's monitor in the root namespaces (a
+# watchdog is outside the software it guards), disarmed until the agent opens
+# it. Start it before the agent and stop it before the agent (a stopped agent
+# may leave it armed, and a lab command must not turn into a reset).
+lab_start_watchdog() {
+  local h=$1
+  lab_log "starting watchdog of $h ($(lab_watchdog_secs) s)"
+  lab_spawn "$(lab_watchdog_pidfile "$h")" "$LAB_DIR/watchdog-$h.log" - \
+    env VMHA_LAB_DIR="$LAB_DIR" "$LAB_SCRIPT_DIR/watchdog" "$h" "$(lab_watchdog_secs)"
+}
+
+# lab_stop_watchdogs HOST...: stop these hosts' monitors (SIGTERM: no reset,
+# armed or not). Like lab_stop_pidfiles, adds their pids to LAB_KILLED_PIDS.
+lab_stop_watchdogs() {
+  local h files=()
+  for h in "$@"; do files+=("$(lab_watchdog_pidfile "$h")"); done
+  ((${#files[@]} == 0)) || lab_stop_pidfiles "$LAB_SCRIPT_DIR/watchdog" "${files[@]}"
 }
 
 # lab_lock_host HOST: serialize the chaos verbs (kill, cut, heal, revive) on
