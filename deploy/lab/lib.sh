@@ -398,19 +398,55 @@ lab_start_agent() {
     --watchdog-device "$(lab_watchdog_path "$h")" --watchdog-timeout "$(lab_watchdog_secs)s"
 }
 
+# --- timing profiles -----------------------------------------------------------
+# VMHA_LAB_PROFILE picks the cluster's timings; `up` records it in
+# $LAB_DIR/profile, so revive and later `up`s without the variable keep it.
+# The flags are written out even for `default` (they are the binaries'
+# defaults), so that a daemon's command line tells which profile it runs and
+# `up` restarts exactly the daemons that run another one.
+LAB_PROFILES=(default fast)
+
+lab_check_profile() {
+  local p
+  for p in "${LAB_PROFILES[@]}"; do [[ $1 == "$p" ]] && return 0; done
+  lab_die "unknown VMHA_LAB_PROFILE '$1' (known: ${LAB_PROFILES[*]})"
+}
+
+# The lab's current profile (default for a lab that never recorded one).
+lab_profile() {
+  local p
+  p=$(cat "$LAB_DIR/profile" 2>/dev/null) || p=default
+  lab_check_profile "$p"
+  printf '%s\n' "$p"
+}
+
+lab_controller_profile_args() {
+  case ${1:-$(lab_profile)} in
+    default) echo --heartbeat-interval 1s --lease-ttl 5s --fence-margin 1s ;;
+    fast) echo --heartbeat-interval 500ms --lease-ttl 2s --fence-margin 500ms ;;
+  esac
+}
+
+# Seconds without a feed before a lab host's watchdog resets it.
+lab_watchdog_secs() {
+  case ${1:-$(lab_profile)} in
+    default) echo 3 ;;
+    fast) echo 1 ;;
+  esac
+}
+
+
 # --- emulated hardware watchdog (deploy/lab/watchdog) ---------------------------
 # The device the host's agent opens: a FIFO the host's monitor reads. The
 # agent sees the same path (its mount namespace only bind-mounts libvirt's
 # directories).
-# Seconds without a feed before a lab host's watchdog resets it.
-lab_watchdog_secs() { echo 3; }
 lab_watchdog_path() { printf '%s/watchdog\n' "$(lab_host_dir "$1")"; }
 lab_watchdog_pidfile() { printf '%s/watchdog-%s.pid\n' "$LAB_DIR" "$1"; }
 # What a monitor's command line contains (python3 .../watchdog HOST SECS), so
 # that a monitor with another timeout counts as not current.
 lab_watchdog_cmd() { printf '%s/watchdog %s %s\n' "$LAB_SCRIPT_DIR" "$1" "$(lab_watchdog_secs "${2:-}")"; }
 
-# True if HOST's monitor runs with the lab's timeout and is not older than
+# True if HOST's monitor runs with the profile's timeout and is not older than
 # the script (an edited monitor is restarted, like a rebuilt binary).
 lab_watchdog_current() {
   local pidfile
