@@ -435,7 +435,6 @@ lab_watchdog_secs() {
   esac
 }
 
-
 # --- emulated hardware watchdog (deploy/lab/watchdog) ---------------------------
 # The device the host's agent opens: a FIFO the host's monitor reads. The
 # agent sees the same path (its mount namespace only bind-mounts libvirt's
