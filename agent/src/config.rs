@@ -40,9 +40,21 @@ pub struct Flags {
     /// standbys, tried in order.
     #[arg(long = "controller", value_delimiter = ',')]
     pub controllers: Vec<String>,
-    /// How often to report to the controller [default: 1s].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub heartbeat_interval: Option<Duration>,
+    /// Watchdog device the agent arms and feeds only while its host may keep its VMs: if the
+    /// agent dies or hangs, the host is reset before the controller may restart its VMs
+    /// elsewhere [default: /dev/watchdog; `modprobe softdog` where there is no hardware one].
+    #[arg(long, value_name = "PATH")]
+    pub watchdog_device: Option<PathBuf>,
+    /// Watchdog timeout; set on the device (WDIOC_SETTIMEOUT) when it takes it, assumed
+    /// otherwise. Must fit the controller's timings (at most lease TTL + fence margin - 2
+    /// heartbeat intervals - guard/2: 3.75 s with the defaults) [default: 3s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub watchdog_timeout: Option<Duration>,
+    /// Run without a watchdog. The controller then never restarts this host's VMs elsewhere on
+    /// its lease alone (a killed agent would leave them running): only after a fence device or
+    /// `vmha host confirm-down`, unless it runs with --accept-no-watchdog.
+    #[arg(long)]
+    pub no_watchdog: bool,
     /// Directory for what the agent must remember across restarts (the protected VMs)
     /// [default: /var/lib/vmha-agent].
     #[arg(long)]
@@ -92,8 +104,11 @@ struct FileConfig {
     migration_uri: Option<String>,
     #[serde(default)]
     controllers: Vec<String>,
+    watchdog_device: Option<PathBuf>,
     #[serde(default, with = "humantime_serde_opt")]
-    heartbeat_interval: Option<Duration>,
+    watchdog_timeout: Option<Duration>,
+    #[serde(default)]
+    no_watchdog: bool,
     peer_listen: Option<std::net::SocketAddr>,
     peer_address: Option<String>,
     state_dir: Option<PathBuf>,
@@ -133,6 +148,14 @@ mod humantime_serde_opt {
     }
 }
 
+/// The watchdog the agent arms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchdogConfig {
+    pub device: PathBuf,
+    /// Asked of the device; the one assumed when the device cannot be told.
+    pub timeout: Duration,
+}
+
 /// Settings after merging file and flags, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -140,7 +163,8 @@ pub struct Config {
     pub libvirt_uri: String,
     pub migration_uri: String,
     pub controllers: Vec<String>,
-    pub heartbeat_interval: Duration,
+    /// `None`: run without a watchdog.
+    pub watchdog: Option<WatchdogConfig>,
     pub peer_listen: std::net::SocketAddr,
     pub peer_address: String,
     /// Where the agent keeps what it must remember across restarts; `None`: nowhere (tests).
@@ -191,13 +215,17 @@ impl Config {
             .migration_uri
             .or(file.migration_uri)
             .unwrap_or_else(|| format!("qemu+tls://{host_name}/system"));
-        let heartbeat_interval =
-            flags.heartbeat_interval.or(file.heartbeat_interval).unwrap_or(Duration::from_secs(1));
-        if heartbeat_interval < Duration::from_millis(100) || heartbeat_interval > Duration::from_secs(60) {
+        let watchdog_timeout =
+            flags.watchdog_timeout.or(file.watchdog_timeout).unwrap_or(Duration::from_secs(3));
+        if watchdog_timeout < Duration::from_millis(500) || watchdog_timeout > Duration::from_secs(60) {
             return Err(ConfigError::Invalid(format!(
-                "heartbeat interval {heartbeat_interval:?} is out of range (100ms to 60s)"
+                "watchdog timeout {watchdog_timeout:?} is out of range (500ms to 60s)"
             )));
         }
+        let watchdog = (!(flags.no_watchdog || file.no_watchdog)).then(|| WatchdogConfig {
+            device: flags.watchdog_device.or(file.watchdog_device).unwrap_or_else(|| "/dev/watchdog".into()),
+            timeout: watchdog_timeout,
+        });
         let peer_listen =
             flags.peer_listen.or(file.peer_listen).unwrap_or_else(|| ([0, 0, 0, 0], 7401).into());
         let peer_address = flags.peer_address.or(file.peer_address).unwrap_or_else(|| {
@@ -224,7 +252,7 @@ impl Config {
             host_name,
             migration_uri,
             controllers,
-            heartbeat_interval,
+            watchdog,
         })
     }
 }
@@ -394,17 +422,27 @@ mod tests {
         let path = dir.join("agent.toml");
         std::fs::write(
             &path,
-            "host_name = \"kvm1\"\ncontrollers = [\"http://c1:7400\"]\nheartbeat_interval = \"2s\"\n",
+            "host_name = \"kvm1\"\ncontrollers = [\"http://c1:7400\"]\nwatchdog_timeout = \"2s\"\n",
         )
         .unwrap();
         let cfg = Config::load(
-            flags(&["--config", path.to_str().unwrap(), "--controller", "http://a:1,http://b:2"]),
+            flags(&[
+                "--config",
+                path.to_str().unwrap(),
+                "--controller",
+                "http://a:1,http://b:2",
+                "--watchdog-device",
+                "/dev/wd1",
+            ]),
             || None,
         )
         .unwrap();
         assert_eq!(cfg.host_name, "kvm1");
         assert_eq!(cfg.controllers, ["http://a:1", "http://b:2"]);
-        assert_eq!(cfg.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(
+            cfg.watchdog,
+            Some(WatchdogConfig { device: "/dev/wd1".into(), timeout: Duration::from_secs(2) })
+        );
         assert_eq!(cfg.libvirt_uri, "qemu:///system");
         assert_eq!(cfg.migration_uri, "qemu+tls://kvm1/system");
         std::fs::remove_dir_all(dir).unwrap();
@@ -420,7 +458,7 @@ mod tests {
         let e = Config::load(flags(&["--host-name", "h", "--controller", "c:1"]), || None).unwrap_err();
         assert!(e.to_string().contains("http://"), "{e}");
         let e = Config::load(
-            flags(&["--host-name", "h", "--controller", "http://c:1", "--heartbeat-interval", "5ms"]),
+            flags(&["--host-name", "h", "--controller", "http://c:1", "--watchdog-timeout", "5ms"]),
             || None,
         )
         .unwrap_err();

@@ -51,9 +51,11 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
             let _ = forward.await;
             r
         }
-        Some(Kind::Start(s)) => {
-            agent.blocking(move |hv| hv.define_and_start(&s.xml).map(|_| Default::default())).await
-        }
+        Some(Kind::Start(s)) => match agent.lease.may_start() {
+            // Every copy this host runs must be one its self-fence covers.
+            Err(why) => Err(anyhow::anyhow!("refusing to start a VM on {}: {why}", agent.cfg.host_name)),
+            Ok(()) => agent.blocking(move |hv| hv.define_and_start(&s.xml).map(|_| Default::default())).await,
+        },
         Some(Kind::Shutdown(s)) => {
             agent.blocking(move |hv| hv.shutdown(&s.uuid).map(|_| Default::default())).await
         }

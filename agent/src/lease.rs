@@ -1,70 +1,92 @@
 //! The shell around the pure lease state machine (`vmha_engine::selffence`): feeds it the
-//! clock, grants and peer polls, and carries out its decisions, destroying this host's
-//! protected VMs when it must self-fence.
+//! clock, grants and peer polls, and carries out its decisions: destroying this host's
+//! protected VMs when it must self-fence (through libvirt, and by killing their QEMU
+//! processes directly when libvirt does not answer), and feeding the host's watchdog only
+//! while the machine says it may.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmha_engine::Millis;
-use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll, SelfFenceConfig};
+use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll};
+use vmha_engine::{Millis, Timings};
 use vmha_proto::v1::peer_service_client::PeerServiceClient;
-use vmha_proto::v1::{LeaseStatusRequest, Peer};
+use vmha_proto::v1::{LeaseStatusRequest, Peer, WatchdogStatus};
 
+use crate::config::WatchdogConfig;
 use crate::hypervisor::Hypervisor;
+use crate::{qemu, watchdog};
 
-/// How often the state machine is asked what to do.
+/// How often the state machine is asked what to do (and the watchdog fed).
 const TICK: Duration = Duration::from_millis(50);
+/// How long a self-fence waits for libvirt before killing QEMU processes itself.
+const LIBVIRT_FENCE_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub struct LeaseShell {
     origin: Instant,
-    pub cfg: SelfFenceConfig,
     host: String,
     keeper: Mutex<LeaseKeeper>,
     peers: Mutex<Vec<Peer>>,
     protected: Mutex<BTreeSet<String>>,
-    /// Where the protected list is kept across restarts: an agent restarted while cut off from
-    /// the controller must still know what to destroy if it has to self-fence.
-    state_file: Mutex<Option<PathBuf>>,
+    /// Where the protected list and the leader's timings are kept across restarts: an agent
+    /// restarted while cut off from the controller must still know what to destroy, and on
+    /// which timings, if it has to self-fence.
+    state_dir: Mutex<Option<PathBuf>>,
+    watchdog_cfg: Option<WatchdogConfig>,
+    /// Opened (armed) at the first moment it may be fed, so that a host whose agent never got a
+    /// lease is not reset by a watchdog nobody could feed.
+    watchdog: Mutex<Option<watchdog::Device>>,
+    watchdog_problem: Mutex<Option<String>>,
 }
 
 impl LeaseShell {
-    pub fn new(host: &str, cfg: SelfFenceConfig) -> Arc<LeaseShell> {
+    pub fn new(host: &str, timings: Timings, watchdog_cfg: Option<WatchdogConfig>) -> Arc<LeaseShell> {
         Arc::new(LeaseShell {
             origin: Instant::now(),
-            cfg,
             host: host.into(),
-            keeper: Mutex::new(LeaseKeeper::new(cfg, Millis(0))),
+            keeper: Mutex::new(LeaseKeeper::new(timings, Millis(0))),
             peers: Mutex::default(),
             protected: Mutex::default(),
-            state_file: Mutex::default(),
+            state_dir: Mutex::default(),
+            watchdog_cfg,
+            watchdog: Mutex::default(),
+            watchdog_problem: Mutex::default(),
         })
     }
 
-    /// Keeps the protected list in `file`, starting from what it holds.
-    pub fn remember_in(&self, file: PathBuf) {
+    /// Keeps the protected list and the timings in `dir`, starting from what it holds.
+    pub fn remember_in(&self, dir: PathBuf) {
+        let file = dir.join("protected");
         match std::fs::read_to_string(&file) {
             Ok(text) => {
                 let known: BTreeSet<String> =
                     text.lines().filter(|l| !l.is_empty()).map(String::from).collect();
                 tracing::info!(file = %file.display(), protected = known.len(), "protected VMs as last known");
-                *self.protected.lock().unwrap_or_else(|p| p.into_inner()) = known;
+                *lock(&self.protected) = known;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(file = %file.display(), error = %e, "cannot read the protected VM list"),
         }
-        *self.state_file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+        match std::fs::read_to_string(dir.join("timings")).map(|t| parse_timings(&t)) {
+            Ok(Some(t)) => {
+                tracing::info!(?t, "the leader's timings as last known");
+                self.keeper().set_timings(t);
+            }
+            Ok(None) => tracing::warn!(dir = %dir.display(), "the saved timings are not readable; ignored"),
+            Err(_) => {}
+        }
+        *lock(&self.state_dir) = Some(dir);
     }
 
-    fn save_protected(&self, protected: &BTreeSet<String>) {
-        let Some(file) = self.state_file.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
-        let text: String = protected.iter().map(|u| format!("{u}\n")).collect();
+    /// Writes `text` to `name` in the state directory, aside and renamed, so a crash never
+    /// leaves half a file.
+    fn save(&self, name: &str, text: String) {
+        let Some(dir) = lock(&self.state_dir).clone() else { return };
+        let file = dir.join(name);
         let tmp = file.with_extension("tmp");
-        // Written aside and renamed, so a crash never leaves half a list.
-        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &file));
-        if let Err(e) = written {
-            tracing::warn!(file = %file.display(), error = %e, "cannot save the protected VM list");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &file)) {
+            tracing::warn!(file = %file.display(), error = %e, "cannot save agent state");
         }
     }
 
@@ -73,7 +95,40 @@ impl LeaseShell {
     }
 
     fn keeper(&self) -> std::sync::MutexGuard<'_, LeaseKeeper> {
-        self.keeper.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.keeper)
+    }
+
+    pub fn timings(&self) -> Timings {
+        self.keeper().timings()
+    }
+
+    /// Takes the leader's timings (at registration), or refuses them when this host's
+    /// watchdog cannot keep the rule under them.
+    pub fn adopt_timings(&self, t: Timings) -> Result<(), String> {
+        t.validate().map_err(|e| format!("the controller's timings are not valid: {e}"))?;
+        if let Some(timeout) = self.watchdog_timeout() {
+            t.check_watchdog(timeout.as_millis() as u64).map_err(|e| e.to_string())?;
+        }
+        let mut k = self.keeper();
+        if k.timings() != t {
+            tracing::info!(?t, "running on the leader's timings");
+            k.set_timings(t);
+            drop(k);
+            self.save(
+                "timings",
+                format!(
+                    "heartbeat_interval_ms = {}\nlease_ttl_ms = {}\nfence_margin_ms = {}\nmax_transit_ms = {}\nguard_ms = {}\n",
+                    t.heartbeat_interval_ms, t.lease_ttl_ms, t.fence_margin_ms, t.max_transit_ms, t.guard_ms
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The timeout the watchdog has (once armed) or will be asked for.
+    fn watchdog_timeout(&self) -> Option<Duration> {
+        let armed = lock(&self.watchdog).as_ref().map(|d| d.timeout());
+        armed.or(self.watchdog_cfg.as_ref().map(|c| c.timeout))
     }
 
     /// What the leader said in a heartbeat answer; `ttl_ms` 0 means no lease this time.
@@ -95,12 +150,11 @@ impl LeaseShell {
             k.set_cluster_hosts(cluster_hosts);
         }
         drop(k);
-        *self.peers.lock().unwrap_or_else(|p| p.into_inner()) =
-            peers.into_iter().filter(|p| p.host != self.host).collect();
+        *lock(&self.peers) = peers.into_iter().filter(|p| p.host != self.host).collect();
         let protected: BTreeSet<String> = protected.into_iter().collect();
-        let mut known = self.protected.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = lock(&self.protected);
         if *known != protected {
-            self.save_protected(&protected);
+            self.save("protected", protected.iter().map(|u| format!("{u}\n")).collect());
             *known = protected;
         }
     }
@@ -109,15 +163,37 @@ impl LeaseShell {
         matches!(self.keeper().phase(), Phase::Fenced { .. })
     }
 
+    /// Whether this host may start a VM now (it holds a lease); the reason when not.
+    pub fn may_start(&self) -> Result<(), String> {
+        let now = self.now();
+        self.keeper().may_start(now)
+    }
+
     /// What this agent tells a polling peer.
     pub fn upper_remaining_ms(&self) -> i64 {
         let now = self.now();
         self.keeper().upper_remaining_ms(now)
     }
 
+    /// The watchdog as the heartbeat reports it.
+    pub fn watchdog_status(&self) -> WatchdogStatus {
+        let device = lock(&self.watchdog);
+        let problem = lock(&self.watchdog_problem);
+        watchdog::status(
+            self.watchdog_cfg.as_ref().map(|c| c.device.as_path()),
+            device.as_ref(),
+            problem.as_deref(),
+        )
+    }
+
+    fn protected_list(&self) -> Vec<String> {
+        lock(&self.protected).iter().cloned().collect()
+    }
+
     /// Runs the state machine forever.
     pub async fn run(self: Arc<Self>, hv: Arc<dyn Hypervisor>) {
         let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let now = self.now();
@@ -132,18 +208,110 @@ impl LeaseShell {
                 }
                 Decision::Fence { reason } => {
                     tracing::error!(%reason, "SELF-FENCING: destroying every protected VM on this host");
-                    let uuids: Vec<String> =
-                        self.protected.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+                    let uuids = self.protected_list();
                     let hv = hv.clone();
-                    let _ = tokio::task::spawn_blocking(move || fence(hv.as_ref(), &uuids)).await;
+                    let destroy =
+                        tokio::task::spawn_blocking(move || destroy_through_libvirt(hv.as_ref(), &uuids));
+                    if tokio::time::timeout(LIBVIRT_FENCE_TIMEOUT, destroy).await.is_err() {
+                        tracing::error!(
+                            "self-fence: libvirt does not answer; killing the QEMU processes directly"
+                        );
+                    }
                 }
             }
+            if self.self_fenced() {
+                self.enforce_fence();
+            }
+            self.feed_watchdog(now);
+            // systemd's WatchdogSec: this loop still runs.
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }
+
+    /// While fenced, no protected VM may run here: one a hung libvirtd starts late, or one
+    /// libvirt failed to destroy, is killed at once. Once none is left the keeper knows, and
+    /// the watchdog may be fed again; while one cannot be killed, it is not.
+    fn enforce_fence(&self) {
+        let left = qemu::kill(&self.protected_list());
+        if left.is_empty() {
+            self.keeper().fence_completed();
+        } else {
+            tracing::error!(
+                ?left,
+                "self-fence: QEMU processes of protected VMs survive SIGKILL; the watchdog is no longer fed"
+            );
+        }
+    }
+
+    fn feed_watchdog(&self, now: Millis) {
+        let Some(cfg) = &self.watchdog_cfg else { return };
+        let timeout = self.watchdog_timeout().unwrap_or(cfg.timeout);
+        if !self.keeper().may_feed(now, timeout.as_millis() as u64) {
+            return;
+        }
+        let mut device = lock(&self.watchdog);
+        let mut problem = lock(&self.watchdog_problem);
+        if device.is_none() {
+            match watchdog::Device::open(&cfg.device, cfg.timeout) {
+                Ok(d) => {
+                    // A device may set another timeout than asked. Armed, it is fed all the
+                    // same, but the host is reported as without a working watchdog.
+                    let fits = self.keeper().timings().check_watchdog(d.timeout().as_millis() as u64);
+                    if let Err(e) = &fits {
+                        tracing::error!(error = %e, "the watchdog's timeout does not fit");
+                    }
+                    *problem = fits.err().map(|e| e.to_string());
+                    *device = Some(d);
+                }
+                Err(e) => {
+                    if problem.as_deref() != Some(&e.to_string()) {
+                        tracing::error!(error = %e, "no watchdog: this host's VMs will need a fence or confirm-down if it fails");
+                        *problem = Some(e.to_string());
+                    }
+                    return;
+                }
+            }
+        }
+        if let Some(d) = device.as_mut()
+            && let Err(e) = d.feed()
+        {
+            tracing::error!(error = %e, "watchdog");
+            *problem = Some(e.to_string());
+            // Reopened at the next feed; the kernel keeps the old one armed meanwhile.
+            *device = None;
+        }
+    }
+
+    /// The agent is stopping (SIGTERM). With no protected VM running here the watchdog is
+    /// disarmed; with one, it stays armed: the host is reset unless an agent is back and holds
+    /// a lease within the watchdog's timeout (a restart is), because a host whose agent is gone
+    /// would otherwise keep VMs the controller restarts elsewhere. Drain the host first to stop
+    /// its agent for good.
+    pub fn leave(&self) {
+        let Some(device) = lock(&self.watchdog).take() else { return };
+        let running = qemu::find(&self.protected_list());
+        if running.is_empty() {
+            if let Err(e) = device.disarm() {
+                tracing::warn!(error = %e, "could not disarm the watchdog");
+            }
+        } else {
+            let now = self.now();
+            let timeout = device.timeout();
+            if self.keeper().may_feed(now, timeout.as_millis() as u64) {
+                let mut device = device;
+                let _ = device.feed();
+            }
+            tracing::warn!(
+                protected_running = running.len(),
+                "stopping with protected VMs running: the watchdog stays armed and resets this host in {timeout:?} \
+                 unless the agent is back by then (drain the host before stopping the agent for good)"
+            );
         }
     }
 
     async fn poll(self: Arc<Self>, started: Millis) {
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let timeout = Duration::from_millis(self.cfg.poll_every_ms * 3 / 4);
+        let peers = lock(&self.peers).clone();
+        let timeout = Duration::from_millis(self.timings().poll_every_ms() * 3 / 4);
         let mut asks = tokio::task::JoinSet::new();
         for p in peers {
             let shell = self.clone();
@@ -167,11 +335,31 @@ impl LeaseShell {
     }
 }
 
-/// Destroys the running protected domains; what fails is logged, the rest still goes.
-fn fence(hv: &dyn Hypervisor, protected: &[String]) {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn parse_timings(text: &str) -> Option<Timings> {
+    let value = |key: &str| -> Option<u64> {
+        text.lines().find_map(|l| {
+            l.split_once('=').filter(|(k, _)| k.trim() == key).and_then(|(_, v)| v.trim().parse().ok())
+        })
+    };
+    let t = Timings {
+        heartbeat_interval_ms: value("heartbeat_interval_ms")?,
+        lease_ttl_ms: value("lease_ttl_ms")?,
+        fence_margin_ms: value("fence_margin_ms")?,
+        max_transit_ms: value("max_transit_ms")?,
+        guard_ms: value("guard_ms")?,
+    };
+    t.validate().ok().map(|()| t)
+}
+
+/// Destroys the running protected domains through libvirt; what fails is logged (the QEMU
+/// processes are then killed directly by `enforce_fence`).
+fn destroy_through_libvirt(hv: &dyn Hypervisor, protected: &[String]) {
     let running: Vec<String> = match hv.domains() {
         Ok(d) => d.into_iter().filter(|d| protected.contains(&d.uuid)).map(|d| d.uuid).collect(),
-        // libvirtd not answering: try every protected one anyway.
         Err(_) => protected.to_vec(),
     };
     for uuid in running {
@@ -187,17 +375,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_protected_list_survives_an_agent_restart() {
+    fn the_protected_list_and_the_timings_survive_an_agent_restart() {
         let dir = std::env::temp_dir().join(format!("vmha-lease-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("protected");
-        let first = LeaseShell::new("kvm1", SelfFenceConfig::default());
-        first.remember_in(file.clone());
+        let first = LeaseShell::new("kvm1", Timings::default(), None);
+        first.remember_in(dir.clone());
+        first.adopt_timings(Timings::fast()).unwrap();
         first.answered(Millis(0), 5_000, 3, vec![], vec!["u1".into(), "u2".into()]);
-        let restarted = LeaseShell::new("kvm1", SelfFenceConfig::default());
-        restarted.remember_in(file);
-        let known = restarted.protected.lock().unwrap().clone();
-        assert_eq!(known, BTreeSet::from(["u1".to_string(), "u2".to_string()]));
+        let restarted = LeaseShell::new("kvm1", Timings::default(), None);
+        restarted.remember_in(dir.clone());
+        assert_eq!(restarted.protected_list(), ["u1", "u2"]);
+        assert_eq!(restarted.timings(), Timings::fast());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn timings_the_watchdog_cannot_fit_are_refused() {
+        let wd = WatchdogConfig { device: "/dev/watchdog".into(), timeout: Duration::from_secs(3) };
+        let shell = LeaseShell::new("kvm1", Timings::default(), Some(wd));
+        let e = shell.adopt_timings(Timings::fast()).unwrap_err();
+        assert!(e.contains("--watchdog-timeout"), "{e}");
+        assert_eq!(shell.timings(), Timings::default(), "kept its timings");
+        let bad = Timings { lease_ttl_ms: 1_000, ..Timings::default() };
+        assert!(shell.adopt_timings(bad).unwrap_err().contains("not valid"));
     }
 }

@@ -1,9 +1,12 @@
 //! vmha node agent: the KVM host's side of vmha.
 
+pub mod bounded;
 pub mod config;
 pub mod executor;
 pub mod hypervisor;
 pub mod lease;
 pub mod peer;
 pub mod probes;
+pub mod qemu;
 pub mod session;
+pub mod watchdog;

@@ -7,7 +7,7 @@ use vmha_agent::lease::LeaseShell;
 use vmha_agent::peer::PeerApi;
 use vmha_agent::probes;
 use vmha_agent::session::Agent;
-use vmha_engine::selffence::SelfFenceConfig;
+use vmha_engine::Timings;
 use vmha_proto::v1::peer_service_server::PeerServiceServer;
 
 #[tokio::main]
@@ -22,18 +22,13 @@ async fn main() -> anyhow::Result<()> {
     })?;
     tracing::info!(host = %cfg.host_name, libvirt = %cfg.libvirt_uri, controllers = ?cfg.controllers, "vmha-agent starting");
     let hv: Arc<dyn vmha_agent::hypervisor::Hypervisor> = Arc::new(Libvirt::new(cfg.libvirt_uri.clone()));
-    let lease = LeaseShell::new(
-        &cfg.host_name,
-        SelfFenceConfig {
-            heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
-            ..Default::default()
-        },
-    );
+    // Until the leader sends its timings (at registration), those it sent last time.
+    let lease = LeaseShell::new(&cfg.host_name, Timings::default(), cfg.watchdog.clone());
     if let Some(dir) = &cfg.state_dir {
         std::fs::create_dir_all(dir).map_err(|e| {
             anyhow::anyhow!("cannot create the state directory {}: {e}; pass --state-dir", dir.display())
         })?;
-        lease.remember_in(dir.join("protected"));
+        lease.remember_in(dir.clone());
     }
     let peers = tonic::transport::Server::builder()
         .add_service(PeerServiceServer::new(PeerApi { host: cfg.host_name.clone(), lease: lease.clone() }))
@@ -41,13 +36,18 @@ async fn main() -> anyhow::Result<()> {
     let probe_cfg = cfg.probes.clone();
     let agent = Agent::new(cfg, hv.clone(), lease.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let r = tokio::select! {
         _ = probes::run(probe_cfg, hv.clone(), agent.probes.clone()) => Ok(()),
         _ = agent.run() => Ok(()),
-        _ = lease.run(hv) => Ok(()),
+        _ = lease.clone().run(hv) => Ok(()),
         r = peers => r.map_err(|e| anyhow::anyhow!("peer endpoint: {e}")),
-        // Leaving never touches the VMs: they keep running without an agent.
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
-    }
+    };
+    // Leaving never touches the VMs: they keep running without an agent. The watchdog is
+    // disarmed only if no protected one runs here (see `LeaseShell::leave`).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    lease.leave();
+    r
 }

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::task::JoinHandle;
 use vmha_proto::v1::ProbeResult;
 
+use crate::bounded::{Blocking, Outcome};
 use crate::hypervisor::Hypervisor;
 
 /// An operator-defined check: `sh -c command`, healthy iff it exits 0.
@@ -392,46 +392,6 @@ pub async fn run_check(check: &Check, timeout: Duration) -> ProbeResult {
             }
             let _ = child.wait().await;
             result(name, false, format!("timed out after {}; killed", human(timeout)))
-        }
-    }
-}
-
-/// A blocking call that may never return (libvirtd wedged, a dead NFS server under statvfs).
-/// At most one runs at a time per probe, so a hang holds one blocking thread, not one per
-/// interval; until it returns, the probe reports how long it has been stuck.
-struct Blocking<T> {
-    stuck: Option<(JoinHandle<T>, Instant)>,
-}
-
-enum Outcome<T> {
-    Done(T),
-    /// No answer; the call has been running this long.
-    Hung(Duration),
-    Panicked(String),
-}
-
-impl<T: Send + 'static> Blocking<T> {
-    fn new() -> Self {
-        Blocking { stuck: None }
-    }
-
-    async fn call(&mut self, timeout: Duration, f: impl FnOnce() -> T + Send + 'static) -> Outcome<T> {
-        if let Some((h, since)) = &self.stuck {
-            if !h.is_finished() {
-                return Outcome::Hung(since.elapsed());
-            }
-            // Its late answer is stale: ask again.
-            self.stuck = None;
-        }
-        let since = Instant::now();
-        let mut h = tokio::task::spawn_blocking(f);
-        match tokio::time::timeout(timeout, &mut h).await {
-            Ok(Ok(v)) => Outcome::Done(v),
-            Ok(Err(e)) => Outcome::Panicked(e.to_string()),
-            Err(_) => {
-                self.stuck = Some((h, since));
-                Outcome::Hung(since.elapsed())
-            }
         }
     }
 }

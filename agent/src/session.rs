@@ -12,14 +12,32 @@ use anyhow::{Context, bail};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use vmha_engine::Timings;
 use vmha_proto::v1::agent_service_client::AgentServiceClient;
-use vmha_proto::v1::{CommandsRequest, HeartbeatRequest, RegisterRequest};
+use vmha_proto::v1::{CommandsRequest, Domain, HeartbeatRequest, HostFacts, RegisterRequest};
+
+use crate::bounded::{Blocking, Outcome};
 
 use crate::config::Config;
 use crate::executor;
 use crate::hypervisor::Hypervisor;
 use crate::lease::LeaseShell;
 use crate::probes::ProbeBoard;
+
+/// The heartbeat's calls into libvirt, and what they last returned.
+#[derive(Default)]
+pub struct Reporting {
+    seq: u64,
+    listing: Blocking<Result<(HostFacts, Vec<Domain>), crate::hypervisor::HypervisorError>>,
+    facts_call: Blocking<Result<HostFacts, crate::hypervisor::HypervisorError>>,
+    facts: Option<HostFacts>,
+}
+
+/// How long a heartbeat waits for libvirt's domain list: half an interval, so that a hung
+/// libvirtd delays no heartbeat past its slot.
+fn listing_timeout(interval: Duration) -> Duration {
+    (interval / 2).min(Duration::from_secs(2))
+}
 
 /// Stamps every request with this host's name: the controller's view of who is speaking.
 /// (With mTLS the certificate carries it; this header is the stand-in until then.)
@@ -40,7 +58,7 @@ pub struct Agent {
     pub hv: Arc<dyn Hypervisor>,
     /// Held while a report is taken and sent, so that a report taken before a command's effect
     /// can never reach the controller after the command's result (see `executor`).
-    report_lock: tokio::sync::Mutex<u64>,
+    report_lock: tokio::sync::Mutex<Reporting>,
     /// The newest leader epoch seen; commands from older leaders are refused.
     epoch: AtomicU64,
     pub lease: Arc<LeaseShell>,
@@ -58,7 +76,7 @@ impl Agent {
         Arc::new(Agent {
             cfg,
             hv,
-            report_lock: tokio::sync::Mutex::new(0),
+            report_lock: tokio::sync::Mutex::new(Reporting::default()),
             epoch: AtomicU64::new(0),
             lease,
             last_answer: Mutex::default(),
@@ -91,7 +109,7 @@ impl Agent {
                 }
             }
             next += 1;
-            tokio::time::sleep(self.cfg.heartbeat_interval.min(Duration::from_secs(1))).await;
+            tokio::time::sleep(self.interval().min(Duration::from_secs(1))).await;
         }
     }
 
@@ -106,7 +124,7 @@ impl Agent {
         let header = self.cfg.host_name.parse().context("host name is not a valid header value")?;
         let mut client: Client = AgentServiceClient::with_interceptor(channel, HostHeader(header));
 
-        let facts = self.blocking(|hv| hv.host_facts()).await?;
+        let facts = self.facts().await?;
         let reg = client
             .register(RegisterRequest {
                 migration_uri: self.cfg.migration_uri.clone(),
@@ -117,6 +135,17 @@ impl Agent {
             .await
             .context("register")?
             .into_inner();
+        let t = reg.timings.context("the controller sent no timings (an older controller?)")?;
+        let timings = Timings {
+            heartbeat_interval_ms: t.heartbeat_interval_ms,
+            lease_ttl_ms: t.lease_ttl_ms,
+            fence_margin_ms: t.fence_margin_ms,
+            max_transit_ms: t.max_transit_ms,
+            guard_ms: t.guard_ms,
+        };
+        self.lease
+            .adopt_timings(timings)
+            .map_err(|e| anyhow::anyhow!("refusing the controller at {endpoint}: {e}"))?;
         self.see_epoch(reg.epoch);
         self.answer_received(reg.epoch, reg.stamp_ms);
         // A new session may be a new leader: send every definition again.
@@ -146,11 +175,53 @@ impl Agent {
         }
     }
 
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.lease.timings().heartbeat_interval_ms)
+    }
+
+    /// The host's facts for registering; the last ones known if libvirt does not answer, so
+    /// that a hung libvirtd never keeps the agent from its controller (and its lease).
+    async fn facts(&self) -> anyhow::Result<HostFacts> {
+        let mut r = self.report_lock.lock().await;
+        let timeout = listing_timeout(self.interval());
+        let hv = self.hv.clone();
+        if let Outcome::Done(Ok(f)) = r.facts_call.call(timeout, move || hv.host_facts()).await {
+            r.facts = Some(f);
+        }
+        r.facts.clone().context("libvirt has not answered since the agent started; is libvirtd running?")
+    }
+
     /// Takes a full report (facts and every domain) and sends it; returns when the leader
-    /// wants the next one.
+    /// wants the next one. When libvirt does not answer in time, the heartbeat goes anyway,
+    /// saying its domain list is unknown: the lease never waits on libvirt.
     pub async fn heartbeat(&self, client: &mut Client) -> anyhow::Result<Duration> {
-        let mut seq = self.report_lock.lock().await;
-        let (facts, mut domains) = self.blocking(|hv| Ok((hv.host_facts()?, hv.domains()?))).await?;
+        let interval = self.interval();
+        let mut report = self.report_lock.lock().await;
+        let hv = self.hv.clone();
+        let listing = report
+            .listing
+            .call(listing_timeout(interval), move || {
+                Ok::<_, crate::hypervisor::HypervisorError>((hv.host_facts()?, hv.domains()?))
+            })
+            .await;
+        let (facts, mut domains, domains_unknown) = match listing {
+            Outcome::Done(Ok((facts, domains))) => {
+                report.facts = Some(facts.clone());
+                (Some(facts), domains, false)
+            }
+            Outcome::Done(Err(e)) => {
+                tracing::warn!(error = %e, "libvirt: cannot list the domains; reporting them as unknown");
+                (report.facts.clone(), Vec::new(), true)
+            }
+            Outcome::Hung(d) => {
+                tracing::warn!(
+                    for_ms = d.as_millis() as u64,
+                    "libvirt does not answer; reporting the domains as unknown"
+                );
+                (report.facts.clone(), Vec::new(), true)
+            }
+            Outcome::Panicked(e) => anyhow::bail!("listing the domains panicked: {e}"),
+        };
         let mut sending = Vec::new();
         {
             let sent = self.sent_xml.lock().unwrap_or_else(|p| p.into_inner());
@@ -165,16 +236,18 @@ impl Agent {
                 }
             }
         }
-        *seq += 1;
+        report.seq += 1;
         let last = *self.last_answer.lock().unwrap_or_else(|p| p.into_inner());
         let (echo_epoch, echo_stamp_ms, echo_held_ms) = match last {
             Some((epoch, stamp, at)) => (epoch, stamp, at.elapsed().as_millis() as u64),
             None => (0, 0, 0),
         };
         let req = HeartbeatRequest {
-            seq: *seq,
-            facts: Some(facts),
+            seq: report.seq,
+            facts,
             domains,
+            domains_unknown,
+            watchdog: Some(self.lease.watchdog_status()),
             echo_epoch,
             echo_stamp_ms,
             echo_held_ms,
@@ -183,7 +256,7 @@ impl Agent {
         };
         // The lease runs from here: the send, not the answer.
         let sent_at = self.lease.now();
-        let answer = tokio::time::timeout(self.cfg.heartbeat_interval * 2, client.heartbeat(req))
+        let answer = tokio::time::timeout(interval * 2, client.heartbeat(req))
             .await
             .context("heartbeat timed out")?
             .context("heartbeat")?
@@ -202,11 +275,7 @@ impl Agent {
             answer.protected_uuids,
         );
         let wait = Duration::from_millis(answer.next_heartbeat_in_ms);
-        Ok(if wait.is_zero() || wait > self.cfg.heartbeat_interval * 2 {
-            self.cfg.heartbeat_interval
-        } else {
-            wait
-        })
+        Ok(if wait.is_zero() || wait > interval * 2 { interval } else { wait })
     }
 
     /// Runs a hypervisor call off the async runtime: libvirt calls block.

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use vmha_engine::cluster::HostResources;
 use vmha_engine::drain::{self, Probe};
 use vmha_engine::lease::{self, Echo, LeaseAnswer};
-use vmha_engine::{HostView, Millis, inventory, recovery};
+use vmha_engine::{HostView, Millis, Watchdog, inventory, recovery};
 use vmha_proto::v1::agent_service_server::AgentService;
 use vmha_proto::v1::*;
 
@@ -19,6 +19,15 @@ use crate::controller::{Controller, internal};
 use crate::validate;
 
 pub struct AgentApi(pub Arc<Controller>);
+
+/// The engine's view of what an agent says of its watchdog.
+fn watchdog(w: Option<&WatchdogStatus>) -> Watchdog {
+    match w {
+        None => Watchdog::Missing("the agent does not report one (an older agent?)".into()),
+        Some(w) if w.armed => Watchdog::Armed { device: w.device.clone(), timeout_ms: w.timeout_ms },
+        Some(w) => Watchdog::Missing(w.problem.clone()),
+    }
+}
 
 fn resources(f: &HostFacts) -> HostResources {
     HostResources {
@@ -66,10 +75,18 @@ impl AgentService for AgentApi {
             &host,
         )
         .await?;
+        let t = c.timings();
         Ok(Response::new(RegisterResponse {
             epoch: c.epoch,
-            heartbeat_interval_ms: c.timings().heartbeat_interval_ms,
+            heartbeat_interval_ms: t.heartbeat_interval_ms,
             stamp_ms: stamp.0,
+            timings: Some(Timings {
+                heartbeat_interval_ms: t.heartbeat_interval_ms,
+                lease_ttl_ms: t.lease_ttl_ms,
+                fence_margin_ms: t.fence_margin_ms,
+                max_transit_ms: t.max_transit_ms,
+                guard_ms: t.guard_ms,
+            }),
         }))
     }
 
@@ -94,14 +111,22 @@ impl AgentService for AgentApi {
             if let Some(f) = &r.facts {
                 h.resources = resources(f);
             }
+            h.watchdog = watchdog(r.watchdog.as_ref());
             let answer = lease::on_heartbeat(s, &host, echo, now);
             let probes =
                 r.probes.iter().map(|p| Probe { name: p.name.clone(), ok: p.ok, detail: p.detail.clone() });
             drain::on_probes(s, &host, probes.collect(), now);
-            let (mut actions, stale) = recovery::on_report(s, &host, &domains, now);
-            let kept: Vec<_> = domains.iter().filter(|d| !stale.contains(&d.uuid)).cloned().collect();
-            let changes = inventory::apply_report(s, &host, &kept, now);
-            actions.extend(recovery::after_report(s, &host, &changes, now));
+            // Without its domain list (libvirt did not answer the agent) a report says nothing
+            // about the VMs: the last one stands.
+            let (actions, changes) = if r.domains_unknown {
+                (Vec::new(), Vec::new())
+            } else {
+                let (mut actions, stale) = recovery::on_report(s, &host, &domains, now);
+                let kept: Vec<_> = domains.iter().filter(|d| !stale.contains(&d.uuid)).cloned().collect();
+                let changes = inventory::apply_report(s, &host, &kept, now);
+                actions.extend(recovery::after_report(s, &host, &changes, now));
+                (actions, changes)
+            };
             let mut new_xml = Vec::new();
             for d in r.domains.iter().filter(|d| !d.xml.is_empty()) {
                 let uuid = d.uuid.to_lowercase();

@@ -65,6 +65,11 @@ pub struct Flags {
     /// A degraded host whose probes pass this long is healthy again.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub recover_after: Duration,
+    /// Declare self-fencing hosts that report no working watchdog dead on their lease alone,
+    /// as if they had one. A killed or hung agent on such a host can then leave a second copy
+    /// of its VMs running; `vmha status` says so while this is on.
+    #[arg(long)]
+    pub accept_no_watchdog: bool,
     /// Turn off libvirt's auto-converge (throttling a guest that dirties memory faster than
     /// the network can copy it).
     #[arg(long)]

@@ -25,6 +25,9 @@ async fn main() -> anyhow::Result<()> {
         fence_margin_ms: flags.fence_margin.as_millis() as u64,
         ..Timings::default()
     };
+    timings
+        .validate()
+        .context("--heartbeat-interval, --lease-ttl and --fence-margin cannot keep the safety rule")?;
     let policy = Policy {
         max_relocate: flags.max_relocate,
         max_parallel_starts: flags.max_parallel_starts,
@@ -33,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
         migrations_per_cluster: flags.migrations_per_cluster,
         degraded_after_ms: flags.degraded_after.as_millis() as u64,
         recover_after_ms: flags.recover_after.as_millis() as u64,
+        accept_no_watchdog: flags.accept_no_watchdog,
         ..Policy::default()
     };
     let fence = FenceSettings { command: flags.fence_command, timeout: flags.fence_timeout };

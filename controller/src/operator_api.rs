@@ -52,7 +52,7 @@ impl OperatorService for OperatorApi {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let hosts = self.hosts();
         let now = self.0.now();
-        let (vms_total, vms_running, vms_protected, protected_down, quorum) = self.0.read(|s| {
+        let (vms_total, vms_running, vms_protected, protected_down, quorum, warnings) = self.0.read(|s| {
             let running = |v: &&vmha_engine::VmView| v.state == vmha_engine::RunState::Running;
             let down: Vec<Vm> = s
                 .vms
@@ -67,6 +67,7 @@ impl OperatorService for OperatorApi {
                 s.vms.values().filter(|v| v.protected).count() as u32,
                 down,
                 vmha_engine::lease::has_quorum(s, now),
+                views::warnings(s),
             )
         });
         Ok(Response::new(StatusResponse {
@@ -82,6 +83,7 @@ impl OperatorService for OperatorApi {
             quorum,
             protected_down,
             leader_clock_ms: now.0,
+            warnings,
         }))
     }
 

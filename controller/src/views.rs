@@ -2,7 +2,7 @@
 
 use vmha_engine::drain::{Drain, DrainStep, StepState};
 use vmha_engine::recovery::explain;
-use vmha_engine::{AdminState, ClusterState, HostLiveness, Millis, VmView};
+use vmha_engine::{AdminState, ClusterState, FencingMode, HostLiveness, Millis, VmView, Watchdog};
 use vmha_proto::v1 as pb;
 
 use crate::store::{EventRow, OperationRow};
@@ -53,7 +53,40 @@ pub fn host(s: &ClusterState, name: &str, now: Millis) -> pb::Host {
             .collect(),
         drain: h.drain.as_ref().map(|d| drain(name, d)),
         memory_limit_mib: h.memory_limit_kib.map_or(0, |m| m / 1024),
+        watchdog: h.watchdog.as_str().into(),
+        watchdog_detail: match &h.watchdog {
+            Watchdog::Armed { device, timeout_ms } => {
+                format!("{device}, {:.1} s", *timeout_ms as f64 / 1000.0)
+            }
+            Watchdog::Missing(why) => why.clone(),
+            Watchdog::Unknown => "its agent has not reported since this controller started".into(),
+        },
     }
+}
+
+/// What `vmha status` puts first: what an operator must know or do now.
+pub fn warnings(s: &ClusterState) -> Vec<String> {
+    let mut out = Vec::new();
+    if s.policy.accept_no_watchdog {
+        out.push(
+            "this controller runs with --accept-no-watchdog: a host without a working watchdog is declared dead \
+             on its lease alone, and a killed or hung agent there can leave a second copy of its VMs running"
+                .into(),
+        );
+    }
+    for h in s.hosts.values().filter(|h| h.fencing == FencingMode::SelfFence && !h.watchdog.works()) {
+        let why = match &h.watchdog {
+            Watchdog::Missing(why) => why.as_str(),
+            _ => "not reported yet",
+        };
+        let then = if s.policy.accept_no_watchdog {
+            "its VMs are restarted elsewhere on its lease alone (--accept-no-watchdog)".to_string()
+        } else {
+            format!("if it fails, its VMs wait for `vmha host confirm-down {}`", h.name)
+        };
+        out.push(format!("{} has no working watchdog ({why}): {then}", h.name));
+    }
+    out
 }
 
 pub fn drain(host: &str, d: &Drain) -> pb::DrainPlan {

@@ -18,7 +18,6 @@ use vmha_controller::agent_api::AgentApi;
 use vmha_controller::controller::{Controller, FenceSettings, MigrationSettings};
 use vmha_controller::operator_api::OperatorApi;
 use vmha_controller::store::Store;
-use vmha_engine::selffence::SelfFenceConfig;
 use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
 use vmha_proto::v1::operator_service_client::OperatorServiceClient;
@@ -89,13 +88,13 @@ fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) {
         libvirt_uri: "fake://".into(),
         migration_uri: format!("fake://{name}"),
         controllers: vec![endpoint.into()],
-        heartbeat_interval: Duration::from_millis(100),
+        watchdog: None,
         peer_listen: ([127, 0, 0, 1], 0).into(),
         peer_address: "127.0.0.1:1".into(),
         probes: vmha_agent::probes::ProbeConfig::default(),
         state_dir: None,
     };
-    tokio::spawn(Agent::new(cfg, hv, LeaseShell::new(name, SelfFenceConfig::default())).run());
+    tokio::spawn(Agent::new(cfg, hv, LeaseShell::new(name, Timings::default(), None)).run());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

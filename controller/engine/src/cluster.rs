@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use crate::Millis;
-use crate::lease::{HostLease, Timings};
+use crate::Timings;
+use crate::lease::HostLease;
 use crate::recovery::Recovery;
 
 /// What the operator wants a host to do.
@@ -122,6 +123,35 @@ impl FencingMode {
     }
 }
 
+/// Whether a host's watchdog would reset it if its agent died or hung, as its agent last said.
+/// A self-fencing host may be declared dead on its lease alone only with one: without it, a
+/// killed or hung agent leaves its VMs running unfenced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Watchdog {
+    /// Its agent has not said (yet).
+    #[default]
+    Unknown,
+    /// Armed with this timeout, which fits the cluster's timings.
+    Armed { device: String, timeout_ms: u64 },
+    /// Not working, and why.
+    Missing(String),
+}
+
+impl Watchdog {
+    pub fn works(&self) -> bool {
+        matches!(self, Watchdog::Armed { .. })
+    }
+
+    /// One word for tables: "armed", "missing", "unknown".
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Watchdog::Unknown => "unknown",
+            Watchdog::Armed { .. } => "armed",
+            Watchdog::Missing(_) => "missing",
+        }
+    }
+}
+
 /// Why and when a host was declared dead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Death {
@@ -142,6 +172,7 @@ pub struct HostView {
     pub last_heartbeat: Option<Millis>,
     pub lease: HostLease,
     pub fencing: FencingMode,
+    pub watchdog: Watchdog,
     pub dead: Option<Death>,
     /// An external fence command is running since then.
     pub fencing_since: Option<Millis>,
@@ -164,6 +195,7 @@ impl HostView {
             last_heartbeat: None,
             lease: HostLease::default(),
             fencing: FencingMode::SelfFence,
+            watchdog: Watchdog::Unknown,
             dead: None,
             fencing_since: None,
             health: Default::default(),
@@ -238,6 +270,9 @@ pub struct Policy {
     /// Probes failing this long make a host degraded; passing this long make it healthy again.
     pub degraded_after_ms: u64,
     pub recover_after_ms: u64,
+    /// Declare self-fencing hosts without a working watchdog dead on their lease alone, as if
+    /// they had one (the operator accepted that a killed agent may leave a second copy).
+    pub accept_no_watchdog: bool,
 }
 
 impl Default for Policy {
@@ -251,6 +286,7 @@ impl Default for Policy {
             migrations_per_cluster: 4,
             degraded_after_ms: 30_000,
             recover_after_ms: 60_000,
+            accept_no_watchdog: false,
         }
     }
 }
@@ -308,6 +344,7 @@ pub(crate) mod tests {
                 memory_free_kib: 4 << 20,
                 cpu_model: "x86".into(),
             };
+            h.watchdog = Watchdog::Armed { device: "/dev/watchdog".into(), timeout_ms: 3_000 };
             s.hosts.insert(name.into(), h);
         }
         s

@@ -14,28 +14,7 @@
 
 use std::collections::VecDeque;
 
-use crate::{ClusterState, Millis};
-
-/// The timing knobs of the safety rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timings {
-    pub heartbeat_interval_ms: u64,
-    pub lease_ttl_ms: u64,
-    pub fence_margin_ms: u64,
-    /// Longest a heartbeat may spend in flight and still earn a lease.
-    pub max_transit_ms: u64,
-}
-
-impl Default for Timings {
-    fn default() -> Self {
-        Timings {
-            heartbeat_interval_ms: 1_000,
-            lease_ttl_ms: 5_000,
-            fence_margin_ms: 1_000,
-            max_transit_ms: 150,
-        }
-    }
-}
+use crate::{ClusterState, Millis, Timings};
 
 /// An answer the leader sent to one host, remembered until the host echoes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,10 +82,13 @@ pub fn votes(state: &ClusterState) -> (usize, usize) {
 }
 
 /// Whether the leader holds quorum at `now`: its own vote plus every host whose acknowledged
-/// lease is unexpired form a majority.
+/// lease still counts form a majority. A lease stops counting one heartbeat interval before
+/// its end (`Timings::quorum_shortfall_ms`), which is what agents tell their peers.
 pub fn has_quorum(state: &ClusterState, now: Millis) -> bool {
     let (_, majority) = votes(state);
-    let leased = state.hosts.values().filter(|h| h.lease.acked_end.is_some_and(|e| e > now)).count();
+    let short = state.timings.quorum_shortfall_ms();
+    let leased =
+        state.hosts.values().filter(|h| h.lease.acked_end.is_some_and(|e| e.0 > now.0 + short)).count();
     leased + 1 >= majority
 }
 
@@ -150,6 +132,16 @@ pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, no
     let Some(h) = state.hosts.get_mut(host) else {
         return LeaseAnswer::Refused { stamp: now, reason: "host not registered" };
     };
+    if h.dead.is_some() {
+        // Its VMs may run elsewhere now. No lease (and so no start: the agent and its start
+        // hook need one) until a report with its domains has shown what it still runs and
+        // the stale copies are on their way out (`recovery::on_report`).
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None });
+        return LeaseAnswer::Refused {
+            stamp: now,
+            reason: "the host was declared dead; it gets a lease once it has reported its domains",
+        };
+    }
     let known = echo
         .filter(|e| e.epoch == epoch)
         .and_then(|e| h.lease.issued.iter().find(|i| i.stamp == e.stamp).copied().map(|i| (e, i)));
@@ -251,18 +243,18 @@ mod tests {
     }
 
     #[test]
-    fn quorum_counts_acknowledged_leases_and_the_control_plane_vote() {
+    fn quorum_counts_acknowledged_leases_an_interval_and_a_transit_short_and_the_control_plane_vote() {
         let mut s = three_hosts();
         assert_eq!(votes(&s), (4, 3));
-        s.hosts.get_mut("kvm1").unwrap().lease.acked_end = Some(Millis(10));
+        s.hosts.get_mut("kvm1").unwrap().lease.acked_end = Some(Millis(6_160));
         assert!(!has_quorum(&s, Millis(5)), "1 host + control plane = 2 of 4");
-        s.hosts.get_mut("kvm2").unwrap().lease.acked_end = Some(Millis(20));
+        s.hosts.get_mut("kvm2").unwrap().lease.acked_end = Some(Millis(6_170));
         assert!(has_quorum(&s, Millis(5)));
-        assert!(!has_quorum(&s, Millis(10)), "kvm1's lease ended at 10");
+        assert!(!has_quorum(&s, Millis(5_010)), "kvm1's lease ends at 6160: it counts until 5010");
         observe_quorum(&mut s, Millis(5));
-        observe_quorum(&mut s, Millis(9));
-        assert!(quorum_held_for(&s, Millis(9), 4));
-        observe_quorum(&mut s, Millis(10));
-        assert!(!quorum_held_for(&s, Millis(10), 0));
+        observe_quorum(&mut s, Millis(5_009));
+        assert!(quorum_held_for(&s, Millis(5_009), 5_004));
+        observe_quorum(&mut s, Millis(5_010));
+        assert!(!quorum_held_for(&s, Millis(5_010), 0));
     }
 }

@@ -15,9 +15,13 @@ pub mod placement;
 pub mod recovery;
 pub mod selffence;
 pub mod time;
+pub mod timings;
 
-pub use cluster::{AdminState, ClusterState, Death, FencingMode, HostView, Policy, RunState, VmView};
+pub use cluster::{
+    AdminState, ClusterState, Death, FencingMode, HostView, Policy, RunState, VmView, Watchdog,
+};
 pub use inventory::{InventoryChange, ReportedDomain};
-pub use lease::{HostLiveness, Timings};
+pub use lease::HostLiveness;
 pub use migration::{MigrationPlan, Refusal};
 pub use time::Millis;
+pub use timings::{Timings, TimingsError};

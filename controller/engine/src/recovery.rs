@@ -25,6 +25,13 @@ impl Recovery {
     pub fn new(since: Millis) -> Recovery {
         Recovery { since, attempts: 0, tried: Vec::new(), starting_on: None, waiting: None, error: None }
     }
+
+    /// A start an earlier leader sent to `host` and whose outcome nobody knows: the VM waits
+    /// for that host to report it running, or for the host to be declared dead, and is never
+    /// started elsewhere meanwhile.
+    pub fn in_doubt(host: &str, since: Millis) -> Recovery {
+        Recovery { starting_on: Some(host.into()), attempts: 1, ..Recovery::new(since) }
+    }
 }
 
 /// What the shell must do.
@@ -64,6 +71,14 @@ fn declare_dead(state: &mut ClusterState, host: &str, cause: String, now: Millis
     h.dead = Some(Death { at: now, cause: cause.clone() });
     h.fencing_since = None;
     out.push(Action::DeclaredDead { host: host.into(), cause });
+    // A start sent there may or may not have happened; the host is off now, so the VM goes
+    // elsewhere. Until now it waited, whatever the start's fate (its result may be lost).
+    for vm in state.vms.values_mut() {
+        if let Some(r) = vm.recovery.as_mut().filter(|r| r.starting_on.as_deref() == Some(host)) {
+            r.starting_on = None;
+            r.tried.push(host.into());
+        }
+    }
     for vm in state.vms.values_mut().filter(|v| v.host.as_deref() == Some(host)) {
         let had_process = vm.state.has_process() || vm.state == RunState::Unknown;
         vm.state = RunState::Lost;
@@ -103,7 +118,28 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
             continue;
         }
         let silent = now.since(h.last_heartbeat.unwrap_or(state.started));
+        let unfenced = !h.watchdog.works() && !state.policy.accept_no_watchdog;
         match h.fencing {
+            FencingMode::SelfFence if unfenced => {
+                if h.fencing_since.is_none() {
+                    let why = match &h.watchdog {
+                        crate::Watchdog::Missing(why) => why.clone(),
+                        _ => "its agent never said it has one".into(),
+                    };
+                    state.hosts.get_mut(&name).expect("listed").fencing_since = Some(now);
+                    out.push(event(
+                        "host",
+                        &name,
+                        "confirm_down_needed",
+                        format!(
+                            "{name} lost its lease, but it has no working watchdog ({why}): a killed or hung agent \
+                             there may leave its VMs running, so nothing is restarted until a fence device or \
+                             `vmha host confirm-down {name}` confirms it is off (or the controller runs with \
+                             --accept-no-watchdog)"
+                        ),
+                    ));
+                }
+            }
             FencingMode::SelfFence => {
                 if quorum_held_for(state, now, window) {
                     let cause = format!(
@@ -222,7 +258,11 @@ pub fn start_finished(
 ) -> Vec<Action> {
     let max_relocate = state.policy.max_relocate;
     let Some(vm) = state.vms.get_mut(uuid) else { return Vec::new() };
-    let Some(r) = vm.recovery.as_mut() else { return Vec::new() };
+    // A result for a start this recovery no longer waits for (its host was declared dead
+    // meanwhile, or a report already showed the VM running) changes nothing.
+    let Some(r) = vm.recovery.as_mut().filter(|r| r.starting_on.as_deref() == Some(host)) else {
+        return Vec::new();
+    };
     r.starting_on = None;
     let mut out = Vec::new();
     match result {
@@ -384,6 +424,21 @@ pub fn after_report(
     now: Millis,
 ) -> Vec<Action> {
     let mut out = Vec::new();
+    // A start whose result was lost (or is still on its way) is done once the host shows the VM
+    // running.
+    let started: Vec<String> = state
+        .vms
+        .values()
+        .filter(|v| {
+            v.host.as_deref() == Some(host)
+                && v.state.has_process()
+                && v.recovery.as_ref().is_some_and(|r| r.starting_on.as_deref() == Some(host))
+        })
+        .map(|v| v.uuid.clone())
+        .collect();
+    for uuid in started {
+        out.extend(start_finished(state, &uuid, host, Ok(()), now));
+    }
     for c in changes {
         let InventoryChange::StateChanged { uuid, name, from, to, .. } = c else { continue };
         if !from.has_process() || to.has_process() || *to == RunState::Lost {
@@ -435,6 +490,9 @@ pub fn explain(state: &ClusterState, uuid: &str, now: Millis) -> Option<String> 
             let lease_end = h.lease.end(&t).unwrap_or(Millis(state.started.0 + t.lease_ttl_ms));
             let due = lease_end.0 + t.fence_margin_ms;
             match h.fencing {
+                FencingMode::SelfFence if !h.watchdog.works() && !state.policy.accept_no_watchdog => format!(
+                    "{host} is suspect and has no working watchdog: waiting for `vmha host confirm-down {host}`"
+                ),
                 FencingMode::SelfFence if now.0 < due => format!(
                     "{host} is suspect; it may be declared dead in {} if this controller keeps quorum",
                     secs(due - now.0)

@@ -9,33 +9,7 @@
 //! guard` after this agent's own lease ended (before the leader may declare this host dead),
 //! or the start of the poll, whichever is later. Every later poll must confirm it again.
 
-use crate::Millis;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SelfFenceConfig {
-    pub heartbeat_interval_ms: u64,
-    pub lease_ttl_ms: u64,
-    pub fence_margin_ms: u64,
-    /// Longest a heartbeat may be in flight and still earn a lease (the leader enforces it).
-    pub max_transit_ms: u64,
-    /// How often peers are polled once renewals are missed.
-    pub poll_every_ms: u64,
-    /// Time kept back from the fence margin for one more poll and the destroy itself.
-    pub guard_ms: u64,
-}
-
-impl Default for SelfFenceConfig {
-    fn default() -> Self {
-        SelfFenceConfig {
-            heartbeat_interval_ms: 1_000,
-            lease_ttl_ms: 5_000,
-            fence_margin_ms: 1_000,
-            max_transit_ms: 150,
-            poll_every_ms: 200,
-            guard_ms: 500,
-        }
-    }
-}
+use crate::{Millis, Timings};
 
 /// One peer's answer to "until when could the leader count your lease?".
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,7 +59,7 @@ pub enum Decision {
 
 #[derive(Clone, Debug)]
 pub struct LeaseKeeper {
-    cfg: SelfFenceConfig,
+    cfg: Timings,
     started: Millis,
     /// Own view of the lease: from the send of the heartbeat that earned it.
     lease_end: Option<Millis>,
@@ -96,10 +70,14 @@ pub struct LeaseKeeper {
     /// The latest instant at which a poll showed the leader lacked quorum.
     confirmed_at: Option<Millis>,
     phase: Phase,
+    /// Fenced, and the shell confirmed that no protected VM runs here any more.
+    fence_done: bool,
+    /// When the peers the latest prediction counts on will all have lapsed.
+    fact_poll_at: Option<Millis>,
 }
 
 impl LeaseKeeper {
-    pub fn new(cfg: SelfFenceConfig, now: Millis) -> LeaseKeeper {
+    pub fn new(cfg: Timings, now: Millis) -> LeaseKeeper {
         LeaseKeeper {
             cfg,
             started: now,
@@ -110,6 +88,8 @@ impl LeaseKeeper {
             poll_started: None,
             confirmed_at: None,
             phase: Phase::Starting,
+            fence_done: false,
+            fact_poll_at: None,
         }
     }
 
@@ -117,10 +97,67 @@ impl LeaseKeeper {
         &self.phase
     }
 
+    pub fn timings(&self) -> Timings {
+        self.cfg
+    }
+
+    /// The leader's timings, as it sent them at registration: from now on the rule runs on
+    /// them. A lease already held keeps the end it was granted with.
+    pub fn set_timings(&mut self, cfg: Timings) {
+        self.cfg = cfg;
+    }
+
+    /// The end of the lease this agent holds, if any, in its own view.
+    pub fn lease_end(&self) -> Option<Millis> {
+        self.lease_end
+    }
+
+    /// Whether this host may start a VM (or take one by live migration) now: only while it
+    /// holds a lease, so that every copy it runs is one its self-fence covers.
+    pub fn may_start(&self, now: Millis) -> Result<(), String> {
+        match self.lease_end {
+            Some(end) if now < end => Ok(()),
+            Some(end) => Err(format!("this host's lease expired {} ms ago", now.since(end))),
+            None => Err("this host holds no lease yet".into()),
+        }
+    }
+
+    /// The shell destroyed every protected VM after a `Fence`: nothing here needs the
+    /// watchdog to reset the host any more.
+    pub fn fence_completed(&mut self) {
+        if matches!(self.phase, Phase::Fenced { .. }) {
+            self.fence_done = true;
+        }
+    }
+
+    /// The earliest instant at which the leader may declare this host dead, as far as this
+    /// agent can prove: its own lease end plus the fence margin (the leader's view of the lease
+    /// ends no earlier), or later after a poll showed the leader lacked quorum at `c` (it then
+    /// needs quorum for `lease_ttl + fence_margin` first). `None`: nothing is proved.
+    fn declarable_from(&self) -> Option<Millis> {
+        let margin = self.cfg.fence_margin_ms;
+        let by_lease = self.lease_end.map(|e| Millis(e.0 + margin));
+        let by_fact = self.confirmed_at.map(|c| Millis(c.0 + self.cfg.lease_ttl_ms + margin));
+        by_lease.max(by_fact)
+    }
+
+    /// Whether the watchdog may be fed at `now`. A feed keeps the host up for `timeout_ms`
+    /// more even if this agent dies or hangs right after it, so it is allowed only when the
+    /// host would then be reset (`guard / 2` kept for the reset itself) before the leader may
+    /// declare it dead, or when no protected VM can run here (fence done, or a one-host
+    /// cluster, where nothing is ever restarted elsewhere).
+    pub fn may_feed(&self, now: Millis, timeout_ms: u64) -> bool {
+        if self.cluster_hosts == 1 || (self.fence_done && matches!(self.phase, Phase::Fenced { .. })) {
+            return true;
+        }
+        self.declarable_from().is_some_and(|d| now.0 + timeout_ms + self.cfg.guard_ms / 2 <= d.0)
+    }
+
     /// The leader granted `ttl_ms` to the heartbeat sent at `sent_at`, in a cluster of
     /// `cluster_hosts` hosts.
     pub fn granted(&mut self, sent_at: Millis, ttl_ms: u64, cluster_hosts: usize) {
         let end = Millis(sent_at.0 + ttl_ms);
+        self.fence_done = false;
         self.lease_end = Some(self.lease_end.map_or(end, |e| e.max(end)));
         self.renewed_send = Some(self.renewed_send.map_or(sent_at, |s| s.max(sent_at)));
         self.cluster_hosts = cluster_hosts;
@@ -133,12 +170,13 @@ impl LeaseKeeper {
 
     /// What this agent answers a peer: until when the leader could count its lease, from now
     /// (negative: it could not since that long). The leader counts only leases this agent
-    /// received, and each ends at most `max_transit` after this agent's own view of it. Before
-    /// its first lease, an earlier run of this agent may have held one, sent before this run
-    /// started: it ended by `started + lease_ttl` in this agent's view.
+    /// received, each until one interval before its end (`Timings::quorum_shortfall_ms`), and
+    /// each ends at most `max_transit` after this agent's own view of it. Before its first
+    /// lease, an earlier run of this agent may have held one, sent before this run started: it
+    /// ended by `started + lease_ttl` in this agent's view.
     pub fn upper_remaining_ms(&self, now: Millis) -> i64 {
         let end = self.lease_end.unwrap_or(Millis(self.started.0 + self.cfg.lease_ttl_ms));
-        (end.0 + self.cfg.max_transit_ms) as i64 - now.0 as i64
+        (end.0 + self.cfg.max_transit_ms) as i64 - self.cfg.quorum_shortfall_ms() as i64 - now.0 as i64
     }
 
     pub fn polled(&mut self, poll: Poll) {
@@ -147,8 +185,12 @@ impl LeaseKeeper {
         }
     }
 
+    /// A poll every `poll_every`, and one more as soon as the peers a prediction counts on
+    /// have lapsed: that poll turns the prediction into a fact.
     fn poll_due(&mut self, now: Millis) -> bool {
-        let due = self.poll_started.is_none_or(|p| now.since(p) >= self.cfg.poll_every_ms);
+        let due = self.poll_started.is_none_or(|p| {
+            now.since(p) >= self.cfg.poll_every_ms() || self.fact_poll_at.is_some_and(|f| p < f && f <= now)
+        });
         if due {
             self.poll_started = Some(now);
         }
@@ -159,19 +201,16 @@ impl LeaseKeeper {
     fn judge(&self, own_end: Millis, now: Millis) -> Verdict {
         let Some(poll) = &self.last_poll else { return Verdict::No("no peer poll has answered".into()) };
         // A poll older than that says nothing about now.
-        if now.since(poll.started) > 2 * self.cfg.poll_every_ms + self.cfg.heartbeat_interval_ms {
+        if now.since(poll.started) > 2 * self.cfg.poll_every_ms() + self.cfg.heartbeat_interval_ms {
             return Verdict::No("the latest peer poll is too old".into());
         }
         let total = self.cluster_hosts + 1;
         let majority = total / 2 + 1;
         // received_at + remaining is no earlier than the true end: the answer was given before
         // it arrived.
+        let lapse = |a: &PeerAnswer| a.received_at.0 as i64 + a.upper_remaining_ms;
         let lapsed_by = |t: Millis| -> Vec<&str> {
-            poll.answers
-                .iter()
-                .filter(|a| a.received_at.0 as i64 + a.upper_remaining_ms <= t.0 as i64)
-                .map(|a| a.host.as_str())
-                .collect()
+            poll.answers.iter().filter(|a| lapse(a) <= t.0 as i64).map(|a| a.host.as_str()).collect()
         };
         let detail = |lapsed: &[&str]| {
             format!(
@@ -191,7 +230,8 @@ impl LeaseKeeper {
         let deadline = Millis((own_end.0 + self.cfg.fence_margin_ms).saturating_sub(self.cfg.guard_ms));
         let by_deadline = lapsed_by(deadline);
         if now < deadline && blocks(&by_deadline) {
-            return Verdict::Predicted(detail(&by_deadline));
+            let last = poll.answers.iter().map(lapse).filter(|l| *l <= deadline.0 as i64).max().unwrap_or(0);
+            return Verdict::Predicted(detail(&by_deadline), Millis(last.max(0) as u64 + 1));
         }
         Verdict::No(detail(&by_deadline))
     }
@@ -227,7 +267,10 @@ impl LeaseKeeper {
                 self.confirmed_at = Some(self.confirmed_at.map_or(at, |c| c.max(at)));
                 Ok(reason)
             }
-            Verdict::Predicted(reason) => Ok(format!("{reason}, once their leases lapse")),
+            Verdict::Predicted(reason, lapsed_at) => {
+                self.fact_poll_at = Some(lapsed_at);
+                Ok(format!("{reason}, once their leases lapse"))
+            }
             // At the last confirmed instant the leader lacked quorum: it cannot declare this host
             // dead before holding quorum for lease_ttl + fence_margin after it. Until then keep
             // trying for a lease (the leader may just have come back for another host first).
@@ -269,7 +312,8 @@ enum Verdict {
     /// At this instant (the poll's start) the leader lacked quorum.
     Fact(Millis, String),
     /// The leader will lack quorum by the deadline unless peers renew, which the next polls see.
-    Predicted(String),
+    /// Also when the last of the peers it counts on lapses.
+    Predicted(String, Millis),
     No(String),
 }
 
@@ -282,7 +326,7 @@ mod tests {
     }
 
     fn leased(at: u64) -> LeaseKeeper {
-        let mut k = LeaseKeeper::new(SelfFenceConfig::default(), Millis(0));
+        let mut k = LeaseKeeper::new(Timings::default(), Millis(0));
         k.granted(Millis(at), 5_000, 3);
         k
     }
@@ -332,7 +376,7 @@ mod tests {
 
     #[test]
     fn a_one_host_cluster_never_fences_and_a_new_lease_ends_a_fence() {
-        let mut k = LeaseKeeper::new(SelfFenceConfig::default(), Millis(0));
+        let mut k = LeaseKeeper::new(Timings::default(), Millis(0));
         k.granted(Millis(0), 5_000, 1);
         assert_eq!(k.tick(Millis(60_000)), Decision::Nothing);
         let mut k = leased(0);
@@ -344,13 +388,46 @@ mod tests {
 
     #[test]
     fn what_peers_are_told_covers_the_leaders_longer_view() {
+        // Lease to 6_000 in this agent's view; the leader's view may end 150 ms later, and it
+        // counts a lease toward quorum until an interval and a transit before its end.
         let k = leased(1_000);
-        assert_eq!(k.upper_remaining_ms(Millis(6_000)), 150);
-        assert_eq!(k.upper_remaining_ms(Millis(6_200)), -50);
-        // A fresh agent: an earlier run's lease may be counted until start + ttl + transit.
-        assert_eq!(
-            LeaseKeeper::new(SelfFenceConfig::default(), Millis(100)).upper_remaining_ms(Millis(200)),
-            5_050
-        );
+        assert_eq!(k.upper_remaining_ms(Millis(5_000)), 0);
+        assert_eq!(k.upper_remaining_ms(Millis(5_200)), -200);
+        // A fresh agent: an earlier run's lease may be counted until start + ttl - interval.
+        assert_eq!(LeaseKeeper::new(Timings::default(), Millis(100)).upper_remaining_ms(Millis(200)), 3_900);
+    }
+
+    #[test]
+    fn starts_need_a_lease() {
+        let mut k = LeaseKeeper::new(Timings::default(), Millis(0));
+        assert!(k.may_start(Millis(10)).unwrap_err().contains("no lease yet"));
+        k.granted(Millis(1_000), 5_000, 3);
+        assert_eq!(k.may_start(Millis(5_999)), Ok(()));
+        assert!(k.may_start(Millis(6_000)).unwrap_err().contains("expired 0 ms ago"));
+    }
+
+    #[test]
+    fn the_watchdog_is_fed_only_while_a_reset_would_come_before_the_host_may_be_declared_dead() {
+        // Lease to 6_000: the leader may declare the host dead from 7_000 on. A 3 s watchdog
+        // fed at t resets the host by t + 3_000 (+ 250 for the reset).
+        let mut k = leased(1_000);
+        assert!(k.may_feed(Millis(3_750), 3_000));
+        assert!(!k.may_feed(Millis(3_751), 3_000));
+        assert!(!LeaseKeeper::new(Timings::default(), Millis(0)).may_feed(Millis(0), 3_000), "no lease yet");
+        // The lease expired, but a poll proved the leader lacked quorum at 6_100: it needs quorum
+        // for lease_ttl + fence_margin before it may declare anybody dead (12_100).
+        k.polled(Poll {
+            started: Millis(6_100),
+            answers: vec![answer("kvm2", -100, 6_110), answer("kvm3", -90, 6_110)],
+        });
+        assert!(matches!(k.tick(Millis(6_150)), Decision::Keep { .. }));
+        assert!(k.may_feed(Millis(8_850), 3_000));
+        assert!(!k.may_feed(Millis(8_851), 3_000));
+        // Fenced: fed again only once the shell confirmed its protected VMs are gone.
+        let mut k = leased(1_000);
+        assert!(matches!(k.tick(Millis(6_000)), Decision::Fence { .. }));
+        assert!(!k.may_feed(Millis(6_000), 3_000));
+        k.fence_completed();
+        assert!(k.may_feed(Millis(6_050), 3_000));
     }
 }
