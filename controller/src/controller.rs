@@ -53,6 +53,9 @@ type AgentSender = mpsc::Sender<Result<Command, Status>>;
 /// How often the engine is asked whether to declare a host dead or start a waiting VM.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How many ended operations are kept in memory for `WatchOperation`.
+const ENDED_KEPT: usize = 256;
+
 pub struct Controller {
     /// For reads; every write goes through `journal`.
     pub store: Store,
@@ -67,6 +70,9 @@ pub struct Controller {
     agents: Mutex<HashMap<String, AgentSender>>,
     /// Operations in flight, for `WatchOperation` followers and result checks.
     ops: Mutex<HashMap<Uuid, watch::Sender<Operation>>>,
+    /// The last operations that ended, newest last: a follower that comes just after the end
+    /// is answered from here, since the final state may still be queued for the database.
+    ended: Mutex<VecDeque<Operation>>,
     /// Actions decided outside a request or tick (a fence command's verdict), for the next tick.
     deferred: Mutex<Vec<Action>>,
 }
@@ -172,6 +178,7 @@ impl Controller {
             state: Mutex::new(state),
             agents: Mutex::default(),
             ops: Mutex::default(),
+            ended: Mutex::default(),
             deferred: Mutex::default(),
         }))
     }
@@ -656,6 +663,12 @@ impl Controller {
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|tx| tx.subscribe())
     }
 
+    /// The final state of an operation that ended lately.
+    pub fn ended_operation(&self, id: Uuid) -> Option<Operation> {
+        let id = id.to_string();
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().find(|op| op.id == id).cloned()
+    }
+
     /// The operation, if `host` is the one that carries it out.
     fn check_reporter(&self, host: &str, id: &str) -> Result<Operation, Status> {
         let id = Uuid::parse_str(id)
@@ -774,6 +787,11 @@ impl Controller {
                 v.downtime_ms = o.downtime_ms;
                 v.bytes = o.bytes;
             });
+            let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+            if ended.len() == ENDED_KEPT {
+                ended.pop_front();
+            }
+            ended.push_back(tx.borrow().clone());
         }
         Ok(())
     }

@@ -333,7 +333,7 @@ impl OperatorService for OperatorApi {
 }
 
 /// The operation's state now, then each change, ending with its final state. An operation
-/// that already ended is read from the store.
+/// that already ended is answered from memory if it ended lately, else read from the store.
 fn async_stream(
     c: Arc<Controller>,
     id: Uuid,
@@ -349,15 +349,18 @@ fn async_stream(
                     return;
                 }
                 if w.changed().await.is_err() {
-                    // The sender is gone: the operation ended; its final state is in the store.
+                    // The sender is gone: the operation ended.
                     break;
                 }
             }
         }
-        let msg = match c.store.get_operation(id).await {
-            Ok(Some(row)) => Ok(views::operation(&row)),
-            Ok(None) => Err(Status::not_found(format!("no operation {id}"))),
-            Err(e) => Err(store_error(e)),
+        let msg = match c.ended_operation(id) {
+            Some(op) => Ok(op),
+            None => match c.store.get_operation(id).await {
+                Ok(Some(row)) => Ok(views::operation(&row)),
+                Ok(None) => Err(Status::not_found(format!("no operation {id}"))),
+                Err(e) => Err(store_error(e)),
+            },
         };
         let _ = tx.send(msg).await;
     });
