@@ -225,6 +225,12 @@ impl Controller {
         self.journal.trouble()
     }
 
+    /// Waits until what this controller queued so far is written, for at most `limit`: a
+    /// database that has just gone away is not waited for.
+    pub async fn caught_up(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.journal.caught_up()).await;
+    }
+
     /// Refuses an operator request that needs the database while it is known to be away,
     /// before anything is changed. `what`: the request, as in "protecting a VM".
     pub fn require_database(&self, what: &str) -> Result<(), Status> {

@@ -12,11 +12,11 @@
 //! nothing add nothing. An outage costs memory in proportion to how much the cluster changes
 //! meanwhile, a few hundred bytes per change.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 use vmha_engine::{FencingMode, HostView, VmView};
 
@@ -100,6 +100,9 @@ struct Entry {
 /// What the queue's users and `vmha status` see of the writer.
 #[derive(Default)]
 struct Shared {
+    /// Entries queued since the start, and entries taken by the writer since the start.
+    pushed: AtomicU64,
+    taken: watch::Sender<u64>,
     queued: AtomicUsize,
     /// Callers of `record` still waiting: actions held until they are written down.
     held: AtomicUsize,
@@ -166,10 +169,18 @@ impl Journal {
     }
 
     fn push(&self, entry: Entry) {
+        self.shared.pushed.fetch_add(1, Ordering::SeqCst);
         self.shared.queued.fetch_add(1, Ordering::SeqCst);
         if let Err(lost) = self.queue.send(entry) {
             tracing::error!(write = ?lost.0.write, "the database writer has stopped; this write is lost");
         }
+    }
+
+    /// Returns once everything queued before the call is written (or refused): for a reader
+    /// who expects to see what this controller just did.
+    pub async fn caught_up(&self) {
+        let target = self.shared.pushed.load(Ordering::SeqCst);
+        let _ = self.shared.taken.subscribe().wait_for(|taken| *taken >= target).await;
     }
 
     /// Why writes are not reaching the database, for `vmha status`; `None` while they are.
@@ -194,6 +205,7 @@ async fn run(store: Store, mut queue: mpsc::UnboundedReceiver<Entry>, shared: Ar
         let result =
             retry_while_unreachable(|| write.apply(&store), |e, pause| shared.waiting(e, pause)).await;
         shared.queued.fetch_sub(1, Ordering::SeqCst);
+        shared.taken.send_modify(|taken| *taken += 1);
         shared.reachable();
         match (result, written) {
             (result, Some(tx)) => {

@@ -327,6 +327,8 @@ impl OperatorService for OperatorApi {
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit.min(10_000) };
         self.0.require_database("listing events")?;
+        // The events of what the operator just did (a migration that ended) may still be queued.
+        self.0.caught_up(Duration::from_secs(3)).await;
         let rows = self.0.store.list_events(r.after_id, limit).await.map_err(store_error)?;
         Ok(Response::new(ListEventsResponse { events: rows.iter().map(views::event).collect() }))
     }

@@ -34,6 +34,10 @@ fn vm(uuid: Uuid, host: &str) -> VmView {
     vm
 }
 
+fn event(message: String) -> NewEvent {
+    NewEvent { subject_kind: "vm", subject: "dns1".into(), kind: "vm_state", message, actor: "kvm1".into() }
+}
+
 fn op(epoch: u64, vm_uuid: Uuid) -> OperationRow {
     OperationRow::pending("migrate", vm_uuid, "dns1", "kvm1", "kvm2", epoch)
 }
@@ -155,17 +159,7 @@ async fn events_are_listed_newest_window_oldest_first_and_followable() {
     let s = Store::open(&pg.fresh_database()).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..3 {
-        ids.push(
-            s.append_event(&NewEvent {
-                subject_kind: "vm",
-                subject: "dns1".into(),
-                kind: "vm_state",
-                message: format!("event {i}"),
-                actor: "kvm1".into(),
-            })
-            .await
-            .unwrap(),
-        );
+        ids.push(s.append_event(&event(format!("event {i}"))).await.unwrap());
     }
     let last_two = s.list_events(0, 2).await.unwrap();
     assert_eq!(last_two.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), ["event 1", "event 2"]);
@@ -213,4 +207,18 @@ async fn what_must_be_recorded_first_waits_out_an_outage_and_queued_writes_keep_
         .await
         .unwrap();
     assert_eq!(state, "shut_off", "the later snapshot is the one kept");
+}
+
+#[tokio::test]
+async fn a_reader_who_waits_for_the_journal_sees_what_was_queued_before() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let journal = Journal::start(s.clone());
+    for i in 0..20 {
+        journal.write(Write::Event(event(format!("event {i}"))));
+    }
+    journal.caught_up().await;
+    let listed = s.list_events(0, 100).await.unwrap();
+    assert_eq!(listed.len(), 20);
+    assert_eq!(listed[19].message, "event 19");
 }
