@@ -183,6 +183,9 @@ impl From<tonic::Status> for Failure {
             _ => 1,
         };
         let message = match s.code() {
+            // The controller answered, but its database is away: say that, not that the
+            // controller is.
+            Code::Unavailable if s.message().starts_with("database unavailable") => s.message().to_string(),
             Code::Unavailable => format!("the controller is unavailable: {}", s.message()),
             _ => s.message().to_string(),
         };
@@ -230,6 +233,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         s.vms_protected,
                         s.protected_not_running
                     );
+                    if !s.database.is_empty() {
+                        println!("database: {} (leases and heartbeats go on from memory)", s.database);
+                    }
                     host_table(&s.hosts);
                     for h in &s.hosts {
                         if !h.note.is_empty() {

@@ -1,5 +1,7 @@
 //! The agents' side of the gRPC API. Every handler takes the host from the connection
 //! (`validate::agent_host`), validates the message, and hands it to the controller.
+//! Register and heartbeat answer from memory and never wait for PostgreSQL: an agent must not
+//! lose its lease because the database is away (what they change is queued, see `journal`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,8 +16,8 @@ use vmha_engine::{HostView, Millis, Watchdog, inventory, recovery};
 use vmha_proto::v1::agent_service_server::AgentService;
 use vmha_proto::v1::*;
 
-use crate::controller::{Controller, internal};
-
+use crate::controller::Controller;
+use crate::journal::Write;
 use crate::validate;
 
 pub struct AgentApi(pub Arc<Controller>);
@@ -59,7 +61,7 @@ impl AgentService for AgentApi {
             let view = h.clone();
             (view, lease::issue_stamp(s, &host, now))
         });
-        c.store.upsert_host(&view, &facts.hypervisor_version).await.map_err(internal)?;
+        c.write(Write::Host { host: view, hypervisor_version: facts.hypervisor_version.clone() });
         c.event(
             "host",
             &host,
@@ -73,8 +75,7 @@ impl AgentService for AgentApi {
                 r.migration_uri
             ),
             &host,
-        )
-        .await?;
+        );
         let t = c.timings();
         Ok(Response::new(RegisterResponse {
             epoch: c.epoch,
@@ -144,17 +145,14 @@ impl AgentService for AgentApi {
             Ok((answer, changes, actions, new_xml, peers, protected, s.hosts.len() as u32))
         })?;
         let (answer, changes, actions, new_xml, peers, protected_uuids, cluster_hosts) = outcome;
-        c.persist_inventory(changes, &host).await?;
+        c.persist_inventory(changes, &host);
         for (uuid, xml) in new_xml {
-            c.store.set_vm_xml(&uuid, &xml).await.map_err(internal)?;
+            c.write(Write::VmXml { uuid, xml });
         }
         if !actions.is_empty() {
+            // Not awaited: an action may wait for the database, the answer must not.
             let c = c.clone();
-            tokio::spawn(async move {
-                if let Err(e) = c.perform(actions).await {
-                    tracing::error!(error = %e, "after a report");
-                }
-            });
+            tokio::spawn(async move { c.perform(actions).await });
         }
         let interval = c.timings().heartbeat_interval_ms;
         // Align every host's heartbeats on the leader's clock, so that their leases end

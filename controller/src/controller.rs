@@ -1,6 +1,11 @@
 //! The controller's shell: holds the observed cluster state for the engine, persists what the
 //! engine decides or observes, and talks to connected agents. The gRPC handlers and the tick
 //! loop call into it; decisions are made in `vmha_engine`, never here.
+//!
+//! PostgreSQL is written behind (`journal`): nothing that grants a lease waits for it, so an
+//! outage of the database fences nobody. What must be on record before it is done (an
+//! operation, before its command is sent) waits for the database instead, and operator
+//! requests that need it are refused with `Unavailable` while it is known to be away.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -19,7 +24,8 @@ use vmha_proto::v1::{
     command,
 };
 
-use crate::store::{NewEvent, OperationOutcome, OperationRow, Store, StoreError};
+use crate::journal::{Journal, Write};
+use crate::store::{NewEvent, OperationOutcome, OperationRow, Store, StoreError, retry_while_unreachable};
 use crate::views;
 
 /// Defaults for live migrations the controller starts.
@@ -47,8 +53,13 @@ type AgentSender = mpsc::Sender<Result<Command, Status>>;
 /// How often the engine is asked whether to declare a host dead or start a waiting VM.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How many ended operations are kept in memory for `WatchOperation`.
+const ENDED_KEPT: usize = 256;
+
 pub struct Controller {
+    /// For reads; every write goes through `journal`.
     pub store: Store,
+    journal: Journal,
     pub epoch: u64,
     pub migration: MigrationSettings,
     pub fence: FenceSettings,
@@ -59,16 +70,27 @@ pub struct Controller {
     agents: Mutex<HashMap<String, AgentSender>>,
     /// Operations in flight, for `WatchOperation` followers and result checks.
     ops: Mutex<HashMap<Uuid, watch::Sender<Operation>>>,
-    /// Serialises inventory writes so that the database sees VM records in the order the
-    /// state changed, never an older snapshot after a newer one.
-    persist: tokio::sync::Mutex<()>,
+    /// The last operations that ended, newest last: a follower that comes just after the end
+    /// is answered from here, since the final state may still be queued for the database.
+    ended: Mutex<VecDeque<Operation>>,
     /// Actions decided outside a request or tick (a fence command's verdict), for the next tick.
     deferred: Mutex<Vec<Action>>,
 }
 
-pub fn internal(e: StoreError) -> Status {
-    tracing::error!(error = %e, "store");
-    Status::internal(e.to_string())
+/// What an operator is told to do while the database is away.
+const RETRY_LATER: &str =
+    "vmha keeps retrying on its own; try again once `vmha status` no longer shows a database problem";
+
+/// A failed read or write as the operator sees it: `Unavailable` when the database could not
+/// be reached (try again later), `Internal` when it refused.
+pub fn store_error(e: StoreError) -> Status {
+    if e.is_unavailable() {
+        tracing::warn!(error = %e, "store");
+        Status::unavailable(format!("database unavailable: {e}; {RETRY_LATER}"))
+    } else {
+        tracing::error!(error = %e, "store");
+        Status::internal(format!("{e}; see the controller's log"))
+    }
 }
 
 /// The host that carries out an operation (and alone may report on it).
@@ -77,6 +99,30 @@ fn executor(op: &Operation) -> &str {
 }
 
 impl Controller {
+    /// Connects to `database_url` and starts, waiting as long as PostgreSQL is unreachable (and
+    /// saying so in the log); fails at once on what waiting cannot fix (a malformed URL, a
+    /// schema newer than this build).
+    pub async fn start_when_reachable(
+        database_url: &str,
+        timings: Timings,
+        policy: Policy,
+        migration: MigrationSettings,
+        fence: FenceSettings,
+    ) -> Result<Arc<Controller>, StoreError> {
+        let waiting = |e: &StoreError, pause: Duration| {
+            tracing::warn!(
+                error = %e,
+                "PostgreSQL is unreachable; the controller starts once it is (next try in {pause:?})"
+            )
+        };
+        let store = retry_while_unreachable(|| Store::open(database_url), waiting).await?;
+        retry_while_unreachable(
+            || Controller::start(store.clone(), timings, policy, migration.clone(), fence.clone()),
+            waiting,
+        )
+        .await
+    }
+
     /// Takes a new epoch, loads desired state, and closes what a previous controller left open.
     pub async fn start(
         store: Store,
@@ -123,6 +169,7 @@ impl Controller {
             })
             .await?;
         Ok(Arc::new(Controller {
+            journal: Journal::start(store.clone()),
             store,
             epoch,
             migration,
@@ -131,7 +178,7 @@ impl Controller {
             state: Mutex::new(state),
             agents: Mutex::default(),
             ops: Mutex::default(),
-            persist: tokio::sync::Mutex::new(()),
+            ended: Mutex::default(),
             deferred: Mutex::default(),
         }))
     }
@@ -169,36 +216,54 @@ impl Controller {
                 a.extend(drain::tick(s, now));
                 a
             }));
-            if let Err(e) = self.perform(actions).await {
-                tracing::error!(error = %e, "carrying out the engine's actions failed");
-            }
+            self.perform(actions).await;
         }
     }
 
-    pub async fn event(
+    /// Why the database is not taking writes (`vmha status`); `None` while it is.
+    pub fn database_trouble(&self) -> Option<String> {
+        self.journal.trouble()
+    }
+
+    /// Waits until what this controller queued so far is written, for at most `limit`: a
+    /// database that has just gone away is not waited for.
+    pub async fn caught_up(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.journal.caught_up()).await;
+    }
+
+    /// Refuses an operator request that needs the database while it is known to be away,
+    /// before anything is changed. `what`: the request, as in "protecting a VM".
+    pub fn require_database(&self, what: &str) -> Result<(), Status> {
+        match self.journal.trouble() {
+            None => Ok(()),
+            Some(why) => Err(Status::unavailable(format!(
+                "database unavailable ({why}); {what} needs it, so nothing was done; {RETRY_LATER}"
+            ))),
+        }
+    }
+
+    /// Logs an event and queues it for the event log.
+    pub fn event(
         &self,
         subject_kind: &'static str,
         subject: &str,
         kind: &'static str,
         message: String,
         actor: &str,
-    ) -> Result<(), Status> {
+    ) {
         tracing::info!(subject = %subject, kind, "{message}");
-        self.store
-            .append_event(&NewEvent {
-                subject_kind,
-                subject: subject.into(),
-                kind,
-                message,
-                actor: actor.into(),
-            })
-            .await
-            .map(|_| ())
-            .map_err(internal)
+        self.journal.write(Write::Event(NewEvent {
+            subject_kind,
+            subject: subject.into(),
+            kind,
+            message,
+            actor: actor.into(),
+        }));
     }
 
-    /// Carries out the engine's actions, and those their immediate failures lead to.
-    pub async fn perform(self: &Arc<Self>, actions: Vec<Action>) -> Result<(), Status> {
+    /// Carries out the engine's actions, and those their immediate failures lead to. Actions
+    /// that send a command wait for the database to record them.
+    pub async fn perform(self: &Arc<Self>, actions: Vec<Action>) {
         let mut queue: VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             match action {
@@ -209,9 +274,8 @@ impl Controller {
                         "host_dead",
                         format!("{host} declared dead: {cause}"),
                         "controller",
-                    )
-                    .await?;
-                    self.persist_vms_on(&host).await?;
+                    );
+                    self.persist_vms_on(&host);
                 }
                 Action::Fence { host } => {
                     self.event(
@@ -220,8 +284,7 @@ impl Controller {
                         "fencing",
                         format!("{host} lost its lease; running the fence command"),
                         "controller",
-                    )
-                    .await?;
+                    );
                     tokio::spawn(self.clone().fence(host));
                 }
                 Action::Start { vm_uuid, vm_name, host } => {
@@ -247,8 +310,7 @@ impl Controller {
                                         "{vm_name}'s preferred host {host} is healthy again: moving it back"
                                     ),
                                     "controller",
-                                )
-                                .await?;
+                                );
                             }
                             self.start_migration(plan, why, None)
                                 .await
@@ -272,8 +334,7 @@ impl Controller {
                         "cold_restart",
                         format!("{vm_name} cannot be live-migrated off {from}; restarting it on {to} (--allow-restart)"),
                         "controller",
-                    )
-                    .await?;
+                    );
                     // Destroyed first; the start on `to` follows the destroy's result.
                     let cmd = command::Kind::Destroy(DestroyDomain { uuid: vm_uuid.clone() });
                     if let Err(why) =
@@ -295,16 +356,14 @@ impl Controller {
                             "stale_copy",
                             format!("could not destroy it on {host}: {why}"),
                             "controller",
-                        )
-                        .await?;
+                        );
                     }
                 }
                 Action::Event { subject_kind, subject, kind, message } => {
-                    self.event(subject_kind, &subject, kind, message, "controller").await?;
+                    self.event(subject_kind, &subject, kind, message, "controller");
                 }
             }
         }
-        Ok(())
     }
 
     /// Runs the fence command for `host` and hands its verdict to the engine.
@@ -340,12 +399,35 @@ impl Controller {
         self.deferred.lock().unwrap_or_else(|p| p.into_inner()).extend(actions);
     }
 
-    /// Writes a host's admin state (a drain may just have put it in maintenance).
-    pub async fn persist_admin(&self, host: &str) -> Result<(), Status> {
-        if let Some(h) = self.read(|s| s.hosts.get(host).cloned()) {
-            self.store.set_host_admin(&h).await.map_err(internal)?;
-        }
-        Ok(())
+    /// Queues a write that no snapshot of the state is needed for (see `persist_vm`).
+    pub fn write(&self, write: Write) {
+        self.journal.write(write);
+    }
+
+    /// Queues a host's admin state (a drain may just have put it in maintenance).
+    pub fn persist_admin(&self, host: &str) {
+        self.read(|s| s.hosts.get(host).map(|h| self.journal.write(Write::HostAdmin(h.clone()))));
+    }
+
+    /// Queues a host's fencing mode.
+    pub fn persist_fencing(&self, host: &str) {
+        self.read(|s| {
+            s.hosts
+                .get(host)
+                .map(|h| self.journal.write(Write::Fencing { host: h.name.clone(), mode: h.fencing.clone() }))
+        });
+    }
+
+    /// Queues a VM's observed and desired state (an operator changed the latter).
+    pub fn persist_vm(&self, uuid: &str) {
+        // Under the state lock, like every VM snapshot queued: the queue then holds them in
+        // the order the state changed, and the database never sees an older one after a newer.
+        self.read(|s| {
+            if let Some(vm) = s.vms.get(uuid) {
+                self.journal.write(Write::vm(vm));
+                self.journal.write(Write::protection(vm));
+            }
+        });
     }
 
     /// An operation whose agent never reports (it restarted mid-command, its host was cut off
@@ -385,39 +467,38 @@ impl Controller {
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).values().map(|tx| tx.borrow().clone()).collect()
     }
 
-    async fn persist_vms_on(&self, host: &str) -> Result<(), Status> {
-        let vms: Vec<_> =
-            self.read(|s| s.vms.values().filter(|v| v.host.as_deref() == Some(host)).cloned().collect());
-        let _order = self.persist.lock().await;
-        for vm in vms {
-            self.store.upsert_vm(&vm).await.map_err(internal)?;
-        }
-        Ok(())
+    fn persist_vms_on(&self, host: &str) {
+        self.read(|s| {
+            for vm in s.vms.values().filter(|v| v.host.as_deref() == Some(host)) {
+                self.journal.write(Write::vm(vm));
+            }
+        });
     }
 
-    /// Writes the VMs that changed, as they are now, and one event per observable change.
-    pub async fn persist_inventory(&self, changes: Vec<InventoryChange>, actor: &str) -> Result<(), Status> {
+    /// Queues the VMs that changed, as they are now, and one event per observable change.
+    pub fn persist_inventory(&self, changes: Vec<InventoryChange>, actor: &str) {
         if changes.is_empty() {
-            return Ok(());
+            return;
         }
-        let _order = self.persist.lock().await;
+        // Under the state lock: see `persist_vm`.
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         for change in changes {
             if let InventoryChange::Vanished { uuid, name, from, forgotten: true } = &change {
-                self.store.delete_vm(uuid).await.map_err(internal)?;
+                self.journal.write(Write::DeleteVm { uuid: uuid.clone() });
                 let message =
                     format!("{name} is no longer defined on {from} nor reported by any host: forgotten");
-                self.event("vm", name, "vm_forgotten", message, actor).await?;
+                self.event("vm", name, "vm_forgotten", message, actor);
                 continue;
             }
-            let Some(vm) = self.read(|s| s.vms.get(change.uuid()).cloned()) else { continue };
+            let Some(vm) = s.vms.get(change.uuid()) else { continue };
             if let Some(h) = &vm.host {
                 // The hosts table is the foreign key's target; a report can name a host that
                 // registered after this controller loaded its state.
-                if !self.read(|s| s.hosts.contains_key(h)) {
+                if !s.hosts.contains_key(h) {
                     continue;
                 }
             }
-            self.store.upsert_vm(&vm).await.map_err(internal)?;
+            self.journal.write(Write::vm(vm));
             let (kind, message) = match &change {
                 InventoryChange::Appeared { name, host, state, .. } => {
                     ("vm_discovered", format!("{name} found {} on {host}", state.as_str()))
@@ -433,9 +514,8 @@ impl Controller {
                 }
                 InventoryChange::Updated { .. } => continue,
             };
-            self.event("vm", &vm.name, kind, message, actor).await?;
+            self.event("vm", &vm.name, kind, message, actor);
         }
-        Ok(())
     }
 
     /// Opens the command stream for `host`'s agent, replacing any earlier one.
@@ -469,8 +549,13 @@ impl Controller {
         let uuid = Uuid::parse_str(vm_uuid).map_err(|e| e.to_string())?;
         let row = OperationRow::pending(kind, uuid, vm_name, source, target, self.epoch);
         let id = row.id;
-        self.store.insert_operation(&row).await.map_err(|e| e.to_string())?;
         let (tx, _) = watch::channel(views::operation(&row));
+        // While the database is away this waits for it: failing instead would count as a
+        // failed start or migration, and send the engine to the next host for nothing.
+        self.journal
+            .record(Write::Operation(row))
+            .await
+            .map_err(|e| format!("the database refused to record the operation: {e}"))?;
         let view = tx.borrow().clone();
         let runs_on = executor(&view).to_string();
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
@@ -478,10 +563,10 @@ impl Controller {
         if let Err(why) = self.send_command(&runs_on, cmd).await {
             self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             let failed = OperationOutcome { state: "failed", error: why.clone(), ..Default::default() };
-            let _ = self.store.finish_operation(id, &failed).await;
+            self.journal.write(Write::OperationFinished { id, outcome: failed });
             return Err(why);
         }
-        self.store.set_operation_running(id).await.map_err(|e| e.to_string())?;
+        self.journal.write(Write::OperationRunning(id));
         self.modify_op(id, |op| {
             if op.state == "pending" {
                 op.state = "running".into();
@@ -505,9 +590,7 @@ impl Controller {
             "restart_started",
             format!("starting {vm_name} on {host} (was on {from})"),
             "controller",
-        )
-        .await
-        .map_err(|e| e.message().to_string())?;
+        );
         let cmd = command::Kind::Start(StartDomain { xml });
         self.send_operation("start", vm_uuid, vm_name, &from, host, cmd).await.map(|_| ())
     }
@@ -540,8 +623,7 @@ impl Controller {
             "migration_requested",
             format!("live migration of {} from {} to {} requested", plan.vm_name, plan.source, plan.target),
             actor,
-        )
-        .await?;
+        );
         let cmd = command::Kind::Migrate(MigrateDomain {
             uuid: plan.vm_uuid.clone(),
             dest_uri: plan.target_uri.clone(),
@@ -562,7 +644,7 @@ impl Controller {
                     "live migration of {} from {} to {} failed: {why}; {} stays on {}",
                     plan.vm_name, plan.source, plan.target, plan.vm_name, plan.source
                 );
-                self.event("vm", &plan.vm_name, "migration_failed", message.clone(), "controller").await?;
+                self.event("vm", &plan.vm_name, "migration_failed", message.clone(), "controller");
                 Err(Status::unavailable(message))
             }
         }
@@ -587,6 +669,12 @@ impl Controller {
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|tx| tx.subscribe())
     }
 
+    /// The final state of an operation that ended lately.
+    pub fn ended_operation(&self, id: Uuid) -> Option<Operation> {
+        let id = id.to_string();
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().find(|op| op.id == id).cloned()
+    }
+
     /// The operation, if `host` is the one that carries it out.
     fn check_reporter(&self, host: &str, id: &str) -> Result<Operation, Status> {
         let id = Uuid::parse_str(id)
@@ -608,10 +696,13 @@ impl Controller {
             op.data_remaining = p.data_remaining;
             op.elapsed_ms = p.elapsed_ms;
         });
-        self.store
-            .set_operation_progress(id, p.data_total, p.data_processed, p.data_remaining)
-            .await
-            .map_err(internal)
+        self.journal.write(Write::OperationProgress {
+            id,
+            total: p.data_total,
+            processed: p.data_processed,
+            remaining: p.data_remaining,
+        });
+        Ok(())
     }
 
     /// Records how an operation ended, tells the engine and the followers.
@@ -625,14 +716,14 @@ impl Controller {
             downtime_ms: r.downtime_ms,
             bytes: r.bytes,
         };
-        self.store.finish_operation(id, &o).await.map_err(internal)?;
+        self.journal.write(Write::OperationFinished { id, outcome: o.clone() });
         let ok = r.ok;
         let now = self.now();
         match op.kind.as_str() {
             "migrate" => {
                 if ok {
                     let change = self.update(|s| inventory::apply_migrated(s, &op.vm_uuid, &op.target));
-                    self.persist_inventory(change.into_iter().collect(), "controller").await?;
+                    self.persist_inventory(change.into_iter().collect(), "controller");
                 }
                 self.release(&op.vm_uuid);
                 let message = if ok {
@@ -652,12 +743,12 @@ impl Controller {
                     )
                 };
                 let kind = if ok { "migration_succeeded" } else { "migration_failed" };
-                self.event("vm", &op.vm, kind, message, "controller").await?;
+                self.event("vm", &op.vm, kind, message, "controller");
                 let verdict = if ok { Ok(()) } else { Err(o.error.clone()) };
                 let actions =
                     self.update(|s| drain::migration_finished(s, &op.vm_uuid, &op.target, verdict, now));
-                self.persist_admin(&op.source).await?;
-                self.perform(actions).await?;
+                self.persist_admin(&op.source);
+                self.perform(actions).await;
             }
             "start" => {
                 let verdict = if ok { Ok(()) } else { Err(o.error.clone()) };
@@ -666,8 +757,8 @@ impl Controller {
                     a.extend(drain::restart_finished(s, &op.vm_uuid, &op.target, verdict, now));
                     a
                 });
-                self.persist_vms_on(&op.target).await?;
-                self.perform(actions).await?;
+                self.persist_vms_on(&op.target);
+                self.perform(actions).await;
             }
             "destroy" if !op.target.is_empty() => {
                 // The first half of a cold restart.
@@ -681,7 +772,7 @@ impl Controller {
                 if let Err(why) = started {
                     let actions =
                         self.update(|s| drain::restart_finished(s, &op.vm_uuid, &op.target, Err(why), now));
-                    self.perform(actions).await?;
+                    self.perform(actions).await;
                 }
             }
             _ => {
@@ -690,7 +781,7 @@ impl Controller {
                 } else {
                     format!("{} of {} on {} failed: {}", op.kind, op.vm, op.source, o.error)
                 };
-                self.event("vm", &op.vm, "operation_done", message, "controller").await?;
+                self.event("vm", &op.vm, "operation_done", message, "controller");
             }
         }
         let tx = self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -702,6 +793,11 @@ impl Controller {
                 v.downtime_ms = o.downtime_ms;
                 v.bytes = o.bytes;
             });
+            let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+            if ended.len() == ENDED_KEPT {
+                ended.pop_front();
+            }
+            ended.push_back(tx.borrow().clone());
         }
         Ok(())
     }

@@ -4,7 +4,6 @@ use anyhow::Context;
 use clap::Parser;
 use vmha_controller::config::Flags;
 use vmha_controller::controller::{Controller, FenceSettings, MigrationSettings};
-use vmha_controller::store::Store;
 use vmha_controller::{agent_api::AgentApi, operator_api::OperatorApi};
 use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
@@ -18,7 +17,6 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let flags = Flags::parse();
-    let store = Store::open(&flags.database_url).await?;
     let timings = Timings {
         heartbeat_interval_ms: flags.heartbeat_interval.as_millis() as u64,
         lease_ttl_ms: flags.lease_ttl.as_millis() as u64,
@@ -48,7 +46,8 @@ async fn main() -> anyhow::Result<()> {
         max_downtime_ms: flags.max_downtime_ms,
         result_grace: Duration::from_secs(60),
     };
-    let controller = Controller::start(store, timings, policy, migration, fence).await?;
+    let controller =
+        Controller::start_when_reachable(&flags.database_url, timings, policy, migration, fence).await?;
     tokio::spawn(controller.clone().run_ticks());
     tracing::info!(listen = %flags.listen, epoch = controller.epoch, "vmha-controller serving");
     tonic::transport::Server::builder()

@@ -1,5 +1,8 @@
 //! The operator API behind the `vmha` CLI. Handlers validate, read or change desired state,
 //! and return; anything that touches a host goes through the controller as an operation.
+//! Reads of the cluster's state answer from memory and work while PostgreSQL is away; requests
+//! that change desired state, start an operation or read the event log are refused with
+//! `Unavailable` meanwhile.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +16,7 @@ use vmha_engine::{FencingMode, HostLiveness, Refusal, drain, migration, recovery
 use vmha_proto::v1::operator_service_server::OperatorService;
 use vmha_proto::v1::*;
 
-use crate::controller::{Controller, internal};
+use crate::controller::{Controller, store_error};
 use crate::{validate, views};
 
 pub struct OperatorApi(pub Arc<Controller>);
@@ -84,6 +87,7 @@ impl OperatorService for OperatorApi {
             protected_down,
             leader_clock_ms: now.0,
             warnings,
+            database: self.0.database_trouble().unwrap_or_default(),
         }))
     }
 
@@ -115,6 +119,7 @@ impl OperatorService for OperatorApi {
         for h in &r.allowed_hosts {
             validate::host_name(h)?;
         }
+        self.0.require_database("changing a VM's protection")?;
         let now = self.0.now();
         let (vm, before) = self
             .0
@@ -146,9 +151,8 @@ impl OperatorService for OperatorApi {
             })
             .map_err(refusal)?;
         // The row may not exist yet if the VM was discovered on a host whose registration the
-        // store has not seen; write the observed part first.
-        self.0.store.upsert_vm(&vm).await.map_err(internal)?;
-        self.0.store.set_protection(&vm).await.map_err(internal)?;
+        // store has not seen; the observed part is written first.
+        self.0.persist_vm(&vm.uuid);
         let changed =
             (
                 before.protected,
@@ -175,7 +179,7 @@ impl OperatorService for OperatorApi {
                 format!("{} is no longer protected: it will not be restarted elsewhere", vm.name)
             };
             let kind = if vm.protected { "vm_protected" } else { "vm_unprotected" };
-            self.0.event("vm", &vm.name, kind, message, ACTOR).await?;
+            self.0.event("vm", &vm.name, kind, message, ACTOR);
         }
         let view = self.0.read(|s| views::vm(s, &vm, now));
         Ok(Response::new(view))
@@ -196,19 +200,21 @@ impl OperatorService for OperatorApi {
             };
             return Ok(Response::new(views::drain(&host, &d)));
         }
+        self.0.require_database("draining a host")?;
         let actions = self.0.update(|s| drain::start(s, &host, r.allow_restart, now)).map_err(refusal)?;
-        self.0.persist_admin(&host).await?;
-        self.0.perform(actions).await?;
-        self.0.persist_admin(&host).await?;
+        self.0.persist_admin(&host);
+        self.0.perform(actions).await;
+        self.0.persist_admin(&host);
         let plan = self.0.read(|s| s.hosts[&host].drain.as_ref().map(|d| views::drain(&host, d)));
         Ok(Response::new(plan.unwrap_or_default()))
     }
 
     async fn undrain(&self, req: Request<UndrainRequest>) -> Result<Response<Host>, Status> {
         let host = validate::host_name(&req.get_ref().host)?.to_string();
+        self.0.require_database("undraining a host")?;
         let actions = self.0.update(|s| drain::undrain(s, &host)).map_err(refusal)?;
-        self.0.persist_admin(&host).await?;
-        self.0.perform(actions).await?;
+        self.0.persist_admin(&host);
+        self.0.perform(actions).await;
         let now = self.0.now();
         Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
     }
@@ -217,6 +223,7 @@ impl OperatorService for OperatorApi {
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
         let limit = (r.memory_limit_mib > 0).then_some(r.memory_limit_mib * 1024);
+        self.0.require_database("setting a host's memory limit")?;
         self.0
             .update(|s| match s.hosts.get_mut(&host) {
                 Some(h) => {
@@ -226,27 +233,26 @@ impl OperatorService for OperatorApi {
                 None => Err(Refusal::UnknownHost(host.clone())),
             })
             .map_err(refusal)?;
-        self.0.persist_admin(&host).await?;
+        self.0.persist_admin(&host);
         let message = match limit {
             Some(l) => format!("vmha places at most {} MiB of VMs on {host}", l / 1024),
             None => format!("no memory cap on {host} beyond what it has free"),
         };
-        self.0.event("host", &host, "memory_limit", message, ACTOR).await?;
+        self.0.event("host", &host, "memory_limit", message, ACTOR);
         let now = self.0.now();
         Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
     }
 
     async fn confirm_down(&self, req: Request<ConfirmDownRequest>) -> Result<Response<Host>, Status> {
         let host = validate::host_name(&req.get_ref().host)?.to_string();
+        self.0.require_database("confirming a host is down")?;
         let now = self.0.now();
         let actions = self.0.update(|s| recovery::confirm_down(s, &host, now)).map_err(|e| match e {
             recovery::ConfirmRefusal::UnknownHost(_) => Status::not_found(e.to_string()),
             recovery::ConfirmRefusal::Online(_) => Status::failed_precondition(e.to_string()),
         })?;
-        self.0
-            .event("host", &host, "confirmed_down", format!("an operator confirmed {host} is off"), ACTOR)
-            .await?;
-        self.0.perform(actions).await?;
+        self.0.event("host", &host, "confirmed_down", format!("an operator confirmed {host} is off"), ACTOR);
+        self.0.perform(actions).await;
         Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
     }
 
@@ -264,6 +270,7 @@ impl OperatorService for OperatorApi {
                 "external fencing needs the controller's --fence-command; nothing changed",
             ));
         }
+        self.0.require_database("setting a host's fencing mode")?;
         let now = self.0.now();
         self.0.update(|s| match s.hosts.get_mut(&host) {
             Some(h) => {
@@ -272,16 +279,14 @@ impl OperatorService for OperatorApi {
             }
             None => Err(Status::not_found(Refusal::UnknownHost(host.clone()).to_string())),
         })?;
-        self.0.store.set_fencing(&host, &mode).await.map_err(internal)?;
-        self.0
-            .event(
-                "host",
-                &host,
-                "fencing_set",
-                format!("{host}'s fencing mode is now {}", mode.as_str()),
-                ACTOR,
-            )
-            .await?;
+        self.0.persist_fencing(&host);
+        self.0.event(
+            "host",
+            &host,
+            "fencing_set",
+            format!("{host}'s fencing mode is now {}", mode.as_str()),
+            ACTOR,
+        );
         Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
     }
 
@@ -289,6 +294,7 @@ impl OperatorService for OperatorApi {
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?;
         let target = validate::host_name(&r.target_host)?;
+        self.0.require_database("starting a migration")?;
         let now = self.0.now();
         let plan = self.0.read(|s| migration::plan_migration(s, key, target, now)).map_err(refusal)?;
         let defaults = &self.0.migration;
@@ -322,13 +328,16 @@ impl OperatorService for OperatorApi {
     ) -> Result<Response<ListEventsResponse>, Status> {
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit.min(10_000) };
-        let rows = self.0.store.list_events(r.after_id, limit).await.map_err(internal)?;
+        self.0.require_database("listing events")?;
+        // The events of what the operator just did (a migration that ended) may still be queued.
+        self.0.caught_up(Duration::from_secs(3)).await;
+        let rows = self.0.store.list_events(r.after_id, limit).await.map_err(store_error)?;
         Ok(Response::new(ListEventsResponse { events: rows.iter().map(views::event).collect() }))
     }
 }
 
 /// The operation's state now, then each change, ending with its final state. An operation
-/// that already ended is read from the store.
+/// that already ended is answered from memory if it ended lately, else read from the store.
 fn async_stream(
     c: Arc<Controller>,
     id: Uuid,
@@ -344,15 +353,18 @@ fn async_stream(
                     return;
                 }
                 if w.changed().await.is_err() {
-                    // The sender is gone: the operation ended; its final state is in the store.
+                    // The sender is gone: the operation ended.
                     break;
                 }
             }
         }
-        let msg = match c.store.get_operation(id).await {
-            Ok(Some(row)) => Ok(views::operation(&row)),
-            Ok(None) => Err(Status::not_found(format!("no operation {id}"))),
-            Err(e) => Err(internal(e)),
+        let msg = match c.ended_operation(id) {
+            Some(op) => Ok(op),
+            None => match c.store.get_operation(id).await {
+                Ok(Some(row)) => Ok(views::operation(&row)),
+                Ok(None) => Err(Status::not_found(format!("no operation {id}"))),
+                Err(e) => Err(store_error(e)),
+            },
         };
         let _ = tx.send(msg).await;
     });

@@ -2,6 +2,7 @@
 //! state), operations and the event log. Plain queries (no compile-time checked macros), so
 //! building needs no database.
 
+use std::future::Future;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateError;
@@ -25,6 +26,57 @@ pub enum StoreError {
     Migrate(#[source] MigrateError),
     #[error("database query failed ({what}): {source}")]
     Query { what: &'static str, source: sqlx::Error },
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (down, restarting, out of connections),
+    /// as opposed to refusing what was asked: the former passes, so it is worth retrying.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Connect { source, .. } | StoreError::Query { source, .. } => is_unreachable(source),
+            StoreError::Migrate(MigrateError::Execute(source)) => is_unreachable(source),
+            StoreError::SchemaTooNew { .. } | StoreError::Migrate(_) => false,
+        }
+    }
+}
+
+fn is_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        // Class 08: connection exceptions; 57P01-03: the server is shutting down or starting
+        // up; 53300: too many connections.
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
+}
+
+/// The first pause between two attempts at an unreachable database, and the longest.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LAST_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs `attempt` until it succeeds or fails for another reason than an unreachable
+/// database, pausing longer after each failure (up to 5 s); `waiting` hears of each failure
+/// that is retried, and the pause that follows it.
+pub async fn retry_while_unreachable<T, F>(
+    mut attempt: impl FnMut() -> F,
+    mut waiting: impl FnMut(&StoreError, Duration),
+) -> Result<T, StoreError>
+where
+    F: Future<Output = Result<T, StoreError>>,
+{
+    let mut pause = FIRST_RETRY;
+    loop {
+        match attempt().await {
+            Err(e) if e.is_unavailable() => {
+                waiting(&e, pause);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LAST_RETRY);
+            }
+            done => return done,
+        }
+    }
 }
 
 fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -125,7 +177,9 @@ impl Store {
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(5))
+            // Also how long a query waits for an unreachable database before its caller hears
+            // of it (the pool retries connecting meanwhile).
+            .acquire_timeout(Duration::from_secs(3))
             .connect(url)
             .await
             .map_err(|source| StoreError::Connect { url: redact(url), source })?;

@@ -17,7 +17,6 @@ use vmha_agent::session::Agent;
 use vmha_controller::agent_api::AgentApi;
 use vmha_controller::controller::{Controller, FenceSettings, MigrationSettings};
 use vmha_controller::operator_api::OperatorApi;
-use vmha_controller::store::Store;
 use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
 use vmha_proto::v1::operator_service_client::OperatorServiceClient;
@@ -25,6 +24,7 @@ use vmha_proto::v1::operator_service_server::OperatorServiceServer;
 use vmha_proto::v1::*;
 
 const DNS1: &str = "0d6b3f2e-1c1e-4f7e-9a55-2b8a1f6c0d01";
+const WEB1: &str = "0d6b3f2e-1c1e-4f7e-9a55-2b8a1f6c0d02";
 
 type Operator = OperatorServiceClient<tonic::transport::Channel>;
 
@@ -44,7 +44,7 @@ async fn final_state(op: &mut Operator, id: &str) -> Operation {
 }
 
 async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    for _ in 0..100 {
+    for _ in 0..200 {
         if let Some(v) = f().await {
             return v;
         }
@@ -53,11 +53,8 @@ async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     panic!("timed out waiting for {what}");
 }
 
-/// A controller on a fresh database, serving on a loopback port: its endpoint, and the
-/// database server, which stops when the last holder drops it.
-async fn start_controller(timeout: Duration, result_grace: Duration) -> (String, std::sync::Arc<PgServer>) {
-    let pg = PgServer::shared();
-    let store = Store::open(&pg.fresh_database()).await.unwrap();
+/// A controller on `database_url` with default timings, once the database can be reached.
+async fn open_controller(database_url: &str, timeout: Duration, result_grace: Duration) -> Arc<Controller> {
     let settings = MigrationSettings {
         auto_converge: true,
         bandwidth_mib_s: 0,
@@ -67,8 +64,21 @@ async fn start_controller(timeout: Duration, result_grace: Duration) -> (String,
         result_grace,
     };
     let fence = FenceSettings { command: None, timeout: Duration::from_secs(1) };
-    let controller =
-        Controller::start(store, Timings::default(), Policy::default(), settings, fence).await.unwrap();
+    Controller::start_when_reachable(database_url, Timings::default(), Policy::default(), settings, fence)
+        .await
+        .unwrap()
+}
+
+/// A controller on a fresh database, serving on a loopback port: its endpoint, and the
+/// database server, which stops when the last holder drops it.
+async fn start_controller(timeout: Duration, result_grace: Duration) -> (String, Arc<PgServer>) {
+    let pg = PgServer::shared();
+    let controller = open_controller(&pg.fresh_database(), timeout, result_grace).await;
+    (serve(controller).await, pg)
+}
+
+/// Runs `controller`'s ticks and serves it on a loopback port; its endpoint.
+async fn serve(controller: Arc<Controller>) -> String {
     tokio::spawn(controller.clone().run_ticks());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -78,11 +88,11 @@ async fn start_controller(timeout: Duration, result_grace: Duration) -> (String,
             .add_service(OperatorServiceServer::new(OperatorApi(controller)))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    (endpoint, pg)
+    endpoint
 }
 
-/// An agent for `name` on the given hypervisor, reporting to `endpoint`.
-fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) {
+/// An agent for `name` on the given hypervisor, reporting to `endpoint`; its lease.
+fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) -> Arc<LeaseShell> {
     let cfg = Config {
         host_name: name.into(),
         libvirt_uri: "fake://".into(),
@@ -94,7 +104,9 @@ fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) {
         probes: vmha_agent::probes::ProbeConfig::default(),
         state_dir: None,
     };
-    tokio::spawn(Agent::new(cfg, hv, LeaseShell::new(name, Timings::default(), None)).run());
+    let lease = LeaseShell::new(name, Timings::default(), None);
+    tokio::spawn(Agent::new(cfg, hv, lease.clone()).run());
+    lease
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,4 +235,120 @@ async fn an_operation_whose_agent_never_answers_is_failed_and_frees_the_vm() {
             || again.as_ref().is_err_and(|e| !e.message().contains("busy")),
         "{again:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_fences_nobody_and_what_changed_meanwhile_is_written_after() {
+    let pg = PgServer::private();
+    let url = pg.fresh_database();
+    let endpoint = serve(open_controller(&url, Duration::from_secs(30), Duration::from_secs(60)).await).await;
+    let (kvm1, kvm2) = (FakeHypervisor::default(), FakeHypervisor::default());
+    kvm1.add_running(DNS1, "dns1");
+    kvm1.add_running(WEB1, "web1");
+    let leases = [
+        spawn_agent("kvm1", Arc::new(kvm1.clone()), &endpoint),
+        spawn_agent("kvm2", Arc::new(kvm2.clone()), &endpoint),
+    ];
+    let mut op = OperatorServiceClient::connect(endpoint).await.unwrap();
+    until("both hosts online with dns1 and web1", async || {
+        let hosts = op.list_hosts(ListHostsRequest {}).await.ok()?.into_inner().hosts;
+        op.get_vm(GetVmRequest { vm: "web1".into() }).await.ok()?;
+        op.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?;
+        (hosts.iter().filter(|h| h.state == "online").count() == 2).then_some(())
+    })
+    .await;
+    let protect = |vm: &str| SetProtectionRequest { vm: vm.into(), protected: true, ..Default::default() };
+    op.set_protection(protect("dns1")).await.unwrap();
+
+    tokio::task::block_in_place(|| pg.stop());
+    let stopped = std::time::Instant::now();
+    // A read the controller cannot answer from memory says the database is the problem.
+    let e = op.list_events(ListEventsRequest { limit: 10, after_id: 0 }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().starts_with("database unavailable"), "{}", e.message());
+
+    // The change kvm1 reports next cannot be written; it is seen all the same.
+    kvm1.destroy(WEB1).unwrap();
+    let down = until("vmha status names the database problem", async || {
+        let s = op.status(StatusRequest {}).await.ok()?.into_inner();
+        (!s.database.is_empty()).then_some(s.database)
+    })
+    .await;
+    assert!(down.starts_with("waiting for the database"), "{down}");
+    let web1 = op.get_vm(GetVmRequest { vm: "web1".into() }).await.unwrap().into_inner();
+    assert_eq!(web1.state, "shut_off");
+    // Requests that need the database are refused, changing nothing, and say what to do.
+    let e = op.set_protection(protect("web1")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("database unavailable") && e.message().contains("vmha status"),
+        "{}",
+        e.message()
+    );
+    assert!(!op.get_vm(GetVmRequest { vm: "web1".into() }).await.unwrap().into_inner().protected);
+
+    // Through the outage (longer than a lease), both hosts keep earning leases.
+    let lease_ttl_ms = Timings::default().lease_ttl_ms as i64;
+    while stopped.elapsed() < Duration::from_millis(lease_ttl_ms as u64 + 2_000) {
+        let hosts = op.list_hosts(ListHostsRequest {}).await.unwrap().into_inner().hosts;
+        assert!(hosts.iter().all(|h| h.state == "online"), "{hosts:?}");
+        for (host, lease) in ["kvm1", "kvm2"].iter().zip(&leases) {
+            let left = lease.upper_remaining_ms();
+            assert!(left > lease_ttl_ms / 3 && !lease.self_fenced(), "{host}'s lease runs out in {left} ms");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dns1 = kvm1.domains().unwrap().into_iter().find(|d| d.uuid == DNS1).expect("dns1 still defined");
+    assert_eq!(dns1.state, DomainState::Running as i32, "protected dns1 was stopped");
+
+    tokio::task::block_in_place(|| pg.resume());
+    until("the queued writes reach the database", async || {
+        let s = op.status(StatusRequest {}).await.ok()?.into_inner();
+        s.database.is_empty().then_some(())
+    })
+    .await;
+    let events =
+        op.list_events(ListEventsRequest { limit: 1000, after_id: 0 }).await.unwrap().into_inner().events;
+    let at = |kind: &str, subject: &str| {
+        events.iter().position(|e| e.kind == kind && e.subject == subject).unwrap_or_else(|| {
+            panic!(
+                "no {kind} event for {subject} in {:?}",
+                events.iter().map(|e| &e.kind).collect::<Vec<_>>()
+            )
+        })
+    };
+    assert!(at("vm_discovered", "web1") < at("vm_protected", "dns1"));
+    assert!(at("vm_protected", "dns1") < at("vm_state", "web1"));
+    let shut = &events[at("vm_state", "web1")];
+    assert_eq!(
+        (shut.message.as_str(), shut.actor.as_str()),
+        ("web1 on kvm1 is now shut_off (was running)", "kvm1")
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let state: String = sqlx::query_scalar("SELECT state FROM vms WHERE uuid = $1::uuid")
+        .bind(WEB1)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "shut_off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_started_while_the_database_is_down_comes_up_when_it_is() {
+    let pg = PgServer::private();
+    let url = pg.fresh_database();
+    tokio::task::block_in_place(|| pg.stop());
+    let starting = tokio::spawn({
+        let url = url.clone();
+        async move { open_controller(&url, Duration::from_secs(30), Duration::from_secs(60)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!starting.is_finished(), "the controller gave up (or started) without its database");
+    tokio::task::block_in_place(|| pg.resume());
+    let controller = tokio::time::timeout(Duration::from_secs(20), starting)
+        .await
+        .expect("started once the database was")
+        .unwrap();
+    let events = controller.store.list_events(0, 10).await.unwrap();
+    assert!(events.iter().any(|e| e.kind == "controller_started"), "{events:?}");
 }

@@ -2,8 +2,12 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::time::Duration;
 use support::PgServer;
 use uuid::Uuid;
+
+use vmha_controller::journal::{Journal, Write};
 use vmha_controller::store::{NewEvent, OperationOutcome, OperationRow, Store, StoreError};
 use vmha_engine::cluster::HostResources;
 use vmha_engine::{HostView, RunState, VmView};
@@ -28,6 +32,10 @@ fn vm(uuid: Uuid, host: &str) -> VmView {
     vm.memory_kib = 65_536;
     vm.vcpus = 1;
     vm
+}
+
+fn event(message: String) -> NewEvent {
+    NewEvent { subject_kind: "vm", subject: "dns1".into(), kind: "vm_state", message, actor: "kvm1".into() }
 }
 
 fn op(epoch: u64, vm_uuid: Uuid) -> OperationRow {
@@ -151,21 +159,66 @@ async fn events_are_listed_newest_window_oldest_first_and_followable() {
     let s = Store::open(&pg.fresh_database()).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..3 {
-        ids.push(
-            s.append_event(&NewEvent {
-                subject_kind: "vm",
-                subject: "dns1".into(),
-                kind: "vm_state",
-                message: format!("event {i}"),
-                actor: "kvm1".into(),
-            })
-            .await
-            .unwrap(),
-        );
+        ids.push(s.append_event(&event(format!("event {i}"))).await.unwrap());
     }
     let last_two = s.list_events(0, 2).await.unwrap();
     assert_eq!(last_two.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), ["event 1", "event 2"]);
     let after_first = s.list_events(ids[0], 100).await.unwrap();
     assert_eq!(after_first.len(), 2);
     assert!(s.list_events(ids[2], 100).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_must_be_recorded_first_waits_out_an_outage_and_queued_writes_keep_their_order() {
+    let pg = PgServer::private();
+    let url = pg.fresh_database();
+    let s = Store::open(&url).await.unwrap();
+    s.upsert_host(&host("kvm1"), "7.2.0").await.unwrap();
+    let journal = Arc::new(Journal::start(s.clone()));
+    let id = Uuid::new_v4();
+    tokio::task::block_in_place(|| pg.stop());
+
+    let mut running = vm(id, "kvm1");
+    journal.write(Write::vm(&running));
+    running.state = RunState::ShutOff;
+    journal.write(Write::vm(&running));
+    let started = op(1, id);
+    let recording = tokio::spawn({
+        let (journal, started) = (journal.clone(), started.clone());
+        async move { journal.record(Write::Operation(started)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!recording.is_finished(), "an operation was on record, or given up, without a database");
+    let why = journal.trouble().expect("the journal says why it waits");
+    assert!(why.starts_with("waiting for the database") && why.contains("3 writes queued"), "{why}");
+    assert!(why.contains("1 restarts or migrations held"), "{why}");
+
+    tokio::task::block_in_place(|| pg.resume());
+    tokio::time::timeout(Duration::from_secs(20), recording)
+        .await
+        .expect("recorded once it was back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(journal.trouble(), None);
+    assert_eq!(s.get_operation(started.id).await.unwrap().map(|o| o.state), Some("pending".into()));
+    let state: String = sqlx::query_scalar("SELECT state FROM vms WHERE uuid = $1")
+        .bind(id)
+        .fetch_one(&sqlx::PgPool::connect(&url).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(state, "shut_off", "the later snapshot is the one kept");
+}
+
+#[tokio::test]
+async fn a_reader_who_waits_for_the_journal_sees_what_was_queued_before() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let journal = Journal::start(s.clone());
+    for i in 0..20 {
+        journal.write(Write::Event(event(format!("event {i}"))));
+    }
+    journal.caught_up().await;
+    let listed = s.list_events(0, 100).await.unwrap();
+    assert_eq!(listed.len(), 20);
+    assert_eq!(listed[19].message, "event 19");
 }

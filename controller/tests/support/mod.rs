@@ -72,16 +72,30 @@ impl PgServer {
         }
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let server = PgServer { dir, bin: pg_bin(), port, as_postgres };
-        let data = server.dir.join("data");
-        let data = data.to_str().unwrap();
-        server.run("initdb", &["-D", data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"]);
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-            server.dir.display()
-        );
-        let log = server.dir.join("log");
-        server.run("pg_ctl", &["-D", data, "-o", &opts, "-l", log.to_str().unwrap(), "-w", "start"]);
+        let data = server.data();
+        server.run("initdb", &["-D", &data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"]);
+        server.resume();
         server
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").to_str().unwrap().to_string()
+    }
+
+    /// Stops the server as an operator would (`pg_ctl stop -m fast`: sessions are ended).
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts the server again on the same port and data, and waits until it takes sessions.
+    pub fn resume(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log");
+        self.run("pg_ctl", &["-D", &self.data(), "-o", &opts, "-l", log.to_str().unwrap(), "-w", "start"]);
     }
 
     /// The server all tests of this process share while any of them holds it.
@@ -93,6 +107,11 @@ impl PgServer {
         let s = Arc::new(PgServer::start());
         *slot = Arc::downgrade(&s);
         s
+    }
+
+    /// A server for one test alone, for a test that stops it.
+    pub fn private() -> Arc<PgServer> {
+        Arc::new(PgServer::start())
     }
 
     /// A new, empty database; its URL.
@@ -114,10 +133,10 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        let data = self.dir.join("data");
-        let stop =
-            |s: &PgServer| s.run("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stop(self))).is_err() {
+        let stop = |s: &PgServer| s.run("pg_ctl", &["-D", &s.data(), "-m", "immediate", "-w", "stop"]);
+        // A test that failed while its server was stopped leaves nothing to stop.
+        let running = self.dir.join("data/postmaster.pid").exists();
+        if running && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stop(self))).is_err() {
             eprintln!("could not stop the test PostgreSQL in {}", self.dir.display());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
