@@ -236,6 +236,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     if !s.database.is_empty() {
                         println!("database: {} (leases and heartbeats go on from memory)", s.database);
                     }
+                    for w in &s.warnings {
+                        println!("WARNING: {w}");
+                    }
                     host_table(&s.hosts);
                     for h in &s.hosts {
                         if !h.note.is_empty() {
@@ -381,6 +384,7 @@ fn host_table(hosts: &[Host]) {
             "ADMIN",
             "HEALTH",
             "FENCING",
+            "WATCHDOG",
             "VMS",
             "CPUS",
             "MEMORY FREE/TOTAL",
@@ -398,6 +402,7 @@ fn host_table(hosts: &[Host]) {
                     h.admin_state.clone(),
                     h.health.clone(),
                     h.fencing.clone(),
+                    h.watchdog.clone(),
                     h.vms_running.to_string(),
                     h.cpus.to_string(),
                     format!("{} / {}", mib(h.memory_free_mib), mib(h.memory_total_mib)),

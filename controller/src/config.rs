@@ -31,6 +31,13 @@ pub struct Flags {
     /// How long after its lease expired a host may be declared dead (self-fencing hosts).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub fence_margin: Duration,
+    /// Time kept back from the fence margin for an agent's last peer poll, its destroy and a
+    /// watchdog reset [default: half the fence margin, at most 500ms].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub guard: Option<Duration>,
+    /// Longest a heartbeat may spend in flight and still earn a lease.
+    #[arg(long, default_value = "150ms", value_parser = humantime::parse_duration)]
+    pub max_transit: Duration,
     /// Command that powers a host off (fencing mode `external`), called with the host name;
     /// exit 0 means confirmed off.
     #[arg(long)]

@@ -140,15 +140,27 @@ impl Controller {
             state.vms.insert(vm.uuid.clone(), vm);
         }
         for op in store.fail_orphaned_operations(epoch).await? {
+            let mut message = format!(
+                "{} of {} ({} -> {}) was left unfinished by the controller of epoch {}; marked failed",
+                op.kind, op.vm_name, op.source, op.target, op.epoch
+            );
+            // Whether that start happened nobody knows: the VM is not started anywhere else
+            // until its target reports it (running or not) or is declared dead.
+            if op.kind == "start"
+                && let Some(vm) = state.vms.get_mut(&op.vm_uuid.to_string())
+            {
+                vm.recovery = Some(recovery::Recovery::in_doubt(&op.target, Millis(0)));
+                message.push_str(&format!(
+                    "; {} is not started elsewhere until {} reports it or is declared dead",
+                    op.vm_name, op.target
+                ));
+            }
             store
                 .append_event(&NewEvent {
                     subject_kind: "operation",
                     subject: op.id.to_string(),
                     kind: "operation_orphaned",
-                    message: format!(
-                        "{} of {} ({} -> {}) was left unfinished by the controller of epoch {}; marked failed",
-                        op.kind, op.vm_name, op.source, op.target, op.epoch
-                    ),
+                    message,
                     actor: "controller".into(),
                 })
                 .await?;
@@ -444,6 +456,17 @@ impl Controller {
                 chrono::DateTime::parse_from_rfc3339(&op.created_at)
                     .is_ok_and(|t| now.signed_duration_since(t) > limit)
             })
+            // A start with no result may still happen (a hung libvirtd holds it): the engine
+            // waits for its host to report the VM or to be declared dead, never for a clock.
+            .filter(|op| {
+                op.kind != "start"
+                    || !self.read(|s| {
+                        s.vms
+                            .get(&op.vm_uuid)
+                            .and_then(|v| v.recovery.as_ref())
+                            .is_some_and(|r| r.starting_on.as_deref() == Some(op.target.as_str()))
+                    })
+            })
             .collect();
         for op in silent {
             let host = executor(&op).to_string();
@@ -546,6 +569,23 @@ impl Controller {
         target: &str,
         cmd: command::Kind,
     ) -> Result<Operation, String> {
+        self.send_operation_if(kind, vm_uuid, vm_name, source, target, cmd, || true).await
+    }
+
+    /// `send_operation`, sending the command only if `still_wanted` holds once the operation is
+    /// recorded: the engine may have moved on while the database was away (the host came back
+    /// with the VM, or was declared dead).
+    #[allow(clippy::too_many_arguments)]
+    async fn send_operation_if(
+        &self,
+        kind: &str,
+        vm_uuid: &str,
+        vm_name: &str,
+        source: &str,
+        target: &str,
+        cmd: command::Kind,
+        still_wanted: impl Fn() -> bool,
+    ) -> Result<Operation, String> {
         let uuid = Uuid::parse_str(vm_uuid).map_err(|e| e.to_string())?;
         let row = OperationRow::pending(kind, uuid, vm_name, source, target, self.epoch);
         let id = row.id;
@@ -556,6 +596,16 @@ impl Controller {
             .record(Write::Operation(row))
             .await
             .map_err(|e| format!("the database refused to record the operation: {e}"))?;
+        if !still_wanted() {
+            let outcome = OperationOutcome {
+                state: "aborted",
+                error: "no longer wanted once recorded (the cluster changed while the database was away)"
+                    .into(),
+                ..Default::default()
+            };
+            self.journal.write(Write::OperationFinished { id, outcome });
+            return Ok(tx.borrow().clone());
+        }
         let view = tx.borrow().clone();
         let runs_on = executor(&view).to_string();
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
@@ -592,7 +642,15 @@ impl Controller {
             "controller",
         );
         let cmd = command::Kind::Start(StartDomain { xml });
-        self.send_operation("start", vm_uuid, vm_name, &from, host, cmd).await.map(|_| ())
+        let still_wanted = || {
+            self.read(|s| {
+                s.vms
+                    .get(vm_uuid)
+                    .and_then(|v| v.recovery.as_ref())
+                    .is_some_and(|r| r.starting_on.as_deref() == Some(host))
+            })
+        };
+        self.send_operation_if("start", vm_uuid, vm_name, &from, host, cmd, still_wanted).await.map(|_| ())
     }
 
     /// Writes the migration down, then sends it to the source agent.

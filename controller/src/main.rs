@@ -21,7 +21,10 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_interval_ms: flags.heartbeat_interval.as_millis() as u64,
         lease_ttl_ms: flags.lease_ttl.as_millis() as u64,
         fence_margin_ms: flags.fence_margin.as_millis() as u64,
-        ..Timings::default()
+        max_transit_ms: flags.max_transit.as_millis() as u64,
+        guard_ms: flags
+            .guard
+            .map_or((flags.fence_margin.as_millis() as u64 / 2).min(500), |g| g.as_millis() as u64),
     };
     timings
         .validate()

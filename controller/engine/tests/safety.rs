@@ -612,11 +612,10 @@ impl Sim {
             Event::DestroyCommand { host, vm, life } => match self.agent_wait(host, life) {
                 None => {}
                 Some(t) if t > self.now => self.at(t, Event::DestroyCommand { host, vm, life }),
+                // The agent's destroy goes through libvirt; a hung one loses it.
+                Some(_) if self.now < self.agents[host].libvirt_hung_until => {}
                 Some(_) => {
-                    // The agent's destroy goes through libvirt; a hung one loses it.
-                    if self.now >= self.agents[host].libvirt_hung_until {
-                        self.copies[vm].remove(&host);
-                    }
+                    self.copies[vm].remove(&host);
                 }
             },
             Event::DeferredStart { host, vm, epoch } => {
