@@ -535,7 +535,8 @@ impl Controller {
                 InventoryChange::Vanished { name, from, .. } => {
                     ("vm_vanished", format!("{name} is no longer reported by {from}"))
                 }
-                InventoryChange::Updated { .. } => continue,
+                // after_report writes its event, with what is done about it.
+                InventoryChange::Updated { .. } | InventoryChange::TwoCopies { .. } => continue,
             };
             self.event("vm", &vm.name, kind, message, actor);
         }

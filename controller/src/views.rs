@@ -86,6 +86,17 @@ pub fn warnings(s: &ClusterState) -> Vec<String> {
         };
         out.push(format!("{} has no working watchdog ({why}): {then}", h.name));
     }
+    for vm in s.vms.values() {
+        if let (Some(second), Some(placed)) = (&vm.second_copy, &vm.host) {
+            out.insert(
+                0,
+                format!(
+                    "{} RUNS ON TWO HOSTS: {placed} (placed by vmha) and {}; the copy on {} is being destroyed",
+                    vm.name, second.host, second.host
+                ),
+            );
+        }
+    }
     out
 }
 

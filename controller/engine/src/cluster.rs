@@ -229,6 +229,19 @@ pub struct VmView {
     pub xml: String,
     /// Set while it must be restarted elsewhere.
     pub recovery: Option<Recovery>,
+    /// Another host reports a running copy while `host` still runs it (see
+    /// `InventoryChange::TwoCopies`); derived from reports, so a restarted controller finds
+    /// it again from the next ones.
+    pub second_copy: Option<SecondCopy>,
+}
+
+/// A copy of a VM on a host other than the one vmha placed it on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecondCopy {
+    pub host: String,
+    /// When its destroy was last asked for: asked again only after a while (a failed destroy
+    /// is retried, a slow one not duplicated).
+    pub destroy_asked: Option<Millis>,
 }
 
 impl VmView {
@@ -248,6 +261,7 @@ impl VmView {
             preferred_host: None,
             xml: String::new(),
             recovery: None,
+            second_copy: None,
         }
     }
 }

@@ -1,7 +1,11 @@
 //! Keeps the VM inventory in step with what agents report. Which host a VM is "on" is decided
 //! here, once, for the CLI, placement and the database alike.
 
+use crate::cluster::SecondCopy;
 use crate::{ClusterState, Millis, RunState, VmView};
+
+/// How long a requested destroy of a second copy may take before it is asked for again.
+const DESTROY_RETRY_MS: u64 = 5_000;
 
 /// One domain as an agent reported it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +32,10 @@ pub enum InventoryChange {
     Vanished { uuid: String, name: String, from: String, forgotten: bool },
     /// Name, memory or vCPUs changed; no event, but the record must be rewritten.
     Updated { uuid: String },
+    /// `extra` runs the VM while `placed` (where vmha placed it or last saw it) runs it too.
+    /// `confirmed`: `placed` reported it running again after `extra` did, so it is no live
+    /// migration caught between two reports: the copy on `extra` must go.
+    TwoCopies { uuid: String, name: String, placed: String, extra: String, confirmed: bool },
 }
 
 impl InventoryChange {
@@ -37,6 +45,7 @@ impl InventoryChange {
             | InventoryChange::Moved { uuid, .. }
             | InventoryChange::StateChanged { uuid, .. }
             | InventoryChange::Vanished { uuid, .. }
+            | InventoryChange::TwoCopies { uuid, .. }
             | InventoryChange::Updated { uuid } => uuid,
         }
     }
@@ -53,8 +62,9 @@ pub fn apply_report(
     domains: &[ReportedDomain],
     now: Millis,
 ) -> Vec<InventoryChange> {
-    let _ = now;
     let mut changes = Vec::new();
+    let dead: Vec<String> =
+        state.hosts.values().filter(|h| h.dead.is_some()).map(|h| h.name.clone()).collect();
     for d in domains {
         let Some(vm) = state.vms.get_mut(&d.uuid) else {
             let mut vm = VmView::new(&d.uuid, &d.name);
@@ -79,6 +89,19 @@ pub fn apply_report(
         }
         match vm.host.as_deref() {
             Some(h) if h == host => {
+                if d.state == RunState::Running
+                    && let Some(second) = vm.second_copy.as_mut()
+                    && second.destroy_asked.is_none_or(|t| now.since(t) >= DESTROY_RETRY_MS)
+                {
+                    second.destroy_asked = Some(now);
+                    changes.push(InventoryChange::TwoCopies {
+                        uuid: d.uuid.clone(),
+                        name: d.name.clone(),
+                        placed: host.into(),
+                        extra: second.host.clone(),
+                        confirmed: true,
+                    });
+                }
                 if vm.state != d.state {
                     changes.push(InventoryChange::StateChanged {
                         uuid: d.uuid.clone(),
@@ -100,6 +123,26 @@ pub fn apply_report(
                     state: d.state,
                 });
             }
+            // A second copy while the placed one may still run (fencing bypassed: a manual
+            // start, a confirm-down of a live host). It is not taken as a move until the placed
+            // host stops listing its copy.
+            Some(other)
+                if d.state == RunState::Running
+                    && vm.state.has_process()
+                    && vm.busy_with.is_none()
+                    && !dead.iter().any(|h| h == other) =>
+            {
+                if vm.second_copy.as_ref().is_none_or(|c| c.host != host) {
+                    vm.second_copy = Some(SecondCopy { host: host.into(), destroy_asked: None });
+                    changes.push(InventoryChange::TwoCopies {
+                        uuid: d.uuid.clone(),
+                        name: d.name.clone(),
+                        placed: other.into(),
+                        extra: host.into(),
+                        confirmed: false,
+                    });
+                }
+            }
             Some(other) if d.state == RunState::Running => {
                 changes.push(InventoryChange::Moved {
                     uuid: d.uuid.clone(),
@@ -115,6 +158,29 @@ pub fn apply_report(
         }
     }
     for vm in state.vms.values_mut() {
+        // The extra copy is gone from the host that ran it.
+        if vm.second_copy.as_ref().is_some_and(|c| c.host == host)
+            && !domains.iter().any(|d| d.uuid == vm.uuid && d.state == RunState::Running)
+        {
+            vm.second_copy = None;
+        }
+        // The placed copy is gone while a second one runs: that one is where the VM is now.
+        if vm.host.as_deref() == Some(host)
+            && let Some(extra) = vm.second_copy.as_ref().map(|c| c.host.clone())
+            && !domains.iter().any(|d| d.uuid == vm.uuid && d.state.has_process())
+        {
+            vm.second_copy = None;
+            vm.host = Some(extra.clone());
+            vm.state = RunState::Running;
+            changes.push(InventoryChange::Moved {
+                uuid: vm.uuid.clone(),
+                name: vm.name.clone(),
+                from: host.into(),
+                to: extra,
+                state: RunState::Running,
+            });
+            continue;
+        }
         // A VM being moved by vmha is not "vanished" when its source stops listing it: the
         // operation's result says where it went.
         if vm.host.as_deref() == Some(host)
@@ -170,6 +236,7 @@ mod tests {
         let mut s = ClusterState::default();
         let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
         assert!(matches!(&c[..], [InventoryChange::Appeared { host, .. }] if host == "kvm1"));
+        s.vms.get_mut("a").unwrap().busy_with = Some("migration to kvm2".into());
         // Mid-migration the target holds a paused copy: still on kvm1.
         let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Paused)], Millis(10));
         assert!(c.is_empty(), "{c:?}");
@@ -221,6 +288,38 @@ mod tests {
         let c = apply_report(&mut s, "kvm1", std::slice::from_ref(&d), Millis(1));
         assert_eq!(c.len(), 2, "{c:?}");
         assert!(apply_report(&mut s, "kvm1", &[d], Millis(2)).is_empty());
+    }
+
+    #[test]
+    fn a_second_copy_is_confirmed_by_the_placed_hosts_next_report_and_ends_when_either_goes() {
+        let mut s = ClusterState::default();
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
+        let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Running)], Millis(10));
+        assert!(
+            matches!(&c[..], [InventoryChange::TwoCopies { placed, extra, confirmed: false, .. }] if placed == "kvm1" && extra == "kvm2"),
+            "{c:?}"
+        );
+        assert_eq!(s.vms["a"].host.as_deref(), Some("kvm1"), "not taken as a move");
+        let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(20));
+        assert!(
+            matches!(&c[..], [InventoryChange::TwoCopies { extra, confirmed: true, .. }] if extra == "kvm2")
+        );
+        // The destroy is asked for once, and again if the copy is still there 5 s later.
+        assert!(apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(1_020)).is_empty());
+        let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(5_020));
+        assert!(matches!(&c[..], [InventoryChange::TwoCopies { confirmed: true, .. }]), "{c:?}");
+        // The extra copy is destroyed: no more reports of two copies.
+        apply_report(&mut s, "kvm2", &[dom("a", RunState::ShutOff)], Millis(5_030));
+        assert!(apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(5_040)).is_empty());
+        // A live migration by hand: the target runs it before the source's report drops it.
+        apply_report(&mut s, "kvm2", &[dom("a", RunState::Running)], Millis(5_050));
+        let c = apply_report(&mut s, "kvm1", &[], Millis(5_060));
+        assert!(
+            matches!(&c[..], [InventoryChange::Moved { from, to, .. }] if from == "kvm1" && to == "kvm2"),
+            "{c:?}"
+        );
+        assert_eq!(s.vms["a"].host.as_deref(), Some("kvm2"));
+        assert_eq!(s.vms["a"].second_copy, None);
     }
 
     #[test]

@@ -440,6 +440,35 @@ pub fn after_report(
         out.extend(start_finished(state, &uuid, host, Ok(()), now));
     }
     for c in changes {
+        if let InventoryChange::TwoCopies { uuid, name, placed, extra, confirmed } = c {
+            if *confirmed {
+                out.push(event(
+                    "vm",
+                    name,
+                    "two_copies",
+                    format!(
+                        "{name} RUNS TWICE: on {placed}, where vmha placed it, and on {extra}; destroying the copy on \
+                         {extra} (fencing was bypassed: a start by hand, or a confirm-down of a live host?)"
+                    ),
+                ));
+                out.push(Action::DestroyStale {
+                    vm_uuid: uuid.clone(),
+                    vm_name: name.clone(),
+                    host: extra.clone(),
+                });
+            } else {
+                out.push(event(
+                    "vm",
+                    name,
+                    "second_copy_seen",
+                    format!(
+                        "{extra} reports {name} running while {placed} runs it too; destroying the copy on {extra} \
+                         if {placed}'s next report still shows its own"
+                    ),
+                ));
+            }
+            continue;
+        }
         let InventoryChange::StateChanged { uuid, name, from, to, .. } = c else { continue };
         if !from.has_process() || to.has_process() || *to == RunState::Lost {
             continue;
