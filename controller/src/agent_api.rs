@@ -112,7 +112,9 @@ impl AgentService for AgentApi {
             if let Some(f) = &r.facts {
                 h.resources = resources(f);
             }
-            h.watchdog = watchdog(r.watchdog.as_ref());
+            let wd = watchdog(r.watchdog.as_ref());
+            let wd_changed = (h.watchdog != wd).then(|| wd.clone());
+            h.watchdog = wd;
             let answer = lease::on_heartbeat(s, &host, echo, now);
             let probes =
                 r.probes.iter().map(|p| Probe { name: p.name.clone(), ok: p.ok, detail: p.detail.clone() });
@@ -142,9 +144,25 @@ impl AgentService for AgentApi {
                 .map(|h| Peer { host: h.name.clone(), address: h.peer_address.clone() })
                 .collect();
             let protected = s.vms.values().filter(|v| v.protected).map(|v| v.uuid.clone()).collect();
-            Ok((answer, changes, actions, new_xml, peers, protected, s.hosts.len() as u32))
+            Ok((answer, changes, actions, new_xml, peers, protected, s.hosts.len() as u32, wd_changed))
         })?;
-        let (answer, changes, actions, new_xml, peers, protected_uuids, cluster_hosts) = outcome;
+        let (answer, changes, actions, new_xml, peers, protected_uuids, cluster_hosts, wd_changed) = outcome;
+        if let Some(wd) = wd_changed {
+            let message = match &wd {
+                Watchdog::Armed { device, timeout_ms } => {
+                    format!(
+                        "{host}'s watchdog is armed ({device}, {timeout_ms} ms): a dead or hung agent gets the host reset"
+                    )
+                }
+                Watchdog::Missing(why) => format!(
+                    "{host} has no working watchdog ({why}): if it fails, its VMs wait for a fence or `vmha host \
+                     confirm-down {host}`"
+                ),
+                Watchdog::Unknown => format!("{host}'s watchdog is unknown"),
+            };
+            c.event("host", &host, "watchdog", message, "controller");
+            c.write(Write::Watchdog { host: host.clone(), watchdog: wd });
+        }
         c.persist_inventory(changes, &host);
         for (uuid, xml) in new_xml {
             c.write(Write::VmXml { uuid, xml });

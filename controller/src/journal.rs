@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
-use vmha_engine::{FencingMode, HostView, VmView};
+use vmha_engine::{FencingMode, HostView, VmView, Watchdog};
 
 use crate::store::{NewEvent, OperationOutcome, OperationRow, Store, StoreError, retry_while_unreachable};
 
@@ -33,6 +33,10 @@ pub enum Write {
     Fencing {
         host: String,
         mode: FencingMode,
+    },
+    Watchdog {
+        host: String,
+        watchdog: Watchdog,
     },
     /// A VM's observed state (see `Write::vm`).
     Vm(VmView),
@@ -76,6 +80,7 @@ impl Write {
             Write::Host { host, hypervisor_version } => store.upsert_host(host, hypervisor_version).await,
             Write::HostAdmin(h) => store.set_host_admin(h).await,
             Write::Fencing { host, mode } => store.set_fencing(host, mode).await,
+            Write::Watchdog { host, watchdog } => store.set_watchdog(host, watchdog).await,
             Write::Vm(vm) => store.upsert_vm(vm).await,
             Write::Protection(vm) => store.set_protection(vm).await,
             Write::DeleteVm { uuid } => store.delete_vm(uuid).await,

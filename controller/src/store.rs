@@ -9,7 +9,7 @@ use sqlx::migrate::MigrateError;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 use vmha_engine::cluster::HostResources;
-use vmha_engine::{AdminState, FencingMode, HostView, RunState, VmView};
+use vmha_engine::{AdminState, FencingMode, HostView, RunState, VmView, Watchdog};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -256,6 +256,25 @@ impl Store {
         Ok(())
     }
 
+    pub async fn set_watchdog(&self, host: &str, w: &Watchdog) -> Result<(), StoreError> {
+        let (detail, timeout_ms) = match w {
+            Watchdog::Armed { device, timeout_ms } => (device.as_str(), *timeout_ms as i64),
+            Watchdog::Missing(why) => (why.as_str(), 0),
+            Watchdog::Unknown => ("", 0),
+        };
+        sqlx::query(
+            "UPDATE hosts SET watchdog = $2, watchdog_detail = $3, watchdog_timeout_ms = $4 WHERE name = $1",
+        )
+        .bind(host)
+        .bind(w.as_str())
+        .bind(detail)
+        .bind(timeout_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(q("set watchdog"))?;
+        Ok(())
+    }
+
     pub async fn load_hosts(&self) -> Result<Vec<HostView>, StoreError> {
         #[derive(sqlx::FromRow)]
         struct Row {
@@ -269,10 +288,13 @@ impl Store {
             fencing: String,
             peer_address: String,
             memory_limit_kib: Option<i64>,
+            watchdog: String,
+            watchdog_detail: String,
+            watchdog_timeout_ms: i64,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT name, migration_uri, admin_state, cpus, memory_total_kib, cpu_model, libvirt_version,
-                 fencing, peer_address, memory_limit_kib
+                 fencing, peer_address, memory_limit_kib, watchdog, watchdog_detail, watchdog_timeout_ms
              FROM hosts ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -294,6 +316,14 @@ impl Store {
                 };
                 h.libvirt_version = r.libvirt_version;
                 h.memory_limit_kib = r.memory_limit_kib.map(|m| m as u64);
+                h.watchdog = match r.watchdog.as_str() {
+                    "armed" => Watchdog::Armed {
+                        device: r.watchdog_detail,
+                        timeout_ms: r.watchdog_timeout_ms as u64,
+                    },
+                    "missing" => Watchdog::Missing(r.watchdog_detail),
+                    _ => Watchdog::Unknown,
+                };
                 h
             })
             .collect())

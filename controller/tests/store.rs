@@ -10,7 +10,7 @@ use uuid::Uuid;
 use vmha_controller::journal::{Journal, Write};
 use vmha_controller::store::{NewEvent, OperationOutcome, OperationRow, Store, StoreError};
 use vmha_engine::cluster::HostResources;
-use vmha_engine::{HostView, RunState, VmView};
+use vmha_engine::{HostView, RunState, VmView, Watchdog};
 
 fn host(name: &str) -> HostView {
     let mut h = HostView::new(name);
@@ -100,9 +100,16 @@ async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() 
     let mut moved = vm(id, "kvm2");
     moved.protected = false;
     s.upsert_vm(&moved).await.unwrap();
+    let armed = Watchdog::Armed { device: "/dev/watchdog".into(), timeout_ms: 3_000 };
+    s.set_watchdog("kvm1", &armed).await.unwrap();
+    s.set_watchdog("kvm2", &Watchdog::Missing("no such device".into())).await.unwrap();
     let hosts = s.load_hosts().await.unwrap();
     assert_eq!(hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["kvm1", "kvm2"]);
     assert_eq!(hosts[0].resources.cpu_model, "x86_64");
+    assert_eq!(
+        (&hosts[0].watchdog, &hosts[1].watchdog),
+        (&armed, &Watchdog::Missing("no such device".into()))
+    );
     let vms = s.load_vms().await.unwrap();
     assert_eq!(vms.len(), 1);
     assert_eq!((vms[0].host.as_deref(), vms[0].protected, vms[0].priority), (Some("kvm2"), true, 100));
