@@ -228,7 +228,21 @@ impl Controller {
                 a.extend(drain::tick(s, now));
                 a
             }));
-            self.perform(actions).await;
+            let work = self.perform(actions);
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    () = &mut work => break,
+                    // Waiting for the database to record a restart is no hang.
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if self.database_trouble().is_some() {
+                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                        }
+                    }
+                }
+            }
+            // systemd's WatchdogSec: the decision loop still runs.
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
     }
 

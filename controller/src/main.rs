@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         Controller::start_when_reachable(&flags.database_url, timings, policy, migration, fence).await?;
     tokio::spawn(controller.clone().run_ticks());
     tracing::info!(listen = %flags.listen, epoch = controller.epoch, "vmha-controller serving");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tonic::transport::Server::builder()
         .add_service(AgentServiceServer::new(AgentApi(controller.clone())))
         .add_service(OperatorServiceServer::new(OperatorApi(controller)))

@@ -352,3 +352,55 @@ async fn a_controller_started_while_the_database_is_down_comes_up_when_it_is() {
     let events = controller.store.list_events(0, 10).await.unwrap();
     assert!(events.iter().any(|e| e.kind == "controller_started"), "{events:?}");
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec`) the real binary says READY=1 once it serves and
+/// WATCHDOG=1 while its decision loop runs; timings that break the safety rule keep it from
+/// starting, with what to change.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_controller_says_ready_and_its_loop_runs_and_refuses_unsafe_timings() {
+    use std::os::unix::net::UnixDatagram;
+    let pg = PgServer::shared();
+    let url = pg.fresh_database();
+    let dir = std::env::temp_dir().join(format!("vmha-ctl-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_vmha-controller"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--database-url", &url])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let seen = tokio::task::block_in_place(|| {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+            if seen.iter().any(|m| m.contains("READY=1"))
+                && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3
+            {
+                break;
+            }
+        }
+        seen
+    });
+    controller.kill().unwrap();
+    controller.wait().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(seen.iter().any(|m| m.contains("READY=1")), "no READY=1 in {seen:?}");
+    assert!(
+        seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3,
+        "no steady WATCHDOG=1 in {seen:?}"
+    );
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_vmha-controller"))
+        .args(["--database-url", &url, "--lease-ttl", "2s"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("lease TTL 2000 ms must be at least 3 heartbeat intervals"), "{stderr}");
+}
