@@ -252,7 +252,11 @@ impl LeaseShell {
         let mut device = lock(&self.watchdog);
         let mut problem = lock(&self.watchdog_problem);
         if device.is_none() {
-            match watchdog::Device::open(&cfg.device, cfg.timeout) {
+            let holder = lock(&self.state_dir)
+                .as_ref()
+                .zip(std::env::current_exe().ok())
+                .map(|(dir, exe)| watchdog::HolderSpec { exe, pid_file: dir.join("watchdog-holder.pid") });
+            match watchdog::Device::open(&cfg.device, cfg.timeout, holder.as_ref()) {
                 Ok(d) => {
                     // A device may set another timeout than asked. Armed, it is fed all the
                     // same, but the host is reported as without a working watchdog.

@@ -10,8 +10,15 @@ use vmha_agent::session::Agent;
 use vmha_engine::Timings;
 use vmha_proto::v1::peer_service_server::PeerServiceServer;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The watchdog's holder (see `watchdog::HolderSpec`) is this binary too, without a runtime.
+    if std::env::args().nth(1).as_deref() == Some(vmha_agent::watchdog::HOLD_FLAG) {
+        vmha_agent::watchdog::hold();
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -71,7 +71,16 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
-        assert_eq!(find(std::slice::from_ref(&uuid)), vec![(uuid.clone(), pid)]);
+        // Until the child has exec'd, its command line is still this test's.
+        let mut found = Vec::new();
+        for _ in 0..100 {
+            found = find(std::slice::from_ref(&uuid));
+            if !found.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(found, vec![(uuid.clone(), pid)]);
         assert!(find(&["00000000-0000-0000-0000-000000000000".into()]).is_empty());
         let mut left = kill(std::slice::from_ref(&uuid));
         for _ in 0..100 {
