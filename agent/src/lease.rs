@@ -25,6 +25,8 @@ const LIBVIRT_FENCE_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub struct LeaseShell {
     origin: Instant,
+    /// `origin` on CLOCK_MONOTONIC, for the lease file libvirt's hook reads (`hook`).
+    origin_ns: u64,
     host: String,
     keeper: Mutex<LeaseKeeper>,
     peers: Mutex<Vec<Peer>>,
@@ -44,6 +46,7 @@ impl LeaseShell {
     pub fn new(host: &str, timings: Timings, watchdog_cfg: Option<WatchdogConfig>) -> Arc<LeaseShell> {
         Arc::new(LeaseShell {
             origin: Instant::now(),
+            origin_ns: crate::hook::monotonic_ns(),
             host: host.into(),
             keeper: Mutex::new(LeaseKeeper::new(timings, Millis(0))),
             peers: Mutex::default(),
@@ -77,6 +80,8 @@ impl LeaseShell {
             Err(_) => {}
         }
         *lock(&self.state_dir) = Some(dir);
+        // This run holds no lease yet, whatever an earlier one wrote.
+        self.save(crate::hook::LEASE_FILE, "none\n".into());
     }
 
     /// Writes `text` to `name` in the state directory, aside and renamed, so a crash never
@@ -145,11 +150,18 @@ impl LeaseShell {
             if matches!(k.phase(), Phase::Fenced { .. } | Phase::Keeping { .. }) {
                 tracing::warn!("lease regained");
             }
+            let before = k.lease_end();
             k.granted(sent_at, ttl_ms, cluster_hosts);
+            let end = k.lease_end().filter(|e| Some(*e) != before);
+            drop(k);
+            // Written for libvirt's hook: it lets protected VMs start only until then.
+            if let Some(end) = end {
+                self.save(crate::hook::LEASE_FILE, format!("{}\n", self.origin_ns + end.0 * 1_000_000));
+            }
         } else {
             k.set_cluster_hosts(cluster_hosts);
+            drop(k);
         }
-        drop(k);
         *lock(&self.peers) = peers.into_iter().filter(|p| p.host != self.host).collect();
         let protected: BTreeSet<String> = protected.into_iter().collect();
         let mut known = lock(&self.protected);
@@ -386,8 +398,11 @@ mod tests {
         first.remember_in(dir.clone());
         first.adopt_timings(Timings::fast()).unwrap();
         first.answered(Millis(0), 5_000, 3, vec![], vec!["u1".into(), "u2".into()]);
+        let lease: u64 = std::fs::read_to_string(dir.join("lease")).unwrap().trim().parse().unwrap();
+        assert_eq!(lease, first.origin_ns + 5_000_000_000, "the lease file holds its end on CLOCK_MONOTONIC");
         let restarted = LeaseShell::new("kvm1", Timings::default(), None);
         restarted.remember_in(dir.clone());
+        assert_eq!(std::fs::read_to_string(dir.join("lease")).unwrap(), "none\n", "no lease in a new run");
         assert_eq!(restarted.protected_list(), ["u1", "u2"]);
         assert_eq!(restarted.timings(), Timings::fast());
         std::fs::remove_dir_all(dir).unwrap();

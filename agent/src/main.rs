@@ -11,9 +11,13 @@ use vmha_engine::Timings;
 use vmha_proto::v1::peer_service_server::PeerServiceServer;
 
 fn main() -> anyhow::Result<()> {
-    // The watchdog's holder (see `watchdog::HolderSpec`) is this binary too, without a runtime.
-    if std::env::args().nth(1).as_deref() == Some(vmha_agent::watchdog::HOLD_FLAG) {
-        vmha_agent::watchdog::hold();
+    // The watchdog's holder (see `watchdog::HolderSpec`) and libvirt's hook (`hook`) are this
+    // binary too, without a runtime.
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some(vmha_agent::watchdog::HOLD_FLAG) => vmha_agent::watchdog::hold(),
+        Some(vmha_agent::hook::HOOK_FLAG) => std::process::exit(vmha_agent::hook::run(&args[2..])),
+        _ => {}
     }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
 }
