@@ -9,6 +9,17 @@ use vmha_proto::v1::{Command, OperationProgress, OperationResult};
 use crate::hypervisor::{MigrateOptions, MigrationStats};
 use crate::session::{Agent, Client};
 
+/// How long a shutdown or destroy may wait for libvirt.
+const LIBVIRT_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn within(
+    call: impl Future<Output = anyhow::Result<MigrationStats>>,
+) -> anyhow::Result<MigrationStats> {
+    tokio::time::timeout(LIBVIRT_TIMEOUT, call).await.unwrap_or_else(|_| {
+        Err(anyhow::anyhow!("libvirt did not answer within {LIBVIRT_TIMEOUT:?}; is libvirtd hung? (the call may still complete)"))
+    })
+}
+
 pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
     let op = cmd.operation_id.clone();
     let started = Instant::now();
@@ -56,11 +67,15 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
             Err(why) => Err(anyhow::anyhow!("refusing to start a VM on {}: {why}", agent.cfg.host_name)),
             Ok(()) => agent.blocking(move |hv| hv.define_and_start(&s.xml).map(|_| Default::default())).await,
         },
+        // A hung libvirtd must not hold these for ever: their failure is safe to report (the
+        // controller asks again while the VM still runs). A start's is not (it may still
+        // happen, and would then be retried elsewhere): it reports only when libvirt answers,
+        // and the controller waits for that, for a report, or for the host's death.
         Some(Kind::Shutdown(s)) => {
-            agent.blocking(move |hv| hv.shutdown(&s.uuid).map(|_| Default::default())).await
+            within(agent.blocking(move |hv| hv.shutdown(&s.uuid).map(|_| Default::default()))).await
         }
         Some(Kind::Destroy(d)) => {
-            agent.blocking(move |hv| hv.destroy(&d.uuid).map(|_| Default::default())).await
+            within(agent.blocking(move |hv| hv.destroy(&d.uuid).map(|_| Default::default()))).await
         }
     };
     // Report the effect before the result: the controller must never see a result and then a
