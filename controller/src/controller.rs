@@ -364,7 +364,7 @@ impl Controller {
                     // Destroyed first; the start on `to` follows the destroy's result.
                     let cmd = command::Kind::Destroy(DestroyDomain { uuid: vm_uuid.clone() });
                     if let Err(why) =
-                        self.send_operation("destroy", &vm_uuid, &vm_name, &from, &to, cmd).await
+                        self.send_operation("destroy", &vm_uuid, &vm_name, &from, &to, cmd, || true).await
                     {
                         let now = self.now();
                         queue.extend(
@@ -374,7 +374,8 @@ impl Controller {
                 }
                 Action::DestroyStale { vm_uuid, vm_name, host } => {
                     let cmd = command::Kind::Destroy(DestroyDomain { uuid: vm_uuid.clone() });
-                    if let Err(why) = self.send_operation("destroy", &vm_uuid, &vm_name, &host, "", cmd).await
+                    if let Err(why) =
+                        self.send_operation("destroy", &vm_uuid, &vm_name, &host, "", cmd, || true).await
                     {
                         self.event(
                             "vm",
@@ -573,25 +574,12 @@ impl Controller {
         tx.send(Ok(cmd)).await.map_err(|_| format!("the agent on {host} disconnected"))
     }
 
-    /// Writes an operation down, then sends its command to the host that carries it out.
-    /// On a send failure the operation is recorded as failed and the reason returned.
-    async fn send_operation(
-        &self,
-        kind: &str,
-        vm_uuid: &str,
-        vm_name: &str,
-        source: &str,
-        target: &str,
-        cmd: command::Kind,
-    ) -> Result<Operation, String> {
-        self.send_operation_if(kind, vm_uuid, vm_name, source, target, cmd, || true).await
-    }
-
-    /// `send_operation`, sending the command only if `still_wanted` holds once the operation is
-    /// recorded: the engine may have moved on while the database was away (the host came back
-    /// with the VM, or was declared dead).
+    /// Writes an operation down, then sends its command to the host that carries it out, if
+    /// `still_wanted` holds once it is recorded: the engine may have moved on while the database
+    /// was away (the host came back with the VM, or was declared dead). On a send failure the
+    /// operation is recorded as failed and the reason returned.
     #[allow(clippy::too_many_arguments)]
-    async fn send_operation_if(
+    async fn send_operation(
         &self,
         kind: &str,
         vm_uuid: &str,
@@ -665,7 +653,7 @@ impl Controller {
                     .is_some_and(|r| r.starting_on.as_deref() == Some(host))
             })
         };
-        self.send_operation_if("start", vm_uuid, vm_name, &from, host, cmd, still_wanted).await.map(|_| ())
+        self.send_operation("start", vm_uuid, vm_name, &from, host, cmd, still_wanted).await.map(|_| ())
     }
 
     /// Writes the migration down, then sends it to the source agent.
@@ -707,7 +695,7 @@ impl Controller {
             max_downtime_ms: self.migration.max_downtime_ms,
         });
         match self
-            .send_operation("migrate", &plan.vm_uuid, &plan.vm_name, &plan.source, &plan.target, cmd)
+            .send_operation("migrate", &plan.vm_uuid, &plan.vm_name, &plan.source, &plan.target, cmd, || true)
             .await
         {
             Ok(op) => Ok(op),

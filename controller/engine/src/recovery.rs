@@ -118,59 +118,47 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
             continue;
         }
         let silent = now.since(h.last_heartbeat.unwrap_or(state.started));
-        let unfenced = !h.watchdog.works() && !state.policy.accept_no_watchdog;
-        match h.fencing {
-            FencingMode::SelfFence if unfenced => {
-                if h.fencing_since.is_none() {
-                    let why = match &h.watchdog {
-                        crate::Watchdog::Missing(why) => why.clone(),
-                        _ => "its agent never said it has one".into(),
-                    };
-                    state.hosts.get_mut(&name).expect("listed").fencing_since = Some(now);
-                    out.push(event(
-                        "host",
-                        &name,
-                        "confirm_down_needed",
-                        format!(
-                            "{name} lost its lease, but it has no working watchdog ({why}): a killed or hung agent \
-                             there may leave its VMs running, so nothing is restarted until a fence device or \
-                             `vmha host confirm-down {name}` confirms it is off (or the controller runs with \
-                             --accept-no-watchdog)"
-                        ),
-                    ));
+        // Hosts on which a killed or hung agent may leave VMs running wait for an operator (or
+        // a fence device) instead of their lease.
+        let wait_for_operator = match (&h.fencing, &h.watchdog) {
+            (FencingMode::Manual, _) => Some("its fencing mode is manual".to_string()),
+            (FencingMode::SelfFence, w) if !w.works() && !state.policy.accept_no_watchdog => Some(format!(
+                "it has no working watchdog ({}), so a killed or hung agent there may leave its VMs running",
+                match w {
+                    crate::Watchdog::Missing(why) => why.as_str(),
+                    _ => "its agent never said it has one",
                 }
+            )),
+            _ => None,
+        };
+        if let Some(why) = wait_for_operator {
+            if h.fencing_since.is_none() {
+                state.hosts.get_mut(&name).expect("listed").fencing_since = Some(now);
+                out.push(event(
+                    "host",
+                    &name,
+                    "confirm_down_needed",
+                    format!(
+                        "{name} lost its lease, but {why}: nothing is restarted until a fence device or an operator \
+                         who knows it is off runs `vmha host confirm-down {name}`"
+                    ),
+                ));
             }
-            FencingMode::SelfFence => {
-                if quorum_held_for(state, now, window) {
-                    let cause = format!(
-                        "no lease for {} (heard from {} ago) while this controller held quorum; its agent has \
-                         destroyed its protected VMs or the host is off",
-                        secs(now.since(lease_end)),
-                        secs(silent)
-                    );
-                    declare_dead(state, &name, cause, now, &mut out);
-                }
+            continue;
+        }
+        if h.fencing == FencingMode::External {
+            if h.fencing_since.is_none() && has_quorum(state, now) {
+                state.hosts.get_mut(&name).expect("listed").fencing_since = Some(now);
+                out.push(Action::Fence { host: name.clone() });
             }
-            FencingMode::External => {
-                if h.fencing_since.is_none() && has_quorum(state, now) {
-                    state.hosts.get_mut(&name).expect("listed").fencing_since = Some(now);
-                    out.push(Action::Fence { host: name.clone() });
-                }
-            }
-            FencingMode::Manual => {
-                if h.fencing_since.is_none() {
-                    state.hosts.get_mut(&name).expect("listed").fencing_since = Some(now);
-                    out.push(event(
-                        "host",
-                        &name,
-                        "confirm_down_needed",
-                        format!(
-                            "{name} lost its lease; its fencing mode is manual, so nothing is restarted until an \
-                             operator who knows it is off runs `vmha host confirm-down {name}`"
-                        ),
-                    ));
-                }
-            }
+        } else if quorum_held_for(state, now, window) {
+            let cause = format!(
+                "no lease for {} (heard from {} ago) while this controller held quorum; its agent has destroyed its \
+                 protected VMs, or its watchdog reset it",
+                secs(now.since(lease_end)),
+                secs(silent)
+            );
+            declare_dead(state, &name, cause, now, &mut out);
         }
     }
     schedule_restarts(state, now, &mut out);
