@@ -34,8 +34,14 @@ struct Lab {
 }
 
 impl Lab {
-    fn up() -> Lab {
-        let out = Command::new(repo().join("deploy/lab/up")).output().expect("run deploy/lab/up");
+    /// `deploy/lab/up`, with `VMHA_LAB_PROFILE=profile` when given (which restarts the
+    /// controller, watchdogs and agents if the lab runs another profile).
+    fn up_with(profile: Option<&str>) -> Lab {
+        let mut cmd = Command::new(repo().join("deploy/lab/up"));
+        if let Some(p) = profile {
+            cmd.env("VMHA_LAB_PROFILE", p);
+        }
+        let out = cmd.output().expect("run deploy/lab/up");
         assert!(out.status.success(), "deploy/lab/up failed:\n{}", String::from_utf8_lossy(&out.stderr));
         let env = String::from_utf8(out.stdout)
             .unwrap()
@@ -107,9 +113,72 @@ impl Lab {
         self.json(&["vm", "show", vm])["host"].as_str().unwrap().to_string()
     }
 
+    fn dir(&self) -> PathBuf {
+        PathBuf::from(&self.env["VMHA_LAB_DIR"])
+    }
+
+    /// The pid in a pid file of the lab dir, if the file is there.
+    fn pid_in(&self, file: &str) -> Option<i32> {
+        std::fs::read_to_string(self.dir().join(file)).ok()?.trim().parse().ok()
+    }
+
     fn controller_pid(&self) -> i32 {
-        let f = Path::new(&self.env["VMHA_LAB_DIR"]).join("controller.pid");
-        std::fs::read_to_string(&f).unwrap().trim().parse().unwrap()
+        self.pid_in("controller.pid").expect("the controller's pid file")
+    }
+
+    fn agent_pid(&self, host: &str) -> i32 {
+        self.pid_in(&format!("agent-{host}.pid")).expect("the agent's pid file")
+    }
+
+    fn libvirtd_pid(&self, host: &str) -> i32 {
+        self.pid_in(&format!("{host}/run/libvirtd.pid")).expect("libvirtd's pid file")
+    }
+
+    /// How many times `host`'s emulated watchdog has reset it (its log says so).
+    fn watchdog_resets(&self, host: &str) -> usize {
+        std::fs::read_to_string(self.dir().join(format!("watchdog-{host}.log")))
+            .unwrap_or_default()
+            .matches("WATCHDOG RESET of")
+            .count()
+    }
+
+    /// Whether the agent on `host` knows `vm` is protected: it writes the UUIDs of the
+    /// protected VMs it was told of to its state dir, and destroys those (and only those) when
+    /// it fences itself.
+    fn agent_knows_protected(&self, host: &str, vm: &str) -> bool {
+        let uuid = self.json(&["vm", "show", vm])["uuid"].as_str().unwrap().to_string();
+        std::fs::read_to_string(self.dir().join(host).join("agent-state/protected"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.trim() == uuid)
+    }
+
+    /// Protects `vm` and waits until the agent of its host has been told (its next
+    /// heartbeat), as for a VM protected well before its host fails.
+    fn protect_known(&self, vm: &str, priority: &str) -> String {
+        self.vmha_ok(&["protect", vm, "--priority", priority]);
+        let host = self.host_of(vm);
+        wait_until(
+            &format!("the agent on {host} to know {vm} is protected"),
+            Duration::from_secs(10),
+            || self.agent_knows_protected(&host, vm),
+        );
+        host
+    }
+
+    /// Starts `vm` with virsh where it is defined unless it runs somewhere, and waits until
+    /// vmha reports it running.
+    fn ensure_running(&self, vm: &str) {
+        if running_on(vm).is_empty() {
+            let host = HOSTS
+                .into_iter()
+                .find(|h| self.all_names(h).iter().any(|n| n == vm))
+                .unwrap_or_else(|| panic!("{vm} is defined nowhere"));
+            self.virsh(host, &["start", vm]);
+        }
+        wait_until(&format!("vmha to report {vm} running"), Duration::from_secs(20), || {
+            self.json(&["vm", "show", vm])["state"] == "running"
+        });
     }
 
     /// Waits until every host is online and every demo guest runs, as after `up`.
@@ -310,25 +379,34 @@ fn anti_affinity_holds_after_failover(lab: &Lab) {
 }
 
 fn an_isolated_host_fences_itself_and_is_replaced(lab: &Lab) {
-    lab.vmha_ok(&["protect", "dns1", "--priority", "100"]);
-    let victim = lab.host_of("dns1");
+    lab.settle();
+    let victim = lab.protect_known("dns1", "100");
+    let resets = lab.watchdog_resets(&victim);
     let watch = DoubleRunWatch::start();
     let started = Instant::now();
     lab_verb("cut", &[&victim]);
     // It destroys its protected VMs itself, and the controller restarts them elsewhere.
-    wait_until("dns1 destroyed on the cut host and running elsewhere", Duration::from_secs(40), || {
-        let on = running_on("dns1");
-        on.len() == 1 && on[0] != victim
-    });
-    std::thread::sleep(Duration::from_secs(2));
+    let moved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let now_on = await_moved(lab, "dns1", &victim, Duration::from_secs(40));
+        println!("  cut {victim} -> dns1 running on {now_on} in {:.1} s", started.elapsed().as_secs_f64());
+        std::thread::sleep(Duration::from_secs(2));
+    }));
     lab_verb("heal", &[&victim]);
-    lab.settle();
+    moved.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    // Once its protected VMs are gone it feeds its watchdog again: it is normally not reset.
+    let reset = lab.watchdog_resets(&victim) > resets;
+    println!("  {victim} was {}reset by its watchdog", if reset { "" } else { "not " });
+    if reset {
+        lab_verb("revive", &[&victim]);
+    }
+    let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lab.settle()));
     std::thread::sleep(Duration::from_secs(2));
     let (samples, doubles) = watch.finish();
     let expected = started.elapsed().as_millis() as usize / 100;
     assert!(samples + 5 >= expected, "sampled every 100 ms: {samples} samples, {expected} expected");
     assert!(doubles.is_empty(), "ran twice: {doubles:?}");
     assert_eq!(running_on("dns1").len(), 1);
+    settled.unwrap_or_else(|e| std::panic::resume_unwind(e));
 }
 
 fn a_stopped_controller_stops_no_vm(lab: &Lab) {
@@ -465,14 +543,347 @@ fn a_throttled_migration_times_out_and_the_guest_stays(lab: &Lab) {
     assert_eq!(lab.host_of("radius1"), source);
 }
 
+fn signal(pid: i32, sig: &str) -> bool {
+    Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().is_ok_and(|s| s.success())
+}
+
+fn host_has_processes(host: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "pids", &format!("vmha-{host}")])
+        .output()
+        .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
+}
+
+/// Processes of the protected guests (those `vmha vm ls` marks protected), by name.
+fn protected_processes(lab: &Lab) -> BTreeMap<String, Vec<(String, u32)>> {
+    let vms = lab.json(&["vm", "ls"]);
+    let protected: Vec<String> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["protected"] == true)
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    qemu_processes().into_iter().filter(|(vm, _)| protected.contains(vm)).collect()
+}
+
+/// Waits until `vm` runs once, on another host than `from`, and libvirt there says so.
+fn await_moved(lab: &Lab, vm: &str, from: &str, timeout: Duration) -> String {
+    wait_until(&format!("{vm} running once, elsewhere than {from}"), timeout, || {
+        let on = running_on(vm);
+        on.len() == 1 && on[0] != from
+    });
+    let h = running_on(vm)[0].clone();
+    // QEMU starts paused; libvirt resumes it once it is set up.
+    wait_until(&format!("libvirt on {h} to run {vm}"), Duration::from_secs(10), || {
+        lab.virsh(&h, &["domstate", vm]).trim() == "running"
+    });
+    h
+}
+
+/// The agent on the host of protected dns1 dies (kill -9, or SIGSTOP for `stop_for`): it no
+/// longer feeds the watchdog, which resets the host before the controller may declare it dead;
+/// then dns1 is restarted elsewhere. Never two copies.
+fn a_lost_agent_gets_its_host_reset(lab: &Lab, stop_for: Option<Duration>) {
+    lab.settle();
+    let victim = lab.protect_known("dns1", "100");
+    assert_eq!(running_on("dns1"), std::slice::from_ref(&victim));
+    let resets = lab.watchdog_resets(&victim);
+    let agent = lab.agent_pid(&victim);
+    let watch = DoubleRunWatch::start();
+    let t0 = Instant::now();
+    let reset = || lab.watchdog_resets(&victim) > resets || !host_has_processes(&victim);
+    match stop_for {
+        None => assert!(signal(agent, "KILL"), "kill -9 the agent on {victim}"),
+        Some(d) => {
+            assert!(signal(agent, "STOP"), "kill -STOP the agent on {victim}");
+            let (mut reset_after, mut moved_after) = (None, None);
+            while t0.elapsed() < d {
+                if reset_after.is_none() && reset() {
+                    reset_after = Some(t0.elapsed().as_secs_f64());
+                }
+                let on = running_on("dns1");
+                if moved_after.is_none() && on.len() == 1 && on[0] != victim {
+                    moved_after = Some(t0.elapsed().as_secs_f64());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // Reset meanwhile, the process is gone: nothing to continue.
+            let cont = signal(agent, "CONT");
+            println!(
+                "  agent stopped {d:?}: host reset after {reset_after:?} s, dns1 elsewhere after {moved_after:?} s; \
+                 SIGCONT delivered: {cont}"
+            );
+        }
+    }
+    wait_until(&format!("the watchdog to reset {victim}"), Duration::from_secs(40), reset);
+    let reset_at = t0.elapsed();
+    let now_on = await_moved(lab, "dns1", &victim, Duration::from_secs(40).saturating_sub(t0.elapsed()));
+    let moved_at = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let (samples, doubles) = watch.finish();
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    assert!(lab.watchdog_resets(&victim) > resets, "watchdog-{victim}.log says RESET");
+    println!(
+        "  {victim} reset by its watchdog ({:.1} s), dns1 running on {now_on} ({:.1} s)",
+        reset_at.as_secs_f64(),
+        moved_at.as_secs_f64()
+    );
+    lab_verb("revive", &[&victim]);
+    lab.settle();
+    assert_eq!(running_on("dns1"), [now_on], "the revived host starts no stale copy");
+}
+
+fn a_killed_agent_gets_its_host_reset(lab: &Lab) {
+    a_lost_agent_gets_its_host_reset(lab, None);
+}
+
+fn a_stopped_agent_gets_its_host_reset(lab: &Lab) {
+    a_lost_agent_gets_its_host_reset(lab, Some(Duration::from_secs(20)));
+}
+
+/// libvirtd hangs (SIGSTOP) for 20 s on the host of protected dns1: the agent's heartbeats go
+/// on, the host is degraded, and nothing is stopped, moved or restarted elsewhere.
+fn a_hung_libvirtd_stops_and_moves_nothing(lab: &Lab) {
+    lab.settle();
+    let host = lab.protect_known("dns1", "100");
+    let before = protected_processes(lab);
+    let libvirtd = lab.libvirtd_pid(&host);
+    let last = last_event_id(lab);
+    let watch = DoubleRunWatch::start();
+    let t0 = Instant::now();
+    assert!(signal(libvirtd, "STOP"), "kill -STOP libvirtd on {host}");
+    let mut degraded = None;
+    let mut states = Vec::new();
+    while t0.elapsed() < Duration::from_secs(20) {
+        let h = host_json(lab, &host);
+        if degraded.is_none() && h["health"] == "degraded" {
+            degraded = Some(t0.elapsed());
+        }
+        states.push(h["state"].as_str().unwrap().to_string());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let during = protected_processes(lab);
+    assert!(signal(libvirtd, "CONT"), "kill -CONT libvirtd on {host}");
+    wait_until(&format!("{host} healthy again"), Duration::from_secs(30), || {
+        host_json(lab, &host)["health"] == "healthy"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (samples, doubles) = watch.finish();
+    assert_eq!(during, before, "while libvirtd hung: the same QEMU processes of protected guests");
+    // Checked before the double runs: a live migration's incoming QEMU is a second process.
+    assert_eq!(protected_processes(lab), before, "after: the same QEMU processes, none stopped or moved");
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    assert!(states.iter().all(|s| s == "online"), "{host} stayed online: {states:?}");
+    assert!(degraded.is_some(), "{host} was degraded while its libvirtd hung");
+    println!("  {host} degraded after {:.1} s of a hung libvirtd", degraded.unwrap().as_secs_f64());
+    let bad: Vec<_> = lab
+        .events()
+        .into_iter()
+        .filter(|e| e["id"].as_i64().unwrap() > last)
+        .filter(|e| {
+            ["host_dead", "restart_started", "vm_stopped", "stale_copy"]
+                .contains(&e["kind"].as_str().unwrap())
+        })
+        .collect();
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+fn pg_ctl(lab: &Lab, args: &[&str]) {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL under /usr/lib/postgresql")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("pg_ctl").exists())
+        .max_by_key(|b| {
+            let v = b.parent().unwrap().file_name().unwrap().to_string_lossy().to_string();
+            v.split('.').map(|n| n.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>()
+        })
+        .expect("a pg_ctl");
+    let data = lab.dir().join("pg/data");
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join("pg_ctl"))
+        .args(args)
+        .arg("-D")
+        .arg(&data)
+        .output()
+        .expect("run pg_ctl");
+    assert!(out.status.success(), "pg_ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn pg_start(lab: &Lab) {
+    let log = lab.dir().join("pg/postgres.log");
+    pg_ctl(lab, &["start", "-l", log.to_str().unwrap(), "-w", "-t", "30"]);
+}
+
+/// PostgreSQL stops for 20 s while an unprotected guest is destroyed by hand: nobody is
+/// fenced, `vmha status` answers (with a `database:` line), operator calls that need the
+/// database exit 5, and once it is back the destroyed guest shows shut off.
+fn a_database_outage_fences_nobody(lab: &Lab) {
+    lab.settle();
+    lab.protect_known("dns1", "100");
+    let guest = "dns2";
+    lab.ensure_running(guest);
+    let out = lab.vmha(&["unprotect", guest]);
+    assert!(out.status.success() || out.status.code() == Some(4), "unprotect {guest}: {out:?}");
+    let ghost = lab.host_of(guest);
+    wait_until(
+        &format!("the agent on {ghost} to know {guest} is not protected"),
+        Duration::from_secs(10),
+        || !lab.agent_knows_protected(&ghost, guest),
+    );
+    let before = protected_processes(lab);
+    assert!(!before.contains_key(guest));
+    let watch = DoubleRunWatch::start();
+    let t0 = Instant::now();
+    pg_ctl(lab, &["stop", "-m", "fast", "-w"]);
+    let restore = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lab.virsh(&ghost, &["destroy", guest]);
+        wait_until("vmha status to show the outage", Duration::from_secs(15), || {
+            let out = lab.vmha(&["status"]);
+            assert!(out.status.success(), "vmha status during the outage: {out:?}");
+            String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("database:"))
+        });
+        let out = lab.vmha(&["events", "--limit", "1"]);
+        assert_eq!(out.status.code(), Some(5), "events need the database: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("database unavailable"), "{out:?}");
+        while t0.elapsed() < Duration::from_secs(20) {
+            assert!(lab.vmha(&["status"]).status.success(), "vmha status during the outage");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_eq!(
+            protected_processes(lab),
+            before,
+            "during the outage: no protected guest stopped or moved"
+        );
+    }));
+    pg_start(lab);
+    if let Err(e) = restore {
+        std::panic::resume_unwind(e);
+    }
+    wait_until("the database line gone from vmha status", Duration::from_secs(30), || {
+        !lab.vmha_ok(&["status"]).lines().any(|l| l.starts_with("database:"))
+    });
+    wait_until(&format!("{guest} shown shut off"), Duration::from_secs(15), || {
+        lab.json(&["vm", "show", guest])["state"] == "shut_off"
+    });
+    let vms = lab.vmha_ok(&["vm", "ls"]);
+    assert!(vms.lines().any(|l| l.contains(guest) && l.contains("shut")), "{vms}");
+    std::thread::sleep(Duration::from_secs(2));
+    let (samples, doubles) = watch.finish();
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    assert_eq!(protected_processes(lab), before, "after the outage: no protected guest stopped or moved");
+    lab.ensure_running(guest);
+}
+
+/// With the fast profile, a cut-off host fences itself and its protected guest comes up
+/// elsewhere, never as a second copy.
+fn fast_profile_isolation_fails_over(lab: &Lab) {
+    /// Back to the default profile however the scenario ends (without panicking in a drop).
+    struct Default;
+    impl Drop for Default {
+        fn drop(&mut self) {
+            let up = Command::new(repo().join("deploy/lab/up")).env("VMHA_LAB_PROFILE", "default").output();
+            if !up.as_ref().is_ok_and(|o| o.status.success()) {
+                eprintln!("deploy/lab/up with the default profile failed: {up:?}");
+            }
+        }
+    }
+    let default_again = Default;
+    // The same lab (same endpoints), its daemons restarted with the fast timings.
+    let fast = Lab::up_with(Some("fast"));
+    assert_eq!(fast.env["VMHA_LAB_PROFILE"], "fast");
+    fast.settle();
+    let victim = fast.protect_known("dns1", "100");
+    let watch = DoubleRunWatch::start();
+    let t0 = Instant::now();
+    lab_verb("cut", &[&victim]);
+    let healed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let now_on = await_moved(&fast, "dns1", &victim, Duration::from_secs(30));
+        let took = t0.elapsed();
+        println!("  fast profile: cut {victim} -> dns1 running on {now_on} in {:.2} s", took.as_secs_f64());
+        std::thread::sleep(Duration::from_secs(2));
+        now_on
+    }));
+    lab_verb("heal", &[&victim]);
+    let now_on = healed.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fast.settle()));
+    std::thread::sleep(Duration::from_secs(2));
+    let (samples, doubles) = watch.finish();
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    assert_eq!(running_on("dns1"), [now_on]);
+    settled.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    drop(fast);
+    drop(default_again);
+    lab.settle();
+}
+
+/// After a failed scenario: undoes whatever a scenario may have left broken (a cut link, a
+/// killed host, a stopped process, PostgreSQL down, the fast profile, limits, drains), and
+/// power-cycles a host that is still not online, so the next scenario starts settled.
+fn recover(lab: &Lab) {
+    let _ = signal(lab.controller_pid(), "CONT");
+    for h in HOSTS {
+        for pid in [lab.pid_in(&format!("agent-{h}.pid")), lab.pid_in(&format!("{h}/run/libvirtd.pid"))]
+            .into_iter()
+            .flatten()
+        {
+            let _ = signal(pid, "CONT");
+        }
+        let _ = Command::new(repo().join("deploy/lab/heal")).arg(h).output();
+        let _ = Command::new(repo().join("deploy/lab/revive")).arg(h).output();
+    }
+    // Starts PostgreSQL if it is down, goes back to the default profile, restarts stopped
+    // demo guests.
+    let _ = Command::new(repo().join("deploy/lab/up")).env("VMHA_LAB_PROFILE", "default").output();
+    let online = |h: &str| {
+        lab.vmha(&["host", "ls", "-o", "json"]).status.success() && host_json(lab, h)["state"] == "online"
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && !HOSTS.iter().all(|h| online(h)) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for h in HOSTS {
+        if !online(h) {
+            println!("  recovery: {h} is not online; power-cycling it");
+            let _ = Command::new(repo().join("deploy/lab/kill")).arg(h).output();
+            let _ = Command::new(repo().join("deploy/lab/revive")).arg(h).output();
+        }
+    }
+    let _ = Command::new(repo().join("deploy/lab/up")).env("VMHA_LAB_PROFILE", "default").output();
+    for h in HOSTS {
+        let _ = lab.vmha(&["host", "limit", h, "--memory", "0"]);
+        let _ = lab.vmha(&["host", "undrain", h]);
+    }
+}
+
+/// Copies the lab's logs somewhere `deploy/lab/down` does not delete.
+fn keep_logs(lab: &Lab) -> PathBuf {
+    let to = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lab-e2e-logs");
+    let _ = std::fs::remove_dir_all(&to);
+    let _ = std::fs::create_dir_all(&to);
+    for e in std::fs::read_dir(lab.dir()).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+        }
+    }
+    to
+}
+
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 9] = [
+    let scenarios: [Scenario; 14] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
         ("an_isolated_host_fences_itself_and_is_replaced", an_isolated_host_fences_itself_and_is_replaced),
         ("a_stopped_controller_stops_no_vm", a_stopped_controller_stops_no_vm),
+        ("a_killed_agent_gets_its_host_reset", a_killed_agent_gets_its_host_reset),
+        ("a_stopped_agent_gets_its_host_reset", a_stopped_agent_gets_its_host_reset),
+        ("a_hung_libvirtd_stops_and_moves_nothing", a_hung_libvirtd_stops_and_moves_nothing),
+        ("a_database_outage_fences_nobody", a_database_outage_fences_nobody),
+        ("fast_profile_isolation_fails_over", fast_profile_isolation_fails_over),
         (
             "drain_moves_every_vm_live_and_ends_in_maintenance",
             drain_moves_every_vm_live_and_ends_in_maintenance,
@@ -488,7 +899,7 @@ fn main() {
         ),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let lab = Lab::up();
+    let lab = Lab::up_with(Some("default"));
     let (mut passed, mut failed) = (0, 0);
     for (name, scenario) in scenarios {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
@@ -505,18 +916,12 @@ fn main() {
             Err(_) => {
                 failed += 1;
                 println!("test {name} ... FAILED ({took:.1} s)");
-                // Leave the lab healthy for the next scenario.
-                for h in HOSTS {
-                    let _ = Command::new(repo().join("deploy/lab/heal")).arg(h).output();
-                    let _ = Command::new(repo().join("deploy/lab/revive")).arg(h).output();
-                }
-                let _ = Command::new("pkill").args(["-CONT", "-f", "vmha-controller"]).status();
-                for h in HOSTS {
-                    let _ = lab.vmha(&["host", "limit", h, "--memory", "0"]);
-                    let _ = lab.vmha(&["host", "undrain", h]);
-                }
+                recover(&lab);
             }
         }
+    }
+    if failed > 0 {
+        println!("lab logs kept in {}", keep_logs(&lab).display());
     }
     drop(lab);
     let down = Command::new(repo().join("deploy/lab/down")).status().map(|s| s.success()).unwrap_or(false);
