@@ -115,7 +115,6 @@ impl AgentService for AgentApi {
             let wd = watchdog(r.watchdog.as_ref());
             let wd_changed = (h.watchdog != wd).then(|| wd.clone());
             h.watchdog = wd;
-            let answer = lease::on_heartbeat(s, &host, echo, now);
             let probes =
                 r.probes.iter().map(|p| Probe { name: p.name.clone(), ok: p.ok, detail: p.detail.clone() });
             drain::on_probes(s, &host, probes.collect(), now);
@@ -130,6 +129,9 @@ impl AgentService for AgentApi {
                 actions.extend(recovery::after_report(s, &host, &changes, now));
                 (actions, changes)
             };
+            // After the report: a host declared dead earns a lease again only with a report of
+            // its domains, and this one may be it.
+            let answer = lease::on_heartbeat(s, &host, echo, now);
             let mut new_xml = Vec::new();
             for d in r.domains.iter().filter(|d| !d.xml.is_empty()) {
                 let uuid = d.uuid.to_lowercase();

@@ -131,6 +131,9 @@ impl OperatorService for OperatorApi {
                 }
                 let vm = s.vms.get_mut(&uuid).expect("found above");
                 let before = vm.clone();
+                if r.protected && !vm.protected {
+                    vm.protected_since = now;
+                }
                 vm.protected = r.protected;
                 if let Some(p) = priority {
                     vm.priority = p;

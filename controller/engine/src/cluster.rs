@@ -173,6 +173,9 @@ pub struct HostView {
     pub lease: HostLease,
     pub fencing: FencingMode,
     pub watchdog: Watchdog,
+    /// The newest answer of this leader the host acknowledged: every answer lists the
+    /// protected VMs, so the host's agent knows of every protection made before it.
+    pub protection_known: Option<Millis>,
     pub dead: Option<Death>,
     /// An external fence command is running since then.
     pub fencing_since: Option<Millis>,
@@ -196,6 +199,7 @@ impl HostView {
             lease: HostLease::default(),
             fencing: FencingMode::SelfFence,
             watchdog: Watchdog::Unknown,
+            protection_known: None,
             dead: None,
             fencing_since: None,
             health: Default::default(),
@@ -216,6 +220,10 @@ pub struct VmView {
     pub memory_kib: u64,
     pub vcpus: u32,
     pub protected: bool,
+    /// When it became protected, on this leader's clock (its start for VMs protected before).
+    /// Its host's self-fence covers it only once the host acknowledged an answer sent since
+    /// (`HostView::protection_known`).
+    pub protected_since: Millis,
     pub priority: i32,
     /// Set while a migration or other operation owns the VM, so that no second one starts.
     pub busy_with: Option<String>,
@@ -254,6 +262,7 @@ impl VmView {
             memory_kib: 0,
             vcpus: 0,
             protected: false,
+            protected_since: Millis(0),
             priority: 0,
             busy_with: None,
             anti_affinity: None,

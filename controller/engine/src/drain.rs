@@ -288,12 +288,20 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
             && health.failing_since.is_some_and(|f| now.since(f) >= p.degraded_after_ms)
         {
             health.degraded = true;
+            // A libvirtd that does not answer can move nothing; and once it answers again, its
+            // guests are better left where they run than moved for a daemon's hiccup.
+            let libvirtd_only = health.probes.iter().filter(|p| !p.ok).all(|p| p.name == "libvirtd");
+            let then = if libvirtd_only {
+                "its VMs stay put (none can move while libvirtd does not answer)"
+            } else {
+                "moving its VMs away"
+            };
             out.push(event(
                 name,
                 "host_degraded",
-                format!("{name} is degraded ({}): no new VMs; moving its VMs away", health.failing_summary()),
+                format!("{name} is degraded ({}): no new VMs; {then}", health.failing_summary()),
             ));
-            if h.drain.as_ref().is_none_or(|d| d.state != DrainState::Draining) {
+            if !libvirtd_only && h.drain.as_ref().is_none_or(|d| d.state != DrainState::Draining) {
                 let steps = plan(state, name, now).unwrap_or_default();
                 let h = state.hosts.get_mut(name).expect("listed");
                 h.drain = Some(Drain {
@@ -656,5 +664,22 @@ mod tests {
         let a = tick(&mut s, Millis(91_000));
         assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "host_recovered", .. })), "{a:?}");
         assert_eq!(s.hosts["kvm1"].admin, AdminState::Active);
+    }
+
+    #[test]
+    fn a_host_whose_libvirtd_hangs_is_degraded_but_its_vms_stay_put() {
+        let mut s = cluster();
+        let hung = vec![Probe { name: "libvirtd".into(), ok: false, detail: "no answer for 3 s".into() }];
+        on_probes(&mut s, "kvm1", hung, Millis(0));
+        for h in s.hosts.values_mut() {
+            h.lease.granted_at = Some(Millis(29_000));
+        }
+        let a = tick(&mut s, Millis(30_000));
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Event { kind: "host_degraded", message, .. } if message.contains("stay put"))),
+            "{a:?}"
+        );
+        assert!(migrations(&a).is_empty(), "{a:?}");
+        assert_eq!(s.hosts["kvm1"].health.as_str(), "degraded", "no new VMs go there");
     }
 }

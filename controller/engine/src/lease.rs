@@ -152,6 +152,7 @@ pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, no
     if let Some(end) = issued.lease_end {
         h.lease.acked_end = Some(h.lease.acked_end.map_or(end, |a| a.max(end)));
     }
+    h.protection_known = h.protection_known.max(Some(issued.stamp));
     // The echoed answer left at `stamp`; the agent held it `held_ms` before sending this one.
     // So this heartbeat was in flight at most now - stamp - held_ms.
     let transit_bound = now.0.saturating_sub(echo.stamp.0).saturating_sub(echo.held_ms);

@@ -62,12 +62,30 @@ fn secs(ms: u64) -> String {
     format!("{:.1} s", ms as f64 / 1000.0)
 }
 
+/// How a host was found dead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proof {
+    /// Its lease lapsed under quorum: its agent self-fenced (or its watchdog reset it), which
+    /// destroyed only the VMs it knew were protected.
+    Lease,
+    /// A fence device or an operator says it is off: nothing runs there.
+    Off,
+}
+
 /// Declares `host` dead and queues its protected VMs for restart.
-fn declare_dead(state: &mut ClusterState, host: &str, cause: String, now: Millis, out: &mut Vec<Action>) {
+fn declare_dead(
+    state: &mut ClusterState,
+    host: &str,
+    cause: String,
+    proof: Proof,
+    now: Millis,
+    out: &mut Vec<Action>,
+) {
     let Some(h) = state.hosts.get_mut(host) else { return };
     if h.dead.is_some() {
         return;
     }
+    let known = h.protection_known;
     h.dead = Some(Death { at: now, cause: cause.clone() });
     h.fencing_since = None;
     out.push(Action::DeclaredDead { host: host.into(), cause });
@@ -83,8 +101,21 @@ fn declare_dead(state: &mut ClusterState, host: &str, cause: String, now: Millis
         let had_process = vm.state.has_process() || vm.state == RunState::Unknown;
         vm.state = RunState::Lost;
         vm.busy_with = None;
-        if vm.protected && had_process && vm.recovery.is_none() {
+        let covered = proof == Proof::Off || known.is_some_and(|k| k >= vm.protected_since);
+        if vm.protected && had_process && vm.recovery.is_none() && covered {
             vm.recovery = Some(Recovery::new(now));
+        } else if vm.protected && had_process && vm.recovery.is_none() {
+            out.push(event(
+                "vm",
+                &vm.name,
+                "restart_unsafe",
+                format!(
+                    "{} is not restarted: it was protected after {host} last confirmed its list of protected VMs, \
+                     so its agent may not have destroyed it; once you know {host} is off, run `vmha host \
+                     confirm-down {host}`",
+                    vm.name
+                ),
+            ));
         } else if !vm.protected && had_process {
             out.push(event(
                 "vm",
@@ -158,7 +189,7 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
                 secs(now.since(lease_end)),
                 secs(silent)
             );
-            declare_dead(state, &name, cause, now, &mut out);
+            declare_dead(state, &name, cause, Proof::Lease, now, &mut out);
         }
     }
     schedule_restarts(state, now, &mut out);
@@ -303,6 +334,7 @@ pub fn fence_finished(
                 state,
                 host,
                 format!("the fence command confirmed it is off ({said})"),
+                Proof::Off,
                 now,
                 &mut out,
             );
@@ -344,7 +376,13 @@ pub fn confirm_down(
         Some(_) => {}
     }
     let mut out = Vec::new();
-    declare_dead(state, host, "an operator confirmed it is off".into(), now, &mut out);
+    declare_dead(state, host, "an operator confirmed it is off".into(), Proof::Off, now, &mut out);
+    // Declared dead before on its lease: what its agent may not have destroyed waited for this.
+    for vm in state.vms.values_mut().filter(|v| v.host.as_deref() == Some(host)) {
+        if vm.protected && vm.state == RunState::Lost && vm.recovery.is_none() {
+            vm.recovery = Some(Recovery::new(now));
+        }
+    }
     schedule_restarts(state, now, &mut out);
     Ok(out)
 }

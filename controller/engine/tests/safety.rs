@@ -78,6 +78,9 @@ enum Fault {
     HangLibvirt(usize, u64),
     /// PostgreSQL is down for a while: leases go on from memory; starts wait for the database.
     DbOutage(u64),
+    /// An operator unprotects a VM, or protects it (again).
+    Unprotect(usize),
+    Protect(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -102,6 +105,7 @@ enum Event {
         hosts: usize,
         next_in: u64,
         life: u64,
+        protected: BTreeSet<usize>,
     },
     /// A peer answers a poll (computed when it arrives at the peer).
     PeerAsked {
@@ -161,6 +165,9 @@ struct Agent {
     /// Starts waiting in a hung libvirtd.
     pending_starts: Vec<usize>,
     keeper: LeaseKeeper,
+    /// The protected VMs as the leader last said: what a self-fence destroys (kept across
+    /// agent restarts, in its state directory).
+    protected: BTreeSet<usize>,
     last_answer: Option<(u64, Millis, u64)>,
     next_hb: u64,
     polls: Vec<(u64, Vec<PeerAnswer>)>,
@@ -256,6 +263,7 @@ impl Sim {
                 libvirt_hung_until: 0,
                 pending_starts: Vec::new(),
                 keeper: LeaseKeeper::new(timings, Millis(0)),
+                protected: (0..hosts).collect(),
                 last_answer: Some((1, stamp, 0)),
                 next_hb: phase,
                 polls: Vec::new(),
@@ -425,8 +433,8 @@ impl Sim {
         // A fenced agent keeps its host free of protected VMs (it kills their QEMU processes
         // directly when libvirt does not answer), then tells the keeper so.
         if matches!(self.agents[h].keeper.phase(), Phase::Fenced { .. }) {
-            for c in &mut self.copies {
-                c.remove(&h);
+            for v in &self.agents[h].protected {
+                self.copies[*v].remove(&h);
             }
             self.agents[h].keeper.fence_completed();
         }
@@ -470,7 +478,6 @@ impl Sim {
                 }
                 let now = Millis(self.now);
                 let name = host_name(host);
-                let answer = lease::on_heartbeat(&mut self.leader, &name, echo, now);
                 if let Some(h) = self.leader.hosts.get_mut(&name) {
                     h.watchdog = if armed {
                         Watchdog::Armed {
@@ -504,6 +511,8 @@ impl Sim {
                     actions.extend(recovery::after_report(&mut self.leader, &name, &changes, now));
                     self.perform(actions);
                 }
+                // As the controller does: the lease after the report, which may end a death.
+                let answer = lease::on_heartbeat(&mut self.leader, &name, echo, now);
                 let interval = self.timings().heartbeat_interval_ms;
                 let mut next_in = interval - self.now % interval;
                 if next_in < interval / 4 {
@@ -512,19 +521,23 @@ impl Sim {
                 let d = self.delay();
                 let (epoch, hosts) = (self.leader.epoch, self.leader.hosts.len());
                 let t = self.now + d;
-                self.at(t, Event::Answer { host, sent_at, answer, epoch, hosts, next_in, life });
+                let protected =
+                    self.leader.vms.values().filter(|v| v.protected).map(|v| vm_index(&v.uuid)).collect();
+                self.at(t, Event::Answer { host, sent_at, answer, epoch, hosts, next_in, life, protected });
             }
-            Event::Answer { host, sent_at, answer, epoch, hosts, next_in, life } => {
+            Event::Answer { host, sent_at, answer, epoch, hosts, next_in, life, protected } => {
                 if !self.leader_reachable(host) {
                     return;
                 }
                 match self.agent_wait(host, life) {
                     None => {}
-                    Some(t) if t > self.now => {
-                        self.at(t, Event::Answer { host, sent_at, answer, epoch, hosts, next_in, life })
-                    }
+                    Some(t) if t > self.now => self.at(
+                        t,
+                        Event::Answer { host, sent_at, answer, epoch, hosts, next_in, life, protected },
+                    ),
                     Some(_) => {
                         let a = &mut self.agents[host];
+                        a.protected = protected;
                         a.last_answer = Some((epoch, answer.stamp(), self.now));
                         match answer {
                             LeaseAnswer::Granted { ttl_ms, .. } => {
@@ -722,6 +735,7 @@ impl Sim {
                     n.memory_kib = vm.memory_kib;
                     n.vcpus = vm.vcpus;
                     n.protected = vm.protected;
+                    n.protected_since = Millis(self.now);
                     n.priority = vm.priority;
                     n.xml = vm.xml;
                     // Operations are written down before they are sent: a start without a
@@ -748,6 +762,20 @@ impl Sim {
                 a.libvirt_hung_until = a.libvirt_hung_until.max(self.now + ms);
             }
             Fault::DbOutage(ms) => self.db_down_until = self.db_down_until.max(self.now + ms),
+            Fault::Unprotect(v) => {
+                if let Some(vm) = self.leader.vms.get_mut(&vm_uuid(v)) {
+                    vm.protected = false;
+                    vm.recovery = None;
+                }
+            }
+            Fault::Protect(v) => {
+                if let Some(vm) = self.leader.vms.get_mut(&vm_uuid(v))
+                    && !vm.protected
+                {
+                    vm.protected = true;
+                    vm.protected_since = Millis(self.now);
+                }
+            }
         }
     }
 
@@ -788,8 +816,10 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
         2 => h.clone().prop_map(Fault::KillAgent),
         2 => h.clone().prop_map(Fault::RestartAgent),
         2 => (h.clone(), 100u64..20_000).prop_map(|(h, ms)| Fault::HangAgent(h, ms)),
-        2 => (h, 100u64..20_000).prop_map(|(h, ms)| Fault::HangLibvirt(h, ms)),
+        2 => (h.clone(), 100u64..20_000).prop_map(|(h, ms)| Fault::HangLibvirt(h, ms)),
         1 => (1_000u64..20_000).prop_map(Fault::DbOutage),
+        1 => h.clone().prop_map(Fault::Unprotect),
+        2 => h.clone().prop_map(Fault::Protect),
     ]
 }
 
@@ -982,4 +1012,25 @@ fn a_database_outage_stops_nothing_and_delays_restarts_until_it_ends() {
     sim.run(40_000);
     assert!(sim.violations.is_empty(), "{:?}", sim.violations);
     assert_ne!(single_copy(&sim, 0), 0);
+}
+
+#[test]
+fn a_healed_isolated_host_gets_a_lease_again() {
+    let sim = run(3, &[(10_000, Fault::Cut(1)), (20_000, Fault::Heal(1))], 30_000);
+    assert!(sim.agents[1].fenced > 0);
+    assert_eq!(sim.leader.liveness("kvm1", Millis(30_000)), vmha_engine::HostLiveness::Online);
+    assert_eq!(sim.agents[1].keeper.may_start(Millis(30_000)), Ok(()));
+}
+
+/// Protected just before its host was cut: the agent never learned it, so its self-fence
+/// leaves it running; the leader must not start it elsewhere.
+#[test]
+fn a_vm_protected_just_before_its_host_is_cut_is_not_restarted_beside_itself() {
+    let mut sim = Sim::new(3, 7, false, Profile::Default);
+    sim.at(1_000, Event::Fault(Fault::Unprotect(1)));
+    sim.at(10_000, Event::Fault(Fault::Protect(1)));
+    sim.at(10_001, Event::Fault(Fault::Cut(1)));
+    sim.run(30_000);
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+    assert_eq!(single_copy(&sim, 1), 1, "it still runs where it ran, and only there");
 }
