@@ -50,6 +50,39 @@ impl OperatorApi {
     }
 }
 
+impl OperatorApi {
+    /// A protection covers a VM only once its host's agent knows of it (its self-fence destroys
+    /// only what it knows is protected): the answer to `vmha protect` waits until the host has
+    /// acknowledged an answer listing it, at most a few heartbeats.
+    async fn await_protection_known(&self, vm: &vmha_engine::VmView) {
+        let Some(host) = vm.host.clone() else { return };
+        let interval = Duration::from_millis(self.0.timings().heartbeat_interval_ms);
+        let deadline = tokio::time::Instant::now() + interval * 3 + Duration::from_secs(1);
+        let known = || {
+            self.0.read(|s| {
+                s.hosts.get(&host).and_then(|h| h.protection_known).is_some_and(|k| k >= vm.protected_since)
+            })
+        };
+        while !known() {
+            if tokio::time::Instant::now() >= deadline {
+                self.0.event(
+                    "vm",
+                    &vm.name,
+                    "protection_unconfirmed",
+                    format!(
+                        "{host} has not confirmed that {} is protected yet: until it does, a failure of {host} \
+                         restarts it only after `vmha host confirm-down {host}`",
+                        vm.name
+                    ),
+                    ACTOR,
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -184,6 +217,10 @@ impl OperatorService for OperatorApi {
             let kind = if vm.protected { "vm_protected" } else { "vm_unprotected" };
             self.0.event("vm", &vm.name, kind, message, ACTOR);
         }
+        if vm.protected && !before.protected {
+            self.await_protection_known(&vm).await;
+        }
+        let now = self.0.now();
         let view = self.0.read(|s| views::vm(s, &vm, now));
         Ok(Response::new(view))
     }
