@@ -6,6 +6,7 @@ pub mod executor;
 pub mod hook;
 pub mod hypervisor;
 pub mod lease;
+pub mod lockmgr;
 pub mod peer;
 pub mod probes;
 pub mod qemu;

@@ -57,6 +57,7 @@ impl AgentService for AgentApi {
             h.peer_address = r.peer_address.clone();
             h.resources = resources(&facts);
             h.libvirt_version = facts.libvirt_version.clone();
+            h.lock_manager = facts.lock_manager.clone();
             h.last_heartbeat = Some(now);
             let view = h.clone();
             (view, lease::issue_stamp(s, &host, now))
@@ -111,6 +112,7 @@ impl AgentService for AgentApi {
             h.last_heartbeat = Some(now);
             if let Some(f) = &r.facts {
                 h.resources = resources(f);
+                h.lock_manager = f.lock_manager.clone();
             }
             let wd = watchdog(r.watchdog.as_ref());
             let wd_changed = (h.watchdog != wd).then(|| wd.clone());

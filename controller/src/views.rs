@@ -53,6 +53,7 @@ pub fn host(s: &ClusterState, name: &str, now: Millis) -> pb::Host {
             .collect(),
         drain: h.drain.as_ref().map(|d| drain(name, d)),
         memory_limit_mib: h.memory_limit_kib.map_or(0, |m| m / 1024),
+        lock_manager: if h.lock_manager.is_empty() { "unknown".into() } else { h.lock_manager.clone() },
         watchdog: h.watchdog.as_str().into(),
         watchdog_detail: match &h.watchdog {
             Watchdog::Armed { device, timeout_ms } => {
@@ -87,6 +88,16 @@ pub fn warnings(s: &ClusterState) -> Vec<String> {
         out.push(format!("{} has no working watchdog ({why}): {then}", h.name));
     }
     for vm in s.vms.values() {
+        if let Some(locked) = vm.recovery.as_ref().and_then(|r| r.disk_locked.as_ref()) {
+            out.insert(
+                0,
+                format!(
+                    "{}: DISK LOCKED, another copy may run (last seen on {}); vmha starts it nowhere else until \
+                     the lock is gone",
+                    vm.name, locked.last_seen
+                ),
+            );
+        }
         if let (Some(second), Some(placed)) = (&vm.second_copy, &vm.host) {
             out.insert(
                 0,

@@ -52,6 +52,7 @@ impl Hypervisor for FakeHypervisor {
             cpu_model: "fake".into(),
             libvirt_version: "0.0.0".into(),
             hypervisor_version: "0.0.0".into(),
+            lock_manager: "none".into(),
         })
     }
 

@@ -88,6 +88,10 @@ impl Hypervisor for Libvirt {
             cpu_model: node.model,
             libvirt_version: version_string(conn.lib_version().map_err(host_err("virConnectGetLibVersion"))?),
             hypervisor_version: version_string(conn.hyp_version().map_err(host_err("virConnectGetVersion"))?),
+            lock_manager: crate::lockmgr::detect(
+                std::path::Path::new("/etc/libvirt/qemu.conf"),
+                std::path::Path::new("/run/libvirt"),
+            ),
         })
     }
 

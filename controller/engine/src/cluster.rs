@@ -168,6 +168,8 @@ pub struct HostView {
     pub peer_address: String,
     pub resources: HostResources,
     pub libvirt_version: String,
+    /// libvirt's lock manager there, as its agent reports ("lockd", "none", ...).
+    pub lock_manager: String,
     /// Arrival of its last heartbeat, granted or not; `None` until the first one.
     pub last_heartbeat: Option<Millis>,
     pub lease: HostLease,
@@ -195,6 +197,7 @@ impl HostView {
             peer_address: String::new(),
             resources: HostResources::default(),
             libvirt_version: String::new(),
+            lock_manager: String::new(),
             last_heartbeat: None,
             lease: HostLease::default(),
             fencing: FencingMode::SelfFence,

@@ -19,11 +19,51 @@ pub struct Recovery {
     pub waiting: Option<String>,
     /// Set when it gave up: the VM needs an operator.
     pub error: Option<String>,
+    /// A start was refused because the VM's disk is locked: another copy may run.
+    pub disk_locked: Option<DiskLocked>,
+}
+
+/// The storage lock (libvirt's lockd, QEMU's image locking) refused a start: the second layer
+/// behind fencing caught what may be a second copy. An alarm, not a failure to try elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskLocked {
+    pub since: Millis,
+    /// Where the VM was last seen running (its host before the restart).
+    pub last_seen: String,
+    /// When a start is tried again: only a start can tell the lock is gone, and a refused one
+    /// runs nothing.
+    pub retry_at: Millis,
+}
+
+/// How often a VM whose disk was locked is tried again.
+pub const DISK_LOCK_RETRY_MS: u64 = 10_000;
+
+/// Whether a failed start's error is a storage lock refusing a second copy: QEMU's own image
+/// locking ("Failed to get "write" lock ... Is another process using the image?") or libvirt's
+/// lockd ("resource busy: Lockspace resource ... is locked").
+pub fn is_disk_locked(error: &str) -> bool {
+    let e = error.to_lowercase();
+    [
+        "failed to get \"write\" lock",
+        "failed to get shared \"write\" lock",
+        "is another process using the image",
+    ]
+    .iter()
+    .any(|m| e.contains(m))
+        || (e.contains("lockspace resource") && e.contains("is locked"))
 }
 
 impl Recovery {
     pub fn new(since: Millis) -> Recovery {
-        Recovery { since, attempts: 0, tried: Vec::new(), starting_on: None, waiting: None, error: None }
+        Recovery {
+            since,
+            attempts: 0,
+            tried: Vec::new(),
+            starting_on: None,
+            waiting: None,
+            error: None,
+            disk_locked: None,
+        }
     }
 
     /// A start an earlier leader sent to `host` and whose outcome nobody knows: the VM waits
@@ -233,7 +273,13 @@ fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action
     let mut queue: Vec<(i32, String, String)> = state
         .vms
         .values()
-        .filter(|v| v.recovery.as_ref().is_some_and(|r| r.starting_on.is_none() && r.error.is_none()))
+        .filter(|v| {
+            v.recovery.as_ref().is_some_and(|r| {
+                r.starting_on.is_none()
+                    && r.error.is_none()
+                    && r.disk_locked.as_ref().is_none_or(|l| now >= l.retry_at)
+            })
+        })
         .map(|v| (-v.priority, v.name.clone(), v.uuid.clone()))
         .collect();
     queue.sort();
@@ -287,6 +333,7 @@ pub fn start_finished(
     match result {
         Ok(()) => {
             let took = now.since(r.since);
+            let unlocked = if r.disk_locked.is_some() { " (its disk lock is gone)" } else { "" };
             vm.recovery = None;
             vm.host = Some(host.into());
             vm.state = RunState::Running;
@@ -294,8 +341,33 @@ pub fn start_finished(
                 "vm",
                 &vm.name,
                 "vm_restarted",
-                format!("{} restarted on {host}, {} after its host was declared dead", vm.name, secs(took)),
+                format!(
+                    "{} restarted on {host}, {} after its host was declared dead{unlocked}",
+                    vm.name,
+                    secs(took)
+                ),
             ));
+        }
+        Err(e) if is_disk_locked(&e) => {
+            let last_seen = vm.host.clone().unwrap_or_else(|| "an unknown host".into());
+            if r.disk_locked.is_none() {
+                out.push(event(
+                    "vm",
+                    &vm.name,
+                    "disk_locked",
+                    format!(
+                        "DISK LOCKED: starting {} on {host} was refused because its disk is locked: another copy may \
+                         run (last seen on {last_seen}; fencing was bypassed?). vmha tries no other host, and tries \
+                         again every {} until the lock is gone. ({e})",
+                        vm.name,
+                        secs(DISK_LOCK_RETRY_MS)
+                    ),
+                ));
+            }
+            let since = r.disk_locked.as_ref().map_or(now, |l| l.since);
+            r.waiting = Some(format!("disk locked: another copy may run (last seen on {last_seen})"));
+            r.disk_locked =
+                Some(DiskLocked { since, last_seen, retry_at: Millis(now.0 + DISK_LOCK_RETRY_MS) });
         }
         Err(e) => {
             r.tried.push(host.into());
@@ -527,6 +599,7 @@ pub fn explain(state: &ClusterState, uuid: &str, now: Millis) -> Option<String> 
     if let Some(r) = &vm.recovery {
         return Some(match (&r.error, &r.starting_on, &r.waiting) {
             (Some(e), _, _) => e.clone(),
+            (None, None, Some(w)) if r.disk_locked.is_some() => w.clone(),
             (None, Some(h), _) => format!("restarting on {h} (attempt {})", r.attempts),
             (None, None, Some(w)) => format!("waits to restart: {w}"),
             (None, None, None) => "queued for restart".into(),
@@ -723,6 +796,48 @@ mod tests {
         a = start_finished(&mut s, "a", "kvm3", Err("qemu: no KVM".into()), Millis(3));
         assert!(matches!(&a[0], Action::Event { kind: "restart_failed", .. }), "{a:?}");
         assert!(explain(&s, "a", Millis(3)).unwrap().contains("2 attempts failed"));
+    }
+
+    #[test]
+    fn a_locked_disk_is_an_alarm_tried_again_later_never_elsewhere() {
+        let mut s = cluster();
+        beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(0));
+        beat(&mut s, &["kvm2", "kvm3"], Millis(5_500));
+        let a = confirm_down(&mut s, "kvm1", Millis(5_500)).unwrap();
+        let (_, target) = starts(&a).into_iter().find(|(n, _)| n == "dns1").unwrap();
+        let locked = "internal error: qemu unexpectedly closed the monitor: Failed to get \"write\" lock\nIs another \
+                      process using the image [/srv/images/dns1.qcow2]?";
+        let a = start_finished(&mut s, "a", &target, Err(locked.into()), Millis(5_600));
+        assert!(
+            matches!(&a[..], [Action::Event { kind: "disk_locked", message, .. }] if message.contains("last seen on kvm1")),
+            "an alarm, and no start elsewhere: {a:?}"
+        );
+        assert_eq!(
+            explain(&s, "a", Millis(5_600)).unwrap(),
+            "disk locked: another copy may run (last seen on kvm1)"
+        );
+        let a = tick(&mut s, Millis(15_500));
+        assert!(starts(&a).iter().all(|(n, _)| n != "dns1"), "not before the retry: {a:?}");
+        beat(&mut s, &["kvm2", "kvm3"], Millis(15_600));
+        let a = tick(&mut s, Millis(15_600));
+        let (_, again) = starts(&a).into_iter().find(|(n, _)| n == "dns1").expect("tried again after 10 s");
+        // Still locked: no second alarm, no giving up.
+        let a = start_finished(
+            &mut s,
+            "a",
+            &again,
+            Err("resource busy: Lockspace resource '/x' is locked".into()),
+            Millis(15_700),
+        );
+        assert!(a.is_empty(), "{a:?}");
+        beat(&mut s, &["kvm2", "kvm3"], Millis(25_700));
+        let a = tick(&mut s, Millis(25_700));
+        let (_, last) = starts(&a).into_iter().find(|(n, _)| n == "dns1").unwrap();
+        let a = start_finished(&mut s, "a", &last, Ok(()), Millis(25_800));
+        assert!(
+            matches!(&a[..], [Action::Event { kind: "vm_restarted", message, .. }] if message.contains("lock is gone"))
+        );
+        assert!(!is_disk_locked("qemu: no KVM"));
     }
 
     #[test]
