@@ -230,6 +230,8 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 struct DoubleRunWatch {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<String>>>,
+    /// Per sample with a guest running twice: the guest and its (host, pid) copies.
+    copies: Arc<Mutex<Vec<(String, Vec<(String, u32)>)>>>,
     thread: Option<std::thread::JoinHandle<usize>>,
 }
 
@@ -237,7 +239,8 @@ impl DoubleRunWatch {
     fn start() -> DoubleRunWatch {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (s, v) = (stop.clone(), seen.clone());
+        let copies = Arc::new(Mutex::new(Vec::new()));
+        let (s, v, c) = (stop.clone(), seen.clone(), copies.clone());
         let thread = std::thread::spawn(move || {
             let mut samples = 0;
             let mut next = Instant::now();
@@ -245,6 +248,7 @@ impl DoubleRunWatch {
                 for (vm, copies) in qemu_processes() {
                     if copies.len() > 1 {
                         v.lock().unwrap().push(format!("{vm} on {copies:?}"));
+                        c.lock().unwrap().push((vm, copies));
                     }
                 }
                 samples += 1;
@@ -253,7 +257,28 @@ impl DoubleRunWatch {
             }
             samples
         });
-        DoubleRunWatch { stop, seen, thread: Some(thread) }
+        DoubleRunWatch { stop, seen, copies, thread: Some(thread) }
+    }
+
+    /// Like `finish`, but a second copy counts only if the same QEMU process was seen in
+    /// `min_samples` samples or more: a start refused by a disk lock execs a QEMU that exits
+    /// during its initialisation (it opens the disk before it creates the machine), without
+    /// ever running the guest. Also returns how many such short-lived copies were seen.
+    fn finish_lasting(self, min_samples: usize) -> (usize, Vec<String>, usize) {
+        let copies = self.copies.clone();
+        let (n, _) = self.finish();
+        let copies = copies.lock().unwrap().clone();
+        let mut count: HashMap<u32, usize> = HashMap::new();
+        for (_, c) in &copies {
+            for (_, pid) in c {
+                *count.entry(*pid).or_default() += 1;
+            }
+        }
+        let lasting = |c: &Vec<(String, u32)>| c.iter().filter(|(_, pid)| count[pid] >= min_samples).count() > 1;
+        let doubles: Vec<String> =
+            copies.iter().filter(|(_, c)| lasting(c)).map(|(vm, c)| format!("{vm} on {c:?}")).collect();
+        let transient = copies.iter().filter(|(_, c)| !lasting(c)).count();
+        (n, doubles, transient)
     }
 
     /// Stops sampling; returns how many samples were taken and what ran twice.
@@ -819,6 +844,158 @@ fn fast_profile_isolation_fails_over(lab: &Lab) {
     lab.settle();
 }
 
+/// Runs a function of deploy/lab/lib.sh, e.g. `lab_fn(lab, "lab_stop_watchdogs kvm1")`.
+fn lab_fn(lab: &Lab, call: &str) {
+    let lib = repo().join("deploy/lab/lib.sh");
+    let out = Command::new("bash")
+        .args(["-c", &format!("set -euo pipefail; source {}; {call}", lib.display())])
+        .env("VMHA_LAB_DIR", lab.dir())
+        .output()
+        .expect("run bash");
+    assert!(out.status.success(), "{call}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The pid of the virtlockd holding the lease of `vm`'s disk in the shared lockspace (libvirt's
+/// lockd names a disk's lease file after the sha256 of its path), if one does.
+fn lease_holder(lab: &Lab, vm: &str) -> Option<i32> {
+    let disk = lab.dir().join(format!("shared/images/{vm}.qcow2"));
+    let sum = Command::new("sh")
+        .args(["-c", "printf %s \"$1\" | sha256sum", "sh", disk.to_str().unwrap()])
+        .output()
+        .expect("run sha256sum");
+    let sum = String::from_utf8_lossy(&sum.stdout).split_whitespace().next().unwrap().to_string();
+    let lease = lab.dir().join("shared/lockspace").join(sum);
+    let out = Command::new("lslocks").args(["-n", "-r", "-o", "PID,PATH"]).output().expect("run lslocks");
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let (pid, path) = l.split_once(' ')?;
+        (Path::new(path) == lease).then(|| pid.parse().ok()).flatten()
+    })
+}
+
+fn virtlockd_pid(lab: &Lab, host: &str) -> i32 {
+    lab.pid_in(&format!("{host}/run/virtlockd.pid")).expect("virtlockd's pid file")
+}
+
+/// Fencing bypassed: the host of protected dns1 loses its lease but neither fences itself (its
+/// agent is stopped) nor is reset (its watchdog monitor is stopped, as on a host without a
+/// working watchdog). The operator confirms it down; the controller's restart elsewhere is
+/// refused by the disk lock: dns1 keeps running once, where it was, and vmha raises the alarm.
+fn a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed(lab: &Lab) {
+    lab.settle();
+    let victim = lab.protect_known("dns1", "100");
+    assert_eq!(running_on("dns1"), std::slice::from_ref(&victim));
+    let original = qemu_processes()["dns1"].clone();
+    assert_eq!(original.len(), 1);
+    let before = last_event_id(lab);
+    let resets = lab.watchdog_resets(&victim);
+    let agent = lab.agent_pid(&victim);
+    let watch = DoubleRunWatch::start();
+    let t0 = Instant::now();
+    // The agent first, then its monitor at once (before its 3 s run out): no reset.
+    assert!(signal(agent, "STOP"), "kill -STOP the agent on {victim}");
+    lab_fn(lab, &format!("lab_stop_watchdogs {victim}"));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(&format!("{victim} no longer online"), Duration::from_secs(30), || {
+            host_json(lab, &victim)["state"] != "online"
+        });
+        println!("  {victim} is {} after {:.1} s", host_json(lab, &victim)["state"], t0.elapsed().as_secs_f64());
+        lab.vmha_ok(&["host", "confirm-down", &victim]);
+        let t1 = Instant::now();
+        let expected = format!("disk locked: another copy may run (last seen on {victim})");
+        let (mut event, mut shown) = (None, None);
+        while t1.elapsed() < Duration::from_secs(20) && (event.is_none() || shown.is_none()) {
+            // (A refused start's QEMU may show for a moment: the watch judges copies.)
+            assert!(qemu_processes()["dns1"].contains(&original[0]), "dns1 still runs on {victim}");
+            if event.is_none() {
+                event = lab.events().into_iter().find(|e| {
+                    e["id"].as_i64().unwrap() > before && e["kind"] == "disk_locked" && e["subject"] == "dns1"
+                });
+            }
+            if shown.is_none() && lab.vmha_ok(&["status"]).contains(&expected) {
+                shown = Some(t1.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let event = event.expect("a disk_locked event within 20 s of the confirm-down");
+        println!("  disk_locked: {}", event["message"].as_str().unwrap_or_default());
+        assert!(shown.is_some(), "vmha status shows {expected:?} within 20 s: {}", lab.vmha_ok(&["status"]));
+        // And it stays so: the restart is not tried on another host instead.
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(qemu_processes()["dns1"].contains(&original[0]), "dns1 still runs on {victim}");
+        assert_eq!(lab.watchdog_resets(&victim), resets, "{victim} was not reset");
+    }));
+    // Heal: the monitor back first (disarmed until fed), then the agent.
+    lab_verb("revive", &[&victim]);
+    assert!(signal(agent, "CONT"), "kill -CONT the agent on {victim}");
+    let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lab.settle();
+        lab.ensure_running("dns1");
+        wait_until("dns1 shown running without a disk lock", Duration::from_secs(30), || {
+            !lab.vmha_ok(&["status"]).contains("disk locked")
+        });
+    }));
+    std::thread::sleep(Duration::from_secs(2));
+    // A QEMU exec'd for a start refused on the lock lives some 10 ms: 3 samples (200 ms) are
+    // far more than it lives, far less than a guest that runs.
+    let (samples, doubles, transient) = watch.finish_lasting(3);
+    println!("  {samples} samples; {transient} with a refused start's short-lived QEMU");
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    settled.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    assert_eq!(running_on("dns1").len(), 1);
+}
+
+/// A drain of a host whose guests have disks on shared storage moves them all live, and each
+/// disk's lock moves with its guest: the destination's virtlockd holds the lease, and the
+/// drained host can no longer start the guest (its definition refused on the lock).
+fn a_drain_moves_the_disk_locks_with_the_guests(lab: &Lab) {
+    lab.settle();
+    let host = "kvm1";
+    for vm in GUESTS {
+        place(lab, vm, host);
+        assert_eq!(lease_holder(lab, vm), Some(virtlockd_pid(lab, host)), "{host}'s virtlockd holds {vm}'s lease");
+    }
+    let before = last_event_id(lab);
+    let out = lab.vmha_ok(&["host", "drain", host]);
+    let undrain = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(out.contains(&format!("drain of {host} done")), "{out}");
+        for vm in GUESTS {
+            let on = running_on(vm);
+            assert!(on.len() == 1 && on[0] != host, "{vm} runs on {on:?}");
+            let kinds = kinds_since(lab, before, vm);
+            assert!(kinds.contains(&"migration_succeeded".to_string()), "{vm} was migrated: {kinds:?}");
+            assert!(!kinds.iter().any(|k| k.starts_with("restart")), "{vm} was not restarted: {kinds:?}");
+            assert_eq!(
+                lease_holder(lab, vm),
+                Some(virtlockd_pid(lab, &on[0])),
+                "{vm}'s lease followed it to {}",
+                on[0]
+            );
+        }
+        // The drained host cannot start a copy of a guest that left it.
+        let vm = "dns1";
+        let xml = lab.dir().join(format!("guests/{vm}.xml"));
+        lab.virsh(host, &["define", xml.to_str().unwrap()]);
+        let start = Command::new("timeout")
+            .args(["20", "virsh", "-c", &lab.uri(host), "start", vm])
+            .output()
+            .expect("run virsh");
+        lab.virsh(host, &["undefine", vm]);
+        let err = String::from_utf8_lossy(&start.stderr).to_string();
+        assert!(!start.status.success(), "a second {vm} started on {host}");
+        assert!(
+            err.contains("Failed to get \"write\" lock") || err.contains("is locked"),
+            "refused on the disk lock: {err}"
+        );
+        println!("  {vm} refused on {host}: {}", err.lines().last().unwrap_or_default());
+        assert_eq!(running_on(vm).len(), 1);
+        assert_eq!(host_json(lab, host)["admin_state"], "maintenance");
+    }));
+    lab.vmha_ok(&["host", "undrain", host]);
+    undrain.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert_eq!(host_json(lab, host)["admin_state"], "active");
+}
+
 /// After a failed scenario: undoes whatever a scenario may have left broken (a cut link, a
 /// killed host, a stopped process, PostgreSQL down, the fast profile, limits, drains), and
 /// power-cycles a host that is still not online, so the next scenario starts settled.
@@ -873,7 +1050,7 @@ fn keep_logs(lab: &Lab) -> PathBuf {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 14] = [
+    let scenarios: [Scenario; 16] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -896,6 +1073,11 @@ fn main() {
         (
             "a_throttled_migration_times_out_and_the_guest_stays",
             a_throttled_migration_times_out_and_the_guest_stays,
+        ),
+        ("a_drain_moves_the_disk_locks_with_the_guests", a_drain_moves_the_disk_locks_with_the_guests),
+        (
+            "a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed",
+            a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed,
         ),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

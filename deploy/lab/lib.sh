@@ -364,18 +364,18 @@ lab_images_mounted() { # [PID]: in that process's mount namespace (default ours)
 }
 
 lab_mount_images() {
-  lab_images_mounted && return 0
+  lab_images_mounted self && return 0
   command -v bindfs >/dev/null || lab_die "bindfs not installed (run deploy/lab/deps)"
   mkdir -p "$LAB_IMAGES_BACKING" "$LAB_IMAGES_DIR"
   lab_log "mounting the shared images directory $LAB_IMAGES_DIR (bindfs, typed fuse.glusterfs)"
   bindfs -o subtype=glusterfs,fsname=vmha-lab-shared "$LAB_IMAGES_BACKING" "$LAB_IMAGES_DIR" \
     </dev/null >/dev/null 2>&1 9>&- || lab_die "bindfs mount of $LAB_IMAGES_DIR failed"
-  lab_images_mounted || lab_die "$LAB_IMAGES_DIR is not mounted after bindfs"
+  lab_images_mounted self || lab_die "$LAB_IMAGES_DIR is not mounted after bindfs"
 }
 
 # lab_unmount_images: after the hosts are gone (their namespaces hold copies).
 lab_unmount_images() {
-  lab_images_mounted || return 0
+  lab_images_mounted self || return 0
   umount "$LAB_IMAGES_DIR" 2>/dev/null || umount -l "$LAB_IMAGES_DIR"
 }
 
