@@ -225,13 +225,16 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The (host, pid) of each QEMU process of one guest.
+type Copies = Vec<(String, u32)>;
+
 /// Samples the QEMU processes every 100 ms until dropped; remembers any moment a guest ran
 /// twice.
 struct DoubleRunWatch {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<String>>>,
     /// Per sample with a guest running twice: the guest and its (host, pid) copies.
-    copies: Arc<Mutex<Vec<(String, Vec<(String, u32)>)>>>,
+    copies: Arc<Mutex<Vec<(String, Copies)>>>,
     thread: Option<std::thread::JoinHandle<usize>>,
 }
 
@@ -274,7 +277,7 @@ impl DoubleRunWatch {
                 *count.entry(*pid).or_default() += 1;
             }
         }
-        let lasting = |c: &Vec<(String, u32)>| c.iter().filter(|(_, pid)| count[pid] >= min_samples).count() > 1;
+        let lasting = |c: &Copies| c.iter().filter(|(_, pid)| count[pid] >= min_samples).count() > 1;
         let doubles: Vec<String> =
             copies.iter().filter(|(_, c)| lasting(c)).map(|(vm, c)| format!("{vm} on {c:?}")).collect();
         let transient = copies.iter().filter(|(_, c)| !lasting(c)).count();
@@ -898,7 +901,11 @@ fn a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed(lab: &Lab) {
         wait_until(&format!("{victim} no longer online"), Duration::from_secs(30), || {
             host_json(lab, &victim)["state"] != "online"
         });
-        println!("  {victim} is {} after {:.1} s", host_json(lab, &victim)["state"], t0.elapsed().as_secs_f64());
+        println!(
+            "  {victim} is {} after {:.1} s",
+            host_json(lab, &victim)["state"],
+            t0.elapsed().as_secs_f64()
+        );
         lab.vmha_ok(&["host", "confirm-down", &victim]);
         let t1 = Instant::now();
         let expected = format!("disk locked: another copy may run (last seen on {victim})");
@@ -951,9 +958,16 @@ fn a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed(lab: &Lab) {
 fn a_drain_moves_the_disk_locks_with_the_guests(lab: &Lab) {
     lab.settle();
     let host = "kvm1";
+    for h in HOSTS {
+        assert_eq!(host_json(lab, h)["lock_manager"], "lockd", "{h} reports libvirt's lock manager");
+    }
     for vm in GUESTS {
         place(lab, vm, host);
-        assert_eq!(lease_holder(lab, vm), Some(virtlockd_pid(lab, host)), "{host}'s virtlockd holds {vm}'s lease");
+        assert_eq!(
+            lease_holder(lab, vm),
+            Some(virtlockd_pid(lab, host)),
+            "{host}'s virtlockd holds {vm}'s lease"
+        );
     }
     let before = last_event_id(lab);
     let out = lab.vmha_ok(&["host", "drain", host]);
@@ -972,22 +986,28 @@ fn a_drain_moves_the_disk_locks_with_the_guests(lab: &Lab) {
                 on[0]
             );
         }
-        // The drained host cannot start a copy of a guest that left it.
+        // The drained host cannot start a copy of a guest that left it: the same definition
+        // under another name (a second dns1, even shut off for a moment, would make the name
+        // ambiguous to vmha, which would see it with another UUID).
         let vm = "dns1";
-        let xml = lab.dir().join(format!("guests/{vm}.xml"));
-        lab.virsh(host, &["define", xml.to_str().unwrap()]);
+        let copy = "dns1-copy";
+        let xml = std::fs::read_to_string(lab.dir().join(format!("guests/{vm}.xml"))).unwrap();
+        let xml = xml.replace(&format!("<name>{vm}</name>"), &format!("<name>{copy}</name>"));
+        let path = lab.dir().join(format!("guests/{copy}.xml"));
+        std::fs::write(&path, xml).unwrap();
+        lab.virsh(host, &["define", path.to_str().unwrap()]);
         let start = Command::new("timeout")
-            .args(["20", "virsh", "-c", &lab.uri(host), "start", vm])
+            .args(["20", "virsh", "-c", &lab.uri(host), "start", copy])
             .output()
             .expect("run virsh");
-        lab.virsh(host, &["undefine", vm]);
+        lab.virsh(host, &["undefine", copy]);
         let err = String::from_utf8_lossy(&start.stderr).to_string();
         assert!(!start.status.success(), "a second {vm} started on {host}");
         assert!(
             err.contains("Failed to get \"write\" lock") || err.contains("is locked"),
             "refused on the disk lock: {err}"
         );
-        println!("  {vm} refused on {host}: {}", err.lines().last().unwrap_or_default());
+        println!("  a copy of {vm} refused on {host}: {}", err.lines().last().unwrap_or_default());
         assert_eq!(running_on(vm).len(), 1);
         assert_eq!(host_json(lab, host)["admin_state"], "maintenance");
     }));
