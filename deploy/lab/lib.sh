@@ -7,7 +7,7 @@
 # The lab runs three libvirt "hosts" on this one machine. libvirt refuses to
 # migrate to "the same host" (it compares hostname and host UUID), so every lab
 # host gets its own network, UTS and mount namespace, its own libvirtd and its
-# own copies of libvirt's state directories. See /work/shared/LAB.md.
+# own copies of libvirt's state directories.
 #
 # Callers are expected to run with `set -euo pipefail`; nothing here changes
 # shell options, so sourcing this file from an interactive shell is harmless.

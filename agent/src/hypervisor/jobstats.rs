@@ -1,7 +1,7 @@
 //! libvirt job statistics through the raw API.
 //!
 //! `virt::Domain::job_stats` builds a `Vec` over libvirt's allocation and aborts the process
-//! when there is no job (CRATES.md), so this calls `virDomainGetJobStats` itself, reads the
+//! when there is no job, so this calls `virDomainGetJobStats` itself, reads the
 //! typed parameters it needs and frees them with `virTypedParamsFree`.
 
 use std::ffi::CStr;

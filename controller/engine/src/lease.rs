@@ -1,4 +1,4 @@
-//! The leader's side of the safety rule (DESIGN.md, "Liveness, leases and fencing"): which
+//! The leader's side of the safety rule (controller/engine/SAFETY.md): which
 //! heartbeats earn a lease, which leases count toward quorum, and whether quorum has held long
 //! enough for a silent host to be declared dead.
 //!
