@@ -107,10 +107,6 @@ impl Device {
         self.timeout
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn feed(&mut self) -> Result<(), WatchdogError> {
         // Any character but `V` feeds it and cancels an earlier magic character.
         self.file.write_all(b"k").map_err(|source| WatchdogError::Feed { path: self.path.clone(), source })
