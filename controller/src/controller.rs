@@ -475,12 +475,7 @@ impl Controller {
             // waits for its host to report the VM or to be declared dead, never for a clock.
             .filter(|op| {
                 op.kind != "start"
-                    || !self.read(|s| {
-                        s.vms
-                            .get(&op.vm_uuid)
-                            .and_then(|v| v.recovery.as_ref())
-                            .is_some_and(|r| r.starting_on.as_deref() == Some(op.target.as_str()))
-                    })
+                    || !self.read(|s| s.vms.get(&op.vm_uuid).is_some_and(|v| v.awaits_start_on(&op.target)))
             })
             .collect();
         for op in silent {
@@ -645,14 +640,7 @@ impl Controller {
             "controller",
         );
         let cmd = command::Kind::Start(StartDomain { xml });
-        let still_wanted = || {
-            self.read(|s| {
-                s.vms
-                    .get(vm_uuid)
-                    .and_then(|v| v.recovery.as_ref())
-                    .is_some_and(|r| r.starting_on.as_deref() == Some(host))
-            })
-        };
+        let still_wanted = || self.read(|s| s.vms.get(vm_uuid).is_some_and(|v| v.awaits_start_on(host)));
         self.send_operation("start", vm_uuid, vm_name, &from, host, cmd, still_wanted).await.map(|_| ())
     }
 

@@ -3,7 +3,7 @@
 
 use crate::inventory::{InventoryChange, ReportedDomain};
 use crate::lease::{has_quorum, observe_quorum, quorum_held_for};
-use crate::{AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, placement};
+use crate::{AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, VmView, placement};
 
 /// A protected VM's way back after its host died.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +51,14 @@ pub fn is_disk_locked(error: &str) -> bool {
     .iter()
     .any(|m| e.contains(m))
         || (e.contains("lockspace resource") && e.contains("is locked"))
+}
+
+impl VmView {
+    /// Whether its recovery waits for a start sent to `host` (whose result, or a report of the
+    /// VM there, is still to come).
+    pub fn awaits_start_on(&self, host: &str) -> bool {
+        self.recovery.as_ref().is_some_and(|r| r.starting_on.as_deref() == Some(host))
+    }
 }
 
 impl Recovery {
@@ -527,11 +535,7 @@ pub fn after_report(
     let started: Vec<String> = state
         .vms
         .values()
-        .filter(|v| {
-            v.host.as_deref() == Some(host)
-                && v.state.has_process()
-                && v.recovery.as_ref().is_some_and(|r| r.starting_on.as_deref() == Some(host))
-        })
+        .filter(|v| v.host.as_deref() == Some(host) && v.state.has_process() && v.awaits_start_on(host))
         .map(|v| v.uuid.clone())
         .collect();
     for uuid in started {

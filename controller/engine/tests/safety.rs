@@ -642,11 +642,7 @@ impl Sim {
 
     /// The controller sends a start it has recorded, if the engine still wants it.
     fn send_start(&mut self, host: usize, vm: usize) {
-        let wanted = self.leader.vms[&vm_uuid(vm)]
-            .recovery
-            .as_ref()
-            .is_some_and(|r| r.starting_on.as_deref() == Some(host_name(host).as_str()));
-        if !wanted {
+        if !self.leader.vms[&vm_uuid(vm)].awaits_start_on(&host_name(host)) {
             return;
         }
         if !self.leader_reachable(host) {
