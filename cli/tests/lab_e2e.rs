@@ -482,6 +482,17 @@ fn kinds_since(lab: &Lab, after: i64, vm: &str) -> Vec<String> {
         .collect()
 }
 
+/// Checks that a drain of `host` moved `vm` by live migration, once, with no restart, since
+/// event `before`; returns where it runs now.
+fn moved_live(lab: &Lab, host: &str, before: i64, vm: &str) -> String {
+    let on = running_on(vm);
+    assert!(on.len() == 1 && on[0] != host, "{vm} runs on {on:?}");
+    let kinds = kinds_since(lab, before, vm);
+    assert!(kinds.contains(&"migration_succeeded".to_string()), "{vm} was migrated: {kinds:?}");
+    assert!(!kinds.iter().any(|k| k.starts_with("restart")), "{vm} was not restarted: {kinds:?}");
+    on[0].clone()
+}
+
 fn last_event_id(lab: &Lab) -> i64 {
     lab.events().last().map_or(0, |e| e["id"].as_i64().unwrap())
 }
@@ -501,11 +512,7 @@ fn drain_moves_every_vm_live_and_ends_in_maintenance(lab: &Lab) {
     let out = lab.vmha_ok(&["host", "drain", host]);
     assert!(out.contains(&format!("drain of {host} done")), "{out}");
     for vm in GUESTS {
-        let on = running_on(vm);
-        assert!(on.len() == 1 && on[0] != host, "{vm} runs on {on:?}");
-        let kinds = kinds_since(lab, before, vm);
-        assert!(kinds.contains(&"migration_succeeded".to_string()), "{vm} was migrated: {kinds:?}");
-        assert!(!kinds.iter().any(|k| k.starts_with("restart")), "{vm} was not restarted: {kinds:?}");
+        moved_live(lab, host, before, vm);
     }
     assert_eq!(host_json(lab, host)["admin_state"], "maintenance");
     lab.vmha_ok(&["host", "undrain", host]);
@@ -974,16 +981,11 @@ fn a_drain_moves_the_disk_locks_with_the_guests(lab: &Lab) {
     let undrain = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         assert!(out.contains(&format!("drain of {host} done")), "{out}");
         for vm in GUESTS {
-            let on = running_on(vm);
-            assert!(on.len() == 1 && on[0] != host, "{vm} runs on {on:?}");
-            let kinds = kinds_since(lab, before, vm);
-            assert!(kinds.contains(&"migration_succeeded".to_string()), "{vm} was migrated: {kinds:?}");
-            assert!(!kinds.iter().any(|k| k.starts_with("restart")), "{vm} was not restarted: {kinds:?}");
+            let to = moved_live(lab, host, before, vm);
             assert_eq!(
                 lease_holder(lab, vm),
-                Some(virtlockd_pid(lab, &on[0])),
-                "{vm}'s lease followed it to {}",
-                on[0]
+                Some(virtlockd_pid(lab, &to)),
+                "{vm}'s lease followed it to {to}"
             );
         }
         // The drained host cannot start a copy of a guest that left it: the same definition
