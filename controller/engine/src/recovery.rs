@@ -3,7 +3,9 @@
 
 use crate::inventory::{InventoryChange, ReportedDomain};
 use crate::lease::{has_quorum, observe_quorum, quorum_held_for};
-use crate::{AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, VmView, placement};
+use crate::{
+    AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, VmView, placement,
+};
 
 /// A protected VM's way back after its host died.
 #[derive(Clone, Debug, PartialEq, Eq)]
