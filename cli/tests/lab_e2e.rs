@@ -868,13 +868,13 @@ fn lab_fn(lab: &Lab, call: &str) {
 /// The pid of the virtlockd holding the lease of `vm`'s disk in the shared lockspace (libvirt's
 /// lockd names a disk's lease file after the sha256 of its path), if one does.
 fn lease_holder(lab: &Lab, vm: &str) -> Option<i32> {
-    let disk = lab.dir().join(format!("shared/images/{vm}.qcow2"));
+    let disk = lab.dir().join(format!("san/images/{vm}.qcow2"));
     let sum = Command::new("sh")
         .args(["-c", "printf %s \"$1\" | sha256sum", "sh", disk.to_str().unwrap()])
         .output()
         .expect("run sha256sum");
     let sum = String::from_utf8_lossy(&sum.stdout).split_whitespace().next().unwrap().to_string();
-    let lease = lab.dir().join("shared/lockspace").join(sum);
+    let lease = lab.dir().join("san/lockspace").join(sum);
     let out = Command::new("lslocks").args(["-n", "-r", "-o", "PID,PATH"]).output().expect("run lslocks");
     String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
         let (pid, path) = l.split_once(' ')?;

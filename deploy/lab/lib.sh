@@ -35,7 +35,7 @@ LAB_GUEST_MIB=64
 # Storage every lab host sees at the same path (NFS in production): the guests'
 # disk images and virtlockd's lockspace (libvirt's lockd lock manager, see
 # lab_write_host_config). Outside the per-host private libvirt directories.
-LAB_SHARED_DIR=$VMHA_LAB_DIR/shared
+LAB_SHARED_DIR=$VMHA_LAB_DIR/san
 # The images are on a FUSE mount (lab_mount_images) of LAB_IMAGES_BACKING.
 LAB_IMAGES_DIR=$LAB_SHARED_DIR/images
 LAB_IMAGES_BACKING=$LAB_SHARED_DIR/.images
