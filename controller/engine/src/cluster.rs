@@ -299,6 +299,9 @@ pub struct Policy {
     /// Declare self-fencing hosts without a working watchdog dead on their lease alone, as if
     /// they had one (the operator accepted that a killed agent may leave a second copy).
     pub accept_no_watchdog: bool,
+    /// A live migration's timeout (the agent aborts it then); operations without a result
+    /// are settled from reports a grace period after it.
+    pub migration_timeout_ms: u64,
 }
 
 impl Default for Policy {
@@ -313,6 +316,7 @@ impl Default for Policy {
             degraded_after_ms: 30_000,
             recover_after_ms: 60_000,
             accept_no_watchdog: false,
+            migration_timeout_ms: 300_000,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Emptying a host by live migration: an operator's drain (ending in maintenance) or the
 //! automatic one of a degraded host (whose health probes keep failing). Also host health.
 
+use crate::event::EventKind;
 use crate::recovery::Action;
 use crate::{AdminState, ClusterState, HostLiveness, Millis, Refusal, RunState, placement};
 
@@ -40,7 +41,7 @@ impl Health {
 }
 
 /// Who asked for the drain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DrainCause {
     /// `vmha host drain`: ends in maintenance.
     Operator,
@@ -48,7 +49,7 @@ pub enum DrainCause {
     Degraded,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StepState {
     /// Waiting for a migration slot.
     Pending,
@@ -90,7 +91,7 @@ impl StepState {
         }
     }
 
-    fn finished(&self) -> bool {
+    pub fn finished(&self) -> bool {
         match self {
             StepState::Migrated { .. }
             | StepState::Restarted { .. }
@@ -101,7 +102,7 @@ impl StepState {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DrainStep {
     pub vm_uuid: String,
     pub vm_name: String,
@@ -114,7 +115,7 @@ pub struct DrainStep {
 }
 
 /// How a drain stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DrainState {
     /// Only a plan (`--dry-run`).
     Planned,
@@ -136,7 +137,7 @@ impl DrainState {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Drain {
     pub cause: DrainCause,
     /// A VM whose live migration fails may be cold-restarted elsewhere.
@@ -247,7 +248,7 @@ pub fn start(
     let mut out = vec![Action::Event {
         subject_kind: "host",
         subject: host.into(),
-        kind: "drain_started",
+        kind: EventKind::DrainStarted,
         message: format!("draining {host}: {n} running VMs to move by live migration, protected first"),
     }];
     out.extend(tick(state, now));
@@ -265,12 +266,12 @@ pub fn undrain(state: &mut ClusterState, host: &str) -> Result<Vec<Action>, Refu
     Ok(vec![Action::Event {
         subject_kind: "host",
         subject: host.into(),
-        kind: "host_undrained",
+        kind: EventKind::HostUndrained,
         message: format!("{host} is active again (was {}); it takes VMs", was.as_str()),
     }])
 }
 
-fn event(host: &str, kind: &'static str, message: String) -> Action {
+fn event(host: &str, kind: EventKind, message: String) -> Action {
     Action::Event { subject_kind: "host", subject: host.into(), kind, message }
 }
 
@@ -298,7 +299,7 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
             };
             out.push(event(
                 name,
-                "host_degraded",
+                EventKind::HostDegraded,
                 format!("{name} is degraded ({}): no new VMs; {then}", health.failing_summary()),
             ));
             if !libvirtd_only && h.drain.as_ref().is_none_or(|d| d.state != DrainState::Draining) {
@@ -317,7 +318,7 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
             health.degraded = false;
             out.push(event(
                 name,
-                "host_recovered",
+                EventKind::HostRecovered,
                 format!("{name} passes its health probes again: it takes VMs"),
             ));
             if h.drain.as_ref().is_some_and(|d| d.cause == DrainCause::Degraded) {
@@ -416,11 +417,11 @@ fn finish_if_done(state: &mut ClusterState, host: &str, out: &mut Vec<Action>) {
             DrainCause::Operator => {
                 h.admin = AdminState::Maintenance;
                 d.message = format!("{moved} VMs moved; {host} is in maintenance");
-                out.push(event(host, "drain_done", format!("drained {host}: {}", d.message)));
+                out.push(event(host, EventKind::DrainDone, format!("drained {host}: {}", d.message)));
             }
             DrainCause::Degraded => {
                 d.message = format!("{moved} VMs moved off the degraded host");
-                out.push(event(host, "drain_done", format!("{host}: {}", d.message)));
+                out.push(event(host, EventKind::DrainDone, format!("{host}: {}", d.message)));
             }
         }
     } else {
@@ -430,7 +431,7 @@ fn finish_if_done(state: &mut ClusterState, host: &str, out: &mut Vec<Action>) {
             left.len(),
             left.join("; ")
         );
-        out.push(event(host, "drain_incomplete", format!("drain of {host} incomplete: {}", d.message)));
+        out.push(event(host, EventKind::DrainIncomplete, format!("drain of {host} incomplete: {}", d.message)));
     }
 }
 
@@ -589,7 +590,7 @@ mod tests {
         migration_finished(&mut s, "b", &m[1].1, Ok(()), Millis(4));
         let target = migrations(&a)[0].1.clone();
         let a = migration_finished(&mut s, "c", &target, Ok(()), Millis(5));
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "drain_done", .. })), "{a:?}");
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::DrainDone, .. })), "{a:?}");
         assert_eq!(s.hosts["kvm1"].admin, AdminState::Maintenance);
         undrain(&mut s, "kvm1").unwrap();
         assert_eq!(s.hosts["kvm1"].admin, AdminState::Active);
@@ -608,7 +609,7 @@ mod tests {
         crate::inventory::apply_migrated(&mut s, "a", &m[0].1);
         let a = migration_finished(&mut s, "b", &m[1].1, Err("target died".into()), Millis(3));
         // radius1 is retried nowhere (no room left anywhere), billing never had room.
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "drain_incomplete", .. })), "{a:?}");
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::DrainIncomplete, .. })), "{a:?}");
         let d = s.hosts["kvm1"].drain.as_ref().unwrap();
         assert_eq!(d.state, DrainState::Incomplete);
         assert!(d.message.contains("billing") && d.message.contains("nothing was stopped"), "{}", d.message);
@@ -635,7 +636,7 @@ mod tests {
             assert!(s.vms["a"].busy_with.is_some(), "nothing else may restart it meanwhile");
             let to = to.clone();
             let a = restart_finished(&mut s, "a", &to, Ok(()), Millis(3));
-            assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "drain_done", .. })), "{a:?}");
+            assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::DrainDone, .. })), "{a:?}");
             assert_eq!(s.vms["a"].host.as_deref(), Some(to.as_str()));
         }
     }
@@ -653,7 +654,7 @@ mod tests {
         online(&mut s, 29_000);
         assert!(tick(&mut s, Millis(29_999)).is_empty());
         let a = tick(&mut s, Millis(30_000));
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "host_degraded", .. })), "{a:?}");
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::HostDegraded, .. })), "{a:?}");
         assert_eq!(migrations(&a).len(), 2);
         assert_eq!(s.hosts["kvm1"].health.as_str(), "degraded");
         let vm = s.vms["c"].clone();
@@ -662,7 +663,7 @@ mod tests {
         on_probes(&mut s, "kvm1", vec![], Millis(31_000));
         online(&mut s, 90_000);
         let a = tick(&mut s, Millis(91_000));
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "host_recovered", .. })), "{a:?}");
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::HostRecovered, .. })), "{a:?}");
         assert_eq!(s.hosts["kvm1"].admin, AdminState::Active);
     }
 
@@ -676,7 +677,7 @@ mod tests {
         }
         let a = tick(&mut s, Millis(30_000));
         assert!(
-            a.iter().any(|x| matches!(x, Action::Event { kind: "host_degraded", message, .. } if message.contains("stay put"))),
+            a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::HostDegraded, message, .. } if message.contains("stay put"))),
             "{a:?}"
         );
         assert!(migrations(&a).is_empty(), "{a:?}");

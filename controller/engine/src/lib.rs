@@ -8,12 +8,15 @@
 
 pub mod cluster;
 pub mod drain;
+pub mod event;
 pub mod inventory;
 pub mod lease;
 pub mod migration;
+pub mod operation;
 pub mod placement;
 pub mod recovery;
 pub mod selffence;
+pub mod step;
 pub mod time;
 pub mod timings;
 
@@ -23,5 +26,6 @@ pub use cluster::{
 pub use inventory::{InventoryChange, ReportedDomain};
 pub use lease::HostLiveness;
 pub use migration::{MigrationPlan, Refusal};
+pub use step::{Engine, Input, Output, Reply, Request};
 pub use time::Millis;
 pub use timings::{Timings, TimingsError};

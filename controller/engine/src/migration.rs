@@ -32,6 +32,14 @@ pub enum Refusal {
          pick another host or free memory on {host}"
     )]
     NoRoom { vm: String, host: String, free_mib: u64, need_mib: u64 },
+    #[error("{0} holds a lease (its agent sent a heartbeat within the lease); it is not down")]
+    HostOnline(String),
+    #[error("host {0} has not registered with this controller")]
+    NotRegistered(String),
+    #[error("operation {0} is not in flight")]
+    UnknownOperation(String),
+    #[error("operation {operation} does not run on {host}")]
+    NotExecutor { operation: String, host: String },
 }
 
 /// A migration the shell may write down and send to the source agent.

@@ -1,6 +1,7 @@
 //! Host failure: when a silent host may be declared dead, and restarting its protected VMs
 //! elsewhere, most critical first. Also the return of a host that was declared dead.
 
+use crate::event::EventKind;
 use crate::inventory::{InventoryChange, ReportedDomain};
 use crate::lease::{has_quorum, observe_quorum, quorum_held_for};
 use crate::{
@@ -8,7 +9,7 @@ use crate::{
 };
 
 /// A protected VM's way back after its host died.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Recovery {
     /// When its host was declared dead.
     pub since: Millis,
@@ -27,7 +28,7 @@ pub struct Recovery {
 
 /// The storage lock (libvirt's lockd, QEMU's image locking) refused a start: the second layer
 /// behind fencing caught what may be a second copy. An alarm, not a failure to try elsewhere.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskLocked {
     pub since: Millis,
     /// Where the VM was last seen running (its host before the restart).
@@ -101,10 +102,10 @@ pub enum Action {
     /// Destroy a stale copy on a host that came back (fencing was bypassed).
     DestroyStale { vm_uuid: String, vm_name: String, host: String },
     /// Write an event.
-    Event { subject_kind: &'static str, subject: String, kind: &'static str, message: String },
+    Event { subject_kind: &'static str, subject: String, kind: EventKind, message: String },
 }
 
-fn event(subject_kind: &'static str, subject: &str, kind: &'static str, message: String) -> Action {
+fn event(subject_kind: &'static str, subject: &str, kind: EventKind, message: String) -> Action {
     Action::Event { subject_kind, subject: subject.into(), kind, message }
 }
 
@@ -158,7 +159,7 @@ fn declare_dead(
             out.push(event(
                 "vm",
                 &vm.name,
-                "restart_unsafe",
+                EventKind::RestartUnsafe,
                 format!(
                     "{} is not restarted: it was protected after {host} last confirmed its list of protected VMs, \
                      so its agent may not have destroyed it; once you know {host} is off, run `vmha host \
@@ -170,7 +171,7 @@ fn declare_dead(
             out.push(event(
                 "vm",
                 &vm.name,
-                "vm_down",
+                EventKind::VmDown,
                 format!("{} is down with {host}; it is not protected, so it is not restarted", vm.name),
             ));
         }
@@ -218,7 +219,7 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
                 out.push(event(
                     "host",
                     &name,
-                    "confirm_down_needed",
+                    EventKind::ConfirmDownNeeded,
                     format!(
                         "{name} lost its lease, but {why}: nothing is restarted until a fence device or an operator \
                          who knows it is off runs `vmha host confirm-down {name}`"
@@ -315,7 +316,7 @@ fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action
             }
             Err(why) => {
                 if r.waiting.as_deref() != Some(why.as_str()) {
-                    out.push(event("vm", &vm.name, "restart_waiting", format!("{} waits: {why}", vm.name)));
+                    out.push(event("vm", &vm.name, EventKind::RestartWaiting, format!("{} waits: {why}", vm.name)));
                     r.waiting = Some(why);
                 }
             }
@@ -350,7 +351,7 @@ pub fn start_finished(
             out.push(event(
                 "vm",
                 &vm.name,
-                "vm_restarted",
+                EventKind::VmRestarted,
                 format!(
                     "{} restarted on {host}, {} after its host was declared dead{unlocked}",
                     vm.name,
@@ -364,7 +365,7 @@ pub fn start_finished(
                 out.push(event(
                     "vm",
                     &vm.name,
-                    "disk_locked",
+                    EventKind::DiskLocked,
                     format!(
                         "DISK LOCKED: starting {} on {host} was refused because its disk is locked: another copy may \
                          run (last seen on {last_seen}; fencing was bypassed?). vmha tries no other host, and tries \
@@ -387,12 +388,12 @@ pub fn start_finished(
                     vm.name, r.attempts
                 );
                 r.error = Some(msg.clone());
-                out.push(event("vm", &vm.name, "restart_failed", msg));
+                out.push(event("vm", &vm.name, EventKind::RestartFailed, msg));
             } else {
                 out.push(event(
                     "vm",
                     &vm.name,
-                    "restart_retry",
+                    EventKind::RestartRetry,
                     format!("starting {} on {host} failed: {e}; trying another host", vm.name),
                 ));
                 schedule_restarts(state, now, &mut out);
@@ -425,7 +426,7 @@ pub fn fence_finished(
         Err(e) => out.push(event(
             "host",
             host,
-            "fence_failed",
+            EventKind::FenceFailed,
             format!(
                 "FENCING {host} FAILED: {e}; nothing of it is restarted. Fix the fence device, or run \
                  `vmha host confirm-down {host}` once you know it is off"
@@ -487,7 +488,7 @@ pub fn on_report(
     out.push(event(
         "host",
         host,
-        "host_returned",
+        EventKind::HostReturned,
         format!("{host} is back, {} after it was declared dead ({})", secs(now.since(death.at)), death.cause),
     ));
     for d in domains.iter().filter(|d| d.state.has_process()) {
@@ -499,7 +500,7 @@ pub fn on_report(
             out.push(event(
                 "vm",
                 &vm.name,
-                "stale_copy",
+                EventKind::StaleCopy,
                 format!(
                     "{host} came back still running {} although it was restarted elsewhere: FENCING WAS \
                      BYPASSED (agent down without a watchdog?); destroying the copy on {host}",
@@ -515,7 +516,7 @@ pub fn on_report(
             out.push(event(
                 "vm",
                 &vm.name,
-                "restart_cancelled",
+                EventKind::RestartCancelled,
                 format!("{} still runs on {host}, which is back; not restarting it elsewhere", vm.name),
             ));
         }
@@ -549,7 +550,7 @@ pub fn after_report(
                 out.push(event(
                     "vm",
                     name,
-                    "two_copies",
+                    EventKind::TwoCopies,
                     format!(
                         "{name} RUNS TWICE: on {placed}, where vmha placed it, and on {extra}; destroying the copy on \
                          {extra} (fencing was bypassed: a start by hand, or a confirm-down of a live host?)"
@@ -564,7 +565,7 @@ pub fn after_report(
                 out.push(event(
                     "vm",
                     name,
-                    "second_copy_seen",
+                    EventKind::SecondCopySeen,
                     format!(
                         "{extra} reports {name} running while {placed} runs it too; destroying the copy on {extra} \
                          if {placed}'s next report still shows its own"
@@ -585,7 +586,7 @@ pub fn after_report(
         out.push(event(
             "vm",
             name,
-            "vm_stopped",
+            EventKind::VmStopped,
             format!(
                 "{name} stopped on {host} ({}) without vmha asking: its agent self-fenced or the guest died; \
                  restarting it (unprotect a VM before stopping it on purpose)",
@@ -718,7 +719,7 @@ mod tests {
         assert_eq!(s.vms["a"].state, RunState::Lost);
         assert!(explain(&s, "a", Millis(16_000)).unwrap().starts_with("restarting on"));
         let ev = start_finished(&mut s, "a", &st[0].1, Ok(()), Millis(16_500));
-        assert!(matches!(&ev[0], Action::Event { kind: "vm_restarted", .. }));
+        assert!(matches!(&ev[0], Action::Event { kind: EventKind::VmRestarted, .. }));
         assert_eq!(
             (s.vms["a"].host.as_deref(), s.vms["a"].state),
             (Some(st[0].1.as_str()), RunState::Running)
@@ -768,12 +769,12 @@ mod tests {
             beat(&mut s, &["kvm3", "kvm4"], Millis(t));
             a.extend(tick(&mut s, Millis(t)));
         }
-        assert!(a.iter().any(|a| matches!(a, Action::Event { kind: "confirm_down_needed", .. })));
+        assert!(a.iter().any(|a| matches!(a, Action::Event { kind: EventKind::ConfirmDownNeeded, .. })));
         assert!(a.iter().any(|a| matches!(a, Action::Fence { host } if host == "kvm2")));
         assert!(a.iter().all(|a| !matches!(a, Action::DeclaredDead { .. })), "{a:?}");
         let f = fence_finished(&mut s, "kvm2", Err("ipmitool: timeout".into()), Millis(20_000));
         assert!(
-            matches!(&f[0], Action::Event { kind: "fence_failed", message, .. } if message.contains("confirm-down kvm2"))
+            matches!(&f[0], Action::Event { kind: EventKind::FenceFailed, message, .. } if message.contains("confirm-down kvm2"))
         );
         let f = fence_finished(&mut s, "kvm2", Ok("off".into()), Millis(20_000));
         assert!(matches!(&f[0], Action::DeclaredDead { .. }));
@@ -800,7 +801,7 @@ mod tests {
         a = start_finished(&mut s, "a", "kvm2", Err("qemu: no KVM".into()), Millis(2));
         assert_eq!(starts(&a), [("dns1".to_string(), "kvm3".to_string())]);
         a = start_finished(&mut s, "a", "kvm3", Err("qemu: no KVM".into()), Millis(3));
-        assert!(matches!(&a[0], Action::Event { kind: "restart_failed", .. }), "{a:?}");
+        assert!(matches!(&a[0], Action::Event { kind: EventKind::RestartFailed, .. }), "{a:?}");
         assert!(explain(&s, "a", Millis(3)).unwrap().contains("2 attempts failed"));
     }
 
@@ -815,7 +816,7 @@ mod tests {
                       process using the image [/srv/images/dns1.qcow2]?";
         let a = start_finished(&mut s, "a", &target, Err(locked.into()), Millis(5_600));
         assert!(
-            matches!(&a[..], [Action::Event { kind: "disk_locked", message, .. }] if message.contains("last seen on kvm1")),
+            matches!(&a[..], [Action::Event { kind: EventKind::DiskLocked, message, .. }] if message.contains("last seen on kvm1")),
             "an alarm, and no start elsewhere: {a:?}"
         );
         assert_eq!(
@@ -841,7 +842,7 @@ mod tests {
         let (_, last) = starts(&a).into_iter().find(|(n, _)| n == "dns1").unwrap();
         let a = start_finished(&mut s, "a", &last, Ok(()), Millis(25_800));
         assert!(
-            matches!(&a[..], [Action::Event { kind: "vm_restarted", message, .. }] if message.contains("lock is gone"))
+            matches!(&a[..], [Action::Event { kind: EventKind::VmRestarted, message, .. }] if message.contains("lock is gone"))
         );
         assert!(!is_disk_locked("qemu: no KVM"));
     }
@@ -870,7 +871,7 @@ mod tests {
         assert!(a.iter().any(
             |x| matches!(x, Action::DestroyStale { vm_name, host, .. } if vm_name == "dns1" && host == "kvm1")
         ));
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "restart_cancelled", .. })));
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::RestartCancelled, .. })));
         assert_eq!(s.vms["b"].recovery, None);
         assert_eq!(s.liveness("kvm1", Millis(5_600)), HostLiveness::Online);
     }
@@ -913,7 +914,7 @@ mod tests {
         s.vms.get_mut("b").unwrap().busy_with = Some("op".into());
         let a = after_report(&mut s, "kvm1", &[stopped("a"), stopped("b")], Millis(10));
         assert_eq!(starts(&a).len(), 1, "{a:?}");
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: "vm_stopped", .. })));
+        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::VmStopped, .. })));
         assert!(s.vms["b"].recovery.is_none(), "a VM being migrated is not restarted");
     }
 }

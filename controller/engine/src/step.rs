@@ -1,0 +1,996 @@
+//! The one decision step: `Engine::step(input, now) -> Output`.
+//!
+//! Every event of the world (a heartbeat, an operation's result, a fence verdict, an operator's
+//! request, the clock) enters here, and everything the controller must do comes out: the reply,
+//! the operations to record and the commands to send once they are recorded, the events to log,
+//! and what to persist. The controller's shell and the safety simulator both drive this and
+//! nothing else, so the order of the engine's calls lives in one place and the property tests
+//! run what production runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::cluster::HostResources;
+use crate::drain::{self, Drain, Probe};
+use crate::event::{Event, EventKind, Subject};
+use crate::inventory::{self, InventoryChange, ReportedDomain};
+use crate::lease::{self, Echo, LeaseAnswer};
+use crate::migration::{self, Refusal};
+use crate::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
+use crate::recovery::{self, Action, Recovery};
+use crate::{AdminState, ClusterState, FencingMode, HostView, Millis, RunState, Watchdog};
+
+/// The controller's whole decision state: the cluster as observed, and the operations in
+/// flight.
+#[derive(Clone, Debug, Default)]
+pub struct Engine {
+    pub cluster: ClusterState,
+    /// Operations in flight (ended ones leave at once).
+    pub ops: BTreeMap<OpId, Operation>,
+    next_seq: u64,
+    /// What was last handed out for persisting, to persist only what changed.
+    saved_hosts: BTreeMap<String, HostWork>,
+    saved_vms: BTreeMap<String, VmWork>,
+}
+
+/// A host's work in progress, persisted so that a restarted controller resumes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostWork {
+    pub admin: AdminState,
+    pub fencing: FencingMode,
+    pub memory_limit_kib: Option<u64>,
+    /// Why it was declared dead; it stays dead until it reports again.
+    pub dead: Option<String>,
+    pub drain: Option<Drain>,
+}
+
+/// A VM's desired state and work in progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmWork {
+    pub protected: bool,
+    pub priority: i32,
+    pub anti_affinity: Option<String>,
+    pub allowed_hosts: Vec<String>,
+    pub preferred_host: Option<String>,
+    /// Its restart after a host failure, while one is under way.
+    pub recovery: Option<Recovery>,
+}
+
+impl HostWork {
+    pub fn of(h: &HostView) -> HostWork {
+        HostWork {
+            admin: h.admin,
+            fencing: h.fencing.clone(),
+            memory_limit_kib: h.memory_limit_kib,
+            dead: h.dead.as_ref().map(|d| d.cause.clone()),
+            drain: h.drain.clone(),
+        }
+    }
+}
+
+impl VmWork {
+    pub fn of(vm: &crate::VmView) -> VmWork {
+        VmWork {
+            protected: vm.protected,
+            priority: vm.priority,
+            anti_affinity: vm.anti_affinity.clone(),
+            allowed_hosts: vm.allowed_hosts.clone(),
+            preferred_host: vm.preferred_host.clone(),
+            recovery: vm.recovery.clone(),
+        }
+    }
+}
+
+/// A host's agent registers (again).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub host: String,
+    pub migration_uri: String,
+    pub peer_address: String,
+    pub resources: HostResources,
+    pub libvirt_version: String,
+    pub lock_manager: String,
+    /// For the log: "vmha-agent 0.1.0, libvirt 9.0.0".
+    pub describe: String,
+}
+
+/// A host's heartbeat, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub host: String,
+    pub echo: Option<Echo>,
+    pub resources: Option<(HostResources, String)>,
+    pub watchdog: Watchdog,
+    pub probes: Vec<Probe>,
+    /// `None`: libvirt did not answer the agent, so this report says nothing of its VMs.
+    pub domains: Option<Vec<ReportedDomain>>,
+    /// Domain XML that came with the report, by UUID.
+    pub xml: Vec<(String, String)>,
+}
+
+/// A change an operator asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `vmha protect` / `unprotect`; `None`s leave a setting as it is.
+    Protection {
+        vm: String,
+        protected: bool,
+        priority: Option<i32>,
+        anti_affinity: Option<String>,
+        allowed_hosts: Option<Vec<String>>,
+        preferred_host: Option<String>,
+    },
+    Migrate {
+        vm: String,
+        to: String,
+        overrides: Option<Overrides>,
+    },
+    Drain {
+        host: String,
+        allow_restart: bool,
+    },
+    Undrain {
+        host: String,
+    },
+    ConfirmDown {
+        host: String,
+    },
+    SetFencing {
+        host: String,
+        mode: FencingMode,
+    },
+    SetMemoryLimit {
+        host: String,
+        limit_kib: Option<u64>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    Register(Registration),
+    Heartbeat(Heartbeat),
+    /// The operation is in the database: its command may be sent.
+    Recorded(OpId),
+    /// The agent on `host` says how the operation ended (or the shell could not send it).
+    Result { host: String, id: OpId, result: Result<Done, String> },
+    /// The external fence command for `host` finished: `Ok` means it is off.
+    FenceResult { host: String, result: Result<String, String> },
+    Operator { actor: String, request: Request },
+    Tick,
+}
+
+/// The leader's answer to a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseReply {
+    pub answer: LeaseAnswer,
+    /// When to send the next one, aligned on the leader's clock.
+    pub next_in_ms: u64,
+    pub cluster_hosts: u32,
+    /// Every host and where it answers peer polls.
+    pub peers: Vec<(String, String)>,
+    /// The protected VMs' UUIDs: the host's agent destroys those it runs when it fences.
+    pub protected: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Nothing to answer (a tick, a fence verdict).
+    None,
+    Registered { stamp: Millis },
+    Lease(LeaseReply),
+    /// The request was carried out; it concerned this VM (UUID).
+    Vm(String),
+    /// The request was carried out; it concerned this host.
+    Host(String),
+    /// An operation was begun.
+    Operation(OpId),
+    Refused(Refusal),
+}
+
+/// A command for an agent, sent once its operation is recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    pub op: OpId,
+    /// The host whose agent carries it out.
+    pub host: String,
+    pub kind: CommandKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandKind {
+    Start { uuid: String, xml: String },
+    Migrate { uuid: String, dest_uri: String, overrides: Option<Overrides> },
+    Destroy { uuid: String },
+}
+
+/// What to write to the database after this step, named; the shell writes each as the state
+/// now has it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Persist {
+    /// Hosts whose registration (addresses, resources) is new.
+    pub registered: Vec<String>,
+    /// Hosts whose watchdog changed.
+    pub watchdog: Vec<String>,
+    pub host_work: Vec<(String, HostWork)>,
+    /// VMs whose observed state (host, run state, sizes) changed.
+    pub vms: Vec<String>,
+    /// VMs no host reports any more, dropped from the inventory.
+    pub forgotten: Vec<String>,
+    pub vm_work: Vec<(String, VmWork)>,
+    /// VMs whose domain XML changed.
+    pub xml: Vec<String>,
+    /// Operations whose row changed (begun, sent, ended), as they are now.
+    pub ops: Vec<Operation>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output {
+    pub reply: Reply,
+    pub events: Vec<Event>,
+    /// Operations to write down before anything else; once written, feed `Input::Recorded`.
+    pub record: Vec<OpId>,
+    pub commands: Vec<Command>,
+    /// Run the external fence command for these hosts; feed back `Input::FenceResult`.
+    pub fence: Vec<String>,
+    pub persist: Persist,
+}
+
+impl Default for Output {
+    fn default() -> Output {
+        Output {
+            reply: Reply::None,
+            events: Vec::new(),
+            record: Vec::new(),
+            commands: Vec::new(),
+            fence: Vec::new(),
+            persist: Persist::default(),
+        }
+    }
+}
+
+/// How long past its timeout a migration or destroy without a result is settled from reports.
+pub const RESULT_GRACE_MS: u64 = 60_000;
+
+impl Engine {
+    pub fn new(cluster: ClusterState) -> Engine {
+        let mut e = Engine { cluster, ..Default::default() };
+        e.mark_saved();
+        e
+    }
+
+    /// A controller that starts (or takes over) from what its predecessor persisted: `cluster`
+    /// as loaded, and the operations it left in flight. Times persisted on another clock start
+    /// over at `now`; operations get a full timeout; a start is in doubt until its host reports
+    /// or is declared dead. Nothing is re-sent: results and reports settle what was begun.
+    pub fn restore(mut cluster: ClusterState, ops: Vec<Operation>, now: Millis) -> (Engine, Vec<Event>) {
+        let mut events = Vec::new();
+        for h in cluster.hosts.values_mut() {
+            if let Some(d) = &mut h.dead {
+                d.at = now;
+            }
+            if let Some(d) = h.drain.as_ref().filter(|d| d.state == drain::DrainState::Draining) {
+                events.push(Event::host(
+                    &h.name,
+                    EventKind::DrainResumed,
+                    format!(
+                        "the drain of {} continues under this controller ({} of {} VMs still to move)",
+                        h.name,
+                        d.steps.iter().filter(|s| !s.state.finished()).count(),
+                        d.steps.len()
+                    ),
+                ));
+            }
+        }
+        for vm in cluster.vms.values_mut() {
+            if let Some(r) = &mut vm.recovery {
+                r.since = now;
+                if let Some(l) = &mut r.disk_locked {
+                    l.since = now;
+                    l.retry_at = now;
+                }
+            }
+        }
+        let mut e = Engine { cluster, ..Default::default() };
+        let timeout = e.cluster.policy.migration_timeout_ms;
+        for mut op in ops {
+            e.next_seq = e.next_seq.max((op.id.0 as u64).wrapping_add(1));
+            op.inherited = true;
+            op.state = OpState::Running;
+            op.deadline = Millis(now.0 + op.overrides.map_or(timeout, |o| o.timeout_ms) + RESULT_GRACE_MS);
+            let what = op.describe();
+            if let Some(vm) = e.cluster.vms.get_mut(&op.vm_uuid) {
+                match (op.kind, op.purpose) {
+                    (OpKind::Start, Purpose::Restart) => {
+                        if !vm.awaits_start_on(&op.target) {
+                            vm.recovery = Some(Recovery::in_doubt(&op.target, now));
+                        }
+                    }
+                    (OpKind::Migrate, _) => vm.busy_with = Some(format!("migration to {}", op.target)),
+                    (OpKind::Destroy | OpKind::Start, Purpose::ColdRestart) => {
+                        vm.busy_with = Some(format!("cold restart on {}", op.target))
+                    }
+                    _ => {}
+                }
+            }
+            events.push(Event {
+                subject: Subject::Operation(op.id.to_string()),
+                kind: EventKind::OperationReconciled,
+                message: format!(
+                    "{what} was begun by an earlier controller; it is followed to its end from its agent's result \
+                     or reports, and never sent again"
+                ),
+                actor: "controller".into(),
+            });
+            e.ops.insert(op.id, op);
+        }
+        e.mark_saved();
+        (e, events)
+    }
+
+    fn mark_saved(&mut self) {
+        self.saved_hosts = self.cluster.hosts.iter().map(|(n, h)| (n.clone(), HostWork::of(h))).collect();
+        self.saved_vms = self.cluster.vms.iter().map(|(u, v)| (u.clone(), VmWork::of(v))).collect();
+    }
+
+    /// Takes one input at `now` and says what to do.
+    pub fn step(&mut self, input: Input, now: Millis) -> Output {
+        let mut out = Output::default();
+        let mut actions = Vec::new();
+        // Heartbeats, the most frequent input, touch one host and its VMs: only those are
+        // compared for persisting. Everything else may touch anything.
+        let mut touched: Option<(String, Vec<String>)> = None;
+        match input {
+            Input::Register(r) => self.register(r, now, &mut out),
+            Input::Heartbeat(hb) => {
+                let host = hb.host.clone();
+                let vms = self.heartbeat(hb, now, &mut out, &mut actions);
+                touched = Some((host, vms));
+            }
+            Input::Recorded(id) => self.recorded(id, &mut out),
+            Input::Result { host, id, result } => match self.ops.get(&id) {
+                None => out.reply = Reply::Refused(Refusal::UnknownOperation(id.to_string())),
+                Some(op) if op.executor() != host => {
+                    out.reply = Reply::Refused(Refusal::NotExecutor { operation: id.to_string(), host })
+                }
+                Some(_) => self.finish_op(id, result, now, &mut out, &mut actions),
+            },
+            Input::FenceResult { host, result } => {
+                actions.extend(recovery::fence_finished(&mut self.cluster, &host, result, now))
+            }
+            Input::Operator { actor, request } => {
+                match self.operator(&actor, request, now, &mut out, &mut actions) {
+                    Ok(reply) => out.reply = reply,
+                    Err(refusal) => out.reply = Reply::Refused(refusal),
+                }
+            }
+            Input::Tick => {
+                self.expire_ops(now, &mut out, &mut actions);
+                actions.extend(recovery::tick(&mut self.cluster, now));
+                actions.extend(drain::tick(&mut self.cluster, now));
+            }
+        }
+        self.perform(actions, now, &mut out);
+        self.collect_persist(touched, &mut out);
+        out
+    }
+
+    fn register(&mut self, r: Registration, now: Millis, out: &mut Output) {
+        let s = &mut self.cluster;
+        lease::observe_quorum(s, now);
+        let h = s.hosts.entry(r.host.clone()).or_insert_with(|| HostView::new(&r.host));
+        h.migration_uri = r.migration_uri.clone();
+        h.peer_address = r.peer_address;
+        h.resources = r.resources;
+        h.libvirt_version = r.libvirt_version;
+        h.lock_manager = r.lock_manager;
+        h.last_heartbeat = Some(now);
+        let stamp = lease::issue_stamp(s, &r.host, now);
+        out.persist.registered.push(r.host.clone());
+        out.events.push(
+            Event::host(
+                &r.host,
+                EventKind::AgentConnected,
+                format!("agent on {} connected ({}); migrations to it use {}", r.host, r.describe, r.migration_uri),
+            )
+            .by(&r.host),
+        );
+        out.reply = Reply::Registered { stamp };
+    }
+
+    /// Returns the VMs the heartbeat may have changed.
+    fn heartbeat(&mut self, hb: Heartbeat, now: Millis, out: &mut Output, actions: &mut Vec<Action>) -> Vec<String> {
+        let host = hb.host;
+        let s = &mut self.cluster;
+        let Some(h) = s.hosts.get_mut(&host) else {
+            out.reply = Reply::Refused(Refusal::NotRegistered(host));
+            return Vec::new();
+        };
+        h.last_heartbeat = Some(now);
+        if let Some((resources, lock_manager)) = hb.resources {
+            h.resources = resources;
+            h.lock_manager = lock_manager;
+        }
+        if h.watchdog != hb.watchdog {
+            out.events.push(Event::host(&host, EventKind::Watchdog, watchdog_message(&host, &hb.watchdog)));
+            h.watchdog = hb.watchdog;
+            out.persist.watchdog.push(host.clone());
+        }
+        drain::on_probes(s, &host, hb.probes, now);
+        let mut touched: Vec<String> = Vec::new();
+        // Without its domain list a report says nothing about the VMs: the last one stands.
+        if let Some(domains) = hb.domains {
+            touched.extend(domains.iter().map(|d| d.uuid.clone()));
+            let (first, stale) = recovery::on_report(s, &host, &domains, now);
+            actions.extend(first);
+            let kept: Vec<_> = domains.into_iter().filter(|d| !stale.contains(&d.uuid)).collect();
+            let changes = inventory::apply_report(s, &host, &kept, now);
+            actions.extend(recovery::after_report(s, &host, &changes, now));
+            touched.extend(changes.iter().map(|c| c.uuid().to_string()));
+            self.inventory_changes(changes, &host, out);
+            self.settle_inherited_from_report(&host, now, out, actions);
+        }
+        let s = &mut self.cluster;
+        // After the report: a host declared dead earns a lease again only with a report of its
+        // domains, and this one may be it.
+        let answer = lease::on_heartbeat(s, &host, hb.echo, now);
+        for (uuid, xml) in hb.xml {
+            if let Some(vm) = s.vms.get_mut(&uuid).filter(|vm| vm.xml != xml) {
+                vm.xml = xml;
+                out.persist.xml.push(uuid);
+            }
+        }
+        let interval = s.timings.heartbeat_interval_ms;
+        // Align every host's heartbeats on the leader's clock, so that their leases end
+        // together if the leader goes away (see SAFETY.md).
+        let mut next_in_ms = interval - now.0 % interval;
+        if next_in_ms < interval / 4 {
+            next_in_ms += interval;
+        }
+        out.reply = Reply::Lease(LeaseReply {
+            answer,
+            next_in_ms,
+            cluster_hosts: s.hosts.len() as u32,
+            peers: s.hosts.values().map(|h| (h.name.clone(), h.peer_address.clone())).collect(),
+            protected: s.vms.values().filter(|v| v.protected).map(|v| v.uuid.clone()).collect(),
+        });
+        touched
+    }
+
+    /// Events and writes for what a report changed.
+    fn inventory_changes(&mut self, changes: Vec<InventoryChange>, actor: &str, out: &mut Output) {
+        for change in changes {
+            if let InventoryChange::Vanished { uuid, name, from, forgotten: true } = &change {
+                out.persist.forgotten.push(uuid.clone());
+                out.events.push(
+                    Event::vm(
+                        name,
+                        EventKind::VmForgotten,
+                        format!("{name} is no longer defined on {from} nor reported by any host: forgotten"),
+                    )
+                    .by(actor),
+                );
+                continue;
+            }
+            let Some(vm) = self.cluster.vms.get(change.uuid()) else { continue };
+            out.persist.vms.push(vm.uuid.clone());
+            let (kind, message) = match &change {
+                InventoryChange::Appeared { name, host, state, .. } => {
+                    (EventKind::VmDiscovered, format!("{name} found {} on {host}", state.as_str()))
+                }
+                InventoryChange::Moved { name, from, to, .. } => {
+                    (EventKind::VmMoved, format!("{name} now runs on {to} (was on {from})"))
+                }
+                InventoryChange::StateChanged { name, host, from, to, .. } => (
+                    EventKind::VmState,
+                    format!("{name} on {host} is now {} (was {})", to.as_str(), from.as_str()),
+                ),
+                InventoryChange::Vanished { name, from, .. } => {
+                    (EventKind::VmVanished, format!("{name} is no longer reported by {from}"))
+                }
+                // after_report writes its event, with what is done about it.
+                InventoryChange::Updated { .. } | InventoryChange::TwoCopies { .. } => continue,
+            };
+            out.events.push(Event::vm(&vm.name, kind, message).by(actor));
+        }
+    }
+
+    /// An operation an earlier leader began may have ended while no controller listened: a
+    /// migration whose VM the target now runs succeeded.
+    fn settle_inherited_from_report(&mut self, host: &str, now: Millis, out: &mut Output, actions: &mut Vec<Action>) {
+        let done: Vec<OpId> = self
+            .ops
+            .values()
+            .filter(|op| op.inherited && op.kind == OpKind::Migrate && op.target == host)
+            .filter(|op| {
+                self.cluster
+                    .vms
+                    .get(&op.vm_uuid)
+                    .is_some_and(|v| v.host.as_deref() == Some(host) && v.state == RunState::Running)
+            })
+            .map(|op| op.id)
+            .collect();
+        for id in done {
+            self.finish_op(id, Ok(Done::default()), now, out, actions);
+        }
+    }
+
+    /// A recorded operation's command goes out, if it is still wanted: the cluster may have
+    /// changed while the database was slow or away (the host came back with the VM, or was
+    /// declared dead).
+    fn recorded(&mut self, id: OpId, out: &mut Output) {
+        let Some(op) = self.ops.get(&id).filter(|op| op.state == OpState::Recording) else { return };
+        let vm = self.cluster.vms.get(&op.vm_uuid);
+        let wanted = match (op.kind, op.purpose) {
+            (OpKind::Start, Purpose::Restart) => vm.is_some_and(|v| v.awaits_start_on(&op.target)),
+            _ => vm.is_some(),
+        };
+        if !wanted {
+            self.set_op_state(
+                id,
+                OpState::Aborted,
+                "no longer wanted once recorded (the cluster changed while the database was slow or away)".into(),
+                out,
+            );
+            return;
+        }
+        let xml = vm.map(|v| v.xml.clone()).unwrap_or_default();
+        let kind = match op.kind {
+            OpKind::Start => CommandKind::Start { uuid: op.vm_uuid.clone(), xml },
+            OpKind::Migrate => CommandKind::Migrate {
+                uuid: op.vm_uuid.clone(),
+                dest_uri: self.cluster.hosts.get(&op.target).map(|h| h.migration_uri.clone()).unwrap_or_default(),
+                overrides: op.overrides,
+            },
+            OpKind::Destroy => CommandKind::Destroy { uuid: op.vm_uuid.clone() },
+        };
+        out.commands.push(Command { op: id, host: op.executor().to_string(), kind });
+        self.set_op_state(id, OpState::Running, String::new(), out);
+    }
+
+    /// The one place an operation changes state; each change is one event.
+    fn set_op_state(&mut self, id: OpId, to: OpState, error: String, out: &mut Output) {
+        let Some(op) = self.ops.get_mut(&id) else { return };
+        op.state = to;
+        op.error = error;
+        let what = op.describe();
+        let (kind, message) = match to {
+            OpState::Recording => (EventKind::OperationDone, format!("{what} is being recorded")),
+            OpState::Running => match op.kind {
+                OpKind::Start => (EventKind::RestartStarted, format!("{what} sent (was on {})", op.source)),
+                OpKind::Migrate => (EventKind::MigrationRequested, format!("{what} requested")),
+                OpKind::Destroy => (EventKind::OperationDone, format!("{what} sent")),
+            },
+            OpState::Succeeded => match op.kind {
+                OpKind::Migrate => (EventKind::MigrationSucceeded, format!("{what} succeeded")),
+                OpKind::Start | OpKind::Destroy => (EventKind::OperationDone, format!("{what} done")),
+            },
+            OpState::Failed => match op.kind {
+                OpKind::Migrate => (
+                    EventKind::MigrationFailed,
+                    format!("{what} failed: {}; {} stays on {}", op.error, op.vm_name, op.source),
+                ),
+                OpKind::Start | OpKind::Destroy => {
+                    (EventKind::OperationDone, format!("{what} failed: {}", op.error))
+                }
+            },
+            OpState::Aborted => (EventKind::OperationAborted, format!("{what} not sent: {}", op.error)),
+        };
+        let subject = match op.kind {
+            OpKind::Migrate | OpKind::Start | OpKind::Destroy => Subject::Vm(op.vm_name.clone()),
+        };
+        out.events.push(Event { subject, kind, message, actor: op.actor.clone() });
+        out.persist.ops.push(op.clone());
+        if to.ended() {
+            self.ops.remove(&id);
+        }
+    }
+
+    /// Begins an operation: recorded first, sent once recorded.
+    #[allow(clippy::too_many_arguments)]
+    fn begin(
+        &mut self,
+        kind: OpKind,
+        purpose: Purpose,
+        vm_uuid: &str,
+        source: &str,
+        target: &str,
+        actor: &str,
+        overrides: Option<Overrides>,
+        now: Millis,
+        out: &mut Output,
+    ) -> OpId {
+        let id = OpId::new(self.cluster.epoch, self.next_seq);
+        self.next_seq += 1;
+        let vm_name = self.cluster.vms.get(vm_uuid).map(|v| v.name.clone()).unwrap_or_default();
+        let timeout = overrides.map_or(self.cluster.policy.migration_timeout_ms, |o| o.timeout_ms);
+        let op = Operation {
+            id,
+            kind,
+            purpose,
+            vm_uuid: vm_uuid.into(),
+            vm_name,
+            source: source.into(),
+            target: target.into(),
+            actor: actor.into(),
+            state: OpState::Recording,
+            error: String::new(),
+            deadline: Millis(now.0 + timeout + RESULT_GRACE_MS),
+            overrides,
+            inherited: false,
+        };
+        out.persist.ops.push(op.clone());
+        self.ops.insert(id, op);
+        out.record.push(id);
+        id
+    }
+
+    /// An operation ended: its purpose says which state machine goes on.
+    fn finish_op(&mut self, id: OpId, result: Result<Done, String>, now: Millis, out: &mut Output, actions: &mut Vec<Action>) {
+        let Some(op) = self.ops.get(&id).cloned() else { return };
+        let (to, error) = match &result {
+            Ok(_) => (OpState::Succeeded, String::new()),
+            Err(e) => (OpState::Failed, e.clone()),
+        };
+        self.set_op_state(id, to, error, out);
+        if let (Ok(d), OpKind::Migrate) = (&result, op.kind)
+            && d.elapsed_ms > 0
+        {
+            out.events.push(Event::vm(
+                &op.vm_name,
+                EventKind::MigrationSucceeded,
+                format!(
+                    "{} live-migrated from {} to {} in {} ms (downtime {} ms, {} MiB sent)",
+                    op.vm_name,
+                    op.source,
+                    op.target,
+                    d.elapsed_ms,
+                    d.downtime_ms,
+                    d.bytes >> 20
+                ),
+            ));
+        }
+        let verdict = result.map(|_| ());
+        let s = &mut self.cluster;
+        match (op.kind, op.purpose) {
+            (OpKind::Migrate, _) => {
+                if verdict.is_ok() {
+                    let change = inventory::apply_migrated(s, &op.vm_uuid, &op.target);
+                    self.inventory_changes(change.into_iter().collect(), "controller", out);
+                }
+                let s = &mut self.cluster;
+                if let Some(vm) = s.vms.get_mut(&op.vm_uuid) {
+                    vm.busy_with = None;
+                }
+                actions.extend(drain::migration_finished(s, &op.vm_uuid, &op.target, verdict, now));
+            }
+            (OpKind::Start, Purpose::Restart) => {
+                actions.extend(recovery::start_finished(s, &op.vm_uuid, &op.target, verdict, now));
+                out.persist.vms.push(op.vm_uuid.clone());
+            }
+            (OpKind::Start, _) => {
+                actions.extend(drain::restart_finished(s, &op.vm_uuid, &op.target, verdict, now));
+                out.persist.vms.push(op.vm_uuid.clone());
+            }
+            (OpKind::Destroy, Purpose::ColdRestart) => match verdict {
+                // The first half of a cold restart: the second follows.
+                Ok(()) => {
+                    self.begin(
+                        OpKind::Start,
+                        Purpose::ColdRestart,
+                        &op.vm_uuid,
+                        &op.source,
+                        &op.target,
+                        "controller",
+                        None,
+                        now,
+                        out,
+                    );
+                }
+                Err(e) => {
+                    let why = format!("destroying it on {} failed: {e}; it keeps running there", op.source);
+                    actions.extend(drain::restart_finished(s, &op.vm_uuid, &op.target, Err(why), now));
+                }
+            },
+            (OpKind::Destroy, _) => {}
+        }
+    }
+
+    /// Operations without a result past their deadline are settled from what the agents
+    /// report. A restart's start never is: a hung libvirtd may still carry it out, so its VM
+    /// waits for its host to report it or to be declared dead.
+    fn expire_ops(&mut self, now: Millis, out: &mut Output, actions: &mut Vec<Action>) {
+        let due: Vec<OpId> = self
+            .ops
+            .values()
+            .filter(|op| op.state == OpState::Running && op.deadline <= now)
+            .filter(|op| {
+                !(op.kind == OpKind::Start
+                    && self.cluster.vms.get(&op.vm_uuid).is_some_and(|v| v.awaits_start_on(&op.target)))
+            })
+            .map(|op| op.id)
+            .collect();
+        for id in due {
+            let op = self.ops[&id].clone();
+            let vm = self.cluster.vms.get(&op.vm_uuid);
+            let at = |h: &str| vm.is_some_and(|v| v.host.as_deref() == Some(h) && v.state.has_process());
+            let settled = match op.kind {
+                OpKind::Migrate => at(&op.target),
+                OpKind::Start => at(&op.target),
+                OpKind::Destroy => !at(&op.source),
+            };
+            let result = if settled {
+                Ok(Done::default())
+            } else {
+                Err(format!(
+                    "no result from the agent on {} in time; it may have restarted mid-command, and its reports \
+                     do not show it done",
+                    op.executor()
+                ))
+            };
+            out.events.push(Event {
+                subject: Subject::Operation(id.to_string()),
+                kind: EventKind::OperationExpired,
+                message: format!(
+                    "{} sent no result in time; settled as {} from the agents' reports",
+                    op.describe(),
+                    if settled { "done" } else { "failed" }
+                ),
+                actor: "controller".into(),
+            });
+            self.finish_op(id, result, now, out, actions);
+        }
+    }
+
+    fn operator(
+        &mut self,
+        actor: &str,
+        request: Request,
+        now: Millis,
+        out: &mut Output,
+        actions: &mut Vec<Action>,
+    ) -> Result<Reply, Refusal> {
+        let s = &mut self.cluster;
+        let unknown_host = |s: &ClusterState, h: &str| -> Result<(), Refusal> {
+            if s.hosts.contains_key(h) { Ok(()) } else { Err(Refusal::UnknownHost(h.into())) }
+        };
+        match request {
+            Request::Protection { vm, protected, priority, anti_affinity, allowed_hosts, preferred_host } => {
+                let uuid = s.find_vm(&vm)?.uuid.clone();
+                for h in allowed_hosts.iter().flatten().chain(preferred_host.iter().filter(|p| !p.is_empty())) {
+                    unknown_host(s, h)?;
+                }
+                let Some(vm) = s.vms.get_mut(&uuid) else { return Err(Refusal::UnknownVm(uuid)) };
+                let before = VmWork::of(vm);
+                if protected && !vm.protected {
+                    vm.protected_since = now;
+                }
+                vm.protected = protected;
+                if let Some(p) = priority {
+                    vm.priority = p;
+                }
+                if let Some(g) = anti_affinity {
+                    vm.anti_affinity = (!g.is_empty()).then_some(g);
+                }
+                if let Some(a) = allowed_hosts {
+                    vm.allowed_hosts = a;
+                }
+                if let Some(p) = preferred_host {
+                    vm.preferred_host = (!p.is_empty()).then_some(p);
+                }
+                if !vm.protected {
+                    vm.recovery = None;
+                }
+                if VmWork::of(vm) != before {
+                    out.events.push(protection_event(vm).by(actor));
+                }
+                Ok(Reply::Vm(uuid))
+            }
+            Request::Migrate { vm, to, overrides } => {
+                let plan = migration::plan_migration(s, &vm, &to, now)?;
+                let id = self.begin_migration(&plan.vm_uuid, &plan.target, Purpose::Operator, actor, overrides, now, out);
+                Ok(Reply::Operation(id))
+            }
+            Request::Drain { host, allow_restart } => {
+                actions.extend(drain::start(s, &host, allow_restart, now)?);
+                Ok(Reply::Host(host))
+            }
+            Request::Undrain { host } => {
+                actions.extend(drain::undrain(s, &host)?);
+                Ok(Reply::Host(host))
+            }
+            Request::ConfirmDown { host } => {
+                let a = recovery::confirm_down(s, &host, now).map_err(|e| match e {
+                    recovery::ConfirmRefusal::UnknownHost(h) => Refusal::UnknownHost(h),
+                    recovery::ConfirmRefusal::Online(h) => Refusal::HostOnline(h),
+                })?;
+                out.events.push(
+                    Event::host(&host, EventKind::ConfirmedDown, format!("an operator confirmed {host} is off"))
+                        .by(actor),
+                );
+                actions.extend(a);
+                Ok(Reply::Host(host))
+            }
+            Request::SetFencing { host, mode } => {
+                let Some(h) = s.hosts.get_mut(&host) else { return Err(Refusal::UnknownHost(host)) };
+                h.fencing = mode.clone();
+                out.events.push(
+                    Event::host(
+                        &host,
+                        EventKind::FencingSet,
+                        format!("{host}'s fencing mode is now {}", mode.as_str()),
+                    )
+                    .by(actor),
+                );
+                Ok(Reply::Host(host))
+            }
+            Request::SetMemoryLimit { host, limit_kib } => {
+                let Some(h) = s.hosts.get_mut(&host) else { return Err(Refusal::UnknownHost(host)) };
+                h.memory_limit_kib = limit_kib;
+                let message = match limit_kib {
+                    Some(l) => format!("vmha places at most {} MiB of VMs on {host}", l / 1024),
+                    None => format!("no memory cap on {host} beyond what it has free"),
+                };
+                out.events.push(Event::host(&host, EventKind::MemoryLimit, message).by(actor));
+                Ok(Reply::Host(host))
+            }
+        }
+    }
+
+    /// Claims the VM and begins its live migration.
+    #[allow(clippy::too_many_arguments)]
+    fn begin_migration(
+        &mut self,
+        vm_uuid: &str,
+        target: &str,
+        purpose: Purpose,
+        actor: &str,
+        overrides: Option<Overrides>,
+        now: Millis,
+        out: &mut Output,
+    ) -> OpId {
+        let source = self.cluster.vms.get(vm_uuid).and_then(|v| v.host.clone()).unwrap_or_default();
+        if let Some(vm) = self.cluster.vms.get_mut(vm_uuid) {
+            vm.busy_with = Some(format!("migration to {target}"));
+        }
+        self.begin(OpKind::Migrate, purpose, vm_uuid, &source, target, actor, overrides, now, out)
+    }
+
+    /// Carries out the engine's actions, and those their immediate refusals lead to.
+    fn perform(&mut self, actions: Vec<Action>, now: Millis, out: &mut Output) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::DeclaredDead { host, cause } => {
+                    out.events.push(Event::host(&host, EventKind::HostDead, format!("{host} declared dead: {cause}")));
+                    out.persist.vms.extend(
+                        self.cluster.vms.values().filter(|v| v.host.as_deref() == Some(&host)).map(|v| v.uuid.clone()),
+                    );
+                }
+                Action::Fence { host } => {
+                    out.events.push(Event::host(
+                        &host,
+                        EventKind::Fencing,
+                        format!("{host} lost its lease; running the fence command"),
+                    ));
+                    out.fence.push(host);
+                }
+                Action::Start { vm_uuid, host, .. } => {
+                    let from = self.cluster.vms.get(&vm_uuid).and_then(|v| v.host.clone()).unwrap_or_default();
+                    self.begin(OpKind::Start, Purpose::Restart, &vm_uuid, &from, &host, "controller", None, now, out);
+                }
+                Action::Migrate { vm_uuid, vm_name, host, why } => {
+                    match migration::plan_migration(&self.cluster, &vm_uuid, &host, now) {
+                        Ok(plan) => {
+                            let purpose = if why == "failback" {
+                                out.events.push(Event::vm(
+                                    &vm_name,
+                                    EventKind::Failback,
+                                    format!("{vm_name}'s preferred host {host} is healthy again: moving it back"),
+                                ));
+                                Purpose::Failback
+                            } else {
+                                Purpose::Drain
+                            };
+                            self.begin_migration(&plan.vm_uuid, &plan.target, purpose, "controller", None, now, out);
+                        }
+                        Err(refusal) => queue.extend(drain::migration_finished(
+                            &mut self.cluster,
+                            &vm_uuid,
+                            &host,
+                            Err(refusal.to_string()),
+                            now,
+                        )),
+                    }
+                }
+                Action::ColdRestart { vm_uuid, vm_name, from, to } => {
+                    out.events.push(Event::vm(
+                        &vm_name,
+                        EventKind::ColdRestart,
+                        format!(
+                            "{vm_name} cannot be live-migrated off {from}; restarting it on {to} (--allow-restart)"
+                        ),
+                    ));
+                    self.begin(OpKind::Destroy, Purpose::ColdRestart, &vm_uuid, &from, &to, "controller", None, now, out);
+                }
+                Action::DestroyStale { vm_uuid, host, .. } => {
+                    self.begin(OpKind::Destroy, Purpose::StaleCopy, &vm_uuid, &host, "", "controller", None, now, out);
+                }
+                Action::Event { subject_kind, subject, kind, message } => {
+                    let subject = match subject_kind {
+                        "host" => Subject::Host(subject),
+                        _ => Subject::Vm(subject),
+                    };
+                    out.events.push(Event { subject, kind, message, actor: "controller".into() });
+                }
+            }
+        }
+    }
+
+    /// Names what changed since it was last persisted: `touched` narrows the comparison to one
+    /// host and some VMs (a heartbeat's), `None` compares everything.
+    fn collect_persist(&mut self, touched: Option<(String, Vec<String>)>, out: &mut Output) {
+        let (hosts, vms): (Vec<String>, Vec<String>) = match touched {
+            Some((host, mut vms)) => {
+                vms.extend(out.persist.vms.iter().cloned());
+                (vec![host], vms)
+            }
+            None => (self.cluster.hosts.keys().cloned().collect(), self.cluster.vms.keys().cloned().collect()),
+        };
+        for name in hosts {
+            let Some(h) = self.cluster.hosts.get(&name) else { continue };
+            let now = HostWork::of(h);
+            if self.saved_hosts.get(&name) != Some(&now) {
+                self.saved_hosts.insert(name.clone(), now.clone());
+                out.persist.host_work.push((name, now));
+            }
+        }
+        let vms: BTreeSet<String> = vms.into_iter().collect();
+        for uuid in vms {
+            let Some(vm) = self.cluster.vms.get(&uuid) else {
+                self.saved_vms.remove(&uuid);
+                continue;
+            };
+            let now = VmWork::of(vm);
+            if self.saved_vms.get(&uuid) != Some(&now) {
+                self.saved_vms.insert(uuid.clone(), now.clone());
+                out.persist.vm_work.push((uuid, now));
+            }
+        }
+        out.persist.vms.sort();
+        out.persist.vms.dedup();
+    }
+}
+
+fn watchdog_message(host: &str, wd: &Watchdog) -> String {
+    match wd {
+        Watchdog::Armed { device, timeout_ms } => {
+            format!("{host}'s watchdog is armed ({device}, {timeout_ms} ms): a dead or hung agent gets the host reset")
+        }
+        Watchdog::Missing(why) => format!(
+            "{host} has no working watchdog ({why}): if it fails, its VMs wait for a fence or `vmha host confirm-down \
+             {host}`"
+        ),
+        Watchdog::Unknown => format!("{host}'s watchdog is unknown"),
+    }
+}
+
+fn protection_event(vm: &crate::VmView) -> Event {
+    if vm.protected {
+        let mut m = format!("{} is protected with priority {} (higher restarts first)", vm.name, vm.priority);
+        if let Some(g) = &vm.anti_affinity {
+            m += &format!(", anti-affinity group {g}");
+        }
+        if !vm.allowed_hosts.is_empty() {
+            m += &format!(", only on {}", vm.allowed_hosts.join(","));
+        }
+        if let Some(p) = &vm.preferred_host {
+            m += &format!(", prefers {p}");
+        }
+        Event::vm(&vm.name, EventKind::VmProtected, m)
+    } else {
+        Event::vm(
+            &vm.name,
+            EventKind::VmUnprotected,
+            format!("{} is no longer protected: it will not be restarted elsewhere", vm.name),
+        )
+    }
+}
