@@ -13,6 +13,7 @@ pub mod inventory;
 pub mod lease;
 pub mod migration;
 pub mod operation;
+pub mod persist;
 pub mod placement;
 pub mod recovery;
 pub mod selffence;

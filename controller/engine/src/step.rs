@@ -299,11 +299,10 @@ impl Engine {
             let what = op.describe();
             if let Some(vm) = e.cluster.vms.get_mut(&op.vm_uuid) {
                 match (op.kind, op.purpose) {
-                    (OpKind::Start, Purpose::Restart) => {
-                        if !vm.awaits_start_on(&op.target) {
+                    (OpKind::Start, Purpose::Restart)
+                        if !vm.awaits_start_on(&op.target) => {
                             vm.recovery = Some(Recovery::in_doubt(&op.target, now));
                         }
-                    }
                     (OpKind::Migrate, _) => vm.busy_with = Some(format!("migration to {}", op.target)),
                     (OpKind::Destroy | OpKind::Start, Purpose::ColdRestart) => {
                         vm.busy_with = Some(format!("cold restart on {}", op.target))

@@ -1,0 +1,130 @@
+//! What the controller keeps in PostgreSQL, as a model: which fields of a step's state survive
+//! a restart, and how a new controller is built from them. The controller's store writes and
+//! loads exactly these (in SQL); the simulator and the scenario tests keep them in memory, so a
+//! restart in a test loses what a real restart loses and keeps what it keeps.
+
+use std::collections::BTreeMap;
+
+use crate::event::Event;
+use crate::operation::{OpId, Operation};
+use crate::step::{Engine, HostWork, Persist, VmWork};
+use crate::{ClusterState, Death, HostView, Millis, RunState, VmView};
+
+/// The database's contents, as far as a restart goes.
+#[derive(Clone, Debug, Default)]
+pub struct Db {
+    /// Registration and facts, with the host's work in progress.
+    pub hosts: BTreeMap<String, HostView>,
+    pub vms: BTreeMap<String, VmView>,
+    /// Operations not ended.
+    pub ops: BTreeMap<OpId, Operation>,
+}
+
+impl Db {
+    /// Writes what a step's `Persist` names, as `engine` has it now.
+    pub fn apply(&mut self, engine: &Engine, p: &Persist) {
+        let s = &engine.cluster;
+        for name in p.registered.iter().chain(&p.watchdog) {
+            if let Some(h) = s.hosts.get(name) {
+                let mut row = HostView::new(name);
+                row.migration_uri = h.migration_uri.clone();
+                row.peer_address = h.peer_address.clone();
+                row.resources = h.resources.clone();
+                row.libvirt_version = h.libvirt_version.clone();
+                row.watchdog = h.watchdog.clone();
+                if let Some(old) = self.hosts.get(name) {
+                    set_host_work(&mut row, &HostWork::of(old));
+                }
+                self.hosts.insert(name.clone(), row);
+            }
+        }
+        for (name, work) in &p.host_work {
+            if let Some(row) = self.hosts.get_mut(name) {
+                set_host_work(row, work);
+            }
+        }
+        for uuid in p.vms.iter().chain(&p.xml) {
+            if let Some(vm) = s.vms.get(uuid) {
+                let row = self.vms.entry(uuid.clone()).or_insert_with(|| VmView::new(uuid, &vm.name));
+                row.name = vm.name.clone();
+                row.host = vm.host.clone();
+                row.memory_kib = vm.memory_kib;
+                row.vcpus = vm.vcpus;
+                row.xml = vm.xml.clone();
+            }
+        }
+        for uuid in &p.forgotten {
+            self.vms.remove(uuid);
+        }
+        for (uuid, work) in &p.vm_work {
+            if let Some(row) = self.vms.get_mut(uuid) {
+                set_vm_work(row, work);
+            }
+        }
+        for op in &p.ops {
+            if op.state.ended() {
+                self.ops.remove(&op.id);
+            } else {
+                self.ops.insert(op.id, op.clone());
+            }
+        }
+    }
+
+    /// A new controller (epoch `epoch`, started at `now`) from what is stored.
+    pub fn load(&self, base: &ClusterState, epoch: u64, now: Millis) -> (Engine, Vec<Event>) {
+        let mut cluster =
+            ClusterState { timings: base.timings, policy: base.policy, epoch, started: now, ..Default::default() };
+        for (name, h) in &self.hosts {
+            cluster.hosts.insert(name.clone(), loaded_host(h, now));
+        }
+        for (uuid, vm) in &self.vms {
+            cluster.vms.insert(uuid.clone(), loaded_vm(vm));
+        }
+        Engine::restore(cluster, self.ops.values().cloned().collect(), now)
+    }
+}
+
+fn set_host_work(row: &mut HostView, w: &HostWork) {
+    row.admin = w.admin;
+    row.fencing = w.fencing.clone();
+    row.memory_limit_kib = w.memory_limit_kib;
+    row.dead = w.dead.clone().map(|cause| Death { at: Millis(0), cause });
+    row.drain = w.drain.clone();
+}
+
+fn set_vm_work(row: &mut VmView, w: &VmWork) {
+    row.protected = w.protected;
+    row.priority = w.priority;
+    row.anti_affinity = w.anti_affinity.clone();
+    row.allowed_hosts = w.allowed_hosts.clone();
+    row.preferred_host = w.preferred_host.clone();
+    row.recovery = w.recovery.clone();
+}
+
+/// A host as a new controller starts with it: what was stored, no lease, nothing heard yet.
+pub fn loaded_host(row: &HostView, now: Millis) -> HostView {
+    let mut h = HostView::new(&row.name);
+    h.migration_uri = row.migration_uri.clone();
+    h.peer_address = row.peer_address.clone();
+    h.resources = crate::cluster::HostResources { memory_free_kib: 0, ..row.resources.clone() };
+    h.libvirt_version = row.libvirt_version.clone();
+    h.watchdog = row.watchdog.clone();
+    set_host_work(&mut h, &HostWork::of(row));
+    if let Some(d) = &mut h.dead {
+        d.at = now;
+    }
+    h
+}
+
+/// A VM as a new controller starts with it: its observed state is rebuilt from reports, so
+/// until then nobody knows whether it runs.
+pub fn loaded_vm(row: &VmView) -> VmView {
+    let mut vm = VmView::new(&row.uuid, &row.name);
+    vm.state = RunState::Unknown;
+    vm.host = row.host.clone();
+    vm.memory_kib = row.memory_kib;
+    vm.vcpus = row.vcpus;
+    vm.xml = row.xml.clone();
+    set_vm_work(&mut vm, &VmWork::of(row));
+    vm
+}
