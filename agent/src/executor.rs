@@ -105,7 +105,31 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
         Ok(_) => tracing::info!(operation = %op, elapsed_ms = result.elapsed_ms, "done"),
         Err(e) => tracing::warn!(operation = %op, error = format!("{e:#}"), "failed"),
     }
-    if let Err(e) = client.report_result(result).await {
-        tracing::warn!(operation = %op, error = %e, "could not report the result");
+    report(&mut client, result).await;
+}
+
+/// How long a result is offered to a controller that cannot be reached.
+const REPORT_FOR: Duration = Duration::from_secs(300);
+
+/// Reports a result, retrying while no controller answers: a controller restarted while the
+/// operation ran loads it as in flight and takes the result; without it, the new controller
+/// must settle the operation from reports after its deadline.
+async fn report(client: &mut Client, result: OperationResult) {
+    let op = result.operation_id.clone();
+    let deadline = Instant::now() + REPORT_FOR;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match client.report_result(result.clone()).await {
+            Ok(_) => return,
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tracing::info!(operation = %op, error = %e, "the controller is unreachable; reporting the result again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::warn!(operation = %op, error = %e, "could not report the result");
+                return;
+            }
+        }
     }
 }

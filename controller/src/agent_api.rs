@@ -1,5 +1,5 @@
 //! The agents' side of the gRPC API. Every handler takes the host from the connection
-//! (`validate::agent_host`), validates the message, and hands it to the controller.
+//! (`validate::agent_host`), validates the message, and hands it to the engine as one input.
 //! Register and heartbeat answer from memory and never wait for PostgreSQL: an agent must not
 //! lose its lease because the database is away (what they change is queued, see `journal`).
 
@@ -10,13 +10,16 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use vmha_engine::cluster::HostResources;
-use vmha_engine::drain::{self, Probe};
-use vmha_engine::lease::{self, Echo, LeaseAnswer};
-use vmha_engine::{HostView, Millis, Watchdog, inventory, recovery};
+use vmha_engine::drain::Probe;
+use vmha_engine::lease::{Echo, LeaseAnswer};
+use vmha_engine::operation::{Done, OpId};
+use vmha_engine::step::{Heartbeat, Input, Registration, Reply};
+use vmha_engine::{Millis, Watchdog};
 use vmha_proto::v1::agent_service_server::AgentService;
 use vmha_proto::v1::*;
 
 use crate::controller::Controller;
+use crate::errors::{refusal, unexpected};
 use crate::journal::Write;
 use crate::validate;
 
@@ -49,34 +52,29 @@ impl AgentService for AgentApi {
         validate::peer_address(&r.peer_address)?;
         let facts = r.facts.ok_or_else(|| Status::invalid_argument("register without host facts"))?;
         let c = &self.0;
-        let now = c.now();
-        let (view, stamp) = c.update(|s| {
-            lease::observe_quorum(s, now);
-            let h = s.hosts.entry(host.clone()).or_insert_with(|| HostView::new(&host));
-            h.migration_uri = r.migration_uri.clone();
-            h.peer_address = r.peer_address.clone();
-            h.resources = resources(&facts);
-            h.libvirt_version = facts.libvirt_version.clone();
-            h.lock_manager = facts.lock_manager.clone();
-            h.last_heartbeat = Some(now);
-            let view = h.clone();
-            (view, lease::issue_stamp(s, &host, now))
-        });
-        c.write(Write::Host { host: view, hypervisor_version: facts.hypervisor_version.clone() });
-        c.event(
-            "host",
-            &host,
-            "agent_connected",
-            format!(
-                "agent on {host} connected (vmha-agent {}, libvirt {}, {} CPUs, {} MiB); migrations to it use {}",
+        let registration = Registration {
+            host: host.clone(),
+            migration_uri: r.migration_uri.clone(),
+            peer_address: r.peer_address.clone(),
+            resources: resources(&facts),
+            libvirt_version: facts.libvirt_version.clone(),
+            lock_manager: facts.lock_manager.clone(),
+            describe: format!(
+                "vmha-agent {}, libvirt {}, {} CPUs, {} MiB",
                 r.agent_version,
                 facts.libvirt_version,
                 facts.cpus,
-                facts.memory_total_kib / 1024,
-                r.migration_uri
+                facts.memory_total_kib / 1024
             ),
-            &host,
-        );
+        };
+        let stamp = match c.step(Input::Register(registration)) {
+            Reply::Registered { stamp } => stamp,
+            Reply::Refused(r) => return Err(refusal(r)),
+            other => return Err(unexpected("register", &other)),
+        };
+        if let Some(view) = c.read(|s| s.hosts.get(&host).cloned()) {
+            c.write(Write::Host { host: view, hypervisor_version: facts.hypervisor_version.clone() });
+        }
         let t = c.timings();
         Ok(Response::new(RegisterResponse {
             epoch: c.epoch,
@@ -96,106 +94,47 @@ impl AgentService for AgentApi {
         let host = validate::agent_host(&req)?;
         let r = req.into_inner();
         let domains = validate::reported_domains(&r.domains)?;
-        let echo = (r.echo_stamp_ms > 0).then_some(Echo {
-            epoch: r.echo_epoch,
-            stamp: Millis(r.echo_stamp_ms),
-            held_ms: r.echo_held_ms,
-        });
+        let hb = Heartbeat {
+            host,
+            echo: (r.echo_stamp_ms > 0).then_some(Echo {
+                epoch: r.echo_epoch,
+                stamp: Millis(r.echo_stamp_ms),
+                held_ms: r.echo_held_ms,
+            }),
+            resources: r.facts.as_ref().map(|f| (resources(f), f.lock_manager.clone())),
+            watchdog: watchdog(r.watchdog.as_ref()),
+            probes: r
+                .probes
+                .iter()
+                .map(|p| Probe { name: p.name.clone(), ok: p.ok, detail: p.detail.clone() })
+                .collect(),
+            domains: (!r.domains_unknown).then_some(domains),
+            xml: r
+                .domains
+                .iter()
+                .filter(|d| !d.xml.is_empty())
+                .map(|d| (d.uuid.to_lowercase(), d.xml.clone()))
+                .collect(),
+        };
         let c = &self.0;
-        let now = c.now();
-        let outcome = c.update(|s| {
-            let Some(h) = s.hosts.get_mut(&host) else {
-                return Err(Status::failed_precondition(format!(
-                    "host {host} has not registered with this controller"
-                )));
-            };
-            h.last_heartbeat = Some(now);
-            if let Some(f) = &r.facts {
-                h.resources = resources(f);
-                h.lock_manager = f.lock_manager.clone();
-            }
-            let wd = watchdog(r.watchdog.as_ref());
-            let wd_changed = (h.watchdog != wd).then(|| wd.clone());
-            h.watchdog = wd;
-            let probes =
-                r.probes.iter().map(|p| Probe { name: p.name.clone(), ok: p.ok, detail: p.detail.clone() });
-            drain::on_probes(s, &host, probes.collect(), now);
-            // Without its domain list (libvirt did not answer the agent) a report says nothing
-            // about the VMs: the last one stands.
-            let (actions, changes) = if r.domains_unknown {
-                (Vec::new(), Vec::new())
-            } else {
-                let (mut actions, stale) = recovery::on_report(s, &host, &domains, now);
-                let kept: Vec<_> = domains.iter().filter(|d| !stale.contains(&d.uuid)).cloned().collect();
-                let changes = inventory::apply_report(s, &host, &kept, now);
-                actions.extend(recovery::after_report(s, &host, &changes, now));
-                (actions, changes)
-            };
-            // After the report: a host declared dead earns a lease again only with a report of
-            // its domains, and this one may be it.
-            let answer = lease::on_heartbeat(s, &host, echo, now);
-            let mut new_xml = Vec::new();
-            for d in r.domains.iter().filter(|d| !d.xml.is_empty()) {
-                let uuid = d.uuid.to_lowercase();
-                if let Some(vm) = s.vms.get_mut(&uuid).filter(|vm| vm.xml != d.xml) {
-                    vm.xml = d.xml.clone();
-                    new_xml.push((uuid, d.xml.clone()));
-                }
-            }
-            let peers = s
-                .hosts
-                .values()
-                .map(|h| Peer { host: h.name.clone(), address: h.peer_address.clone() })
-                .collect();
-            let protected = s.vms.values().filter(|v| v.protected).map(|v| v.uuid.clone()).collect();
-            Ok((answer, changes, actions, new_xml, peers, protected, s.hosts.len() as u32, wd_changed))
-        })?;
-        let (answer, changes, actions, new_xml, peers, protected_uuids, cluster_hosts, wd_changed) = outcome;
-        if let Some(wd) = wd_changed {
-            let message = match &wd {
-                Watchdog::Armed { device, timeout_ms } => {
-                    format!(
-                        "{host}'s watchdog is armed ({device}, {timeout_ms} ms): a dead or hung agent gets the host reset"
-                    )
-                }
-                Watchdog::Missing(why) => format!(
-                    "{host} has no working watchdog ({why}): if it fails, its VMs wait for a fence or `vmha host \
-                     confirm-down {host}`"
-                ),
-                Watchdog::Unknown => format!("{host}'s watchdog is unknown"),
-            };
-            c.event("host", &host, "watchdog", message, "controller");
-            c.write(Write::Watchdog { host: host.clone(), watchdog: wd });
-        }
-        c.persist_inventory(changes, &host);
-        for (uuid, xml) in new_xml {
-            c.write(Write::VmXml { uuid, xml });
-        }
-        if !actions.is_empty() {
-            // Not awaited: an action may wait for the database, the answer must not.
-            let c = c.clone();
-            tokio::spawn(async move { c.perform(actions).await });
-        }
-        let interval = c.timings().heartbeat_interval_ms;
-        // Align every host's heartbeats on the leader's clock, so that their leases end
-        // together if the leader goes away (see controller/engine/SAFETY.md).
-        let mut next = interval - now.0 % interval;
-        if next < interval / 4 {
-            next += interval;
-        }
-        let (lease_ttl_ms, refused) = match answer {
+        let lease = match c.step(Input::Heartbeat(hb)) {
+            Reply::Lease(l) => l,
+            Reply::Refused(r) => return Err(refusal(r)),
+            other => return Err(unexpected("heartbeat", &other)),
+        };
+        let (lease_ttl_ms, refused) = match lease.answer {
             LeaseAnswer::Granted { ttl_ms, .. } => (ttl_ms, String::new()),
             LeaseAnswer::Refused { reason, .. } => (0, reason.to_string()),
         };
         Ok(Response::new(HeartbeatResponse {
             epoch: c.epoch,
             lease_ttl_ms,
-            stamp_ms: answer.stamp().0,
+            stamp_ms: lease.answer.stamp().0,
             refused,
-            next_heartbeat_in_ms: next,
-            cluster_hosts,
-            peers,
-            protected_uuids,
+            next_heartbeat_in_ms: lease.next_in_ms,
+            cluster_hosts: lease.cluster_hosts,
+            peers: lease.peers.into_iter().map(|(host, address)| Peer { host, address }).collect(),
+            protected_uuids: lease.protected,
         }))
     }
 
@@ -217,13 +156,24 @@ impl AgentService for AgentApi {
 
     async fn report_progress(&self, req: Request<OperationProgress>) -> Result<Response<Ack>, Status> {
         let host = validate::agent_host(&req)?;
-        self.0.progress(&host, req.into_inner()).await?;
+        self.0.progress(&host, req.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 
     async fn report_result(&self, req: Request<OperationResult>) -> Result<Response<Ack>, Status> {
         let host = validate::agent_host(&req)?;
-        self.0.result(&host, req.into_inner()).await?;
-        Ok(Response::new(Ack {}))
+        let r = req.into_inner();
+        let id = OpId::parse(&r.operation_id).ok_or_else(|| {
+            Status::invalid_argument(format!("'{}' is not an operation id", r.operation_id))
+        })?;
+        let result = if r.ok {
+            Ok(Done { elapsed_ms: r.elapsed_ms, downtime_ms: r.downtime_ms, bytes: r.bytes })
+        } else {
+            Err(r.error)
+        };
+        match self.0.step(Input::Result { host, id, result }) {
+            Reply::Refused(r) => Err(refusal(r)),
+            _ => Ok(Response::new(Ack {})),
+        }
     }
 }

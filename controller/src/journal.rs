@@ -16,11 +16,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::future::Future;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
-use vmha_engine::{FencingMode, HostView, VmView, Watchdog};
 
-use crate::store::{NewEvent, OperationOutcome, OperationRow, Store, StoreError, retry_while_unreachable};
+use vmha_engine::operation::Operation;
+use vmha_engine::step::{HostWork, VmWork};
+use vmha_engine::{HostView, VmView, Watchdog};
+
+use crate::store::{NewEvent, OperationOutcome, Store, StoreError, retry_while_unreachable};
 
 /// One write, as the store takes it.
 #[derive(Debug)]
@@ -29,10 +33,9 @@ pub enum Write {
         host: HostView,
         hypervisor_version: String,
     },
-    HostAdmin(HostView),
-    Fencing {
+    HostWork {
         host: String,
-        mode: FencingMode,
+        work: HostWork,
     },
     Watchdog {
         host: String,
@@ -40,8 +43,11 @@ pub enum Write {
     },
     /// A VM's observed state (see `Write::vm`).
     Vm(VmView),
-    /// A VM's desired state (see `Write::protection`).
-    Protection(VmView),
+    /// A VM's desired state and restart in progress.
+    VmWork {
+        uuid: String,
+        work: VmWork,
+    },
     DeleteVm {
         uuid: String,
     },
@@ -50,7 +56,10 @@ pub enum Write {
         xml: String,
     },
     Event(NewEvent),
-    Operation(OperationRow),
+    Operation {
+        op: Operation,
+        epoch: u64,
+    },
     OperationRunning(Uuid),
     OperationProgress {
         id: Uuid,
@@ -70,23 +79,17 @@ impl Write {
         Write::Vm(VmView { xml: String::new(), ..vm.clone() })
     }
 
-    /// A VM's desired state (protection, priority, placement rules).
-    pub fn protection(vm: &VmView) -> Write {
-        Write::Protection(VmView { xml: String::new(), ..vm.clone() })
-    }
-
     async fn apply(&self, store: &Store) -> Result<(), StoreError> {
         match self {
             Write::Host { host, hypervisor_version } => store.upsert_host(host, hypervisor_version).await,
-            Write::HostAdmin(h) => store.set_host_admin(h).await,
-            Write::Fencing { host, mode } => store.set_fencing(host, mode).await,
+            Write::HostWork { host, work } => store.set_host_work(host, work).await,
             Write::Watchdog { host, watchdog } => store.set_watchdog(host, watchdog).await,
             Write::Vm(vm) => store.upsert_vm(vm).await,
-            Write::Protection(vm) => store.set_protection(vm).await,
+            Write::VmWork { uuid, work } => store.set_vm_work(uuid, work).await,
             Write::DeleteVm { uuid } => store.delete_vm(uuid).await,
             Write::VmXml { uuid, xml } => store.set_vm_xml(uuid, xml).await,
             Write::Event(e) => store.append_event(e).await.map(|_| ()),
-            Write::Operation(op) => store.insert_operation(op).await,
+            Write::Operation { op, epoch } => store.insert_operation(op, *epoch).await,
             Write::OperationRunning(id) => store.set_operation_running(*id).await,
             Write::OperationProgress { id, total, processed, remaining } => {
                 store.set_operation_progress(*id, *total, *processed, *remaining).await
@@ -164,13 +167,18 @@ impl Journal {
     /// Queues a write and waits until it is written, however long the database is
     /// unreachable: for what must be on record before it is done. An error means the database
     /// refused the write.
-    pub async fn record(&self, write: Write) -> Result<(), StoreError> {
+    /// The write is queued at the call, in order with the writes queued before and after it.
+    pub fn record(&self, write: Write) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         self.shared.held.fetch_add(1, Ordering::SeqCst);
         self.push(Entry { write, written: Some(tx) });
-        let result = rx.await.expect("the writer answers every entry it takes");
-        self.shared.held.fetch_sub(1, Ordering::SeqCst);
-        result
+        let shared = self.shared.clone();
+        async move {
+            // A writer that stopped (the controller is going down) answers nothing: refused.
+            let result = rx.await.unwrap_or(Err(StoreError::WriterStopped));
+            shared.held.fetch_sub(1, Ordering::SeqCst);
+            result
+        }
     }
 
     fn push(&self, entry: Entry) {

@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use anyhow::Context;
 use clap::Parser;
 use vmha_controller::config::Flags;
@@ -16,6 +14,16 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    // Crash-only: a panic anywhere (a bug) ends the process, so that systemd restarts it and the
+    // new controller resumes from the database; a controller that kept serving without its
+    // tick task would never declare a host dead again.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(
+            "vmha-controller panicked: {info}; exiting so that it is restarted and resumes from the database"
+        );
+        eprintln!("vmha-controller panicked: {info}");
+        std::process::exit(70);
+    }));
     let flags = Flags::parse();
     let timings = Timings {
         heartbeat_interval_ms: flags.heartbeat_interval.as_millis() as u64,
@@ -38,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
         degraded_after_ms: flags.degraded_after.as_millis() as u64,
         recover_after_ms: flags.recover_after.as_millis() as u64,
         accept_no_watchdog: flags.accept_no_watchdog,
+        migration_timeout_ms: flags.migration_timeout.as_millis() as u64,
         ..Policy::default()
     };
     let fence = FenceSettings { command: flags.fence_command, timeout: flags.fence_timeout };
@@ -47,19 +56,20 @@ async fn main() -> anyhow::Result<()> {
         timeout: flags.migration_timeout,
         postcopy: flags.postcopy,
         max_downtime_ms: flags.max_downtime_ms,
-        result_grace: Duration::from_secs(60),
     };
     let controller =
         Controller::start_when_reachable(&flags.database_url, timings, policy, migration, fence).await?;
-    tokio::spawn(controller.clone().run_ticks());
+    let ticks = tokio::spawn(controller.clone().run_ticks());
     tracing::info!(listen = %flags.listen, epoch = controller.epoch, "vmha-controller serving");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .add_service(AgentServiceServer::new(AgentApi(controller.clone())))
         .add_service(OperatorServiceServer::new(OperatorApi(controller)))
-        .serve_with_shutdown(flags.listen, shutdown())
-        .await
-        .with_context(|| format!("cannot serve on {}", flags.listen))?;
+        .serve_with_shutdown(flags.listen, shutdown());
+    tokio::select! {
+        served = serve => served.with_context(|| format!("cannot serve on {}", flags.listen))?,
+        ended = ticks => anyhow::bail!("the decision loop ended ({ended:?}); exiting so that it is restarted"),
+    }
     // Stopping the controller never stops a VM: agents keep them running and reconnect.
     tracing::info!("vmha-controller stopped");
     Ok(())

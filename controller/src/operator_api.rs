@@ -10,13 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
+use vmha_engine::event::{Event, EventKind};
 
-use vmha_engine::{FencingMode, HostLiveness, Refusal, drain, migration, recovery};
+use vmha_engine::operation::{OpId, Overrides};
+use vmha_engine::step::{Input, Reply, Request as Change};
+use vmha_engine::{FencingMode, HostLiveness, drain};
 use vmha_proto::v1::operator_service_server::OperatorService;
 use vmha_proto::v1::*;
 
 use crate::controller::{Controller, store_error};
+use crate::errors::{refusal, unexpected};
 use crate::{validate, views};
 
 pub struct OperatorApi(pub Arc<Controller>);
@@ -25,25 +28,24 @@ pub struct OperatorApi(pub Arc<Controller>);
 /// request is "operator".
 const ACTOR: &str = "operator";
 
-pub fn refusal(r: Refusal) -> Status {
-    match r {
-        Refusal::UnknownVm(_) | Refusal::UnknownHost(_) => Status::not_found(r.to_string()),
-        Refusal::AmbiguousVm { .. } => Status::invalid_argument(r.to_string()),
-        Refusal::AlreadyOnTarget { .. }
-        | Refusal::NotPlaced { .. }
-        | Refusal::NotRunning { .. }
-        | Refusal::Busy { .. }
-        | Refusal::HostDown { .. }
-        | Refusal::HostNotActive { .. }
-        | Refusal::NoRoom { .. } => Status::failed_precondition(r.to_string()),
-    }
-}
-
 fn is_terminal(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "aborted")
 }
 
 impl OperatorApi {
+    /// Hands an operator's change to the engine; its refusal becomes the answer.
+    fn change(&self, request: Change) -> Result<Reply, Status> {
+        match self.0.step(Input::Operator { actor: ACTOR.into(), request }) {
+            Reply::Refused(r) => Err(refusal(r)),
+            reply => Ok(reply),
+        }
+    }
+
+    fn host_view(&self, host: &str) -> Host {
+        let now = self.0.now();
+        self.0.read(|s| views::host(s, host, now))
+    }
+
     fn hosts(&self) -> Vec<Host> {
         let now = self.0.now();
         self.0.read(|s| s.hosts.keys().map(|h| views::host(s, h, now)).collect())
@@ -66,15 +68,16 @@ impl OperatorApi {
         while !known() {
             if tokio::time::Instant::now() >= deadline {
                 self.0.event(
-                    "vm",
-                    &vm.name,
-                    "protection_unconfirmed",
-                    format!(
-                        "{host} has not confirmed that {} is protected yet: until it does, a failure of {host} \
-                         restarts it only after `vmha host confirm-down {host}`",
-                        vm.name
-                    ),
-                    ACTOR,
+                    Event::vm(
+                        &vm.name,
+                        EventKind::ProtectionUnconfirmed,
+                        format!(
+                            "{host} has not confirmed that {} is protected yet: until it does, a failure of {host} \
+                             restarts it only after `vmha host confirm-down {host}`",
+                            vm.name
+                        ),
+                    )
+                    .by(ACTOR),
                 );
                 return;
             }
@@ -153,71 +156,21 @@ impl OperatorService for OperatorApi {
             validate::host_name(h)?;
         }
         self.0.require_database("changing a VM's protection")?;
-        let now = self.0.now();
-        let (vm, before) = self
+        let was_protected = self.0.read(|s| s.find_vm(key).map(|v| v.protected)).map_err(refusal)?;
+        let reply = self.change(Change::Protection {
+            vm: key.to_string(),
+            protected: r.protected,
+            priority,
+            anti_affinity: group.map(str::to_string),
+            allowed_hosts: r.set_allowed_hosts.then(|| r.allowed_hosts.clone()),
+            preferred_host: r.preferred_host.clone(),
+        })?;
+        let Reply::Vm(uuid) = reply else { return Err(unexpected("set_protection", &reply)) };
+        let vm = self
             .0
-            .update(|s| {
-                let uuid = s.find_vm(key)?.uuid.clone();
-                let named = r.allowed_hosts.iter().chain(r.preferred_host.iter().filter(|p| !p.is_empty()));
-                if let Some(unknown) = named.into_iter().find(|h| !s.hosts.contains_key(*h)) {
-                    return Err(Refusal::UnknownHost(unknown.clone()));
-                }
-                let vm = s.vms.get_mut(&uuid).expect("found above");
-                let before = vm.clone();
-                if r.protected && !vm.protected {
-                    vm.protected_since = now;
-                }
-                vm.protected = r.protected;
-                if let Some(p) = priority {
-                    vm.priority = p;
-                }
-                if let Some(g) = group {
-                    vm.anti_affinity = (!g.is_empty()).then(|| g.to_string());
-                }
-                if r.set_allowed_hosts {
-                    vm.allowed_hosts = r.allowed_hosts.clone();
-                }
-                if let Some(p) = &r.preferred_host {
-                    vm.preferred_host = (!p.is_empty()).then(|| p.clone());
-                }
-                if !vm.protected {
-                    vm.recovery = None;
-                }
-                Ok((vm.clone(), before))
-            })
-            .map_err(refusal)?;
-        // The row may not exist yet if the VM was discovered on a host whose registration the
-        // store has not seen; the observed part is written first.
-        self.0.persist_vm(&vm.uuid);
-        let changed =
-            (
-                before.protected,
-                before.priority,
-                &before.anti_affinity,
-                &before.allowed_hosts,
-                &before.preferred_host,
-            ) != (vm.protected, vm.priority, &vm.anti_affinity, &vm.allowed_hosts, &vm.preferred_host);
-        if changed {
-            let message = if vm.protected {
-                let mut m =
-                    format!("{} is protected with priority {} (higher restarts first)", vm.name, vm.priority);
-                if let Some(g) = &vm.anti_affinity {
-                    m += &format!(", anti-affinity group {g}");
-                }
-                if !vm.allowed_hosts.is_empty() {
-                    m += &format!(", only on {}", vm.allowed_hosts.join(","));
-                }
-                if let Some(p) = &vm.preferred_host {
-                    m += &format!(", prefers {p}");
-                }
-                m
-            } else {
-                format!("{} is no longer protected: it will not be restarted elsewhere", vm.name)
-            };
-            let kind = if vm.protected { "vm_protected" } else { "vm_unprotected" };
-            self.0.event("vm", &vm.name, kind, message, ACTOR);
-        }
-        if vm.protected && !before.protected {
+            .read(|s| s.vms.get(&uuid).cloned())
+            .ok_or_else(|| Status::not_found(format!("VM {uuid} is gone")))?;
+        if vm.protected && !was_protected {
             self.await_protection_known(&vm).await;
         }
         let now = self.0.now();
@@ -241,10 +194,7 @@ impl OperatorService for OperatorApi {
             return Ok(Response::new(views::drain(&host, &d)));
         }
         self.0.require_database("draining a host")?;
-        let actions = self.0.update(|s| drain::start(s, &host, r.allow_restart, now)).map_err(refusal)?;
-        self.0.persist_admin(&host);
-        self.0.perform(actions).await;
-        self.0.persist_admin(&host);
+        self.change(Change::Drain { host: host.clone(), allow_restart: r.allow_restart })?;
         let plan = self.0.read(|s| s.hosts[&host].drain.as_ref().map(|d| views::drain(&host, d)));
         Ok(Response::new(plan.unwrap_or_default()))
     }
@@ -252,11 +202,8 @@ impl OperatorService for OperatorApi {
     async fn undrain(&self, req: Request<UndrainRequest>) -> Result<Response<Host>, Status> {
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         self.0.require_database("undraining a host")?;
-        let actions = self.0.update(|s| drain::undrain(s, &host)).map_err(refusal)?;
-        self.0.persist_admin(&host);
-        self.0.perform(actions).await;
-        let now = self.0.now();
-        Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
+        self.change(Change::Undrain { host: host.clone() })?;
+        Ok(Response::new(self.host_view(&host)))
     }
 
     async fn set_memory_limit(&self, req: Request<SetMemoryLimitRequest>) -> Result<Response<Host>, Status> {
@@ -264,36 +211,15 @@ impl OperatorService for OperatorApi {
         let host = validate::host_name(&r.host)?.to_string();
         let limit = (r.memory_limit_mib > 0).then_some(r.memory_limit_mib * 1024);
         self.0.require_database("setting a host's memory limit")?;
-        self.0
-            .update(|s| match s.hosts.get_mut(&host) {
-                Some(h) => {
-                    h.memory_limit_kib = limit;
-                    Ok(())
-                }
-                None => Err(Refusal::UnknownHost(host.clone())),
-            })
-            .map_err(refusal)?;
-        self.0.persist_admin(&host);
-        let message = match limit {
-            Some(l) => format!("vmha places at most {} MiB of VMs on {host}", l / 1024),
-            None => format!("no memory cap on {host} beyond what it has free"),
-        };
-        self.0.event("host", &host, "memory_limit", message, ACTOR);
-        let now = self.0.now();
-        Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
+        self.change(Change::SetMemoryLimit { host: host.clone(), limit_kib: limit })?;
+        Ok(Response::new(self.host_view(&host)))
     }
 
     async fn confirm_down(&self, req: Request<ConfirmDownRequest>) -> Result<Response<Host>, Status> {
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         self.0.require_database("confirming a host is down")?;
-        let now = self.0.now();
-        let actions = self.0.update(|s| recovery::confirm_down(s, &host, now)).map_err(|e| match e {
-            recovery::ConfirmRefusal::UnknownHost(_) => Status::not_found(e.to_string()),
-            recovery::ConfirmRefusal::Online(_) => Status::failed_precondition(e.to_string()),
-        })?;
-        self.0.event("host", &host, "confirmed_down", format!("an operator confirmed {host} is off"), ACTOR);
-        self.0.perform(actions).await;
-        Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
+        self.change(Change::ConfirmDown { host: host.clone() })?;
+        Ok(Response::new(self.host_view(&host)))
     }
 
     async fn set_fencing(&self, req: Request<SetFencingRequest>) -> Result<Response<Host>, Status> {
@@ -311,23 +237,8 @@ impl OperatorService for OperatorApi {
             ));
         }
         self.0.require_database("setting a host's fencing mode")?;
-        let now = self.0.now();
-        self.0.update(|s| match s.hosts.get_mut(&host) {
-            Some(h) => {
-                h.fencing = mode.clone();
-                Ok(())
-            }
-            None => Err(Status::not_found(Refusal::UnknownHost(host.clone()).to_string())),
-        })?;
-        self.0.persist_fencing(&host);
-        self.0.event(
-            "host",
-            &host,
-            "fencing_set",
-            format!("{host}'s fencing mode is now {}", mode.as_str()),
-            ACTOR,
-        );
-        Ok(Response::new(self.0.read(|s| views::host(s, &host, now))))
+        self.change(Change::SetFencing { host: host.clone(), mode })?;
+        Ok(Response::new(self.host_view(&host)))
     }
 
     async fn migrate(&self, req: Request<MigrateRequest>) -> Result<Response<Operation>, Status> {
@@ -335,16 +246,28 @@ impl OperatorService for OperatorApi {
         let key = validate::vm_ref(&r.vm)?;
         let target = validate::host_name(&r.target_host)?;
         self.0.require_database("starting a migration")?;
-        let now = self.0.now();
-        let plan = self.0.read(|s| migration::plan_migration(s, key, target, now)).map_err(refusal)?;
-        let defaults = &self.0.migration;
-        let overrides = (r.bandwidth_mib_s > 0 || r.timeout_ms > 0).then(|| {
-            let bandwidth = if r.bandwidth_mib_s > 0 { r.bandwidth_mib_s } else { defaults.bandwidth_mib_s };
-            let timeout =
-                if r.timeout_ms > 0 { Duration::from_millis(r.timeout_ms) } else { defaults.timeout };
-            (bandwidth, timeout)
+        let overrides = (r.bandwidth_mib_s > 0 || r.timeout_ms > 0).then(|| Overrides {
+            bandwidth_mib_s: if r.bandwidth_mib_s > 0 {
+                r.bandwidth_mib_s
+            } else {
+                self.0.migration.bandwidth_mib_s
+            },
+            timeout_ms: if r.timeout_ms > 0 {
+                r.timeout_ms
+            } else {
+                self.0.migration.timeout.as_millis() as u64
+            },
         });
-        Ok(Response::new(self.0.start_migration(plan, ACTOR, overrides).await?))
+        let reply =
+            self.change(Change::Migrate { vm: key.to_string(), to: target.to_string(), overrides })?;
+        let Reply::Operation(id) = reply else { return Err(unexpected("migrate", &reply)) };
+        let op = self
+            .0
+            .watch_operation(id)
+            .map(|w| w.borrow().clone())
+            .or_else(|| self.0.ended_operation(id))
+            .ok_or_else(|| Status::internal(format!("operation {id} vanished; see `vmha events`")))?;
+        Ok(Response::new(op))
     }
 
     type WatchOperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send + 'static>>;
@@ -353,7 +276,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<WatchOperationRequest>,
     ) -> Result<Response<Self::WatchOperationStream>, Status> {
-        let id = Uuid::parse_str(&req.get_ref().id).map_err(|_| {
+        let id = OpId::parse(&req.get_ref().id).ok_or_else(|| {
             Status::invalid_argument(format!("'{}' is not an operation id", req.get_ref().id))
         })?;
         let live = self.0.watch_operation(id);
@@ -380,7 +303,7 @@ impl OperatorService for OperatorApi {
 /// that already ended is answered from memory if it ended lately, else read from the store.
 fn async_stream(
     c: Arc<Controller>,
-    id: Uuid,
+    id: OpId,
     live: Option<tokio::sync::watch::Receiver<Operation>>,
 ) -> impl Stream<Item = Result<Operation, Status>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -400,7 +323,7 @@ fn async_stream(
         }
         let msg = match c.ended_operation(id) {
             Some(op) => Ok(op),
-            None => match c.store.get_operation(id).await {
+            None => match c.store.get_operation(crate::store::op_uuid(id)).await {
                 Ok(Some(row)) => Ok(views::operation(&row)),
                 Ok(None) => Err(Status::not_found(format!("no operation {id}"))),
                 Err(e) => Err(store_error(e)),

@@ -9,7 +9,9 @@ use sqlx::migrate::MigrateError;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 use vmha_engine::cluster::HostResources;
-use vmha_engine::{AdminState, FencingMode, HostView, RunState, VmView, Watchdog};
+use vmha_engine::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
+use vmha_engine::step::{HostWork, VmWork};
+use vmha_engine::{AdminState, Death, FencingMode, HostView, Millis, RunState, VmView, Watchdog};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -26,6 +28,8 @@ pub enum StoreError {
     Migrate(#[source] MigrateError),
     #[error("database query failed ({what}): {source}")]
     Query { what: &'static str, source: sqlx::Error },
+    #[error("the database writer has stopped (the controller is shutting down)")]
+    WriterStopped,
 }
 
 impl StoreError {
@@ -35,7 +39,7 @@ impl StoreError {
         match self {
             StoreError::Connect { source, .. } | StoreError::Query { source, .. } => is_unreachable(source),
             StoreError::Migrate(MigrateError::Execute(source)) => is_unreachable(source),
-            StoreError::SchemaTooNew { .. } | StoreError::Migrate(_) => false,
+            StoreError::SchemaTooNew { .. } | StoreError::Migrate(_) | StoreError::WriterStopped => false,
         }
     }
 }
@@ -83,6 +87,19 @@ fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { what, source }
 }
 
+fn encode(what: &'static str) -> impl FnOnce(serde_json::Error) -> StoreError {
+    move |e| StoreError::Query { what, source: sqlx::Error::Encode(Box::new(e)) }
+}
+
+fn decode(what: &'static str) -> impl FnOnce(serde_json::Error) -> StoreError {
+    move |e| StoreError::Query { what, source: sqlx::Error::Decode(Box::new(e)) }
+}
+
+/// An operation's id as the database stores it.
+pub fn op_uuid(id: OpId) -> Uuid {
+    Uuid::from_u128(id.0)
+}
+
 /// A row of `operations`.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct OperationRow {
@@ -102,37 +119,6 @@ pub struct OperationRow {
     pub bytes: i64,
     pub error: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
-}
-
-impl OperationRow {
-    /// A new operation, written down before its command is sent.
-    pub fn pending(
-        kind: &str,
-        vm_uuid: Uuid,
-        vm_name: &str,
-        source: &str,
-        target: &str,
-        epoch: u64,
-    ) -> OperationRow {
-        OperationRow {
-            id: Uuid::new_v4(),
-            kind: kind.into(),
-            vm_uuid,
-            vm_name: vm_name.into(),
-            source: source.into(),
-            target: target.into(),
-            state: "pending".into(),
-            epoch: epoch as i64,
-            data_total: 0,
-            data_processed: 0,
-            data_remaining: 0,
-            elapsed_ms: 0,
-            downtime_ms: 0,
-            bytes: 0,
-            error: String::new(),
-            created_at: chrono::Utc::now(),
-        }
-    }
 }
 
 /// A row of `events`.
@@ -234,25 +220,22 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a host's operator-set state: admin state and memory cap.
-    pub async fn set_host_admin(&self, h: &HostView) -> Result<(), StoreError> {
-        sqlx::query("UPDATE hosts SET admin_state = $2, memory_limit_kib = $3 WHERE name = $1")
-            .bind(&h.name)
-            .bind(h.admin.as_str())
-            .bind(h.memory_limit_kib.map(|m| m as i64))
-            .execute(&self.pool)
-            .await
-            .map_err(q("set host admin state"))?;
-        Ok(())
-    }
-
-    pub async fn set_fencing(&self, host: &str, mode: &FencingMode) -> Result<(), StoreError> {
-        sqlx::query("UPDATE hosts SET fencing = $2 WHERE name = $1")
-            .bind(host)
-            .bind(mode.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(q("set fencing"))?;
+    /// Writes a host's operator-set state and its work in progress (see `HostWork`).
+    pub async fn set_host_work(&self, host: &str, w: &HostWork) -> Result<(), StoreError> {
+        let drain = w.drain.as_ref().map(serde_json::to_string).transpose().map_err(encode("host drain"))?;
+        sqlx::query(
+            "UPDATE hosts SET admin_state = $2, memory_limit_kib = $3, fencing = $4, dead_cause = $5, drain = $6
+             WHERE name = $1",
+        )
+        .bind(host)
+        .bind(w.admin.as_str())
+        .bind(w.memory_limit_kib.map(|m| m as i64))
+        .bind(w.fencing.as_str())
+        .bind(&w.dead)
+        .bind(drain)
+        .execute(&self.pool)
+        .await
+        .map_err(q("set host work"))?;
         Ok(())
     }
 
@@ -291,19 +274,25 @@ impl Store {
             watchdog: String,
             watchdog_detail: String,
             watchdog_timeout_ms: i64,
+            dead_cause: Option<String>,
+            drain: Option<String>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT name, migration_uri, admin_state, cpus, memory_total_kib, cpu_model, libvirt_version,
-                 fencing, peer_address, memory_limit_kib, watchdog, watchdog_detail, watchdog_timeout_ms
+                 fencing, peer_address, memory_limit_kib, watchdog, watchdog_detail, watchdog_timeout_ms,
+                 dead_cause, drain
              FROM hosts ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(q("load hosts"))?;
-        Ok(rows
-            .into_iter()
+        rows.into_iter()
             .map(|r| {
                 let mut h = HostView::new(&r.name);
+                // A restarted controller's clock starts again: the death is dated to its start.
+                h.dead = r.dead_cause.map(|cause| Death { at: Millis(0), cause });
+                h.drain =
+                    r.drain.as_deref().map(serde_json::from_str).transpose().map_err(decode("host drain"))?;
                 h.admin = AdminState::parse(&r.admin_state).unwrap_or(AdminState::Active);
                 h.migration_uri = r.migration_uri;
                 h.peer_address = r.peer_address;
@@ -324,9 +313,9 @@ impl Store {
                     "missing" => Watchdog::Missing(r.watchdog_detail),
                     _ => Watchdog::Unknown,
                 };
-                h
+                Ok(h)
             })
-            .collect())
+            .collect()
     }
 
     pub async fn load_vms(&self) -> Result<Vec<VmView>, StoreError> {
@@ -343,19 +332,25 @@ impl Store {
             allowed_hosts: Vec<String>,
             xml: String,
             preferred_host: Option<String>,
+            recovery: Option<String>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host, anti_affinity,
-                 allowed_hosts, xml, preferred_host
+                 allowed_hosts, xml, preferred_host, recovery
              FROM vms ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(q("load vms"))?;
-        Ok(rows
-            .into_iter()
+        rows.into_iter()
             .map(|r| {
                 let mut vm = VmView::new(&r.uuid.to_string(), &r.name);
+                vm.recovery = r
+                    .recovery
+                    .as_deref()
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .map_err(decode("vm recovery"))?;
                 // Observed state is rebuilt from reports; until then nobody knows.
                 vm.state = RunState::Unknown;
                 vm.host = r.current_host;
@@ -367,9 +362,9 @@ impl Store {
                 vm.allowed_hosts = r.allowed_hosts;
                 vm.xml = r.xml;
                 vm.preferred_host = r.preferred_host;
-                vm
+                Ok(vm)
             })
-            .collect())
+            .collect()
     }
 
     /// Writes a VM's observed state and sizes (not its desired state: see `set_protection`).
@@ -394,22 +389,26 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a VM's desired state: protection, priority, anti-affinity group, allowed hosts.
-    pub async fn set_protection(&self, vm: &VmView) -> Result<(), StoreError> {
+    /// Writes a VM's desired state (protection, priority, placement rules) and its restart in
+    /// progress.
+    pub async fn set_vm_work(&self, uuid: &str, w: &VmWork) -> Result<(), StoreError> {
+        let recovery =
+            w.recovery.as_ref().map(serde_json::to_string).transpose().map_err(encode("vm recovery"))?;
         sqlx::query(
             "UPDATE vms SET protected = $2, priority = $3, anti_affinity = $4, allowed_hosts = $5,
-                 preferred_host = $6, updated_at = now()
+                 preferred_host = $6, recovery = $7, updated_at = now()
              WHERE uuid = $1",
         )
-        .bind(parse_uuid(&vm.uuid)?)
-        .bind(vm.protected)
-        .bind(vm.priority)
-        .bind(&vm.anti_affinity)
-        .bind(&vm.allowed_hosts)
-        .bind(&vm.preferred_host)
+        .bind(parse_uuid(uuid)?)
+        .bind(w.protected)
+        .bind(w.priority)
+        .bind(&w.anti_affinity)
+        .bind(&w.allowed_hosts)
+        .bind(&w.preferred_host)
+        .bind(recovery)
         .execute(&self.pool)
         .await
-        .map_err(q("set protection"))?;
+        .map_err(q("set vm work"))?;
         Ok(())
     }
 
@@ -432,19 +431,25 @@ impl Store {
         Ok(())
     }
 
-    pub async fn insert_operation(&self, op: &OperationRow) -> Result<(), StoreError> {
+    /// Writes a new operation down, before its command is sent.
+    pub async fn insert_operation(&self, op: &Operation, epoch: u64) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO operations (id, kind, vm_uuid, vm_name, source, target, state, epoch)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO operations (id, kind, vm_uuid, vm_name, source, target, state, epoch, purpose, actor,
+                 bandwidth_mib_s, timeout_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
-        .bind(op.id)
-        .bind(&op.kind)
-        .bind(op.vm_uuid)
+        .bind(op_uuid(op.id))
+        .bind(op.kind.as_str())
+        .bind(parse_uuid(&op.vm_uuid)?)
         .bind(&op.vm_name)
         .bind(&op.source)
         .bind(&op.target)
-        .bind(&op.state)
-        .bind(op.epoch)
+        .bind(op.state.as_str())
+        .bind(epoch as i64)
+        .bind(op.purpose.as_str())
+        .bind(&op.actor)
+        .bind(op.overrides.map(|o| o.bandwidth_mib_s as i64))
+        .bind(op.overrides.map(|o| o.timeout_ms as i64))
         .execute(&self.pool)
         .await
         .map_err(q("insert operation"))?;
@@ -507,18 +512,55 @@ impl Store {
             .map_err(q("get operation"))
     }
 
-    /// Operations a previous controller left pending or running are failed: nobody waits for
-    /// their result any more, and the VM is wherever libvirt reports it.
-    pub async fn fail_orphaned_operations(&self, epoch: u64) -> Result<Vec<OperationRow>, StoreError> {
-        sqlx::query_as(
-            "UPDATE operations SET state = 'failed', finished_at = now(),
-                 error = 'the controller that started it stopped before it finished; the VM stays where its host reports it'
-             WHERE state IN ('pending', 'running') AND epoch < $1 RETURNING *",
+    /// Operations an earlier controller left pending or running: the new one follows them to
+    /// their end (from their agents' results and reports) and never sends them again.
+    pub async fn unfinished_operations(&self) -> Result<Vec<Operation>, StoreError> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            id: Uuid,
+            kind: String,
+            vm_uuid: Uuid,
+            vm_name: String,
+            source: String,
+            target: String,
+            purpose: String,
+            actor: String,
+            bandwidth_mib_s: Option<i64>,
+            timeout_ms: Option<i64>,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, kind, vm_uuid, vm_name, source, target, purpose, actor, bandwidth_mib_s, timeout_ms
+             FROM operations WHERE state IN ('pending', 'running') ORDER BY created_at",
         )
-        .bind(epoch as i64)
         .fetch_all(&self.pool)
         .await
-        .map_err(q("fail orphaned operations"))
+        .map_err(q("load unfinished operations"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(Operation {
+                    id: OpId(r.id.as_u128()),
+                    kind: OpKind::parse(&r.kind)?,
+                    purpose: Purpose::parse(&r.purpose).unwrap_or(Purpose::Operator),
+                    vm_uuid: r.vm_uuid.to_string(),
+                    vm_name: r.vm_name,
+                    source: r.source,
+                    target: r.target,
+                    actor: r.actor,
+                    state: OpState::Running,
+                    error: String::new(),
+                    deadline: Millis(0),
+                    overrides: match (r.bandwidth_mib_s, r.timeout_ms) {
+                        (Some(b), Some(t)) => {
+                            Some(Overrides { bandwidth_mib_s: b as u64, timeout_ms: t as u64 })
+                        }
+                        _ => None,
+                    },
+                    inherited: true,
+                    done: Done::default(),
+                })
+            })
+            .collect())
     }
 
     pub async fn append_event(&self, e: &NewEvent) -> Result<i64, StoreError> {

@@ -61,12 +61,14 @@ async fn open_controller(database_url: &str, timeout: Duration, result_grace: Du
         timeout,
         postcopy: false,
         max_downtime_ms: 0,
-        result_grace,
     };
     let fence = FenceSettings { command: None, timeout: Duration::from_secs(1) };
-    Controller::start_when_reachable(database_url, Timings::default(), Policy::default(), settings, fence)
-        .await
-        .unwrap()
+    let policy = Policy {
+        migration_timeout_ms: timeout.as_millis() as u64,
+        result_grace_ms: result_grace.as_millis() as u64,
+        ..Policy::default()
+    };
+    Controller::start_when_reachable(database_url, Timings::default(), policy, settings, fence).await.unwrap()
 }
 
 /// A controller on a fresh database, serving on a loopback port: its endpoint, and the

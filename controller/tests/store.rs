@@ -8,8 +8,11 @@ use support::PgServer;
 use uuid::Uuid;
 
 use vmha_controller::journal::{Journal, Write};
-use vmha_controller::store::{NewEvent, OperationOutcome, OperationRow, Store, StoreError};
+use vmha_controller::store::{NewEvent, OperationOutcome, Store, StoreError, op_uuid};
+use vmha_engine::Millis;
 use vmha_engine::cluster::HostResources;
+use vmha_engine::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
+use vmha_engine::step::{HostWork, VmWork};
 use vmha_engine::{HostView, RunState, VmView, Watchdog};
 
 fn host(name: &str) -> HostView {
@@ -38,8 +41,23 @@ fn event(message: String) -> NewEvent {
     NewEvent { subject_kind: "vm", subject: "dns1".into(), kind: "vm_state", message, actor: "kvm1".into() }
 }
 
-fn op(epoch: u64, vm_uuid: Uuid) -> OperationRow {
-    OperationRow::pending("migrate", vm_uuid, "dns1", "kvm1", "kvm2", epoch)
+fn op(seq: u64, vm_uuid: Uuid) -> Operation {
+    Operation {
+        id: OpId::new(1, seq),
+        kind: OpKind::Migrate,
+        purpose: Purpose::Drain,
+        vm_uuid: vm_uuid.to_string(),
+        vm_name: "dns1".into(),
+        source: "kvm1".into(),
+        target: "kvm2".into(),
+        actor: "controller".into(),
+        state: OpState::Recording,
+        error: String::new(),
+        deadline: Millis(0),
+        overrides: Some(Overrides { bandwidth_mib_s: 1, timeout_ms: 9_000 }),
+        inherited: false,
+        done: Done::default(),
+    }
 }
 
 #[tokio::test]
@@ -94,7 +112,7 @@ async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() 
     desired.priority = 100;
     desired.anti_affinity = Some("dns".into());
     desired.allowed_hosts = vec!["kvm1".into(), "kvm2".into()];
-    s.set_protection(&desired).await.unwrap();
+    s.set_vm_work(&desired.uuid, &VmWork::of(&desired)).await.unwrap();
     s.set_vm_xml(&id.to_string(), "<domain/>").await.unwrap();
     // A later report moves it; protection must survive the observed-state write.
     let mut moved = vm(id, "kvm2");
@@ -125,16 +143,17 @@ async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() 
 }
 
 #[tokio::test]
-async fn operations_record_their_life_and_orphans_of_old_leaders_are_failed() {
+async fn operations_record_their_life_and_unfinished_ones_are_handed_to_the_next_controller() {
     let pg = PgServer::shared();
     let s = Store::open(&pg.fresh_database()).await.unwrap();
     let vm_id = Uuid::new_v4();
     let done = op(1, vm_id);
-    s.insert_operation(&done).await.unwrap();
-    s.set_operation_running(done.id).await.unwrap();
-    s.set_operation_progress(done.id, 100, 40, 60).await.unwrap();
+    let id = op_uuid(done.id);
+    s.insert_operation(&done, 1).await.unwrap();
+    s.set_operation_running(id).await.unwrap();
+    s.set_operation_progress(id, 100, 40, 60).await.unwrap();
     s.finish_operation(
-        done.id,
+        id,
         &OperationOutcome {
             state: "succeeded",
             error: String::new(),
@@ -145,19 +164,57 @@ async fn operations_record_their_life_and_orphans_of_old_leaders_are_failed() {
     )
     .await
     .unwrap();
-    let row = s.get_operation(done.id).await.unwrap().unwrap();
+    let row = s.get_operation(id).await.unwrap().unwrap();
     assert_eq!((row.state.as_str(), row.data_processed, row.downtime_ms), ("succeeded", 40, 7));
 
-    let orphan = op(1, vm_id);
-    s.insert_operation(&orphan).await.unwrap();
-    s.set_operation_running(orphan.id).await.unwrap();
-    let mine = op(2, vm_id);
-    s.insert_operation(&mine).await.unwrap();
-    let failed = s.fail_orphaned_operations(2).await.unwrap();
-    assert_eq!(failed.iter().map(|o| o.id).collect::<Vec<_>>(), [orphan.id]);
-    assert!(failed[0].error.contains("stopped before it finished"));
-    assert_eq!(s.get_operation(mine.id).await.unwrap().unwrap().state, "pending");
+    let in_flight = op(2, vm_id);
+    s.insert_operation(&in_flight, 1).await.unwrap();
+    s.set_operation_running(op_uuid(in_flight.id)).await.unwrap();
+    let unfinished = s.unfinished_operations().await.unwrap();
+    assert_eq!(unfinished.len(), 1, "only what did not end: {unfinished:?}");
+    let u = &unfinished[0];
+    assert_eq!(
+        (u.id, u.kind, u.purpose, u.overrides, u.vm_uuid.as_str(), u.target.as_str()),
+        (
+            in_flight.id,
+            OpKind::Migrate,
+            Purpose::Drain,
+            in_flight.overrides,
+            in_flight.vm_uuid.as_str(),
+            "kvm2"
+        )
+    );
+    assert!(u.inherited, "the next controller knows it did not send it");
     assert_eq!(s.get_operation(Uuid::new_v4()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_hosts_death_and_drain_and_a_vms_restart_survive_a_restart() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    s.upsert_host(&host("kvm1"), "7.2.0").await.unwrap();
+    let id = Uuid::new_v4();
+    s.upsert_vm(&vm(id, "kvm1")).await.unwrap();
+    let mut h = host("kvm1");
+    h.admin = vmha_engine::AdminState::Draining;
+    h.dead = Some(vmha_engine::Death { at: Millis(5), cause: "no lease".into() });
+    h.drain = Some(vmha_engine::drain::Drain {
+        cause: vmha_engine::drain::DrainCause::Operator,
+        allow_restart: true,
+        state: vmha_engine::drain::DrainState::Draining,
+        steps: Vec::new(),
+        message: String::new(),
+    });
+    s.set_host_work("kvm1", &HostWork::of(&h)).await.unwrap();
+    let mut v = vm(id, "kvm1");
+    v.protected = true;
+    v.recovery = Some(vmha_engine::recovery::Recovery::in_doubt("kvm2", Millis(7)));
+    s.set_vm_work(&v.uuid, &VmWork::of(&v)).await.unwrap();
+
+    let loaded = &s.load_hosts().await.unwrap()[0];
+    assert_eq!(HostWork::of(loaded), HostWork::of(&h));
+    let loaded = &s.load_vms().await.unwrap()[0];
+    assert_eq!(VmWork::of(loaded), VmWork::of(&v));
 }
 
 #[tokio::test]
@@ -190,10 +247,7 @@ async fn what_must_be_recorded_first_waits_out_an_outage_and_queued_writes_keep_
     running.state = RunState::ShutOff;
     journal.write(Write::vm(&running));
     let started = op(1, id);
-    let recording = tokio::spawn({
-        let (journal, started) = (journal.clone(), started.clone());
-        async move { journal.record(Write::Operation(started)).await }
-    });
+    let recording = tokio::spawn(journal.record(Write::Operation { op: started.clone(), epoch: 1 }));
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(!recording.is_finished(), "an operation was on record, or given up, without a database");
     let why = journal.trouble().expect("the journal says why it waits");
@@ -207,7 +261,7 @@ async fn what_must_be_recorded_first_waits_out_an_outage_and_queued_writes_keep_
         .unwrap()
         .unwrap();
     assert_eq!(journal.trouble(), None);
-    assert_eq!(s.get_operation(started.id).await.unwrap().map(|o| o.state), Some("pending".into()));
+    assert_eq!(s.get_operation(op_uuid(started.id)).await.unwrap().map(|o| o.state), Some("pending".into()));
     let state: String = sqlx::query_scalar("SELECT state FROM vms WHERE uuid = $1")
         .bind(id)
         .fetch_one(&sqlx::PgPool::connect(&url).await.unwrap())

@@ -302,6 +302,8 @@ pub struct Policy {
     /// A live migration's timeout (the agent aborts it then); operations without a result
     /// are settled from reports a grace period after it.
     pub migration_timeout_ms: u64,
+    /// How long past its timeout an operation without a result is settled from reports.
+    pub result_grace_ms: u64,
 }
 
 impl Default for Policy {
@@ -317,6 +319,7 @@ impl Default for Policy {
             recover_after_ms: 60_000,
             accept_no_watchdog: false,
             migration_timeout_ms: 300_000,
+            result_grace_ms: 60_000,
         }
     }
 }

@@ -431,7 +431,11 @@ fn finish_if_done(state: &mut ClusterState, host: &str, out: &mut Vec<Action>) {
             left.len(),
             left.join("; ")
         );
-        out.push(event(host, EventKind::DrainIncomplete, format!("drain of {host} incomplete: {}", d.message)));
+        out.push(event(
+            host,
+            EventKind::DrainIncomplete,
+            format!("drain of {host} incomplete: {}", d.message),
+        ));
     }
 }
 
@@ -609,7 +613,10 @@ mod tests {
         crate::inventory::apply_migrated(&mut s, "a", &m[0].1);
         let a = migration_finished(&mut s, "b", &m[1].1, Err("target died".into()), Millis(3));
         // radius1 is retried nowhere (no room left anywhere), billing never had room.
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::DrainIncomplete, .. })), "{a:?}");
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::DrainIncomplete, .. })),
+            "{a:?}"
+        );
         let d = s.hosts["kvm1"].drain.as_ref().unwrap();
         assert_eq!(d.state, DrainState::Incomplete);
         assert!(d.message.contains("billing") && d.message.contains("nothing was stopped"), "{}", d.message);

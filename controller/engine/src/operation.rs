@@ -159,6 +159,8 @@ pub struct Operation {
     pub overrides: Option<Overrides>,
     /// Begun by an earlier leader: its result may be lost, so reports settle it too.
     pub inherited: bool,
+    /// What its agent said when it ended.
+    pub done: Done,
 }
 
 impl Operation {

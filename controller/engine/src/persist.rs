@@ -72,8 +72,13 @@ impl Db {
 
     /// A new controller (epoch `epoch`, started at `now`) from what is stored.
     pub fn load(&self, base: &ClusterState, epoch: u64, now: Millis) -> (Engine, Vec<Event>) {
-        let mut cluster =
-            ClusterState { timings: base.timings, policy: base.policy, epoch, started: now, ..Default::default() };
+        let mut cluster = ClusterState {
+            timings: base.timings,
+            policy: base.policy,
+            epoch,
+            started: now,
+            ..Default::default()
+        };
         for (name, h) in &self.hosts {
             cluster.hosts.insert(name.clone(), loaded_host(h, now));
         }

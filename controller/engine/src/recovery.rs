@@ -316,7 +316,12 @@ fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action
             }
             Err(why) => {
                 if r.waiting.as_deref() != Some(why.as_str()) {
-                    out.push(event("vm", &vm.name, EventKind::RestartWaiting, format!("{} waits: {why}", vm.name)));
+                    out.push(event(
+                        "vm",
+                        &vm.name,
+                        EventKind::RestartWaiting,
+                        format!("{} waits: {why}", vm.name),
+                    ));
                     r.waiting = Some(why);
                 }
             }

@@ -151,10 +151,20 @@ pub enum Input {
     /// The operation is in the database: its command may be sent.
     Recorded(OpId),
     /// The agent on `host` says how the operation ended (or the shell could not send it).
-    Result { host: String, id: OpId, result: Result<Done, String> },
+    Result {
+        host: String,
+        id: OpId,
+        result: Result<Done, String>,
+    },
     /// The external fence command for `host` finished: `Ok` means it is off.
-    FenceResult { host: String, result: Result<String, String> },
-    Operator { actor: String, request: Request },
+    FenceResult {
+        host: String,
+        result: Result<String, String>,
+    },
+    Operator {
+        actor: String,
+        request: Request,
+    },
     Tick,
 }
 
@@ -175,7 +185,9 @@ pub struct LeaseReply {
 pub enum Reply {
     /// Nothing to answer (a tick, a fence verdict).
     None,
-    Registered { stamp: Millis },
+    Registered {
+        stamp: Millis,
+    },
     Lease(LeaseReply),
     /// The request was carried out; it concerned this VM (UUID).
     Vm(String),
@@ -247,9 +259,6 @@ impl Default for Output {
     }
 }
 
-/// How long past its timeout a migration or destroy without a result is settled from reports.
-pub const RESULT_GRACE_MS: u64 = 60_000;
-
 impl Engine {
     pub fn new(cluster: ClusterState) -> Engine {
         let mut e = Engine { cluster, ..Default::default() };
@@ -290,19 +299,18 @@ impl Engine {
             }
         }
         let mut e = Engine { cluster, ..Default::default() };
-        let timeout = e.cluster.policy.migration_timeout_ms;
+        let (timeout, grace) = (e.cluster.policy.migration_timeout_ms, e.cluster.policy.result_grace_ms);
         for mut op in ops {
             e.next_seq = e.next_seq.max((op.id.0 as u64).wrapping_add(1));
             op.inherited = true;
             op.state = OpState::Running;
-            op.deadline = Millis(now.0 + op.overrides.map_or(timeout, |o| o.timeout_ms) + RESULT_GRACE_MS);
+            op.deadline = Millis(now.0 + op.overrides.map_or(timeout, |o| o.timeout_ms) + grace);
             let what = op.describe();
             if let Some(vm) = e.cluster.vms.get_mut(&op.vm_uuid) {
                 match (op.kind, op.purpose) {
-                    (OpKind::Start, Purpose::Restart)
-                        if !vm.awaits_start_on(&op.target) => {
-                            vm.recovery = Some(Recovery::in_doubt(&op.target, now));
-                        }
+                    (OpKind::Start, Purpose::Restart) if !vm.awaits_start_on(&op.target) => {
+                        vm.recovery = Some(Recovery::in_doubt(&op.target, now));
+                    }
                     (OpKind::Migrate, _) => vm.busy_with = Some(format!("migration to {}", op.target)),
                     (OpKind::Destroy | OpKind::Start, Purpose::ColdRestart) => {
                         vm.busy_with = Some(format!("cold restart on {}", op.target))
@@ -388,7 +396,10 @@ impl Engine {
             Event::host(
                 &r.host,
                 EventKind::AgentConnected,
-                format!("agent on {} connected ({}); migrations to it use {}", r.host, r.describe, r.migration_uri),
+                format!(
+                    "agent on {} connected ({}); migrations to it use {}",
+                    r.host, r.describe, r.migration_uri
+                ),
             )
             .by(&r.host),
         );
@@ -396,7 +407,13 @@ impl Engine {
     }
 
     /// Returns the VMs the heartbeat may have changed.
-    fn heartbeat(&mut self, hb: Heartbeat, now: Millis, out: &mut Output, actions: &mut Vec<Action>) -> Vec<String> {
+    fn heartbeat(
+        &mut self,
+        hb: Heartbeat,
+        now: Millis,
+        out: &mut Output,
+        actions: &mut Vec<Action>,
+    ) -> Vec<String> {
         let host = hb.host;
         let s = &mut self.cluster;
         let Some(h) = s.hosts.get_mut(&host) else {
@@ -494,7 +511,13 @@ impl Engine {
 
     /// An operation an earlier leader began may have ended while no controller listened: a
     /// migration whose VM the target now runs succeeded.
-    fn settle_inherited_from_report(&mut self, host: &str, now: Millis, out: &mut Output, actions: &mut Vec<Action>) {
+    fn settle_inherited_from_report(
+        &mut self,
+        host: &str,
+        now: Millis,
+        out: &mut Output,
+        actions: &mut Vec<Action>,
+    ) {
         let done: Vec<OpId> = self
             .ops
             .values()
@@ -526,7 +549,8 @@ impl Engine {
             self.set_op_state(
                 id,
                 OpState::Aborted,
-                "no longer wanted once recorded (the cluster changed while the database was slow or away)".into(),
+                "no longer wanted once recorded (the cluster changed while the database was slow or away)"
+                    .into(),
                 out,
             );
             return;
@@ -536,7 +560,12 @@ impl Engine {
             OpKind::Start => CommandKind::Start { uuid: op.vm_uuid.clone(), xml },
             OpKind::Migrate => CommandKind::Migrate {
                 uuid: op.vm_uuid.clone(),
-                dest_uri: self.cluster.hosts.get(&op.target).map(|h| h.migration_uri.clone()).unwrap_or_default(),
+                dest_uri: self
+                    .cluster
+                    .hosts
+                    .get(&op.target)
+                    .map(|h| h.migration_uri.clone())
+                    .unwrap_or_default(),
                 overrides: op.overrides,
             },
             OpKind::Destroy => CommandKind::Destroy { uuid: op.vm_uuid.clone() },
@@ -559,6 +588,18 @@ impl Engine {
                 OpKind::Destroy => (EventKind::OperationDone, format!("{what} sent")),
             },
             OpState::Succeeded => match op.kind {
+                OpKind::Migrate if op.done.elapsed_ms > 0 => (
+                    EventKind::MigrationSucceeded,
+                    format!(
+                        "{} live-migrated from {} to {} in {} ms (downtime {} ms, {} MiB sent)",
+                        op.vm_name,
+                        op.source,
+                        op.target,
+                        op.done.elapsed_ms,
+                        op.done.downtime_ms,
+                        op.done.bytes >> 20
+                    ),
+                ),
                 OpKind::Migrate => (EventKind::MigrationSucceeded, format!("{what} succeeded")),
                 OpKind::Start | OpKind::Destroy => (EventKind::OperationDone, format!("{what} done")),
             },
@@ -612,9 +653,10 @@ impl Engine {
             actor: actor.into(),
             state: OpState::Recording,
             error: String::new(),
-            deadline: Millis(now.0 + timeout + RESULT_GRACE_MS),
+            deadline: Millis(now.0 + timeout + self.cluster.policy.result_grace_ms),
             overrides,
             inherited: false,
+            done: Done::default(),
         };
         out.persist.ops.push(op.clone());
         self.ops.insert(id, op);
@@ -623,30 +665,23 @@ impl Engine {
     }
 
     /// An operation ended: its purpose says which state machine goes on.
-    fn finish_op(&mut self, id: OpId, result: Result<Done, String>, now: Millis, out: &mut Output, actions: &mut Vec<Action>) {
+    fn finish_op(
+        &mut self,
+        id: OpId,
+        result: Result<Done, String>,
+        now: Millis,
+        out: &mut Output,
+        actions: &mut Vec<Action>,
+    ) {
         let Some(op) = self.ops.get(&id).cloned() else { return };
         let (to, error) = match &result {
             Ok(_) => (OpState::Succeeded, String::new()),
             Err(e) => (OpState::Failed, e.clone()),
         };
-        self.set_op_state(id, to, error, out);
-        if let (Ok(d), OpKind::Migrate) = (&result, op.kind)
-            && d.elapsed_ms > 0
-        {
-            out.events.push(Event::vm(
-                &op.vm_name,
-                EventKind::MigrationSucceeded,
-                format!(
-                    "{} live-migrated from {} to {} in {} ms (downtime {} ms, {} MiB sent)",
-                    op.vm_name,
-                    op.source,
-                    op.target,
-                    d.elapsed_ms,
-                    d.downtime_ms,
-                    d.bytes >> 20
-                ),
-            ));
+        if let (Ok(d), Some(op)) = (&result, self.ops.get_mut(&id)) {
+            op.done = d.clone();
         }
+        self.set_op_state(id, to, error, out);
         let verdict = result.map(|_| ());
         let s = &mut self.cluster;
         match (op.kind, op.purpose) {
@@ -754,7 +789,8 @@ impl Engine {
         match request {
             Request::Protection { vm, protected, priority, anti_affinity, allowed_hosts, preferred_host } => {
                 let uuid = s.find_vm(&vm)?.uuid.clone();
-                for h in allowed_hosts.iter().flatten().chain(preferred_host.iter().filter(|p| !p.is_empty())) {
+                for h in allowed_hosts.iter().flatten().chain(preferred_host.iter().filter(|p| !p.is_empty()))
+                {
                     unknown_host(s, h)?;
                 }
                 let Some(vm) = s.vms.get_mut(&uuid) else { return Err(Refusal::UnknownVm(uuid)) };
@@ -785,7 +821,15 @@ impl Engine {
             }
             Request::Migrate { vm, to, overrides } => {
                 let plan = migration::plan_migration(s, &vm, &to, now)?;
-                let id = self.begin_migration(&plan.vm_uuid, &plan.target, Purpose::Operator, actor, overrides, now, out);
+                let id = self.begin_migration(
+                    &plan.vm_uuid,
+                    &plan.target,
+                    Purpose::Operator,
+                    actor,
+                    overrides,
+                    now,
+                    out,
+                );
                 Ok(Reply::Operation(id))
             }
             Request::Drain { host, allow_restart } => {
@@ -802,8 +846,12 @@ impl Engine {
                     recovery::ConfirmRefusal::Online(h) => Refusal::HostOnline(h),
                 })?;
                 out.events.push(
-                    Event::host(&host, EventKind::ConfirmedDown, format!("an operator confirmed {host} is off"))
-                        .by(actor),
+                    Event::host(
+                        &host,
+                        EventKind::ConfirmedDown,
+                        format!("an operator confirmed {host} is off"),
+                    )
+                    .by(actor),
                 );
                 actions.extend(a);
                 Ok(Reply::Host(host))
@@ -859,9 +907,17 @@ impl Engine {
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::DeclaredDead { host, cause } => {
-                    out.events.push(Event::host(&host, EventKind::HostDead, format!("{host} declared dead: {cause}")));
+                    out.events.push(Event::host(
+                        &host,
+                        EventKind::HostDead,
+                        format!("{host} declared dead: {cause}"),
+                    ));
                     out.persist.vms.extend(
-                        self.cluster.vms.values().filter(|v| v.host.as_deref() == Some(&host)).map(|v| v.uuid.clone()),
+                        self.cluster
+                            .vms
+                            .values()
+                            .filter(|v| v.host.as_deref() == Some(&host))
+                            .map(|v| v.uuid.clone()),
                     );
                 }
                 Action::Fence { host } => {
@@ -873,8 +929,19 @@ impl Engine {
                     out.fence.push(host);
                 }
                 Action::Start { vm_uuid, host, .. } => {
-                    let from = self.cluster.vms.get(&vm_uuid).and_then(|v| v.host.clone()).unwrap_or_default();
-                    self.begin(OpKind::Start, Purpose::Restart, &vm_uuid, &from, &host, "controller", None, now, out);
+                    let from =
+                        self.cluster.vms.get(&vm_uuid).and_then(|v| v.host.clone()).unwrap_or_default();
+                    self.begin(
+                        OpKind::Start,
+                        Purpose::Restart,
+                        &vm_uuid,
+                        &from,
+                        &host,
+                        "controller",
+                        None,
+                        now,
+                        out,
+                    );
                 }
                 Action::Migrate { vm_uuid, vm_name, host, why } => {
                     match migration::plan_migration(&self.cluster, &vm_uuid, &host, now) {
@@ -883,13 +950,23 @@ impl Engine {
                                 out.events.push(Event::vm(
                                     &vm_name,
                                     EventKind::Failback,
-                                    format!("{vm_name}'s preferred host {host} is healthy again: moving it back"),
+                                    format!(
+                                        "{vm_name}'s preferred host {host} is healthy again: moving it back"
+                                    ),
                                 ));
                                 Purpose::Failback
                             } else {
                                 Purpose::Drain
                             };
-                            self.begin_migration(&plan.vm_uuid, &plan.target, purpose, "controller", None, now, out);
+                            self.begin_migration(
+                                &plan.vm_uuid,
+                                &plan.target,
+                                purpose,
+                                "controller",
+                                None,
+                                now,
+                                out,
+                            );
                         }
                         Err(refusal) => queue.extend(drain::migration_finished(
                             &mut self.cluster,
@@ -908,10 +985,30 @@ impl Engine {
                             "{vm_name} cannot be live-migrated off {from}; restarting it on {to} (--allow-restart)"
                         ),
                     ));
-                    self.begin(OpKind::Destroy, Purpose::ColdRestart, &vm_uuid, &from, &to, "controller", None, now, out);
+                    self.begin(
+                        OpKind::Destroy,
+                        Purpose::ColdRestart,
+                        &vm_uuid,
+                        &from,
+                        &to,
+                        "controller",
+                        None,
+                        now,
+                        out,
+                    );
                 }
                 Action::DestroyStale { vm_uuid, host, .. } => {
-                    self.begin(OpKind::Destroy, Purpose::StaleCopy, &vm_uuid, &host, "", "controller", None, now, out);
+                    self.begin(
+                        OpKind::Destroy,
+                        Purpose::StaleCopy,
+                        &vm_uuid,
+                        &host,
+                        "",
+                        "controller",
+                        None,
+                        now,
+                        out,
+                    );
                 }
                 Action::Event { subject_kind, subject, kind, message } => {
                     let subject = match subject_kind {
@@ -932,7 +1029,9 @@ impl Engine {
                 vms.extend(out.persist.vms.iter().cloned());
                 (vec![host], vms)
             }
-            None => (self.cluster.hosts.keys().cloned().collect(), self.cluster.vms.keys().cloned().collect()),
+            None => {
+                (self.cluster.hosts.keys().cloned().collect(), self.cluster.vms.keys().cloned().collect())
+            }
         };
         for name in hosts {
             let Some(h) = self.cluster.hosts.get(&name) else { continue };
@@ -962,7 +1061,9 @@ impl Engine {
 fn watchdog_message(host: &str, wd: &Watchdog) -> String {
     match wd {
         Watchdog::Armed { device, timeout_ms } => {
-            format!("{host}'s watchdog is armed ({device}, {timeout_ms} ms): a dead or hung agent gets the host reset")
+            format!(
+                "{host}'s watchdog is armed ({device}, {timeout_ms} ms): a dead or hung agent gets the host reset"
+            )
         }
         Watchdog::Missing(why) => format!(
             "{host} has no working watchdog ({why}): if it fails, its VMs wait for a fence or `vmha host confirm-down \

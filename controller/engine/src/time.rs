@@ -1,7 +1,9 @@
 /// A point on the controller's monotonic clock, in milliseconds since an arbitrary origin.
 ///
 /// The engine never reads a clock; the shell converts `Instant`s, simulations count.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct Millis(pub u64);
 
