@@ -746,10 +746,16 @@ impl Engine {
             let op = self.ops[&id].clone();
             let vm = self.cluster.vms.get(&op.vm_uuid);
             let at = |h: &str| vm.is_some_and(|v| v.host.as_deref() == Some(h) && v.state.has_process());
+            // Gone only by a report that shows it: a host whose libvirt does not answer leaves
+            // the VM's state unknown, and unknown is not off.
+            let gone_from = |h: &str| {
+                vm.is_some_and(|v| {
+                    v.state != RunState::Unknown && !(v.host.as_deref() == Some(h) && v.state.has_process())
+                })
+            };
             let settled = match op.kind {
-                OpKind::Migrate => at(&op.target),
-                OpKind::Start => at(&op.target),
-                OpKind::Destroy => !at(&op.source),
+                OpKind::Migrate | OpKind::Start => at(&op.target),
+                OpKind::Destroy => gone_from(&op.source),
             };
             let result = if settled {
                 Ok(Done::default())

@@ -3,7 +3,9 @@
 //! and cuts messages, with host deaths and revivals, network cuts (whole hosts, or only their
 //! link to the controller: the controller cut off from most hosts), partial heals, leader
 //! pauses (SIGSTOP), leader restarts (a new epoch), agent crashes, restarts and hangs, libvirt
-//! hangs, database outages, and each host's watchdog; under the default and the fast timings.
+//! hangs, database outages, drains, live migrations, and each host's watchdog; under the
+//! default and the fast timings. The leader is the real one: every input goes through
+//! `Engine::step`, and a leader restart reloads what `persist::Db` kept, as the controller does.
 //!
 //! Invariant: a VM is never started while another copy of it may still be running. A copy may
 //! be running until its host destroyed it (self-fence), died, or was reset by its watchdog.
@@ -18,11 +20,13 @@ use std::time::Instant;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use vmha_engine::cluster::HostResources;
-use vmha_engine::inventory::{self, ReportedDomain};
-use vmha_engine::lease::{self, Echo, LeaseAnswer};
-use vmha_engine::recovery::{self, Action, Recovery};
+use vmha_engine::inventory::ReportedDomain;
+use vmha_engine::lease::{Echo, LeaseAnswer};
+use vmha_engine::operation::{Done, OpId};
+use vmha_engine::persist::Db;
 use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll};
-use vmha_engine::{ClusterState, HostView, Millis, RunState, Timings, VmView, Watchdog};
+use vmha_engine::step::{CommandKind, Heartbeat, Input, Output, Persist, Registration, Reply, Request};
+use vmha_engine::{ClusterState, Engine, HostView, Millis, Policy, RunState, Timings, VmView, Watchdog};
 
 const STEP: u64 = 10;
 const LEADER_TICK: u64 = 100;
@@ -81,6 +85,11 @@ enum Fault {
     /// An operator unprotects a VM, or protects it (again).
     Unprotect(usize),
     Protect(usize),
+    /// An operator drains a host (allowing cold restarts or not), or undrains it.
+    Drain(usize, bool),
+    Undrain(usize),
+    /// An operator live-migrates a VM to a host.
+    Migrate(usize, usize),
 }
 
 #[derive(Clone, Debug)]
@@ -131,24 +140,41 @@ enum Event {
     StartCommand {
         host: usize,
         vm: usize,
+        op: OpId,
         life: u64,
     },
-    /// The agent's result reaches the leader.
-    StartResult {
+    /// An agent's result reaches the leader.
+    Result {
         host: usize,
-        vm: usize,
+        op: OpId,
         ok: Result<(), String>,
     },
-    /// A destroy of a stale copy reaches the agent of `host`.
+    /// A destroy reaches the agent of `host`.
     DestroyCommand {
         host: usize,
         vm: usize,
+        op: OpId,
         life: u64,
     },
-    /// A start the leader decided while the database was down, once it is back.
-    DeferredStart {
-        host: usize,
+    /// A live migration reaches the agent of `source`.
+    MigrateCommand {
+        source: usize,
+        target: usize,
         vm: usize,
+        op: OpId,
+        life: u64,
+    },
+    /// libvirt finishes a live migration (whatever became of the agent that asked).
+    MigrationDone {
+        source: usize,
+        target: usize,
+        vm: usize,
+        op: OpId,
+        life: u64,
+    },
+    /// An operation the leader of `epoch` began while the database was down is on record.
+    Recorded {
+        op: OpId,
         epoch: u64,
     },
 }
@@ -163,7 +189,7 @@ struct Agent {
     hung_until: u64,
     libvirt_hung_until: u64,
     /// Starts waiting in a hung libvirtd.
-    pending_starts: Vec<usize>,
+    pending_starts: Vec<(usize, OpId)>,
     keeper: LeaseKeeper,
     /// The protected VMs as the leader last said: what a self-fence destroys (kept across
     /// agent restarts, in its state directory).
@@ -185,7 +211,11 @@ struct Sim {
     events: BinaryHeap<Reverse<(u64, u64, usize)>>,
     payloads: Vec<Option<Event>>,
     seq: u64,
-    leader: ClusterState,
+    leader: Engine,
+    /// What the leader persisted; a restarted leader starts from it.
+    db: Db,
+    /// Writes queued while the database is down: lost if the leader restarts meanwhile.
+    unwritten: Vec<Persist>,
     paused_until: u64,
     db_down_until: u64,
     agents: Vec<Agent>,
@@ -219,7 +249,8 @@ fn vm_index(uuid: &str) -> usize {
 impl Sim {
     fn new(hosts: usize, seed: u64, slow_network: bool, profile: Profile) -> Sim {
         let timings = profile.timings();
-        let mut leader = ClusterState { timings, epoch: 1, ..Default::default() };
+        let policy = Policy { migration_timeout_ms: 5_000, result_grace_ms: 2_000, ..Policy::default() };
+        let mut leader = ClusterState { timings, policy, epoch: 1, ..Default::default() };
         for i in 0..hosts {
             leader.hosts.insert(host_name(i), sim_host(i));
             let mut vm = VmView::new(&vm_uuid(i), &format!("vm{i}"));
@@ -232,6 +263,7 @@ impl Sim {
             vm.xml = "<domain/>".into();
             leader.vms.insert(vm.uuid.clone(), vm);
         }
+        let db = Db { hosts: leader.hosts.clone(), vms: leader.vms.clone(), ops: Default::default() };
         let mut sim = Sim {
             now: 0,
             rng: seed | 1,
@@ -240,7 +272,9 @@ impl Sim {
             events: BinaryHeap::new(),
             payloads: Vec::new(),
             seq: 0,
-            leader,
+            leader: Engine::new(leader),
+            db,
+            unwritten: Vec::new(),
             paused_until: 0,
             db_down_until: 0,
             agents: Vec::new(),
@@ -253,7 +287,7 @@ impl Sim {
             trace: std::env::var_os("SIM_TRACE").is_some(),
         };
         for i in 0..hosts {
-            let stamp = lease::issue_stamp(&mut sim.leader, &host_name(i), Millis(0));
+            let stamp = sim.register(i);
             let phase = sim.rand(timings.heartbeat_interval_ms);
             sim.agents.push(Agent {
                 host_up: true,
@@ -337,9 +371,12 @@ impl Sim {
                 self.watchdog_step(h);
             }
             if self.now >= self.paused_until && self.now.is_multiple_of(LEADER_TICK) {
-                let now = Millis(self.now);
-                let actions = recovery::tick(&mut self.leader, now);
-                self.perform(actions);
+                if self.now >= self.db_down_until {
+                    for p in std::mem::take(&mut self.unwritten) {
+                        self.db.apply(&self.leader, &p);
+                    }
+                }
+                self.step(Input::Tick);
             }
             self.now += STEP;
         }
@@ -376,13 +413,13 @@ impl Sim {
         if !a.host_up || self.now < a.libvirt_hung_until || a.pending_starts.is_empty() {
             return;
         }
-        for vm in std::mem::take(&mut self.agents[h].pending_starts) {
+        for (vm, op) in std::mem::take(&mut self.agents[h].pending_starts) {
             let ok = match self.agents[h].keeper.may_start(Millis(self.now)) {
                 Ok(()) => self.start_here(h, vm),
                 Err(why) => Err(format!("refused by the lease hook: {why}")),
             };
             if self.agents[h].agent_up {
-                self.send_result(h, vm, ok);
+                self.send_result(h, op, ok);
             }
         }
     }
@@ -455,11 +492,79 @@ impl Sim {
         Ok(())
     }
 
-    fn send_result(&mut self, h: usize, vm: usize, ok: Result<(), String>) {
+    fn send_result(&mut self, h: usize, op: OpId, ok: Result<(), String>) {
         if self.leader_reachable(h) {
             let d = self.delay();
             let t = self.now + d;
-            self.at(t, Event::StartResult { host: h, vm, ok });
+            self.at(t, Event::Result { host: h, op, ok });
+        }
+    }
+
+    /// The leader takes one input (and those its output leads to) through its one step.
+    fn step(&mut self, input: Input) -> Reply {
+        let mut queue = VecDeque::from([input]);
+        let mut first = None;
+        while let Some(input) = queue.pop_front() {
+            let out = self.leader.step(input, Millis(self.now));
+            let reply = self.carry_out(out, &mut queue);
+            first.get_or_insert(reply);
+        }
+        first.unwrap_or(Reply::None)
+    }
+
+    /// What the controller's shell does with an output: persist it, record operations (which
+    /// waits for the database), send commands (a failed send is a failed operation).
+    fn carry_out(&mut self, out: Output, queue: &mut VecDeque<Input>) -> Reply {
+        if self.trace {
+            for e in &out.events {
+                eprintln!("t={} leader: {} {}: {}", self.now, e.kind.as_str(), e.subject.name(), e.message);
+            }
+        }
+        if self.now < self.db_down_until {
+            self.unwritten.push(out.persist.clone());
+            for op in out.record {
+                let (t, epoch) = (self.db_down_until, self.leader.cluster.epoch);
+                self.at(t, Event::Recorded { op, epoch });
+            }
+        } else {
+            self.db.apply(&self.leader, &out.persist);
+            queue.extend(out.record.into_iter().map(Input::Recorded));
+        }
+        for cmd in out.commands {
+            let host = host_index(&cmd.host);
+            if !self.leader_reachable(host) {
+                let result = Err("no command stream".to_string());
+                queue.push_back(Input::Result { host: cmd.host, id: cmd.op, result });
+                continue;
+            }
+            let (t, life, op) = (self.now + self.delay(), self.agents[host].life, cmd.op);
+            let e = match cmd.kind {
+                CommandKind::Start { uuid, .. } => Event::StartCommand { host, vm: vm_index(&uuid), op, life },
+                CommandKind::Destroy { uuid } => Event::DestroyCommand { host, vm: vm_index(&uuid), op, life },
+                CommandKind::Migrate { uuid, dest_uri, .. } => {
+                    let target = host_index(dest_uri.trim_start_matches("sim://"));
+                    Event::MigrateCommand { source: host, target, vm: vm_index(&uuid), op, life }
+                }
+            };
+            self.at(t, e);
+        }
+        out.reply
+    }
+
+    /// The agent of `h` registers with the leader: the stamp it echoes first.
+    fn register(&mut self, h: usize) -> Millis {
+        let r = Registration {
+            host: host_name(h),
+            migration_uri: format!("sim://{}", host_name(h)),
+            peer_address: format!("{}:7401", host_name(h)),
+            resources: sim_host(h).resources,
+            libvirt_version: "sim".into(),
+            lock_manager: "lockd".into(),
+            describe: "simulated".into(),
+        };
+        match self.step(Input::Register(r)) {
+            Reply::Registered { stamp } => stamp,
+            other => panic!("register answered {other:?}"),
         }
     }
 
@@ -476,53 +581,37 @@ impl Sim {
                 if !self.leader_reachable(host) {
                     return;
                 }
-                let now = Millis(self.now);
-                let name = host_name(host);
-                if let Some(h) = self.leader.hosts.get_mut(&name) {
-                    h.watchdog = if armed {
-                        Watchdog::Armed {
-                            device: "/dev/watchdog".into(),
-                            timeout_ms: self.profile.watchdog_ms(),
-                        }
-                    } else {
-                        Watchdog::Missing("not armed yet".into())
-                    };
-                }
-                if !stale {
-                    let domains: Vec<ReportedDomain> = (0..self.copies.len())
+                let watchdog = if armed {
+                    Watchdog::Armed { device: "/dev/watchdog".into(), timeout_ms: self.profile.watchdog_ms() }
+                } else {
+                    Watchdog::Missing("not armed yet".into())
+                };
+                let domains = (!stale).then(|| {
+                    (0..self.copies.len())
                         .filter(|v| self.defined[*v].contains(&host))
                         .map(|v| ReportedDomain {
                             uuid: vm_uuid(v),
                             name: format!("vm{v}"),
-                            state: if self.copies[v].contains(&host) {
-                                RunState::Running
-                            } else {
-                                RunState::ShutOff
-                            },
+                            state: if self.copies[v].contains(&host) { RunState::Running } else { RunState::ShutOff },
                             memory_kib: 65_536,
                             vcpus: 1,
                         })
-                        .collect();
-                    let (mut actions, stale_copies) =
-                        recovery::on_report(&mut self.leader, &name, &domains, now);
-                    let kept: Vec<_> =
-                        domains.into_iter().filter(|d| !stale_copies.contains(&d.uuid)).collect();
-                    let changes = inventory::apply_report(&mut self.leader, &name, &kept, now);
-                    actions.extend(recovery::after_report(&mut self.leader, &name, &changes, now));
-                    self.perform(actions);
-                }
-                // As the controller does: the lease after the report, which may end a death.
-                let answer = lease::on_heartbeat(&mut self.leader, &name, echo, now);
-                let interval = self.timings().heartbeat_interval_ms;
-                let mut next_in = interval - self.now % interval;
-                if next_in < interval / 4 {
-                    next_in += interval;
-                }
-                let d = self.delay();
-                let (epoch, hosts) = (self.leader.epoch, self.leader.hosts.len());
-                let t = self.now + d;
-                let protected =
-                    self.leader.vms.values().filter(|v| v.protected).map(|v| vm_index(&v.uuid)).collect();
+                        .collect()
+                });
+                let hb = Heartbeat {
+                    host: host_name(host),
+                    echo,
+                    resources: None,
+                    watchdog,
+                    probes: Vec::new(),
+                    domains,
+                    xml: Vec::new(),
+                };
+                let Reply::Lease(reply) = self.step(Input::Heartbeat(hb)) else { return };
+                let (answer, next_in, hosts) = (reply.answer, reply.next_in_ms, reply.cluster_hosts as usize);
+                let protected = reply.protected.iter().map(|u| vm_index(u)).collect();
+                let epoch = self.leader.cluster.epoch;
+                let t = self.now + self.delay();
                 self.at(t, Event::Answer { host, sent_at, answer, epoch, hosts, next_in, life, protected });
             }
             Event::Answer { host, sent_at, answer, epoch, hosts, next_in, life, protected } => {
@@ -592,103 +681,91 @@ impl Sim {
                     }
                 }
             },
-            Event::StartCommand { host, vm, life } => match self.agent_wait(host, life) {
+            Event::StartCommand { host, vm, op, life } => match self.agent_wait(host, life) {
                 None => {}
-                Some(t) if t > self.now => self.at(t, Event::StartCommand { host, vm, life }),
+                Some(t) if t > self.now => self.at(t, Event::StartCommand { host, vm, op, life }),
                 Some(_) => {
                     let a = &mut self.agents[host];
                     if let Err(why) = a.keeper.may_start(Millis(self.now)) {
-                        self.send_result(host, vm, Err(why));
+                        self.send_result(host, op, Err(why));
                     } else if self.now < a.libvirt_hung_until {
-                        a.pending_starts.push(vm);
+                        a.pending_starts.push((vm, op));
                     } else {
                         let ok = self.start_here(host, vm);
-                        self.send_result(host, vm, ok);
+                        self.send_result(host, op, ok);
                     }
                 }
             },
-            Event::StartResult { host, vm, ok } => {
+            Event::Result { host, op, ok } => {
                 if self.trace {
-                    eprintln!("t={} result of vm{vm} on kvm{host}: {ok:?}", self.now);
+                    eprintln!("t={} result of {op} on kvm{host}: {ok:?}", self.now);
                 }
                 if self.now < self.paused_until {
                     let t = self.paused_until;
-                    self.at(t, Event::StartResult { host, vm, ok });
+                    self.at(t, Event::Result { host, op, ok });
                     return;
                 }
-                // A later leader takes the result too: it loaded the start as in doubt.
-                let now = Millis(self.now);
-                let actions =
-                    recovery::start_finished(&mut self.leader, &vm_uuid(vm), &host_name(host), ok, now);
-                self.perform(actions);
+                // A later leader takes the result too: it loaded the operation as in flight.
+                let result = ok.map(|()| Done { elapsed_ms: 1, ..Done::default() });
+                self.step(Input::Result { host: host_name(host), id: op, result });
             }
-            Event::DestroyCommand { host, vm, life } => match self.agent_wait(host, life) {
+            Event::DestroyCommand { host, vm, op, life } => match self.agent_wait(host, life) {
                 None => {}
-                Some(t) if t > self.now => self.at(t, Event::DestroyCommand { host, vm, life }),
+                Some(t) if t > self.now => self.at(t, Event::DestroyCommand { host, vm, op, life }),
                 // The agent's destroy goes through libvirt; a hung one loses it.
                 Some(_) if self.now < self.agents[host].libvirt_hung_until => {}
                 Some(_) => {
                     self.copies[vm].remove(&host);
+                    self.send_result(host, op, Ok(()));
                 }
             },
-            Event::DeferredStart { host, vm, epoch } => {
-                if epoch != self.leader.epoch {
-                    return;
+            Event::MigrateCommand { source, target, vm, op, life } => match self.agent_wait(source, life) {
+                None => {}
+                Some(t) if t > self.now => self.at(t, Event::MigrateCommand { source, target, vm, op, life }),
+                Some(_) if self.now < self.agents[source].libvirt_hung_until || !self.copies[vm].contains(&source) => {
+                    self.send_result(source, op, Err("libvirt did not answer, or the VM does not run here".into()))
                 }
-                self.send_start(host, vm);
+                Some(_) => {
+                    let t = self.now + 200 + self.rand(1_800);
+                    self.at(t, Event::MigrationDone { source, target, vm, op, life });
+                }
+            },
+            Event::MigrationDone { source, target, vm, op, life } => {
+                let ok = self.migrate_here(source, target, vm);
+                if self.agent_wait(source, life).is_some() {
+                    self.send_result(source, op, ok);
+                }
+            }
+            Event::Recorded { op, epoch } => {
+                if epoch == self.leader.cluster.epoch {
+                    self.step(Input::Recorded(op));
+                }
             }
         }
     }
 
-    /// The controller sends a start it has recorded, if the engine still wants it.
-    fn send_start(&mut self, host: usize, vm: usize) {
-        if !self.leader.vms[&vm_uuid(vm)].awaits_start_on(&host_name(host)) {
-            return;
+    /// libvirt moves `vm` from `source` to `target`: only if it still runs on the source, the
+    /// two hosts reach each other, and the target's lease lets a protected VM start there (the
+    /// incoming side goes through the same start hook).
+    fn migrate_here(&mut self, source: usize, target: usize, vm: usize) -> Result<(), String> {
+        let (s, t) = (&self.agents[source], &self.agents[target]);
+        if !self.copies[vm].contains(&source) || !s.host_up {
+            return Err("the VM no longer runs on the source".into());
         }
-        if !self.leader_reachable(host) {
-            let now = Millis(self.now);
-            let actions = recovery::start_finished(
-                &mut self.leader,
-                &vm_uuid(vm),
-                &host_name(host),
-                Err("no command stream".into()),
-                now,
-            );
-            self.perform(actions);
-            return;
+        if !t.host_up || !t.agent_up || !self.peers_reachable(source, target) {
+            return Err("the target is unreachable".into());
         }
-        let d = self.delay();
-        let (t, life) = (self.now + d, self.agents[host].life);
-        self.at(t, Event::StartCommand { host, vm, life });
-    }
-
-    fn perform(&mut self, actions: Vec<Action>) {
-        let mut queue: VecDeque<Action> = actions.into();
-        while let Some(a) = queue.pop_front() {
-            if self.trace {
-                eprintln!("t={} leader: {a:?}", self.now);
-            }
-            let (vm_uuid, host) = match a {
-                Action::Start { vm_uuid, host, .. } => (vm_uuid, host),
-                Action::DestroyStale { vm_uuid, host, .. } => {
-                    let (vm, host) = (vm_index(&vm_uuid), host_index(&host));
-                    if self.leader_reachable(host) {
-                        let (t, life) = (self.now + self.delay(), self.agents[host].life);
-                        self.at(t, Event::DestroyCommand { host, vm, life });
-                    }
-                    continue;
-                }
-                _ => continue,
-            };
-            let (vm, host) = (vm_index(&vm_uuid), host_index(&host));
-            if self.now < self.db_down_until {
-                // Written down before it is sent: waits for the database.
-                let (t, epoch) = (self.db_down_until, self.leader.epoch);
-                self.at(t, Event::DeferredStart { host, vm, epoch });
-            } else {
-                self.send_start(host, vm);
-            }
+        t.keeper.may_start(Millis(self.now)).map_err(|why| format!("refused by the lease hook: {why}"))?;
+        self.copies[vm].remove(&source);
+        if let Some(other) = self.copies[vm].iter().find(|o| **o != target) {
+            self.violations.push(format!(
+                "t={}: vm{vm} migrated to kvm{target} while a copy may run on kvm{other}",
+                self.now
+            ));
         }
+        self.copies[vm].insert(target);
+        self.defined[vm].insert(target);
+        Ok(())
     }
 
     fn fault(&mut self, f: Fault) {
@@ -710,38 +787,11 @@ impl Sim {
             Fault::HealLeaderLink(h) => self.leader_link[h] = true,
             Fault::PauseLeader(ms) => self.paused_until = self.paused_until.max(self.now + ms),
             Fault::RestartLeader => {
-                let old = std::mem::take(&mut self.leader);
-                let mut fresh = ClusterState {
-                    timings: old.timings,
-                    policy: old.policy,
-                    epoch: old.epoch + 1,
-                    started: Millis(self.now),
-                    ..Default::default()
-                };
-                for (name, h) in old.hosts {
-                    let mut n = HostView::new(&name);
-                    n.resources = h.resources;
-                    n.watchdog = h.watchdog;
-                    fresh.hosts.insert(name, n);
-                }
-                for (uuid, vm) in old.vms {
-                    // The database keeps desired state and the last known host.
-                    let mut n = VmView::new(&uuid, &vm.name);
-                    n.host = vm.host;
-                    n.memory_kib = vm.memory_kib;
-                    n.vcpus = vm.vcpus;
-                    n.protected = vm.protected;
-                    n.protected_since = Millis(self.now);
-                    n.priority = vm.priority;
-                    n.xml = vm.xml;
-                    // Operations are written down before they are sent: a start without a
-                    // result is in doubt for the new leader.
-                    if let Some(h) = vm.recovery.and_then(|r| r.starting_on) {
-                        n.recovery = Some(Recovery::in_doubt(&h, Millis(self.now)));
-                    }
-                    fresh.vms.insert(uuid, n);
-                }
-                self.leader = fresh;
+                // What was queued for a database that is away dies with the process.
+                self.unwritten.clear();
+                let epoch = self.leader.cluster.epoch + 1;
+                let (engine, _) = self.db.load(&self.leader.cluster, epoch, Millis(self.now));
+                self.leader = engine;
             }
             Fault::KillAgent(h) => self.agents[h].agent_up = false,
             Fault::RestartAgent(h) => {
@@ -758,20 +808,33 @@ impl Sim {
                 a.libvirt_hung_until = a.libvirt_hung_until.max(self.now + ms);
             }
             Fault::DbOutage(ms) => self.db_down_until = self.db_down_until.max(self.now + ms),
-            Fault::Unprotect(v) => {
-                if let Some(vm) = self.leader.vms.get_mut(&vm_uuid(v)) {
-                    vm.protected = false;
-                    vm.recovery = None;
-                }
-            }
-            Fault::Protect(v) => {
-                if let Some(vm) = self.leader.vms.get_mut(&vm_uuid(v))
-                    && !vm.protected
-                {
-                    vm.protected = true;
-                    vm.protected_since = Millis(self.now);
-                }
-            }
+            Fault::Unprotect(v) => self.operator(Request::Protection {
+                vm: vm_uuid(v),
+                protected: false,
+                priority: None,
+                anti_affinity: None,
+                allowed_hosts: None,
+                preferred_host: None,
+            }),
+            Fault::Protect(v) => self.operator(Request::Protection {
+                vm: vm_uuid(v),
+                protected: true,
+                priority: None,
+                anti_affinity: None,
+                allowed_hosts: None,
+                preferred_host: None,
+            }),
+            Fault::Drain(h, allow_restart) => self.operator(Request::Drain { host: host_name(h), allow_restart }),
+            Fault::Undrain(h) => self.operator(Request::Undrain { host: host_name(h) }),
+            Fault::Migrate(v, h) => self.operator(Request::Migrate { vm: vm_uuid(v), to: host_name(h), overrides: None }),
+        }
+    }
+
+    /// An operator's request, as the controller takes it: refused while it is stopped or the
+    /// database is away.
+    fn operator(&mut self, request: Request) {
+        if self.now >= self.paused_until && self.now >= self.db_down_until {
+            self.step(Input::Operator { actor: "operator".into(), request });
         }
     }
 
@@ -785,8 +848,8 @@ impl Sim {
         a.keeper = LeaseKeeper::new(self.profile.timings(), Millis(now));
         a.polls.clear();
         a.next_hb = now;
-        let stamp = lease::issue_stamp(&mut self.leader, &host_name(h), Millis(now));
-        self.agents[h].last_answer = Some((self.leader.epoch, stamp, now));
+        let stamp = self.register(h);
+        self.agents[h].last_answer = Some((self.leader.cluster.epoch, stamp, now));
     }
 }
 
@@ -816,6 +879,9 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
         1 => (1_000u64..20_000).prop_map(Fault::DbOutage),
         1 => h.clone().prop_map(Fault::Unprotect),
         2 => h.clone().prop_map(Fault::Protect),
+        2 => (h.clone(), any::<bool>()).prop_map(|(h, r)| Fault::Drain(h, r)),
+        1 => h.clone().prop_map(Fault::Undrain),
+        2 => (h.clone(), h.clone()).prop_map(|(v, h)| Fault::Migrate(v, h)),
     ]
 }
 
@@ -1014,7 +1080,7 @@ fn a_database_outage_stops_nothing_and_delays_restarts_until_it_ends() {
 fn a_healed_isolated_host_gets_a_lease_again() {
     let sim = run(3, &[(10_000, Fault::Cut(1)), (20_000, Fault::Heal(1))], 30_000);
     assert!(sim.agents[1].fenced > 0);
-    assert_eq!(sim.leader.liveness("kvm1", Millis(30_000)), vmha_engine::HostLiveness::Online);
+    assert_eq!(sim.leader.cluster.liveness("kvm1", Millis(30_000)), vmha_engine::HostLiveness::Online);
     assert_eq!(sim.agents[1].keeper.may_start(Millis(30_000)), Ok(()));
 }
 
