@@ -235,7 +235,7 @@ pub fn start(
             return Err(Refusal::HostDown { host: host.into(), liveness: l.as_str() });
         }
     }
-    let h = state.hosts.get_mut(host).expect("planned");
+    let Some(h) = state.hosts.get_mut(host) else { return Err(Refusal::UnknownHost(host.into())) };
     h.admin = AdminState::Draining;
     let n = steps.len();
     h.drain = Some(Drain {
@@ -282,7 +282,7 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
     let names: Vec<String> = state.hosts.keys().cloned().collect();
     for name in &names {
         let online = state.liveness(name, now) == HostLiveness::Online;
-        let h = state.hosts.get_mut(name).expect("listed");
+        let Some(h) = state.hosts.get_mut(name) else { continue };
         let health = &mut h.health;
         if online
             && !health.degraded
@@ -304,14 +304,15 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
             ));
             if !libvirtd_only && h.drain.as_ref().is_none_or(|d| d.state != DrainState::Draining) {
                 let steps = plan(state, name, now).unwrap_or_default();
-                let h = state.hosts.get_mut(name).expect("listed");
-                h.drain = Some(Drain {
-                    cause: DrainCause::Degraded,
-                    allow_restart: false,
-                    state: DrainState::Draining,
-                    steps,
-                    message: String::new(),
-                });
+                if let Some(h) = state.hosts.get_mut(name) {
+                    h.drain = Some(Drain {
+                        cause: DrainCause::Degraded,
+                        allow_restart: false,
+                        state: DrainState::Draining,
+                        steps,
+                        message: String::new(),
+                    });
+                }
             }
         } else if health.degraded && health.passing_since.is_some_and(|s| now.since(s) >= p.recover_after_ms)
         {
@@ -350,7 +351,7 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
             .map(|(i, _)| i)
             .collect();
         for i in pending {
-            let drain = state.hosts[name].drain.as_ref().expect("draining");
+            let Some(drain) = state.hosts.get(name).and_then(|h| h.drain.as_ref()) else { break };
             let from_here =
                 drain.steps.iter().filter(|s| matches!(s.state, StepState::Migrating { .. })).count();
             if from_here >= p.migrations_per_host || busy_in_cluster(state) >= p.migrations_per_cluster {
@@ -460,7 +461,7 @@ pub fn migration_finished(
         return out;
     };
     let max_tries = 1 + state.policy.max_relocate as usize;
-    let d = state.hosts.get_mut(&name).and_then(|h| h.drain.as_mut()).expect("found above");
+    let Some(d) = state.hosts.get_mut(&name).and_then(|h| h.drain.as_mut()) else { return out };
     let allow_restart = d.allow_restart;
     let step = &mut d.steps[i];
     match result {

@@ -215,7 +215,9 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
         };
         if let Some(why) = wait_for_operator {
             if h.fencing_since.is_none() {
-                state.hosts.get_mut(&name).expect("listed").fencing_since = Some(now);
+                if let Some(h) = state.hosts.get_mut(&name) {
+                    h.fencing_since = Some(now);
+                }
                 out.push(event(
                     "host",
                     &name,
@@ -230,7 +232,9 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
         }
         if h.fencing == FencingMode::External {
             if h.fencing_since.is_none() && has_quorum(state, now) {
-                state.hosts.get_mut(&name).expect("listed").fencing_since = Some(now);
+                if let Some(h) = state.hosts.get_mut(&name) {
+                    h.fencing_since = Some(now);
+                }
                 out.push(Action::Fence { host: name.clone() });
             }
         } else if quorum_held_for(state, now, window) {
@@ -268,13 +272,8 @@ fn schedule_failback(state: &ClusterState, now: Millis, out: &mut Vec<Action>) {
             && state.liveness(p, now) == HostLiveness::Online
             && placement::fits(state, v, p, now)
     });
-    if let Some(v) = due {
-        out.push(Action::Migrate {
-            vm_uuid: v.uuid.clone(),
-            vm_name: v.name.clone(),
-            host: v.preferred_host.clone().expect("filtered"),
-            why: "failback",
-        });
+    if let Some((v, host)) = due.and_then(|v| Some((v, v.preferred_host.clone()?))) {
+        out.push(Action::Migrate { vm_uuid: v.uuid.clone(), vm_name: v.name.clone(), host, why: "failback" });
     }
 }
 
@@ -304,8 +303,8 @@ fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action
         } else {
             placement::place(state, vm, now, &tried)
         };
-        let vm = state.vms.get_mut(&uuid).expect("queued");
-        let r = vm.recovery.as_mut().expect("queued");
+        let Some(vm) = state.vms.get_mut(&uuid) else { continue };
+        let Some(r) = vm.recovery.as_mut() else { continue };
         match decision {
             Ok(host) => {
                 r.starting_on = Some(host.clone());

@@ -539,8 +539,12 @@ impl Sim {
             }
             let (t, life, op) = (self.now + self.delay(), self.agents[host].life, cmd.op);
             let e = match cmd.kind {
-                CommandKind::Start { uuid, .. } => Event::StartCommand { host, vm: vm_index(&uuid), op, life },
-                CommandKind::Destroy { uuid } => Event::DestroyCommand { host, vm: vm_index(&uuid), op, life },
+                CommandKind::Start { uuid, .. } => {
+                    Event::StartCommand { host, vm: vm_index(&uuid), op, life }
+                }
+                CommandKind::Destroy { uuid } => {
+                    Event::DestroyCommand { host, vm: vm_index(&uuid), op, life }
+                }
                 CommandKind::Migrate { uuid, dest_uri, .. } => {
                     let target = host_index(dest_uri.trim_start_matches("sim://"));
                     Event::MigrateCommand { source: host, target, vm: vm_index(&uuid), op, life }
@@ -592,7 +596,11 @@ impl Sim {
                         .map(|v| ReportedDomain {
                             uuid: vm_uuid(v),
                             name: format!("vm{v}"),
-                            state: if self.copies[v].contains(&host) { RunState::Running } else { RunState::ShutOff },
+                            state: if self.copies[v].contains(&host) {
+                                RunState::Running
+                            } else {
+                                RunState::ShutOff
+                            },
                             memory_kib: 65_536,
                             vcpus: 1,
                         })
@@ -722,8 +730,15 @@ impl Sim {
             Event::MigrateCommand { source, target, vm, op, life } => match self.agent_wait(source, life) {
                 None => {}
                 Some(t) if t > self.now => self.at(t, Event::MigrateCommand { source, target, vm, op, life }),
-                Some(_) if self.now < self.agents[source].libvirt_hung_until || !self.copies[vm].contains(&source) => {
-                    self.send_result(source, op, Err("libvirt did not answer, or the VM does not run here".into()))
+                Some(_)
+                    if self.now < self.agents[source].libvirt_hung_until
+                        || !self.copies[vm].contains(&source) =>
+                {
+                    self.send_result(
+                        source,
+                        op,
+                        Err("libvirt did not answer, or the VM does not run here".into()),
+                    )
                 }
                 Some(_) => {
                     let t = self.now + 200 + self.rand(1_800);
@@ -824,9 +839,13 @@ impl Sim {
                 allowed_hosts: None,
                 preferred_host: None,
             }),
-            Fault::Drain(h, allow_restart) => self.operator(Request::Drain { host: host_name(h), allow_restart }),
+            Fault::Drain(h, allow_restart) => {
+                self.operator(Request::Drain { host: host_name(h), allow_restart })
+            }
             Fault::Undrain(h) => self.operator(Request::Undrain { host: host_name(h) }),
-            Fault::Migrate(v, h) => self.operator(Request::Migrate { vm: vm_uuid(v), to: host_name(h), overrides: None }),
+            Fault::Migrate(v, h) => {
+                self.operator(Request::Migrate { vm: vm_uuid(v), to: host_name(h), overrides: None })
+            }
         }
     }
 
