@@ -38,6 +38,7 @@ impl Lab {
     /// controller, watchdogs and agents if the lab runs another profile).
     fn up_with(profile: Option<&str>) -> Lab {
         let mut cmd = Command::new(repo().join("deploy/lab/up"));
+        cmd.env_remove("VMHA_LAB_CONTROLLER_ARGS");
         if let Some(p) = profile {
             cmd.env("VMHA_LAB_PROFILE", p);
         }
@@ -235,24 +236,62 @@ struct DoubleRunWatch {
     seen: Arc<Mutex<Vec<String>>>,
     /// Per sample with a guest running twice: the guest and its (host, pid) copies.
     copies: Arc<Mutex<Vec<(String, Copies)>>>,
+    /// Every sample that differs from the one before, with its time since the start.
+    history: Arc<Mutex<History>>,
     thread: Option<std::thread::JoinHandle<usize>>,
 }
 
+/// Samples of the QEMU processes, each with its time since the watch started.
+type History = Vec<(Duration, BTreeMap<String, Copies>)>;
+
 impl DoubleRunWatch {
+    /// Every second QEMU process of a guest counts as running it twice.
     fn start() -> DoubleRunWatch {
+        DoubleRunWatch::sample(None)
+    }
+
+    /// For scenarios with live migrations: a guest runs twice only when libvirt calls more
+    /// than one of its copies `running`. A live migration has two QEMU processes for a while:
+    /// the incoming one is paused until the switch-over, and the source is paused from then
+    /// until it is gone. Hosts are asked only when a guest has several processes, and a guest
+    /// seen running twice is sampled and asked again at once (the hosts do not answer at one
+    /// instant: a switch-over between two answers can look like two running copies once, not
+    /// twice in a row). A host whose libvirt does not answer counts its copy as running.
+    fn start_judged_by_libvirt(lab: &Lab) -> DoubleRunWatch {
+        DoubleRunWatch::sample(Some(HOSTS.iter().map(|h| (h.to_string(), lab.uri(h))).collect()))
+    }
+
+    fn sample(libvirt: Option<HashMap<String, String>>) -> DoubleRunWatch {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let copies = Arc::new(Mutex::new(Vec::new()));
-        let (s, v, c) = (stop.clone(), seen.clone(), copies.clone());
+        let history = Arc::new(Mutex::new(Vec::new()));
+        let (s, v, c, h) = (stop.clone(), seen.clone(), copies.clone(), history.clone());
         let thread = std::thread::spawn(move || {
             let mut samples = 0;
-            let mut next = Instant::now();
+            let t0 = Instant::now();
+            let mut next = t0;
+            let mut last = None;
             while !s.load(Ordering::Relaxed) {
-                for (vm, copies) in qemu_processes() {
-                    if copies.len() > 1 {
-                        v.lock().unwrap().push(format!("{vm} on {copies:?}"));
-                        c.lock().unwrap().push((vm, copies));
+                let now = qemu_processes();
+                for (vm, copies) in &now {
+                    if copies.len() < 2 {
+                        continue;
                     }
+                    let twice = match &libvirt {
+                        None => Some(format!("{vm} on {copies:?}")),
+                        Some(uris) => running_twice(uris, vm, copies).and_then(|_| {
+                            running_twice(uris, vm, &qemu_processes().remove(vm).unwrap_or_default())
+                        }),
+                    };
+                    if let Some(twice) = twice {
+                        v.lock().unwrap().push(twice);
+                        c.lock().unwrap().push((vm.clone(), copies.clone()));
+                    }
+                }
+                if last.as_ref() != Some(&now) {
+                    h.lock().unwrap().push((t0.elapsed(), now.clone()));
+                    last = Some(now);
                 }
                 samples += 1;
                 next += Duration::from_millis(100);
@@ -260,7 +299,7 @@ impl DoubleRunWatch {
             }
             samples
         });
-        DoubleRunWatch { stop, seen, copies, thread: Some(thread) }
+        DoubleRunWatch { stop, seen, copies, history, thread: Some(thread) }
     }
 
     /// Like `finish`, but a second copy counts only if the same QEMU process was seen in
@@ -290,6 +329,54 @@ impl DoubleRunWatch {
         let n = self.thread.take().unwrap().join().unwrap();
         (n, self.seen.lock().unwrap().clone())
     }
+
+    /// Like `finish`, and also returns every sample that differed from the one before.
+    fn finish_with_history(self) -> (usize, Vec<String>, History) {
+        let history = self.history.clone();
+        let (n, doubles) = self.finish();
+        let history = history.lock().unwrap().clone();
+        (n, doubles, history)
+    }
+}
+
+/// The state libvirt gives each domain on a host (`virsh list --all`), by name; None if it
+/// does not answer.
+fn libvirt_states(uri: &str) -> Option<HashMap<String, String>> {
+    let out = Command::new("timeout").args(["5", "virsh", "-q", "-c", uri, "list", "--all"]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let states = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let (_id, name) = (words.next()?, words.next()?);
+            Some((name.to_string(), words.collect::<Vec<_>>().join(" ")))
+        })
+        .collect();
+    Some(states)
+}
+
+/// A description of `vm`'s copies if libvirt calls two or more of them running (a host that
+/// does not answer counts as running, a domain it does not list as not); asks their hosts in
+/// parallel.
+fn running_twice(uris: &HashMap<String, String>, vm: &str, copies: &Copies) -> Option<String> {
+    let states: Vec<String> = std::thread::scope(|scope| {
+        let asks: Vec<_> = copies
+            .iter()
+            .map(|(host, _)| {
+                scope.spawn(move || match libvirt_states(&uris[host]) {
+                    None => "no answer".to_string(),
+                    Some(mut states) => states.remove(vm).unwrap_or_else(|| "not listed".to_string()),
+                })
+            })
+            .collect();
+        asks.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    let running = states.iter().filter(|s| ["running", "no answer"].contains(&s.as_str())).count();
+    let described: Vec<String> =
+        copies.iter().zip(&states).map(|((host, pid), state)| format!("{host} pid {pid}: {state}")).collect();
+    (running > 1).then(|| format!("{vm} running on {}", described.join(", ")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1018,11 +1105,354 @@ fn a_drain_moves_the_disk_locks_with_the_guests(lab: &Lab) {
     assert_eq!(host_json(lab, host)["admin_state"], "active");
 }
 
+/// `deploy/lab/up` without building, with these extra controller flags
+/// (VMHA_LAB_CONTROLLER_ARGS; "" for none): it restarts a controller that runs with others, and
+/// starts a missing one.
+fn up_with_controller_args(flags: &str) {
+    let out = Command::new(repo().join("deploy/lab/up"))
+        .env("VMHA_LAB_NO_BUILD", "1")
+        .env("VMHA_LAB_CONTROLLER_ARGS", flags)
+        .output()
+        .expect("run deploy/lab/up");
+    assert!(
+        out.status.success(),
+        "deploy/lab/up with controller flags {flags:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// SIGKILLs the lab's controller; returns once it is dead.
+fn kill_controller(lab: &Lab) {
+    let pid = lab.controller_pid();
+    assert!(signal(pid, "KILL"), "kill -9 the controller ({pid})");
+    wait_until("the killed controller to be gone", Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.rsplit(')').next().unwrap_or_default().split_whitespace().next() == Some("Z"))
+    });
+}
+
+/// Starts the lab's controller as `up` does, with the lab's profile and no extra flags
+/// (lib.sh's lab_start_controller: `up` would also boot a killed host), and waits until it
+/// answers and sees `hosts` online.
+fn start_controller(lab: &Lab, hosts: &[&str]) {
+    lab_fn(lab, "lab_start_controller");
+    wait_until(&format!("the restarted controller to see {hosts:?} online"), Duration::from_secs(30), || {
+        let out = lab.vmha(&["host", "ls", "-o", "json"]);
+        let Ok(listed) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return false };
+        out.status.success()
+            && hosts
+                .iter()
+                .all(|h| listed.as_array().unwrap().iter().any(|x| x["name"] == *h && x["state"] == "online"))
+    });
+}
+
+/// How much of each drained guest's memory `a_controller_killed_mid_drain_resumes_it` makes
+/// random: at 1 MiB/s, a live migration of one of them takes about this many seconds more.
+const FILLED_MIB: u64 = 8;
+
+/// Writes `mib` MiB of random bytes into `vm`'s memory from outside, through its QEMU process
+/// (/proc/PID/mem), from 16 MiB on (SeaBIOS uses the low memory and the top of RAM). A lab
+/// guest sits in SeaBIOS with its memory nearly all zero pages, which a live migration sends
+/// as a few bytes each: even capped at 1 MiB/s it takes about a second. A random page goes
+/// whole.
+fn fill_guest_memory(lab: &Lab, vm: &str, mib: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let memory = lab.json(&["vm", "show", vm])["memory_mib"].as_u64().unwrap();
+    assert!(16 + mib <= memory, "{vm} has {memory} MiB");
+    let copies = qemu_processes().remove(vm).unwrap_or_default();
+    assert_eq!(copies.len(), 1, "{vm} runs once: {copies:?}");
+    let pid = copies[0].1;
+    // Its RAM: the one anonymous read-write mapping of the guest's size.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let ram: Vec<u64> = maps
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (a, b) = f[0].split_once('-')?;
+            let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
+            (f.len() == 5 && f[1] == "rw-p" && b - a == memory << 20).then_some(a)
+        })
+        .collect();
+    assert_eq!(ram.len(), 1, "one anonymous mapping of {memory} MiB in {vm}'s QEMU ({pid}): {ram:x?}");
+    let mut random = vec![0; (mib << 20) as usize];
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut random).unwrap();
+    let mut mem = std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/mem")).unwrap();
+    mem.seek(SeekFrom::Start(ram[0] + (16 << 20))).unwrap();
+    mem.write_all(&random).unwrap();
+}
+
+/// Whether the QEMU process `pid` was started for an incoming live migration.
+fn incoming(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"-incoming"))
+}
+
+/// The controller is killed (SIGKILL) half a second into the drain of a host running the three
+/// guests, while the drain's first live migrations run (capped at 1 MiB/s, with guest memory
+/// that takes some 9 s at that rate), and started again at once, without the cap. The drain
+/// finishes by itself: the host ends in maintenance, and each guest left it by live migration
+/// exactly once (the QEMU it ends in is the incoming side of a migration, and every sample
+/// shows its first QEMU or that one), none was restarted, none ever ran twice.
+fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
+    lab.settle();
+    let host = "kvm2";
+    for vm in GUESTS {
+        place(lab, vm, host);
+        fill_guest_memory(lab, vm, FILLED_MIB);
+    }
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // Migrations the drain starts run at 1 MiB/s (the cap is sent with each migration).
+        up_with_controller_args("--migration-bandwidth 1");
+        lab.settle();
+        let original: BTreeMap<String, (String, u32)> = qemu_processes()
+            .into_iter()
+            .filter(|(vm, _)| GUESTS.contains(&vm.as_str()))
+            .map(|(vm, c)| (vm, c[0].clone()))
+            .collect();
+        for vm in GUESTS {
+            assert_eq!(running_on(vm), [host], "{vm} runs once, on {host}");
+        }
+        let before = last_event_id(lab);
+        let watch = DoubleRunWatch::start_judged_by_libvirt(lab);
+        let t0 = Instant::now();
+        lab.vmha_ok(&["host", "drain", host, "--no-wait"]);
+        let started = t0.elapsed();
+        std::thread::sleep(Duration::from_millis(500).saturating_sub(t0.elapsed()));
+        let at_kill = qemu_processes();
+        kill_controller(lab);
+        let killed = t0.elapsed();
+        start_controller(lab, &HOSTS);
+        let back = t0.elapsed();
+        let at_back = qemu_processes();
+        let in_flight = |p: &BTreeMap<String, Copies>| {
+            GUESTS.iter().filter(|vm| p.get(**vm).is_some_and(|c| c.len() > 1)).count()
+        };
+        println!(
+            "  drain of {host} (--no-wait returned at {:.2} s): controller killed at {:.2} s with {} \
+             migrations in flight, back at {:.2} s with {}",
+            started.as_secs_f64(),
+            killed.as_secs_f64(),
+            in_flight(&at_kill),
+            back.as_secs_f64(),
+            in_flight(&at_back)
+        );
+        // What the scenario is about: the first controller had started migrations, none done.
+        assert!(in_flight(&at_kill) > 0, "a migration runs when the controller is killed: {at_kill:?}");
+        for (vm, first) in &original {
+            assert!(
+                at_kill.get(vm).is_some_and(|c| c.contains(first)),
+                "{vm} has not left {host} when the controller is killed"
+            );
+        }
+        assert!(
+            in_flight(&at_back) > 0,
+            "a migration still runs when the controller is back (else FILLED_MIB is too small): {at_back:?}"
+        );
+
+        let deadline = Duration::from_secs(45);
+        let mut state = String::new();
+        while t0.elapsed() < deadline {
+            state = host_json(lab, host)["admin_state"].as_str().unwrap().to_string();
+            if state == "maintenance" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let ended = t0.elapsed();
+        if state != "maintenance" {
+            let guests: Vec<String> =
+                GUESTS.iter().map(|vm| format!("{vm} on {:?}", running_on(vm))).collect();
+            let events: Vec<String> = lab
+                .events()
+                .into_iter()
+                .filter(|e| e["id"].as_i64().unwrap() > before)
+                .filter(|e| e["subject"] == host || GUESTS.iter().any(|vm| e["subject"] == *vm))
+                .map(|e| format!("{} {}: {}", e["subject"], e["kind"], e["message"]))
+                .collect();
+            panic!(
+                "{host} is {state:?}, not in maintenance, {:.0} s after its drain started (the controller was \
+                 killed at {:.2} s and back at {:.2} s); guests: {guests:?}; events since: {events:#?}",
+                ended.as_secs_f64(),
+                killed.as_secs_f64(),
+                back.as_secs_f64()
+            );
+        }
+        println!("  {host} in maintenance {:.1} s after the drain started", ended.as_secs_f64());
+        std::thread::sleep(Duration::from_secs(2));
+        let (samples, doubles, history) = watch.finish_with_history();
+        assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+        for vm in GUESTS {
+            let to = moved_live(lab, host, before, vm);
+            let kinds = kinds_since(lab, before, vm);
+            let moves = kinds.iter().filter(|k| *k == "migration_succeeded").count();
+            assert_eq!(moves, 1, "{vm} was migrated once: {kinds:?}");
+            let last = qemu_processes()[vm][0].clone();
+            assert!(incoming(last.1), "{vm} runs on {to} in the QEMU of an incoming migration: {last:?}");
+            let first = &original[vm];
+            for (t, sample) in &history {
+                let copies = sample.get(vm).cloned().unwrap_or_default();
+                assert!(
+                    copies.contains(first) || copies.contains(&last),
+                    "{vm} at {:.1} s: neither its first QEMU {first:?} nor its last {last:?}, but {copies:?}",
+                    t.as_secs_f64()
+                );
+            }
+        }
+        assert_eq!(host_json(lab, host)["admin_state"], "maintenance");
+    }));
+    // However it ended: the host back in service (first: `up` waits for every host online,
+    // which one in maintenance is not), and the controller without the cap (started if it is
+    // not running).
+    let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = lab.vmha(&["host", "undrain", host]);
+        up_with_controller_args("");
+        lab.settle();
+        let out = lab.vmha(&["host", "undrain", host]);
+        assert!(matches!(out.status.code(), Some(0 | 4)), "undrain {host}: {out:?}");
+        assert_eq!(host_json(lab, host)["admin_state"], "active");
+    }));
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    restored.unwrap_or_else(|e| std::panic::resume_unwind(e));
+}
+
+/// The host of two protected guests dies; as soon as the controller declared it dead or
+/// started a restart (the first `host_dead` or `restart_started` event), the controller is
+/// killed (SIGKILL) and started again. The first controller starts one VM at a time
+/// (`--max-parallel-starts 1`), so that the kill most likely finds one restart sent and the
+/// other not yet; the second runs with the default. Both guests end running, each exactly
+/// once, on other hosts within 60 s of the host's death, and no second copy of either is ever
+/// started, not even one a disk lock refuses.
+fn a_controller_killed_mid_failover_finishes_the_restarts(lab: &Lab) {
+    lab.settle();
+    up_with_controller_args("--max-parallel-starts 1");
+    lab.settle();
+    let victim = lab.host_of("radius1");
+    place(lab, "dns1", &victim);
+    let protected = ["dns1", "radius1"];
+    for (vm, priority) in protected.iter().zip(["100", "50"]) {
+        assert_eq!(lab.protect_known(vm, priority), victim);
+    }
+    let others: Vec<&str> = HOSTS.into_iter().filter(|h| *h != victim).collect();
+    let before = last_event_id(lab);
+    let watch = DoubleRunWatch::start();
+    let t0 = Instant::now();
+    lab_verb("kill", &[&victim]);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let trigger = loop {
+            let found = lab.events().into_iter().find(|e| {
+                e["id"].as_i64().unwrap() > before
+                    && (e["kind"] == "restart_started"
+                        || (e["kind"] == "host_dead" && e["subject"] == victim.as_str()))
+            });
+            if let Some(e) = found {
+                break e;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(40),
+                "{victim} declared dead within 40 s of its death"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        kill_controller(lab);
+        let killed = t0.elapsed();
+        let at_kill = qemu_processes();
+        start_controller(lab, &others);
+        let at_kill: Vec<String> = protected
+            .iter()
+            .map(|vm| format!("{vm} on {:?}", at_kill.get(*vm).cloned().unwrap_or_default()))
+            .collect();
+        println!(
+            "  {victim} killed; controller killed {:.2} s later, at its {} {} event ({at_kill:?}); back at {:.2} s",
+            killed.as_secs_f64(),
+            trigger["kind"].as_str().unwrap(),
+            trigger["subject"].as_str().unwrap(),
+            t0.elapsed().as_secs_f64()
+        );
+        let moved = |vm: &str| {
+            let on = running_on(vm);
+            on.len() == 1 && on[0] != victim
+        };
+        let deadline = Duration::from_secs(60);
+        while t0.elapsed() < deadline && !protected.iter().all(|vm| moved(vm)) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !protected.iter().all(|vm| moved(vm)) {
+            let guests: Vec<String> =
+                protected.iter().map(|vm| format!("{vm} on {:?}", running_on(vm))).collect();
+            let events: Vec<String> = lab
+                .events()
+                .into_iter()
+                .filter(|e| e["id"].as_i64().unwrap() > before)
+                .filter(|e| e["subject"] == victim.as_str() || protected.iter().any(|vm| e["subject"] == *vm))
+                .map(|e| format!("{} {}: {}", e["subject"], e["kind"], e["message"]))
+                .collect();
+            panic!(
+                "not every protected VM of {victim} runs once elsewhere {:.0} s after its death (the controller \
+                 was killed at {:.2} s): {guests:?}; events since: {events:#?}",
+                t0.elapsed().as_secs_f64(),
+                killed.as_secs_f64()
+            );
+        }
+        let now_on: Vec<String> =
+            protected.iter().map(|vm| await_moved(lab, vm, &victim, Duration::from_secs(10))).collect();
+        println!(
+            "  dns1 and radius1 running on {now_on:?} {:.1} s after {victim} died",
+            t0.elapsed().as_secs_f64()
+        );
+        let restarts: Vec<String> = lab
+            .events()
+            .into_iter()
+            .filter(|e| e["id"].as_i64().unwrap() > before)
+            .filter(|e| {
+                ["host_dead", "restart_started", "restart_waiting", "vm_restarted", "operation_orphaned"]
+                    .contains(&e["kind"].as_str().unwrap())
+            })
+            .map(|e| {
+                let (kind, message) = (e["kind"].as_str().unwrap(), e["message"].as_str().unwrap());
+                match kind {
+                    "operation_orphaned" => format!("{kind}: {}", message.split(';').next().unwrap()),
+                    _ => format!("{kind} {}", e["subject"].as_str().unwrap()),
+                }
+            })
+            .collect();
+        println!("  events: {restarts:#?}");
+        std::thread::sleep(Duration::from_secs(2));
+        now_on
+    }));
+    let (samples, doubles, transient) = watch.finish_lasting(3);
+    lab_verb("revive", &[&victim]);
+    let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // (A no-op unless the scenario failed before the kill.)
+        up_with_controller_args("");
+        lab.settle();
+    }));
+    let now_on = result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    settled.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    assert_eq!(
+        transient, 0,
+        "samples with a short-lived second QEMU: a second copy was started and refused by its disk lock"
+    );
+    for (vm, on) in protected.iter().zip(&now_on) {
+        assert_eq!(
+            running_on(vm),
+            std::slice::from_ref(on),
+            "the revived {victim} starts no stale copy of {vm}"
+        );
+    }
+}
+
 /// After a failed scenario: undoes whatever a scenario may have left broken (a cut link, a
 /// killed host, a stopped process, PostgreSQL down, the fast profile, limits, drains), and
 /// power-cycles a host that is still not online, so the next scenario starts settled.
 fn recover(lab: &Lab) {
-    let _ = signal(lab.controller_pid(), "CONT");
+    if let Some(pid) = lab.pid_in("controller.pid") {
+        let _ = signal(pid, "CONT");
+    }
+    // A host in maintenance is not online: `up` would wait for it in vain.
+    for h in HOSTS {
+        let _ = lab.vmha(&["host", "undrain", h]);
+    }
     for h in HOSTS {
         for pid in [lab.pid_in(&format!("agent-{h}.pid")), lab.pid_in(&format!("{h}/run/libvirtd.pid"))]
             .into_iter()
@@ -1033,9 +1463,16 @@ fn recover(lab: &Lab) {
         let _ = Command::new(repo().join("deploy/lab/heal")).arg(h).output();
         let _ = Command::new(repo().join("deploy/lab/revive")).arg(h).output();
     }
-    // Starts PostgreSQL if it is down, goes back to the default profile, restarts stopped
-    // demo guests.
-    let _ = Command::new(repo().join("deploy/lab/up")).env("VMHA_LAB_PROFILE", "default").output();
+    // Starts PostgreSQL if it is down, goes back to the default profile, starts a killed
+    // controller, restarts one started with extra flags without them, restarts stopped demo
+    // guests.
+    let up = || {
+        Command::new(repo().join("deploy/lab/up"))
+            .env("VMHA_LAB_PROFILE", "default")
+            .env_remove("VMHA_LAB_CONTROLLER_ARGS")
+            .output()
+    };
+    let _ = up();
     let online = |h: &str| {
         lab.vmha(&["host", "ls", "-o", "json"]).status.success() && host_json(lab, h)["state"] == "online"
     };
@@ -1050,7 +1487,7 @@ fn recover(lab: &Lab) {
             let _ = Command::new(repo().join("deploy/lab/revive")).arg(h).output();
         }
     }
-    let _ = Command::new(repo().join("deploy/lab/up")).env("VMHA_LAB_PROFILE", "default").output();
+    let _ = up();
     for h in HOSTS {
         let _ = lab.vmha(&["host", "limit", h, "--memory", "0"]);
         let _ = lab.vmha(&["host", "undrain", h]);
@@ -1072,7 +1509,7 @@ fn keep_logs(lab: &Lab) -> PathBuf {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 16] = [
+    let scenarios: [Scenario; 18] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -1100,6 +1537,11 @@ fn main() {
         (
             "a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed",
             a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed,
+        ),
+        ("a_controller_killed_mid_drain_resumes_it", a_controller_killed_mid_drain_resumes_it),
+        (
+            "a_controller_killed_mid_failover_finishes_the_restarts",
+            a_controller_killed_mid_failover_finishes_the_restarts,
         ),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

@@ -487,6 +487,24 @@ lab_start_agent() {
     --watchdog-device "$(lab_watchdog_path "$h")" --watchdog-timeout "$(lab_watchdog_secs)s"
 }
 
+# lab_start_controller [FLAG...]: start the vmha controller in the root
+# namespaces with the lab's profile (lab_profile) and FLAGs appended, as `up`
+# does (up first stops one that runs with other flags). The FLAGs are recorded
+# in $LAB_DIR/controller.args (lab_controller_extra_args). Returns once its pid
+# file is written, not once it serves: wait for `vmha host ls` to answer.
+lab_start_controller() {
+  local profile_args
+  read -ra profile_args <<<"$(lab_controller_profile_args "$(lab_profile)")"
+  lab_log "starting controller on $LAB_CONTROLLER_ADDR (profile $(lab_profile)${*:+, extra flags $*})"
+  printf '%s\n' "$*" >"$LAB_DIR/controller.args"
+  lab_spawn "$LAB_DIR/controller.pid" "$LAB_DIR/controller.log" - \
+    "$LAB_CONTROLLER_BIN" --listen "$LAB_CONTROLLER_ADDR" --database-url "$(lab_database_url)" \
+    --degraded-after 3s --recover-after 5s "${profile_args[@]}" "$@"
+}
+
+# The extra flags the lab's controller was last started with (empty: none).
+lab_controller_extra_args() { cat "$LAB_DIR/controller.args" 2>/dev/null || true; }
+
 # --- timing profiles -----------------------------------------------------------
 # VMHA_LAB_PROFILE picks the cluster's timings; `up` records it in
 # $LAB_DIR/profile, so revive and later `up`s without the variable keep it.
