@@ -5,6 +5,11 @@
 //! randomness. The controller's shell feeds it what agents and operators say, and performs what
 //! it decides (database writes, commands to agents). That is what lets the same code run in unit
 //! tests, property tests over random fault schedules and production.
+//!
+//! The one entry point is `Engine::step` (`step.rs`): every input goes through it, and it
+//! calls the rest in one order: `lease` (who holds a lease, quorum), `recovery` (when a host
+//! may be declared dead, restarts), `drain` (health, drains), `inventory` (what agents
+//! report), `placement`, `migration`. `persist` says what survives a controller restart.
 
 pub mod cluster;
 pub mod drain;
