@@ -461,6 +461,21 @@ pub fn migration_finished(
         return out;
     };
     let max_tries = 1 + state.policy.max_relocate as usize;
+    // Another live migration only if some host not tried yet can take the VM: otherwise the
+    // step would only be found stuck, and a cold restart the operator allowed never tried.
+    let another_host = {
+        let tried = state.hosts.get(&name).and_then(|h| h.drain.as_ref()).map(|d| {
+            let mut t = d.steps[i].tried.clone();
+            t.push(target.into());
+            t
+        });
+        match (state.vms.get(uuid), tried) {
+            (Some(vm), Some(tried)) => {
+                tried.len() < max_tries && placement::place(state, vm, now, &tried).is_ok()
+            }
+            _ => false,
+        }
+    };
     let Some(d) = state.hosts.get_mut(&name).and_then(|h| h.drain.as_mut()) else { return out };
     let allow_restart = d.allow_restart;
     let step = &mut d.steps[i];
@@ -468,7 +483,7 @@ pub fn migration_finished(
         Ok(()) => step.state = StepState::Migrated { target: target.into() },
         Err(e) => {
             step.tried.push(target.into());
-            if step.tried.len() < max_tries {
+            if another_host {
                 step.state = StepState::Pending;
             } else if !allow_restart {
                 step.state = StepState::Failed { error: e };

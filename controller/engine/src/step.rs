@@ -521,7 +521,9 @@ impl Engine {
         let done: Vec<OpId> = self
             .ops
             .values()
-            .filter(|op| op.inherited && op.kind == OpKind::Migrate && op.target == host)
+            .filter(|op| {
+                op.inherited && matches!(op.kind, OpKind::Migrate | OpKind::Start) && op.target == host
+            })
             .filter(|op| {
                 self.cluster
                     .vms
@@ -925,6 +927,14 @@ impl Engine {
                             .filter(|v| v.host.as_deref() == Some(&host))
                             .map(|v| v.uuid.clone()),
                     );
+                    // What it was carrying out ended with it: nothing of it can succeed now.
+                    let on_it: Vec<OpId> =
+                        self.ops.values().filter(|op| op.executor() == host).map(|op| op.id).collect();
+                    let mut more = Vec::new();
+                    for id in on_it {
+                        self.finish_op(id, Err(format!("{host} was declared dead")), now, out, &mut more);
+                    }
+                    queue.extend(more);
                 }
                 Action::Fence { host } => {
                     out.events.push(Event::host(
