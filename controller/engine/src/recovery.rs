@@ -357,7 +357,7 @@ pub fn start_finished(
                 &vm.name,
                 EventKind::VmRestarted,
                 format!(
-                    "{} restarted on {host}, {} after its host was declared dead{unlocked}",
+                    "{} restarted on {host}, {} after it was found down{unlocked}",
                     vm.name,
                     secs(took)
                 ),
@@ -647,6 +647,11 @@ pub fn explain(state: &ClusterState, uuid: &str, now: Millis) -> Option<String> 
                 }
             }
         }
+        HostLiveness::Dead if vm.protected => format!(
+            "{host} is dead, but it never confirmed that {} is protected, so its agent may not have destroyed it: \
+             once you know {host} is off, run `vmha host confirm-down {host}`",
+            vm.name
+        ),
         HostLiveness::Dead => format!("{host} is dead; {} is not protected", vm.name),
         HostLiveness::Online => format!("{} on {host}", vm.state.as_str()),
     })
