@@ -67,15 +67,16 @@ impl AgentService for AgentApi {
                 facts.memory_total_kib / 1024
             ),
         };
-        let stamp = match c.step(Input::Register(registration)) {
+        let stamp = match c.step(Input::Register(registration)).await? {
             Reply::Registered { stamp } => stamp,
             Reply::Refused(r) => return Err(refusal(r)),
             other => return Err(unexpected("register", &other)),
         };
-        if let Some(view) = c.read(|s| s.hosts.get(&host).cloned()) {
+        let named = host.clone();
+        if let Some(view) = c.read(move |s| s.hosts.get(&named).cloned()).await? {
             c.write(Write::Host { host: view, hypervisor_version: facts.hypervisor_version.clone() });
         }
-        let t = c.timings();
+        let t = c.timings;
         Ok(Response::new(RegisterResponse {
             epoch: c.epoch,
             heartbeat_interval_ms: t.heartbeat_interval_ms,
@@ -117,7 +118,7 @@ impl AgentService for AgentApi {
                 .collect(),
         };
         let c = &self.0;
-        let lease = match c.step(Input::Heartbeat(hb)) {
+        let lease = match c.step(Input::Heartbeat(hb)).await? {
             Reply::Lease(l) => l,
             Reply::Refused(r) => return Err(refusal(r)),
             other => return Err(unexpected("heartbeat", &other)),
@@ -145,7 +146,8 @@ impl AgentService for AgentApi {
         req: Request<CommandsRequest>,
     ) -> Result<Response<Self::CommandsStream>, Status> {
         let host = validate::agent_host(&req)?;
-        if !self.0.read(|s| s.hosts.contains_key(&host)) {
+        let named = host.clone();
+        if !self.0.read(move |s| s.hosts.contains_key(&named)).await? {
             return Err(Status::failed_precondition(format!(
                 "host {host} has not registered with this controller"
             )));
@@ -171,7 +173,7 @@ impl AgentService for AgentApi {
         } else {
             Err(r.error)
         };
-        match self.0.step(Input::Result { host, id, result }) {
+        match self.0.step(Input::Result { host, id, result }).await? {
             Reply::Refused(r) => Err(refusal(r)),
             _ => Ok(Response::new(Ack {})),
         }

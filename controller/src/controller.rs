@@ -9,8 +9,9 @@
 //! operation, before its command is sent) waits for the database instead, and operator
 //! requests that need it are refused with `Unavailable` while it is known to be away.
 //!
-//! The engine sits behind a mutex held only for one synchronous step. A panic anywhere ends
-//! the process (see `main.rs`): systemd restarts it, and the new controller resumes from the
+//! One task owns the engine (`DecisionLoop`): handlers send it their input and wait for the
+//! reply, reads run on it too, and nothing else can touch the state. A panic anywhere ends the
+//! process (see `main.rs`): systemd restarts it, and the new controller resumes from the
 //! database, so no half-made step is ever used and no task keeps serving without ticks.
 
 use std::collections::{HashMap, VecDeque};
@@ -20,7 +21,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 use vmha_engine::event::Event;
 use vmha_engine::operation::{OpId, OpState, Operation};
@@ -65,7 +66,9 @@ pub struct Controller {
     pub migration: MigrationSettings,
     pub fence: FenceSettings,
     origin: Instant,
-    engine: Mutex<Engine>,
+    pub timings: Timings,
+    /// The decision loop's input.
+    inbox: mpsc::UnboundedSender<Msg>,
     /// Command streams of connected agents, by host.
     agents: Mutex<HashMap<String, AgentSender>>,
     /// Live views of the operations in flight, for `WatchOperation` followers and progress.
@@ -91,8 +94,51 @@ pub fn store_error(e: StoreError) -> Status {
     }
 }
 
-/// Locks a mutex of the shell. A panic ends the process (see `main.rs`), so a poisoned lock
-/// is never seen by a live controller; taking it anyway keeps this free of `unwrap`.
+/// What the decision loop is asked.
+enum Msg {
+    /// An input, and where its reply goes (none: the sender does not wait).
+    Step(Box<Input>, Option<oneshot::Sender<Reply>>),
+    /// A read of the state, run on the loop.
+    Read(Box<dyn FnOnce(&Engine) + Send>),
+}
+
+/// The one task that owns the engine: it takes inputs and reads in the order they come, and
+/// ticks the clock.
+pub struct DecisionLoop {
+    engine: Engine,
+    inbox: mpsc::UnboundedReceiver<Msg>,
+}
+
+impl DecisionLoop {
+    /// Runs for the controller's life (until every sender is gone).
+    pub async fn run(mut self, c: Arc<Controller>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = self.inbox.recv() => match msg {
+                    None => return,
+                    Some(Msg::Step(input, reply)) => {
+                                                let r = c.run_step(&mut self.engine, *input);
+                        if let Some(tx) = reply {
+                            let _ = tx.send(r);
+                        }
+                    }
+                    Some(Msg::Read(f)) => f(&self.engine),
+                },
+                _ = tick.tick() => {
+                    c.run_step(&mut self.engine, Input::Tick);
+                    // systemd's WatchdogSec: the decision loop still runs.
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+        }
+    }
+}
+
+/// Locks a mutex of the shell (agents' streams, operation followers). A panic ends the process
+/// (see `main.rs`), so a poisoned lock is never seen by a live controller; taking it anyway
+/// keeps this free of `unwrap`.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -127,7 +173,7 @@ impl Controller {
         policy: Policy,
         migration: MigrationSettings,
         fence: FenceSettings,
-    ) -> Result<Arc<Controller>, StoreError> {
+    ) -> Result<(Arc<Controller>, DecisionLoop), StoreError> {
         let waiting = |e: &StoreError, pause: Duration| {
             tracing::warn!(
                 error = %e,
@@ -143,14 +189,14 @@ impl Controller {
     }
 
     /// Takes a new epoch, loads desired state and the work an earlier controller left in
-    /// progress, and resumes it.
+    /// progress, and resumes it once the returned loop runs.
     pub async fn start(
         store: Store,
         timings: Timings,
         policy: Policy,
         migration: MigrationSettings,
         fence: FenceSettings,
-    ) -> Result<Arc<Controller>, StoreError> {
+    ) -> Result<(Arc<Controller>, DecisionLoop), StoreError> {
         let epoch = store.next_epoch().await?;
         let mut cluster = ClusterState { timings, policy, started: Millis(0), epoch, ..Default::default() };
         for h in store.load_hosts().await? {
@@ -177,45 +223,66 @@ impl Controller {
         }
         let watched =
             engine.ops.values().map(|op| (op.id, watch::channel(operation_view(op, epoch)).0)).collect();
-        Ok(Arc::new(Controller {
+        let (inbox, rx) = mpsc::unbounded_channel();
+        let controller = Arc::new(Controller {
             journal: Journal::start(store.clone()),
             store,
             epoch,
             migration,
             fence,
             origin: Instant::now(),
-            engine: Mutex::new(engine),
+            timings,
+            inbox,
             agents: Mutex::default(),
             watched: Mutex::new(watched),
             ended: Mutex::default(),
-        }))
+        });
+        Ok((controller, DecisionLoop { engine, inbox: rx }))
     }
 
     pub fn now(&self) -> Millis {
         Millis(self.origin.elapsed().as_millis() as u64)
     }
 
-    pub fn timings(&self) -> Timings {
-        self.read(|s| s.timings)
+    /// Reads the cluster state, on the decision loop.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ClusterState) -> R + Send + 'static,
+    ) -> Result<R, Status> {
+        let (tx, rx) = oneshot::channel();
+        let read = Box::new(move |e: &Engine| {
+            let _ = tx.send(f(&e.cluster));
+        });
+        self.inbox.send(Msg::Read(read)).map_err(|_| loop_gone())?;
+        rx.await.map_err(|_| loop_gone())
     }
 
-    /// Reads the cluster state.
-    pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
-        f(&lock(&self.engine).cluster)
+    /// Hands an input to the decision loop and waits for the reply.
+    pub async fn step(&self, input: Input) -> Result<Reply, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.inbox.send(Msg::Step(Box::new(input), Some(tx))).map_err(|_| loop_gone())?;
+        rx.await.map_err(|_| loop_gone())
     }
 
-    /// Runs one step of the engine and carries out its output; returns the reply.
-    pub fn step(self: &Arc<Self>, input: Input) -> Reply {
-        let now = self.now();
-        let (out, recording) = {
-            let mut engine = lock(&self.engine);
-            let out = engine.step(input, now);
-            // Under the lock: the queue then holds writes in the order the state changed, and
-            // the database never sees an older row after a newer one.
-            let recording = self.persist(&engine, &out);
-            (out, recording)
-        };
-        self.carry_out(out, recording)
+    /// Hands an input to the decision loop without waiting.
+    fn submit(&self, input: Input) {
+        let _ = self.inbox.send(Msg::Step(Box::new(input), None));
+    }
+
+    /// One step of the engine, and the steps its immediate failures lead to (a command that
+    /// could not be sent is a failed operation); carries out their output. On the loop only.
+    fn run_step(self: &Arc<Self>, engine: &mut Engine, input: Input) -> Reply {
+        let mut queue = VecDeque::from([input]);
+        let mut first = None;
+        while let Some(input) = queue.pop_front() {
+            let out = engine.step(input, self.now());
+            // Queued in the order the state changed: the database never sees an older row
+            // after a newer one.
+            let recording = self.persist(engine, &out);
+            let reply = self.carry_out(out, recording, &mut queue);
+            first.get_or_insert(reply);
+        }
+        first.unwrap_or(Reply::None)
     }
 
     /// Queues what the step changed; returns the writes of new operations to wait for.
@@ -280,7 +347,12 @@ impl Controller {
 
     /// Everything of a step's output but persisting: follower views, recording then sending,
     /// fencing.
-    fn carry_out(self: &Arc<Self>, out: Output, recording: Vec<(OpId, String, RecordFuture)>) -> Reply {
+    fn carry_out(
+        self: &Arc<Self>,
+        out: Output,
+        recording: Vec<(OpId, String, RecordFuture)>,
+        queue: &mut VecDeque<Input>,
+    ) -> Reply {
         for op in &out.persist.ops {
             self.follow(op);
         }
@@ -297,12 +369,12 @@ impl Controller {
                         result: Err(format!("the database refused to record the operation: {e}")),
                     },
                 };
-                c.step(input);
+                c.submit(input);
             });
         }
         for cmd in out.commands {
             if let Err(why) = self.send(&cmd.host, self.command(cmd.op, cmd.kind)) {
-                self.step(Input::Result { host: cmd.host, id: cmd.op, result: Err(why) });
+                queue.push_back(Input::Result { host: cmd.host, id: cmd.op, result: Err(why) });
             }
         }
         for host in out.fence {
@@ -374,18 +446,6 @@ impl Controller {
         })
     }
 
-    /// Asks the engine what to do every tick, and does it. Runs for the controller's life.
-    pub async fn run_ticks(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            self.step(Input::Tick);
-            // systemd's WatchdogSec: the decision loop still runs.
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-        }
-    }
-
     /// Why the database is not taking writes (`vmha status`); `None` while it is.
     pub fn database_trouble(&self) -> Option<String> {
         self.journal.trouble()
@@ -446,7 +506,7 @@ impl Controller {
                 }
             }
         };
-        self.step(Input::FenceResult { host, result });
+        self.submit(Input::FenceResult { host, result });
     }
 
     /// Opens the command stream for `host`'s agent, replacing any earlier one.
@@ -496,9 +556,11 @@ impl Controller {
     fn reporter(&self, host: &str, id: &str) -> Result<OpId, Status> {
         let parsed = OpId::parse(id)
             .ok_or_else(|| Status::invalid_argument(format!("'{id}' is not an operation id")))?;
-        let engine = lock(&self.engine);
-        match engine.ops.get(&parsed) {
-            Some(op) if op.executor() == host => Ok(parsed),
+        let watched = lock(&self.watched);
+        let executor =
+            |op: &pb::Operation| if op.kind == "start" { op.target.clone() } else { op.source.clone() };
+        match watched.get(&parsed).map(|tx| executor(&tx.borrow())) {
+            Some(e) if e == host => Ok(parsed),
             Some(_) => Err(Status::permission_denied(format!("operation {id} does not run on {host}"))),
             None => Err(Status::not_found(format!("operation {id} is not in flight"))),
         }
@@ -506,6 +568,10 @@ impl Controller {
 }
 
 type RecordFuture = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+fn loop_gone() -> Status {
+    Status::unavailable("the controller is shutting down (its decision loop stopped); retry once it is back")
+}
 
 fn new_event(e: &Event) -> NewEvent {
     NewEvent {

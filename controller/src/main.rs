@@ -57,9 +57,9 @@ async fn main() -> anyhow::Result<()> {
         postcopy: flags.postcopy,
         max_downtime_ms: flags.max_downtime_ms,
     };
-    let controller =
+    let (controller, decisions) =
         Controller::start_when_reachable(&flags.database_url, timings, policy, migration, fence).await?;
-    let ticks = tokio::spawn(controller.clone().run_ticks());
+    let decisions = tokio::spawn(decisions.run(controller.clone()));
     tracing::info!(listen = %flags.listen, epoch = controller.epoch, "vmha-controller serving");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let serve = tonic::transport::Server::builder()
@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
         .serve_with_shutdown(flags.listen, shutdown());
     tokio::select! {
         served = serve => served.with_context(|| format!("cannot serve on {}", flags.listen))?,
-        ended = ticks => anyhow::bail!("the decision loop ended ({ended:?}); exiting so that it is restarted"),
+        ended = decisions => anyhow::bail!("the decision loop ended ({ended:?}); exiting so that it is restarted"),
     }
     // Stopping the controller never stops a VM: agents keep them running and reconnect.
     tracing::info!("vmha-controller stopped");

@@ -34,21 +34,22 @@ fn is_terminal(state: &str) -> bool {
 
 impl OperatorApi {
     /// Hands an operator's change to the engine; its refusal becomes the answer.
-    fn change(&self, request: Change) -> Result<Reply, Status> {
-        match self.0.step(Input::Operator { actor: ACTOR.into(), request }) {
+    async fn change(&self, request: Change) -> Result<Reply, Status> {
+        match self.0.step(Input::Operator { actor: ACTOR.into(), request }).await? {
             Reply::Refused(r) => Err(refusal(r)),
             reply => Ok(reply),
         }
     }
 
-    fn host_view(&self, host: &str) -> Host {
+    async fn host_view(&self, host: &str) -> Result<Host, Status> {
         let now = self.0.now();
-        self.0.read(|s| views::host(s, host, now))
+        let host = host.to_string();
+        self.0.read(move |s| views::host(s, &host, now)).await
     }
 
-    fn hosts(&self) -> Vec<Host> {
+    async fn hosts(&self) -> Result<Vec<Host>, Status> {
         let now = self.0.now();
-        self.0.read(|s| s.hosts.keys().map(|h| views::host(s, h, now)).collect())
+        self.0.read(move |s| s.hosts.keys().map(|h| views::host(s, h, now)).collect()).await
     }
 }
 
@@ -58,14 +59,16 @@ impl OperatorApi {
     /// acknowledged an answer listing it, at most a few heartbeats.
     async fn await_protection_known(&self, vm: &vmha_engine::VmView) {
         let Some(host) = vm.host.clone() else { return };
-        let interval = Duration::from_millis(self.0.timings().heartbeat_interval_ms);
+        let interval = Duration::from_millis(self.0.timings.heartbeat_interval_ms);
         let deadline = tokio::time::Instant::now() + interval * 3 + Duration::from_secs(1);
         let known = || {
-            self.0.read(|s| {
-                s.hosts.get(&host).and_then(|h| h.protection_known).is_some_and(|k| k >= vm.protected_since)
+            let (host, since) = (host.clone(), vm.protected_since);
+            self.0.read(move |s| {
+                s.hosts.get(&host).and_then(|h| h.protection_known).is_some_and(|k| k >= since)
             })
         };
-        while !known() {
+        // A controller going down answers no more: stop waiting.
+        while !known().await.unwrap_or(true) {
             if tokio::time::Instant::now() >= deadline {
                 self.0.event(
                     Event::vm(
@@ -89,26 +92,29 @@ impl OperatorApi {
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let hosts = self.hosts();
+        let hosts = self.hosts().await?;
         let now = self.0.now();
-        let (vms_total, vms_running, vms_protected, protected_down, quorum, warnings) = self.0.read(|s| {
-            let running = |v: &&vmha_engine::VmView| v.state == vmha_engine::RunState::Running;
-            let down: Vec<Vm> = s
-                .vms
-                .values()
-                .filter(|v| v.protected)
-                .map(|v| views::vm(s, v, now))
-                .filter(|v| !v.why_not_running.is_empty())
-                .collect();
-            (
-                s.vms.len() as u32,
-                s.vms.values().filter(running).count() as u32,
-                s.vms.values().filter(|v| v.protected).count() as u32,
-                down,
-                vmha_engine::lease::has_quorum(s, now),
-                views::warnings(s),
-            )
-        });
+        let (vms_total, vms_running, vms_protected, protected_down, quorum, warnings) = self
+            .0
+            .read(move |s| {
+                let running = |v: &&vmha_engine::VmView| v.state == vmha_engine::RunState::Running;
+                let down: Vec<Vm> = s
+                    .vms
+                    .values()
+                    .filter(|v| v.protected)
+                    .map(|v| views::vm(s, v, now))
+                    .filter(|v| !v.why_not_running.is_empty())
+                    .collect();
+                (
+                    s.vms.len() as u32,
+                    s.vms.values().filter(running).count() as u32,
+                    s.vms.values().filter(|v| v.protected).count() as u32,
+                    down,
+                    vmha_engine::lease::has_quorum(s, now),
+                    views::warnings(s),
+                )
+            })
+            .await?;
         Ok(Response::new(StatusResponse {
             epoch: self.0.epoch,
             hosts_total: hosts.len() as u32,
@@ -128,20 +134,25 @@ impl OperatorService for OperatorApi {
     }
 
     async fn list_hosts(&self, _: Request<ListHostsRequest>) -> Result<Response<ListHostsResponse>, Status> {
-        Ok(Response::new(ListHostsResponse { hosts: self.hosts() }))
+        Ok(Response::new(ListHostsResponse { hosts: self.hosts().await? }))
     }
 
     async fn list_vms(&self, _: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
         let now = self.0.now();
-        let mut vms: Vec<Vm> = self.0.read(|s| s.vms.values().map(|v| views::vm(s, v, now)).collect());
+        let mut vms: Vec<Vm> =
+            self.0.read(move |s| s.vms.values().map(|v| views::vm(s, v, now)).collect()).await?;
         vms.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
         Ok(Response::new(ListVmsResponse { vms }))
     }
 
     async fn get_vm(&self, req: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
-        let key = validate::vm_ref(&req.get_ref().vm)?;
+        let key = validate::vm_ref(&req.get_ref().vm)?.to_string();
         let now = self.0.now();
-        self.0.read(|s| s.find_vm(key).map(|v| views::vm(s, v, now))).map(Response::new).map_err(refusal)
+        self.0
+            .read(move |s| s.find_vm(&key).map(|v| views::vm(s, v, now)))
+            .await?
+            .map(Response::new)
+            .map_err(refusal)
     }
 
     async fn set_protection(&self, req: Request<SetProtectionRequest>) -> Result<Response<Vm>, Status> {
@@ -156,25 +167,33 @@ impl OperatorService for OperatorApi {
             validate::host_name(h)?;
         }
         self.0.require_database("changing a VM's protection")?;
-        let was_protected = self.0.read(|s| s.find_vm(key).map(|v| v.protected)).map_err(refusal)?;
-        let reply = self.change(Change::Protection {
-            vm: key.to_string(),
-            protected: r.protected,
-            priority,
-            anti_affinity: group.map(str::to_string),
-            allowed_hosts: r.set_allowed_hosts.then(|| r.allowed_hosts.clone()),
-            preferred_host: r.preferred_host.clone(),
-        })?;
+        let named = key.to_string();
+        let was_protected =
+            self.0.read(move |s| s.find_vm(&named).map(|v| v.protected)).await?.map_err(refusal)?;
+        let reply = self
+            .change(Change::Protection {
+                vm: key.to_string(),
+                protected: r.protected,
+                priority,
+                anti_affinity: group.map(str::to_string),
+                allowed_hosts: r.set_allowed_hosts.then(|| r.allowed_hosts.clone()),
+                preferred_host: r.preferred_host.clone(),
+            })
+            .await?;
         let Reply::Vm(uuid) = reply else { return Err(unexpected("set_protection", &reply)) };
         let vm = self
             .0
-            .read(|s| s.vms.get(&uuid).cloned())
+            .read({
+                let uuid = uuid.clone();
+                move |s| s.vms.get(&uuid).cloned()
+            })
+            .await?
             .ok_or_else(|| Status::not_found(format!("VM {uuid} is gone")))?;
         if vm.protected && !was_protected {
             self.await_protection_known(&vm).await;
         }
         let now = self.0.now();
-        let view = self.0.read(|s| views::vm(s, &vm, now));
+        let view = self.0.read(move |s| views::vm(s, &vm, now)).await?;
         Ok(Response::new(view))
     }
 
@@ -183,7 +202,8 @@ impl OperatorService for OperatorApi {
         let host = validate::host_name(&r.host)?.to_string();
         let now = self.0.now();
         if r.dry_run {
-            let steps = self.0.read(|s| drain::plan(s, &host, now)).map_err(refusal)?;
+            let named = host.clone();
+            let steps = self.0.read(move |s| drain::plan(s, &named, now)).await?.map_err(refusal)?;
             let d = drain::Drain {
                 cause: drain::DrainCause::Operator,
                 allow_restart: r.allow_restart,
@@ -194,16 +214,19 @@ impl OperatorService for OperatorApi {
             return Ok(Response::new(views::drain(&host, &d)));
         }
         self.0.require_database("draining a host")?;
-        self.change(Change::Drain { host: host.clone(), allow_restart: r.allow_restart })?;
-        let plan = self.0.read(|s| s.hosts[&host].drain.as_ref().map(|d| views::drain(&host, d)));
+        self.change(Change::Drain { host: host.clone(), allow_restart: r.allow_restart }).await?;
+        let plan = self
+            .0
+            .read(move |s| s.hosts.get(&host).and_then(|h| h.drain.as_ref()).map(|d| views::drain(&host, d)))
+            .await?;
         Ok(Response::new(plan.unwrap_or_default()))
     }
 
     async fn undrain(&self, req: Request<UndrainRequest>) -> Result<Response<Host>, Status> {
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         self.0.require_database("undraining a host")?;
-        self.change(Change::Undrain { host: host.clone() })?;
-        Ok(Response::new(self.host_view(&host)))
+        self.change(Change::Undrain { host: host.clone() }).await?;
+        Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn set_memory_limit(&self, req: Request<SetMemoryLimitRequest>) -> Result<Response<Host>, Status> {
@@ -211,15 +234,15 @@ impl OperatorService for OperatorApi {
         let host = validate::host_name(&r.host)?.to_string();
         let limit = (r.memory_limit_mib > 0).then_some(r.memory_limit_mib * 1024);
         self.0.require_database("setting a host's memory limit")?;
-        self.change(Change::SetMemoryLimit { host: host.clone(), limit_kib: limit })?;
-        Ok(Response::new(self.host_view(&host)))
+        self.change(Change::SetMemoryLimit { host: host.clone(), limit_kib: limit }).await?;
+        Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn confirm_down(&self, req: Request<ConfirmDownRequest>) -> Result<Response<Host>, Status> {
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         self.0.require_database("confirming a host is down")?;
-        self.change(Change::ConfirmDown { host: host.clone() })?;
-        Ok(Response::new(self.host_view(&host)))
+        self.change(Change::ConfirmDown { host: host.clone() }).await?;
+        Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn set_fencing(&self, req: Request<SetFencingRequest>) -> Result<Response<Host>, Status> {
@@ -237,8 +260,8 @@ impl OperatorService for OperatorApi {
             ));
         }
         self.0.require_database("setting a host's fencing mode")?;
-        self.change(Change::SetFencing { host: host.clone(), mode })?;
-        Ok(Response::new(self.host_view(&host)))
+        self.change(Change::SetFencing { host: host.clone(), mode }).await?;
+        Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn migrate(&self, req: Request<MigrateRequest>) -> Result<Response<Operation>, Status> {
@@ -259,7 +282,7 @@ impl OperatorService for OperatorApi {
             },
         });
         let reply =
-            self.change(Change::Migrate { vm: key.to_string(), to: target.to_string(), overrides })?;
+            self.change(Change::Migrate { vm: key.to_string(), to: target.to_string(), overrides }).await?;
         let Reply::Operation(id) = reply else { return Err(unexpected("migrate", &reply)) };
         let op = self
             .0

@@ -15,7 +15,7 @@ use vmha_agent::hypervisor::{Hypervisor, HypervisorError, JobProgress, MigrateOp
 use vmha_agent::lease::LeaseShell;
 use vmha_agent::session::Agent;
 use vmha_controller::agent_api::AgentApi;
-use vmha_controller::controller::{Controller, FenceSettings, MigrationSettings};
+use vmha_controller::controller::{Controller, DecisionLoop, FenceSettings, MigrationSettings};
 use vmha_controller::operator_api::OperatorApi;
 use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
@@ -54,7 +54,11 @@ async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 }
 
 /// A controller on `database_url` with default timings, once the database can be reached.
-async fn open_controller(database_url: &str, timeout: Duration, result_grace: Duration) -> Arc<Controller> {
+async fn open_controller(
+    database_url: &str,
+    timeout: Duration,
+    result_grace: Duration,
+) -> (Arc<Controller>, DecisionLoop) {
     let settings = MigrationSettings {
         auto_converge: true,
         bandwidth_mib_s: 0,
@@ -79,9 +83,9 @@ async fn start_controller(timeout: Duration, result_grace: Duration) -> (String,
     (serve(controller).await, pg)
 }
 
-/// Runs `controller`'s ticks and serves it on a loopback port; its endpoint.
-async fn serve(controller: Arc<Controller>) -> String {
-    tokio::spawn(controller.clone().run_ticks());
+/// Runs `controller`'s decision loop and serves it on a loopback port; its endpoint.
+async fn serve((controller, decisions): (Arc<Controller>, DecisionLoop)) -> String {
+    tokio::spawn(decisions.run(controller.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(
@@ -347,7 +351,7 @@ async fn a_controller_started_while_the_database_is_down_comes_up_when_it_is() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!starting.is_finished(), "the controller gave up (or started) without its database");
     tokio::task::block_in_place(|| pg.resume());
-    let controller = tokio::time::timeout(Duration::from_secs(20), starting)
+    let (controller, _) = tokio::time::timeout(Duration::from_secs(20), starting)
         .await
         .expect("started once the database was")
         .unwrap();

@@ -356,11 +356,7 @@ pub fn start_finished(
                 "vm",
                 &vm.name,
                 EventKind::VmRestarted,
-                format!(
-                    "{} restarted on {host}, {} after it was found down{unlocked}",
-                    vm.name,
-                    secs(took)
-                ),
+                format!("{} restarted on {host}, {} after it was found down{unlocked}", vm.name, secs(took)),
             ));
         }
         Err(e) if is_disk_locked(&e) => {
