@@ -172,6 +172,9 @@ pub struct HostView {
     pub lock_manager: String,
     /// Arrival of its last heartbeat, granted or not; `None` until the first one.
     pub last_heartbeat: Option<Millis>,
+    /// Arrival of its last heartbeat that listed its domains and earned a lease (so it was
+    /// sent at most `max_transit` before).
+    pub reported_at: Option<Millis>,
     pub lease: HostLease,
     pub fencing: FencingMode,
     pub watchdog: Watchdog,
@@ -199,6 +202,7 @@ impl HostView {
             libvirt_version: String::new(),
             lock_manager: String::new(),
             last_heartbeat: None,
+            reported_at: None,
             lease: HostLease::default(),
             fencing: FencingMode::SelfFence,
             watchdog: Watchdog::Unknown,

@@ -21,6 +21,7 @@ pub mod operation;
 pub mod persist;
 pub mod placement;
 pub mod recovery;
+pub mod refusal;
 pub mod selffence;
 pub mod step;
 pub mod time;
@@ -31,7 +32,8 @@ pub use cluster::{
 };
 pub use inventory::{InventoryChange, ReportedDomain};
 pub use lease::HostLiveness;
-pub use migration::{MigrationPlan, Refusal};
+pub use migration::MigrationPlan;
+pub use refusal::Refusal;
 pub use step::{Engine, Input, Output, Reply, Request};
 pub use time::Millis;
 pub use timings::{Timings, TimingsError};

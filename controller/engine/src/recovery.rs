@@ -1,6 +1,7 @@
 //! Host failure: when a silent host may be declared dead, and restarting its protected VMs
 //! elsewhere, most critical first. Also the return of a host that was declared dead.
 
+use crate::Refusal;
 use crate::event::EventKind;
 use crate::inventory::{InventoryChange, ReportedDomain};
 use crate::lease::{has_quorum, observe_quorum, quorum_held_for};
@@ -24,6 +25,11 @@ pub struct Recovery {
     pub error: Option<String>,
     /// A start was refused because the VM's disk is locked: another copy may run.
     pub disk_locked: Option<DiskLocked>,
+    /// It stopped on a live host at this time, without vmha asking. It may have moved (a live
+    /// migration whose result was missed, a `virsh migrate` by hand) rather than stopped, so it
+    /// is restarted only once every other host has reported since, or is dead.
+    #[serde(default)]
+    pub stopped_at: Option<Millis>,
 }
 
 /// The storage lock (libvirt's lockd, QEMU's image locking) refused a start: the second layer
@@ -74,6 +80,7 @@ impl Recovery {
             waiting: None,
             error: None,
             disk_locked: None,
+            stopped_at: None,
         }
     }
 
@@ -148,7 +155,26 @@ fn declare_dead(
             r.tried.push(host.into());
         }
     }
+    let alive: Vec<String> =
+        state.hosts.values().filter(|h| h.dead.is_none()).map(|h| h.name.clone()).collect();
     for vm in state.vms.values_mut().filter(|v| v.host.as_deref() == Some(host)) {
+        // Another live host reports it running (it was moved behind vmha's back, or started
+        // there by hand): that copy is the one left, and nothing is restarted.
+        if let Some(second) = vm.second_copy.take().filter(|c| alive.contains(&c.host)) {
+            vm.host = Some(second.host.clone());
+            vm.state = RunState::Running;
+            vm.busy_with = None;
+            out.push(event(
+                "vm",
+                &vm.name,
+                EventKind::VmMoved,
+                format!(
+                    "{} runs on {}, where it was also reported while {host} ran it: nothing to restart",
+                    vm.name, second.host
+                ),
+            ));
+            continue;
+        }
         let had_process = vm.state.has_process() || vm.state == RunState::Unknown;
         vm.state = RunState::Lost;
         vm.busy_with = None;
@@ -277,6 +303,19 @@ fn schedule_failback(state: &ClusterState, now: Millis, out: &mut Vec<Action>) {
     }
 }
 
+/// A host other than the VM's that has not reported its domains since `t` (a report that
+/// earned a lease was sent at most `max_transit` before it arrived) and is not dead: it may run
+/// a copy nobody knows of yet.
+fn not_reported_since(state: &ClusterState, vm: &VmView, t: Millis) -> Option<String> {
+    let since = Millis(t.0 + state.timings.max_transit_ms);
+    state
+        .hosts
+        .values()
+        .filter(|h| vm.host.as_deref() != Some(h.name.as_str()) && h.dead.is_none())
+        .find(|h| h.reported_at.is_none_or(|r| r < since))
+        .map(|h| h.name.clone())
+}
+
 fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action>) {
     let mut in_flight =
         state.vms.values().filter(|v| v.recovery.as_ref().is_some_and(|r| r.starting_on.is_some())).count();
@@ -296,7 +335,11 @@ fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action
     for (_, _, uuid) in queue {
         let vm = &state.vms[&uuid];
         let tried = vm.recovery.as_ref().map(|r| r.tried.clone()).unwrap_or_default();
-        let decision = if in_flight >= state.policy.max_parallel_starts {
+        let unheard =
+            vm.recovery.as_ref().and_then(|r| r.stopped_at).and_then(|t| not_reported_since(state, vm, t));
+        let decision = if let Some(host) = unheard {
+            Err(format!("waiting for {host} to report: {} may have moved there rather than stopped", vm.name))
+        } else if in_flight >= state.policy.max_parallel_starts {
             Err(format!("waiting for one of the {} restarts in flight", in_flight))
         } else if vm.xml.is_empty() {
             Err("no domain definition known (its host never sent one)".to_string())
@@ -436,25 +479,12 @@ pub fn fence_finished(
     out
 }
 
-/// Why an operator's confirm-down is refused.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ConfirmRefusal {
-    #[error("no host named '{0}' is known; `vmha host ls` lists the hosts")]
-    UnknownHost(String),
-    #[error("{0} holds a lease (its agent sent a heartbeat within the lease); it is not down")]
-    Online(String),
-}
-
 /// An operator says `host` is off.
-pub fn confirm_down(
-    state: &mut ClusterState,
-    host: &str,
-    now: Millis,
-) -> Result<Vec<Action>, ConfirmRefusal> {
+pub fn confirm_down(state: &mut ClusterState, host: &str, now: Millis) -> Result<Vec<Action>, Refusal> {
     match state.hosts.get(host) {
-        None => return Err(ConfirmRefusal::UnknownHost(host.into())),
+        None => return Err(Refusal::UnknownHost(host.into())),
         Some(_) if state.liveness(host, now) == HostLiveness::Online => {
-            return Err(ConfirmRefusal::Online(host.into()));
+            return Err(Refusal::HostOnline(host.into()));
         }
         Some(_) => {}
     }
@@ -574,6 +604,21 @@ pub fn after_report(
             }
             continue;
         }
+        if let InventoryChange::Moved { uuid, name, to, .. }
+        | InventoryChange::StateChanged { uuid, name, host: to, .. } = c
+            && let Some(vm) = state.vms.get_mut(uuid)
+            && vm.state.has_process()
+            && vm.recovery.as_ref().is_some_and(|r| r.starting_on.is_none() && r.stopped_at.is_some())
+        {
+            vm.recovery = None;
+            out.push(event(
+                "vm",
+                name,
+                EventKind::RestartCancelled,
+                format!("{name} runs on {to}: it had moved, not stopped; nothing to restart"),
+            ));
+            continue;
+        }
         let InventoryChange::StateChanged { uuid, name, from, to, .. } = c else { continue };
         if !from.has_process() || to.has_process() || *to == RunState::Lost {
             continue;
@@ -582,7 +627,12 @@ pub fn after_report(
         if !vm.protected || vm.busy_with.is_some() || vm.recovery.is_some() {
             continue;
         }
-        vm.recovery = Some(Recovery::new(now));
+        // The same report may show it moved: shut off here because it runs on another host now
+        // (a live migration whose result was missed, a `virsh migrate` by hand). Nothing stopped.
+        if vm.host.as_deref() != Some(host) || vm.state.has_process() {
+            continue;
+        }
+        vm.recovery = Some(Recovery { stopped_at: Some(now), ..Recovery::new(now) });
         out.push(event(
             "vm",
             name,
@@ -786,11 +836,8 @@ mod tests {
         assert_eq!(starts(&f).len(), 1, "{f:?}");
         let c = confirm_down(&mut s, "kvm1", Millis(20_000)).unwrap();
         assert!(matches!(&c[0], Action::DeclaredDead { cause, .. } if cause.contains("operator")));
-        assert_eq!(confirm_down(&mut s, "kvm3", Millis(20_000)), Err(ConfirmRefusal::Online("kvm3".into())));
-        assert_eq!(
-            confirm_down(&mut s, "kvm9", Millis(20_000)),
-            Err(ConfirmRefusal::UnknownHost("kvm9".into()))
-        );
+        assert_eq!(confirm_down(&mut s, "kvm3", Millis(20_000)), Err(Refusal::HostOnline("kvm3".into())));
+        assert_eq!(confirm_down(&mut s, "kvm9", Millis(20_000)), Err(Refusal::UnknownHost("kvm9".into())));
     }
 
     #[test]
@@ -917,9 +964,24 @@ mod tests {
             to: RunState::ShutOff,
         };
         s.vms.get_mut("b").unwrap().busy_with = Some("op".into());
+        // As the report applied them.
+        for u in ["a", "b"] {
+            s.vms.get_mut(u).unwrap().state = RunState::ShutOff;
+        }
         let a = after_report(&mut s, "kvm1", &[stopped("a"), stopped("b")], Millis(10));
-        assert_eq!(starts(&a).len(), 1, "{a:?}");
         assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::VmStopped, .. })));
         assert!(s.vms["b"].recovery.is_none(), "a VM being migrated is not restarted");
+        assert!(starts(&a).is_empty(), "not before the other hosts reported it does not run there: {a:?}");
+        assert!(
+            explain(&s, "a", Millis(10)).unwrap().contains("may have moved"),
+            "{:?}",
+            explain(&s, "a", Millis(10))
+        );
+        let heard = Millis(10 + s.timings.max_transit_ms);
+        for h in ["kvm2", "kvm3"] {
+            s.hosts.get_mut(h).unwrap().reported_at = Some(heard);
+        }
+        let a = tick(&mut s, heard);
+        assert_eq!(starts(&a).len(), 1, "{a:?}");
     }
 }

@@ -9,12 +9,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::Refusal;
 use crate::cluster::HostResources;
 use crate::drain::{self, Drain, Probe};
 use crate::event::{Event, EventKind, Subject};
 use crate::inventory::{self, InventoryChange, ReportedDomain};
 use crate::lease::{self, Echo, LeaseAnswer};
-use crate::migration::{self, Refusal};
+use crate::migration;
 use crate::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
 use crate::recovery::{self, Action, Recovery};
 use crate::{AdminState, ClusterState, FencingMode, HostView, Millis, RunState, Watchdog};
@@ -292,6 +293,7 @@ impl Engine {
         for vm in cluster.vms.values_mut() {
             if let Some(r) = &mut vm.recovery {
                 r.since = now;
+                r.stopped_at = r.stopped_at.map(|_| now);
                 if let Some(l) = &mut r.disk_locked {
                     l.since = now;
                     l.retry_at = now;
@@ -352,7 +354,7 @@ impl Engine {
                 let vms = self.heartbeat(hb, now, &mut out, &mut actions);
                 touched = Some((host, vms));
             }
-            Input::Recorded(id) => self.recorded(id, &mut out),
+            Input::Recorded(id) => self.recorded(id, now, &mut out),
             Input::Result { host, id, result } => match self.ops.get(&id) {
                 None => out.reply = Reply::Refused(Refusal::UnknownOperation(id.to_string())),
                 Some(op) if op.executor() != host => {
@@ -433,6 +435,7 @@ impl Engine {
         drain::on_probes(s, &host, hb.probes, now);
         let mut touched: Vec<String> = Vec::new();
         // Without its domain list a report says nothing about the VMs: the last one stands.
+        let reported = hb.domains.is_some();
         if let Some(domains) = hb.domains {
             touched.extend(domains.iter().map(|d| d.uuid.clone()));
             let (first, stale) = recovery::on_report(s, &host, &domains, now);
@@ -448,6 +451,9 @@ impl Engine {
         // After the report: a host declared dead earns a lease again only with a report of its
         // domains, and this one may be it.
         let answer = lease::on_heartbeat(s, &host, hb.echo, now);
+        if let (LeaseAnswer::Granted { .. }, true, Some(h)) = (&answer, reported, s.hosts.get_mut(&host)) {
+            h.reported_at = Some(now);
+        }
         for (uuid, xml) in hb.xml {
             if let Some(vm) = s.vms.get_mut(&uuid).filter(|vm| vm.xml != xml) {
                 vm.xml = xml;
@@ -540,7 +546,7 @@ impl Engine {
     /// A recorded operation's command goes out, if it is still wanted: the cluster may have
     /// changed while the database was slow or away (the host came back with the VM, or was
     /// declared dead).
-    fn recorded(&mut self, id: OpId, out: &mut Output) {
+    fn recorded(&mut self, id: OpId, now: Millis, out: &mut Output) {
         let Some(op) = self.ops.get(&id).filter(|op| op.state == OpState::Recording) else { return };
         let vm = self.cluster.vms.get(&op.vm_uuid);
         let wanted = match (op.kind, op.purpose) {
@@ -573,6 +579,12 @@ impl Engine {
             OpKind::Destroy => CommandKind::Destroy { uuid: op.vm_uuid.clone() },
         };
         out.commands.push(Command { op: id, host: op.executor().to_string(), kind });
+        // Its time runs from now: it may have waited long for the database.
+        let p = &self.cluster.policy;
+        let timeout = op.overrides.map_or(p.migration_timeout_ms, |o| o.timeout_ms) + p.result_grace_ms;
+        if let Some(op) = self.ops.get_mut(&id) {
+            op.deadline = Millis(now.0 + timeout);
+        }
         self.set_op_state(id, OpState::Running, String::new(), out);
     }
 
@@ -849,10 +861,7 @@ impl Engine {
                 Ok(Reply::Host(host))
             }
             Request::ConfirmDown { host } => {
-                let a = recovery::confirm_down(s, &host, now).map_err(|e| match e {
-                    recovery::ConfirmRefusal::UnknownHost(h) => Refusal::UnknownHost(h),
-                    recovery::ConfirmRefusal::Online(h) => Refusal::HostOnline(h),
-                })?;
+                let a = recovery::confirm_down(s, &host, now)?;
                 out.events.push(
                     Event::host(
                         &host,
