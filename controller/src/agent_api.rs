@@ -19,7 +19,7 @@ use vmha_proto::v1::agent_service_server::AgentService;
 use vmha_proto::v1::*;
 
 use crate::controller::Controller;
-use crate::errors::{refusal, unexpected};
+use crate::errors::{Error, refusal, unexpected};
 use crate::journal::Write;
 use crate::validate;
 
@@ -50,7 +50,7 @@ impl AgentService for AgentApi {
         let r = req.into_inner();
         validate::migration_uri(&r.migration_uri)?;
         validate::peer_address(&r.peer_address)?;
-        let facts = r.facts.ok_or_else(|| Status::invalid_argument("register without host facts"))?;
+        let facts = r.facts.ok_or_else(|| Error::Invalid("register without host facts".into()))?;
         let c = &self.0;
         let registration = Registration {
             host: host.clone(),
@@ -70,7 +70,7 @@ impl AgentService for AgentApi {
         let stamp = match c.step(Input::Register(registration)).await? {
             Reply::Registered { stamp } => stamp,
             Reply::Refused(r) => return Err(refusal(r)),
-            other => return Err(unexpected("register", &other)),
+            other => return Err(unexpected("register", &other).into()),
         };
         let named = host.clone();
         if let Some(view) = c.read(move |s| s.hosts.get(&named).cloned()).await? {
@@ -121,7 +121,7 @@ impl AgentService for AgentApi {
         let lease = match c.step(Input::Heartbeat(hb)).await? {
             Reply::Lease(l) => l,
             Reply::Refused(r) => return Err(refusal(r)),
-            other => return Err(unexpected("heartbeat", &other)),
+            other => return Err(unexpected("heartbeat", &other).into()),
         };
         let (lease_ttl_ms, refused) = match lease.answer {
             LeaseAnswer::Granted { ttl_ms, .. } => (ttl_ms, String::new()),
@@ -148,9 +148,9 @@ impl AgentService for AgentApi {
         let host = validate::agent_host(&req)?;
         let named = host.clone();
         if !self.0.read(move |s| s.hosts.contains_key(&named)).await? {
-            return Err(Status::failed_precondition(format!(
-                "host {host} has not registered with this controller"
-            )));
+            return Err(
+                Error::Precondition(format!("host {host} has not registered with this controller")).into()
+            );
         }
         let rx = self.0.connect_agent(&host);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -165,9 +165,8 @@ impl AgentService for AgentApi {
     async fn report_result(&self, req: Request<OperationResult>) -> Result<Response<Ack>, Status> {
         let host = validate::agent_host(&req)?;
         let r = req.into_inner();
-        let id = OpId::parse(&r.operation_id).ok_or_else(|| {
-            Status::invalid_argument(format!("'{}' is not an operation id", r.operation_id))
-        })?;
+        let id = OpId::parse(&r.operation_id)
+            .ok_or_else(|| Error::Invalid(format!("'{}' is not an operation id", r.operation_id)))?;
         let result = if r.ok {
             Ok(Done { elapsed_ms: r.elapsed_ms, downtime_ms: r.downtime_ms, bytes: r.bytes })
         } else {

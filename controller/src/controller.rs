@@ -29,6 +29,7 @@ use vmha_engine::step::{CommandKind, Input, Output, Reply};
 use vmha_engine::{ClusterState, Engine, Millis, Policy, Timings};
 use vmha_proto::v1 as pb;
 
+use crate::errors::Error;
 use crate::journal::{Journal, Write};
 use crate::store::{NewEvent, OperationOutcome, Store, StoreError, op_uuid, retry_while_unreachable};
 
@@ -76,22 +77,6 @@ pub struct Controller {
     /// The last operations that ended, newest last: a follower that comes just after the end
     /// is answered from here, since the final state may still be queued for the database.
     ended: Mutex<VecDeque<pb::Operation>>,
-}
-
-/// What an operator is told to do while the database is away.
-const RETRY_LATER: &str =
-    "vmha keeps retrying on its own; try again once `vmha status` no longer shows a database problem";
-
-/// A failed read or write as the operator sees it: `Unavailable` when the database could not
-/// be reached (try again later), `Internal` when it refused.
-pub fn store_error(e: StoreError) -> Status {
-    if e.is_unavailable() {
-        tracing::warn!(error = %e, "store");
-        Status::unavailable(format!("database unavailable: {e}; {RETRY_LATER}"))
-    } else {
-        tracing::error!(error = %e, "store");
-        Status::internal(format!("{e}; see the controller's log"))
-    }
 }
 
 /// What the decision loop is asked.
@@ -248,20 +233,20 @@ impl Controller {
     pub async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&ClusterState) -> R + Send + 'static,
-    ) -> Result<R, Status> {
+    ) -> Result<R, Error> {
         let (tx, rx) = oneshot::channel();
         let read = Box::new(move |e: &Engine| {
             let _ = tx.send(f(&e.cluster));
         });
-        self.inbox.send(Msg::Read(read)).map_err(|_| loop_gone())?;
-        rx.await.map_err(|_| loop_gone())
+        self.inbox.send(Msg::Read(read)).map_err(|_| Error::LoopGone)?;
+        rx.await.map_err(|_| Error::LoopGone)
     }
 
     /// Hands an input to the decision loop and waits for the reply.
-    pub async fn step(&self, input: Input) -> Result<Reply, Status> {
+    pub async fn step(&self, input: Input) -> Result<Reply, Error> {
         let (tx, rx) = oneshot::channel();
-        self.inbox.send(Msg::Step(Box::new(input), Some(tx))).map_err(|_| loop_gone())?;
-        rx.await.map_err(|_| loop_gone())
+        self.inbox.send(Msg::Step(Box::new(input), Some(tx))).map_err(|_| Error::LoopGone)?;
+        rx.await.map_err(|_| Error::LoopGone)
     }
 
     /// Hands an input to the decision loop without waiting.
@@ -459,12 +444,10 @@ impl Controller {
 
     /// Refuses an operator request that needs the database while it is known to be away,
     /// before anything is changed. `what`: the request, as in "protecting a VM".
-    pub fn require_database(&self, what: &str) -> Result<(), Status> {
+    pub fn require_database(&self, what: &str) -> Result<(), Error> {
         match self.journal.trouble() {
             None => Ok(()),
-            Some(why) => Err(Status::unavailable(format!(
-                "database unavailable ({why}); {what} needs it, so nothing was done; {RETRY_LATER}"
-            ))),
+            Some(why) => Err(Error::DatabaseAway { what: what.into(), why }),
         }
     }
 
@@ -533,7 +516,7 @@ impl Controller {
     }
 
     /// A running migration's progress, as the agent that carries it out reports it.
-    pub fn progress(&self, host: &str, p: pb::OperationProgress) -> Result<(), Status> {
+    pub fn progress(&self, host: &str, p: pb::OperationProgress) -> Result<(), Error> {
         let id = self.reporter(host, &p.operation_id)?;
         if let Some(tx) = lock(&self.watched).get(&id) {
             tx.send_modify(|op| {
@@ -553,25 +536,21 @@ impl Controller {
     }
 
     /// The operation `id`, if it is in flight and `host` carries it out.
-    fn reporter(&self, host: &str, id: &str) -> Result<OpId, Status> {
-        let parsed = OpId::parse(id)
-            .ok_or_else(|| Status::invalid_argument(format!("'{id}' is not an operation id")))?;
+    fn reporter(&self, host: &str, id: &str) -> Result<OpId, Error> {
+        let parsed =
+            OpId::parse(id).ok_or_else(|| Error::Invalid(format!("'{id}' is not an operation id")))?;
         let watched = lock(&self.watched);
         let executor =
             |op: &pb::Operation| if op.kind == "start" { op.target.clone() } else { op.source.clone() };
         match watched.get(&parsed).map(|tx| executor(&tx.borrow())) {
             Some(e) if e == host => Ok(parsed),
-            Some(_) => Err(Status::permission_denied(format!("operation {id} does not run on {host}"))),
-            None => Err(Status::not_found(format!("operation {id} is not in flight"))),
+            Some(_) => Err(Error::PermissionDenied(format!("operation {id} does not run on {host}"))),
+            None => Err(Error::NotFound(format!("operation {id} is not in flight"))),
         }
     }
 }
 
 type RecordFuture = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
-
-fn loop_gone() -> Status {
-    Status::unavailable("the controller is shutting down (its decision loop stopped); retry once it is back")
-}
 
 fn new_event(e: &Event) -> NewEvent {
     NewEvent {

@@ -1,9 +1,74 @@
-//! The one place the engine's refusals and the store's failures become gRPC status codes.
+//! The controller's one error type, and the one place it (and the engine's refusals) become
+//! gRPC status codes.
 
 use tonic::Status;
 use vmha_engine::Refusal;
 use vmha_engine::step::Reply;
 
+use crate::store::StoreError;
+
+/// What an operator is told to do while the database is away.
+const RETRY_LATER: &str =
+    "vmha keeps retrying on its own; try again once `vmha status` no longer shows a database problem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The engine will not do it, and says why.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A request that needs the database while it is known to be away; nothing was changed.
+    #[error("database unavailable ({why}); {what} needs it, so nothing was done; {RETRY_LATER}")]
+    DatabaseAway { what: String, why: String },
+    /// A malformed request, naming the offending value.
+    #[error("{0}")]
+    Invalid(String),
+    /// An agent that does not say (or cannot prove) which host it speaks for.
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The cluster is not in a state that allows it.
+    #[error("{0}")]
+    Precondition(String),
+    #[error("the controller is shutting down (its decision loop stopped); retry once it is back")]
+    LoopGone,
+    /// A reply of another kind than the request's: a bug, reported as such instead of a panic.
+    #[error("the controller answered {request} unexpectedly; see its log")]
+    Unexpected { request: &'static str, reply: String },
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let message = e.to_string();
+        match e {
+            Error::Refused(r) => refusal(r),
+            Error::Store(s) if s.is_unavailable() => {
+                tracing::warn!(error = %s, "store");
+                Status::unavailable(format!("database unavailable: {s}; {RETRY_LATER}"))
+            }
+            Error::Store(s) => {
+                tracing::error!(error = %s, "store");
+                Status::internal(format!("{s}; see the controller's log"))
+            }
+            Error::DatabaseAway { .. } | Error::LoopGone => Status::unavailable(message),
+            Error::Invalid(_) => Status::invalid_argument(message),
+            Error::Unauthenticated(_) => Status::unauthenticated(message),
+            Error::NotFound(_) => Status::not_found(message),
+            Error::PermissionDenied(_) => Status::permission_denied(message),
+            Error::Precondition(_) => Status::failed_precondition(message),
+            Error::Unexpected { request, reply } => {
+                tracing::error!(%reply, "the engine answered {request} with an unexpected reply");
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// The status of an engine refusal.
 pub fn refusal(r: Refusal) -> Status {
     match r {
         Refusal::UnknownVm(_) | Refusal::UnknownHost(_) | Refusal::UnknownOperation(_) => {
@@ -23,8 +88,7 @@ pub fn refusal(r: Refusal) -> Status {
     }
 }
 
-/// A reply of another kind than the request's: a bug, reported as such instead of a panic.
-pub fn unexpected(request: &str, reply: &Reply) -> Status {
-    tracing::error!(?reply, "the engine answered {request} with an unexpected reply");
-    Status::internal(format!("the controller answered {request} unexpectedly; see its log"))
+/// A reply of another kind than `request`'s.
+pub fn unexpected(request: &'static str, reply: &Reply) -> Error {
+    Error::Unexpected { request, reply: format!("{reply:?}") }
 }

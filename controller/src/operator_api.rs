@@ -18,8 +18,8 @@ use vmha_engine::{FencingMode, HostLiveness, drain};
 use vmha_proto::v1::operator_service_server::OperatorService;
 use vmha_proto::v1::*;
 
-use crate::controller::{Controller, store_error};
-use crate::errors::{refusal, unexpected};
+use crate::controller::Controller;
+use crate::errors::{Error, refusal, unexpected};
 use crate::{validate, views};
 
 pub struct OperatorApi(pub Arc<Controller>);
@@ -34,20 +34,20 @@ fn is_terminal(state: &str) -> bool {
 
 impl OperatorApi {
     /// Hands an operator's change to the engine; its refusal becomes the answer.
-    async fn change(&self, request: Change) -> Result<Reply, Status> {
+    async fn change(&self, request: Change) -> Result<Reply, Error> {
         match self.0.step(Input::Operator { actor: ACTOR.into(), request }).await? {
-            Reply::Refused(r) => Err(refusal(r)),
+            Reply::Refused(r) => Err(Error::Refused(r)),
             reply => Ok(reply),
         }
     }
 
-    async fn host_view(&self, host: &str) -> Result<Host, Status> {
+    async fn host_view(&self, host: &str) -> Result<Host, Error> {
         let now = self.0.now();
         let host = host.to_string();
         self.0.read(move |s| views::host(s, &host, now)).await
     }
 
-    async fn hosts(&self) -> Result<Vec<Host>, Status> {
+    async fn hosts(&self) -> Result<Vec<Host>, Error> {
         let now = self.0.now();
         self.0.read(move |s| s.hosts.keys().map(|h| views::host(s, h, now)).collect()).await
     }
@@ -180,7 +180,7 @@ impl OperatorService for OperatorApi {
                 preferred_host: r.preferred_host.clone(),
             })
             .await?;
-        let Reply::Vm(uuid) = reply else { return Err(unexpected("set_protection", &reply)) };
+        let Reply::Vm(uuid) = reply else { return Err(unexpected("set_protection", &reply).into()) };
         let vm = self
             .0
             .read({
@@ -188,7 +188,7 @@ impl OperatorService for OperatorApi {
                 move |s| s.vms.get(&uuid).cloned()
             })
             .await?
-            .ok_or_else(|| Status::not_found(format!("VM {uuid} is gone")))?;
+            .ok_or_else(|| Error::NotFound(format!("VM {uuid} is gone")))?;
         if vm.protected && !was_protected {
             self.await_protection_known(&vm).await;
         }
@@ -249,15 +249,13 @@ impl OperatorService for OperatorApi {
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
         let mode = FencingMode::parse(&r.mode).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "fencing mode '{}' is not one of self, external, manual",
-                r.mode
-            ))
+            Error::Invalid(format!("fencing mode '{}' is not one of self, external, manual", r.mode))
         })?;
         if mode == FencingMode::External && self.0.fence.command.is_none() {
-            return Err(Status::failed_precondition(
-                "external fencing needs the controller's --fence-command; nothing changed",
-            ));
+            return Err(Error::Precondition(
+                "external fencing needs the controller's --fence-command; nothing changed".into(),
+            )
+            .into());
         }
         self.0.require_database("setting a host's fencing mode")?;
         self.change(Change::SetFencing { host: host.clone(), mode }).await?;
@@ -283,13 +281,15 @@ impl OperatorService for OperatorApi {
         });
         let reply =
             self.change(Change::Migrate { vm: key.to_string(), to: target.to_string(), overrides }).await?;
-        let Reply::Operation(id) = reply else { return Err(unexpected("migrate", &reply)) };
+        let Reply::Operation(id) = reply else { return Err(unexpected("migrate", &reply).into()) };
         let op = self
             .0
             .watch_operation(id)
             .map(|w| w.borrow().clone())
             .or_else(|| self.0.ended_operation(id))
-            .ok_or_else(|| Status::internal(format!("operation {id} vanished; see `vmha events`")))?;
+            .ok_or_else(|| {
+                Error::NotFound(format!("operation {id} ended before it could be shown; see `vmha events`"))
+            })?;
         Ok(Response::new(op))
     }
 
@@ -299,9 +299,8 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<WatchOperationRequest>,
     ) -> Result<Response<Self::WatchOperationStream>, Status> {
-        let id = OpId::parse(&req.get_ref().id).ok_or_else(|| {
-            Status::invalid_argument(format!("'{}' is not an operation id", req.get_ref().id))
-        })?;
+        let id = OpId::parse(&req.get_ref().id)
+            .ok_or_else(|| Error::Invalid(format!("'{}' is not an operation id", req.get_ref().id)))?;
         let live = self.0.watch_operation(id);
         let controller = self.0.clone();
         let stream = async_stream(controller, id, live);
@@ -317,7 +316,7 @@ impl OperatorService for OperatorApi {
         self.0.require_database("listing events")?;
         // The events of what the operator just did (a migration that ended) may still be queued.
         self.0.caught_up(Duration::from_secs(3)).await;
-        let rows = self.0.store.list_events(r.after_id, limit).await.map_err(store_error)?;
+        let rows = self.0.store.list_events(r.after_id, limit).await.map_err(Error::from)?;
         Ok(Response::new(ListEventsResponse { events: rows.iter().map(views::event).collect() }))
     }
 }
@@ -348,8 +347,8 @@ fn async_stream(
             Some(op) => Ok(op),
             None => match c.store.get_operation(crate::store::op_uuid(id)).await {
                 Ok(Some(row)) => Ok(views::operation(&row)),
-                Ok(None) => Err(Status::not_found(format!("no operation {id}"))),
-                Err(e) => Err(store_error(e)),
+                Ok(None) => Err(Error::NotFound(format!("no operation {id}")).into()),
+                Err(e) => Err(Error::Store(e).into()),
             },
         };
         let _ = tx.send(msg).await;
