@@ -331,8 +331,31 @@ impl Engine {
             });
             e.ops.insert(op.id, op);
         }
+        e.forget_unrecorded();
         e.mark_saved();
         (e, events)
+    }
+
+    /// A restart or drain step persisted as under way, whose operation never reached the
+    /// database, was never sent (commands go out only once recorded): it is tried again.
+    fn forget_unrecorded(&mut self) {
+        let in_flight: BTreeSet<&str> = self.ops.values().map(|op| op.vm_uuid.as_str()).collect();
+        for vm in self.cluster.vms.values_mut().filter(|v| !in_flight.contains(v.uuid.as_str())) {
+            if let Some(r) = vm.recovery.as_mut() {
+                r.starting_on = None;
+            }
+        }
+        for h in self.cluster.hosts.values_mut() {
+            for step in h.drain.iter_mut().flat_map(|d| d.steps.iter_mut()) {
+                let sent = matches!(
+                    step.state,
+                    drain::StepState::Migrating { .. } | drain::StepState::Restarting { .. }
+                );
+                if sent && !in_flight.contains(step.vm_uuid.as_str()) {
+                    step.state = drain::StepState::Pending;
+                }
+            }
+        }
     }
 
     fn mark_saved(&mut self) {
@@ -1117,5 +1140,75 @@ fn protection_event(vm: &crate::VmView) -> Event {
             EventKind::VmUnprotected,
             format!("{} is no longer protected: it will not be restarted elsewhere", vm.name),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::tests::{three_hosts, vm_on};
+    use crate::drain::{DrainCause, DrainState, DrainStep, StepState};
+
+    fn step_of(uuid: &str, state: StepState) -> DrainStep {
+        DrainStep {
+            vm_uuid: uuid.into(),
+            vm_name: uuid.into(),
+            protected: false,
+            planned: None,
+            why: String::new(),
+            state,
+            tried: Vec::new(),
+        }
+    }
+
+    fn start_op(vm: &str, target: &str) -> Operation {
+        Operation {
+            id: OpId::new(1, 0),
+            kind: OpKind::Start,
+            purpose: Purpose::Restart,
+            vm_uuid: vm.into(),
+            vm_name: vm.into(),
+            source: "kvm1".into(),
+            target: target.into(),
+            actor: "controller".into(),
+            state: OpState::Running,
+            error: String::new(),
+            deadline: Millis(0),
+            overrides: None,
+            inherited: true,
+            done: Done::default(),
+        }
+    }
+
+    /// Work persisted as under way whose operation never reached the database was never sent:
+    /// a restarted controller tries it again instead of waiting for it for ever; work whose
+    /// operation was recorded is followed, never re-sent.
+    #[test]
+    fn a_restart_resumes_recorded_work_and_retries_what_was_never_sent() {
+        let mut s = three_hosts();
+        vm_on(&mut s, "a", "dns1", "kvm1");
+        vm_on(&mut s, "b", "web1", "kvm1");
+        vm_on(&mut s, "c", "db1", "kvm2");
+        s.hosts.get_mut("kvm1").unwrap().drain = Some(Drain {
+            cause: DrainCause::Operator,
+            allow_restart: false,
+            state: DrainState::Draining,
+            steps: vec![
+                step_of("a", StepState::Migrating { target: "kvm2".into() }),
+                step_of("b", StepState::Pending),
+            ],
+            message: String::new(),
+        });
+        for (uuid, on) in [("b", "kvm3"), ("c", "kvm3")] {
+            s.vms.get_mut(uuid).unwrap().recovery = Some(Recovery::in_doubt(on, Millis(0)));
+        }
+        let (e, events) = Engine::restore(s, vec![start_op("c", "kvm3")], Millis(5));
+        let steps = &e.cluster.hosts["kvm1"].drain.as_ref().unwrap().steps;
+        assert_eq!(steps[0].state, StepState::Pending, "a migration never recorded is tried again");
+        assert_eq!(e.cluster.vms["b"].recovery.as_ref().unwrap().starting_on, None, "nor sent: retried");
+        assert!(e.cluster.vms["c"].awaits_start_on("kvm3"), "a recorded start stays in doubt");
+        assert!(e.ops.values().all(|op| op.inherited && op.deadline > Millis(5)));
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventKind::DrainResumed, EventKind::OperationReconciled]);
     }
 }
