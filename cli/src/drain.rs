@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use vmha_proto::v1::{DrainPlan, DrainRequest, ListHostsRequest, StatusRequest};
+use vmha_proto::v1::{DrainPlan, DrainRequest, ListHostsRequest, Operation, StatusRequest};
 
 use crate::commands::{Client, Failure};
 use crate::output::{self, Format};
@@ -27,6 +27,19 @@ fn plan_table(plan: &DrainPlan) {
             })
             .collect(),
     );
+}
+
+/// The exit code of a controller (or its database) that cannot be reached.
+const UNAVAILABLE: u8 = 5;
+
+/// How long a drain is followed while the controller cannot be reached.
+const GIVE_UP: Duration = Duration::from_secs(120);
+
+/// The drain of `host` and the operations in flight.
+async fn poll(c: &mut Client, host: &str) -> Result<(DrainPlan, Vec<Operation>), Failure> {
+    let d = current(c, host).await?.unwrap_or_default();
+    let ops = c.status(StatusRequest {}).await?.into_inner().active_operations;
+    Ok((d, ops))
 }
 
 async fn current(c: &mut Client, host: &str) -> Result<Option<DrainPlan>, Failure> {
@@ -80,9 +93,29 @@ pub async fn run(
         .expect("template")
         .progress_chars("=> ");
     let mut per_vm: BTreeMap<String, ProgressBar> = BTreeMap::new();
+    let mut unreachable_since: Option<Instant> = None;
     let last = loop {
-        let d = current(c, &host).await?.unwrap_or_default();
-        let ops = c.status(StatusRequest {}).await?.into_inner().active_operations;
+        let (d, ops) = match poll(c, &host).await {
+            Ok(polled) => {
+                unreachable_since = None;
+                polled
+            }
+            // A controller restarting (a crash, an upgrade) resumes the drain: wait for it.
+            Err(e)
+                if e.exit_code == UNAVAILABLE && unreachable_since.is_none_or(|t| t.elapsed() < GIVE_UP) =>
+            {
+                if unreachable_since.is_none() {
+                    let _ = bars.println(format!(
+                        "{}; waiting for it (the drain goes on without it and resumes when it is back)",
+                        e.message
+                    ));
+                }
+                unreachable_since.get_or_insert_with(Instant::now);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for op in ops.iter().filter(|o| o.kind == "migrate" && o.source == host) {
             let bar = per_vm.entry(op.vm.clone()).or_insert_with(|| {
                 let b = bars.add(ProgressBar::new(0));
