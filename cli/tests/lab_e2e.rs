@@ -1217,6 +1217,14 @@ fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
         let t0 = Instant::now();
         lab.vmha_ok(&["host", "drain", host, "--no-wait"]);
         let started = t0.elapsed();
+        // An operator following the drain: the restart must not end their command.
+        let follower = Command::new(env!("CARGO_BIN_EXE_vmha"))
+            .args(["host", "drain", host, "--wait"])
+            .env("VMHA_CONTROLLER", &lab.env["VMHA_CONTROLLER"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run vmha host drain --wait");
         std::thread::sleep(Duration::from_millis(500).saturating_sub(t0.elapsed()));
         let at_kill = qemu_processes();
         kill_controller(lab);
@@ -1278,6 +1286,14 @@ fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
             );
         }
         println!("  {host} in maintenance {:.1} s after the drain started", ended.as_secs_f64());
+        let followed = follower.wait_with_output().expect("the follower ends with the drain");
+        let (out, err) =
+            (String::from_utf8_lossy(&followed.stdout), String::from_utf8_lossy(&followed.stderr));
+        assert!(
+            followed.status.success() && out.contains(&format!("drain of {host} done")),
+            "`vmha host drain {host} --wait` across the restart exited {:?}: {out} {err}",
+            followed.status.code()
+        );
         std::thread::sleep(Duration::from_secs(2));
         let (samples, doubles, history) = watch.finish_with_history();
         assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
