@@ -306,7 +306,7 @@ fn schedule_failback(state: &ClusterState, now: Millis, out: &mut Vec<Action>) {
 /// A host other than the VM's that has not reported its domains since `t` (a report that
 /// earned a lease was sent at most `max_transit` before it arrived) and is not dead: it may run
 /// a copy nobody knows of yet.
-fn not_reported_since(state: &ClusterState, vm: &VmView, t: Millis) -> Option<String> {
+pub(crate) fn not_reported_since(state: &ClusterState, vm: &VmView, t: Millis) -> Option<String> {
     let since = Millis(t.0 + state.timings.max_transit_ms);
     state
         .hosts

@@ -27,6 +27,10 @@ pub struct Engine {
     pub cluster: ClusterState,
     /// Operations in flight (ended ones leave at once).
     pub ops: BTreeMap<OpId, Operation>,
+    /// Cold restarts whose destroy is done, by VM: (source, target, when it was destroyed).
+    /// The start waits until every other live host has reported since: a copy nobody knew of
+    /// (moved or started by hand) would show up there, and then nothing is started.
+    cold_starts: BTreeMap<String, (String, String, Millis)>,
     next_seq: u64,
     /// What was last handed out for persisting, to persist only what changed.
     saved_hosts: BTreeMap<String, HostWork>,
@@ -396,6 +400,7 @@ impl Engine {
             }
             Input::Tick => {
                 self.expire_ops(now, &mut out, &mut actions);
+                self.start_cold_restarts(now, &mut out, &mut actions);
                 actions.extend(recovery::tick(&mut self.cluster, now));
                 actions.extend(drain::tick(&mut self.cluster, now));
             }
@@ -742,19 +747,9 @@ impl Engine {
                 out.persist.vms.push(op.vm_uuid.clone());
             }
             (OpKind::Destroy, Purpose::ColdRestart) => match verdict {
-                // The first half of a cold restart: the second follows.
+                // The first half of a cold restart: the second follows once every host reported.
                 Ok(()) => {
-                    self.begin(
-                        OpKind::Start,
-                        Purpose::ColdRestart,
-                        &op.vm_uuid,
-                        &op.source,
-                        &op.target,
-                        "controller",
-                        None,
-                        now,
-                        out,
-                    );
+                    self.cold_starts.insert(op.vm_uuid.clone(), (op.source.clone(), op.target.clone(), now));
                 }
                 Err(e) => {
                     let why = format!("destroying it on {} failed: {e}; it keeps running there", op.source);
@@ -762,6 +757,55 @@ impl Engine {
                 }
             },
             (OpKind::Destroy, _) => {}
+        }
+    }
+
+    /// The second half of cold restarts whose hosts have all reported since the destroy: the
+    /// start, unless a report showed the VM running elsewhere (then it has left the host).
+    fn start_cold_restarts(&mut self, now: Millis, out: &mut Output, actions: &mut Vec<Action>) {
+        let due: Vec<(String, String, String)> = self
+            .cold_starts
+            .iter()
+            .filter(|(uuid, (_, _, since))| {
+                self.cluster
+                    .vms
+                    .get(*uuid)
+                    .is_none_or(|vm| recovery::not_reported_since(&self.cluster, vm, *since).is_none())
+            })
+            .map(|(uuid, (source, target, _))| (uuid.clone(), source.clone(), target.clone()))
+            .collect();
+        for (uuid, source, target) in due {
+            self.cold_starts.remove(&uuid);
+            let Some(vm) = self.cluster.vms.get(&uuid) else { continue };
+            match vm.host.clone().filter(|h| *h != source && vm.state.has_process()) {
+                Some(elsewhere) => {
+                    out.events.push(Event::vm(
+                        &vm.name,
+                        EventKind::RestartCancelled,
+                        format!("{} runs on {elsewhere} already: it is not started on {target}", vm.name),
+                    ));
+                    actions.extend(drain::restart_finished(
+                        &mut self.cluster,
+                        &uuid,
+                        &elsewhere,
+                        Ok(()),
+                        now,
+                    ));
+                }
+                None => {
+                    self.begin(
+                        OpKind::Start,
+                        Purpose::ColdRestart,
+                        &uuid,
+                        &source,
+                        &target,
+                        "controller",
+                        None,
+                        now,
+                        out,
+                    );
+                }
+            }
         }
     }
 
