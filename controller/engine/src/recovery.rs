@@ -25,11 +25,12 @@ pub struct Recovery {
     pub error: Option<String>,
     /// A start was refused because the VM's disk is locked: another copy may run.
     pub disk_locked: Option<DiskLocked>,
-    /// It stopped on a live host at this time, without vmha asking. It may have moved (a live
-    /// migration whose result was missed, a `virsh migrate` by hand) rather than stopped, so it
-    /// is restarted only once every other host has reported since, or is dead.
+    /// It may have moved rather than stopped, since then: it stopped on a live host without
+    /// vmha asking (a live migration whose result was missed, a `virsh migrate` by hand), or
+    /// its host died while migrating it. It is restarted only once every other live host has
+    /// reported since, and not at all if one reports it running.
     #[serde(default)]
-    pub stopped_at: Option<Millis>,
+    pub may_have_moved_since: Option<Millis>,
 }
 
 /// The storage lock (libvirt's lockd, QEMU's image locking) refused a start: the second layer
@@ -80,7 +81,7 @@ impl Recovery {
             waiting: None,
             error: None,
             disk_locked: None,
-            stopped_at: None,
+            may_have_moved_since: None,
         }
     }
 
@@ -177,10 +178,12 @@ fn declare_dead(
         }
         let had_process = vm.state.has_process() || vm.state == RunState::Unknown;
         vm.state = RunState::Lost;
-        vm.busy_with = None;
+        // Busy: a live migration was under way, and may have ended on its target first.
+        let migrating = vm.busy_with.take().is_some();
         let covered = proof == Proof::Off || known.is_some_and(|k| k >= vm.protected_since);
         if vm.protected && had_process && vm.recovery.is_none() && covered {
-            vm.recovery = Some(Recovery::new(now));
+            vm.recovery =
+                Some(Recovery { may_have_moved_since: migrating.then_some(now), ..Recovery::new(now) });
         } else if vm.protected && had_process && vm.recovery.is_none() {
             out.push(event(
                 "vm",
@@ -335,8 +338,11 @@ fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action
     for (_, _, uuid) in queue {
         let vm = &state.vms[&uuid];
         let tried = vm.recovery.as_ref().map(|r| r.tried.clone()).unwrap_or_default();
-        let unheard =
-            vm.recovery.as_ref().and_then(|r| r.stopped_at).and_then(|t| not_reported_since(state, vm, t));
+        let unheard = vm
+            .recovery
+            .as_ref()
+            .and_then(|r| r.may_have_moved_since)
+            .and_then(|t| not_reported_since(state, vm, t));
         let decision = if let Some(host) = unheard {
             Err(format!("waiting for {host} to report: {} may have moved there rather than stopped", vm.name))
         } else if in_flight >= state.policy.max_parallel_starts {
@@ -608,7 +614,10 @@ pub fn after_report(
         | InventoryChange::StateChanged { uuid, name, host: to, .. } = c
             && let Some(vm) = state.vms.get_mut(uuid)
             && vm.state.has_process()
-            && vm.recovery.as_ref().is_some_and(|r| r.starting_on.is_none() && r.stopped_at.is_some())
+            && vm
+                .recovery
+                .as_ref()
+                .is_some_and(|r| r.starting_on.is_none() && r.may_have_moved_since.is_some())
         {
             vm.recovery = None;
             out.push(event(
@@ -632,7 +641,7 @@ pub fn after_report(
         if vm.host.as_deref() != Some(host) || vm.state.has_process() {
             continue;
         }
-        vm.recovery = Some(Recovery { stopped_at: Some(now), ..Recovery::new(now) });
+        vm.recovery = Some(Recovery { may_have_moved_since: Some(now), ..Recovery::new(now) });
         out.push(event(
             "vm",
             name,

@@ -297,7 +297,7 @@ impl Engine {
         for vm in cluster.vms.values_mut() {
             if let Some(r) = &mut vm.recovery {
                 r.since = now;
-                r.stopped_at = r.stopped_at.map(|_| now);
+                r.may_have_moved_since = r.may_have_moved_since.map(|_| now);
                 if let Some(l) = &mut r.disk_locked {
                     l.since = now;
                     l.retry_at = now;
@@ -809,6 +809,16 @@ impl Engine {
         }
     }
 
+    /// Whether `host` reported its domains (with a lease) after the time an operation with this
+    /// deadline ran out, or is dead: either way, a VM it does not report running is not there.
+    fn reported_after(&self, host: &str, deadline: Millis) -> bool {
+        let ran_out = Millis(deadline.0.saturating_sub(self.cluster.policy.result_grace_ms));
+        self.cluster
+            .hosts
+            .get(host)
+            .is_none_or(|h| h.dead.is_some() || h.reported_at.is_some_and(|r| r > ran_out))
+    }
+
     /// Operations without a result past their deadline are settled from what the agents
     /// report. A restart's start never is: a hung libvirtd may still carry it out, so its VM
     /// waits for its host to report it or to be declared dead.
@@ -835,6 +845,11 @@ impl Engine {
                 })
             };
             let settled = match op.kind {
+                OpKind::Migrate if !at(&op.target) && !self.reported_after(&op.target, op.deadline) => {
+                    // Neither its result nor a report of the target since the migration's time
+                    // ran out: it may have ended there. Wait for one (or the target's death).
+                    continue;
+                }
                 OpKind::Migrate | OpKind::Start => at(&op.target),
                 OpKind::Destroy => gone_from(&op.source),
             };
