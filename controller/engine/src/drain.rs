@@ -364,7 +364,9 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
                 set_step(state, name, i, StepState::Migrated { target: to });
                 continue;
             };
-            if vm.busy_with.is_some() {
+            // Busy, or down and being restarted elsewhere by its recovery (which leaves this
+            // host, and the step with it): one owner at a time.
+            if vm.busy_with.is_some() || vm.recovery.is_some() {
                 continue;
             }
             let decision = placement::place(state, vm, now, &step.tried);
@@ -476,6 +478,7 @@ pub fn migration_finished(
             _ => false,
         }
     };
+    let recovering = state.vms.get(uuid).is_some_and(|v| v.recovery.is_some());
     let Some(d) = state.hosts.get_mut(&name).and_then(|h| h.drain.as_mut()) else { return out };
     let allow_restart = d.allow_restart;
     let step = &mut d.steps[i];
@@ -483,7 +486,7 @@ pub fn migration_finished(
         Ok(()) => step.state = StepState::Migrated { target: target.into() },
         Err(e) => {
             step.tried.push(target.into());
-            if another_host {
+            if another_host || recovering {
                 step.state = StepState::Pending;
             } else if !allow_restart {
                 step.state = StepState::Failed { error: e };

@@ -343,7 +343,10 @@ fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action
             .as_ref()
             .and_then(|r| r.may_have_moved_since)
             .and_then(|t| not_reported_since(state, vm, t));
-        let decision = if let Some(host) = unheard {
+        let decision = if let Some(op) = &vm.busy_with {
+            // A drain's cold restart may own it: one start at a time.
+            Err(format!("busy with {op}"))
+        } else if let Some(host) = unheard {
             Err(format!("waiting for {host} to report: {} may have moved there rather than stopped", vm.name))
         } else if in_flight >= state.policy.max_parallel_starts {
             Err(format!("waiting for one of the {} restarts in flight", in_flight))

@@ -1172,3 +1172,19 @@ fn a_migration_that_nobody_saw_end_keeps_its_vm_from_restarting() {
     let sim = run_schedule(&(3, 7669082414733654424, true, true, faults));
     assert!(sim.violations.is_empty(), "{:?}", sim.violations);
 }
+
+/// Found by 200,000 schedules: a VM that stopped on a draining host got both a recovery and,
+/// from the drain (`--allow-restart`), a cold restart; each started it, on different hosts.
+/// A VM now has one owner at a time: a recovery waits while an operation holds it, and a drain
+/// leaves a VM under recovery alone.
+#[test]
+fn a_drain_and_a_recovery_never_both_start_a_vm() {
+    let faults = vec![
+        (1021, Fault::KillAgent(2)),
+        (1518, Fault::Drain(2, true)),
+        (4517, Fault::Migrate(1, 0)),
+        (16491, Fault::Revive(2)),
+    ];
+    let sim = run_schedule(&(3, 917366225773932516, true, true, faults));
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+}
