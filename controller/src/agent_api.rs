@@ -48,9 +48,11 @@ impl AgentService for AgentApi {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let host = validate::agent_host(&req)?;
         let r = req.into_inner();
-        validate::migration_uri(&r.migration_uri)?;
-        validate::peer_address(&r.peer_address)?;
+        validate::migration_uri(validate::short_text("the migration URI", &r.migration_uri)?)?;
+        validate::peer_address(validate::short_text("the peer address", &r.peer_address)?)?;
+        validate::short_text("the agent version", &r.agent_version)?;
         let facts = r.facts.ok_or_else(|| Error::Invalid("register without host facts".into()))?;
+        validate::facts(&facts)?;
         let c = &self.0;
         let registration = Registration {
             host: host.clone(),
@@ -95,6 +97,14 @@ impl AgentService for AgentApi {
         let host = validate::agent_host(&req)?;
         let r = req.into_inner();
         let domains = validate::reported_domains(&r.domains)?;
+        validate::probes(&r.probes)?;
+        if let Some(f) = &r.facts {
+            validate::facts(f)?;
+        }
+        if let Some(w) = &r.watchdog {
+            validate::short_text("the watchdog device", &w.device)?;
+            validate::short_text("the watchdog problem", &w.problem)?;
+        }
         let hb = Heartbeat {
             host,
             echo: (r.echo_stamp_ms > 0).then_some(Echo {
@@ -165,6 +175,7 @@ impl AgentService for AgentApi {
     async fn report_result(&self, req: Request<OperationResult>) -> Result<Response<Ack>, Status> {
         let host = validate::agent_host(&req)?;
         let r = req.into_inner();
+        validate::short_text("the operation's error", &r.error)?;
         let id = OpId::parse(&r.operation_id)
             .ok_or_else(|| Error::Invalid(format!("'{}' is not an operation id", r.operation_id)))?;
         let result = if r.ok {

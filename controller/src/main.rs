@@ -63,8 +63,14 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %flags.listen, epoch = controller.epoch, "vmha-controller serving");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let serve = tonic::transport::Server::builder()
-        .add_service(AgentServiceServer::new(AgentApi(controller.clone())))
-        .add_service(OperatorServiceServer::new(OperatorApi(controller)))
+        .add_service(
+            AgentServiceServer::new(AgentApi(controller.clone()))
+                .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
+        )
+        .add_service(
+            OperatorServiceServer::new(OperatorApi(controller))
+                .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
+        )
         .serve_with_shutdown(flags.listen, shutdown());
     tokio::select! {
         served = serve => served.with_context(|| format!("cannot serve on {}", flags.listen))?,

@@ -232,7 +232,12 @@ impl OperatorService for OperatorApi {
     async fn set_memory_limit(&self, req: Request<SetMemoryLimitRequest>) -> Result<Response<Host>, Status> {
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
-        let limit = (r.memory_limit_mib > 0).then_some(r.memory_limit_mib * 1024);
+        let mib = validate::at_most(
+            "the memory limit (MiB)",
+            r.memory_limit_mib,
+            validate::caps::MEMORY_LIMIT_MIB,
+        )?;
+        let limit = (mib > 0).then_some(mib * 1024);
         self.0.require_database("setting a host's memory limit")?;
         self.change(Change::SetMemoryLimit { host: host.clone(), limit_kib: limit }).await?;
         Ok(Response::new(self.host_view(&host).await?))
@@ -266,6 +271,8 @@ impl OperatorService for OperatorApi {
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?;
         let target = validate::host_name(&r.target_host)?;
+        validate::at_most("the bandwidth (MiB/s)", r.bandwidth_mib_s, validate::caps::BANDWIDTH_MIB_S)?;
+        validate::at_most("the timeout (ms)", r.timeout_ms, validate::caps::MIGRATION_TIMEOUT_MS)?;
         self.0.require_database("starting a migration")?;
         let overrides = (r.bandwidth_mib_s > 0 || r.timeout_ms > 0).then(|| Overrides {
             bandwidth_mib_s: if r.bandwidth_mib_s > 0 {

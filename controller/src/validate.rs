@@ -98,15 +98,102 @@ pub fn run_state(state: i32) -> RunState {
     }
 }
 
-/// An agent's domain list: valid UUIDs (normalised), non-empty names, no UUID twice.
+/// Caps on what one message may carry; beyond them it is refused whole, saying which cap.
+pub mod caps {
+    /// Domains in one host's report (libvirt hosts run hundreds, not thousands).
+    pub const DOMAINS_PER_REPORT: usize = 4096;
+    /// One domain's XML: real definitions are a few KiB.
+    pub const XML_BYTES: usize = 256 << 10;
+    /// Domain names (libvirt's own limit is lower in practice).
+    pub const NAME_BYTES: usize = 255;
+    /// Health probes in one heartbeat, and their names and details.
+    pub const PROBES: usize = 64;
+    pub const PROBE_TEXT_BYTES: usize = 1024;
+    /// Addresses, URIs, versions and other short strings.
+    pub const SHORT_TEXT_BYTES: usize = 1024;
+    /// A whole gRPC message (the controller refuses bigger ones before decoding them).
+    pub const MESSAGE_BYTES: usize = 64 << 20;
+    /// A migration's timeout and bandwidth an operator may ask for.
+    pub const MIGRATION_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+    pub const BANDWIDTH_MIB_S: u64 = 1 << 20;
+    /// A host's memory cap.
+    pub const MEMORY_LIMIT_MIB: u64 = 1 << 32;
+}
+
+/// A short string of a message, at most `caps::SHORT_TEXT_BYTES`.
+pub fn short_text<'a>(what: &str, s: &'a str) -> Result<&'a str, Error> {
+    if s.len() <= caps::SHORT_TEXT_BYTES {
+        Ok(s)
+    } else {
+        Err(Error::Invalid(format!(
+            "{what} is {} bytes, more than the {} allowed",
+            s.len(),
+            caps::SHORT_TEXT_BYTES
+        )))
+    }
+}
+
+/// A number from a message within `0..=max`, named for the refusal.
+pub fn at_most(what: &str, value: u64, max: u64) -> Result<u64, Error> {
+    if value <= max { Ok(value) } else { Err(Error::Invalid(format!("{what} {value} is more than {max}"))) }
+}
+
+/// A host's facts: short strings only.
+pub fn facts(f: &vmha_proto::v1::HostFacts) -> Result<(), Error> {
+    short_text("the CPU model", &f.cpu_model)?;
+    short_text("the libvirt version", &f.libvirt_version)?;
+    short_text("the hypervisor version", &f.hypervisor_version)?;
+    short_text("the lock manager", &f.lock_manager)?;
+    Ok(())
+}
+
+/// A heartbeat's health probes: at most `caps::PROBES`, short names and details.
+pub fn probes(probes: &[vmha_proto::v1::ProbeResult]) -> Result<(), Error> {
+    if probes.len() > caps::PROBES {
+        return Err(Error::Invalid(format!(
+            "{} probes in one heartbeat, more than {}",
+            probes.len(),
+            caps::PROBES
+        )));
+    }
+    match probes
+        .iter()
+        .find(|p| p.name.len() > caps::PROBE_TEXT_BYTES || p.detail.len() > caps::PROBE_TEXT_BYTES)
+    {
+        Some(p) => Err(Error::Invalid(format!(
+            "probe '{}' has a name or detail longer than {} bytes",
+            p.name.chars().take(64).collect::<String>(),
+            caps::PROBE_TEXT_BYTES
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// An agent's domain list: at most `caps::DOMAINS_PER_REPORT`, valid UUIDs (normalised),
+/// non-empty names, XML within `caps::XML_BYTES`, no UUID twice.
 pub fn reported_domains(domains: &[Domain]) -> Result<Vec<ReportedDomain>, Error> {
+    if domains.len() > caps::DOMAINS_PER_REPORT {
+        return Err(Error::Invalid(format!(
+            "{} domains in one report, more than {}",
+            domains.len(),
+            caps::DOMAINS_PER_REPORT
+        )));
+    }
     let mut out: Vec<ReportedDomain> = Vec::with_capacity(domains.len());
+    let mut seen = std::collections::HashSet::with_capacity(domains.len());
     for d in domains {
         let uuid = domain_uuid(&d.uuid)?.to_string();
-        if d.name.is_empty() || d.name.len() > 255 {
+        if d.name.is_empty() || d.name.len() > caps::NAME_BYTES {
             return Err(Error::Invalid(format!("domain {uuid} has no valid name")));
         }
-        if out.iter().any(|o| o.uuid == uuid) {
+        if d.xml.len() > caps::XML_BYTES {
+            return Err(Error::Invalid(format!(
+                "domain {uuid}'s XML is {} bytes, more than {}",
+                d.xml.len(),
+                caps::XML_BYTES
+            )));
+        }
+        if !seen.insert(uuid.clone()) {
             return Err(Error::Invalid(format!("domain {uuid} is reported twice")));
         }
         out.push(ReportedDomain {
@@ -185,5 +272,91 @@ mod tests {
     fn unknown_domain_states_are_unknown_not_running() {
         assert_eq!(run_state(99), RunState::Unknown);
         assert_eq!(run_state(DomainState::Blocked as i32), RunState::Running);
+    }
+}
+
+/// Arbitrary messages, as a forged or broken agent or client could send them: every check
+/// answers (a value or a refusal that says what is wrong) and none panics.
+#[cfg(test)]
+mod arbitrary_input {
+    use proptest::prelude::*;
+    use vmha_proto::v1::{Domain, HostFacts, ProbeResult};
+
+    use super::*;
+
+    fn domain() -> impl Strategy<Value = Domain> {
+        let uuid = prop_oneof![
+            "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+            ".{0,40}",
+        ];
+        (uuid, ".{0,300}", any::<i32>(), any::<u64>(), any::<u32>(), ".{0,64}").prop_map(
+            |(uuid, name, state, memory_kib, vcpus, xml)| Domain {
+                uuid,
+                name,
+                state,
+                memory_kib,
+                vcpus,
+                persistent: true,
+                xml,
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn reports_are_accepted_or_refused_with_a_reason(domains in prop::collection::vec(domain(), 0..40)) {
+            match reported_domains(&domains) {
+                Ok(ok) => prop_assert_eq!(ok.len(), domains.len()),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn strings_and_numbers_are_bounded(s in ".{0,2000}", n in any::<u64>(), p in any::<i32>()) {
+            let checks: [Result<(), Error>; 9] = [
+                host_name(&s).map(drop),
+                migration_uri(&s).map(drop),
+                peer_address(&s).map(drop),
+                vm_ref(&s).map(drop),
+                group(&s).map(drop),
+                priority(p).map(drop),
+                short_text("x", &s).map(drop),
+                at_most("n", n, caps::MIGRATION_TIMEOUT_MS).map(drop),
+                domain_uuid(&s).map(drop),
+            ];
+            for c in checks {
+                if let Err(e) = c {
+                    prop_assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+
+        #[test]
+        fn facts_and_probes_are_bounded(s in ".{0,1500}", n in 0usize..80) {
+            let f = HostFacts { cpu_model: s.clone(), lock_manager: s.clone(), ..Default::default() };
+            prop_assert_eq!(facts(&f).is_ok(), s.len() <= caps::SHORT_TEXT_BYTES);
+            let p: Vec<ProbeResult> =
+                (0..n).map(|_| ProbeResult { name: "ping".into(), ok: true, detail: s.clone() }).collect();
+            prop_assert_eq!(probes(&p).is_ok(), n <= caps::PROBES && (n == 0 || s.len() <= caps::PROBE_TEXT_BYTES));
+        }
+    }
+
+    #[test]
+    fn a_report_over_the_caps_is_refused_saying_which() {
+        let many: Vec<Domain> = (0..=caps::DOMAINS_PER_REPORT)
+            .map(|i| Domain {
+                uuid: format!("00000000-0000-0000-0000-{i:012}"),
+                name: "x".into(),
+                ..Default::default()
+            })
+            .collect();
+        assert!(reported_domains(&many).unwrap_err().to_string().contains("more than 4096"));
+        let big = Domain {
+            uuid: "00000000-0000-0000-0000-000000000001".into(),
+            name: "x".into(),
+            xml: "x".repeat(caps::XML_BYTES + 1),
+            ..Default::default()
+        };
+        assert!(reported_domains(&[big]).unwrap_err().to_string().contains("XML"));
     }
 }

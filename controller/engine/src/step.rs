@@ -310,7 +310,9 @@ impl Engine {
             e.next_seq = e.next_seq.max((op.id.0 as u64).wrapping_add(1));
             op.inherited = true;
             op.state = OpState::Running;
-            op.deadline = Millis(now.0 + op.overrides.map_or(timeout, |o| o.timeout_ms) + grace);
+            op.deadline = Millis(
+                now.0.saturating_add(op.overrides.map_or(timeout, |o| o.timeout_ms)).saturating_add(grace),
+            );
             let what = op.describe();
             if let Some(vm) = e.cluster.vms.get_mut(&op.vm_uuid) {
                 match (op.kind, op.purpose) {
@@ -483,7 +485,10 @@ impl Engine {
             h.reported_at = Some(now);
         }
         for (uuid, xml) in hb.xml {
-            if let Some(vm) = s.vms.get_mut(&uuid).filter(|vm| vm.xml != xml) {
+            // Only for its own domains: a host cannot rewrite the definition of another's VM.
+            if let Some(vm) =
+                s.vms.get_mut(&uuid).filter(|vm| vm.xml != xml && vm.host.as_deref() == Some(&host))
+            {
                 vm.xml = xml;
                 out.persist.xml.push(uuid);
             }
@@ -609,9 +614,10 @@ impl Engine {
         out.commands.push(Command { op: id, host: op.executor().to_string(), kind });
         // Its time runs from now: it may have waited long for the database.
         let p = &self.cluster.policy;
-        let timeout = op.overrides.map_or(p.migration_timeout_ms, |o| o.timeout_ms) + p.result_grace_ms;
+        let timeout =
+            op.overrides.map_or(p.migration_timeout_ms, |o| o.timeout_ms).saturating_add(p.result_grace_ms);
         if let Some(op) = self.ops.get_mut(&id) {
-            op.deadline = Millis(now.0 + timeout);
+            op.deadline = Millis(now.0.saturating_add(timeout));
         }
         self.set_op_state(id, OpState::Running, String::new(), out);
     }
@@ -695,7 +701,9 @@ impl Engine {
             actor: actor.into(),
             state: OpState::Recording,
             error: String::new(),
-            deadline: Millis(now.0 + timeout + self.cluster.policy.result_grace_ms),
+            deadline: Millis(
+                now.0.saturating_add(timeout).saturating_add(self.cluster.policy.result_grace_ms),
+            ),
             overrides,
             inherited: false,
             done: Done::default(),
