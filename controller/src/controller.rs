@@ -32,6 +32,7 @@ use vmha_proto::v1 as pb;
 use crate::errors::Error;
 use crate::journal::{Journal, Write};
 use crate::store::{NewEvent, OperationOutcome, Store, StoreError, op_uuid, retry_while_unreachable};
+use crate::views;
 
 /// Defaults for live migrations the controller starts.
 #[derive(Clone, Debug)]
@@ -72,11 +73,27 @@ pub struct Controller {
     inbox: mpsc::UnboundedSender<Msg>,
     /// Command streams of connected agents, by host.
     agents: Mutex<HashMap<String, AgentSender>>,
-    /// Live views of the operations in flight, for `WatchOperation` followers and progress.
-    watched: Mutex<HashMap<OpId, watch::Sender<pb::Operation>>>,
+    /// The operations in flight: who carries each out (and alone may report on it), and its
+    /// live view for `WatchOperation` followers and progress.
+    watched: Mutex<HashMap<OpId, Followed>>,
     /// The last operations that ended, newest last: a follower that comes just after the end
     /// is answered from here, since the final state may still be queued for the database.
     ended: Mutex<VecDeque<pb::Operation>>,
+}
+
+/// An operation in flight, as the shell follows it.
+struct Followed {
+    executor: String,
+    view: watch::Sender<pb::Operation>,
+}
+
+impl Followed {
+    fn new(op: &Operation, epoch: u64) -> Followed {
+        Followed {
+            executor: op.executor().to_string(),
+            view: watch::channel(views::operation_in_flight(op, epoch)).0,
+        }
+    }
 }
 
 /// What the decision loop is asked.
@@ -104,7 +121,7 @@ impl DecisionLoop {
                 msg = self.inbox.recv() => match msg {
                     None => return,
                     Some(Msg::Step(input, reply)) => {
-                                                let r = c.run_step(&mut self.engine, *input);
+                        let r = c.run_step(&mut self.engine, *input);
                         if let Some(tx) = reply {
                             let _ = tx.send(r);
                         }
@@ -126,26 +143,6 @@ impl DecisionLoop {
 /// keeps this free of `unwrap`.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// An operation as the API shows it.
-pub fn operation_view(op: &Operation, epoch: u64) -> pb::Operation {
-    pb::Operation {
-        id: op.id.to_string(),
-        kind: op.kind.as_str().into(),
-        vm: op.vm_name.clone(),
-        vm_uuid: op.vm_uuid.clone(),
-        source: op.source.clone(),
-        target: op.target.clone(),
-        state: op.state.as_str().into(),
-        error: op.error.clone(),
-        elapsed_ms: op.done.elapsed_ms,
-        downtime_ms: op.done.downtime_ms,
-        bytes: op.done.bytes,
-        epoch,
-        created_at: chrono::Utc::now().to_rfc3339(),
-        ..Default::default()
-    }
 }
 
 impl Controller {
@@ -206,8 +203,7 @@ impl Controller {
             tracing::info!(subject = %e.subject.name(), kind = e.kind.as_str(), "{}", e.message);
             store.append_event(&new_event(e)).await?;
         }
-        let watched =
-            engine.ops.values().map(|op| (op.id, watch::channel(operation_view(op, epoch)).0)).collect();
+        let watched = engine.ops.values().map(|op| (op.id, Followed::new(op, epoch))).collect();
         let (inbox, rx) = mpsc::unbounded_channel();
         let controller = Arc::new(Controller {
             journal: Journal::start(store.clone()),
@@ -371,9 +367,9 @@ impl Controller {
     /// Updates the view followers of an operation see; an ended one moves to `ended`.
     fn follow(&self, op: &Operation) {
         let mut watched = lock(&self.watched);
-        let view = operation_view(op, self.epoch);
+        let view = views::operation_in_flight(op, self.epoch);
         if op.state.ended() {
-            if let Some(tx) = watched.remove(&op.id) {
+            if let Some(Followed { view: tx, .. }) = watched.remove(&op.id) {
                 tx.send_modify(|v| {
                     v.state = view.state.clone();
                     v.error = view.error.clone();
@@ -389,9 +385,9 @@ impl Controller {
             }
         } else {
             match watched.get(&op.id) {
-                Some(tx) => tx.send_modify(|v| v.state = view.state.clone()),
+                Some(f) => f.view.send_modify(|v| v.state = view.state.clone()),
                 None => {
-                    watched.insert(op.id, watch::channel(view).0);
+                    watched.insert(op.id, Followed::new(op, self.epoch));
                 }
             }
         }
@@ -501,7 +497,7 @@ impl Controller {
 
     /// The in-flight operation's live view; `None` once it has ended (read the store then).
     pub fn watch_operation(&self, id: OpId) -> Option<watch::Receiver<pb::Operation>> {
-        lock(&self.watched).get(&id).map(|tx| tx.subscribe())
+        lock(&self.watched).get(&id).map(|f| f.view.subscribe())
     }
 
     /// The final state of an operation that ended lately.
@@ -512,14 +508,14 @@ impl Controller {
 
     /// Operations in flight, for `vmha status` and drain progress.
     pub fn active_operations(&self) -> Vec<pb::Operation> {
-        lock(&self.watched).values().map(|tx| tx.borrow().clone()).collect()
+        lock(&self.watched).values().map(|f| f.view.borrow().clone()).collect()
     }
 
     /// A running migration's progress, as the agent that carries it out reports it.
     pub fn progress(&self, host: &str, p: pb::OperationProgress) -> Result<(), Error> {
         let id = self.reporter(host, &p.operation_id)?;
-        if let Some(tx) = lock(&self.watched).get(&id) {
-            tx.send_modify(|op| {
+        if let Some(f) = lock(&self.watched).get(&id) {
+            f.view.send_modify(|op| {
                 op.data_total = p.data_total;
                 op.data_processed = p.data_processed;
                 op.data_remaining = p.data_remaining;
@@ -539,10 +535,7 @@ impl Controller {
     fn reporter(&self, host: &str, id: &str) -> Result<OpId, Error> {
         let parsed =
             OpId::parse(id).ok_or_else(|| Error::Invalid(format!("'{id}' is not an operation id")))?;
-        let watched = lock(&self.watched);
-        let executor =
-            |op: &pb::Operation| if op.kind == "start" { op.target.clone() } else { op.source.clone() };
-        match watched.get(&parsed).map(|tx| executor(&tx.borrow())) {
+        match lock(&self.watched).get(&parsed).map(|f| f.executor.as_str()) {
             Some(e) if e == host => Ok(parsed),
             Some(_) => Err(Error::PermissionDenied(format!("operation {id} does not run on {host}"))),
             None => Err(Error::NotFound(format!("operation {id} is not in flight"))),

@@ -162,6 +162,26 @@ pub fn vm(s: &ClusterState, v: &VmView, now: Millis) -> pb::Vm {
     }
 }
 
+/// An operation in flight as the API shows it (the store's row once it ended: `operation`).
+pub fn operation_in_flight(op: &vmha_engine::operation::Operation, epoch: u64) -> pb::Operation {
+    pb::Operation {
+        id: op.id.to_string(),
+        kind: op.kind.as_str().into(),
+        vm: op.vm_name.clone(),
+        vm_uuid: op.vm_uuid.clone(),
+        source: op.source.clone(),
+        target: op.target.clone(),
+        state: op.state.as_str().into(),
+        error: op.error.clone(),
+        elapsed_ms: op.done.elapsed_ms,
+        downtime_ms: op.done.downtime_ms,
+        bytes: op.done.bytes,
+        epoch,
+        created_at: chrono::Utc::now().to_rfc3339(),
+        ..Default::default()
+    }
+}
+
 pub fn operation(o: &OperationRow) -> pb::Operation {
     pb::Operation {
         id: o.id.to_string(),

@@ -164,6 +164,13 @@ pub struct Operation {
 }
 
 impl Operation {
+    /// When an operation sent at `sent` is settled from reports if no result came: its
+    /// migration timeout (the operator's or the policy's), then a grace for the result.
+    pub fn deadline(overrides: Option<Overrides>, policy: &crate::Policy, sent: Millis) -> Millis {
+        let timeout = overrides.map_or(policy.migration_timeout_ms, |o| o.timeout_ms);
+        Millis(sent.0.saturating_add(timeout).saturating_add(policy.result_grace_ms))
+    }
+
     /// The host that carries it out, and alone may report on it.
     pub fn executor(&self) -> &str {
         match self.kind {

@@ -305,14 +305,11 @@ impl Engine {
             }
         }
         let mut e = Engine { cluster, ..Default::default() };
-        let (timeout, grace) = (e.cluster.policy.migration_timeout_ms, e.cluster.policy.result_grace_ms);
         for mut op in ops {
             e.next_seq = e.next_seq.max((op.id.0 as u64).wrapping_add(1));
             op.inherited = true;
             op.state = OpState::Running;
-            op.deadline = Millis(
-                now.0.saturating_add(op.overrides.map_or(timeout, |o| o.timeout_ms)).saturating_add(grace),
-            );
+            op.deadline = Operation::deadline(op.overrides, &e.cluster.policy, now);
             let what = op.describe();
             if let Some(vm) = e.cluster.vms.get_mut(&op.vm_uuid) {
                 match (op.kind, op.purpose) {
@@ -613,11 +610,9 @@ impl Engine {
         };
         out.commands.push(Command { op: id, host: op.executor().to_string(), kind });
         // Its time runs from now: it may have waited long for the database.
-        let p = &self.cluster.policy;
-        let timeout =
-            op.overrides.map_or(p.migration_timeout_ms, |o| o.timeout_ms).saturating_add(p.result_grace_ms);
+        let deadline = Operation::deadline(op.overrides, &self.cluster.policy, now);
         if let Some(op) = self.ops.get_mut(&id) {
-            op.deadline = Millis(now.0.saturating_add(timeout));
+            op.deadline = deadline;
         }
         self.set_op_state(id, OpState::Running, String::new(), out);
     }
@@ -662,10 +657,12 @@ impl Engine {
             },
             OpState::Aborted => (EventKind::OperationAborted, format!("{what} not sent: {}", op.error)),
         };
-        let subject = match op.kind {
-            OpKind::Migrate | OpKind::Start | OpKind::Destroy => Subject::Vm(op.vm_name.clone()),
-        };
-        out.events.push(Event { subject, kind, message, actor: op.actor.clone() });
+        out.events.push(Event {
+            subject: Subject::Vm(op.vm_name.clone()),
+            kind,
+            message,
+            actor: op.actor.clone(),
+        });
         out.persist.ops.push(op.clone());
         if to.ended() {
             self.ops.remove(&id);
@@ -689,7 +686,6 @@ impl Engine {
         let id = OpId::new(self.cluster.epoch, self.next_seq);
         self.next_seq += 1;
         let vm_name = self.cluster.vms.get(vm_uuid).map(|v| v.name.clone()).unwrap_or_default();
-        let timeout = overrides.map_or(self.cluster.policy.migration_timeout_ms, |o| o.timeout_ms);
         let op = Operation {
             id,
             kind,
@@ -701,9 +697,8 @@ impl Engine {
             actor: actor.into(),
             state: OpState::Recording,
             error: String::new(),
-            deadline: Millis(
-                now.0.saturating_add(timeout).saturating_add(self.cluster.policy.result_grace_ms),
-            ),
+            // Set again when it is sent (`recorded`); a recording operation never expires.
+            deadline: Operation::deadline(overrides, &self.cluster.policy, now),
             overrides,
             inherited: false,
             done: Done::default(),
@@ -818,7 +813,8 @@ impl Engine {
     }
 
     /// Whether `host` reported its domains (with a lease) after the time an operation with this
-    /// deadline ran out, or is dead: either way, a VM it does not report running is not there.
+    /// deadline ran out (before the grace for its result), or is dead: either way, a VM it does
+    /// not report running is not there.
     fn reported_after(&self, host: &str, deadline: Millis) -> bool {
         let ran_out = Millis(deadline.0.saturating_sub(self.cluster.policy.result_grace_ms));
         self.cluster
