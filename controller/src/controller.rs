@@ -34,12 +34,12 @@ use crate::journal::{Journal, Write};
 use crate::store::{NewEvent, OperationOutcome, Store, StoreError, op_uuid, retry_while_unreachable};
 use crate::views;
 
-/// Defaults for live migrations the controller starts.
+/// Defaults for live migrations the controller starts (their timeout is the engine's policy:
+/// its deadlines count on it).
 #[derive(Clone, Debug)]
 pub struct MigrationSettings {
     pub auto_converge: bool,
     pub bandwidth_mib_s: u64,
-    pub timeout: Duration,
     pub postcopy: bool,
     pub max_downtime_ms: u64,
 }
@@ -399,15 +399,17 @@ impl Controller {
         let kind = match kind {
             CommandKind::Start { xml, .. } => Kind::Start(pb::StartDomain { xml }),
             CommandKind::Destroy { uuid } => Kind::Destroy(pb::DestroyDomain { uuid }),
-            CommandKind::Migrate { uuid, dest_uri, overrides } => Kind::Migrate(pb::MigrateDomain {
-                uuid,
-                dest_uri,
-                auto_converge: m.auto_converge,
-                bandwidth_mib_s: overrides.map_or(m.bandwidth_mib_s, |o| o.bandwidth_mib_s),
-                timeout_ms: overrides.map_or(m.timeout.as_millis() as u64, |o| o.timeout_ms),
-                postcopy: m.postcopy,
-                max_downtime_ms: m.max_downtime_ms,
-            }),
+            CommandKind::Migrate { uuid, dest_uri, bandwidth_mib_s, timeout_ms } => {
+                Kind::Migrate(pb::MigrateDomain {
+                    uuid,
+                    dest_uri,
+                    auto_converge: m.auto_converge,
+                    bandwidth_mib_s: bandwidth_mib_s.unwrap_or(m.bandwidth_mib_s),
+                    timeout_ms,
+                    postcopy: m.postcopy,
+                    max_downtime_ms: m.max_downtime_ms,
+                })
+            }
         };
         pb::Command { operation_id: op.to_string(), epoch: self.epoch, kind: Some(kind) }
     }

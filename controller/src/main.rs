@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
     let migration = MigrationSettings {
         auto_converge: !flags.no_auto_converge,
         bandwidth_mib_s: flags.migration_bandwidth,
-        timeout: flags.migration_timeout,
+
         postcopy: flags.postcopy,
         max_downtime_ms: flags.max_downtime_ms,
     };

@@ -274,17 +274,15 @@ impl OperatorService for OperatorApi {
         validate::at_most("the bandwidth (MiB/s)", r.bandwidth_mib_s, validate::caps::BANDWIDTH_MIB_S)?;
         validate::at_most("the timeout (ms)", r.timeout_ms, validate::caps::MIGRATION_TIMEOUT_MS)?;
         self.0.require_database("starting a migration")?;
+        // The engine's policy holds the default timeout (its deadlines count on it).
+        let default_timeout = self.0.read(|s| s.policy.migration_timeout_ms).await?;
         let overrides = (r.bandwidth_mib_s > 0 || r.timeout_ms > 0).then(|| Overrides {
             bandwidth_mib_s: if r.bandwidth_mib_s > 0 {
                 r.bandwidth_mib_s
             } else {
                 self.0.migration.bandwidth_mib_s
             },
-            timeout_ms: if r.timeout_ms > 0 {
-                r.timeout_ms
-            } else {
-                self.0.migration.timeout.as_millis() as u64
-            },
+            timeout_ms: if r.timeout_ms > 0 { r.timeout_ms } else { default_timeout },
         });
         let reply =
             self.change(Change::Migrate { vm: key.to_string(), to: target.to_string(), overrides }).await?;

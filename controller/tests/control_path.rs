@@ -59,13 +59,8 @@ async fn open_controller(
     timeout: Duration,
     result_grace: Duration,
 ) -> (Arc<Controller>, DecisionLoop) {
-    let settings = MigrationSettings {
-        auto_converge: true,
-        bandwidth_mib_s: 0,
-        timeout,
-        postcopy: false,
-        max_downtime_ms: 0,
-    };
+    let settings =
+        MigrationSettings { auto_converge: true, bandwidth_mib_s: 0, postcopy: false, max_downtime_ms: 0 };
     let fence = FenceSettings { command: None, timeout: Duration::from_secs(1) };
     let policy = Policy {
         migration_timeout_ms: timeout.as_millis() as u64,

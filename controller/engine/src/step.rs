@@ -214,9 +214,21 @@ pub struct Command {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CommandKind {
-    Start { uuid: String, xml: String },
-    Migrate { uuid: String, dest_uri: String, overrides: Option<Overrides> },
-    Destroy { uuid: String },
+    Start {
+        uuid: String,
+        xml: String,
+    },
+    /// `timeout_ms`: the operator's or the policy's, the one the deadline counts on;
+    /// `bandwidth_mib_s`: the operator's, else the shell's default.
+    Migrate {
+        uuid: String,
+        dest_uri: String,
+        bandwidth_mib_s: Option<u64>,
+        timeout_ms: u64,
+    },
+    Destroy {
+        uuid: String,
+    },
 }
 
 /// What to write to the database after this step, named; the shell writes each as the state
@@ -604,7 +616,8 @@ impl Engine {
                     .get(&op.target)
                     .map(|h| h.migration_uri.clone())
                     .unwrap_or_default(),
-                overrides: op.overrides,
+                bandwidth_mib_s: op.overrides.map(|o| o.bandwidth_mib_s),
+                timeout_ms: op.overrides.map_or(self.cluster.policy.migration_timeout_ms, |o| o.timeout_ms),
             },
             OpKind::Destroy => CommandKind::Destroy { uuid: op.vm_uuid.clone() },
         };
