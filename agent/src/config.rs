@@ -36,7 +36,7 @@ pub struct Flags {
     /// qemu+tls://kvm1.example.net/system.
     #[arg(long)]
     pub migration_uri: Option<String>,
-    /// Controller endpoint, e.g. http://10.0.0.1:7400; repeat or comma-separate to list
+    /// Controller endpoint, e.g. https://10.0.0.1:7400; repeat or comma-separate to list
     /// standbys, tried in order.
     #[arg(long = "controller", value_delimiter = ',')]
     pub controllers: Vec<String>,
@@ -86,6 +86,20 @@ pub struct Flags {
     /// checks); their latest results go with every heartbeat [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub probe_interval: Option<Duration>,
+    /// The cluster CA's certificate [default: /etc/vmha/pki/ca.pem].
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+    /// This host's certificate, from `vmha ca issue host NAME`; it must name this host
+    /// [default: /etc/vmha/pki/host-NAME.pem]. Renewed in place, it is reloaded on SIGHUP.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// This host's private key [default: /etc/vmha/pki/host-NAME.key].
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// Development only: talk plaintext to the controller and to peers, and answer any peer.
+    /// Only works with a controller that runs with --insecure-dev too.
+    #[arg(long)]
+    pub insecure_dev: bool,
 }
 
 /// `--check NAME=COMMAND`; the name is validated with the file's checks in `Config::load`.
@@ -112,6 +126,11 @@ struct FileConfig {
     peer_listen: Option<std::net::SocketAddr>,
     peer_address: Option<String>,
     state_dir: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    insecure_dev: bool,
     #[serde(default)]
     probes: FileProbes,
 }
@@ -172,6 +191,8 @@ pub struct Config {
     /// What the health probes check and their thresholds (`ProbeConfig::default()`: the
     /// always-on probes with default thresholds, no storage, NIC or operator checks).
     pub probes: ProbeConfig,
+    /// This host's credentials; `None`: `--insecure-dev`.
+    pub tls: Option<vmha_tls::Paths>,
 }
 
 impl Config {
@@ -201,16 +222,30 @@ impl Config {
         let controllers = if flags.controllers.is_empty() { file.controllers } else { flags.controllers };
         if controllers.is_empty() {
             return Err(ConfigError::Invalid(
-                "no controller endpoint: pass --controller http://HOST:7400 or set `controllers` in the config file".into(),
+                "no controller endpoint: pass --controller https://HOST:7400 or set `controllers` in the config file".into(),
             ));
         }
+        let insecure_dev = flags.insecure_dev || file.insecure_dev;
         for c in &controllers {
-            if !(c.starts_with("http://") || c.starts_with("https://")) {
+            let ok = if insecure_dev {
+                c.starts_with("http://")
+            } else {
+                vmha_tls::transport::authority(c).is_ok()
+            };
+            if !ok {
+                let form =
+                    if insecure_dev { "http://HOST:PORT (--insecure-dev)" } else { "https://HOST:PORT" };
                 return Err(ConfigError::Invalid(format!(
-                    "controller endpoint '{c}' must start with http:// or https://"
+                    "controller endpoint '{c}' is not of the form {form}"
                 )));
             }
         }
+        let pki = |name: String| PathBuf::from("/etc/vmha/pki").join(name);
+        let tls = (!insecure_dev).then(|| vmha_tls::Paths {
+            ca: flags.tls_ca.or(file.tls_ca).unwrap_or_else(|| pki("ca.pem".into())),
+            cert: flags.tls_cert.or(file.tls_cert).unwrap_or_else(|| pki(format!("host-{host_name}.pem"))),
+            key: flags.tls_key.or(file.tls_key).unwrap_or_else(|| pki(format!("host-{host_name}.key"))),
+        });
         let migration_uri = flags
             .migration_uri
             .or(file.migration_uri)
@@ -238,6 +273,7 @@ impl Config {
         let probes =
             probe_config(file.probes, flags.checks, flags.storage_paths, flags.nics, flags.probe_interval)?;
         Ok(Config {
+            tls,
             probes,
             peer_listen,
             state_dir: Some(
@@ -422,7 +458,7 @@ mod tests {
         let path = dir.join("agent.toml");
         std::fs::write(
             &path,
-            "host_name = \"kvm1\"\ncontrollers = [\"http://c1:7400\"]\nwatchdog_timeout = \"2s\"\n",
+            "host_name = \"kvm1\"\ncontrollers = [\"https://c1:7400\"]\nwatchdog_timeout = \"2s\"\n",
         )
         .unwrap();
         let cfg = Config::load(
@@ -430,7 +466,7 @@ mod tests {
                 "--config",
                 path.to_str().unwrap(),
                 "--controller",
-                "http://a:1,http://b:2",
+                "https://a:1,https://b:2",
                 "--watchdog-device",
                 "/dev/wd1",
             ]),
@@ -438,7 +474,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.host_name, "kvm1");
-        assert_eq!(cfg.controllers, ["http://a:1", "http://b:2"]);
+        assert_eq!(cfg.controllers, ["https://a:1", "https://b:2"]);
         assert_eq!(
             cfg.watchdog,
             Some(WatchdogConfig { device: "/dev/wd1".into(), timeout: Duration::from_secs(2) })
@@ -452,13 +488,20 @@ mod tests {
     fn bad_input_is_refused_with_what_to_do() {
         let e = Config::load(flags(&["--host-name", "kvm1"]), || None).unwrap_err();
         assert!(e.to_string().contains("--controller"), "{e}");
-        let e = Config::load(flags(&["--host-name", "bad host", "--controller", "http://c:1"]), || None)
+        let e = Config::load(flags(&["--host-name", "bad host", "--controller", "https://c:1"]), || None)
             .unwrap_err();
         assert!(e.to_string().contains("'bad host'"), "{e}");
-        let e = Config::load(flags(&["--host-name", "h", "--controller", "c:1"]), || None).unwrap_err();
-        assert!(e.to_string().contains("http://"), "{e}");
+        let e =
+            Config::load(flags(&["--host-name", "h", "--controller", "http://c:1"]), || None).unwrap_err();
+        assert!(e.to_string().contains("https://"), "plaintext is refused without --insecure-dev: {e}");
+        let cfg = Config::load(
+            flags(&["--host-name", "h", "--controller", "http://c:1", "--insecure-dev"]),
+            || None,
+        )
+        .unwrap();
+        assert_eq!(cfg.tls, None);
         let e = Config::load(
-            flags(&["--host-name", "h", "--controller", "http://c:1", "--watchdog-timeout", "5ms"]),
+            flags(&["--host-name", "h", "--controller", "https://c:1", "--watchdog-timeout", "5ms"]),
             || None,
         )
         .unwrap_err();
@@ -467,7 +510,7 @@ mod tests {
 
     #[test]
     fn probes_default_without_a_probes_table() {
-        let cfg = Config::load(flags(&["--host-name", "h", "--controller", "http://c:1"]), || None).unwrap();
+        let cfg = Config::load(flags(&["--host-name", "h", "--controller", "https://c:1"]), || None).unwrap();
         assert_eq!(cfg.probes, ProbeConfig::default());
         assert_eq!(cfg.probes.interval, Duration::from_secs(5));
         assert_eq!(cfg.probes.memory_min_mib, 256);
@@ -483,7 +526,7 @@ mod tests {
             &path,
             r#"
 host_name = "kvm1"
-controllers = ["http://c1:7400"]
+controllers = ["https://c1:7400"]
 
 [probes]
 interval = "2s"
@@ -546,7 +589,7 @@ command = "chronyc waitsync 1"
 
         std::fs::write(
             &path,
-            "host_name = \"kvm1\"\ncontrollers = [\"http://c1:7400\"]\n[probes]\nmemory_min = 1\n",
+            "host_name = \"kvm1\"\ncontrollers = [\"https://c1:7400\"]\n[probes]\nmemory_min = 1\n",
         )
         .unwrap();
         let e = Config::load(flags(&["--config", path.to_str().unwrap()]), || None).unwrap_err();
@@ -557,7 +600,7 @@ command = "chronyc waitsync 1"
     #[test]
     fn bad_probe_settings_are_refused_with_what_to_do() {
         let load = |args: &[&str]| {
-            let mut all = vec!["--host-name", "h", "--controller", "http://c:1"];
+            let mut all = vec!["--host-name", "h", "--controller", "https://c:1"];
             all.extend_from_slice(args);
             Config::load(flags(&all), || None).map_err(|e| e.to_string())
         };

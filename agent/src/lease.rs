@@ -13,6 +13,8 @@ use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll};
 use vmha_engine::{Millis, Timings};
 use vmha_proto::v1::peer_service_client::PeerServiceClient;
 use vmha_proto::v1::{LeaseStatusRequest, Peer, WatchdogStatus};
+use vmha_tls::Transport;
+use vmha_tls::transport::Expect;
 
 use crate::config::WatchdogConfig;
 use crate::hypervisor::Hypervisor;
@@ -203,7 +205,7 @@ impl LeaseShell {
     }
 
     /// Runs the state machine forever.
-    pub async fn run(self: Arc<Self>, hv: Arc<dyn Hypervisor>) {
+    pub async fn run(self: Arc<Self>, hv: Arc<dyn Hypervisor>, transport: Transport) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -213,7 +215,7 @@ impl LeaseShell {
             match decision {
                 Decision::Nothing => {}
                 Decision::PollPeers => {
-                    tokio::spawn(self.clone().poll(now));
+                    tokio::spawn(self.clone().poll(now, transport.clone()));
                 }
                 Decision::Keep { reason } => {
                     tracing::warn!(%reason, "lease expired; keeping VMs: the leader cannot have quorum");
@@ -325,20 +327,34 @@ impl LeaseShell {
         }
     }
 
-    async fn poll(self: Arc<Self>, started: Millis) {
+    /// Asks every peer for its lease. A peer is reached over mutual TLS and must present the
+    /// certificate of the host it is listed as, and its answer must name that host: nobody
+    /// else can answer for it.
+    async fn poll(self: Arc<Self>, started: Millis, transport: Transport) {
         let peers = lock(&self.peers).clone();
         let timeout = Duration::from_millis(self.timings().poll_every_ms() * 3 / 4);
         let mut asks = tokio::task::JoinSet::new();
         for p in peers {
-            let shell = self.clone();
+            let (shell, transport) = (self.clone(), transport.clone());
             asks.spawn(async move {
+                let endpoint = match transport {
+                    Transport::Mtls(_) => format!("https://{}", p.address),
+                    Transport::InsecureDev => format!("http://{}", p.address),
+                };
                 let answer = tokio::time::timeout(timeout, async {
-                    let mut c = PeerServiceClient::connect(format!("http://{}", p.address)).await.ok()?;
-                    c.lease_status(LeaseStatusRequest {}).await.ok().map(|r| r.into_inner())
+                    let channel = transport.channel(&endpoint, Expect::Host(p.host.clone()), timeout).await;
+                    let channel = channel
+                        .inspect_err(|e| tracing::debug!(peer = %p.host, error = %e, "peer poll"))
+                        .ok()?;
+                    PeerServiceClient::new(channel).lease_status(LeaseStatusRequest {}).await.ok().map(|r| r.into_inner())
                 })
                 .await
                 .ok()
                 .flatten()?;
+                if answer.host != p.host {
+                    tracing::warn!(peer = %p.host, answered_for = %answer.host, "ignoring a peer's answer for another host");
+                    return None;
+                }
                 Some(PeerAnswer {
                     host: p.host,
                     upper_remaining_ms: answer.upper_remaining_ms,

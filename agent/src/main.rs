@@ -9,6 +9,7 @@ use vmha_agent::probes;
 use vmha_agent::session::Agent;
 use vmha_engine::Timings;
 use vmha_proto::v1::peer_service_server::PeerServiceServer;
+use vmha_tls::Transport;
 
 fn main() -> anyhow::Result<()> {
     // The watchdog's holder (see `watchdog::HolderSpec`) and libvirt's hook (`hook`) are this
@@ -41,18 +42,34 @@ async fn run() -> anyhow::Result<()> {
         })?;
         lease.remember_in(dir.clone());
     }
-    let peers = tonic::transport::Server::builder()
-        .add_service(PeerServiceServer::new(PeerApi { host: cfg.host_name.clone(), lease: lease.clone() }))
-        .serve(cfg.peer_listen);
+    let transport = transport(&cfg)?;
+    let peer_api =
+        PeerApi { host: cfg.host_name.clone(), lease: lease.clone(), mtls: !transport.is_insecure() };
+    let peers = tonic::transport::Server::builder().add_service(PeerServiceServer::new(peer_api));
+    let peer_listen = cfg.peer_listen;
+    let peers = async {
+        match &transport {
+            Transport::Mtls(creds) => {
+                let listener = tokio::net::TcpListener::bind(peer_listen).await?;
+                peers.serve_with_incoming(vmha_tls::transport::incoming(listener, creds)?).await?
+            }
+            Transport::InsecureDev => peers.serve(peer_listen).await?,
+        }
+        anyhow::Ok(())
+    };
     let probe_cfg = cfg.probes.clone();
-    let agent = Agent::new(cfg, hv.clone(), lease.clone());
+    let agent = Agent::new(cfg, hv.clone(), lease.clone(), transport.clone());
+    if let Transport::Mtls(creds) = &transport {
+        let agent = agent.clone();
+        vmha_tls::credentials::reload_on_sighup(creds.clone(), move || agent.reconnect());
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let r = tokio::select! {
         _ = probes::run(probe_cfg, hv.clone(), agent.probes.clone()) => Ok(()),
         _ = agent.run() => Ok(()),
-        _ = lease.clone().run(hv) => Ok(()),
-        r = peers => r.map_err(|e| anyhow::anyhow!("peer endpoint: {e}")),
+        _ = lease.clone().run(hv, transport.clone()) => Ok(()),
+        r = peers => r.map_err(|e| anyhow::anyhow!("peer endpoint on {peer_listen}: {e:#}")),
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
     };
@@ -61,4 +78,23 @@ async fn run() -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     lease.leave();
     r
+}
+
+/// This host's credentials, which must name this host; plaintext only with --insecure-dev.
+fn transport(cfg: &Config) -> anyhow::Result<Transport> {
+    let Some(paths) = &cfg.tls else {
+        tracing::warn!("--insecure-dev: plaintext to the controller and peers; anyone can answer for them");
+        return Ok(Transport::InsecureDev);
+    };
+    let creds = vmha_tls::Credentials::load(paths.clone())?;
+    let id = creds.identity();
+    if id.role != vmha_tls::Role::Host || id.name != cfg.host_name {
+        anyhow::bail!(
+            "{} is the certificate of {id}, but this agent is host {}: issue one with `vmha ca issue host {}`",
+            paths.cert.display(),
+            cfg.host_name,
+            cfg.host_name
+        );
+    }
+    Ok(Transport::Mtls(creds))
 }

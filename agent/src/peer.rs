@@ -12,14 +12,24 @@ use crate::lease::LeaseShell;
 pub struct PeerApi {
     pub host: String,
     pub lease: Arc<LeaseShell>,
+    /// With mutual TLS, only hosts of the cluster may ask.
+    pub mtls: bool,
 }
 
 #[tonic::async_trait]
 impl PeerService for PeerApi {
     async fn lease_status(
         &self,
-        _: Request<LeaseStatusRequest>,
+        req: Request<LeaseStatusRequest>,
     ) -> Result<Response<LeaseStatusReply>, Status> {
+        if self.mtls {
+            let id = vmha_tls::transport::caller(&req).map_err(|e| Status::unauthenticated(e.to_string()))?;
+            if id.role != vmha_tls::Role::Host {
+                return Err(Status::permission_denied(format!(
+                    "only hosts poll a host's lease; this is {id}"
+                )));
+            }
+        }
         Ok(Response::new(LeaseStatusReply {
             host: self.host.clone(),
             upper_remaining_ms: self.lease.upper_remaining_ms(),

@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use vmha_engine::Timings;
 use vmha_proto::v1::agent_service_client::AgentServiceClient;
 use vmha_proto::v1::{CommandsRequest, Domain, HeartbeatRequest, HostFacts, RegisterRequest};
+use vmha_tls::Transport;
+use vmha_tls::transport::Expect;
 
 use crate::bounded::{Blocking, Outcome};
 
@@ -39,14 +41,16 @@ fn listing_timeout(interval: Duration) -> Duration {
     (interval / 2).min(Duration::from_secs(2))
 }
 
-/// Stamps every request with this host's name: the controller's view of who is speaking.
-/// (With mTLS the certificate carries it; this header is the stand-in until then.)
+/// With `--insecure-dev` only, stamps every request with this host's name; with mutual TLS
+/// the controller reads the host from the certificate and no header is sent.
 #[derive(Clone)]
-pub struct HostHeader(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub struct HostHeader(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl Interceptor for HostHeader {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert(vmha_proto::HOST_HEADER, self.0.clone());
+        if let Some(host) = &self.0 {
+            req.metadata_mut().insert(vmha_proto::HOST_HEADER, host.clone());
+        }
         Ok(req)
     }
 }
@@ -69,11 +73,23 @@ pub struct Agent {
     /// The health probes' latest results, filled by `probes::run` (empty if it is not
     /// running, as in tests that drive an agent without probes).
     pub probes: Arc<ProbeBoard>,
+    /// How it reaches the controller: with this host's certificate, accepting only a
+    /// controller's.
+    transport: Transport,
+    /// Set when the certificate was reloaded: the next session presents the new one.
+    reconnect: tokio::sync::Notify,
 }
 
 impl Agent {
-    pub fn new(cfg: Config, hv: Arc<dyn Hypervisor>, lease: Arc<LeaseShell>) -> Arc<Agent> {
+    pub fn new(
+        cfg: Config,
+        hv: Arc<dyn Hypervisor>,
+        lease: Arc<LeaseShell>,
+        transport: Transport,
+    ) -> Arc<Agent> {
         Arc::new(Agent {
+            transport,
+            reconnect: tokio::sync::Notify::new(),
             cfg,
             hv,
             report_lock: tokio::sync::Mutex::new(Reporting::default()),
@@ -83,6 +99,12 @@ impl Agent {
             sent_xml: Mutex::default(),
             probes: Arc::default(),
         })
+    }
+
+    /// After a renewed certificate was loaded: the controller reads the host's certificate
+    /// (and its expiry) when a connection is made, so make a new one.
+    pub fn reconnect(&self) {
+        self.reconnect.notify_one();
     }
 
     fn answer_received(&self, epoch: u64, stamp: u64) {
@@ -114,14 +136,13 @@ impl Agent {
     }
 
     async fn session(self: Arc<Self>, endpoint: &str) -> anyhow::Result<()> {
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .with_context(|| format!("controller endpoint '{endpoint}' is not a valid URI"))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to the controller at {endpoint}"))?;
-        let header = self.cfg.host_name.parse().context("host name is not a valid header value")?;
+        let channel = self.transport.channel(endpoint, Expect::Controller, Duration::from_secs(2)).await?;
+        let header = match self.transport {
+            Transport::Mtls(_) => None,
+            Transport::InsecureDev => {
+                Some(self.cfg.host_name.parse().context("host name is not a valid header value")?)
+            }
+        };
         let mut client: Client = AgentServiceClient::with_interceptor(channel, HostHeader(header));
 
         let facts = self.facts().await?;
@@ -171,6 +192,10 @@ impl Agent {
                     }
                     None => bail!("the controller closed the command stream"),
                 },
+                () = self.reconnect.notified() => {
+                    tracing::info!(controller = %endpoint, "reconnecting with the renewed certificate");
+                    return Ok(());
+                }
             }
         }
     }

@@ -13,16 +13,31 @@ fn the_agent_says_ready_and_keeps_saying_its_loop_runs() {
     std::fs::create_dir_all(&dir).unwrap();
     let sock_path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
+    vmha_tls::ca::init(&dir, 1).unwrap();
+    let req = vmha_tls::ca::Request {
+        role: vmha_tls::Role::Host,
+        name: "kvm9".into(),
+        dns: vec![],
+        ips: vec![],
+        days: 1,
+    };
+    let host = vmha_tls::ca::issue(&dir, &dir, &req).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut agent = Command::new(env!("CARGO_BIN_EXE_vmha-agent"))
         .args([
             "--host-name",
             "kvm9",
             "--controller",
-            "http://127.0.0.1:9",
+            "https://127.0.0.1:9",
             "--libvirt-uri",
             "test:///default",
         ])
+        .arg("--tls-ca")
+        .arg(dir.join(vmha_tls::ca::CA_CERT))
+        .arg("--tls-cert")
+        .arg(&host.cert)
+        .arg("--tls-key")
+        .arg(&host.key)
         .args(["--peer-listen", "127.0.0.1:0", "--no-watchdog", "--state-dir"])
         .arg(dir.join("state"))
         .env("NOTIFY_SOCKET", &sock_path)

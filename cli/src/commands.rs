@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use vmha_proto::v1::operator_service_client::OperatorServiceClient;
 use vmha_proto::v1::*;
+use vmha_tls::Transport;
+use vmha_tls::transport::Expect;
 
 use crate::output::{self, Format, mib};
 
@@ -26,10 +29,23 @@ pub struct Cli {
         long,
         global = true,
         env = "VMHA_CONTROLLER",
-        default_value = "http://127.0.0.1:7400",
+        default_value = "https://127.0.0.1:7400",
         value_delimiter = ','
     )]
     controller: Vec<String>,
+    /// The cluster CA's certificate.
+    #[arg(long, global = true, env = "VMHA_CA", default_value = "/etc/vmha/pki/ca.pem", value_name = "PATH")]
+    ca: PathBuf,
+    /// Your operator certificate (`vmha ca issue operator NAME --role ROLE`): it names you in
+    /// the event log, and its role decides what you may do.
+    #[arg(long, global = true, env = "VMHA_CERT", value_name = "PATH")]
+    cert: Option<PathBuf>,
+    /// Your certificate's private key.
+    #[arg(long, global = true, env = "VMHA_KEY", value_name = "PATH")]
+    key: Option<PathBuf>,
+    /// Development only: plaintext to a controller that runs with --insecure-dev.
+    #[arg(long, global = true, env = "VMHA_INSECURE_DEV")]
+    insecure_dev: bool,
     /// Output: a table for people, or JSON for scripts.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -89,6 +105,10 @@ enum Verb {
         #[arg(long, value_parser = humantime_duration)]
         timeout: Option<Duration>,
     },
+    /// The cluster CA: make it, issue and renew certificates for hosts, controllers and
+    /// operators (works offline, on the machine that keeps the CA's key).
+    #[command(subcommand)]
+    Ca(crate::ca::CaVerb),
     /// The audit log: what vmha and operators did, and why.
     Events {
         /// How many of the newest events to show.
@@ -186,7 +206,9 @@ impl From<tonic::Status> for Failure {
             // The controller answered, but its database is away: say that, not that the
             // controller is.
             Code::Unavailable if s.message().starts_with("database unavailable") => s.message().to_string(),
-            Code::Unavailable => format!("the controller is unavailable: {}", s.message()),
+            Code::Unavailable => format!("the controller is unavailable: {}", vmha_tls::error_chain(&s)),
+            // A transport failure says little at the top ("transport error"): give its causes.
+            Code::Unknown => vmha_tls::error_chain(&s),
             _ => s.message().to_string(),
         };
         Failure { message, exit_code }
@@ -195,16 +217,35 @@ impl From<tonic::Status> for Failure {
 
 pub type Client = OperatorServiceClient<Channel>;
 
-async fn connect(endpoints: &[String]) -> Result<Client, Failure> {
+/// How the CLI reaches controllers: with the operator's certificate, or plaintext in
+/// `--insecure-dev`.
+fn transport(cli: &Cli) -> Result<Transport, Failure> {
+    if cli.insecure_dev {
+        return Ok(Transport::InsecureDev);
+    }
+    let (Some(cert), Some(key)) = (cli.cert.clone(), cli.key.clone()) else {
+        return Err(Failure {
+            message:
+                "no operator certificate: pass --cert and --key (or set VMHA_CERT and VMHA_KEY); an admin \
+                      makes one with `vmha ca issue operator NAME --role viewer|operator|admin`"
+                    .into(),
+            exit_code: 2,
+        });
+    };
+    let creds = vmha_tls::Credentials::load(vmha_tls::Paths { ca: cli.ca.clone(), cert, key })
+        .map_err(|e| Failure { message: e.to_string(), exit_code: 2 })?;
+    Ok(Transport::Mtls(creds))
+}
+
+async fn connect(endpoints: &[String], transport: &Transport) -> Result<Client, Failure> {
     let mut last = String::new();
     for e in endpoints {
-        let ep = Endpoint::from_shared(e.clone()).map_err(|_| Failure {
-            message: format!("'{e}' is not a controller URL like http://10.0.0.1:7400"),
-            exit_code: 2,
-        })?;
-        match ep.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect().await {
+        match transport.channel(e, Expect::Controller, Duration::from_secs(3)).await {
             Ok(ch) => return Ok(OperatorServiceClient::new(ch)),
-            Err(err) => last = format!("{e}: {err}"),
+            Err(err @ vmha_tls::TlsError::Refused(_)) => {
+                return Err(Failure { message: err.to_string(), exit_code: 2 });
+            }
+            Err(err) => last = err.to_string(),
         }
     }
     Err(Failure {
@@ -214,9 +255,14 @@ async fn connect(endpoints: &[String]) -> Result<Client, Failure> {
 }
 
 pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
-    let mut c = connect(&cli.controller).await?;
     let fmt = cli.output;
+    if let Verb::Ca(verb) = cli.command {
+        crate::ca::run(verb, fmt)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut c = connect(&cli.controller, &transport(&cli)?).await?;
     match cli.command {
+        Verb::Ca(_) => unreachable!("`vmha ca` needs no controller: handled above"),
         Verb::Status => {
             let s = c.status(StatusRequest {}).await?.into_inner();
             match fmt {
@@ -233,6 +279,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         s.vms_protected,
                         s.protected_not_running
                     );
+                    println!("you are {}", s.caller);
                     if !s.database.is_empty() {
                         println!("database: {} (leases and heartbeats go on from memory)", s.database);
                     }
@@ -390,6 +437,7 @@ fn host_table(hosts: &[Host]) {
             "CPUS",
             "MEMORY FREE/TOTAL",
             "HEARTBEAT",
+            "CERT EXPIRES",
         ],
         hosts
             .iter()
@@ -409,6 +457,11 @@ fn host_table(hosts: &[Host]) {
                     h.cpus.to_string(),
                     format!("{} / {}", mib(h.memory_free_mib), mib(h.memory_total_mib)),
                     h.heartbeat_age_s.map_or("never".into(), |a| format!("{a:.1}s ago")),
+                    if h.cert_not_after == 0 {
+                        "unknown".into()
+                    } else {
+                        crate::ca::expiry(h.cert_not_after)
+                    },
                 ]
             })
             .collect(),

@@ -1,5 +1,6 @@
 //! `vmha`: the operator's command line.
 
+mod ca;
 mod commands;
 mod drain;
 mod output;

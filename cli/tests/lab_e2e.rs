@@ -55,12 +55,17 @@ impl Lab {
         Lab { env }
     }
 
+    /// The CLI as the lab's admin, with the environment `deploy/lab/up` printed.
+    fn cli(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmha"));
+        for k in ["VMHA_CONTROLLER", "VMHA_CA", "VMHA_CERT", "VMHA_KEY"] {
+            cmd.env(k, &self.env[k]);
+        }
+        cmd
+    }
+
     fn vmha(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vmha"))
-            .args(args)
-            .env("VMHA_CONTROLLER", &self.env["VMHA_CONTROLLER"])
-            .output()
-            .expect("run vmha")
+        self.cli().args(args).output().expect("run vmha")
     }
 
     fn vmha_ok(&self, args: &[&str]) -> String {
@@ -1218,9 +1223,9 @@ fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
         lab.vmha_ok(&["host", "drain", host, "--no-wait"]);
         let started = t0.elapsed();
         // An operator following the drain: the restart must not end their command.
-        let follower = Command::new(env!("CARGO_BIN_EXE_vmha"))
+        let follower = lab
+            .cli()
             .args(["host", "drain", host, "--wait"])
-            .env("VMHA_CONTROLLER", &lab.env["VMHA_CONTROLLER"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -1523,9 +1528,158 @@ fn keep_logs(lab: &Lab) -> PathBuf {
     to
 }
 
+/// Heartbeats that say "dns1 is shut off" on its host, from a process without that host's
+/// credentials, over every path an attacker has: plaintext, TLS without a client certificate, a
+/// self-signed certificate naming the host, and another host's valid certificate claiming to
+/// be it. Each is refused, and dns1 keeps running once, in the same QEMU process.
+fn forged_heartbeats_are_refused(lab: &Lab) {
+    use vmha_proto::v1::agent_service_client::AgentServiceClient;
+    use vmha_proto::v1::{Domain, DomainState, HeartbeatRequest};
+
+    lab.settle();
+    lab.ensure_running("dns1");
+    let victim = lab.protect_known("dns1", "100");
+    let uuid = lab.json(&["vm", "show", "dns1"])["uuid"].as_str().unwrap().to_string();
+    let other = HOSTS.into_iter().find(|h| *h != victim).unwrap();
+    let before = qemu_processes();
+    let watch = DoubleRunWatch::start();
+    let last_event = lab.events().last().map_or(0, |e| e["id"].as_i64().unwrap());
+    let endpoint = lab.env["VMHA_CONTROLLER"].clone();
+    let address = endpoint.trim_start_matches("https://").to_string();
+    let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
+    let ca = tonic::transport::Certificate::from_pem(read("ca.pem"));
+
+    let self_signed = {
+        let mut params = rcgen::CertificateParams::new(vec![victim.clone()]).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(format!("urn:vmha:host:{victim}").try_into().unwrap()));
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem())
+    };
+    let tls = |identity: Option<tonic::transport::Identity>| {
+        let mut cfg = tonic::transport::ClientTlsConfig::new().ca_certificate(ca.clone()).domain_name("ctl1");
+        if let Some(id) = identity {
+            cfg = cfg.identity(id);
+        }
+        cfg
+    };
+    let attempts: Vec<(&str, String, Option<tonic::transport::ClientTlsConfig>)> = vec![
+        ("plaintext", format!("http://{address}"), None),
+        ("TLS without a client certificate", format!("https://{address}"), Some(tls(None))),
+        (
+            "a self-signed certificate naming the host",
+            format!("https://{address}"),
+            Some(tls(Some(self_signed))),
+        ),
+        (
+            "another host's certificate",
+            format!("https://{address}"),
+            Some(tls(Some(tonic::transport::Identity::from_pem(
+                read(&format!("host-{other}.pem")),
+                read(&format!("host-{other}.key")),
+            )))),
+        ),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for (how, url, tls) in attempts {
+        let answer: Result<(), String> = rt.block_on(async {
+            let mut ep =
+                tonic::transport::Endpoint::from_shared(url).unwrap().connect_timeout(Duration::from_secs(3));
+            if let Some(tls) = tls {
+                ep = ep.tls_config(tls).unwrap();
+            }
+            let channel = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+            let mut client = AgentServiceClient::new(channel);
+            for seq in 0..3 {
+                let mut req = tonic::Request::new(HeartbeatRequest {
+                    seq: 1_000_000 + seq,
+                    domains: vec![Domain {
+                        uuid: uuid.clone(),
+                        name: "dns1".into(),
+                        state: DomainState::ShutOff as i32,
+                        memory_kib: 65536,
+                        vcpus: 1,
+                        persistent: true,
+                        xml: String::new(),
+                    }],
+                    ..Default::default()
+                });
+                req.metadata_mut().insert("x-vmha-host", victim.parse().unwrap());
+                client
+                    .heartbeat(req)
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), vmha_tls::error_chain(&s)))?;
+            }
+            Ok(())
+        });
+        match answer {
+            Ok(()) => panic!("a forged heartbeat over {how} was accepted"),
+            Err(e) => println!("  {how}: refused ({})", e.chars().take(240).collect::<String>()),
+        }
+    }
+    std::thread::sleep(Duration::from_secs(6)); // more than a lease TTL
+    let (samples, doubles) = watch.finish();
+    assert!(doubles.is_empty(), "ran twice: {doubles:?}");
+    assert!(samples > 10);
+    assert_eq!(qemu_processes().get("dns1"), before.get("dns1"), "dns1 untouched, in the same QEMU process");
+    let touched: Vec<_> = lab
+        .events()
+        .into_iter()
+        .filter(|e| e["id"].as_i64().unwrap() > last_event && e["subject"] == "dns1")
+        .collect();
+    assert!(touched.is_empty(), "events about dns1 after the forged heartbeats: {touched:?}");
+}
+
+/// Roles: a viewer reads but cannot drain; an operator drains but cannot confirm a host
+/// down; events name the operator from the certificate.
+fn roles_decide_and_events_name_the_operator(lab: &Lab) {
+    let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
+    let as_ = |who: &str, args: &[&str]| {
+        let cert = pki.join(format!("operator-{who}.pem"));
+        let key = pki.join(format!("operator-{who}.key"));
+        lab.cli().env("VMHA_CERT", cert).env("VMHA_KEY", key).args(args).output().unwrap()
+    };
+    lab.settle();
+    let host = HOSTS[2];
+    let status = as_("lab-viewer", &["status"]);
+    assert!(status.status.success(), "a viewer reads: {}", String::from_utf8_lossy(&status.stderr));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("you are lab-viewer (viewer)"));
+    let out = as_("lab-viewer", &["host", "drain", host]);
+    assert_eq!(out.status.code(), Some(4), "a viewer cannot drain");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("drain needs the operator role"), "{err}");
+    let out = as_("lab-operator", &["host", "confirm-down", host]);
+    assert_eq!(out.status.code(), Some(4), "an operator cannot confirm a host down");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("confirm-down needs the admin role"), "{err}");
+    let out = as_("lab-operator", &["host", "drain", host, "--allow-restart", "--dry-run"]);
+    assert!(out.status.success(), "a dry run only reads: {}", String::from_utf8_lossy(&out.stderr));
+    let out = as_("lab-operator", &["protect", "dns2", "--priority", "5"]);
+    assert!(out.status.success(), "an operator protects: {}", String::from_utf8_lossy(&out.stderr));
+    let events = lab.events();
+    let protected = events
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "vm_protected" && e["subject"] == "dns2")
+        .expect("a vm_protected event for dns2");
+    assert_eq!(protected["actor"], "lab-operator", "{protected}");
+    assert!(as_("lab-operator", &["unprotect", "dns2"]).status.success());
+    let out = lab
+        .cli()
+        .env("VMHA_CONTROLLER", lab.env["VMHA_CONTROLLER"].replace("https", "http"))
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "plaintext is refused by the CLI itself");
+}
+
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 18] = [
+    let scenarios: [Scenario; 20] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -1559,6 +1713,8 @@ fn main() {
             "a_controller_killed_mid_failover_finishes_the_restarts",
             a_controller_killed_mid_failover_finishes_the_restarts,
         ),
+        ("forged_heartbeats_are_refused", forged_heartbeats_are_refused),
+        ("roles_decide_and_events_name_the_operator", roles_decide_and_events_name_the_operator),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let lab = Lab::up_with(Some("default"));

@@ -1,5 +1,5 @@
 //! The agents' side of the gRPC API. Every handler takes the host from the connection
-//! (`validate::agent_host`), validates the message, and hands it to the engine as one input.
+//! (`Access::agent_host`: the agent's certificate), validates the message, and hands it to the engine as one input.
 //! Register and heartbeat answer from memory and never wait for PostgreSQL: an agent must not
 //! lose its lease because the database is away (what they change is queued, see `journal`).
 
@@ -18,12 +18,14 @@ use vmha_engine::{Millis, Watchdog};
 use vmha_proto::v1::agent_service_server::AgentService;
 use vmha_proto::v1::*;
 
+use crate::access::Access;
 use crate::controller::Controller;
 use crate::errors::{Error, refusal, unexpected};
 use crate::journal::Write;
 use crate::validate;
 
-pub struct AgentApi(pub Arc<Controller>);
+/// The agent API of a controller, and how it knows which host calls (see `access`).
+pub struct AgentApi(pub Arc<Controller>, pub Access);
 
 /// The engine's view of what an agent says of its watchdog.
 fn watchdog(w: Option<&WatchdogStatus>) -> Watchdog {
@@ -46,7 +48,8 @@ fn resources(f: &HostFacts) -> HostResources {
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        let host = validate::agent_host(&req)?;
+        let host = self.1.agent_host(&req)?;
+        let cert_not_after = vmha_tls::transport::caller(&req).ok().map(|id| id.not_after);
         let r = req.into_inner();
         validate::migration_uri(validate::short_text("the migration URI", &r.migration_uri)?)?;
         validate::peer_address(validate::short_text("the peer address", &r.peer_address)?)?;
@@ -74,6 +77,9 @@ impl AgentService for AgentApi {
             Reply::Refused(r) => return Err(refusal(r)),
             other => return Err(unexpected("register", &other).into()),
         };
+        if let Some(t) = cert_not_after {
+            c.set_host_cert_expiry(&host, t);
+        }
         let named = host.clone();
         if let Some(view) = c.read(move |s| s.hosts.get(&named).cloned()).await? {
             c.write(Write::Host { host: view, hypervisor_version: facts.hypervisor_version.clone() });
@@ -94,7 +100,7 @@ impl AgentService for AgentApi {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        let host = validate::agent_host(&req)?;
+        let host = self.1.agent_host(&req)?;
         let r = req.into_inner();
         let domains = validate::reported_domains(&r.domains)?;
         validate::probes(&r.probes)?;
@@ -155,7 +161,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<CommandsRequest>,
     ) -> Result<Response<Self::CommandsStream>, Status> {
-        let host = validate::agent_host(&req)?;
+        let host = self.1.agent_host(&req)?;
         let named = host.clone();
         if !self.0.read(move |s| s.hosts.contains_key(&named)).await? {
             return Err(
@@ -167,13 +173,13 @@ impl AgentService for AgentApi {
     }
 
     async fn report_progress(&self, req: Request<OperationProgress>) -> Result<Response<Ack>, Status> {
-        let host = validate::agent_host(&req)?;
+        let host = self.1.agent_host(&req)?;
         self.0.progress(&host, req.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 
     async fn report_result(&self, req: Request<OperationResult>) -> Result<Response<Ack>, Status> {
-        let host = validate::agent_host(&req)?;
+        let host = self.1.agent_host(&req)?;
         let r = req.into_inner();
         validate::short_text("the operation's error", &r.error)?;
         let id = OpId::parse(&r.operation_id)

@@ -13,6 +13,22 @@ pub struct Flags {
     /// Address to serve agents and operators on.
     #[arg(long, env = "VMHA_LISTEN", default_value = "0.0.0.0:7400")]
     pub listen: SocketAddr,
+    /// The cluster CA's certificate (`vmha ca init`): agents and operators must present a
+    /// certificate it issued, and the role in it decides what they may do.
+    #[arg(long, env = "VMHA_TLS_CA", default_value = "/etc/vmha/pki/ca.pem", value_name = "PATH")]
+    pub tls_ca: std::path::PathBuf,
+    /// This controller's certificate, from `vmha ca issue controller NAME`. Renewed in place,
+    /// it is reloaded on SIGHUP (`systemctl reload vmha-controller`).
+    #[arg(long, env = "VMHA_TLS_CERT", value_name = "PATH", required_unless_present = "insecure_dev")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// This controller's private key (written 0600 by `vmha ca issue`).
+    #[arg(long, env = "VMHA_TLS_KEY", value_name = "PATH", required_unless_present = "insecure_dev")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Development only: serve plaintext and check nobody. Any process that reaches the port can
+    /// then speak for any host or operator (and make the controller start a second copy of a
+    /// VM). `vmha status` says so loudly.
+    #[arg(long)]
+    pub insecure_dev: bool,
     /// PostgreSQL URL, e.g. postgres://vmha:PASSWORD@db.example.net/vmha.
     #[arg(long, env = "VMHA_DATABASE_URL")]
     pub database_url: String,

@@ -79,6 +79,9 @@ pub struct Controller {
     /// The last operations that ended, newest last: a follower that comes just after the end
     /// is answered from here, since the final state may still be queued for the database.
     ended: Mutex<VecDeque<pb::Operation>>,
+    /// When each registered agent's certificate expires (seconds since the Unix epoch), for
+    /// `vmha host ls`: read from the certificate it registered with.
+    host_certs: Mutex<HashMap<String, i64>>,
 }
 
 /// An operation in flight, as the shell follows it.
@@ -215,6 +218,7 @@ impl Controller {
             timings,
             inbox,
             agents: Mutex::default(),
+            host_certs: Mutex::default(),
             watched: Mutex::new(watched),
             ended: Mutex::default(),
         });
@@ -491,6 +495,14 @@ impl Controller {
     }
 
     /// Opens the command stream for `host`'s agent, replacing any earlier one.
+    pub fn set_host_cert_expiry(&self, host: &str, not_after: i64) {
+        lock(&self.host_certs).insert(host.into(), not_after);
+    }
+
+    pub fn host_cert_expiry(&self, host: &str) -> Option<i64> {
+        lock(&self.host_certs).get(host).copied()
+    }
+
     pub fn connect_agent(&self, host: &str) -> mpsc::Receiver<Result<pb::Command, Status>> {
         let (tx, rx) = mpsc::channel(64);
         lock(&self.agents).insert(host.into(), tx);

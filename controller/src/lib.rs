@@ -1,5 +1,6 @@
 //! vmha controller: the shell around `vmha-engine`.
 
+pub mod access;
 pub mod agent_api;
 pub mod config;
 pub mod controller;

@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
+use vmha_controller::access::Access;
 use vmha_controller::config::Flags;
 use vmha_controller::controller::{Controller, FenceSettings, MigrationSettings};
 use vmha_controller::{agent_api::AgentApi, operator_api::OperatorApi};
@@ -25,6 +26,8 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(70);
     }));
     let flags = Flags::parse();
+    let creds = credentials(&flags)?;
+    let access = if creds.is_some() { Access::Mtls } else { Access::InsecureDev };
     let timings = Timings {
         heartbeat_interval_ms: flags.heartbeat_interval.as_millis() as u64,
         lease_ttl_ms: flags.lease_ttl.as_millis() as u64,
@@ -62,16 +65,27 @@ async fn main() -> anyhow::Result<()> {
     let decisions = tokio::spawn(decisions.run(controller.clone()));
     tracing::info!(listen = %flags.listen, epoch = controller.epoch, "vmha-controller serving");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let serve = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(
-            AgentServiceServer::new(AgentApi(controller.clone()))
+            AgentServiceServer::new(AgentApi(controller.clone(), access))
                 .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
         )
         .add_service(
-            OperatorServiceServer::new(OperatorApi(controller))
+            OperatorServiceServer::new(OperatorApi(controller, access))
                 .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
-        )
-        .serve_with_shutdown(flags.listen, shutdown());
+        );
+    let listen = flags.listen;
+    let serve = async move {
+        match creds {
+            Some(creds) => {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                let incoming = vmha_tls::transport::incoming(listener, &creds)?;
+                router.serve_with_incoming_shutdown(incoming, shutdown()).await?;
+            }
+            None => router.serve_with_shutdown(listen, shutdown()).await?,
+        }
+        anyhow::Ok(())
+    };
     tokio::select! {
         served = serve => served.with_context(|| format!("cannot serve on {}", flags.listen))?,
         ended = decisions => anyhow::bail!("the decision loop ended ({ended:?}); exiting so that it is restarted"),
@@ -79,6 +93,34 @@ async fn main() -> anyhow::Result<()> {
     // Stopping the controller never stops a VM: agents keep them running and reconnect.
     tracing::info!("vmha-controller stopped");
     Ok(())
+}
+
+/// The controller's certificate, checked to be one; `None` with --insecure-dev.
+fn credentials(flags: &Flags) -> anyhow::Result<Option<std::sync::Arc<vmha_tls::Credentials>>> {
+    if flags.insecure_dev {
+        tracing::warn!(
+            "--insecure-dev: serving plaintext and checking nobody; any process that reaches {} can speak \
+             for any host or operator",
+            flags.listen
+        );
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (flags.tls_cert.clone(), flags.tls_key.clone()) else {
+        anyhow::bail!(
+            "--tls-cert and --tls-key are required (make them with `vmha ca issue controller NAME`)"
+        );
+    };
+    let creds = vmha_tls::Credentials::load(vmha_tls::Paths { ca: flags.tls_ca.clone(), cert, key })?;
+    let id = creds.identity();
+    if id.role != vmha_tls::Role::Controller {
+        anyhow::bail!(
+            "{} is the certificate of {id}, not of a controller: agents would refuse it",
+            flags.tls_cert.as_ref().map_or(String::new(), |p| p.display().to_string())
+        );
+    }
+    tracing::info!(identity = %id, "mutual TLS: agents and operators need certificates of the cluster CA");
+    vmha_tls::credentials::reload_on_sighup(creds.clone(), || {});
+    Ok(Some(creds))
 }
 
 async fn shutdown() {

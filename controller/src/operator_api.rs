@@ -17,16 +17,15 @@ use vmha_engine::step::{Input, Reply, Request as Change};
 use vmha_engine::{FencingMode, HostLiveness, drain};
 use vmha_proto::v1::operator_service_server::OperatorService;
 use vmha_proto::v1::*;
+use vmha_tls::Level;
 
+use crate::access::{Access, Operator};
 use crate::controller::Controller;
 use crate::errors::{Error, refusal, unexpected};
 use crate::{validate, views};
 
-pub struct OperatorApi(pub Arc<Controller>);
-
-/// Who asked. Operators authenticate with certificates in a later version; until then every
-/// request is "operator".
-const ACTOR: &str = "operator";
+/// The operator API of a controller, and how it knows who calls (see `access`).
+pub struct OperatorApi(pub Arc<Controller>, pub Access);
 
 fn is_terminal(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "aborted")
@@ -34,8 +33,8 @@ fn is_terminal(state: &str) -> bool {
 
 impl OperatorApi {
     /// Hands an operator's change to the engine; its refusal becomes the answer.
-    async fn change(&self, request: Change) -> Result<Reply, Error> {
-        match self.0.step(Input::Operator { actor: ACTOR.into(), request }).await? {
+    async fn change(&self, who: &Operator, request: Change) -> Result<Reply, Error> {
+        match self.0.step(Input::Operator { actor: who.name.clone(), request }).await? {
             Reply::Refused(r) => Err(Error::Refused(r)),
             reply => Ok(reply),
         }
@@ -43,13 +42,20 @@ impl OperatorApi {
 
     async fn host_view(&self, host: &str) -> Result<Host, Error> {
         let now = self.0.now();
-        let host = host.to_string();
-        self.0.read(move |s| views::host(s, &host, now)).await
+        let named = host.to_string();
+        let mut view = self.0.read(move |s| views::host(s, &named, now)).await?;
+        view.cert_not_after = self.0.host_cert_expiry(host).unwrap_or_default();
+        Ok(view)
     }
 
     async fn hosts(&self) -> Result<Vec<Host>, Error> {
         let now = self.0.now();
-        self.0.read(move |s| s.hosts.keys().map(|h| views::host(s, h, now)).collect()).await
+        let mut hosts: Vec<Host> =
+            self.0.read(move |s| s.hosts.keys().map(|h| views::host(s, h, now)).collect()).await?;
+        for h in &mut hosts {
+            h.cert_not_after = self.0.host_cert_expiry(&h.name).unwrap_or_default();
+        }
+        Ok(hosts)
     }
 }
 
@@ -57,7 +63,7 @@ impl OperatorApi {
     /// A protection covers a VM only once its host's agent knows of it (its self-fence destroys
     /// only what it knows is protected): the answer to `vmha protect` waits until the host has
     /// acknowledged an answer listing it, at most a few heartbeats.
-    async fn await_protection_known(&self, vm: &vmha_engine::VmView) {
+    async fn await_protection_known(&self, who: &Operator, vm: &vmha_engine::VmView) {
         let Some(host) = vm.host.clone() else { return };
         let interval = Duration::from_millis(self.0.timings.heartbeat_interval_ms);
         let deadline = tokio::time::Instant::now() + interval * 3 + Duration::from_secs(1);
@@ -80,7 +86,7 @@ impl OperatorApi {
                             vm.name
                         ),
                     )
-                    .by(ACTOR),
+                    .by(&who.name),
                 );
                 return;
             }
@@ -91,7 +97,8 @@ impl OperatorApi {
 
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let who = self.1.operator(&req, Level::Viewer, "reading the status")?;
         let hosts = self.hosts().await?;
         let now = self.0.now();
         let (vms_total, vms_running, vms_protected, protected_down, quorum, warnings) = self
@@ -115,6 +122,15 @@ impl OperatorService for OperatorApi {
                 )
             })
             .await?;
+        let mut warnings = warnings;
+        if self.1 == Access::InsecureDev {
+            warnings.insert(
+                0,
+                "INSECURE: this controller runs with --insecure-dev: anyone who reaches it can speak for any \
+                 host or operator, and start a second copy of any VM. Never run a cluster this way."
+                    .into(),
+            );
+        }
         Ok(Response::new(StatusResponse {
             epoch: self.0.epoch,
             hosts_total: hosts.len() as u32,
@@ -130,14 +146,21 @@ impl OperatorService for OperatorApi {
             leader_clock_ms: now.0,
             warnings,
             database: self.0.database_trouble().unwrap_or_default(),
+            insecure_dev: self.1 == Access::InsecureDev,
+            caller: format!("{} ({})", who.name, who.level),
         }))
     }
 
-    async fn list_hosts(&self, _: Request<ListHostsRequest>) -> Result<Response<ListHostsResponse>, Status> {
+    async fn list_hosts(
+        &self,
+        req: Request<ListHostsRequest>,
+    ) -> Result<Response<ListHostsResponse>, Status> {
+        self.1.operator(&req, Level::Viewer, "listing hosts")?;
         Ok(Response::new(ListHostsResponse { hosts: self.hosts().await? }))
     }
 
-    async fn list_vms(&self, _: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
+    async fn list_vms(&self, req: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
+        self.1.operator(&req, Level::Viewer, "listing VMs")?;
         let now = self.0.now();
         let mut vms: Vec<Vm> =
             self.0.read(move |s| s.vms.values().map(|v| views::vm(s, v, now)).collect()).await?;
@@ -146,6 +169,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn get_vm(&self, req: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
+        self.1.operator(&req, Level::Viewer, "showing a VM")?;
         let key = validate::vm_ref(&req.get_ref().vm)?.to_string();
         let now = self.0.now();
         self.0
@@ -156,6 +180,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn set_protection(&self, req: Request<SetProtectionRequest>) -> Result<Response<Vm>, Status> {
+        let who = self.1.operator(&req, Level::Operator, "changing a VM's protection")?;
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?;
         let priority = r.priority.map(validate::priority).transpose()?;
@@ -171,14 +196,17 @@ impl OperatorService for OperatorApi {
         let was_protected =
             self.0.read(move |s| s.find_vm(&named).map(|v| v.protected)).await?.map_err(refusal)?;
         let reply = self
-            .change(Change::Protection {
-                vm: key.to_string(),
-                protected: r.protected,
-                priority,
-                anti_affinity: group.map(str::to_string),
-                allowed_hosts: r.set_allowed_hosts.then(|| r.allowed_hosts.clone()),
-                preferred_host: r.preferred_host.clone(),
-            })
+            .change(
+                &who,
+                Change::Protection {
+                    vm: key.to_string(),
+                    protected: r.protected,
+                    priority,
+                    anti_affinity: group.map(str::to_string),
+                    allowed_hosts: r.set_allowed_hosts.then(|| r.allowed_hosts.clone()),
+                    preferred_host: r.preferred_host.clone(),
+                },
+            )
             .await?;
         let Reply::Vm(uuid) = reply else { return Err(unexpected("set_protection", &reply).into()) };
         let vm = self
@@ -190,7 +218,7 @@ impl OperatorService for OperatorApi {
             .await?
             .ok_or_else(|| Error::NotFound(format!("VM {uuid} is gone")))?;
         if vm.protected && !was_protected {
-            self.await_protection_known(&vm).await;
+            self.await_protection_known(&who, &vm).await;
         }
         let now = self.0.now();
         let view = self.0.read(move |s| views::vm(s, &vm, now)).await?;
@@ -198,6 +226,11 @@ impl OperatorService for OperatorApi {
     }
 
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainPlan>, Status> {
+        let who = match (req.get_ref().dry_run, req.get_ref().allow_restart) {
+            (true, _) => self.1.operator(&req, Level::Viewer, "a drain's dry run")?,
+            (false, true) => self.1.operator(&req, Level::Admin, "drain --allow-restart")?,
+            (false, false) => self.1.operator(&req, Level::Operator, "drain")?,
+        };
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
         let now = self.0.now();
@@ -214,7 +247,7 @@ impl OperatorService for OperatorApi {
             return Ok(Response::new(views::drain(&host, &d)));
         }
         self.0.require_database("draining a host")?;
-        self.change(Change::Drain { host: host.clone(), allow_restart: r.allow_restart }).await?;
+        self.change(&who, Change::Drain { host: host.clone(), allow_restart: r.allow_restart }).await?;
         let plan = self
             .0
             .read(move |s| s.hosts.get(&host).and_then(|h| h.drain.as_ref()).map(|d| views::drain(&host, d)))
@@ -223,13 +256,15 @@ impl OperatorService for OperatorApi {
     }
 
     async fn undrain(&self, req: Request<UndrainRequest>) -> Result<Response<Host>, Status> {
+        let who = self.1.operator(&req, Level::Operator, "undraining a host")?;
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         self.0.require_database("undraining a host")?;
-        self.change(Change::Undrain { host: host.clone() }).await?;
+        self.change(&who, Change::Undrain { host: host.clone() }).await?;
         Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn set_memory_limit(&self, req: Request<SetMemoryLimitRequest>) -> Result<Response<Host>, Status> {
+        let who = self.1.operator(&req, Level::Operator, "setting a host's memory limit")?;
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
         let mib = validate::at_most(
@@ -239,18 +274,20 @@ impl OperatorService for OperatorApi {
         )?;
         let limit = (mib > 0).then_some(mib * 1024);
         self.0.require_database("setting a host's memory limit")?;
-        self.change(Change::SetMemoryLimit { host: host.clone(), limit_kib: limit }).await?;
+        self.change(&who, Change::SetMemoryLimit { host: host.clone(), limit_kib: limit }).await?;
         Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn confirm_down(&self, req: Request<ConfirmDownRequest>) -> Result<Response<Host>, Status> {
+        let who = self.1.operator(&req, Level::Admin, "confirm-down")?;
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         self.0.require_database("confirming a host is down")?;
-        self.change(Change::ConfirmDown { host: host.clone() }).await?;
+        self.change(&who, Change::ConfirmDown { host: host.clone() }).await?;
         Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn set_fencing(&self, req: Request<SetFencingRequest>) -> Result<Response<Host>, Status> {
+        let who = self.1.operator(&req, Level::Admin, "changing a host's fencing mode")?;
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
         let mode = FencingMode::parse(&r.mode).ok_or_else(|| {
@@ -263,11 +300,12 @@ impl OperatorService for OperatorApi {
             .into());
         }
         self.0.require_database("setting a host's fencing mode")?;
-        self.change(Change::SetFencing { host: host.clone(), mode }).await?;
+        self.change(&who, Change::SetFencing { host: host.clone(), mode }).await?;
         Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn migrate(&self, req: Request<MigrateRequest>) -> Result<Response<Operation>, Status> {
+        let who = self.1.operator(&req, Level::Operator, "migrate")?;
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?;
         let target = validate::host_name(&r.target_host)?;
@@ -284,8 +322,9 @@ impl OperatorService for OperatorApi {
             },
             timeout_ms: if r.timeout_ms > 0 { r.timeout_ms } else { default_timeout },
         });
-        let reply =
-            self.change(Change::Migrate { vm: key.to_string(), to: target.to_string(), overrides }).await?;
+        let reply = self
+            .change(&who, Change::Migrate { vm: key.to_string(), to: target.to_string(), overrides })
+            .await?;
         let Reply::Operation(id) = reply else { return Err(unexpected("migrate", &reply).into()) };
         let op = self
             .0
@@ -304,6 +343,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<WatchOperationRequest>,
     ) -> Result<Response<Self::WatchOperationStream>, Status> {
+        self.1.operator(&req, Level::Viewer, "following an operation")?;
         let id = OpId::parse(&req.get_ref().id)
             .ok_or_else(|| Error::Invalid(format!("'{}' is not an operation id", req.get_ref().id)))?;
         let live = self.0.watch_operation(id);
@@ -316,6 +356,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
+        self.1.operator(&req, Level::Viewer, "reading events")?;
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit.min(10_000) };
         self.0.require_database("listing events")?;

@@ -1,25 +1,11 @@
 //! Checks on everything that arrives from the network, before anything acts on it. Each error
-//! names the offending value and becomes an `InvalidArgument` (or `Unauthenticated`) status.
+//! names the offending value and becomes an `InvalidArgument` status. (Who may send what is
+//! `access`.)
 
 use crate::errors::Error;
 use uuid::Uuid;
 use vmha_engine::{ReportedDomain, RunState};
 use vmha_proto::v1::{Domain, DomainState};
-
-/// The host an agent speaks for, taken from the connection, never from a message body.
-/// Today that is the `x-vmha-host` header; with mTLS it becomes the certificate's name.
-pub fn agent_host<T>(req: &tonic::Request<T>) -> Result<String, Error> {
-    let value = req
-        .metadata()
-        .get(vmha_proto::HOST_HEADER)
-        .ok_or_else(|| Error::Unauthenticated("the agent did not identify its host".into()))?;
-    let host =
-        value.to_str().map_err(|_| Error::Unauthenticated("the agent's host name is not ASCII".into()))?;
-    if !vmha_proto::is_host_name(host) {
-        return Err(Error::Unauthenticated(format!("'{host}' is not a valid host name")));
-    }
-    Ok(host.to_string())
-}
 
 pub fn domain_uuid(s: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(s).map_err(|_| Error::Invalid(format!("'{s}' is not a domain UUID")))
@@ -224,16 +210,6 @@ mod tests {
     }
 
     const U: &str = "6f1c1a52-6a3c-4d8e-9d42-0a4f0f7b9a10";
-
-    #[test]
-    fn the_host_comes_from_the_connection_header_only() {
-        let mut req = tonic::Request::new(());
-        assert_eq!(tonic::Status::from(agent_host(&req).unwrap_err()).code(), tonic::Code::Unauthenticated);
-        req.metadata_mut().insert(vmha_proto::HOST_HEADER, "kvm 1".parse().unwrap());
-        assert_eq!(tonic::Status::from(agent_host(&req).unwrap_err()).code(), tonic::Code::Unauthenticated);
-        req.metadata_mut().insert(vmha_proto::HOST_HEADER, "kvm1".parse().unwrap());
-        assert_eq!(agent_host(&req).unwrap(), "kvm1");
-    }
 
     #[test]
     fn domain_reports_are_checked_and_normalised() {

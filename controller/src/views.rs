@@ -54,6 +54,8 @@ pub fn host(s: &ClusterState, name: &str, now: Millis) -> pb::Host {
         drain: h.drain.as_ref().map(|d| drain(name, d)),
         memory_limit_mib: h.memory_limit_kib.map_or(0, |m| m / 1024),
         lock_manager: if h.lock_manager.is_empty() { "unknown".into() } else { h.lock_manager.clone() },
+        // The shell fills it in: the engine does not see certificates.
+        cert_not_after: 0,
         watchdog: h.watchdog.as_str().into(),
         watchdog_detail: match &h.watchdog {
             Watchdog::Armed { device, timeout_ms } => {

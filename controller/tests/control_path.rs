@@ -7,13 +7,13 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::PgServer;
-use tokio_stream::wrappers::TcpListenerStream;
+use support::{PgServer, pki};
 use vmha_agent::config::Config;
 use vmha_agent::hypervisor::fake::FakeHypervisor;
 use vmha_agent::hypervisor::{Hypervisor, HypervisorError, JobProgress, MigrateOptions, MigrationStats};
 use vmha_agent::lease::LeaseShell;
 use vmha_agent::session::Agent;
+use vmha_controller::access::Access;
 use vmha_controller::agent_api::AgentApi;
 use vmha_controller::controller::{Controller, DecisionLoop, FenceSettings, MigrationSettings};
 use vmha_controller::operator_api::OperatorApi;
@@ -22,6 +22,7 @@ use vmha_proto::v1::agent_service_server::AgentServiceServer;
 use vmha_proto::v1::operator_service_client::OperatorServiceClient;
 use vmha_proto::v1::operator_service_server::OperatorServiceServer;
 use vmha_proto::v1::*;
+use vmha_tls::{Level, Role};
 
 const DNS1: &str = "0d6b3f2e-1c1e-4f7e-9a55-2b8a1f6c0d01";
 const WEB1: &str = "0d6b3f2e-1c1e-4f7e-9a55-2b8a1f6c0d02";
@@ -82,12 +83,13 @@ async fn start_controller(timeout: Duration, result_grace: Duration) -> (String,
 async fn serve((controller, decisions): (Arc<Controller>, DecisionLoop)) -> String {
     tokio::spawn(decisions.run(controller.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let endpoint = format!("https://{}", listener.local_addr().unwrap());
+    let incoming = vmha_tls::transport::incoming(listener, &pki::creds(Role::Controller, "ctl1")).unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(AgentServiceServer::new(AgentApi(controller.clone())))
-            .add_service(OperatorServiceServer::new(OperatorApi(controller)))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            .add_service(AgentServiceServer::new(AgentApi(controller.clone(), Access::Mtls)))
+            .add_service(OperatorServiceServer::new(OperatorApi(controller, Access::Mtls)))
+            .serve_with_incoming(incoming),
     );
     endpoint
 }
@@ -104,9 +106,10 @@ fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) -> Arc<Lease
         peer_address: "127.0.0.1:1".into(),
         probes: vmha_agent::probes::ProbeConfig::default(),
         state_dir: None,
+        tls: None,
     };
     let lease = LeaseShell::new(name, Timings::default(), None);
-    tokio::spawn(Agent::new(cfg, hv, lease.clone()).run());
+    tokio::spawn(Agent::new(cfg, hv, lease.clone(), pki::transport(Role::Host, name)).run());
     lease
 }
 
@@ -119,7 +122,7 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     spawn_agent("kvm1", Arc::new(kvm1.clone()), &endpoint);
     spawn_agent("kvm2", Arc::new(kvm2.clone()), &endpoint);
 
-    let mut op = OperatorServiceClient::connect(endpoint.clone()).await.unwrap();
+    let mut op = pki::operator(&endpoint, Level::Admin).await;
     let vm = until("dns1 reported on kvm1 and both hosts online", async || {
         let hosts = op.list_hosts(ListHostsRequest {}).await.ok()?.into_inner().hosts;
         let vm = op.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?.into_inner();
@@ -218,7 +221,7 @@ async fn an_operation_whose_agent_never_answers_is_failed_and_frees_the_vm() {
     kvm1.add_running(DNS1, "dns1");
     spawn_agent("kvm1", Arc::new(Hanging(kvm1)), &endpoint);
     spawn_agent("kvm2", Arc::new(FakeHypervisor::default()), &endpoint);
-    let mut op = OperatorServiceClient::connect(endpoint).await.unwrap();
+    let mut op = pki::operator(&endpoint, Level::Admin).await;
     until("both hosts online with dns1", async || {
         let hosts = op.list_hosts(ListHostsRequest {}).await.ok()?.into_inner().hosts;
         op.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?;
@@ -250,7 +253,7 @@ async fn a_database_outage_fences_nobody_and_what_changed_meanwhile_is_written_a
         spawn_agent("kvm1", Arc::new(kvm1.clone()), &endpoint),
         spawn_agent("kvm2", Arc::new(kvm2.clone()), &endpoint),
     ];
-    let mut op = OperatorServiceClient::connect(endpoint).await.unwrap();
+    let mut op = pki::operator(&endpoint, Level::Admin).await;
     until("both hosts online with dns1 and web1", async || {
         let hosts = op.list_hosts(ListHostsRequest {}).await.ok()?.into_inner().hosts;
         op.get_vm(GetVmRequest { vm: "web1".into() }).await.ok()?;
@@ -368,8 +371,18 @@ async fn the_controller_says_ready_and_its_loop_runs_and_refuses_unsafe_timings(
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    vmha_tls::ca::init(&dir, 1).unwrap();
+    let issue = |role, name: &str| {
+        let req = vmha_tls::ca::Request { role, name: name.into(), dns: vec![], ips: vec![], days: 1 };
+        let issued = vmha_tls::ca::issue(&dir, &dir, &req).unwrap();
+        let ca = dir.join(vmha_tls::ca::CA_CERT);
+        [ca, issued.cert, issued.key].map(|p| p.to_str().unwrap().to_string())
+    };
+    let [ca, cert, key] = issue(Role::Controller, "ctl1");
+    let tls = ["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key].map(String::from);
     let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_vmha-controller"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--database-url", &url])
+        .args(&tls)
         .env("NOTIFY_SOCKET", &sock_path)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -390,7 +403,14 @@ async fn the_controller_says_ready_and_its_loop_runs_and_refuses_unsafe_timings(
     });
     controller.kill().unwrap();
     controller.wait().unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
+    let [_, host_cert, host_key] = issue(Role::Host, "kvm1");
+    let impostor = std::process::Command::new(env!("CARGO_BIN_EXE_vmha-controller"))
+        .args(["--database-url", &url, "--tls-ca", &ca, "--tls-cert", &host_cert, "--tls-key", &host_key])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&impostor.stderr);
+    assert!(!impostor.status.success());
+    assert!(stderr.contains("is the certificate of host kvm1, not of a controller"), "{stderr}");
     assert!(seen.iter().any(|m| m.contains("READY=1")), "no READY=1 in {seen:?}");
     assert!(
         seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3,
@@ -399,9 +419,11 @@ async fn the_controller_says_ready_and_its_loop_runs_and_refuses_unsafe_timings(
 
     let refused = std::process::Command::new(env!("CARGO_BIN_EXE_vmha-controller"))
         .args(["--database-url", &url, "--lease-ttl", "2s"])
+        .args(&tls)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(stderr.contains("lease TTL 2000 ms must be at least 3 heartbeat intervals"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

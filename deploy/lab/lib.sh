@@ -28,7 +28,12 @@ LAB_NET_PREFIX=10.213.77
 LAB_BRIDGE=vmhabr0
 LAB_BRIDGE_IP=$LAB_NET_PREFIX.1
 LAB_CONTROLLER_ADDR=$LAB_BRIDGE_IP:7400
-LAB_CONTROLLER_URL=http://$LAB_CONTROLLER_ADDR
+LAB_CONTROLLER_URL=https://$LAB_CONTROLLER_ADDR
+# Mutual TLS, as in production: one cluster CA and every certificate in
+# LAB_PKI_DIR, made by `vmha ca` (lab_make_pki). The CLI runs as the lab's admin
+# (lab_cli); a viewer and an operator certificate are there for tests.
+LAB_PKI_DIR=$VMHA_LAB_DIR/pki
+LAB_OPERATORS=(lab-admin:admin lab-operator:operator lab-viewer:viewer)
 # Every agent serves its peer endpoint on <host address>:LAB_AGENT_PEER_PORT.
 LAB_AGENT_PEER_PORT=7401
 LAB_GUEST_MIB=64
@@ -468,6 +473,49 @@ lab_daemon_current() {
   lab_pid_alive "$pidfile" "$(basename "$bin")" >/dev/null && [[ ! $bin -nt $pidfile ]]
 }
 
+# lab_make_pki: the lab's CA and the certificates of its controller, hosts
+# (naming their addresses) and operators; what exists already is kept.
+lab_make_pki() {
+  local h o
+  lab_issue() {
+    local stem=$1
+    shift
+    [[ -e $LAB_PKI_DIR/$stem.pem ]] ||
+      "$LAB_CLI_BIN" ca issue "$@" --dir "$LAB_PKI_DIR" >/dev/null ||
+      lab_die "cannot issue the lab's certificate $stem"
+  }
+  if [[ ! -e $LAB_PKI_DIR/ca.pem ]]; then
+    lab_log "making the lab's cluster CA in $LAB_PKI_DIR"
+    "$LAB_CLI_BIN" ca init --dir "$LAB_PKI_DIR" >/dev/null || lab_die "cannot make the lab's CA"
+  fi
+  lab_issue controller-ctl1 controller ctl1 --ip "$LAB_BRIDGE_IP"
+  for h in "${LAB_HOSTS[@]}"; do
+    lab_issue "host-$h" host "$h" --ip "$(lab_host_ip "$h")"
+  done
+  for o in "${LAB_OPERATORS[@]}"; do
+    lab_issue "operator-${o%%:*}" operator "${o%%:*}" --role "${o#*:}"
+  done
+}
+
+# lab_tls_flags STEM: a daemon's flags for its certificate LAB_PKI_DIR/STEM.pem.
+lab_tls_flags() {
+  printf '%s\n' --tls-ca "$LAB_PKI_DIR/ca.pem" --tls-cert "$LAB_PKI_DIR/$1.pem" --tls-key "$LAB_PKI_DIR/$1.key"
+}
+
+# The environment of the CLI as the lab operator NAME (lab-admin by default).
+lab_cli_env() {
+  local who=${1:-lab-admin}
+  printf '%s\n' "VMHA_CONTROLLER=$LAB_CONTROLLER_URL" "VMHA_CA=$LAB_PKI_DIR/ca.pem" \
+    "VMHA_CERT=$LAB_PKI_DIR/operator-$who.pem" "VMHA_KEY=$LAB_PKI_DIR/operator-$who.key"
+}
+
+# lab_cli ARG...: the vmha CLI as the lab's admin.
+lab_cli() {
+  local env
+  mapfile -t env < <(lab_cli_env)
+  env "${env[@]}" "$LAB_CLI_BIN" "$@"
+}
+
 # lab_start_agent HOST: start the vmha agent inside the host's namespaces, as
 # `up` and `revive` do. Each agent also serves a small peer endpoint on
 # <host address>:LAB_AGENT_PEER_PORT that the other agents poll. Its probes run
@@ -481,6 +529,7 @@ lab_start_agent() {
   lab_spawn "$LAB_DIR/agent-$h.pid" "$LAB_DIR/agent-$h.log" "$h" \
     "$LAB_AGENT_BIN" --host-name "$h" --libvirt-uri qemu:///system \
     --migration-uri "$(lab_host_uri "$h")" --controller "$LAB_CONTROLLER_URL" \
+    $(lab_tls_flags "host-$h") \
     --peer-listen "$(lab_host_ip "$h"):$LAB_AGENT_PEER_PORT" \
     --probe-interval 1s --state-dir "$(lab_host_dir "$h")/agent-state" \
     --check "lab-flag=test ! -e $(printf '%q' "$(lab_host_fail_file "$h")")" \
@@ -499,6 +548,7 @@ lab_start_controller() {
   printf '%s\n' "$*" >"$LAB_DIR/controller.args"
   lab_spawn "$LAB_DIR/controller.pid" "$LAB_DIR/controller.log" - \
     "$LAB_CONTROLLER_BIN" --listen "$LAB_CONTROLLER_ADDR" --database-url "$(lab_database_url)" \
+    $(lab_tls_flags controller-ctl1) \
     --degraded-after 3s --recover-after 5s "${profile_args[@]}" "$@"
 }
 

@@ -1,0 +1,218 @@
+//! The cluster CA (`vmha ca init`) and the certificates it issues (`vmha ca issue`). Keys are
+//! written 0600 and certificates 0644, each through a temporary file and a rename, so that a
+//! process reloading its certificate never reads half of one.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::TlsError;
+use crate::identity::{Identity, Role, check_name};
+
+pub const CA_CERT: &str = "ca.pem";
+pub const CA_KEY: &str = "ca.key";
+
+/// Clocks on a cluster's machines differ a little: a certificate is valid from a few minutes
+/// before it was made.
+const BACKDATE: Duration = Duration::minutes(5);
+
+/// What `vmha ca issue` makes.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub role: Role,
+    pub name: String,
+    /// More names a server certificate answers to (a host's or a controller's FQDN).
+    pub dns: Vec<String>,
+    /// Addresses a server certificate answers to, e.g. the host's migration address for
+    /// libvirt's TLS, which checks it.
+    pub ips: Vec<IpAddr>,
+    pub days: u32,
+}
+
+/// The files an issued certificate was written to.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub identity: Identity,
+}
+
+/// The file names (without extension) of an issued certificate: `host-kvm1`,
+/// `controller-ctl1`, `operator-alice`.
+pub fn file_stem(role: Role, name: &str) -> String {
+    let kind = match role {
+        Role::Host => "host",
+        Role::Controller => "controller",
+        Role::Operator(_) => "operator",
+    };
+    format!("{kind}-{name}")
+}
+
+/// Makes a new cluster CA in `dir`: `ca.pem` (give it to every host, controller and operator)
+/// and `ca.key` (keep it on the machine that issues certificates). Refuses to replace one.
+pub fn init(dir: &Path, days: u32) -> Result<PathBuf, TlsError> {
+    let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(TlsError::Exists(p.clone()));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| TlsError::io("create the directory", dir, e))?;
+    let key = KeyPair::generate().map_err(TlsError::Generate)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = names("vmha cluster CA", "ca");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    validity(&mut params, days);
+    let cert = params.self_signed(&key).map_err(TlsError::Generate)?;
+    write(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    Ok(cert_path)
+}
+
+/// Issues a certificate signed by the CA in `ca_dir` and writes it to `out_dir` as
+/// `<stem>.pem` and `<stem>.key` (see `file_stem`). Issuing again for the same name renews it:
+/// the old files are replaced, and the processes using them reload on SIGHUP.
+pub fn issue(ca_dir: &Path, out_dir: &Path, req: &Request) -> Result<Issued, TlsError> {
+    check_name(&req.name)?;
+    let ca_key_path = ca_dir.join(CA_KEY);
+    let ca_cert_path = ca_dir.join(CA_CERT);
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path)
+        .map_err(|e| TlsError::io("read the CA key", &ca_key_path, e))?;
+    let ca_cert_pem = std::fs::read_to_string(&ca_cert_path)
+        .map_err(|e| TlsError::io("read the CA certificate", &ca_cert_path, e))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(TlsError::Generate)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).map_err(TlsError::Generate)?;
+
+    let mut params = CertificateParams::default();
+    params.distinguished_name = names(&req.name, &file_stem(req.role, &req.name));
+    params.is_ca = IsCa::ExplicitNoCa;
+    // keyEncipherment as well: libvirt's TLS (GnuTLS) refuses host certificates without it.
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    let san = |s: String| s.try_into().map_err(TlsError::Generate);
+    params.subject_alt_names.push(SanType::URI(san(Identity::san(req.role, &req.name))?));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if matches!(req.role, Role::Host | Role::Controller) {
+        // Servers too: a host answers its peers' polls, a controller its agents and operators.
+        params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+        for dns in std::iter::once(&req.name).chain(&req.dns) {
+            params.subject_alt_names.push(SanType::DnsName(san(dns.clone())?));
+        }
+        params.subject_alt_names.extend(req.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    } else if !req.dns.is_empty() || !req.ips.is_empty() {
+        return Err(TlsError::Usage("an operator certificate names no servers: drop --dns and --ip".into()));
+    }
+    validity(&mut params, req.days);
+    let key = KeyPair::generate().map_err(TlsError::Generate)?;
+    let cert = params.signed_by(&key, &issuer).map_err(TlsError::Generate)?;
+    let identity = Identity::from_der(cert.der())?;
+    std::fs::create_dir_all(out_dir).map_err(|e| TlsError::io("create the directory", out_dir, e))?;
+    let stem = file_stem(req.role, &req.name);
+    let (cert_path, key_path) = (out_dir.join(format!("{stem}.pem")), out_dir.join(format!("{stem}.key")));
+    write(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    Ok(Issued { cert: cert_path, key: key_path, identity })
+}
+
+fn names(common_name: &str, unit: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "vmha");
+    dn.push(DnType::OrganizationalUnitName, unit);
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn validity(params: &mut CertificateParams, days: u32) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + Duration::days(i64::from(days));
+}
+
+/// Writes `path` whole or not at all, with `mode` from its creation.
+fn write(path: &Path, content: &[u8], mode: u32) -> Result<(), TlsError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| TlsError::io("create", &tmp, e))?;
+    f.write_all(content).and_then(|()| f.sync_all()).map_err(|e| TlsError::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TlsError::io("replace", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::identity::Level;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn issued_certificates_name_their_role_and_keys_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = init(dir.path(), 30).unwrap();
+        assert_eq!(mode(&ca), 0o644);
+        assert_eq!(mode(&dir.path().join(CA_KEY)), 0o600);
+        assert!(matches!(init(dir.path(), 30), Err(TlsError::Exists(_))), "a CA is never replaced");
+
+        let req = Request {
+            role: Role::Operator(Level::Viewer),
+            name: "alice".into(),
+            dns: vec![],
+            ips: vec![],
+            days: 7,
+        };
+        let issued = issue(dir.path(), dir.path(), &req).unwrap();
+        assert_eq!(issued.cert, dir.path().join("operator-alice.pem"));
+        assert_eq!(mode(&issued.key), 0o600);
+        assert_eq!(mode(&issued.cert), 0o644);
+        assert_eq!(issued.identity.role, Role::Operator(Level::Viewer));
+        assert_eq!(issued.identity.name, "alice");
+        let week = OffsetDateTime::now_utc().unix_timestamp() + 7 * 86400;
+        assert!((issued.identity.not_after - week).abs() < 60);
+
+        let host =
+            Request { role: Role::Host, name: "kvm1".into(), ips: vec!["10.0.0.1".parse().unwrap()], ..req };
+        let issued = issue(dir.path(), dir.path(), &host).unwrap();
+        assert_eq!((issued.identity.role, issued.identity.name.as_str()), (Role::Host, "kvm1"));
+    }
+
+    #[test]
+    fn bad_names_and_operator_server_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 30).unwrap();
+        let req = |role, name: &str, dns: Vec<String>| Request {
+            role,
+            name: name.into(),
+            dns,
+            ips: vec![],
+            days: 1,
+        };
+        assert!(matches!(
+            issue(dir.path(), dir.path(), &req(Role::Host, "kvm:1", vec![])),
+            Err(TlsError::BadName(_))
+        ));
+        assert!(matches!(
+            issue(
+                dir.path(),
+                dir.path(),
+                &req(Role::Operator(Level::Admin), "bob", vec!["x.example".into()])
+            ),
+            Err(TlsError::Usage(_))
+        ));
+    }
+}

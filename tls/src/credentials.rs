@@ -1,0 +1,236 @@
+//! One party's credentials: the cluster CA it trusts, and its own certificate and key, which
+//! it reloads when they are renewed (SIGHUP) without dropping a connection.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, verify_server_cert_signed_by_trust_anchor};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::TlsError;
+use crate::identity::Identity;
+
+/// Where a party's credentials live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paths {
+    /// The cluster CA's certificate (`ca.pem`).
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A certificate this close to its end is reported at every load.
+const WARN_BEFORE_S: i64 = 30 * 86400;
+
+#[derive(Debug)]
+pub struct Credentials {
+    paths: Paths,
+    provider: Arc<CryptoProvider>,
+    roots: Arc<RootCertStore>,
+    current: RwLock<(Arc<CertifiedKey>, Identity)>,
+}
+
+impl Credentials {
+    pub fn load(paths: Paths) -> Result<Arc<Credentials>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        for der in read_certs(&paths.ca, "CA certificate")? {
+            roots.add(der).map_err(|e| TlsError::BadFile {
+                path: paths.ca.clone(),
+                what: "CA certificate",
+                detail: e.to_string(),
+            })?;
+        }
+        let current = read_own(&paths, &provider)?;
+        Ok(Arc::new(Credentials { paths, provider, roots: Arc::new(roots), current: RwLock::new(current) }))
+    }
+
+    /// Who these credentials speak for.
+    pub fn identity(&self) -> Identity {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+
+    /// Reads the certificate and key again (after `vmha ca issue` renewed them). On any error
+    /// the credentials in use stay, and the error says why.
+    pub fn reload(&self) -> Result<Identity, TlsError> {
+        let fresh = read_own(&self.paths, &self.provider)?;
+        let was = self.identity();
+        if (fresh.1.role, &fresh.1.name) != (was.role, &was.name) {
+            return Err(TlsError::Refused(format!(
+                "{} now names {}, not {was}: a renewal keeps the name and role (restart to change them)",
+                self.paths.cert.display(),
+                fresh.1
+            )));
+        }
+        let identity = fresh.1.clone();
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(identity)
+    }
+
+    fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).0.clone()
+    }
+
+    /// A server that requires a client certificate issued by the cluster CA. Which role may call
+    /// what is the handlers' decision (`transport::caller`).
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+            .build()
+            .map_err(|e| TlsError::Refused(format!("cannot build the client verifier: {e}")))?;
+        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Refused(format!("TLS versions: {e}")))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Resolver(self.clone())));
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// A client that presents its certificate and accepts a server whose chain leads to the
+    /// cluster CA, whatever address it was reached by: the role and name the server must have
+    /// are checked after the handshake (`transport::connect`).
+    pub fn client_config(self: &Arc<Self>) -> Arc<ClientConfig> {
+        let verifier =
+            ClusterCa { roots: self.roots.clone(), algs: self.provider.signature_verification_algorithms };
+        let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring offers TLS 1.2 and 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(cfg)
+    }
+}
+
+/// Reloads `creds` on every SIGHUP (`systemctl reload`), calling `reloaded` after a success.
+pub fn reload_on_sighup(creds: Arc<Credentials>, reloaded: impl Fn() + Send + 'static) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::error!("cannot install a SIGHUP handler: renewed certificates need a restart");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match creds.reload() {
+                Ok(id) => {
+                    tracing::info!(identity = %id, expires = id.not_after, "reloaded the certificate");
+                    reloaded();
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: kept the certificate in use"),
+            }
+        }
+    });
+}
+
+fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bad = |detail: String| TlsError::BadFile { path: path.to_path_buf(), what, detail };
+    let pem = std::fs::read(path).map_err(|e| TlsError::io("read", path, e))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+fn read_own(paths: &Paths, provider: &CryptoProvider) -> Result<(Arc<CertifiedKey>, Identity), TlsError> {
+    let chain = read_certs(&paths.cert, "certificate")?;
+    let identity = Identity::from_der(&chain[0]).map_err(|e| TlsError::BadFile {
+        path: paths.cert.clone(),
+        what: "vmha certificate",
+        detail: e.to_string(),
+    })?;
+    let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| TlsError::BadFile {
+        path: paths.key.clone(),
+        what: "private key",
+        detail: e.to_string(),
+    })?;
+    let certified = CertifiedKey::from_der(chain, key, provider).map_err(|e| TlsError::BadFile {
+        path: paths.key.clone(),
+        what: "key for the certificate",
+        detail: format!("{e} (is it the key of {}?)", paths.cert.display()),
+    })?;
+    let left = identity.not_after - time::OffsetDateTime::now_utc().unix_timestamp();
+    if left < WARN_BEFORE_S {
+        tracing::warn!(
+            certificate = %paths.cert.display(),
+            days_left = left / 86400,
+            "the certificate expires soon: renew it with `vmha ca issue` and reload (SIGHUP)"
+        );
+    }
+    Ok((Arc::new(certified), identity))
+}
+
+/// Hands out the credentials in use at each handshake, so a reload takes effect for every
+/// connection made after it.
+#[derive(Debug)]
+struct Resolver(Arc<Credentials>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.certified_key())
+    }
+}
+
+impl ResolvesClientCert for Resolver {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.certified_key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Accepts a server certificate whose chain leads to the cluster CA. Unlike web PKI, the name
+/// the server was dialled by does not matter (agents reach controllers and peers by address);
+/// what matters is the vmha identity in the certificate, which the caller checks.
+#[derive(Debug)]
+struct ClusterCa {
+    roots: Arc<RootCertStore>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ClusterCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algs.all)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
