@@ -19,11 +19,22 @@ use vmha_proto::v1::agent_service_server::AgentService;
 use vmha_proto::v1::*;
 
 use crate::controller::Controller;
+use crate::domain_xml::DomainRules;
 use crate::errors::{Error, refusal, unexpected};
 use crate::journal::Write;
 use crate::validate;
 
-pub struct AgentApi(pub Arc<Controller>);
+pub struct AgentApi {
+    controller: Arc<Controller>,
+    /// What a domain definition may contain (the controller's flags).
+    definitions: DomainRules,
+}
+
+impl AgentApi {
+    pub fn new(controller: Arc<Controller>, definitions: DomainRules) -> AgentApi {
+        AgentApi { controller, definitions }
+    }
+}
 
 /// The engine's view of what an agent says of its watchdog.
 fn watchdog(w: Option<&WatchdogStatus>) -> Watchdog {
@@ -53,7 +64,7 @@ impl AgentService for AgentApi {
         validate::short_text("the agent version", &r.agent_version)?;
         let facts = r.facts.ok_or_else(|| Error::Invalid("register without host facts".into()))?;
         validate::facts(&facts)?;
-        let c = &self.0;
+        let c = &self.controller;
         let registration = Registration {
             host: host.clone(),
             migration_uri: r.migration_uri.clone(),
@@ -71,7 +82,10 @@ impl AgentService for AgentApi {
         };
         let stamp = match c.step(Input::Register(registration)).await? {
             Reply::Registered { stamp } => stamp,
-            Reply::Refused(r) => return Err(refusal(r)),
+            Reply::Refused(r) => {
+                tracing::warn!(host = %host, "registration refused: {r}");
+                return Err(refusal(r));
+            }
             other => return Err(unexpected("register", &other).into()),
         };
         let named = host.clone();
@@ -105,6 +119,16 @@ impl AgentService for AgentApi {
             validate::short_text("the watchdog device", &w.device)?;
             validate::short_text("the watchdog problem", &w.problem)?;
         }
+        // A definition that fails the checks is not kept, and the heartbeat goes on: a VM with
+        // a passthrough device must not cost its host its lease. The engine says it once.
+        let (mut xml, mut xml_refused) = (Vec::new(), Vec::new());
+        for d in r.domains.iter().filter(|d| !d.xml.is_empty()) {
+            let uuid = d.uuid.to_lowercase();
+            match self.definitions.check(&d.xml) {
+                Ok(()) => xml.push((uuid, d.xml.clone())),
+                Err(refused) => xml_refused.push((uuid, refused.to_string())),
+            }
+        }
         let hb = Heartbeat {
             host,
             echo: (r.echo_stamp_ms > 0).then_some(Echo {
@@ -120,14 +144,10 @@ impl AgentService for AgentApi {
                 .map(|p| Probe { name: p.name.clone(), ok: p.ok, detail: p.detail.clone() })
                 .collect(),
             domains: (!r.domains_unknown).then_some(domains),
-            xml: r
-                .domains
-                .iter()
-                .filter(|d| !d.xml.is_empty())
-                .map(|d| (d.uuid.to_lowercase(), d.xml.clone()))
-                .collect(),
+            xml,
+            xml_refused,
         };
-        let c = &self.0;
+        let c = &self.controller;
         let lease = match c.step(Input::Heartbeat(hb)).await? {
             Reply::Lease(l) => l,
             Reply::Refused(r) => return Err(refusal(r)),
@@ -146,6 +166,7 @@ impl AgentService for AgentApi {
             cluster_hosts: lease.cluster_hosts,
             peers: lease.peers.into_iter().map(|(host, address)| Peer { host, address }).collect(),
             protected_uuids: lease.protected,
+            xml_not_taken: lease.xml_not_taken,
         }))
     }
 
@@ -157,18 +178,18 @@ impl AgentService for AgentApi {
     ) -> Result<Response<Self::CommandsStream>, Status> {
         let host = validate::agent_host(&req)?;
         let named = host.clone();
-        if !self.0.read(move |s| s.hosts.contains_key(&named)).await? {
+        if !self.controller.read(move |s| s.hosts.contains_key(&named)).await? {
             return Err(
                 Error::Precondition(format!("host {host} has not registered with this controller")).into()
             );
         }
-        let rx = self.0.connect_agent(&host);
+        let rx = self.controller.connect_agent(&host);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn report_progress(&self, req: Request<OperationProgress>) -> Result<Response<Ack>, Status> {
         let host = validate::agent_host(&req)?;
-        self.0.progress(&host, req.into_inner())?;
+        self.controller.progress(&host, req.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 
@@ -183,7 +204,7 @@ impl AgentService for AgentApi {
         } else {
             Err(r.error)
         };
-        match self.0.step(Input::Result { host, id, result }).await? {
+        match self.controller.step(Input::Result { host, id, result }).await? {
             Reply::Refused(r) => Err(refusal(r)),
             _ => Ok(Response::new(Ack {})),
         }

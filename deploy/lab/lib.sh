@@ -499,6 +499,7 @@ lab_start_controller() {
   printf '%s\n' "$*" >"$LAB_DIR/controller.args"
   lab_spawn "$LAB_DIR/controller.pid" "$LAB_DIR/controller.log" - \
     "$LAB_CONTROLLER_BIN" --listen "$LAB_CONTROLLER_ADDR" --database-url "$(lab_database_url)" \
+    --shared-storage "$LAB_IMAGES_DIR" \
     --degraded-after 3s --recover-after 5s "${profile_args[@]}" "$@"
 }
 
