@@ -288,7 +288,13 @@ impl Agent {
             .into_inner();
         self.answer_received(answer.epoch, answer.stamp_ms);
         self.see_epoch(answer.epoch);
-        self.sent_xml.lock().unwrap_or_else(|p| p.into_inner()).extend(sending);
+        // What the controller did not take is sent again with the next heartbeat.
+        let not_taken: std::collections::HashSet<&str> =
+            answer.xml_not_taken.iter().map(String::as_str).collect();
+        self.sent_xml
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(sending.into_iter().filter(|(uuid, _)| !not_taken.contains(uuid.as_str())));
         if answer.lease_ttl_ms == 0 {
             tracing::warn!(reason = %answer.refused, "heartbeat earned no lease");
         }

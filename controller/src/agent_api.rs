@@ -20,12 +20,24 @@ use vmha_proto::v1::*;
 
 use crate::access::Access;
 use crate::controller::Controller;
+use crate::domain_xml::DomainRules;
 use crate::errors::{Error, refusal, unexpected};
 use crate::journal::Write;
 use crate::validate;
 
-/// The agent API of a controller, and how it knows which host calls (see `access`).
-pub struct AgentApi(pub Arc<Controller>, pub Access);
+pub struct AgentApi {
+    controller: Arc<Controller>,
+    /// What a domain definition may contain (the controller's flags).
+    definitions: DomainRules,
+    /// How it knows which host calls.
+    access: Access,
+}
+
+impl AgentApi {
+    pub fn new(controller: Arc<Controller>, definitions: DomainRules, access: Access) -> AgentApi {
+        AgentApi { controller, definitions, access }
+    }
+}
 
 /// The engine's view of what an agent says of its watchdog.
 fn watchdog(w: Option<&WatchdogStatus>) -> Watchdog {
@@ -48,7 +60,7 @@ fn resources(f: &HostFacts) -> HostResources {
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        let host = self.1.agent_host(&req)?;
+        let host = self.access.agent_host(&req)?;
         let cert_not_after = vmha_tls::transport::caller(&req).ok().map(|id| id.not_after);
         let r = req.into_inner();
         validate::migration_uri(validate::short_text("the migration URI", &r.migration_uri)?)?;
@@ -56,7 +68,7 @@ impl AgentService for AgentApi {
         validate::short_text("the agent version", &r.agent_version)?;
         let facts = r.facts.ok_or_else(|| Error::Invalid("register without host facts".into()))?;
         validate::facts(&facts)?;
-        let c = &self.0;
+        let c = &self.controller;
         let registration = Registration {
             host: host.clone(),
             migration_uri: r.migration_uri.clone(),
@@ -74,7 +86,10 @@ impl AgentService for AgentApi {
         };
         let stamp = match c.step(Input::Register(registration)).await? {
             Reply::Registered { stamp } => stamp,
-            Reply::Refused(r) => return Err(refusal(r)),
+            Reply::Refused(r) => {
+                tracing::warn!(host = %host, "registration refused: {r}");
+                return Err(refusal(r));
+            }
             other => return Err(unexpected("register", &other).into()),
         };
         if let Some(t) = cert_not_after {
@@ -100,7 +115,7 @@ impl AgentService for AgentApi {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        let host = self.1.agent_host(&req)?;
+        let host = self.access.agent_host(&req)?;
         let r = req.into_inner();
         let domains = validate::reported_domains(&r.domains)?;
         validate::probes(&r.probes)?;
@@ -110,6 +125,16 @@ impl AgentService for AgentApi {
         if let Some(w) = &r.watchdog {
             validate::short_text("the watchdog device", &w.device)?;
             validate::short_text("the watchdog problem", &w.problem)?;
+        }
+        // A definition that fails the checks is not kept, and the heartbeat goes on: a VM with
+        // a passthrough device must not cost its host its lease. The engine says it once.
+        let (mut xml, mut xml_refused) = (Vec::new(), Vec::new());
+        for d in r.domains.iter().filter(|d| !d.xml.is_empty()) {
+            let uuid = d.uuid.to_lowercase();
+            match self.definitions.check(&d.xml) {
+                Ok(()) => xml.push((uuid, d.xml.clone())),
+                Err(refused) => xml_refused.push((uuid, refused.to_string())),
+            }
         }
         let hb = Heartbeat {
             host,
@@ -126,14 +151,10 @@ impl AgentService for AgentApi {
                 .map(|p| Probe { name: p.name.clone(), ok: p.ok, detail: p.detail.clone() })
                 .collect(),
             domains: (!r.domains_unknown).then_some(domains),
-            xml: r
-                .domains
-                .iter()
-                .filter(|d| !d.xml.is_empty())
-                .map(|d| (d.uuid.to_lowercase(), d.xml.clone()))
-                .collect(),
+            xml,
+            xml_refused,
         };
-        let c = &self.0;
+        let c = &self.controller;
         let lease = match c.step(Input::Heartbeat(hb)).await? {
             Reply::Lease(l) => l,
             Reply::Refused(r) => return Err(refusal(r)),
@@ -152,6 +173,7 @@ impl AgentService for AgentApi {
             cluster_hosts: lease.cluster_hosts,
             peers: lease.peers.into_iter().map(|(host, address)| Peer { host, address }).collect(),
             protected_uuids: lease.protected,
+            xml_not_taken: lease.xml_not_taken,
         }))
     }
 
@@ -161,25 +183,25 @@ impl AgentService for AgentApi {
         &self,
         req: Request<CommandsRequest>,
     ) -> Result<Response<Self::CommandsStream>, Status> {
-        let host = self.1.agent_host(&req)?;
+        let host = self.access.agent_host(&req)?;
         let named = host.clone();
-        if !self.0.read(move |s| s.hosts.contains_key(&named)).await? {
+        if !self.controller.read(move |s| s.hosts.contains_key(&named)).await? {
             return Err(
                 Error::Precondition(format!("host {host} has not registered with this controller")).into()
             );
         }
-        let rx = self.0.connect_agent(&host);
+        let rx = self.controller.connect_agent(&host);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn report_progress(&self, req: Request<OperationProgress>) -> Result<Response<Ack>, Status> {
-        let host = self.1.agent_host(&req)?;
-        self.0.progress(&host, req.into_inner())?;
+        let host = self.access.agent_host(&req)?;
+        self.controller.progress(&host, req.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 
     async fn report_result(&self, req: Request<OperationResult>) -> Result<Response<Ack>, Status> {
-        let host = self.1.agent_host(&req)?;
+        let host = self.access.agent_host(&req)?;
         let r = req.into_inner();
         validate::short_text("the operation's error", &r.error)?;
         let id = OpId::parse(&r.operation_id)
@@ -189,7 +211,7 @@ impl AgentService for AgentApi {
         } else {
             Err(r.error)
         };
-        match self.0.step(Input::Result { host, id, result }).await? {
+        match self.controller.step(Input::Result { host, id, result }).await? {
             Reply::Refused(r) => Err(refusal(r)),
             _ => Ok(Response::new(Ack {})),
         }

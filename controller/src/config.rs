@@ -1,6 +1,7 @@
 //! The controller's flags.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -93,6 +94,46 @@ pub struct Flags {
     /// of its VMs running; `vmha status` says so while this is on.
     #[arg(long)]
     pub accept_no_watchdog: bool,
+    /// A directory on storage every host mounts at the same path (repeatable, or ':'-separated
+    /// in the variable). The domain XML agents report is what the controller defines on
+    /// another host when a VM's host dies, so it is checked first: a file disk, a filesystem's
+    /// directory, a kernel or initrd must lie under one of these (paths compared normalised,
+    /// '..' refused). With none configured, every definition with a file disk is refused and
+    /// such VMs cannot be restarted elsewhere. A refused definition is not kept; the host's
+    /// heartbeat goes on and `vmha events` says why (definition_refused).
+    #[arg(long = "shared-storage", value_name = "DIR", env = "VMHA_SHARED_STORAGE", value_delimiter = ':')]
+    pub shared_storage: Vec<PathBuf>,
+    /// A block device a definition may use as a disk (repeatable, ':'-separated in the
+    /// variable); a `<disk type='block'>` of any other device is refused. Name it by a path
+    /// that is the same device on every host (/dev/disk/by-id/..., a multipath or LVM name).
+    #[arg(
+        long = "allow-block-device",
+        value_name = "PATH",
+        env = "VMHA_ALLOW_BLOCK_DEVICE",
+        value_delimiter = ':'
+    )]
+    pub allow_block_device: Vec<PathBuf>,
+    /// Accept `<disk type='network'>` (Ceph RBD, iSCSI, NBD, ...) in definitions; refused
+    /// unless given.
+    #[arg(long, env = "VMHA_ALLOW_NETWORK_DISKS")]
+    pub allow_network_disks: bool,
+    /// An emulator a definition may name, besides /usr/bin/qemu-system-x86_64, /usr/bin/kvm
+    /// and /usr/libexec/qemu-kvm (repeatable).
+    #[arg(long = "allow-emulator", value_name = "PATH", env = "VMHA_ALLOW_EMULATOR", value_delimiter = ':')]
+    pub allow_emulator: Vec<PathBuf>,
+    /// A directory a definition's firmware (`<loader>`, an NVRAM template) may come from,
+    /// besides the shared storage and /usr/share/{OVMF,edk2,AAVMF,qemu,seabios} (repeatable).
+    /// An `<nvram>` may be under the shared storage or /var/lib/libvirt/qemu/nvram.
+    #[arg(long = "firmware-dir", value_name = "DIR", env = "VMHA_FIRMWARE_DIR", value_delimiter = ':')]
+    pub firmware_dir: Vec<PathBuf>,
+    /// Hosts the cluster admits: a host registering for the first time beyond this many is
+    /// refused (hosts already known always come back).
+    #[arg(long, env = "VMHA_MAX_HOSTS", default_value_t = 2000)]
+    pub max_hosts: usize,
+    /// VMs one host's reports may add to the inventory per minute; more are added from its
+    /// later reports (VMs already known, protected ones included, are never held back).
+    #[arg(long, env = "VMHA_NEW_VMS_PER_MINUTE", default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..))]
+    pub new_vms_per_minute: u32,
     /// Turn off libvirt's auto-converge (throttling a guest that dirties memory faster than
     /// the network can copy it).
     #[arg(long)]

@@ -75,6 +75,7 @@ pub fn refusal(r: Refusal) -> Status {
             Status::not_found(r.to_string())
         }
         Refusal::AmbiguousVm { .. } => Status::invalid_argument(r.to_string()),
+        Refusal::TooManyHosts { .. } => Status::resource_exhausted(r.to_string()),
         Refusal::NotExecutor { .. } => Status::permission_denied(r.to_string()),
         Refusal::AlreadyOnTarget { .. }
         | Refusal::NotPlaced { .. }

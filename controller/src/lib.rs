@@ -4,6 +4,7 @@ pub mod access;
 pub mod agent_api;
 pub mod config;
 pub mod controller;
+pub mod domain_xml;
 pub mod errors;
 pub mod journal;
 pub mod operator_api;

@@ -3,6 +3,7 @@ use clap::Parser;
 use vmha_controller::access::Access;
 use vmha_controller::config::Flags;
 use vmha_controller::controller::{Controller, FenceSettings, MigrationSettings};
+use vmha_controller::domain_xml::DomainRules;
 use vmha_controller::{agent_api::AgentApi, operator_api::OperatorApi};
 use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
@@ -50,8 +51,23 @@ async fn main() -> anyhow::Result<()> {
         recover_after_ms: flags.recover_after.as_millis() as u64,
         accept_no_watchdog: flags.accept_no_watchdog,
         migration_timeout_ms: flags.migration_timeout.as_millis() as u64,
+        max_hosts: flags.max_hosts,
+        new_vms_per_minute: flags.new_vms_per_minute,
         ..Policy::default()
     };
+    let definitions = DomainRules::new(
+        &flags.shared_storage,
+        &flags.allow_block_device,
+        flags.allow_network_disks,
+        &flags.allow_emulator,
+        &flags.firmware_dir,
+    )?;
+    if flags.shared_storage.is_empty() {
+        tracing::warn!(
+            "no --shared-storage is configured: definitions with file disks are refused, and those VMs cannot be \
+             restarted elsewhere"
+        );
+    }
     let fence = FenceSettings { command: flags.fence_command, timeout: flags.fence_timeout };
     let migration = MigrationSettings {
         auto_converge: !flags.no_auto_converge,
@@ -67,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let router = tonic::transport::Server::builder()
         .add_service(
-            AgentServiceServer::new(AgentApi(controller.clone(), access))
+            AgentServiceServer::new(AgentApi::new(controller.clone(), definitions, access))
                 .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
         )
         .add_service(

@@ -16,6 +16,7 @@ use vmha_agent::session::Agent;
 use vmha_controller::access::Access;
 use vmha_controller::agent_api::AgentApi;
 use vmha_controller::controller::{Controller, DecisionLoop, FenceSettings, MigrationSettings};
+use vmha_controller::domain_xml::DomainRules;
 use vmha_controller::operator_api::OperatorApi;
 use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
@@ -87,7 +88,11 @@ async fn serve((controller, decisions): (Arc<Controller>, DecisionLoop)) -> Stri
     let incoming = vmha_tls::transport::incoming(listener, &pki::creds(Role::Controller, "ctl1")).unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(AgentServiceServer::new(AgentApi(controller.clone(), Access::Mtls)))
+            .add_service(AgentServiceServer::new(AgentApi::new(
+                controller.clone(),
+                DomainRules::default(),
+                Access::Mtls,
+            )))
             .add_service(OperatorServiceServer::new(OperatorApi(controller, Access::Mtls)))
             .serve_with_incoming(incoming),
     );
@@ -182,6 +187,45 @@ async fn an_operator_migrates_a_reported_vm_and_sees_it_recorded() {
     assert_eq!(last.state, "failed");
     assert!(last.error.contains("unable to connect"), "{}", last.error);
     assert_eq!(op.get_vm(GetVmRequest { vm: "dns1".into() }).await.unwrap().into_inner().host, "kvm2");
+}
+
+/// A definition the controller refuses (a passthrough device) costs its host nothing: it
+/// keeps its lease, and the event log says once why the VM cannot be restarted elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_definition_is_logged_once_and_its_host_keeps_its_lease() {
+    let (endpoint, _db) = start_controller(Duration::from_secs(30), Duration::from_secs(60)).await;
+    let kvm1 = FakeHypervisor::default();
+    kvm1.add_running(DNS1, "dns1");
+    kvm1.set_xml(
+        DNS1,
+        &format!(
+            "<domain type='kvm'><name>dns1</name><uuid>{DNS1}</uuid><devices>\
+             <hostdev mode='subsystem' type='pci' managed='yes'/></devices></domain>"
+        ),
+    );
+    spawn_agent("kvm1", Arc::new(kvm1.clone()), &endpoint);
+    let mut op = pki::operator(&endpoint, Level::Admin).await;
+    let refused = until("the definition refused", async || {
+        let events =
+            op.list_events(ListEventsRequest { limit: 100, after_id: 0 }).await.ok()?.into_inner().events;
+        let refused: Vec<Event> = events.into_iter().filter(|e| e.kind == "definition_refused").collect();
+        (!refused.is_empty()).then_some(refused)
+    })
+    .await;
+    assert!(
+        refused[0].message.starts_with(
+            "definition of VM dns1 reported by host kvm1 refused: hostdev (type pci): host device passthrough"
+        ),
+        "{}",
+        refused[0].message
+    );
+    // Heartbeats go on, and earn leases; the refusal is not repeated.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hosts = op.list_hosts(ListHostsRequest {}).await.unwrap().into_inner().hosts;
+    assert_eq!(hosts[0].state, "online", "{hosts:?}");
+    let events =
+        op.list_events(ListEventsRequest { limit: 1000, after_id: 0 }).await.unwrap().into_inner().events;
+    assert_eq!(events.iter().filter(|e| e.kind == "definition_refused").count(), 1);
 }
 
 /// A hypervisor whose migrations hang, as when an agent stops mid-command.

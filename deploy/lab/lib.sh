@@ -549,6 +549,7 @@ lab_start_controller() {
   lab_spawn "$LAB_DIR/controller.pid" "$LAB_DIR/controller.log" - \
     "$LAB_CONTROLLER_BIN" --listen "$LAB_CONTROLLER_ADDR" --database-url "$(lab_database_url)" \
     $(lab_tls_flags controller-ctl1) \
+    --shared-storage "$LAB_IMAGES_DIR" \
     --degraded-after 3s --recover-after 5s "${profile_args[@]}" "$@"
 }
 

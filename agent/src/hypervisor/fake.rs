@@ -31,6 +31,13 @@ impl FakeHypervisor {
         );
     }
 
+    /// Replaces a domain's XML, as an edit with `virsh edit` would.
+    pub fn set_xml(&self, uuid: &str, xml: &str) {
+        if let Some(d) = self.domains.lock().unwrap().get_mut(uuid) {
+            d.xml = xml.into();
+        }
+    }
+
     pub fn connect_peer(&self, uri: &str, peer: &FakeHypervisor) {
         self.peers.lock().unwrap().insert(uri.into(), peer.clone());
     }

@@ -189,6 +189,9 @@ pub struct HostView {
     pub memory_limit_kib: Option<u64>,
     /// The current or last drain.
     pub drain: Option<crate::drain::Drain>,
+    /// How many new VMs its reports may still record now; not persisted (a new controller
+    /// starts with a full budget).
+    pub discovery: crate::inventory::Discovery,
 }
 
 impl HostView {
@@ -212,6 +215,7 @@ impl HostView {
             health: Default::default(),
             memory_limit_kib: None,
             drain: None,
+            discovery: Default::default(),
         }
     }
 }
@@ -242,6 +246,10 @@ pub struct VmView {
     pub preferred_host: Option<String>,
     /// The inactive domain XML, to define it elsewhere; empty until an agent sent it.
     pub xml: String,
+    /// Why the definition its host last reported was refused (the controller's checks on
+    /// domain XML); `xml` is then the last one accepted. Not persisted: the host sends its
+    /// definitions again to a new controller.
+    pub definition_refused: Option<String>,
     /// Set while it must be restarted elsewhere.
     pub recovery: Option<Recovery>,
     /// Another host reports a running copy while `host` still runs it (see
@@ -276,6 +284,7 @@ impl VmView {
             allowed_hosts: Vec::new(),
             preferred_host: None,
             xml: String::new(),
+            definition_refused: None,
             recovery: None,
             second_copy: None,
         }
@@ -308,6 +317,11 @@ pub struct Policy {
     pub migration_timeout_ms: u64,
     /// How long past its timeout an operation without a result is settled from reports.
     pub result_grace_ms: u64,
+    /// Hosts the cluster admits: a new host registering beyond it is refused.
+    pub max_hosts: usize,
+    /// VM records one host's reports may create per minute; VMs beyond it are recorded from
+    /// its later reports (see `inventory::admit_new`).
+    pub new_vms_per_minute: u32,
 }
 
 impl Default for Policy {
@@ -324,6 +338,8 @@ impl Default for Policy {
             accept_no_watchdog: false,
             migration_timeout_ms: 300_000,
             result_grace_ms: 60_000,
+            max_hosts: 2_000,
+            new_vms_per_minute: 600,
         }
     }
 }

@@ -52,6 +52,8 @@ event_kinds! {
     VmState => "vm_state",
     VmVanished => "vm_vanished",
     VmForgotten => "vm_forgotten",
+    DefinitionRefused => "definition_refused",
+    DiscoveryDeferred => "discovery_deferred",
     VmProtected => "vm_protected",
     VmUnprotected => "vm_unprotected",
     ProtectionUnconfirmed => "protection_unconfirmed",

@@ -17,6 +17,84 @@ pub struct ReportedDomain {
     pub vcpus: u32,
 }
 
+/// A host's budget of new VM records, a token bucket that holds up to a minute's worth
+/// (`Policy::new_vms_per_minute`) and refills continuously. Counted in 1/60000 of a VM, so
+/// that a millisecond's refill is a whole number.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Discovery {
+    /// What is left, in 1/60000 of a VM, as of `at`; `None`: never used (full).
+    left: Option<(u64, Millis)>,
+    /// VMs of its last report left unrecorded for now, to say so once per spell.
+    pub deferred: usize,
+}
+
+const PER_MINUTE: u64 = 60_000;
+
+impl Discovery {
+    /// Takes up to `want` new records at `now` at `per_minute`; how many it may create.
+    pub fn take(&mut self, want: usize, per_minute: u32, now: Millis) -> usize {
+        let full = u64::from(per_minute) * PER_MINUTE;
+        let left = match self.left {
+            None => full,
+            Some((left, at)) => {
+                left.saturating_add(now.since(at).saturating_mul(u64::from(per_minute))).min(full)
+            }
+        };
+        let granted = (left / PER_MINUTE).min(want as u64);
+        self.left = Some((left - granted * PER_MINUTE, now));
+        granted as usize
+    }
+}
+
+/// What `admit_new` decided of a report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Admitted {
+    /// The report less the domains no record has that must wait for a later report.
+    pub domains: Vec<ReportedDomain>,
+    /// Those domains' UUIDs.
+    pub deferred: Vec<String>,
+    /// Set when the host starts to have domains deferred (said once per spell): the event's
+    /// message.
+    pub message: Option<String>,
+}
+
+/// Rate-limits the VM records one host's reports create (`Policy::new_vms_per_minute`):
+/// domains no record has, beyond the host's budget, are left out of this report and recorded
+/// from a later one. Nothing else is left out: a VM vmha knows of (protected VMs always are)
+/// is always taken from the report, so the safety logic, which acts on recorded VMs only,
+/// sees all of them; a VM not recorded yet is one vmha does not protect, restart or move.
+pub fn admit_new(
+    state: &mut ClusterState,
+    host: &str,
+    domains: Vec<ReportedDomain>,
+    now: Millis,
+) -> Admitted {
+    let per_minute = state.policy.new_vms_per_minute;
+    let Some(h) = state.hosts.get_mut(host) else { return Admitted { domains, ..Default::default() } };
+    let unknown = domains.iter().filter(|d| !state.vms.contains_key(&d.uuid)).count();
+    let mut allowed = if unknown == 0 { 0 } else { h.discovery.take(unknown, per_minute, now) };
+    let mut admitted = Admitted::default();
+    for d in domains {
+        if state.vms.contains_key(&d.uuid) {
+            admitted.domains.push(d);
+        } else if allowed > 0 {
+            allowed -= 1;
+            admitted.domains.push(d);
+        } else {
+            admitted.deferred.push(d.uuid);
+        }
+    }
+    let deferred = admitted.deferred.len();
+    if deferred > 0 && h.discovery.deferred == 0 {
+        admitted.message = Some(format!(
+            "{host} reports more new VMs than the {per_minute} a minute one host's reports may add \
+             (--new-vms-per-minute): {deferred} are recorded from its later reports"
+        ));
+    }
+    h.discovery.deferred = deferred;
+    admitted
+}
+
 /// What a report changed; the shell persists each and writes one event for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InventoryChange {
@@ -320,6 +398,36 @@ mod tests {
         );
         assert_eq!(s.vms["a"].host.as_deref(), Some("kvm2"));
         assert_eq!(s.vms["a"].second_copy, None);
+    }
+
+    #[test]
+    fn new_vm_records_are_rate_limited_per_host_and_known_vms_never_wait() {
+        let mut s = ClusterState::default();
+        s.policy.new_vms_per_minute = 2;
+        s.hosts.insert("kvm1".into(), crate::HostView::new("kvm1"));
+        s.hosts.insert("kvm2".into(), crate::HostView::new("kvm2"));
+        let report: Vec<_> = ["a", "b", "c", "d"].iter().map(|u| dom(u, RunState::Running)).collect();
+        let first = admit_new(&mut s, "kvm1", report.clone(), Millis(0));
+        assert_eq!(first.domains.len(), 2);
+        assert_eq!(first.deferred, ["c", "d"]);
+        assert!(first.message.as_deref().is_some_and(|m| m.contains("2 are recorded")), "{first:?}");
+        apply_report(&mut s, "kvm1", &first.domains, Millis(0));
+        // Another host has its own budget.
+        assert_eq!(admit_new(&mut s, "kvm2", vec![dom("e", RunState::Running)], Millis(0)).deferred.len(), 0);
+        // Half a minute later one more may be recorded; the known ones always pass; the
+        // spell is announced once.
+        let later = admit_new(&mut s, "kvm1", report.clone(), Millis(30_000));
+        assert_eq!(later.domains.iter().map(|d| d.uuid.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!((later.deferred.len(), later.message), (1, None));
+        apply_report(&mut s, "kvm1", &later.domains, Millis(30_000));
+        let done = admit_new(&mut s, "kvm1", report, Millis(60_000));
+        assert_eq!((done.domains.len(), done.deferred.len()), (4, 0));
+        // An idle minute refills the bucket to a minute's worth, no more.
+        let mut d = Discovery::default();
+        assert_eq!(d.take(5, 2, Millis(0)), 2);
+        assert_eq!(d.take(5, 2, Millis(600_000)), 2);
+        assert_eq!(d.take(5, 2, Millis(629_999)), 0);
+        assert_eq!(d.take(5, 2, Millis(630_000)), 1);
     }
 
     #[test]

@@ -355,7 +355,12 @@ fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action
         } else if in_flight >= state.policy.max_parallel_starts {
             Err(format!("waiting for one of the {} restarts in flight", in_flight))
         } else if vm.xml.is_empty() {
-            Err("no domain definition known (its host never sent one)".to_string())
+            Err(match &vm.definition_refused {
+                Some(why) => {
+                    format!("no domain definition accepted (the one its host sent was refused: {why})")
+                }
+                None => "no domain definition known (its host never sent one)".to_string(),
+            })
         } else {
             placement::place(state, vm, now, &tried)
         };

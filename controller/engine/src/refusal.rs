@@ -33,6 +33,11 @@ pub enum Refusal {
     NoRoom { vm: String, host: String, free_mib: u64, need_mib: u64 },
     #[error("{0} holds a lease (its agent sent a heartbeat within the lease); it is not down")]
     HostOnline(String),
+    #[error(
+        "host {host} is not admitted: the cluster already has {hosts} hosts, the most it takes \
+         (the controller's --max-hosts)"
+    )]
+    TooManyHosts { host: String, hosts: usize },
     #[error("host {0} has not registered with this controller")]
     NotRegistered(String),
     #[error("operation {0} is not in flight")]

@@ -108,8 +108,11 @@ pub struct Heartbeat {
     pub probes: Vec<Probe>,
     /// `None`: libvirt did not answer the agent, so this report says nothing of its VMs.
     pub domains: Option<Vec<ReportedDomain>>,
-    /// Domain XML that came with the report, by UUID.
+    /// Domain XML that came with the report and passed the controller's checks, by UUID.
     pub xml: Vec<(String, String)>,
+    /// Domain XML that came with the report and failed them: UUID and why. The VM keeps the
+    /// definition accepted before, if any.
+    pub xml_refused: Vec<(String, String)>,
 }
 
 /// A change an operator asks for.
@@ -184,6 +187,9 @@ pub struct LeaseReply {
     pub peers: Vec<(String, String)>,
     /// The protected VMs' UUIDs: the host's agent destroys those it runs when it fences.
     pub protected: Vec<String>,
+    /// Domains whose XML came with this heartbeat but were not recorded yet
+    /// (`inventory::admit_new`): the agent sends their XML again.
+    pub xml_not_taken: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -423,6 +429,11 @@ impl Engine {
 
     fn register(&mut self, r: Registration, now: Millis, out: &mut Output) {
         let s = &mut self.cluster;
+        // A host the cluster knows always comes back; only new ones count against the cap.
+        if !s.hosts.contains_key(&r.host) && s.hosts.len() >= s.policy.max_hosts {
+            out.reply = Reply::Refused(Refusal::TooManyHosts { host: r.host, hosts: s.hosts.len() });
+            return;
+        }
         lease::observe_quorum(s, now);
         let h = s.hosts.entry(r.host.clone()).or_insert_with(|| HostView::new(&r.host));
         h.migration_uri = r.migration_uri.clone();
@@ -475,11 +486,18 @@ impl Engine {
         let mut touched: Vec<String> = Vec::new();
         // Without its domain list a report says nothing about the VMs: the last one stands.
         let reported = hb.domains.is_some();
+        let mut deferred = BTreeSet::new();
         if let Some(domains) = hb.domains {
             touched.extend(domains.iter().map(|d| d.uuid.clone()));
             let (first, stale) = recovery::on_report(s, &host, &domains, now);
             actions.extend(first);
             let kept: Vec<_> = domains.into_iter().filter(|d| !stale.contains(&d.uuid)).collect();
+            let admitted = inventory::admit_new(s, &host, kept, now);
+            if let Some(message) = admitted.message {
+                out.events.push(Event::host(&host, EventKind::DiscoveryDeferred, message).by(&host));
+            }
+            deferred = admitted.deferred.into_iter().collect();
+            let kept = admitted.domains;
             let changes = inventory::apply_report(s, &host, &kept, now);
             actions.extend(recovery::after_report(s, &host, &changes, now));
             touched.extend(changes.iter().map(|c| c.uuid().to_string()));
@@ -493,14 +511,49 @@ impl Engine {
         if let (LeaseAnswer::Granted { .. }, true, Some(h)) = (&answer, reported, s.hosts.get_mut(&host)) {
             h.reported_at = Some(now);
         }
+        // Only for its own domains: a host cannot rewrite the definition of another's VM.
+        let xml_not_taken: Vec<String> = (hb.xml.iter().chain(&hb.xml_refused))
+            .map(|(uuid, _)| uuid)
+            .filter(|u| deferred.contains(*u))
+            .cloned()
+            .collect();
         for (uuid, xml) in hb.xml {
-            // Only for its own domains: a host cannot rewrite the definition of another's VM.
-            if let Some(vm) =
-                s.vms.get_mut(&uuid).filter(|vm| vm.xml != xml && vm.host.as_deref() == Some(&host))
-            {
-                vm.xml = xml;
-                out.persist.xml.push(uuid);
+            if let Some(vm) = s.vms.get_mut(&uuid).filter(|vm| vm.host.as_deref() == Some(&host)) {
+                vm.definition_refused = None;
+                if vm.xml != xml {
+                    vm.xml = xml;
+                    out.persist.xml.push(uuid);
+                }
             }
+        }
+        for (uuid, why) in hb.xml_refused {
+            let Some(vm) = s.vms.get_mut(&uuid).filter(|vm| vm.host.as_deref() == Some(&host)) else {
+                continue;
+            };
+            if vm.definition_refused.as_deref() == Some(why.as_str()) {
+                continue;
+            }
+            let name = vm.name.clone();
+            let then = if vm.xml.is_empty() {
+                format!(
+                    "{name} cannot be restarted elsewhere until {host} reports a definition that passes \
+                     the controller's checks"
+                )
+            } else {
+                format!(
+                    "a restart elsewhere uses the definition accepted before, until {host} reports one \
+                     that passes the controller's checks"
+                )
+            };
+            out.events.push(
+                Event::vm(
+                    &name,
+                    EventKind::DefinitionRefused,
+                    format!("definition of VM {name} reported by host {host} refused: {why}; {then}"),
+                )
+                .by(&host),
+            );
+            vm.definition_refused = Some(why);
         }
         let interval = s.timings.heartbeat_interval_ms;
         // Align every host's heartbeats on the leader's clock, so that their leases end
@@ -515,6 +568,7 @@ impl Engine {
             cluster_hosts: s.hosts.len() as u32,
             peers: s.hosts.values().map(|h| (h.name.clone(), h.peer_address.clone())).collect(),
             protected: s.vms.values().filter(|v| v.protected).map(|v| v.uuid.clone()).collect(),
+            xml_not_taken,
         });
         touched
     }
@@ -1254,6 +1308,110 @@ mod tests {
             inherited: true,
             done: Done::default(),
         }
+    }
+
+    fn registration(host: &str) -> Registration {
+        Registration {
+            host: host.into(),
+            migration_uri: format!("qemu+tcp://{host}/system"),
+            peer_address: format!("{host}:7401"),
+            resources: HostResources::default(),
+            libvirt_version: "9".into(),
+            lock_manager: "lockd".into(),
+            describe: "test".into(),
+        }
+    }
+
+    fn report(host: &str, uuid: &str) -> Heartbeat {
+        Heartbeat {
+            host: host.into(),
+            echo: None,
+            resources: None,
+            watchdog: Watchdog::Missing("test".into()),
+            probes: Vec::new(),
+            domains: Some(vec![ReportedDomain {
+                uuid: uuid.into(),
+                name: "dns1".into(),
+                state: RunState::Running,
+                memory_kib: 65_536,
+                vcpus: 1,
+            }]),
+            xml: Vec::new(),
+            xml_refused: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_new_host_beyond_the_cap_is_refused_and_a_known_one_always_comes_back() {
+        let mut e = Engine::new(ClusterState { epoch: 1, ..Default::default() });
+        e.cluster.policy.max_hosts = 1;
+        let r = e.step(Input::Register(registration("kvm1")), Millis(0));
+        assert!(matches!(r.reply, Reply::Registered { .. }));
+        let r = e.step(Input::Register(registration("kvm2")), Millis(1));
+        let Reply::Refused(refusal) = r.reply else { panic!("{:?}", r.reply) };
+        assert!(refusal.to_string().contains("--max-hosts"), "{refusal}");
+        assert!(!e.cluster.hosts.contains_key("kvm2") && r.events.is_empty());
+        let r = e.step(Input::Register(registration("kvm1")), Millis(2));
+        assert!(matches!(r.reply, Reply::Registered { .. }));
+    }
+
+    /// A refused definition costs its host nothing (the heartbeat is answered as any other),
+    /// is said once per reason, and the VM keeps the definition accepted before.
+    #[test]
+    fn a_refused_definition_is_said_once_and_the_last_accepted_one_stays() {
+        const U: &str = "00000000-0000-0000-0000-000000000001";
+        let mut e = Engine::new(ClusterState { epoch: 1, ..Default::default() });
+        e.step(Input::Register(registration("kvm1")), Millis(0));
+        let refused = |why: &str| {
+            let mut hb = report("kvm1", U);
+            hb.xml_refused = vec![(U.into(), why.into())];
+            Input::Heartbeat(hb)
+        };
+        let kinds = |o: &Output| o.events.iter().map(|e| e.kind).collect::<Vec<_>>();
+        let o = e.step(refused("hostdev: host device passthrough"), Millis(10));
+        assert!(matches!(o.reply, Reply::Lease(_)), "{:?}", o.reply);
+        assert_eq!(kinds(&o), [EventKind::Watchdog, EventKind::VmDiscovered, EventKind::DefinitionRefused]);
+        assert!(o.events[2].message.contains("cannot be restarted elsewhere"), "{}", o.events[1].message);
+        assert!(kinds(&e.step(refused("hostdev: host device passthrough"), Millis(20))).is_empty());
+        let mut ok = report("kvm1", U);
+        ok.xml = vec![(U.into(), "<domain/>".into())];
+        let o = e.step(Input::Heartbeat(ok), Millis(30));
+        assert_eq!(o.persist.xml, [U]);
+        assert_eq!(e.cluster.vms[U].definition_refused, None);
+        let o = e.step(refused("disk vda: outside"), Millis(40));
+        assert!(o.events[0].message.contains("uses the definition accepted before"), "{:?}", o.events);
+        assert_eq!(e.cluster.vms[U].xml, "<domain/>");
+        assert!(o.persist.xml.is_empty());
+        // Another host cannot have a VM's definition refused (or accepted) either.
+        let o = e.step(Input::Register(registration("kvm2")), Millis(50));
+        assert!(matches!(o.reply, Reply::Registered { .. }));
+        let mut other = report("kvm2", U);
+        other.domains = Some(Vec::new());
+        other.xml_refused = vec![(U.into(), "other".into())];
+        assert!(!kinds(&e.step(Input::Heartbeat(other), Millis(60))).contains(&EventKind::DefinitionRefused));
+        assert_eq!(e.cluster.vms[U].definition_refused.as_deref(), Some("disk vda: outside"));
+    }
+
+    /// A deferred VM's XML is handed back, so that its agent sends it again.
+    #[test]
+    fn the_xml_of_a_vm_not_recorded_yet_is_asked_for_again() {
+        let mut e = Engine::new(ClusterState { epoch: 1, ..Default::default() });
+        e.cluster.policy.new_vms_per_minute = 1;
+        e.step(Input::Register(registration("kvm1")), Millis(0));
+        let mut hb = report("kvm1", "a");
+        let mut second = hb.domains.as_ref().unwrap()[0].clone();
+        second.uuid = "b".into();
+        hb.domains.as_mut().unwrap().push(second);
+        hb.xml = vec![("a".into(), "<domain/>".into()), ("b".into(), "<domain/>".into())];
+        let o = e.step(Input::Heartbeat(hb.clone()), Millis(10));
+        let Reply::Lease(lease) = &o.reply else { panic!("{:?}", o.reply) };
+        assert_eq!(lease.xml_not_taken, ["b"]);
+        assert!(o.events.iter().any(|e| e.kind == EventKind::DiscoveryDeferred));
+        assert!(!e.cluster.vms.contains_key("b"));
+        let o = e.step(Input::Heartbeat(hb), Millis(60_010));
+        let Reply::Lease(lease) = &o.reply else { panic!("{:?}", o.reply) };
+        assert!(lease.xml_not_taken.is_empty());
+        assert_eq!(e.cluster.vms["b"].xml, "<domain/>");
     }
 
     /// Work persisted as under way whose operation never reached the database was never sent:

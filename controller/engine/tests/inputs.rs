@@ -96,7 +96,18 @@ fn input() -> impl Strategy<Value = Input> {
                     Watchdog::Missing("fuzz".into())
                 },
                 probes: vec![Probe { name: "ping".into(), ok: armed, detail: String::new() }],
-                xml: domains.iter().flatten().map(|d| (d.uuid.clone(), "<domain/>".into())).collect(),
+                xml: domains
+                    .iter()
+                    .flatten()
+                    .filter(|d| d.vcpus % 2 == 0)
+                    .map(|d| (d.uuid.clone(), "<domain/>".into()))
+                    .collect(),
+                xml_refused: domains
+                    .iter()
+                    .flatten()
+                    .filter(|d| d.vcpus % 2 == 1)
+                    .map(|d| (d.uuid.clone(), format!("disk vda: fuzz {}", d.memory_kib % 3)))
+                    .collect(),
                 domains,
                 host,
             })),
@@ -122,7 +133,11 @@ proptest! {
     fn no_input_sequence_makes_the_engine_panic(
         inputs in prop::collection::vec((input(), 0u64..20_000), 1..60)
     ) {
-        let mut engine = Engine::new(ClusterState { epoch: 1, ..Default::default() });
+        let mut cluster = ClusterState { epoch: 1, ..Default::default() };
+        // Tight caps, so that sequences reach them.
+        cluster.policy.max_hosts = 2;
+        cluster.policy.new_vms_per_minute = 1;
+        let mut engine = Engine::new(cluster);
         let mut now = 0u64;
         for (input, dt) in inputs {
             now += dt;

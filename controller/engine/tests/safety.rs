@@ -627,6 +627,7 @@ impl Sim {
                     probes: Vec::new(),
                     domains,
                     xml: Vec::new(),
+                    xml_refused: Vec::new(),
                 };
                 let Reply::Lease(reply) = self.step(Input::Heartbeat(hb)) else { return };
                 let (answer, next_in, hosts) = (reply.answer, reply.next_in_ms, reply.cluster_hosts as usize);

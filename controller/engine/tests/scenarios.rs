@@ -896,6 +896,7 @@ impl World {
             probes: h.probes.clone(),
             domains: Some(domains),
             xml,
+            xml_refused: Vec::new(),
         }
     }
 
