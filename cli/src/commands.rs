@@ -162,6 +162,10 @@ enum HostVerb {
     },
     /// Return a drained host to service: it takes VMs again.
     Undrain { host: String },
+    /// Forget a retired host (admin). It must hold no lease (stop its agent first) and have no
+    /// VMs (drain it first). Its certificate stays valid until it expires: an agent started
+    /// with it registers the host again, as a new one.
+    Remove { host: String },
     /// Cap the memory vmha places on a host (0: no cap), e.g. to keep room for the host OS.
     Limit {
         host: String,
@@ -354,6 +358,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Verb::Host(HostVerb::Drain { host, dry_run, no_wait, wait, allow_restart }) => {
             return crate::drain::run(&mut c, fmt, host, dry_run, no_wait, wait, allow_restart).await;
+        }
+        Verb::Host(HostVerb::Remove { host }) => {
+            let r = c.remove_host(RemoveHostRequest { host }).await?.into_inner();
+            match fmt {
+                Format::Json => output::json(&r),
+                Format::Table => println!("{}", r.message),
+            }
         }
         Verb::Host(HostVerb::Undrain { host }) => {
             let h = c.undrain(UndrainRequest { host }).await?.into_inner();

@@ -294,6 +294,10 @@ impl Controller {
         for uuid in &p.forgotten {
             self.journal.write(Write::DeleteVm { uuid: uuid.clone() });
         }
+        for host in &p.removed_hosts {
+            lock(&self.host_certs).remove(host);
+            self.journal.write(Write::DeleteHost { host: host.clone() });
+        }
         for (uuid, work) in &p.vm_work {
             self.journal.write(Write::VmWork { uuid: uuid.clone(), work: work.clone() });
         }
@@ -341,20 +345,23 @@ impl Controller {
         for op in &out.persist.ops {
             self.follow(op);
         }
-        for (id, host, written) in recording {
+        if !recording.is_empty() {
             let c = self.clone();
             // Waits for the database, however long it is away; the step that follows decides
-            // whether the command is still wanted then.
+            // whether the command is still wanted then. One task, in the order the engine
+            // recorded them: commands go out in the engine's order (restarts by priority).
             tokio::spawn(async move {
-                let input = match written.await {
-                    Ok(()) => Input::Recorded(id),
-                    Err(e) => Input::Result {
-                        host,
-                        id,
-                        result: Err(format!("the database refused to record the operation: {e}")),
-                    },
-                };
-                c.submit(input);
+                for (id, host, written) in recording {
+                    let input = match written.await {
+                        Ok(()) => Input::Recorded(id),
+                        Err(e) => Input::Result {
+                            host,
+                            id,
+                            result: Err(format!("the database refused to record the operation: {e}")),
+                        },
+                    };
+                    c.submit(input);
+                }
             });
         }
         for cmd in out.commands {

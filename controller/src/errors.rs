@@ -85,6 +85,7 @@ pub fn refusal(r: Refusal) -> Status {
         | Refusal::HostNotActive { .. }
         | Refusal::NoRoom { .. }
         | Refusal::HostOnline(_)
+        | Refusal::HostInUse { .. }
         | Refusal::NotRegistered(_) => Status::failed_precondition(r.to_string()),
     }
 }

@@ -51,6 +51,9 @@ pub enum Write {
     DeleteVm {
         uuid: String,
     },
+    DeleteHost {
+        host: String,
+    },
     VmXml {
         uuid: String,
         xml: String,
@@ -87,6 +90,7 @@ impl Write {
             Write::Vm(vm) => store.upsert_vm(vm).await,
             Write::VmWork { uuid, work } => store.set_vm_work(uuid, work).await,
             Write::DeleteVm { uuid } => store.delete_vm(uuid).await,
+            Write::DeleteHost { host } => store.delete_host(host).await,
             Write::VmXml { uuid, xml } => store.set_vm_xml(uuid, xml).await,
             Write::Event(e) => store.append_event(e).await.map(|_| ()),
             Write::Operation { op, epoch } => store.insert_operation(op, *epoch).await,

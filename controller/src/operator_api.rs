@@ -278,6 +278,21 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(self.host_view(&host).await?))
     }
 
+    async fn remove_host(
+        &self,
+        req: Request<RemoveHostRequest>,
+    ) -> Result<Response<RemoveHostResponse>, Status> {
+        let who = self.1.operator(&req, Level::Admin, "removing a host")?;
+        let host = validate::host_name(&req.get_ref().host)?.to_string();
+        self.0.require_database("removing a host")?;
+        self.change(&who, Change::RemoveHost { host: host.clone() }).await?;
+        Ok(Response::new(RemoveHostResponse {
+            message: format!(
+                "{host} removed; stop and disable vmha-agent there, or it registers again as a new host"
+            ),
+        }))
+    }
+
     async fn confirm_down(&self, req: Request<ConfirmDownRequest>) -> Result<Response<Host>, Status> {
         let who = self.1.operator(&req, Level::Admin, "confirm-down")?;
         let host = validate::host_name(&req.get_ref().host)?.to_string();

@@ -421,6 +421,24 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets a removed host. A VM row that still names it (written before the VM moved, in
+    /// a queue that is behind) keeps no dangling reference.
+    pub async fn delete_host(&self, name: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(q("delete host"))?;
+        sqlx::query("UPDATE vms SET current_host = NULL WHERE current_host = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("delete host"))?;
+        sqlx::query("DELETE FROM hosts WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("delete host"))?;
+        tx.commit().await.map_err(q("delete host"))?;
+        Ok(())
+    }
+
     pub async fn set_vm_xml(&self, uuid: &str, xml: &str) -> Result<(), StoreError> {
         sqlx::query("UPDATE vms SET xml = $2 WHERE uuid = $1")
             .bind(parse_uuid(uuid)?)

@@ -357,6 +357,9 @@ pub struct ClusterState {
     pub started: Millis,
     /// This leader's epoch.
     pub epoch: u64,
+    /// The membership (`lease::membership`) this leader started with: what a host that has
+    /// acknowledged none of its answers may still count votes among. `None`: no leader before.
+    pub start_members: Option<u64>,
 }
 
 impl ClusterState {

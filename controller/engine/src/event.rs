@@ -42,6 +42,7 @@ event_kinds! {
     HostRecovered => "host_recovered",
     FencingSet => "fencing_set",
     MemoryLimit => "memory_limit",
+    HostRemoved => "host_removed",
     DrainStarted => "drain_started",
     DrainDone => "drain_done",
     DrainIncomplete => "drain_incomplete",

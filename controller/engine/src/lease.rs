@@ -13,6 +13,7 @@
 //!   one it tells its peers it lacks.
 
 use std::collections::VecDeque;
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use crate::{ClusterState, Millis, Timings};
 
@@ -22,6 +23,8 @@ pub struct Issued {
     pub stamp: Millis,
     /// The lease it granted, if any.
     pub lease_end: Option<Millis>,
+    /// The membership it told the agent of (`membership`): the hosts it counts votes among.
+    pub members: u64,
 }
 
 /// The leader's lease book for one host.
@@ -35,6 +38,8 @@ pub struct HostLease {
     pub granted_at: Option<Millis>,
     /// Since when it has held a lease without a break.
     pub held_since: Option<Millis>,
+    /// The newest answer the agent acknowledged: its stamp and the membership it listed.
+    pub acked_members: Option<(Millis, u64)>,
 }
 
 impl HostLease {
@@ -108,10 +113,38 @@ pub fn quorum_held_for(state: &ClusterState, now: Millis, ms: u64) -> bool {
     state.quorum_since.is_some_and(|s| now.since(s) >= ms)
 }
 
+/// A fingerprint of the cluster's membership (its hosts' names): every answer to a heartbeat
+/// tells the agent how many hosts there are and who its peers are, which is how it counts the
+/// votes the leader could hold.
+pub fn membership(state: &ClusterState) -> u64 {
+    let mut h = DefaultHasher::new();
+    for name in state.hosts.keys() {
+        name.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Whether `host` can only count votes among the hosts there are now: the answer it last
+/// acknowledged (or, before any, the membership this leader started with), and every answer
+/// sent to it since, listed the current membership. A host that missed a join or a removal
+/// counts votes among other hosts than the leader does: it could keep its VMs while the leader,
+/// counting its own way, holds quorum (SAFETY.md, "Membership changes").
+pub fn knows_membership(state: &ClusterState, host: &str) -> bool {
+    let current = membership(state);
+    let Some(h) = state.hosts.get(host) else { return false };
+    let (since, acked) = match h.lease.acked_members {
+        Some((stamp, members)) => (Some(stamp), Some(members)),
+        None => (None, state.start_members),
+    };
+    acked.is_none_or(|m| m == current)
+        && h.lease.issued.iter().filter(|i| since.is_none_or(|s| i.stamp > s)).all(|i| i.members == current)
+}
+
 /// Records an answer to `host` that grants nothing (its registration), for the echo check.
 pub fn issue_stamp(state: &mut ClusterState, host: &str, now: Millis) -> Millis {
+    let members = membership(state);
     if let Some(h) = state.hosts.get_mut(host) {
-        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None });
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members });
     }
     now
 }
@@ -129,6 +162,7 @@ pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, no
     observe_quorum(state, now);
     let t = state.timings;
     let epoch = state.epoch;
+    let members = membership(state);
     let Some(h) = state.hosts.get_mut(host) else {
         return LeaseAnswer::Refused { stamp: now, reason: "host not registered" };
     };
@@ -136,7 +170,7 @@ pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, no
         // Its VMs may run elsewhere now. No lease (and so no start: the agent and its start
         // hook need one) until a report with its domains has shown what it still runs and
         // the stale copies are on their way out (`recovery::on_report`).
-        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None });
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members });
         return LeaseAnswer::Refused {
             stamp: now,
             reason: "the host was declared dead; it gets a lease once it has reported its domains",
@@ -146,22 +180,25 @@ pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, no
         .filter(|e| e.epoch == epoch)
         .and_then(|e| h.lease.issued.iter().find(|i| i.stamp == e.stamp).copied().map(|i| (e, i)));
     let Some((echo, issued)) = known else {
-        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None });
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members });
         return LeaseAnswer::Refused { stamp: now, reason: "it echoed no answer of this leader" };
     };
     if let Some(end) = issued.lease_end {
         h.lease.acked_end = Some(h.lease.acked_end.map_or(end, |a| a.max(end)));
     }
     h.protection_known = h.protection_known.max(Some(issued.stamp));
+    if h.lease.acked_members.is_none_or(|(s, _)| s < issued.stamp) {
+        h.lease.acked_members = Some((issued.stamp, issued.members));
+    }
     // The echoed answer left at `stamp`; the agent held it `held_ms` before sending this one.
     // So this heartbeat was in flight at most now - stamp - held_ms.
     let transit_bound = now.0.saturating_sub(echo.stamp.0).saturating_sub(echo.held_ms);
     if echo.stamp > now || transit_bound > t.max_transit_ms {
-        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None });
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members });
         return LeaseAnswer::Refused { stamp: now, reason: "the heartbeat was in flight too long" };
     }
     let end = Millis(now.0 + t.lease_ttl_ms);
-    push_issued(&mut h.lease, Issued { stamp: now, lease_end: Some(end) });
+    push_issued(&mut h.lease, Issued { stamp: now, lease_end: Some(end), members });
     if h.lease.end(&t).is_none_or(|e| e <= now) {
         h.lease.held_since = Some(now);
     }

@@ -56,6 +56,9 @@ impl Db {
         for uuid in &p.forgotten {
             self.vms.remove(uuid);
         }
+        for name in &p.removed_hosts {
+            self.hosts.remove(name);
+        }
         for (uuid, work) in &p.vm_work {
             if let Some(row) = self.vms.get_mut(uuid) {
                 set_vm_work(row, work);

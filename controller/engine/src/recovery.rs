@@ -4,7 +4,7 @@
 use crate::Refusal;
 use crate::event::EventKind;
 use crate::inventory::{InventoryChange, ReportedDomain};
-use crate::lease::{has_quorum, observe_quorum, quorum_held_for};
+use crate::lease::{has_quorum, knows_membership, observe_quorum, quorum_held_for};
 use crate::{
     AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, VmView, placement,
 };
@@ -240,6 +240,11 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
                     _ => "its agent never said it has one",
                 }
             )),
+            (FencingMode::SelfFence, _) if !knows_membership(state, &name) => Some(
+                "a host joined or left the cluster since it last answered, so it may count the votes among other \
+                 hosts than this controller does and keep its VMs"
+                    .to_string(),
+            ),
             _ => None,
         };
         if let Some(why) = wait_for_operator {

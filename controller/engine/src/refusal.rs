@@ -38,6 +38,10 @@ pub enum Refusal {
          (the controller's --max-hosts)"
     )]
     TooManyHosts { host: String, hosts: usize },
+    #[error(
+        "host {host} still has {what}; drain it first (`vmha host drain {host}`), or wait for them to end"
+    )]
+    HostInUse { host: String, what: String },
     #[error("host {0} has not registered with this controller")]
     NotRegistered(String),
     #[error("operation {0} is not in flight")]

@@ -18,7 +18,7 @@ use crate::lease::{self, Echo, LeaseAnswer};
 use crate::migration;
 use crate::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
 use crate::recovery::{self, Action, Recovery};
-use crate::{AdminState, ClusterState, FencingMode, HostView, Millis, RunState, Watchdog};
+use crate::{AdminState, ClusterState, FencingMode, HostLiveness, HostView, Millis, RunState, Watchdog};
 
 /// The controller's whole decision state: the cluster as observed, and the operations in
 /// flight.
@@ -150,6 +150,10 @@ pub enum Request {
         host: String,
         limit_kib: Option<u64>,
     },
+    /// `vmha host remove`: forget a retired host (no lease, no VMs, no operations).
+    RemoveHost {
+        host: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -253,6 +257,8 @@ pub struct Persist {
     pub vm_work: Vec<(String, VmWork)>,
     /// VMs whose domain XML changed.
     pub xml: Vec<String>,
+    /// Hosts an operator removed.
+    pub removed_hosts: Vec<String>,
     /// Operations whose row changed (begun, sent, ended), as they are now.
     pub ops: Vec<Operation>,
 }
@@ -322,6 +328,7 @@ impl Engine {
                 }
             }
         }
+        cluster.start_members = Some(lease::membership(&cluster));
         let mut e = Engine { cluster, ..Default::default() };
         for mut op in ops {
             e.next_seq = e.next_seq.max((op.id.0 as u64).wrapping_add(1));
@@ -1049,7 +1056,43 @@ impl Engine {
                 out.events.push(Event::host(&host, EventKind::MemoryLimit, message).by(actor));
                 Ok(Reply::Host(host))
             }
+            Request::RemoveHost { host } => {
+                self.remove_host(&host, now)?;
+                out.persist.removed_hosts.push(host.clone());
+                let message = format!(
+                    "{host} was removed from the cluster; its agent would register it again, as a new host"
+                );
+                out.events.push(Event::host(&host, EventKind::HostRemoved, message).by(actor));
+                Ok(Reply::None)
+            }
         }
+    }
+
+    /// Forgets a retired host. Only one that holds no lease (it cannot be counted for quorum or
+    /// run anything vmha knows of), is the place of no VM and takes part in no operation: its
+    /// removal then changes nothing but the count of hosts a majority is taken of.
+    fn remove_host(&mut self, host: &str, now: Millis) -> Result<(), Refusal> {
+        let s = &mut self.cluster;
+        if !s.hosts.contains_key(host) {
+            return Err(Refusal::UnknownHost(host.into()));
+        }
+        if s.liveness(host, now) == HostLiveness::Online {
+            return Err(Refusal::HostOnline(host.into()));
+        }
+        let vms: Vec<&str> =
+            s.vms.values().filter(|v| v.host.as_deref() == Some(host)).map(|v| v.name.as_str()).collect();
+        if !vms.is_empty() {
+            return Err(Refusal::HostInUse { host: host.into(), what: format!("VMs: {}", vms.join(", ")) });
+        }
+        if let Some(op) = self.ops.values().find(|o| o.source == host || o.target == host) {
+            return Err(Refusal::HostInUse {
+                host: host.into(),
+                what: format!("operation {} in flight", op.id),
+            });
+        }
+        s.hosts.remove(host);
+        self.saved_hosts.remove(host);
+        Ok(())
     }
 
     /// Claims the VM and begins its live migration.

@@ -90,6 +90,9 @@ enum Fault {
     Undrain(usize),
     /// An operator live-migrates a VM to a host.
     Migrate(usize, usize),
+    /// An operator removes a host (refused unless it holds no lease and has no VMs); a host
+    /// that still runs registers again as a new one.
+    RemoveHost(usize),
     /// Someone live-migrates a VM with `virsh migrate` behind vmha's back: it runs on the
     /// target at once, and the source keeps its definition, shut off. Only in targeted tests:
     /// combined with a libvirtd that hangs on the target before its next report and the source's
@@ -861,6 +864,7 @@ impl Sim {
                 self.operator(Request::Drain { host: host_name(h), allow_restart })
             }
             Fault::Undrain(h) => self.operator(Request::Undrain { host: host_name(h) }),
+            Fault::RemoveHost(h) => self.operator(Request::RemoveHost { host: host_name(h) }),
             Fault::Migrate(v, h) => {
                 self.operator(Request::Migrate { vm: vm_uuid(v), to: host_name(h), overrides: None })
             }
@@ -924,6 +928,7 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
         2 => h.clone().prop_map(Fault::Protect),
         2 => (h.clone(), any::<bool>()).prop_map(|(h, r)| Fault::Drain(h, r)),
         1 => h.clone().prop_map(Fault::Undrain),
+        1 => h.clone().prop_map(Fault::RemoveHost),
                 2 => (h.clone(), h.clone()).prop_map(|(v, h)| Fault::Migrate(v, h)),
 
     ]

@@ -28,7 +28,8 @@
 //! `fail-migrations H`, `fail-starts H`, `slow-migrations H` (20 s), `slow-starts H` (10 s),
 //! `hang H`, `mute H` and `fix H` (clears them), `probe H ok|fail [NAME]`,
 //! `fence-result H ok|fail`, `restart-controller`; the operator's `drain H [allow-restart]`,
-//! `undrain H`, `migrate VM H`, `confirm-down H`, `protect VM [priority=N ...]`, `unprotect VM`;
+//! `undrain H`, `migrate VM H`, `confirm-down H`, `remove-host H`, `protect VM [priority=N ...]`,
+//! `unprotect VM`;
 //! and `status`, which logs where everything is, as at the end.
 //!
 //! The log, one line each: the engine's events (`12.0s host kvm1 host_dead: MESSAGE`: subject
@@ -264,6 +265,7 @@ fn parse_action(words: &[&str]) -> Result<Action, String> {
         ["undrain", h] => Action::Operator(Request::Undrain { host: s(h) }),
         ["migrate", vm, to] => Action::Operator(Request::Migrate { vm: s(vm), to: s(to), overrides: None }),
         ["confirm-down", h] => Action::Operator(Request::ConfirmDown { host: s(h) }),
+        ["remove-host", h] => Action::Operator(Request::RemoveHost { host: s(h) }),
         ["protect", vm, opts @ ..] => Action::Operator(protection(vm, opts)?),
         ["unprotect", vm] => Action::Operator(Request::Protection {
             vm: s(vm),
