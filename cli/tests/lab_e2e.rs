@@ -1677,9 +1677,36 @@ fn roles_decide_and_events_name_the_operator(lab: &Lab) {
     assert_eq!(out.status.code(), Some(2), "plaintext is refused by the CLI itself");
 }
 
+/// libvirt between the lab hosts is TLS with the hosts' certificates: plain TCP is closed, and
+/// an operator's certificate of the same CA is not let in (only hosts reach a host's libvirtd).
+fn libvirt_admits_only_hosts_over_tls(lab: &Lab) {
+    let ip = lab.uri("kvm1").split("//").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let virsh = |uri: &str| {
+        Command::new("timeout").args(["5", "virsh", "-q", "-c", uri, "list"]).output().expect("run virsh")
+    };
+    let tcp = virsh(&format!("qemu+tcp://{ip}/system"));
+    assert!(!tcp.status.success(), "plain TCP to libvirtd is open");
+    let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
+    let dir = lab.dir().join("viewer-as-libvirt-client");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (from, to) in [
+        ("ca.pem", "cacert.pem"),
+        ("operator-lab-viewer.pem", "clientcert.pem"),
+        ("operator-lab-viewer.key", "clientkey.pem"),
+    ] {
+        std::fs::copy(pki.join(from), dir.join(to)).unwrap();
+    }
+    let viewer = virsh(&format!("qemu+tls://{ip}/system?pkipath={}", dir.display()));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!viewer.status.success(), "an operator's certificate opened libvirtd on kvm1");
+    let host = virsh(&lab.uri("kvm1"));
+    assert!(host.status.success(), "the lab's own client: {}", String::from_utf8_lossy(&host.stderr));
+    assert!(lab.uri("kvm1").starts_with("qemu+tls://"));
+}
+
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 20] = [
+    let scenarios: [Scenario; 21] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -1715,6 +1742,7 @@ fn main() {
         ),
         ("forged_heartbeats_are_refused", forged_heartbeats_are_refused),
         ("roles_decide_and_events_name_the_operator", roles_decide_and_events_name_the_operator),
+        ("libvirt_admits_only_hosts_over_tls", libvirt_admits_only_hosts_over_tls),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let lab = Lab::up_with(Some("default"));
