@@ -1704,9 +1704,41 @@ fn libvirt_admits_only_hosts_over_tls(lab: &Lab) {
     assert!(lab.uri("kvm1").starts_with("qemu+tls://"));
 }
 
+/// Renewal as the README tells it: `vmha ca issue` the same host again, SIGHUP its agent; the
+/// agent reconnects with the new certificate, `vmha host ls` shows the new expiry, and nothing
+/// restarts or moves.
+fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
+    lab.settle();
+    let host = "kvm3";
+    let expiry = || -> i64 {
+        let hosts = lab.json(&["host", "ls"]);
+        let h = hosts.as_array().unwrap().iter().find(|h| h["name"] == host).unwrap().clone();
+        h["cert_not_after"].as_i64().unwrap_or(0)
+    };
+    let before = expiry();
+    assert!(before > 0, "host ls shows {host}'s certificate expiry");
+    let (pid, vms) = (lab.agent_pid(host), qemu_processes());
+    let ip = lab.uri(host).split("//").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let out = lab
+        .cli()
+        .args(["ca", "issue", "host", host, "--ip", &ip, "--days", "200", "--dir", &lab.env["VMHA_LAB_PKI"]])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    wait_until("host ls to show the renewed certificate", Duration::from_secs(15), || {
+        (expiry() - (now + 200 * 86400)).abs() < 600
+    });
+    lab.settle();
+    assert_eq!(lab.agent_pid(host), pid, "the agent was not restarted");
+    assert_eq!(qemu_processes(), vms, "no guest stopped or moved");
+    println!("  {host}: certificate until {before} -> {}", expiry());
+}
+
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 21] = [
+    let scenarios: [Scenario; 22] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -1743,6 +1775,7 @@ fn main() {
         ("forged_heartbeats_are_refused", forged_heartbeats_are_refused),
         ("roles_decide_and_events_name_the_operator", roles_decide_and_events_name_the_operator),
         ("libvirt_admits_only_hosts_over_tls", libvirt_admits_only_hosts_over_tls),
+        ("a_renewed_host_certificate_is_taken_on_sighup", a_renewed_host_certificate_is_taken_on_sighup),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let lab = Lab::up_with(Some("default"));

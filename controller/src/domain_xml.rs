@@ -322,16 +322,7 @@ impl Check<'_> {
                 self.shared(&element, f, &[]);
             }
             match attr(n, "type").unwrap_or("file") {
-                "file" => {
-                    if let Some(f) = source.and_then(|s| attr(s, "file")) {
-                        self.shared(&element, f, &[]);
-                    }
-                }
-                "block" => {
-                    if let Some(d) = source.and_then(|s| attr(s, "dev")) {
-                        self.block(&element, d);
-                    }
-                }
+                kind @ ("file" | "block") => self.backed_by(&element, kind, source),
                 "network" => {
                     if !self.rules.network_disks {
                         self.problems.push(Problem::NetworkDisk(element.clone()));
@@ -343,6 +334,17 @@ impl Check<'_> {
                     allowed: "only file, block and network disks",
                 }),
             }
+        }
+    }
+
+    /// A file-backed source must be on the shared storage, a block device on the allow-list.
+    fn backed_by(&mut self, element: &str, kind: &str, source: Option<Node>) {
+        if kind == "file" {
+            if let Some(f) = source.and_then(|s| attr(s, "file")) {
+                self.shared(element, f, &[]);
+            }
+        } else if let Some(d) = source.and_then(|s| attr(s, "dev")) {
+            self.block(element, d);
         }
     }
 
@@ -358,16 +360,7 @@ impl Check<'_> {
                     self.shared(&element, d, &[]);
                 }
             }
-            "file" => {
-                if let Some(f) = source.and_then(|s| attr(s, "file")) {
-                    self.shared(&element, f, &[]);
-                }
-            }
-            "block" => {
-                if let Some(d) = source.and_then(|s| attr(s, "dev")) {
-                    self.block(&element, d);
-                }
-            }
+            kind @ ("file" | "block") => self.backed_by(&element, kind, source),
             kind => self.problems.push(Problem::Kind {
                 element: element.clone(),
                 kind: kind.into(),

@@ -28,7 +28,13 @@ LAB_NET_PREFIX=10.213.77
 LAB_BRIDGE=vmhabr0
 LAB_BRIDGE_IP=$LAB_NET_PREFIX.1
 LAB_CONTROLLER_ADDR=$LAB_BRIDGE_IP:7400
-LAB_CONTROLLER_URL=https://$LAB_CONTROLLER_ADDR
+# VMHA_LAB_INSECURE=1 (benchmarks only, bench/mtls): the controller, agents and CLI
+# run with --insecure-dev, in plaintext. Take the lab down before switching.
+if [[ ${VMHA_LAB_INSECURE:-0} == 1 ]]; then
+  LAB_CONTROLLER_URL=http://$LAB_CONTROLLER_ADDR
+else
+  LAB_CONTROLLER_URL=https://$LAB_CONTROLLER_ADDR
+fi
 # Mutual TLS, as in production: one cluster CA and every certificate in
 # LAB_PKI_DIR, made by `vmha ca` (lab_make_pki). The CLI runs as the lab's admin
 # (lab_cli); a viewer and an operator certificate are there for tests.
@@ -527,7 +533,11 @@ lab_make_pki() {
 
 # lab_tls_flags STEM: a daemon's flags for its certificate LAB_PKI_DIR/STEM.pem.
 lab_tls_flags() {
-  printf '%s\n' --tls-ca "$LAB_PKI_DIR/ca.pem" --tls-cert "$LAB_PKI_DIR/$1.pem" --tls-key "$LAB_PKI_DIR/$1.key"
+  if [[ ${VMHA_LAB_INSECURE:-0} == 1 ]]; then
+    printf '%s\n' --insecure-dev
+  else
+    printf '%s\n' --tls-ca "$LAB_PKI_DIR/ca.pem" --tls-cert "$LAB_PKI_DIR/$1.pem" --tls-key "$LAB_PKI_DIR/$1.key"
+  fi
 }
 
 # The environment of the CLI as the lab operator NAME (lab-admin by default).
@@ -535,6 +545,7 @@ lab_cli_env() {
   local who=${1:-lab-admin}
   printf '%s\n' "VMHA_CONTROLLER=$LAB_CONTROLLER_URL" "VMHA_CA=$LAB_PKI_DIR/ca.pem" \
     "VMHA_CERT=$LAB_PKI_DIR/operator-$who.pem" "VMHA_KEY=$LAB_PKI_DIR/operator-$who.key"
+  [[ ${VMHA_LAB_INSECURE:-0} != 1 ]] || printf '%s\n' VMHA_INSECURE_DEV=1
 }
 
 # lab_cli ARG...: the vmha CLI as the lab's admin.
