@@ -164,7 +164,9 @@ impl LeaseShell {
             k.set_cluster_hosts(cluster_hosts);
             drop(k);
         }
-        *lock(&self.peers) = peers.into_iter().filter(|p| p.host != self.host).collect();
+        let peers: Vec<Peer> = peers.into_iter().filter(|p| p.host != self.host).collect();
+        self.keeper().set_peers(peers.iter().map(|p| p.host.clone()));
+        *lock(&self.peers) = peers;
         let protected: BTreeSet<String> = protected.into_iter().collect();
         let mut known = lock(&self.protected);
         if *known != protected {

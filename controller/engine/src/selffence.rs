@@ -9,6 +9,8 @@
 //! guard` after this agent's own lease ended (before the leader may declare this host dead),
 //! or the start of the poll, whichever is later. Every later poll must confirm it again.
 
+use std::collections::BTreeSet;
+
 use crate::{Millis, Timings};
 
 /// One peer's answer to "until when could the leader count your lease?".
@@ -65,6 +67,8 @@ pub struct LeaseKeeper {
     lease_end: Option<Millis>,
     renewed_send: Option<Millis>,
     cluster_hosts: usize,
+    /// The peers the leader last listed; `None` until an answer listed them.
+    peers: Option<BTreeSet<String>>,
     last_poll: Option<Poll>,
     poll_started: Option<Millis>,
     /// The latest instant at which a poll showed the leader lacked quorum.
@@ -84,6 +88,7 @@ impl LeaseKeeper {
             lease_end: None,
             renewed_send: None,
             cluster_hosts: 0,
+            peers: None,
             last_poll: None,
             poll_started: None,
             confirmed_at: None,
@@ -168,6 +173,13 @@ impl LeaseKeeper {
         self.cluster_hosts = n;
     }
 
+    /// The peers the leader last listed (this host's fellow members). Only their poll answers
+    /// count: a host removed from the cluster may still answer, and its lapse says nothing of
+    /// the votes the leader counts.
+    pub fn set_peers(&mut self, peers: impl IntoIterator<Item = String>) {
+        self.peers = Some(peers.into_iter().collect());
+    }
+
     /// What this agent answers a peer: until when the leader could count its lease, from now
     /// (negative: it could not since that long). The leader counts only leases this agent
     /// received, each until one interval before its end (`Timings::quorum_shortfall_ms`), and
@@ -209,8 +221,10 @@ impl LeaseKeeper {
         // received_at + remaining is no earlier than the true end: the answer was given before
         // it arrived.
         let lapse = |a: &PeerAnswer| a.received_at.0 as i64 + a.upper_remaining_ms;
+        let answers: Vec<&PeerAnswer> =
+            poll.answers.iter().filter(|a| self.peers.as_ref().is_none_or(|p| p.contains(&a.host))).collect();
         let lapsed_by = |t: Millis| -> Vec<&str> {
-            poll.answers.iter().filter(|a| lapse(a) <= t.0 as i64).map(|a| a.host.as_str()).collect()
+            answers.iter().filter(|a| lapse(a) <= t.0 as i64).map(|a| a.host.as_str()).collect()
         };
         let detail = |lapsed: &[&str]| {
             format!(
@@ -230,7 +244,8 @@ impl LeaseKeeper {
         let deadline = Millis((own_end.0 + self.cfg.fence_margin_ms).saturating_sub(self.cfg.guard_ms));
         let by_deadline = lapsed_by(deadline);
         if now < deadline && blocks(&by_deadline) {
-            let last = poll.answers.iter().map(lapse).filter(|l| *l <= deadline.0 as i64).max().unwrap_or(0);
+            let last =
+                answers.iter().map(|a| lapse(a)).filter(|l| *l <= deadline.0 as i64).max().unwrap_or(0);
             return Verdict::Predicted(detail(&by_deadline), Millis(last.max(0) as u64 + 1));
         }
         Verdict::No(detail(&by_deadline))

@@ -835,6 +835,7 @@ impl World {
         let (epoch, now) = (self.engine.cluster.epoch, self.now);
         let host = self.host(name);
         host.last_answer = Some((epoch, r.answer.stamp(), now));
+        host.keeper.set_peers(r.peers.iter().map(|(p, _)| p.clone()).filter(|p| p != name));
         match r.answer {
             // Sent and answered at the same instant: the lease runs from now.
             LeaseAnswer::Granted { ttl_ms, .. } => {
