@@ -44,7 +44,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "VMHA_KEY", value_name = "PATH")]
     key: Option<PathBuf>,
     /// Development only: plaintext to a controller that runs with --insecure-dev.
-    #[arg(long, global = true, env = "VMHA_INSECURE_DEV")]
+    #[arg(long, global = true, env = "VMHA_INSECURE_DEV", value_parser = clap::builder::BoolishValueParser::new())]
     insecure_dev: bool,
     /// Output: a table for people, or JSON for scripts.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
