@@ -507,9 +507,9 @@ mod tests {
 
     #[test]
     fn the_labs_guest_on_shared_storage_is_accepted() {
-        let lab = rules(&["/srv/lab/shared/images"], &[], false);
-        lab.check(&dumpxml(&file_disk("/srv/lab/shared/images/web1.qcow2"))).unwrap();
-        lab.check(&dumpxml(&file_disk("/srv/lab/shared//images/./web1.qcow2"))).unwrap();
+        let lab = rules(&["/srv/vmstore/images"], &[], false);
+        lab.check(&dumpxml(&file_disk("/srv/vmstore/images/web1.qcow2"))).unwrap();
+        lab.check(&dumpxml(&file_disk("/srv/vmstore//images/./web1.qcow2"))).unwrap();
         lab.check(&dumpxml("")).unwrap();
         // An empty CD-ROM drive names no file.
         lab.check(&dumpxml("<disk type='file' device='cdrom'><target dev='hdc' bus='ide'/></disk>")).unwrap();
