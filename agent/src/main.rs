@@ -10,6 +10,7 @@ use vmha_agent::session::Agent;
 use vmha_engine::Timings;
 use vmha_proto::v1::peer_service_server::PeerServiceServer;
 use vmha_tls::Transport;
+use vmha_tls::transport::Expect;
 
 fn main() -> anyhow::Result<()> {
     // The watchdog's holder (see `watchdog::HolderSpec`) and libvirt's hook (`hook`) are this
@@ -47,16 +48,7 @@ async fn run() -> anyhow::Result<()> {
         PeerApi { host: cfg.host_name.clone(), lease: lease.clone(), mtls: !transport.is_insecure() };
     let peers = tonic::transport::Server::builder().add_service(PeerServiceServer::new(peer_api));
     let peer_listen = cfg.peer_listen;
-    let peers = async {
-        match &transport {
-            Transport::Mtls(creds) => {
-                let listener = tokio::net::TcpListener::bind(peer_listen).await?;
-                peers.serve_with_incoming(vmha_tls::transport::incoming(listener, creds)?).await?
-            }
-            Transport::InsecureDev => peers.serve(peer_listen).await?,
-        }
-        anyhow::Ok(())
-    };
+    let peers = vmha_tls::transport::serve(peers, peer_listen, &transport, std::future::pending());
     let probe_cfg = cfg.probes.clone();
     let agent = Agent::new(cfg, hv.clone(), lease.clone(), transport.clone());
     if let Transport::Mtls(creds) = &transport {
@@ -69,7 +61,7 @@ async fn run() -> anyhow::Result<()> {
         _ = probes::run(probe_cfg, hv.clone(), agent.probes.clone()) => Ok(()),
         _ = agent.run() => Ok(()),
         _ = lease.clone().run(hv, transport.clone()) => Ok(()),
-        r = peers => r.map_err(|e| anyhow::anyhow!("peer endpoint on {peer_listen}: {e:#}")),
+        r = peers => r.map_err(|e| anyhow::anyhow!("the peer endpoint: {e}")),
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
     };
@@ -86,15 +78,6 @@ fn transport(cfg: &Config) -> anyhow::Result<Transport> {
         tracing::warn!("--insecure-dev: plaintext to the controller and peers; anyone can answer for them");
         return Ok(Transport::InsecureDev);
     };
-    let creds = vmha_tls::Credentials::load(paths.clone())?;
-    let id = creds.identity();
-    if id.role != vmha_tls::Role::Host || id.name != cfg.host_name {
-        anyhow::bail!(
-            "{} is the certificate of {id}, but this agent is host {}: issue one with `vmha ca issue host {}`",
-            paths.cert.display(),
-            cfg.host_name,
-            cfg.host_name
-        );
-    }
+    let creds = vmha_tls::Credentials::load_as(paths.clone(), &Expect::Host(cfg.host_name.clone()))?;
     Ok(Transport::Mtls(creds))
 }

@@ -115,6 +115,25 @@ impl Lab {
             .collect()
     }
 
+    /// For a failure message: where each of `vms` runs, and every event about `host` or them
+    /// after event `after`.
+    fn story_since(&self, after: i64, host: &str, vms: &[&str]) -> (Vec<String>, Vec<String>) {
+        let guests = vms.iter().map(|vm| format!("{vm} on {:?}", running_on(vm))).collect();
+        let events = self
+            .events()
+            .into_iter()
+            .filter(|e| e["id"].as_i64().unwrap() > after)
+            .filter(|e| e["subject"] == host || vms.iter().any(|vm| e["subject"] == *vm))
+            .map(|e| format!("{} {}: {}", e["subject"], e["kind"], e["message"]))
+            .collect();
+        (guests, events)
+    }
+
+    /// The host's address on the lab bridge (its libvirt URI's).
+    fn address(&self, host: &str) -> String {
+        self.uri(host).split("//").nth(1).unwrap().split('/').next().unwrap().to_string()
+    }
+
     fn host_of(&self, vm: &str) -> String {
         self.json(&["vm", "show", vm])["host"].as_str().unwrap().to_string()
     }
@@ -1273,15 +1292,7 @@ fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
         }
         let ended = t0.elapsed();
         if state != "maintenance" {
-            let guests: Vec<String> =
-                GUESTS.iter().map(|vm| format!("{vm} on {:?}", running_on(vm))).collect();
-            let events: Vec<String> = lab
-                .events()
-                .into_iter()
-                .filter(|e| e["id"].as_i64().unwrap() > before)
-                .filter(|e| e["subject"] == host || GUESTS.iter().any(|vm| e["subject"] == *vm))
-                .map(|e| format!("{} {}: {}", e["subject"], e["kind"], e["message"]))
-                .collect();
+            let (guests, events) = lab.story_since(before, host, &GUESTS);
             panic!(
                 "{host} is {state:?}, not in maintenance, {:.0} s after its drain started (the controller was \
                  killed at {:.2} s and back at {:.2} s); guests: {guests:?}; events since: {events:#?}",
@@ -1398,15 +1409,7 @@ fn a_controller_killed_mid_failover_finishes_the_restarts(lab: &Lab) {
             std::thread::sleep(Duration::from_millis(100));
         }
         if !protected.iter().all(|vm| moved(vm)) {
-            let guests: Vec<String> =
-                protected.iter().map(|vm| format!("{vm} on {:?}", running_on(vm))).collect();
-            let events: Vec<String> = lab
-                .events()
-                .into_iter()
-                .filter(|e| e["id"].as_i64().unwrap() > before)
-                .filter(|e| e["subject"] == victim.as_str() || protected.iter().any(|vm| e["subject"] == *vm))
-                .map(|e| format!("{} {}: {}", e["subject"], e["kind"], e["message"]))
-                .collect();
+            let (guests, events) = lab.story_since(before, &victim, &protected);
             panic!(
                 "not every protected VM of {victim} runs once elsewhere {:.0} s after its death (the controller \
                  was killed at {:.2} s): {guests:?}; events since: {events:#?}",
@@ -1680,7 +1683,7 @@ fn roles_decide_and_events_name_the_operator(lab: &Lab) {
 /// libvirt between the lab hosts is TLS with the hosts' certificates: plain TCP is closed, and
 /// an operator's certificate of the same CA is not let in (only hosts reach a host's libvirtd).
 fn libvirt_admits_only_hosts_over_tls(lab: &Lab) {
-    let ip = lab.uri("kvm1").split("//").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let ip = lab.address("kvm1");
     let virsh = |uri: &str| {
         Command::new("timeout").args(["5", "virsh", "-q", "-c", uri, "list"]).output().expect("run virsh")
     };
@@ -1718,7 +1721,7 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
     let before = expiry();
     assert!(before > 0, "host ls shows {host}'s certificate expiry");
     let (pid, vms) = (lab.agent_pid(host), qemu_processes());
-    let ip = lab.uri(host).split("//").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let ip = lab.address(host);
     let out = lab
         .cli()
         .args(["ca", "issue", "host", host, "--ip", &ip, "--days", "200", "--dir", &lab.env["VMHA_LAB_PKI"]])

@@ -28,6 +28,12 @@ pub struct Operator {
 impl Access {
     /// The host an agent speaks for, taken from the connection, never from a message body.
     pub fn agent_host<T>(self, req: &tonic::Request<T>) -> Result<String, Error> {
+        self.agent(req).map(|(host, _)| host)
+    }
+
+    /// `agent_host`, and when its certificate expires (seconds since the Unix epoch; `None`
+    /// without mutual TLS).
+    pub fn agent<T>(self, req: &tonic::Request<T>) -> Result<(String, Option<i64>), Error> {
         match self {
             Access::Mtls => {
                 let id = identity(req)?;
@@ -54,9 +60,9 @@ impl Access {
                         id.name
                     )));
                 }
-                Ok(id.name)
+                Ok((id.name, Some(id.not_after)))
             }
-            Access::InsecureDev => header_host(req),
+            Access::InsecureDev => Ok((header_host(req)?, None)),
         }
     }
 

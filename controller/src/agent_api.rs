@@ -60,8 +60,7 @@ fn resources(f: &HostFacts) -> HostResources {
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        let host = self.access.agent_host(&req)?;
-        let cert_not_after = vmha_tls::transport::caller(&req).ok().map(|id| id.not_after);
+        let (host, cert_not_after) = self.access.agent(&req)?;
         let r = req.into_inner();
         validate::migration_uri(validate::short_text("the migration URI", &r.migration_uri)?)?;
         validate::peer_address(validate::short_text("the peer address", &r.peer_address)?)?;

@@ -8,6 +8,8 @@ use vmha_controller::{agent_api::AgentApi, operator_api::OperatorApi};
 use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
 use vmha_proto::v1::operator_service_server::OperatorServiceServer;
+use vmha_tls::Transport;
+use vmha_tls::transport::Expect;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -27,8 +29,8 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(70);
     }));
     let flags = Flags::parse();
-    let creds = credentials(&flags)?;
-    let access = if creds.is_some() { Access::Mtls } else { Access::InsecureDev };
+    let transport = transport(&flags)?;
+    let access = if transport.is_insecure() { Access::InsecureDev } else { Access::Mtls };
     let timings = Timings {
         heartbeat_interval_ms: flags.heartbeat_interval.as_millis() as u64,
         lease_ttl_ms: flags.lease_ttl.as_millis() as u64,
@@ -90,20 +92,9 @@ async fn main() -> anyhow::Result<()> {
             OperatorServiceServer::new(OperatorApi(controller, access))
                 .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
         );
-    let listen = flags.listen;
-    let serve = async move {
-        match creds {
-            Some(creds) => {
-                let listener = tokio::net::TcpListener::bind(listen).await?;
-                let incoming = vmha_tls::transport::incoming(listener, &creds)?;
-                router.serve_with_incoming_shutdown(incoming, shutdown()).await?;
-            }
-            None => router.serve_with_shutdown(listen, shutdown()).await?,
-        }
-        anyhow::Ok(())
-    };
+    let serve = vmha_tls::transport::serve(router, flags.listen, &transport, shutdown());
     tokio::select! {
-        served = serve => served.with_context(|| format!("cannot serve on {}", flags.listen))?,
+        served = serve => served?,
         ended = decisions => anyhow::bail!("the decision loop ended ({ended:?}); exiting so that it is restarted"),
     }
     // Stopping the controller never stops a VM: agents keep them running and reconnect.
@@ -111,32 +102,26 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The controller's certificate, checked to be one; `None` with --insecure-dev.
-fn credentials(flags: &Flags) -> anyhow::Result<Option<std::sync::Arc<vmha_tls::Credentials>>> {
+/// The controller's certificate, checked to be one; plaintext only with --insecure-dev.
+fn transport(flags: &Flags) -> anyhow::Result<Transport> {
     if flags.insecure_dev {
         tracing::warn!(
             "--insecure-dev: serving plaintext and checking nobody; any process that reaches {} can speak \
              for any host or operator",
             flags.listen
         );
-        return Ok(None);
+        return Ok(Transport::InsecureDev);
     }
     let (Some(cert), Some(key)) = (flags.tls_cert.clone(), flags.tls_key.clone()) else {
         anyhow::bail!(
             "--tls-cert and --tls-key are required (make them with `vmha ca issue controller NAME`)"
         );
     };
-    let creds = vmha_tls::Credentials::load(vmha_tls::Paths { ca: flags.tls_ca.clone(), cert, key })?;
-    let id = creds.identity();
-    if id.role != vmha_tls::Role::Controller {
-        anyhow::bail!(
-            "{} is the certificate of {id}, not of a controller: agents would refuse it",
-            flags.tls_cert.as_ref().map_or(String::new(), |p| p.display().to_string())
-        );
-    }
-    tracing::info!(identity = %id, "mutual TLS: agents and operators need certificates of the cluster CA");
+    let paths = vmha_tls::Paths { ca: flags.tls_ca.clone(), cert, key };
+    let creds = vmha_tls::Credentials::load_as(paths, &Expect::Controller)?;
+    tracing::info!(identity = %creds.identity(), "mutual TLS: agents and operators need certificates of the cluster CA");
     vmha_tls::credentials::reload_on_sighup(creds.clone(), || {});
-    Ok(Some(creds))
+    Ok(Transport::Mtls(creds))
 }
 
 async fn shutdown() {

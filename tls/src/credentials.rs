@@ -15,6 +15,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 
 use crate::TlsError;
 use crate::identity::Identity;
+use crate::transport::Expect;
 
 /// Where a party's credentials live.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +50,24 @@ impl Credentials {
         }
         let current = read_own(&paths, &provider)?;
         Ok(Arc::new(Credentials { paths, provider, roots: Arc::new(roots), current: RwLock::new(current) }))
+    }
+
+    /// `load`, for a process that must be `expect`: the controller, or the host it runs on.
+    pub fn load_as(paths: Paths, expect: &Expect) -> Result<Arc<Credentials>, TlsError> {
+        let creds = Credentials::load(paths)?;
+        let id = creds.identity();
+        if !expect.matches(&id) {
+            let issue = match expect {
+                Expect::Controller => "vmha ca issue controller NAME".to_string(),
+                Expect::Host(name) => format!("vmha ca issue host {name}"),
+            };
+            return Err(TlsError::Refused(format!(
+                "{} is the certificate of {id}, not of {}: issue one with `{issue}`",
+                creds.paths.cert.display(),
+                expect.describe()
+            )));
+        }
+        Ok(creds)
     }
 
     /// Who these credentials speak for.

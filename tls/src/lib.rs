@@ -40,6 +40,8 @@ pub enum TlsError {
     Refused(String),
     #[error("cannot connect to {endpoint}: {detail}")]
     Connect { endpoint: String, detail: String },
+    #[error("cannot serve on {listen}: {detail}")]
+    Serve { listen: std::net::SocketAddr, detail: String },
 }
 
 impl TlsError {
@@ -70,8 +72,8 @@ impl Transport {
         };
         match self {
             Transport::Mtls(creds) => {
-                transport::authority(endpoint)?;
-                transport::connect(endpoint, creds, expect, connect_timeout).await.map_err(connect_error)
+                let authority = transport::authority(endpoint)?;
+                transport::connect(&authority, creds, expect, connect_timeout).await.map_err(connect_error)
             }
             Transport::InsecureDev => {
                 if !endpoint.starts_with("http://") {

@@ -1,6 +1,8 @@
 //! mTLS under tonic: a server's incoming connections, a client's channel to a party of a
 //! given role, and the verified identity of whoever made a request.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,11 +11,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Router;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::TlsError;
 use crate::credentials::Credentials;
 use crate::identity::{Identity, Role};
+use crate::{TlsError, Transport};
 
 /// A client that connects but never completes its handshake holds a task no longer than this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,20 +31,24 @@ pub enum Expect {
 }
 
 impl Expect {
+    /// How the expected party is named: "a controller", "host kvm1".
+    pub fn describe(&self) -> String {
+        match self {
+            Expect::Controller => "a controller".to_string(),
+            Expect::Host(name) => format!("host {name}"),
+        }
+    }
+
     fn check(&self, id: &Identity) -> Result<(), String> {
         let ok = match self {
             Expect::Controller => id.role == Role::Controller,
             Expect::Host(name) => id.role == Role::Host && &id.name == name,
         };
-        if ok {
-            Ok(())
-        } else {
-            let wanted = match self {
-                Expect::Controller => "a controller".to_string(),
-                Expect::Host(name) => format!("host {name}"),
-            };
-            Err(format!("expected {wanted}, but its certificate names {id}"))
-        }
+        if ok { Ok(()) } else { Err(format!("expected {}, but its certificate names {id}", self.describe())) }
+    }
+
+    pub(crate) fn matches(&self, id: &Identity) -> bool {
+        self.check(id).is_ok()
     }
 }
 
@@ -63,32 +70,20 @@ pub fn authority(endpoint: &str) -> Result<String, TlsError> {
     }
 }
 
-/// A channel to `endpoint` over mutual TLS, refusing any party but `expect`. Like tonic's own
-/// channels it reconnects on demand; each connection is checked again.
+/// A channel to `authority` (`host:port`, see `authority`) over mutual TLS, refusing any party
+/// but `expect`. Like tonic's own channels it reconnects on demand; each connection is checked
+/// again.
 pub async fn connect(
-    endpoint: &str,
+    authority: &str,
     creds: &Arc<Credentials>,
     expect: Expect,
     connect_timeout: Duration,
 ) -> Result<Channel, tonic::transport::Error> {
-    let channel = endpoint_for(endpoint, connect_timeout)?;
-    channel.connect_with_connector(connector(creds, expect)).await
-}
-
-/// Like `connect`, but connects at the first call.
-pub fn connect_lazy(
-    endpoint: &str,
-    creds: &Arc<Credentials>,
-    expect: Expect,
-    connect_timeout: Duration,
-) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint_for(endpoint, connect_timeout)?.connect_with_connector_lazy(connector(creds, expect)))
-}
-
-fn endpoint_for(endpoint: &str, connect_timeout: Duration) -> Result<Endpoint, tonic::transport::Error> {
     // tonic sees plain HTTP/2: the connector below does the TLS.
-    let authority = authority(endpoint).unwrap_or_else(|_| endpoint.to_string());
-    Ok(Endpoint::from_shared(format!("http://{authority}"))?.connect_timeout(connect_timeout))
+    Endpoint::from_shared(format!("http://{authority}"))?
+        .connect_timeout(connect_timeout)
+        .connect_with_connector(connector(creds, expect))
+        .await
 }
 
 fn connector(
@@ -167,6 +162,25 @@ pub fn incoming(
         }
     });
     Ok(ReceiverStream::new(rx))
+}
+
+/// Serves `router` on `listen` until `shutdown`: over mutual TLS with `transport`'s
+/// credentials, or in plaintext with `--insecure-dev`.
+pub async fn serve(
+    router: Router,
+    listen: SocketAddr,
+    transport: &Transport,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), TlsError> {
+    let failed = |detail: String| TlsError::Serve { listen, detail };
+    match transport {
+        Transport::Mtls(creds) => {
+            let listener = TcpListener::bind(listen).await.map_err(|e| failed(e.to_string()))?;
+            router.serve_with_incoming_shutdown(incoming(listener, creds)?, shutdown).await
+        }
+        Transport::InsecureDev => router.serve_with_shutdown(listen, shutdown).await,
+    }
+    .map_err(|e| failed(crate::error_chain(&e)))
 }
 
 /// The verified identity of whoever sent `req` over mutual TLS.
