@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll};
+use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll, StaleEpoch};
 use vmha_engine::{Millis, Timings};
 use vmha_proto::v1::peer_service_client::PeerServiceClient;
 use vmha_proto::v1::{LeaseStatusRequest, Peer, WatchdogStatus};
@@ -138,22 +138,36 @@ impl LeaseShell {
         armed.or(self.watchdog_cfg.as_ref().map(|c| c.timeout))
     }
 
-    /// What the leader said in a heartbeat answer; `ttl_ms` 0 means no lease this time.
+    /// The newest leader epoch this agent has seen.
+    pub fn newest_epoch(&self) -> u64 {
+        self.keeper().newest_epoch()
+    }
+
+    /// Takes note of a leader's epoch (registration, command); refused when it is older than
+    /// the newest seen.
+    pub fn see_epoch(&self, epoch: u64) -> Result<(), StaleEpoch> {
+        self.keeper().see_epoch(epoch)
+    }
+
+    /// What the leader of `epoch` said in a heartbeat answer; `ttl_ms` 0 means no lease this
+    /// time. A deposed leader's answer is refused whole.
     pub fn answered(
         &self,
+        epoch: u64,
         sent_at: Millis,
         ttl_ms: u64,
         cluster_hosts: usize,
         peers: Vec<Peer>,
         protected: Vec<String>,
-    ) {
+    ) -> Result<(), StaleEpoch> {
         let mut k = self.keeper();
+        k.see_epoch(epoch)?;
         if ttl_ms > 0 {
             if matches!(k.phase(), Phase::Fenced { .. } | Phase::Keeping { .. }) {
                 tracing::warn!("lease regained");
             }
             let before = k.lease_end();
-            k.granted(sent_at, ttl_ms, cluster_hosts);
+            k.granted(sent_at, ttl_ms, cluster_hosts, epoch)?;
             let end = k.lease_end().filter(|e| Some(*e) != before);
             drop(k);
             // Written for libvirt's hook: it lets protected VMs start only until then.
@@ -173,6 +187,7 @@ impl LeaseShell {
             self.save("protected", protected.iter().map(|u| format!("{u}\n")).collect());
             *known = protected;
         }
+        Ok(())
     }
 
     pub fn self_fenced(&self) -> bool {
@@ -361,11 +376,19 @@ impl LeaseShell {
                     host: p.host,
                     upper_remaining_ms: answer.upper_remaining_ms,
                     received_at: shell.now(),
+                    epoch: answer.epoch,
                 })
             });
         }
         let answers = asks.join_all().await.into_iter().flatten().collect();
-        self.keeper().polled(Poll { started, answers });
+        let stale = self.keeper().polled(Poll { started, answers });
+        if !stale.is_empty() {
+            tracing::warn!(
+                peers = ?stale,
+                newest_epoch = self.newest_epoch(),
+                "not counting peer answers of an older leader epoch"
+            );
+        }
     }
 }
 
@@ -415,7 +438,7 @@ mod tests {
         let first = LeaseShell::new("kvm1", Timings::default(), None);
         first.remember_in(dir.clone());
         first.adopt_timings(Timings::fast()).unwrap();
-        first.answered(Millis(0), 5_000, 3, vec![], vec!["u1".into(), "u2".into()]);
+        first.answered(1, Millis(0), 5_000, 3, vec![], vec!["u1".into(), "u2".into()]).unwrap();
         let lease: u64 = std::fs::read_to_string(dir.join("lease")).unwrap().trim().parse().unwrap();
         assert_eq!(lease, first.origin_ns + 5_000_000_000, "the lease file holds its end on CLOCK_MONOTONIC");
         let restarted = LeaseShell::new("kvm1", Timings::default(), None);

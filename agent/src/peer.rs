@@ -33,6 +33,7 @@ impl PeerService for PeerApi {
         Ok(Response::new(LeaseStatusReply {
             host: self.host.clone(),
             upper_remaining_ms: self.lease.upper_remaining_ms(),
+            epoch: self.lease.newest_epoch(),
         }))
     }
 }

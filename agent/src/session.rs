@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +34,17 @@ pub struct Reporting {
     facts: Option<HostFacts>,
 }
 
+/// The pause before the next controller endpoint, and after a round of all of them failed.
+const NEXT_PAUSE: Duration = Duration::from_millis(100);
+const ROUND_PAUSE: Duration = Duration::from_millis(500);
+
+/// The leader a standby named in its refusal (see `vmha_proto::LEADER_HEADER`).
+fn leader_named(e: &anyhow::Error) -> Option<String> {
+    let status = e.chain().find_map(|c| c.downcast_ref::<tonic::Status>())?;
+    let leader = status.metadata().get(vmha_proto::LEADER_HEADER)?.to_str().ok()?;
+    Some(leader.to_string())
+}
+
 /// How long a heartbeat waits for libvirt's domain list: half an interval, so that a hung
 /// libvirtd delays no heartbeat past its slot.
 fn listing_timeout(interval: Duration) -> Duration {
@@ -63,8 +73,6 @@ pub struct Agent {
     /// Held while a report is taken and sent, so that a report taken before a command's effect
     /// can never reach the controller after the command's result (see `executor`).
     report_lock: tokio::sync::Mutex<Reporting>,
-    /// The newest leader epoch seen; commands from older leaders are refused.
-    epoch: AtomicU64,
     pub lease: Arc<LeaseShell>,
     /// The newest answer's epoch, stamp and arrival: echoed by the next heartbeat.
     last_answer: Mutex<Option<(u64, u64, Instant)>>,
@@ -93,7 +101,6 @@ impl Agent {
             cfg,
             hv,
             report_lock: tokio::sync::Mutex::new(Reporting::default()),
-            epoch: AtomicU64::new(0),
             lease,
             last_answer: Mutex::default(),
             sent_xml: Mutex::default(),
@@ -111,27 +118,33 @@ impl Agent {
         *self.last_answer.lock().unwrap_or_else(|p| p.into_inner()) = Some((epoch, stamp, Instant::now()));
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
-    }
-
-    fn see_epoch(&self, epoch: u64) {
-        self.epoch.fetch_max(epoch, Ordering::SeqCst);
-    }
-
-    /// Runs forever, cycling through the controller endpoints.
+    /// Runs forever, following the leader: a standby names it, and the agent goes there;
+    /// otherwise it tries the configured endpoints in turn, pausing after each full round.
     pub async fn run(self: Arc<Self>) {
+        let configured = &self.cfg.controllers;
         let mut next = 0usize;
+        let mut named: Option<String> = None;
         loop {
-            let endpoint = &self.cfg.controllers[next % self.cfg.controllers.len()];
-            match self.clone().session(endpoint).await {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!(controller = %endpoint, error = format!("{e:#}"), "lost the controller; retrying")
+            let endpoint = named.take().unwrap_or_else(|| {
+                next += 1;
+                configured[(next - 1) % configured.len()].clone()
+            });
+            let result = self.clone().session(&endpoint).await;
+            if let Err(e) = &result {
+                match leader_named(e).filter(|l| *l != endpoint) {
+                    Some(leader) => {
+                        tracing::info!(standby = %endpoint, %leader, "following the leader");
+                        named = Some(leader);
+                        tokio::time::sleep(NEXT_PAUSE).await;
+                        continue;
+                    }
+                    None => {
+                        tracing::warn!(controller = %endpoint, error = format!("{e:#}"), "lost the controller; retrying")
+                    }
                 }
             }
-            next += 1;
-            tokio::time::sleep(self.interval().min(Duration::from_secs(1))).await;
+            let pause = if next % configured.len() == 0 { ROUND_PAUSE } else { NEXT_PAUSE };
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -167,7 +180,9 @@ impl Agent {
         self.lease
             .adopt_timings(timings)
             .map_err(|e| anyhow::anyhow!("refusing the controller at {endpoint}: {e}"))?;
-        self.see_epoch(reg.epoch);
+        self.lease
+            .see_epoch(reg.epoch)
+            .map_err(|e| anyhow::anyhow!("refusing the controller at {endpoint}: {e}"))?;
         self.answer_received(reg.epoch, reg.stamp_ms);
         // A new session may be a new leader: send every definition again.
         self.sent_xml.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -184,8 +199,8 @@ impl Agent {
                 }
                 msg = commands.message() => match msg.context("command stream")? {
                     Some(cmd) => {
-                        if cmd.epoch < self.epoch() {
-                            tracing::warn!(operation = %cmd.operation_id, epoch = cmd.epoch, "refusing a command from an older leader");
+                        if let Err(e) = self.lease.see_epoch(cmd.epoch) {
+                            tracing::warn!(operation = %cmd.operation_id, "refusing a command: {e}");
                             continue;
                         }
                         tokio::spawn(executor::execute(self.clone(), client.clone(), cmd));
@@ -287,7 +302,6 @@ impl Agent {
             .context("heartbeat")?
             .into_inner();
         self.answer_received(answer.epoch, answer.stamp_ms);
-        self.see_epoch(answer.epoch);
         // What the controller did not take is sent again with the next heartbeat.
         let not_taken: std::collections::HashSet<&str> =
             answer.xml_not_taken.iter().map(String::as_str).collect();
@@ -298,13 +312,16 @@ impl Agent {
         if answer.lease_ttl_ms == 0 {
             tracing::warn!(reason = %answer.refused, "heartbeat earned no lease");
         }
-        self.lease.answered(
-            sent_at,
-            answer.lease_ttl_ms,
-            answer.cluster_hosts as usize,
-            answer.peers,
-            answer.protected_uuids,
-        );
+        self.lease
+            .answered(
+                answer.epoch,
+                sent_at,
+                answer.lease_ttl_ms,
+                answer.cluster_hosts as usize,
+                answer.peers,
+                answer.protected_uuids,
+            )
+            .context("refusing the heartbeat answer")?;
         let wait = Duration::from_millis(answer.next_heartbeat_in_ms);
         Ok(if wait.is_zero() || wait > interval * 2 { interval } else { wait })
     }

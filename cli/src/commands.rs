@@ -241,21 +241,60 @@ fn transport(cli: &Cli) -> Result<Transport, Failure> {
     Ok(Transport::Mtls(creds))
 }
 
-async fn connect(endpoints: &[String], transport: &Transport) -> Result<Client, Failure> {
-    let mut last = String::new();
-    for e in endpoints {
-        match transport.channel(e, Expect::Controller, Duration::from_secs(3)).await {
-            Ok(ch) => return Ok(OperatorServiceClient::new(ch)),
-            Err(err @ vmha_tls::TlsError::Refused(_)) => {
-                return Err(Failure { message: err.to_string(), exit_code: 2 });
+/// The controllers the CLI knows of, and how it reaches them.
+pub struct Controllers {
+    endpoints: Vec<String>,
+    transport: Transport,
+}
+
+impl Controllers {
+    /// The leader among the known endpoints (or the one a standby names). With no leader
+    /// anywhere, a standby: it still answers `vmha status` (who leads, or why none does) and
+    /// refuses the rest, saying why.
+    pub async fn connect(&self) -> Result<Client, Failure> {
+        let mut last = String::new();
+        let mut standby = None;
+        let mut tried = std::collections::HashSet::new();
+        let mut queue: std::collections::VecDeque<String> = self.endpoints.iter().cloned().collect();
+        while let Some(e) = queue.pop_front() {
+            if !tried.insert(e.clone()) {
+                continue;
             }
-            Err(err) => last = err.to_string(),
+            let mut client =
+                match self.transport.channel(&e, Expect::Controller, Duration::from_secs(3)).await {
+                    Ok(ch) => OperatorServiceClient::new(ch),
+                    Err(err @ vmha_tls::TlsError::Refused(_)) => {
+                        return Err(Failure { message: err.to_string(), exit_code: 2 });
+                    }
+                    Err(err) => {
+                        last = format!("{e}: {err}");
+                        continue;
+                    }
+                };
+            match client.leader(LeaderRequest {}).await {
+                Ok(r) if r.get_ref().leading => return Ok(client),
+                Ok(r) => {
+                    let r = r.into_inner();
+                    last = format!(
+                        "{e}: {}",
+                        if r.why_no_leader.is_empty() { "a standby" } else { &r.why_no_leader }
+                    );
+                    if !r.leader_endpoint.is_empty() {
+                        queue.push_front(r.leader_endpoint);
+                    }
+                    standby.get_or_insert(client);
+                }
+                Err(s) if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded) => {
+                    last = format!("{e}: {}", vmha_tls::error_chain(&s));
+                }
+                Err(s) => return Err(s.into()),
+            }
         }
+        standby.ok_or_else(|| Failure {
+            message: format!("cannot reach a controller ({last}); set --controller or VMHA_CONTROLLER"),
+            exit_code: 5,
+        })
     }
-    Err(Failure {
-        message: format!("cannot reach the controller ({last}); set --controller or VMHA_CONTROLLER"),
-        exit_code: 5,
-    })
 }
 
 pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
@@ -264,7 +303,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         crate::ca::run(verb, fmt)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut c = connect(&cli.controller, &transport(&cli)?).await?;
+    let controllers = Controllers { endpoints: cli.controller.clone(), transport: transport(&cli)? };
+    let mut c = controllers.connect().await?;
     match cli.command {
         Verb::Ca(_) => unreachable!("`vmha ca` needs no controller: handled above"),
         Verb::Status => {
@@ -284,6 +324,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         s.protected_not_running
                     );
                     println!("you are {}", s.caller);
+                    for c in &s.controllers {
+                        match c.role.as_str() {
+                            "leader" => {
+                                println!("controller {} leads at {} (epoch {})", c.name, c.endpoint, c.epoch)
+                            }
+                            _ => println!("controller {} stands by at {}", c.name, c.endpoint),
+                        }
+                    }
                     if !s.database.is_empty() {
                         println!("database: {} (leases and heartbeats go on from memory)", s.database);
                     }
@@ -357,7 +405,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
         }
         Verb::Host(HostVerb::Drain { host, dry_run, no_wait, wait, allow_restart }) => {
-            return crate::drain::run(&mut c, fmt, host, dry_run, no_wait, wait, allow_restart).await;
+            return crate::drain::run(&controllers, &mut c, fmt, host, dry_run, no_wait, wait, allow_restart)
+                .await;
         }
         Verb::Host(HostVerb::Remove { host }) => {
             let r = c.remove_host(RemoveHostRequest { host }).await?.into_inner();

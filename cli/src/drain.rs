@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use vmha_proto::v1::{DrainPlan, DrainRequest, ListHostsRequest, Operation, StatusRequest};
 
-use crate::commands::{Client, Failure};
+use crate::commands::{Client, Controllers, Failure};
 use crate::output::{self, Format};
 
 fn plan_table(plan: &DrainPlan) {
@@ -51,7 +51,9 @@ async fn current(c: &mut Client, host: &str) -> Result<Option<DrainPlan>, Failur
     Ok(h.drain)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
+    controllers: &Controllers,
     c: &mut Client,
     fmt: Format,
     host: String,
@@ -100,7 +102,8 @@ pub async fn run(
                 unreachable_since = None;
                 polled
             }
-            // A controller restarting (a crash, an upgrade) resumes the drain: wait for it.
+            // A controller restarting (a crash, an upgrade), or a standby taking over, resumes the
+            // drain: wait for it.
             Err(e)
                 if e.exit_code == UNAVAILABLE && unreachable_since.is_none_or(|t| t.elapsed() < GIVE_UP) =>
             {
@@ -112,6 +115,10 @@ pub async fn run(
                 }
                 unreachable_since.get_or_insert_with(Instant::now);
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                // Another controller may lead by now.
+                if let Ok(leader) = controllers.connect().await {
+                    *c = leader;
+                }
                 continue;
             }
             Err(e) => return Err(e),

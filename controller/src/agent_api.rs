@@ -23,10 +23,12 @@ use crate::controller::Controller;
 use crate::domain_xml::DomainRules;
 use crate::errors::{Error, refusal, unexpected};
 use crate::journal::Write;
+use crate::node::Node;
 use crate::validate;
 
 pub struct AgentApi {
-    controller: Arc<Controller>,
+    /// A standby refuses every call, naming the leader: the agent goes there.
+    node: Arc<Node>,
     /// What a domain definition may contain (the controller's flags).
     definitions: DomainRules,
     /// How it knows which host calls.
@@ -34,8 +36,12 @@ pub struct AgentApi {
 }
 
 impl AgentApi {
-    pub fn new(controller: Arc<Controller>, definitions: DomainRules, access: Access) -> AgentApi {
-        AgentApi { controller, definitions, access }
+    pub fn new(node: Arc<Node>, definitions: DomainRules, access: Access) -> AgentApi {
+        AgentApi { node, definitions, access }
+    }
+
+    fn controller(&self) -> Result<&Arc<Controller>, Error> {
+        self.node.leader()
     }
 }
 
@@ -67,7 +73,7 @@ impl AgentService for AgentApi {
         validate::short_text("the agent version", &r.agent_version)?;
         let facts = r.facts.ok_or_else(|| Error::Invalid("register without host facts".into()))?;
         validate::facts(&facts)?;
-        let c = &self.controller;
+        let c = self.controller()?;
         let registration = Registration {
             host: host.clone(),
             migration_uri: r.migration_uri.clone(),
@@ -153,7 +159,7 @@ impl AgentService for AgentApi {
             xml,
             xml_refused,
         };
-        let c = &self.controller;
+        let c = self.controller()?;
         let lease = match c.step(Input::Heartbeat(hb)).await? {
             Reply::Lease(l) => l,
             Reply::Refused(r) => return Err(refusal(r)),
@@ -184,18 +190,18 @@ impl AgentService for AgentApi {
     ) -> Result<Response<Self::CommandsStream>, Status> {
         let host = self.access.agent_host(&req)?;
         let named = host.clone();
-        if !self.controller.read(move |s| s.hosts.contains_key(&named)).await? {
+        if !self.controller()?.read(move |s| s.hosts.contains_key(&named)).await? {
             return Err(
                 Error::Precondition(format!("host {host} has not registered with this controller")).into()
             );
         }
-        let rx = self.controller.connect_agent(&host);
+        let rx = self.controller()?.connect_agent(&host);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn report_progress(&self, req: Request<OperationProgress>) -> Result<Response<Ack>, Status> {
         let host = self.access.agent_host(&req)?;
-        self.controller.progress(&host, req.into_inner())?;
+        self.controller()?.progress(&host, req.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 
@@ -210,7 +216,7 @@ impl AgentService for AgentApi {
         } else {
             Err(r.error)
         };
-        match self.controller.step(Input::Result { host, id, result }).await? {
+        match self.controller()?.step(Input::Result { host, id, result }).await? {
             Reply::Refused(r) => Err(refusal(r)),
             _ => Ok(Response::new(Ack {})),
         }

@@ -14,6 +14,15 @@ pub struct Flags {
     /// Address to serve agents and operators on.
     #[arg(long, env = "VMHA_LISTEN", default_value = "0.0.0.0:7400")]
     pub listen: SocketAddr,
+    /// Where agents and operators reach this controller, as the other controllers tell them
+    /// (run several on one database: one leads, the others stand by and name the leader)
+    /// [default: https://HOSTNAME:PORT of --listen, or its address when it is not 0.0.0.0].
+    #[arg(long, env = "VMHA_ADVERTISE", value_name = "URL")]
+    pub advertise: Option<String>,
+    /// This controller's name among the controllers [default: the name in its certificate,
+    /// or the host name with --insecure-dev].
+    #[arg(long, env = "VMHA_NAME")]
+    pub name: Option<String>,
     /// The cluster CA's certificate (`vmha ca init`): agents and operators must present a
     /// certificate it issued, and the role in it decides what they may do.
     #[arg(long, env = "VMHA_TLS_CA", default_value = "/etc/vmha/pki/ca.pem", value_name = "PATH")]

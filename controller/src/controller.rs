@@ -31,6 +31,7 @@ use vmha_proto::v1 as pb;
 
 use crate::errors::Error;
 use crate::journal::{Journal, Write};
+use crate::leadership::Leadership;
 use crate::store::{NewEvent, OperationOutcome, Store, StoreError, op_uuid, retry_while_unreachable};
 use crate::views;
 
@@ -65,6 +66,8 @@ pub struct Controller {
     pub store: Store,
     journal: Journal,
     pub epoch: u64,
+    /// Until when this controller may act (see `leadership`).
+    leadership: Arc<Leadership>,
     pub migration: MigrationSettings,
     pub fence: FenceSettings,
     origin: Instant,
@@ -123,6 +126,9 @@ impl DecisionLoop {
             tokio::select! {
                 msg = self.inbox.recv() => match msg {
                     None => return,
+                    // A leader that can no longer prove it holds the lock decides nothing (it is
+                    // deposed within moments); the caller hears that the loop is gone.
+                    Some(Msg::Step(..)) if !c.leadership.acting() => {}
                     Some(Msg::Step(input, reply)) => {
                         let r = c.run_step(&mut self.engine, *input);
                         if let Some(tx) = reply {
@@ -132,6 +138,9 @@ impl DecisionLoop {
                     Some(Msg::Read(f)) => f(&self.engine),
                 },
                 _ = tick.tick() => {
+                    if !c.leadership.acting() {
+                        continue;
+                    }
                     c.run_step(&mut self.engine, Input::Tick);
                     // systemd's WatchdogSec: the decision loop still runs.
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -158,6 +167,7 @@ impl Controller {
         policy: Policy,
         migration: MigrationSettings,
         fence: FenceSettings,
+        leadership: Arc<Leadership>,
     ) -> Result<(Arc<Controller>, DecisionLoop), StoreError> {
         let waiting = |e: &StoreError, pause: Duration| {
             tracing::warn!(
@@ -165,24 +175,28 @@ impl Controller {
                 "PostgreSQL is unreachable; the controller starts once it is (next try in {pause:?})"
             )
         };
-        let store = retry_while_unreachable(|| Store::open(database_url), waiting).await?;
+        let base = retry_while_unreachable(|| Store::open(database_url), waiting).await?;
         retry_while_unreachable(
-            || Controller::start(store.clone(), timings, policy, migration.clone(), fence.clone()),
+            || async {
+                let epoch = base.next_epoch().await?;
+                let store = Store::open_for_epoch(database_url, epoch).await?;
+                let settings = (migration.clone(), fence.clone(), leadership.clone());
+                Controller::start(store, epoch, timings, policy, settings).await
+            },
             waiting,
         )
         .await
     }
 
-    /// Takes a new epoch, loads desired state and the work an earlier controller left in
-    /// progress, and resumes it once the returned loop runs.
-    pub async fn start(
+    /// Loads desired state and the work an earlier controller left in progress, and resumes it
+    /// with `epoch` (just taken) once the returned loop runs. `store` writes for that epoch.
+    async fn start(
         store: Store,
+        epoch: u64,
         timings: Timings,
         policy: Policy,
-        migration: MigrationSettings,
-        fence: FenceSettings,
+        (migration, fence, leadership): (MigrationSettings, FenceSettings, Arc<Leadership>),
     ) -> Result<(Arc<Controller>, DecisionLoop), StoreError> {
-        let epoch = store.next_epoch().await?;
         let mut cluster = ClusterState { timings, policy, started: Millis(0), epoch, ..Default::default() };
         for h in store.load_hosts().await? {
             cluster.hosts.insert(h.name.clone(), h);
@@ -212,6 +226,7 @@ impl Controller {
             journal: Journal::start(store.clone()),
             store,
             epoch,
+            leadership,
             migration,
             fence,
             origin: Instant::now(),

@@ -36,6 +36,9 @@ pub enum Error {
     Precondition(String),
     #[error("the controller is shutting down (its decision loop stopped); retry once it is back")]
     LoopGone,
+    /// This controller does not lead; `leader`: the endpoint of the one that does, if known.
+    #[error("{message}")]
+    NotLeader { message: String, leader: Option<String> },
     /// A reply of another kind than the request's: a bug, reported as such instead of a panic.
     #[error("the controller answered {request} unexpectedly; see its log")]
     Unexpected { request: &'static str, reply: String },
@@ -55,6 +58,13 @@ impl From<Error> for Status {
                 Status::internal(format!("{s}; see the controller's log"))
             }
             Error::DatabaseAway { .. } | Error::LoopGone => Status::unavailable(message),
+            Error::NotLeader { leader, .. } => {
+                let mut status = Status::unavailable(message);
+                if let Some(value) = leader.and_then(|l| l.parse().ok()) {
+                    status.metadata_mut().insert(vmha_proto::LEADER_HEADER, value);
+                }
+                status
+            }
             Error::Invalid(_) => Status::invalid_argument(message),
             Error::Unauthenticated(_) => Status::unauthenticated(message),
             Error::NotFound(_) => Status::not_found(message),

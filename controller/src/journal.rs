@@ -224,6 +224,11 @@ async fn run(store: Store, mut queue: mpsc::UnboundedReceiver<Entry>, shared: Ar
         shared.queued.fetch_sub(1, Ordering::SeqCst);
         shared.taken.send_modify(|taken| *taken += 1);
         shared.reachable();
+        if let Err(e) = &result
+            && e.is_deposed()
+        {
+            crate::leadership::depose(&format!("PostgreSQL refused this controller's write: {e}"));
+        }
         match (result, written) {
             (result, Some(tx)) => {
                 let _ = tx.send(result);

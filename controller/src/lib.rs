@@ -7,6 +7,8 @@ pub mod controller;
 pub mod domain_xml;
 pub mod errors;
 pub mod journal;
+pub mod leadership;
+pub mod node;
 pub mod operator_api;
 pub mod store;
 pub mod validate;

@@ -1,9 +1,13 @@
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::Parser;
 use vmha_controller::access::Access;
 use vmha_controller::config::Flags;
 use vmha_controller::controller::{Controller, FenceSettings, MigrationSettings};
 use vmha_controller::domain_xml::DomainRules;
+use vmha_controller::leadership::{self, Leadership};
+use vmha_controller::node::Node;
 use vmha_controller::{agent_api::AgentApi, operator_api::OperatorApi};
 use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
@@ -70,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
              restarted elsewhere"
         );
     }
-    let fence = FenceSettings { command: flags.fence_command, timeout: flags.fence_timeout };
+    let fence = FenceSettings { command: flags.fence_command.clone(), timeout: flags.fence_timeout };
     let migration = MigrationSettings {
         auto_converge: !flags.no_auto_converge,
         bandwidth_mib_s: flags.migration_bandwidth,
@@ -78,24 +82,28 @@ async fn main() -> anyhow::Result<()> {
         postcopy: flags.postcopy,
         max_downtime_ms: flags.max_downtime_ms,
     };
-    let (controller, decisions) =
-        Controller::start_when_reachable(&flags.database_url, timings, policy, migration, fence).await?;
-    let decisions = tokio::spawn(decisions.run(controller.clone()));
-    tracing::info!(listen = %flags.listen, epoch = controller.epoch, "vmha-controller serving");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let name =
+        flags.name.clone().or_else(|| transport.identity().map(|i| i.name)).unwrap_or_else(system_hostname);
+    let endpoint = flags.advertise.clone().unwrap_or_else(|| advertised(&flags, &transport));
+    let node = Node::new(name.clone(), endpoint.clone());
     let router = tonic::transport::Server::builder()
         .add_service(
-            AgentServiceServer::new(AgentApi::new(controller.clone(), definitions, access))
+            AgentServiceServer::new(AgentApi::new(node.clone(), definitions, access))
                 .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
         )
         .add_service(
-            OperatorServiceServer::new(OperatorApi(controller, access))
+            OperatorServiceServer::new(OperatorApi(node.clone(), access))
                 .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
         );
+    tokio::spawn(node.clone().keep_presence(flags.database_url.clone()));
+    tracing::info!(listen = %flags.listen, %name, %endpoint, "vmha-controller standing by for leader");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let leading = tokio::spawn(lead(node, flags.database_url.clone(), timings, policy, migration, fence));
+    // Standbys serve too: they name the leader to agents and operators.
     let serve = vmha_tls::transport::serve(router, flags.listen, &transport, shutdown());
     tokio::select! {
         served = serve => served?,
-        ended = decisions => anyhow::bail!("the decision loop ended ({ended:?}); exiting so that it is restarted"),
+        ended = leading => anyhow::bail!("the decision loop ended ({ended:?}); exiting so that it is restarted"),
     }
     // Stopping the controller never stops a VM: agents keep them running and reconnect.
     tracing::info!("vmha-controller stopped");
@@ -122,6 +130,58 @@ fn transport(flags: &Flags) -> anyhow::Result<Transport> {
     tracing::info!(identity = %creds.identity(), "mutual TLS: agents and operators need certificates of the cluster CA");
     vmha_tls::credentials::reload_on_sighup(creds.clone(), || {});
     Ok(Transport::Mtls(creds))
+}
+
+/// Stands for leader until this process wins, then leads for the rest of its life (a deposed
+/// leader starts over as a new process: `leadership::depose`). Returns only if the decision
+/// loop ends.
+async fn lead(
+    node: Arc<Node>,
+    database_url: String,
+    timings: Timings,
+    policy: Policy,
+    migration: MigrationSettings,
+    fence: FenceSettings,
+) -> anyhow::Result<()> {
+    let lock = leadership::campaign(&database_url, &node.name, |_| {
+        // systemd's WatchdogSec: a standby is alive while it stands.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+    })
+    .await;
+    let won = std::time::Instant::now();
+    let right = Leadership::new();
+    tokio::spawn(lock.hold(right.clone()));
+    tracing::info!(
+        "won the leader lock; acting in {} ms, once any earlier leader has surely stopped",
+        leadership::TAKEOVER_WAIT.as_millis()
+    );
+    tokio::time::sleep(leadership::TAKEOVER_WAIT).await;
+    let (controller, decisions) =
+        Controller::start_when_reachable(&database_url, timings, policy, migration, fence, right).await?;
+    tracing::info!(
+        epoch = controller.epoch,
+        after_ms = won.elapsed().as_millis() as u64,
+        "vmha-controller leads"
+    );
+    node.lead(controller.clone());
+    decisions.run(controller).await;
+    Ok(())
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "controller".into(), |s| s.trim().to_string())
+}
+
+/// The endpoint others are told when no --advertise is given.
+fn advertised(flags: &Flags, transport: &Transport) -> String {
+    let scheme = if transport.is_insecure() { "http" } else { "https" };
+    let port = flags.listen.port();
+    if flags.listen.ip().is_unspecified() {
+        format!("{scheme}://{}:{port}", system_hostname())
+    } else {
+        format!("{scheme}://{}", flags.listen)
+    }
 }
 
 async fn shutdown() {

@@ -22,38 +22,73 @@ use vmha_tls::Level;
 use crate::access::{Access, Operator};
 use crate::controller::Controller;
 use crate::errors::{Error, refusal, unexpected};
+use crate::node::Node;
 use crate::{validate, views};
 
 /// The operator API of a controller, and how it knows who calls (see `access`).
-pub struct OperatorApi(pub Arc<Controller>, pub Access);
+pub struct OperatorApi(pub Arc<Node>, pub Access);
 
 fn is_terminal(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "aborted")
 }
 
 impl OperatorApi {
+    /// The leader's controller; a standby refuses, naming the leader.
+    fn c(&self) -> Result<&Arc<Controller>, Error> {
+        self.0.leader()
+    }
+
+    /// What a standby can say: who leads (or why none does), and the controllers it knows.
+    fn standby_status(&self, caller: String) -> StatusResponse {
+        let mut warnings = vec![self.0.leader().err().map(|e| e.to_string()).unwrap_or_default()];
+        self.warn_if_insecure(&mut warnings);
+        StatusResponse {
+            epoch: self.0.who_leads().epoch,
+            warnings,
+            database: self.0.database_trouble().unwrap_or_default(),
+            insecure_dev: self.1 == Access::InsecureDev,
+            caller,
+            controllers: self.0.controllers(),
+            ..Default::default()
+        }
+    }
+
+    fn warn_if_insecure(&self, warnings: &mut Vec<String>) {
+        if self.1 == Access::InsecureDev {
+            warnings.insert(
+                0,
+                "INSECURE: this controller runs with --insecure-dev: anyone who reaches it can speak for any \
+                 host or operator, and start a second copy of any VM. Never run a cluster this way."
+                    .into(),
+            );
+        }
+    }
+
     /// Hands an operator's change to the engine; its refusal becomes the answer.
     async fn change(&self, who: &Operator, request: Change) -> Result<Reply, Error> {
-        match self.0.step(Input::Operator { actor: who.name.clone(), request }).await? {
+        let c = self.c()?;
+        match c.step(Input::Operator { actor: who.name.clone(), request }).await? {
             Reply::Refused(r) => Err(Error::Refused(r)),
             reply => Ok(reply),
         }
     }
 
     async fn host_view(&self, host: &str) -> Result<Host, Error> {
-        let now = self.0.now();
+        let c = self.c()?;
+        let now = c.now();
         let named = host.to_string();
-        let mut view = self.0.read(move |s| views::host(s, &named, now)).await?;
-        view.cert_not_after = self.0.host_cert_expiry(host).unwrap_or_default();
+        let mut view = c.read(move |s| views::host(s, &named, now)).await?;
+        view.cert_not_after = c.host_cert_expiry(host).unwrap_or_default();
         Ok(view)
     }
 
     async fn hosts(&self) -> Result<Vec<Host>, Error> {
-        let now = self.0.now();
+        let c = self.c()?;
+        let now = c.now();
         let mut hosts: Vec<Host> =
-            self.0.read(move |s| s.hosts.keys().map(|h| views::host(s, h, now)).collect()).await?;
+            c.read(move |s| s.hosts.keys().map(|h| views::host(s, h, now)).collect()).await?;
         for h in &mut hosts {
-            h.cert_not_after = self.0.host_cert_expiry(&h.name).unwrap_or_default();
+            h.cert_not_after = c.host_cert_expiry(&h.name).unwrap_or_default();
         }
         Ok(hosts)
     }
@@ -64,19 +99,18 @@ impl OperatorApi {
     /// only what it knows is protected): the answer to `vmha protect` waits until the host has
     /// acknowledged an answer listing it, at most a few heartbeats.
     async fn await_protection_known(&self, who: &Operator, vm: &vmha_engine::VmView) {
+        let Ok(c) = self.c() else { return };
         let Some(host) = vm.host.clone() else { return };
-        let interval = Duration::from_millis(self.0.timings.heartbeat_interval_ms);
+        let interval = Duration::from_millis(c.timings.heartbeat_interval_ms);
         let deadline = tokio::time::Instant::now() + interval * 3 + Duration::from_secs(1);
         let known = || {
             let (host, since) = (host.clone(), vm.protected_since);
-            self.0.read(move |s| {
-                s.hosts.get(&host).and_then(|h| h.protection_known).is_some_and(|k| k >= since)
-            })
+            c.read(move |s| s.hosts.get(&host).and_then(|h| h.protection_known).is_some_and(|k| k >= since))
         };
         // A controller going down answers no more: stop waiting.
         while !known().await.unwrap_or(true) {
             if tokio::time::Instant::now() >= deadline {
-                self.0.event(
+                c.event(
                     Event::vm(
                         &vm.name,
                         EventKind::ProtectionUnconfirmed,
@@ -99,10 +133,11 @@ impl OperatorApi {
 impl OperatorService for OperatorApi {
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let who = self.1.operator(&req, Level::Viewer, "reading the status")?;
+        let caller = format!("{} ({})", who.name, who.level);
+        let Ok(c) = self.c() else { return Ok(Response::new(self.standby_status(caller))) };
         let hosts = self.hosts().await?;
-        let now = self.0.now();
-        let (vms_total, vms_running, vms_protected, protected_down, quorum, warnings) = self
-            .0
+        let now = c.now();
+        let (vms_total, vms_running, vms_protected, protected_down, quorum, warnings) = c
             .read(move |s| {
                 let running = |v: &&vmha_engine::VmView| v.state == vmha_engine::RunState::Running;
                 let down: Vec<Vm> = s
@@ -123,16 +158,9 @@ impl OperatorService for OperatorApi {
             })
             .await?;
         let mut warnings = warnings;
-        if self.1 == Access::InsecureDev {
-            warnings.insert(
-                0,
-                "INSECURE: this controller runs with --insecure-dev: anyone who reaches it can speak for any \
-                 host or operator, and start a second copy of any VM. Never run a cluster this way."
-                    .into(),
-            );
-        }
+        self.warn_if_insecure(&mut warnings);
         Ok(Response::new(StatusResponse {
-            epoch: self.0.epoch,
+            epoch: c.epoch,
             hosts_total: hosts.len() as u32,
             hosts_online: hosts.iter().filter(|h| h.state == HostLiveness::Online.as_str()).count() as u32,
             vms_total,
@@ -140,15 +168,21 @@ impl OperatorService for OperatorApi {
             vms_protected,
             protected_not_running: protected_down.len() as u32,
             hosts,
-            active_operations: self.0.active_operations(),
+            active_operations: c.active_operations(),
             quorum,
             protected_down,
             leader_clock_ms: now.0,
             warnings,
-            database: self.0.database_trouble().unwrap_or_default(),
+            database: c.database_trouble().unwrap_or_default(),
             insecure_dev: self.1 == Access::InsecureDev,
-            caller: format!("{} ({})", who.name, who.level),
+            caller,
+            controllers: self.0.controllers(),
         }))
+    }
+
+    async fn leader(&self, req: Request<LeaderRequest>) -> Result<Response<LeaderReply>, Status> {
+        self.1.operator(&req, Level::Viewer, "asking who leads")?;
+        Ok(Response::new(self.0.who_leads()))
     }
 
     async fn list_hosts(
@@ -161,19 +195,20 @@ impl OperatorService for OperatorApi {
 
     async fn list_vms(&self, req: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
         self.1.operator(&req, Level::Viewer, "listing VMs")?;
-        let now = self.0.now();
+        let c = self.c()?;
+        let now = c.now();
         let mut vms: Vec<Vm> =
-            self.0.read(move |s| s.vms.values().map(|v| views::vm(s, v, now)).collect()).await?;
+            c.read(move |s| s.vms.values().map(|v| views::vm(s, v, now)).collect()).await?;
         vms.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
         Ok(Response::new(ListVmsResponse { vms }))
     }
 
     async fn get_vm(&self, req: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
         self.1.operator(&req, Level::Viewer, "showing a VM")?;
+        let c = self.c()?;
         let key = validate::vm_ref(&req.get_ref().vm)?.to_string();
-        let now = self.0.now();
-        self.0
-            .read(move |s| s.find_vm(&key).map(|v| views::vm(s, v, now)))
+        let now = c.now();
+        c.read(move |s| s.find_vm(&key).map(|v| views::vm(s, v, now)))
             .await?
             .map(Response::new)
             .map_err(refusal)
@@ -181,6 +216,7 @@ impl OperatorService for OperatorApi {
 
     async fn set_protection(&self, req: Request<SetProtectionRequest>) -> Result<Response<Vm>, Status> {
         let who = self.1.operator(&req, Level::Operator, "changing a VM's protection")?;
+        let c = self.c()?;
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?;
         let priority = r.priority.map(validate::priority).transpose()?;
@@ -191,10 +227,10 @@ impl OperatorService for OperatorApi {
         for h in &r.allowed_hosts {
             validate::host_name(h)?;
         }
-        self.0.require_database("changing a VM's protection")?;
+        c.require_database("changing a VM's protection")?;
         let named = key.to_string();
         let was_protected =
-            self.0.read(move |s| s.find_vm(&named).map(|v| v.protected)).await?.map_err(refusal)?;
+            c.read(move |s| s.find_vm(&named).map(|v| v.protected)).await?.map_err(refusal)?;
         let reply = self
             .change(
                 &who,
@@ -209,8 +245,7 @@ impl OperatorService for OperatorApi {
             )
             .await?;
         let Reply::Vm(uuid) = reply else { return Err(unexpected("set_protection", &reply).into()) };
-        let vm = self
-            .0
+        let vm = c
             .read({
                 let uuid = uuid.clone();
                 move |s| s.vms.get(&uuid).cloned()
@@ -220,8 +255,8 @@ impl OperatorService for OperatorApi {
         if vm.protected && !was_protected {
             self.await_protection_known(&who, &vm).await;
         }
-        let now = self.0.now();
-        let view = self.0.read(move |s| views::vm(s, &vm, now)).await?;
+        let now = c.now();
+        let view = c.read(move |s| views::vm(s, &vm, now)).await?;
         Ok(Response::new(view))
     }
 
@@ -231,12 +266,13 @@ impl OperatorService for OperatorApi {
             (false, true) => self.1.operator(&req, Level::Admin, "drain --allow-restart")?,
             (false, false) => self.1.operator(&req, Level::Operator, "drain")?,
         };
+        let c = self.c()?;
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
-        let now = self.0.now();
+        let now = c.now();
         if r.dry_run {
             let named = host.clone();
-            let steps = self.0.read(move |s| drain::plan(s, &named, now)).await?.map_err(refusal)?;
+            let steps = c.read(move |s| drain::plan(s, &named, now)).await?.map_err(refusal)?;
             let d = drain::Drain {
                 cause: drain::DrainCause::Operator,
                 allow_restart: r.allow_restart,
@@ -246,10 +282,9 @@ impl OperatorService for OperatorApi {
             };
             return Ok(Response::new(views::drain(&host, &d)));
         }
-        self.0.require_database("draining a host")?;
+        c.require_database("draining a host")?;
         self.change(&who, Change::Drain { host: host.clone(), allow_restart: r.allow_restart }).await?;
-        let plan = self
-            .0
+        let plan = c
             .read(move |s| s.hosts.get(&host).and_then(|h| h.drain.as_ref()).map(|d| views::drain(&host, d)))
             .await?;
         Ok(Response::new(plan.unwrap_or_default()))
@@ -257,14 +292,16 @@ impl OperatorService for OperatorApi {
 
     async fn undrain(&self, req: Request<UndrainRequest>) -> Result<Response<Host>, Status> {
         let who = self.1.operator(&req, Level::Operator, "undraining a host")?;
+        let c = self.c()?;
         let host = validate::host_name(&req.get_ref().host)?.to_string();
-        self.0.require_database("undraining a host")?;
+        c.require_database("undraining a host")?;
         self.change(&who, Change::Undrain { host: host.clone() }).await?;
         Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn set_memory_limit(&self, req: Request<SetMemoryLimitRequest>) -> Result<Response<Host>, Status> {
         let who = self.1.operator(&req, Level::Operator, "setting a host's memory limit")?;
+        let c = self.c()?;
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
         let mib = validate::at_most(
@@ -273,7 +310,7 @@ impl OperatorService for OperatorApi {
             validate::caps::MEMORY_LIMIT_MIB,
         )?;
         let limit = (mib > 0).then_some(mib * 1024);
-        self.0.require_database("setting a host's memory limit")?;
+        c.require_database("setting a host's memory limit")?;
         self.change(&who, Change::SetMemoryLimit { host: host.clone(), limit_kib: limit }).await?;
         Ok(Response::new(self.host_view(&host).await?))
     }
@@ -283,8 +320,9 @@ impl OperatorService for OperatorApi {
         req: Request<RemoveHostRequest>,
     ) -> Result<Response<RemoveHostResponse>, Status> {
         let who = self.1.operator(&req, Level::Admin, "removing a host")?;
+        let c = self.c()?;
         let host = validate::host_name(&req.get_ref().host)?.to_string();
-        self.0.require_database("removing a host")?;
+        c.require_database("removing a host")?;
         self.change(&who, Change::RemoveHost { host: host.clone() }).await?;
         Ok(Response::new(RemoveHostResponse {
             message: format!(
@@ -295,45 +333,48 @@ impl OperatorService for OperatorApi {
 
     async fn confirm_down(&self, req: Request<ConfirmDownRequest>) -> Result<Response<Host>, Status> {
         let who = self.1.operator(&req, Level::Admin, "confirm-down")?;
+        let c = self.c()?;
         let host = validate::host_name(&req.get_ref().host)?.to_string();
-        self.0.require_database("confirming a host is down")?;
+        c.require_database("confirming a host is down")?;
         self.change(&who, Change::ConfirmDown { host: host.clone() }).await?;
         Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn set_fencing(&self, req: Request<SetFencingRequest>) -> Result<Response<Host>, Status> {
         let who = self.1.operator(&req, Level::Admin, "changing a host's fencing mode")?;
+        let c = self.c()?;
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
         let mode = FencingMode::parse(&r.mode).ok_or_else(|| {
             Error::Invalid(format!("fencing mode '{}' is not one of self, external, manual", r.mode))
         })?;
-        if mode == FencingMode::External && self.0.fence.command.is_none() {
+        if mode == FencingMode::External && c.fence.command.is_none() {
             return Err(Error::Precondition(
                 "external fencing needs the controller's --fence-command; nothing changed".into(),
             )
             .into());
         }
-        self.0.require_database("setting a host's fencing mode")?;
+        c.require_database("setting a host's fencing mode")?;
         self.change(&who, Change::SetFencing { host: host.clone(), mode }).await?;
         Ok(Response::new(self.host_view(&host).await?))
     }
 
     async fn migrate(&self, req: Request<MigrateRequest>) -> Result<Response<Operation>, Status> {
         let who = self.1.operator(&req, Level::Operator, "migrate")?;
+        let c = self.c()?;
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?;
         let target = validate::host_name(&r.target_host)?;
         validate::at_most("the bandwidth (MiB/s)", r.bandwidth_mib_s, validate::caps::BANDWIDTH_MIB_S)?;
         validate::at_most("the timeout (ms)", r.timeout_ms, validate::caps::MIGRATION_TIMEOUT_MS)?;
-        self.0.require_database("starting a migration")?;
+        c.require_database("starting a migration")?;
         // The engine's policy holds the default timeout (its deadlines count on it).
-        let default_timeout = self.0.read(|s| s.policy.migration_timeout_ms).await?;
+        let default_timeout = c.read(|s| s.policy.migration_timeout_ms).await?;
         let overrides = (r.bandwidth_mib_s > 0 || r.timeout_ms > 0).then(|| Overrides {
             bandwidth_mib_s: if r.bandwidth_mib_s > 0 {
                 r.bandwidth_mib_s
             } else {
-                self.0.migration.bandwidth_mib_s
+                c.migration.bandwidth_mib_s
             },
             timeout_ms: if r.timeout_ms > 0 { r.timeout_ms } else { default_timeout },
         });
@@ -341,11 +382,10 @@ impl OperatorService for OperatorApi {
             .change(&who, Change::Migrate { vm: key.to_string(), to: target.to_string(), overrides })
             .await?;
         let Reply::Operation(id) = reply else { return Err(unexpected("migrate", &reply).into()) };
-        let op = self
-            .0
+        let op = c
             .watch_operation(id)
             .map(|w| w.borrow().clone())
-            .or_else(|| self.0.ended_operation(id))
+            .or_else(|| c.ended_operation(id))
             .ok_or_else(|| {
                 Error::NotFound(format!("operation {id} ended before it could be shown; see `vmha events`"))
             })?;
@@ -359,10 +399,11 @@ impl OperatorService for OperatorApi {
         req: Request<WatchOperationRequest>,
     ) -> Result<Response<Self::WatchOperationStream>, Status> {
         self.1.operator(&req, Level::Viewer, "following an operation")?;
+        let c = self.c()?;
         let id = OpId::parse(&req.get_ref().id)
             .ok_or_else(|| Error::Invalid(format!("'{}' is not an operation id", req.get_ref().id)))?;
-        let live = self.0.watch_operation(id);
-        let controller = self.0.clone();
+        let live = c.watch_operation(id);
+        let controller = c.clone();
         let stream = async_stream(controller, id, live);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -372,12 +413,13 @@ impl OperatorService for OperatorApi {
         req: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
         self.1.operator(&req, Level::Viewer, "reading events")?;
+        let c = self.c()?;
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit.min(10_000) };
-        self.0.require_database("listing events")?;
+        c.require_database("listing events")?;
         // The events of what the operator just did (a migration that ended) may still be queued.
-        self.0.caught_up(Duration::from_secs(3)).await;
-        let rows = self.0.store.list_events(r.after_id, limit).await.map_err(Error::from)?;
+        c.caught_up(Duration::from_secs(3)).await;
+        let rows = c.store.list_events(r.after_id, limit).await.map_err(Error::from)?;
         Ok(Response::new(ListEventsResponse { events: rows.iter().map(views::event).collect() }))
     }
 }

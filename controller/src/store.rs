@@ -3,10 +3,11 @@
 //! building needs no database.
 
 use std::future::Future;
+use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateError;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use uuid::Uuid;
 use vmha_engine::cluster::HostResources;
 use vmha_engine::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
@@ -42,7 +43,21 @@ impl StoreError {
             StoreError::SchemaTooNew { .. } | StoreError::Migrate(_) | StoreError::WriterStopped => false,
         }
     }
+
+    /// Whether the database refused the write because a newer leader has taken over (the
+    /// epoch fence of migration 0009): this controller must stop at once.
+    pub fn is_deposed(&self) -> bool {
+        match self {
+            StoreError::Query { source: sqlx::Error::Database(db), .. } => {
+                db.code().is_some_and(|c| c == DEPOSED)
+            }
+            _ => false,
+        }
+    }
 }
+
+/// The SQLSTATE the epoch fence raises (migrations/0009_leadership.sql).
+const DEPOSED: &str = "VH001";
 
 fn is_unreachable(e: &sqlx::Error) -> bool {
     match e {
@@ -121,6 +136,15 @@ pub struct OperationRow {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A row of `controllers`.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct ControllerRow {
+    pub name: String,
+    pub endpoint: String,
+    pub epoch: Option<i64>,
+    pub seen_ms_ago: i64,
+}
+
 /// A row of `events`.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct EventRow {
@@ -161,17 +185,32 @@ pub struct Store {
 impl Store {
     /// Connects and brings the schema up to date; refuses a schema newer than this build.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
+        let store = Store::connect(url, None, 8).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The leader's connections: each says which epoch it writes for, and the database
+    /// refuses its writes to the cluster's tables once a newer leader has taken over.
+    pub async fn open_for_epoch(url: &str, epoch: u64) -> Result<Store, StoreError> {
+        Store::connect(url, Some(epoch), 8).await
+    }
+
+    async fn connect(url: &str, epoch: Option<u64>, connections: u32) -> Result<Store, StoreError> {
+        let connect = |source| StoreError::Connect { url: redact(url), source };
+        let mut options = PgConnectOptions::from_str(url).map_err(connect)?;
+        if let Some(epoch) = epoch {
+            options = options.options([("vmha.epoch", epoch.to_string())]);
+        }
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(connections)
             // Also how long a query waits for an unreachable database before its caller hears
             // of it (the pool retries connecting meanwhile).
             .acquire_timeout(Duration::from_secs(3))
-            .connect(url)
+            .connect_with(options)
             .await
-            .map_err(|source| StoreError::Connect { url: redact(url), source })?;
-        let store = Store { pool };
-        store.migrate().await?;
-        Ok(store)
+            .map_err(connect)?;
+        Ok(Store { pool })
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -187,6 +226,45 @@ impl Store {
             }
             Err(e) => Err(StoreError::Migrate(e)),
         }
+    }
+
+    /// Says that controller `name` is alive, reachable at `endpoint`, and leads with `epoch`
+    /// (`None`: stands by).
+    pub async fn controller_seen(
+        &self,
+        name: &str,
+        endpoint: &str,
+        epoch: Option<u64>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO controllers (name, endpoint, epoch) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET endpoint = $2, epoch = $3, seen_at = now()",
+        )
+        .bind(name)
+        .bind(endpoint)
+        .bind(epoch.map(|e| e as i64))
+        .execute(&self.pool)
+        .await
+        .map_err(q("record this controller"))?;
+        Ok(())
+    }
+
+    /// Every controller seen in the last `within`, and the newest epoch: the one that leads
+    /// with it is the leader.
+    pub async fn controllers(&self, within: Duration) -> Result<(Vec<ControllerRow>, u64), StoreError> {
+        let rows = sqlx::query_as::<_, ControllerRow>(
+            "SELECT name, endpoint, epoch, (extract(epoch FROM now() - seen_at) * 1000)::bigint AS seen_ms_ago
+             FROM controllers WHERE seen_at > now() - $1 * interval '1 millisecond' ORDER BY name",
+        )
+        .bind(within.as_millis() as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("list the controllers"))?;
+        let newest: i64 = sqlx::query_scalar("SELECT epoch FROM cluster")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("read the epoch"))?;
+        Ok((rows, newest as u64))
     }
 
     /// Takes the next leader epoch (strictly greater than any before it).

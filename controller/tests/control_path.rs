@@ -17,6 +17,8 @@ use vmha_controller::access::Access;
 use vmha_controller::agent_api::AgentApi;
 use vmha_controller::controller::{Controller, DecisionLoop, FenceSettings, MigrationSettings};
 use vmha_controller::domain_xml::DomainRules;
+use vmha_controller::leadership::Leadership;
+use vmha_controller::node::Node;
 use vmha_controller::operator_api::OperatorApi;
 use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
@@ -69,7 +71,16 @@ async fn open_controller(
         result_grace_ms: result_grace.as_millis() as u64,
         ..Policy::default()
     };
-    Controller::start_when_reachable(database_url, Timings::default(), policy, settings, fence).await.unwrap()
+    Controller::start_when_reachable(
+        database_url,
+        Timings::default(),
+        policy,
+        settings,
+        fence,
+        Leadership::sole(),
+    )
+    .await
+    .unwrap()
 }
 
 /// A controller on a fresh database, serving on a loopback port: its endpoint, and the
@@ -86,14 +97,15 @@ async fn serve((controller, decisions): (Arc<Controller>, DecisionLoop)) -> Stri
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("https://{}", listener.local_addr().unwrap());
     let incoming = vmha_tls::transport::incoming(listener, &pki::creds(Role::Controller, "ctl1")).unwrap();
+    let node = Node::sole(controller);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(AgentServiceServer::new(AgentApi::new(
-                controller.clone(),
+                node.clone(),
                 DomainRules::default(),
                 Access::Mtls,
             )))
-            .add_service(OperatorServiceServer::new(OperatorApi(controller, Access::Mtls)))
+            .add_service(OperatorServiceServer::new(OperatorApi(node, Access::Mtls)))
             .serve_with_incoming(incoming),
     );
     endpoint

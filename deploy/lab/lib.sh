@@ -27,14 +27,20 @@ LAB_HOSTS=(kvm1 kvm2 kvm3)
 LAB_NET_PREFIX=10.213.77
 LAB_BRIDGE=vmhabr0
 LAB_BRIDGE_IP=$LAB_NET_PREFIX.1
-LAB_CONTROLLER_ADDR=$LAB_BRIDGE_IP:7400
-# VMHA_LAB_INSECURE=1 (benchmarks only, bench/mtls): the controller, agents and CLI
-# run with --insecure-dev, in plaintext. Take the lab down before switching.
+# Two controllers on one database, ctl1 and ctl2: one leads, the other stands by
+# (deploy/lab/ctl stops, kills and starts them). Both in the root namespaces.
+LAB_CONTROLLERS=(1 2)
+lab_controller_addr() { echo "$LAB_BRIDGE_IP:$((7400 + ($1 - 1) * 10))"; }
+# VMHA_LAB_INSECURE=1 (benchmarks only, bench/mtls): the controllers, agents and
+# CLI run with --insecure-dev, in plaintext. Take the lab down before switching.
 if [[ ${VMHA_LAB_INSECURE:-0} == 1 ]]; then
-  LAB_CONTROLLER_URL=http://$LAB_CONTROLLER_ADDR
+  LAB_SCHEME=http
 else
-  LAB_CONTROLLER_URL=https://$LAB_CONTROLLER_ADDR
+  LAB_SCHEME=https
 fi
+lab_controller_url() { echo "$LAB_SCHEME://$(lab_controller_addr "$1")"; }
+# Every controller's endpoint, comma-separated: what agents and the CLI are given.
+LAB_CONTROLLER_URLS=$(for n in "${LAB_CONTROLLERS[@]}"; do lab_controller_url "$n"; done | paste -sd,)
 # Mutual TLS, as in production: one cluster CA and every certificate in
 # LAB_PKI_DIR, made by `vmha ca` (lab_make_pki). The CLI runs as the lab's admin
 # (lab_cli); a viewer and an operator certificate are there for tests.
@@ -521,7 +527,9 @@ lab_make_pki() {
     lab_log "making the lab's cluster CA in $LAB_PKI_DIR"
     "$LAB_CLI_BIN" ca init --dir "$LAB_PKI_DIR" >/dev/null || lab_die "cannot make the lab's CA"
   fi
-  lab_issue controller-ctl1 controller ctl1 --ip "$LAB_BRIDGE_IP"
+  for n in "${LAB_CONTROLLERS[@]}"; do
+    lab_issue "controller-ctl$n" controller "ctl$n" --ip "$LAB_BRIDGE_IP"
+  done
   for h in "${LAB_HOSTS[@]}"; do
     lab_issue "host-$h" host "$h" --ip "$(lab_host_ip "$h")"
   done
@@ -546,7 +554,7 @@ lab_tls_flags() {
 # The environment of the CLI as the lab operator NAME (lab-admin by default).
 lab_cli_env() {
   local who=${1:-lab-admin}
-  printf '%s\n' "VMHA_CONTROLLER=$LAB_CONTROLLER_URL" "VMHA_CA=$LAB_PKI_DIR/ca.pem" \
+  printf '%s\n' "VMHA_CONTROLLER=$LAB_CONTROLLER_URLS" "VMHA_CA=$LAB_PKI_DIR/ca.pem" \
     "VMHA_CERT=$LAB_PKI_DIR/operator-$who.pem" "VMHA_KEY=$LAB_PKI_DIR/operator-$who.key"
   [[ ${VMHA_LAB_INSECURE:-0} != 1 ]] || printf '%s\n' VMHA_INSECURE_DEV=1
 }
@@ -570,7 +578,7 @@ lab_start_agent() {
   lab_log "starting agent on $h"
   lab_spawn "$LAB_DIR/agent-$h.pid" "$LAB_DIR/agent-$h.log" "$h" \
     "$LAB_AGENT_BIN" --host-name "$h" --libvirt-uri qemu:///system \
-    --migration-uri "$(lab_migration_uri "$h")" --controller "$LAB_CONTROLLER_URL" \
+    --migration-uri "$(lab_migration_uri "$h")" --controller "$LAB_CONTROLLER_URLS" \
     $(lab_tls_flags "host-$h") \
     --peer-listen "$(lab_host_ip "$h"):$LAB_AGENT_PEER_PORT" \
     --probe-interval 1s --state-dir "$(lab_host_dir "$h")/agent-state" \
@@ -578,25 +586,39 @@ lab_start_agent() {
     --watchdog-device "$(lab_watchdog_path "$h")" --watchdog-timeout "$(lab_watchdog_secs)s"
 }
 
-# lab_start_controller [FLAG...]: start the vmha controller in the root
+# lab_start_controller N [FLAG...]: start the lab's controller ctlN in the root
 # namespaces with the lab's profile (lab_profile) and FLAGs appended, as `up`
 # does (up first stops one that runs with other flags). The FLAGs are recorded
-# in $LAB_DIR/controller.args (lab_controller_extra_args). Returns once its pid
-# file is written, not once it serves: wait for `vmha host ls` to answer.
+# in $LAB_DIR/controller-N.args (lab_controller_extra_args N). Returns once its
+# pid file is written, not once it serves: wait for `vmha host ls` to answer.
+# It stands by until it wins the leader lock.
 lab_start_controller() {
-  local profile_args
+  local n=$1 profile_args
+  shift
   read -ra profile_args <<<"$(lab_controller_profile_args "$(lab_profile)")"
-  lab_log "starting controller on $LAB_CONTROLLER_ADDR (profile $(lab_profile)${*:+, extra flags $*})"
-  printf '%s\n' "$*" >"$LAB_DIR/controller.args"
-  lab_spawn "$LAB_DIR/controller.pid" "$LAB_DIR/controller.log" - \
-    "$LAB_CONTROLLER_BIN" --listen "$LAB_CONTROLLER_ADDR" --database-url "$(lab_database_url)" \
-    $(lab_tls_flags controller-ctl1) \
+  lab_log "starting controller ctl$n on $(lab_controller_addr "$n") (profile $(lab_profile)${*:+, extra flags $*})"
+  printf '%s\n' "$*" >"$LAB_DIR/controller-$n.args"
+  lab_spawn "$(lab_controller_pidfile "$n")" "$LAB_DIR/controller-$n.log" - \
+    "$LAB_CONTROLLER_BIN" --listen "$(lab_controller_addr "$n")" --database-url "$(lab_database_url)" \
+    --advertise "$(lab_controller_url "$n")" --name "ctl$n" \
+    $(lab_tls_flags "controller-ctl$n") \
     --shared-storage "$LAB_IMAGES_DIR" \
     --degraded-after 3s --recover-after 5s "${profile_args[@]}" "$@"
 }
 
-# The extra flags the lab's controller was last started with (empty: none).
-lab_controller_extra_args() { cat "$LAB_DIR/controller.args" 2>/dev/null || true; }
+lab_controller_pidfile() { echo "$LAB_DIR/controller-$1.pid"; }
+
+# The extra flags the lab's controller N was last started with (empty: none).
+lab_controller_extra_args() { cat "$LAB_DIR/controller-$1.args" 2>/dev/null || true; }
+
+# Whether any of the lab's controllers runs.
+lab_any_controller() {
+  local n
+  for n in "${LAB_CONTROLLERS[@]}"; do
+    lab_pid_alive "$(lab_controller_pidfile "$n")" vmha-controller >/dev/null && return 0
+  done
+  return 1
+}
 
 # --- timing profiles -----------------------------------------------------------
 # VMHA_LAB_PROFILE picks the cluster's timings; `up` records it in

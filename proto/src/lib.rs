@@ -8,6 +8,10 @@ pub mod v1 {
 /// Read in exactly one place on the controller (its `identity` module).
 pub const HOST_HEADER: &str = "x-vmha-host";
 
+/// Response header of a controller that does not lead: the endpoint of the one that does
+/// (absent while none does). Agents and the CLI go there.
+pub const LEADER_HEADER: &str = "x-vmha-leader";
+
 /// Whether `s` can name a host: an RFC 1123 name (letters, digits, '-', '.'), which is also
 /// what a TLS certificate can carry. Agents check their own name with it, the controller every
 /// name it is told.

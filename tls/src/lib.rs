@@ -95,6 +95,14 @@ impl Transport {
     pub fn is_insecure(&self) -> bool {
         matches!(self, Transport::InsecureDev)
     }
+
+    /// Who this side is, by its certificate (`None` with --insecure-dev).
+    pub fn identity(&self) -> Option<Identity> {
+        match self {
+            Transport::Mtls(creds) => Some(creds.identity()),
+            Transport::InsecureDev => None,
+        }
+    }
 }
 
 /// An error and its causes on one line: tonic's transport errors say little at the top.

@@ -21,6 +21,18 @@ pub struct PeerAnswer {
     pub upper_remaining_ms: i64,
     /// When the answer arrived here.
     pub received_at: Millis,
+    /// The newest leader epoch the peer has seen.
+    pub epoch: u64,
+}
+
+/// Something from a leader older than the newest this agent has seen: a deposed leader's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "epoch {got} is older than epoch {newest}, the newest this agent has seen: it comes from a deposed leader"
+)]
+pub struct StaleEpoch {
+    pub got: u64,
+    pub newest: u64,
 }
 
 /// A finished poll of every peer; peers that did not answer in time are simply absent.
@@ -78,6 +90,8 @@ pub struct LeaseKeeper {
     fence_done: bool,
     /// When the peers the latest prediction counts on will all have lapsed.
     fact_poll_at: Option<Millis>,
+    /// The newest leader epoch seen, in a lease, a command, a registration or a peer's answer.
+    newest_epoch: u64,
 }
 
 impl LeaseKeeper {
@@ -95,6 +109,7 @@ impl LeaseKeeper {
             phase: Phase::Starting,
             fence_done: false,
             fact_poll_at: None,
+            newest_epoch: 0,
         }
     }
 
@@ -158,14 +173,38 @@ impl LeaseKeeper {
         self.declarable_from().is_some_and(|d| now.0 + timeout_ms + self.cfg.guard_ms / 2 <= d.0)
     }
 
-    /// The leader granted `ttl_ms` to the heartbeat sent at `sent_at`, in a cluster of
-    /// `cluster_hosts` hosts.
-    pub fn granted(&mut self, sent_at: Millis, ttl_ms: u64, cluster_hosts: usize) {
+    /// The newest leader epoch this agent has seen.
+    pub fn newest_epoch(&self) -> u64 {
+        self.newest_epoch
+    }
+
+    /// Takes note of a leader's epoch (a registration, a command): refused if it is older than
+    /// the newest seen, since that leader has been deposed.
+    pub fn see_epoch(&mut self, epoch: u64) -> Result<(), StaleEpoch> {
+        if epoch < self.newest_epoch {
+            return Err(StaleEpoch { got: epoch, newest: self.newest_epoch });
+        }
+        self.newest_epoch = epoch;
+        Ok(())
+    }
+
+    /// The leader of `epoch` granted `ttl_ms` to the heartbeat sent at `sent_at`, in a cluster
+    /// of `cluster_hosts` hosts. A deposed leader's lease is refused: its successor does not
+    /// count it.
+    pub fn granted(
+        &mut self,
+        sent_at: Millis,
+        ttl_ms: u64,
+        cluster_hosts: usize,
+        epoch: u64,
+    ) -> Result<(), StaleEpoch> {
+        self.see_epoch(epoch)?;
         let end = Millis(sent_at.0 + ttl_ms);
         self.fence_done = false;
         self.lease_end = Some(self.lease_end.map_or(end, |e| e.max(end)));
         self.renewed_send = Some(self.renewed_send.map_or(sent_at, |s| s.max(sent_at)));
         self.cluster_hosts = cluster_hosts;
+        Ok(())
     }
 
     /// The size of the cluster as the leader last said, also from answers without a lease.
@@ -191,10 +230,19 @@ impl LeaseKeeper {
         (end.0 + self.cfg.max_transit_ms) as i64 - self.cfg.quorum_shortfall_ms() as i64 - now.0 as i64
     }
 
-    pub fn polled(&mut self, poll: Poll) {
+    /// A finished poll. A peer that has seen a newer epoch makes it the newest here too; the
+    /// answer of a peer that has not seen the newest is not counted (it may speak of a deposed
+    /// leader's lease): it returns those peers, for the log.
+    pub fn polled(&mut self, mut poll: Poll) -> Vec<String> {
+        let newest = poll.answers.iter().map(|a| a.epoch).max().unwrap_or(0);
+        self.newest_epoch = self.newest_epoch.max(newest);
+        let (current, stale): (Vec<PeerAnswer>, Vec<PeerAnswer>) =
+            poll.answers.into_iter().partition(|a| a.epoch >= self.newest_epoch);
+        poll.answers = current;
         if self.last_poll.as_ref().is_none_or(|p| p.started <= poll.started) {
             self.last_poll = Some(poll);
         }
+        stale.into_iter().map(|a| a.host).collect()
     }
 
     /// A poll every `poll_every`, and one more as soon as the peers a prediction counts on
@@ -337,12 +385,12 @@ mod tests {
     use super::*;
 
     fn answer(host: &str, upper: i64, at: u64) -> PeerAnswer {
-        PeerAnswer { host: host.into(), upper_remaining_ms: upper, received_at: Millis(at) }
+        PeerAnswer { host: host.into(), upper_remaining_ms: upper, received_at: Millis(at), epoch: 1 }
     }
 
     fn leased(at: u64) -> LeaseKeeper {
         let mut k = LeaseKeeper::new(Timings::default(), Millis(0));
-        k.granted(Millis(at), 5_000, 3);
+        k.granted(Millis(at), 5_000, 3, 1).unwrap();
         k
     }
 
@@ -376,6 +424,45 @@ mod tests {
     }
 
     #[test]
+    fn a_deposed_leaders_lease_and_its_followers_answers_are_not_counted() {
+        let mut k = leased(1_000); // epoch 1, lease to 6_000
+        k.granted(Millis(1_500), 5_000, 3, 2).unwrap();
+        assert_eq!(k.lease_end(), Some(Millis(6_500)));
+        // A lease of epoch 1 answered late: refused, the lease is not extended.
+        let stale = k.granted(Millis(2_000), 5_000, 3, 1);
+        assert_eq!(stale, Err(StaleEpoch { got: 1, newest: 2 }));
+        assert_eq!(k.lease_end(), Some(Millis(6_500)));
+        assert!(k.see_epoch(1).is_err(), "a command of epoch 1 is refused too");
+        // Both peers say they have no lease, but only of epoch 1: not counted, so nothing shows
+        // the leader of epoch 2 lacks quorum.
+        let stale_peers = k.polled(Poll {
+            started: Millis(6_400),
+            answers: vec![answer("kvm2", 0, 6_410), answer("kvm3", 0, 6_420)],
+        });
+        assert_eq!(stale_peers, ["kvm2", "kvm3"]);
+        assert!(matches!(k.tick(Millis(6_500)), Decision::Fence { .. }));
+        // The same answers from peers that know epoch 2 keep the VMs.
+        let mut k = leased(1_000);
+        k.granted(Millis(1_500), 5_000, 3, 2).unwrap();
+        let current = |h: &str, at| PeerAnswer { epoch: 2, ..answer(h, 0, at) };
+        let stale_peers = k.polled(Poll {
+            started: Millis(6_400),
+            answers: vec![current("kvm2", 6_410), current("kvm3", 6_420)],
+        });
+        assert!(stale_peers.is_empty());
+        assert!(matches!(k.tick(Millis(6_500)), Decision::Keep { .. }));
+    }
+
+    #[test]
+    fn a_peer_that_has_seen_a_newer_epoch_makes_it_the_newest() {
+        let mut k = leased(1_000);
+        let newer = PeerAnswer { epoch: 3, ..answer("kvm2", 0, 5_910) };
+        k.polled(Poll { started: Millis(5_900), answers: vec![newer] });
+        assert_eq!(k.newest_epoch(), 3);
+        assert!(k.see_epoch(1).is_err(), "the leader of epoch 1 has been deposed");
+    }
+
+    #[test]
     fn fences_when_a_peer_holds_a_lease_past_the_deadline_or_nobody_answers() {
         let mut k = leased(1_000);
         k.polled(Poll { started: Millis(5_900), answers: vec![answer("kvm2", 4_000, 5_910)] });
@@ -392,11 +479,11 @@ mod tests {
     #[test]
     fn a_one_host_cluster_never_fences_and_a_new_lease_ends_a_fence() {
         let mut k = LeaseKeeper::new(Timings::default(), Millis(0));
-        k.granted(Millis(0), 5_000, 1);
+        k.granted(Millis(0), 5_000, 1, 1).unwrap();
         assert_eq!(k.tick(Millis(60_000)), Decision::Nothing);
         let mut k = leased(0);
         assert!(matches!(k.tick(Millis(5_000)), Decision::Fence { .. }));
-        k.granted(Millis(9_000), 5_000, 3);
+        k.granted(Millis(9_000), 5_000, 3, 1).unwrap();
         assert_eq!(k.tick(Millis(9_100)), Decision::Nothing);
         assert_eq!(k.phase(), &Phase::Leased);
     }
@@ -416,7 +503,7 @@ mod tests {
     fn starts_need_a_lease() {
         let mut k = LeaseKeeper::new(Timings::default(), Millis(0));
         assert!(k.may_start(Millis(10)).unwrap_err().contains("no lease yet"));
-        k.granted(Millis(1_000), 5_000, 3);
+        k.granted(Millis(1_000), 5_000, 3, 1).unwrap();
         assert_eq!(k.may_start(Millis(5_999)), Ok(()));
         assert!(k.may_start(Millis(6_000)).unwrap_err().contains("expired 0 ms ago"));
     }

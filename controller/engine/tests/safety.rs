@@ -70,6 +70,10 @@ enum Fault {
     PauseLeader(u64),
     /// The controller restarts: a new epoch, observed state lost.
     RestartLeader,
+    /// The leader stops (SIGKILL, or deposed after a freeze); a standby takes over with the
+    /// next epoch from what the database holds, acting only after this gap (the lock's release,
+    /// the takeover wait, the restore). What the old leader had sent is still in flight.
+    Takeover(u64),
     /// `kill -9` of the agent (an OOM kill, a crash): its VMs keep running, its watchdog is
     /// no longer fed.
     KillAgent(usize),
@@ -573,6 +577,18 @@ impl Sim {
         out.reply
     }
 
+    /// Whether the agent of `h` refuses the command of operation `op`, as the real one does:
+    /// it comes from a leader older than the newest it has seen (an operation's id carries the
+    /// epoch of the leader that began it).
+    fn refuses(&mut self, h: usize, op: OpId) -> bool {
+        let epoch = (op.0 >> 64) as u64;
+        let refused = self.agents[h].keeper.see_epoch(epoch).is_err();
+        if refused && self.trace {
+            eprintln!("t={} kvm{h} refuses {op}: epoch {epoch} is stale", self.now);
+        }
+        refused
+    }
+
     /// The agent of `h` registers with the leader: the stamp it echoes first.
     fn register(&mut self, h: usize) -> Millis {
         let r = Registration {
@@ -665,15 +681,18 @@ impl Sim {
                             protected,
                         },
                     ),
+                    // A deposed leader's answer is refused whole.
+                    Some(_) if self.agents[host].keeper.see_epoch(epoch).is_err() => {}
                     Some(_) => {
                         let a = &mut self.agents[host];
                         a.protected = protected;
                         a.last_answer = Some((epoch, answer.stamp(), self.now));
                         a.keeper.set_peers(peers.into_iter().filter(|p| *p != host_name(host)));
                         match answer {
-                            LeaseAnswer::Granted { ttl_ms, .. } => {
-                                a.keeper.granted(Millis(sent_at), ttl_ms, hosts)
-                            }
+                            LeaseAnswer::Granted { ttl_ms, .. } => a
+                                .keeper
+                                .granted(Millis(sent_at), ttl_ms, hosts, epoch)
+                                .expect("epoch seen just above"),
                             LeaseAnswer::Refused { .. } => a.keeper.set_cluster_hosts(hosts),
                         }
                         a.next_hb = self.now + next_in;
@@ -692,11 +711,13 @@ impl Sim {
                     }
                     Some(_) => {
                         let upper = self.agents[peer].keeper.upper_remaining_ms(Millis(self.now));
+                        let epoch = self.agents[peer].keeper.newest_epoch();
                         let t = self.now + back_delay;
                         let answer = PeerAnswer {
                             host: host_name(peer),
                             upper_remaining_ms: upper,
                             received_at: Millis(t),
+                            epoch,
                         };
                         self.at(t, Event::PeerAnswered { asker, poll, answer, life });
                     }
@@ -726,6 +747,7 @@ impl Sim {
             Event::StartCommand { host, vm, op, life } => match self.agent_wait(host, life) {
                 None => {}
                 Some(t) if t > self.now => self.at(t, Event::StartCommand { host, vm, op, life }),
+                Some(_) if self.refuses(host, op) => {}
                 Some(_) => {
                     let a = &mut self.agents[host];
                     if let Err(why) = a.keeper.may_start(Millis(self.now)) {
@@ -754,6 +776,7 @@ impl Sim {
             Event::DestroyCommand { host, vm, op, life } => match self.agent_wait(host, life) {
                 None => {}
                 Some(t) if t > self.now => self.at(t, Event::DestroyCommand { host, vm, op, life }),
+                Some(_) if self.refuses(host, op) => {}
                 // The agent's destroy goes through libvirt; a hung one loses it.
                 Some(_) if self.now < self.agents[host].libvirt_hung_until => {}
                 Some(_) => {
@@ -764,6 +787,7 @@ impl Sim {
             Event::MigrateCommand { source, target, vm, op, life } => match self.agent_wait(source, life) {
                 None => {}
                 Some(t) if t > self.now => self.at(t, Event::MigrateCommand { source, target, vm, op, life }),
+                Some(_) if self.refuses(source, op) => {}
                 Some(_)
                     if self.now < self.agents[source].libvirt_hung_until
                         || !self.copies[vm].contains(&source) =>
@@ -846,6 +870,13 @@ impl Sim {
                 let (engine, _) = self.db.load(&self.leader.cluster, epoch, Millis(self.now));
                 self.leader = engine;
             }
+            Fault::Takeover(gap) => {
+                self.unwritten.clear();
+                let epoch = self.leader.cluster.epoch + 1;
+                let (engine, _) = self.db.load(&self.leader.cluster, epoch, Millis(self.now));
+                self.leader = engine;
+                self.paused_until = self.paused_until.max(self.now + gap);
+            }
             Fault::KillAgent(h) => self.agents[h].agent_up = false,
             Fault::RestartAgent(h) => {
                 if self.agents[h].host_up && !self.agents[h].agent_up {
@@ -913,7 +944,9 @@ impl Sim {
         a.polls.clear();
         a.next_hb = now;
         let stamp = self.register(h);
-        self.agents[h].last_answer = Some((self.leader.cluster.epoch, stamp, now));
+        let epoch = self.leader.cluster.epoch;
+        self.agents[h].keeper.see_epoch(epoch).expect("a fresh agent has seen no epoch");
+        self.agents[h].last_answer = Some((epoch, stamp, now));
     }
 }
 
@@ -936,6 +969,7 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
         2 => h.clone().prop_map(Fault::HealLeaderLink),
         2 => (1_000u64..20_000).prop_map(Fault::PauseLeader),
         1 => Just(Fault::RestartLeader),
+        1 => (1_250u64..8_000).prop_map(Fault::Takeover),
         2 => h.clone().prop_map(Fault::KillAgent),
         2 => h.clone().prop_map(Fault::RestartAgent),
         2 => (h.clone(), 100u64..20_000).prop_map(|(h, ms)| Fault::HangAgent(h, ms)),

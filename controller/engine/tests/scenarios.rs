@@ -766,6 +766,7 @@ impl World {
                 host: p.clone(),
                 upper_remaining_ms: h.keeper.upper_remaining_ms(now),
                 received_at: now,
+                epoch: h.keeper.newest_epoch(),
             })
             .collect()
     }
@@ -838,9 +839,10 @@ impl World {
         host.keeper.set_peers(r.peers.iter().map(|(p, _)| p.clone()).filter(|p| p != name));
         match r.answer {
             // Sent and answered at the same instant: the lease runs from now.
-            LeaseAnswer::Granted { ttl_ms, .. } => {
-                host.keeper.granted(Millis(now), ttl_ms, r.cluster_hosts as usize)
-            }
+            LeaseAnswer::Granted { ttl_ms, .. } => host
+                .keeper
+                .granted(Millis(now), ttl_ms, r.cluster_hosts as usize, epoch)
+                .expect("scenario agents hear only the current leader"),
             LeaseAnswer::Refused { .. } => host.keeper.set_cluster_hosts(r.cluster_hosts as usize),
         }
         host.protected = r.protected.into_iter().collect();

@@ -1,0 +1,192 @@
+//! This process among the controllers: a standby until it wins the election (`leadership`),
+//! then the leader for the rest of its life (a deposed leader starts over as a new process).
+//! The APIs ask it for the leader's `Controller`; a standby answers every call that would act
+//! or read the cluster's state with `Unavailable`, naming the leader in the `x-vmha-leader`
+//! header, and agents and the CLI go there.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use vmha_proto::v1 as pb;
+
+use crate::controller::Controller;
+use crate::errors::Error;
+use crate::store::{ControllerRow, Store, retry_while_unreachable};
+
+/// How often each controller says it is alive, and reads who else is.
+const PRESENCE: Duration = Duration::from_secs(1);
+/// A controller not seen for this long is not listed.
+const FORGOTTEN_AFTER: Duration = Duration::from_secs(5);
+
+pub struct Node {
+    /// This controller's name (from its certificate, or `--name`).
+    pub name: String,
+    /// Where agents and operators reach it (`--advertise`).
+    pub endpoint: String,
+    leader: OnceLock<Arc<Controller>>,
+    seen: Mutex<Seen>,
+}
+
+/// The controllers as the database last listed them.
+#[derive(Default)]
+struct Seen {
+    rows: Vec<ControllerRow>,
+    newest_epoch: u64,
+    /// Why the database could not be read, while it cannot.
+    trouble: Option<String>,
+}
+
+impl Node {
+    pub fn new(name: String, endpoint: String) -> Arc<Node> {
+        Arc::new(Node { name, endpoint, leader: OnceLock::new(), seen: Mutex::default() })
+    }
+
+    /// A node that leads from the start (tests of one controller).
+    pub fn sole(controller: Arc<Controller>) -> Arc<Node> {
+        let node = Node::new("ctl".into(), String::new());
+        node.lead(controller);
+        node
+    }
+
+    pub fn lead(&self, controller: Arc<Controller>) {
+        if self.leader.set(controller).is_err() {
+            crate::leadership::depose("this controller was made leader twice");
+        }
+    }
+
+    /// The leader's state and decision loop, when this process leads.
+    pub fn leader(&self) -> Result<&Arc<Controller>, Error> {
+        self.leader.get().ok_or_else(|| self.not_leader())
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.get().is_some()
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The leader other than this process, as last seen: its name, endpoint and epoch.
+    fn other_leader(&self) -> Option<(String, String, u64)> {
+        let seen = self.seen();
+        seen.rows
+            .iter()
+            .find(|r| r.epoch == Some(seen.newest_epoch as i64) && r.name != self.name)
+            .map(|r| (r.name.clone(), r.endpoint.clone(), seen.newest_epoch))
+    }
+
+    fn not_leader(&self) -> Error {
+        let trouble = self.seen().trouble.clone();
+        match (self.other_leader(), trouble) {
+            (Some((name, endpoint, epoch)), _) => Error::NotLeader {
+                message: format!(
+                    "vmha-controller {} is a standby; the leader is {name} at {endpoint} (epoch {epoch})",
+                    self.name
+                ),
+                leader: Some(endpoint),
+            },
+            (None, Some(why)) => Error::NotLeader {
+                message: format!(
+                    "database unavailable ({why}): no controller can lead until it is back; vmha-controller {} \
+                     stands by, and agents keep their VMs meanwhile",
+                    self.name
+                ),
+                leader: None,
+            },
+            (None, None) => Error::NotLeader {
+                message: format!(
+                    "no controller leads right now (a new leader takes over within seconds); vmha-controller {} \
+                     stands by",
+                    self.name
+                ),
+                leader: None,
+            },
+        }
+    }
+
+    /// For `vmha status`: every controller seen lately, the leader first.
+    pub fn controllers(&self) -> Vec<pb::ControllerInfo> {
+        let seen = self.seen();
+        let mut list: Vec<pb::ControllerInfo> = seen
+            .rows
+            .iter()
+            .map(|r| {
+                let leads = r.epoch == Some(seen.newest_epoch as i64);
+                pb::ControllerInfo {
+                    name: r.name.clone(),
+                    endpoint: r.endpoint.clone(),
+                    role: if leads { "leader" } else { "standby" }.into(),
+                    epoch: if leads { seen.newest_epoch } else { 0 },
+                    seen_ms_ago: r.seen_ms_ago.max(0) as u64,
+                }
+            })
+            .collect();
+        list.sort_by_key(|c| c.role != "leader");
+        list
+    }
+
+    /// Why the database cannot be read, while it cannot (a standby's `vmha status`).
+    pub fn database_trouble(&self) -> Option<String> {
+        self.seen().trouble.clone()
+    }
+
+    pub fn who_leads(&self) -> pb::LeaderReply {
+        if let Some(c) = self.leader.get() {
+            return pb::LeaderReply {
+                name: self.name.clone(),
+                leading: true,
+                leader_name: self.name.clone(),
+                leader_endpoint: self.endpoint.clone(),
+                epoch: c.epoch,
+                why_no_leader: String::new(),
+            };
+        }
+        let why = match self.not_leader() {
+            Error::NotLeader { message, .. } => message,
+            other => other.to_string(),
+        };
+        match self.other_leader() {
+            Some((leader_name, leader_endpoint, epoch)) => pb::LeaderReply {
+                name: self.name.clone(),
+                leading: false,
+                leader_name,
+                leader_endpoint,
+                epoch,
+                why_no_leader: String::new(),
+            },
+            None => pb::LeaderReply { name: self.name.clone(), why_no_leader: why, ..Default::default() },
+        }
+    }
+
+    /// Runs for the process's life: opens the database (bringing the schema up to date), then
+    /// every `PRESENCE` says this controller is alive (and the epoch it leads with) and reads
+    /// who else is.
+    pub async fn keep_presence(self: Arc<Self>, database_url: String) {
+        let waiting = |e: &crate::store::StoreError, _pause: Duration| {
+            self.seen().trouble = Some(e.to_string());
+        };
+        let store = match retry_while_unreachable(|| Store::open(&database_url), waiting).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot use the database; this controller cannot stand for leader");
+                self.seen().trouble = Some(e.to_string());
+                return;
+            }
+        };
+        let mut tick = tokio::time::interval(PRESENCE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let epoch = self.leader.get().map(|c| c.epoch);
+            let read = async {
+                store.controller_seen(&self.name, &self.endpoint, epoch).await?;
+                store.controllers(FORGOTTEN_AFTER).await
+            };
+            match read.await {
+                Ok((rows, newest_epoch)) => *self.seen() = Seen { rows, newest_epoch, trouble: None },
+                Err(e) => self.seen().trouble = Some(e.to_string()),
+            }
+        }
+    }
+}
