@@ -131,9 +131,12 @@ impl Agent {
             });
             let result = self.clone().session(&endpoint).await;
             if let Err(e) = &result {
-                match leader_named(e).filter(|l| *l != endpoint) {
+                // A controller that names itself is about to lead: stay with it.
+                match leader_named(e) {
                     Some(leader) => {
-                        tracing::info!(standby = %endpoint, %leader, "following the leader");
+                        if leader != endpoint {
+                            tracing::info!(standby = %endpoint, %leader, "following the leader");
+                        }
                         named = Some(leader);
                         tokio::time::sleep(NEXT_PAUSE).await;
                         continue;

@@ -147,8 +147,38 @@ impl Lab {
         std::fs::read_to_string(self.dir().join(file)).ok()?.trim().parse().ok()
     }
 
-    fn controller_pid(&self) -> i32 {
-        self.pid_in("controller.pid").expect("the controller's pid file")
+    /// The number N of the controller (ctlN) that leads, as `vmha status` names it; waits up
+    /// to 10 s for one (a new leader names itself within a second).
+    fn leader(&self) -> Option<u32> {
+        let named = || {
+            let out = self.vmha(&["status", "-o", "json"]);
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            status["controllers"]
+                .as_array()?
+                .iter()
+                .find(|c| c["role"] == "leader")
+                .and_then(|c| c["name"].as_str()?.strip_prefix("ctl")?.parse().ok())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match named() {
+                Some(n) => return Some(n),
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                None => return None,
+            }
+        }
+    }
+
+    /// Where the leader serves, as `vmha status` names it.
+    fn leader_endpoint(&self) -> String {
+        let status = self.json(&["status"]);
+        let leader =
+            status["controllers"].as_array().and_then(|cs| cs.iter().find(|c| c["role"] == "leader"));
+        leader.and_then(|c| c["endpoint"].as_str()).expect("a controller leads").to_string()
+    }
+
+    fn controller_pid(&self, n: u32) -> i32 {
+        self.pid_in(&format!("controller-{n}.pid")).expect("the controller's pid file")
     }
 
     fn agent_pid(&self, host: &str) -> i32 {
@@ -548,33 +578,101 @@ fn an_isolated_host_fences_itself_and_is_replaced(lab: &Lab) {
     settled.unwrap_or_else(|e| std::panic::resume_unwind(e));
 }
 
-fn a_stopped_controller_stops_no_vm(lab: &Lab) {
+/// Both controllers are stopped (SIGSTOP) for more than three lease TTLs: the hosts lose
+/// their leases, confirm to each other that no leader can have quorum, and keep every guest.
+/// Once the controllers run again, nothing stops, moves or is declared dead.
+fn stopped_controllers_stop_no_vm(lab: &Lab) {
     lab.settle();
     let before = qemu_processes();
-    let last_event = lab.events().last().map_or(0, |e| e["id"].as_i64().unwrap());
+    let last_event = last_event_id(lab);
     // Stop it mid-second: heartbeats are aligned on its whole seconds (controller/engine/SAFETY.md).
     wait_until("the middle of a leader second", Duration::from_secs(5), || {
         let clock = lab.json(&["status"])["leader_clock_ms"].as_u64().unwrap();
         (300..700).contains(&(clock % 1000))
     });
-    let pid = lab.controller_pid().to_string();
-    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let pids = [lab.controller_pid(1), lab.controller_pid(2)];
+    for pid in pids {
+        assert!(signal(pid, "STOP"), "SIGSTOP controller {pid}");
+    }
     std::thread::sleep(Duration::from_secs(16)); // more than three lease_ttl
-    assert_eq!(qemu_processes(), before, "while the controller was stopped");
-    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert_eq!(qemu_processes(), before, "while the controllers were stopped");
+    for pid in pids {
+        assert!(signal(pid, "CONT"), "SIGCONT controller {pid}");
+    }
     std::thread::sleep(Duration::from_secs(8));
     assert_eq!(
         qemu_processes(),
         before,
-        "after it ran again: the same QEMU processes, none stopped or moved"
+        "after they ran again: the same QEMU processes, none stopped or moved"
     );
+    assert_no_action_since(lab, last_event);
+}
+
+/// No host was declared dead and no guest was restarted, stopped or migrated after event
+/// `last_event`.
+fn assert_no_action_since(lab: &Lab, last_event: i64) {
     let events: Vec<_> =
         lab.events().into_iter().filter(|e| e["id"].as_i64().unwrap() > last_event).collect();
     let bad: Vec<_> = events
         .iter()
-        .filter(|e| ["host_dead", "restart_started", "vm_stopped"].contains(&e["kind"].as_str().unwrap()))
+        .filter(|e| {
+            let kind = e["kind"].as_str().unwrap();
+            ["host_dead", "vm_stopped"].contains(&kind)
+                || kind.starts_with("restart")
+                || kind.starts_with("migration")
+        })
         .collect();
     assert!(bad.is_empty(), "{bad:?}");
+}
+
+/// The leader is frozen (SIGSTOP) for 20 s: PostgreSQL ends its idle session, the standby
+/// takes over (how long that took is printed), and the hosts follow it. Resumed, the old
+/// leader finds itself deposed and starts again as a standby (the same process): it does
+/// nothing with its stale epoch, and no guest stops, moves or runs twice.
+fn a_frozen_leader_is_replaced_and_does_nothing_once_resumed(lab: &Lab) {
+    lab.settle();
+    let before = qemu_processes();
+    let last_event = last_event_id(lab);
+    let old = lab.leader().expect("a controller leads");
+    let old_epoch = lab.json(&["status"])["epoch"].as_u64().unwrap();
+    let pid = lab.controller_pid(old);
+    let log = lab.dir().join(format!("controller-{old}.log"));
+    let logged = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
+    let watch = DoubleRunWatch::start();
+    let t0 = Instant::now();
+    assert!(signal(pid, "STOP"), "SIGSTOP the leader ctl{old} ({pid})");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let took = await_new_leader(lab, old, &HOSTS);
+        let epoch = lab.json(&["status"])["epoch"].as_u64().unwrap();
+        println!(
+            "  ctl{old} frozen; the standby took over {:.2} s later, epoch {old_epoch} -> {epoch}",
+            took.as_secs_f64()
+        );
+        assert!(epoch > old_epoch, "the new leader has a newer epoch");
+        std::thread::sleep(Duration::from_secs(20).saturating_sub(t0.elapsed()));
+        assert_eq!(qemu_processes(), before, "while the leader was frozen");
+    }));
+    assert!(signal(pid, "CONT"), "SIGCONT ctl{old}");
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let says = |what: &str| {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.get(logged..).is_some_and(|l| l.contains(what)))
+    };
+    wait_until(&format!("the resumed ctl{old} to stand by again"), Duration::from_secs(15), || {
+        says("starts again as a standby")
+            && lab.json(&["status"])["controllers"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| c["name"] == format!("ctl{old}").as_str() && c["role"] == "standby")
+            })
+    });
+    assert_eq!(lab.controller_pid(old), pid, "ctl{old} stands by in the same process");
+    std::thread::sleep(Duration::from_secs(5));
+    let (samples, doubles) = watch.finish();
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    assert_eq!(
+        qemu_processes(),
+        before,
+        "after it was resumed: the same QEMU processes, none stopped or moved"
+    );
+    assert_no_action_since(lab, last_event);
 }
 
 const GUESTS: [&str; 3] = ["dns1", "radius1", "dns2"];
@@ -863,9 +961,11 @@ fn pg_start(lab: &Lab) {
     pg_ctl(lab, &["start", "-l", log.to_str().unwrap(), "-w", "-t", "30"]);
 }
 
-/// PostgreSQL stops for 20 s while an unprotected guest is destroyed by hand: nobody is
-/// fenced, `vmha status` answers (with a `database:` line), operator calls that need the
-/// database exit 5, and once it is back the destroyed guest shows shut off.
+/// PostgreSQL stops for 20 s while an unprotected guest is destroyed by hand: the leader
+/// stops leading (it cannot prove it holds the leader lock), nobody is fenced, `vmha status`
+/// answers from a standby (with a `database:` line), operator calls exit 5 saying the database
+/// is unavailable, and once it is back a controller leads again and shows the destroyed guest
+/// shut off.
 fn a_database_outage_fences_nobody(lab: &Lab) {
     lab.settle();
     lab.protect_known("dns1", "100");
@@ -881,6 +981,8 @@ fn a_database_outage_fences_nobody(lab: &Lab) {
     );
     let before = protected_processes(lab);
     assert!(!before.contains_key(guest));
+    // No controller can lead without the database, so nobody can list the VMs meanwhile.
+    let protected_now = || qemu_processes().into_iter().filter(|(vm, _)| before.contains_key(vm)).collect();
     let watch = DoubleRunWatch::start();
     let t0 = Instant::now();
     pg_ctl(lab, &["stop", "-m", "fast", "-w"]);
@@ -898,11 +1000,8 @@ fn a_database_outage_fences_nobody(lab: &Lab) {
             assert!(lab.vmha(&["status"]).status.success(), "vmha status during the outage");
             std::thread::sleep(Duration::from_millis(500));
         }
-        assert_eq!(
-            protected_processes(lab),
-            before,
-            "during the outage: no protected guest stopped or moved"
-        );
+        let now: BTreeMap<String, Vec<(String, u32)>> = protected_now();
+        assert_eq!(now, before, "during the outage: no protected guest stopped or moved");
     }));
     pg_start(lab);
     if let Err(e) = restore {
@@ -1145,29 +1244,49 @@ fn up_with_controller_args(flags: &str) {
     );
 }
 
-/// SIGKILLs the lab's controller; returns once it is dead.
-fn kill_controller(lab: &Lab) {
-    let pid = lab.controller_pid();
-    assert!(signal(pid, "KILL"), "kill -9 the controller ({pid})");
-    wait_until("the killed controller to be gone", Duration::from_secs(5), || {
+/// SIGKILLs the controller that leads; returns its number once it is dead.
+fn kill_leader(lab: &Lab) -> u32 {
+    let n = lab.leader().expect("a controller leads");
+    let pid = lab.controller_pid(n);
+    assert!(signal(pid, "KILL"), "kill -9 the leader ctl{n} ({pid})");
+    wait_until("the killed leader to be gone", Duration::from_secs(5), || {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map_or(true, |s| s.rsplit(')').next().unwrap_or_default().split_whitespace().next() == Some("Z"))
     });
+    n
 }
 
-/// Starts the lab's controller as `up` does, with the lab's profile and no extra flags
-/// (lib.sh's lab_start_controller: `up` would also boot a killed host), and waits until it
-/// answers and sees `hosts` online.
-fn start_controller(lab: &Lab, hosts: &[&str]) {
-    lab_fn(lab, "lab_start_controller");
-    wait_until(&format!("the restarted controller to see {hosts:?} online"), Duration::from_secs(30), || {
-        let out = lab.vmha(&["host", "ls", "-o", "json"]);
-        let Ok(listed) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return false };
-        out.status.success()
-            && hosts
-                .iter()
-                .all(|h| listed.as_array().unwrap().iter().any(|x| x["name"] == *h && x["state"] == "online"))
-    });
+/// Waits until a controller other than ctl`old` leads and sees `hosts` online; how long that
+/// took.
+fn await_new_leader(lab: &Lab, old: u32, hosts: &[&str]) -> Duration {
+    let t0 = Instant::now();
+    wait_until(
+        &format!("a new leader (not ctl{old}) that sees {hosts:?} online"),
+        Duration::from_secs(30),
+        || {
+            let out = lab.vmha(&["status", "-o", "json"]);
+            let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return false };
+            let leads = s["controllers"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| c["role"] == "leader" && c["name"] != format!("ctl{old}").as_str())
+            });
+            let hosts_listed = s["hosts"].as_array().cloned().unwrap_or_default();
+            leads
+                && hosts
+                    .iter()
+                    .all(|h| hosts_listed.iter().any(|x| x["name"] == *h && x["state"] == "online"))
+        },
+    );
+    t0.elapsed()
+}
+
+/// Restarts the lab's controller ctlN with the profile and no extra flags.
+fn restart_plain(lab: &Lab, n: u32) {
+    lab_fn(
+        lab,
+        &format!(
+            "lab_stop_pidfiles vmha-controller \"$(lab_controller_pidfile {n})\"; lab_start_controller {n}"
+        ),
+    );
 }
 
 /// How much of each drained guest's memory `a_controller_killed_mid_drain_resumes_it` makes
@@ -1211,13 +1330,14 @@ fn incoming(pid: u32) -> bool {
         .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"-incoming"))
 }
 
-/// The controller is killed (SIGKILL) half a second into the drain of a host running the three
+/// The leader is killed (SIGKILL) half a second into the drain of a host running the three
 /// guests, while the drain's first live migrations run (capped at 1 MiB/s, with guest memory
-/// that takes some 9 s at that rate), and started again at once, without the cap. The drain
-/// finishes by itself: the host ends in maintenance, and each guest left it by live migration
-/// exactly once (the QEMU it ends in is the incoming side of a migration, and every sample
-/// shows its first QEMU or that one), none was restarted, none ever ran twice.
-fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
+/// that takes some 9 s at that rate), and not started again: the standby (running without the
+/// cap) takes over and finishes the drain. The host ends in maintenance, and each guest left
+/// it by live migration exactly once (the QEMU it ends in is the incoming side of a migration,
+/// and every sample shows its first QEMU or that one), none was restarted, none ever ran twice.
+/// An operator following the drain with `--wait` follows it to the new leader.
+fn a_killed_leader_mid_drain_hands_it_to_the_standby(lab: &Lab) {
     lab.settle();
     let host = "kvm2";
     for vm in GUESTS {
@@ -1225,9 +1345,14 @@ fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
         fill_guest_memory(lab, vm, FILLED_MIB);
     }
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // Migrations the drain starts run at 1 MiB/s (the cap is sent with each migration).
+        // Migrations the drain starts run at 1 MiB/s (the cap is sent with each migration); the
+        // standby that takes over runs without it.
         up_with_controller_args("--migration-bandwidth 1");
         lab.settle();
+        let leader = lab.leader().expect("a controller leads");
+        restart_plain(lab, 3 - leader);
+        lab.settle();
+        assert_eq!(lab.leader(), Some(leader), "ctl{leader} (with the cap) still leads");
         let original: BTreeMap<String, (String, u32)> = qemu_processes()
             .into_iter()
             .filter(|(vm, _)| GUESTS.contains(&vm.as_str()))
@@ -1251,17 +1376,18 @@ fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
             .expect("run vmha host drain --wait");
         std::thread::sleep(Duration::from_millis(500).saturating_sub(t0.elapsed()));
         let at_kill = qemu_processes();
-        kill_controller(lab);
+        let old = kill_leader(lab);
         let killed = t0.elapsed();
-        start_controller(lab, &HOSTS);
+        let took = await_new_leader(lab, old, &HOSTS);
         let back = t0.elapsed();
         let at_back = qemu_processes();
+        println!("  the standby took over {:.2} s after the leader ctl{old} was killed", took.as_secs_f64());
         let in_flight = |p: &BTreeMap<String, Copies>| {
             GUESTS.iter().filter(|vm| p.get(**vm).is_some_and(|c| c.len() > 1)).count()
         };
         println!(
-            "  drain of {host} (--no-wait returned at {:.2} s): controller killed at {:.2} s with {} \
-             migrations in flight, back at {:.2} s with {}",
+            "  drain of {host} (--no-wait returned at {:.2} s): leader killed at {:.2} s with {} \
+             migrations in flight, the standby leads at {:.2} s with {}",
             started.as_secs_f64(),
             killed.as_secs_f64(),
             in_flight(&at_kill),
@@ -1269,16 +1395,16 @@ fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
             in_flight(&at_back)
         );
         // What the scenario is about: the first controller had started migrations, none done.
-        assert!(in_flight(&at_kill) > 0, "a migration runs when the controller is killed: {at_kill:?}");
+        assert!(in_flight(&at_kill) > 0, "a migration runs when the leader is killed: {at_kill:?}");
         for (vm, first) in &original {
             assert!(
                 at_kill.get(vm).is_some_and(|c| c.contains(first)),
-                "{vm} has not left {host} when the controller is killed"
+                "{vm} has not left {host} when the leader is killed"
             );
         }
         assert!(
             in_flight(&at_back) > 0,
-            "a migration still runs when the controller is back (else FILLED_MIB is too small): {at_back:?}"
+            "a migration still runs when the standby leads (else FILLED_MIB is too small): {at_back:?}"
         );
 
         let deadline = Duration::from_secs(45);
@@ -1294,8 +1420,8 @@ fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
         if state != "maintenance" {
             let (guests, events) = lab.story_since(before, host, &GUESTS);
             panic!(
-                "{host} is {state:?}, not in maintenance, {:.0} s after its drain started (the controller was \
-                 killed at {:.2} s and back at {:.2} s); guests: {guests:?}; events since: {events:#?}",
+                "{host} is {state:?}, not in maintenance, {:.0} s after its drain started (the leader was \
+                 killed at {:.2} s, the standby led at {:.2} s); guests: {guests:?}; events since: {events:#?}",
                 ended.as_secs_f64(),
                 killed.as_secs_f64(),
                 back.as_secs_f64()
@@ -1347,16 +1473,19 @@ fn a_controller_killed_mid_drain_resumes_it(lab: &Lab) {
     restored.unwrap_or_else(|e| std::panic::resume_unwind(e));
 }
 
-/// The host of two protected guests dies; as soon as the controller declared it dead or
-/// started a restart (the first `host_dead` or `restart_started` event), the controller is
-/// killed (SIGKILL) and started again. The first controller starts one VM at a time
+/// The host of two protected guests dies; as soon as the leader declared it dead or started a
+/// restart (the first `host_dead` or `restart_started` event), the leader is killed (SIGKILL)
+/// and the standby takes over. The first leader starts one VM at a time
 /// (`--max-parallel-starts 1`), so that the kill most likely finds one restart sent and the
-/// other not yet; the second runs with the default. Both guests end running, each exactly
+/// other not yet; the standby runs with the default. Both guests end running, each exactly
 /// once, on other hosts within 60 s of the host's death, and no second copy of either is ever
 /// started, not even one a disk lock refuses.
-fn a_controller_killed_mid_failover_finishes_the_restarts(lab: &Lab) {
+fn a_killed_leader_mid_failover_lets_the_standby_finish_the_restarts(lab: &Lab) {
     lab.settle();
     up_with_controller_args("--max-parallel-starts 1");
+    lab.settle();
+    let leader = lab.leader().expect("a controller leads");
+    restart_plain(lab, 3 - leader);
     lab.settle();
     let victim = lab.host_of("radius1");
     place(lab, "dns1", &victim);
@@ -1385,19 +1514,21 @@ fn a_controller_killed_mid_failover_finishes_the_restarts(lab: &Lab) {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        kill_controller(lab);
+        let old = kill_leader(lab);
         let killed = t0.elapsed();
         let at_kill = qemu_processes();
-        start_controller(lab, &others);
+        let took = await_new_leader(lab, old, &others);
         let at_kill: Vec<String> = protected
             .iter()
             .map(|vm| format!("{vm} on {:?}", at_kill.get(*vm).cloned().unwrap_or_default()))
             .collect();
         println!(
-            "  {victim} killed; controller killed {:.2} s later, at its {} {} event ({at_kill:?}); back at {:.2} s",
+            "  {victim} killed; the leader ctl{old} killed {:.2} s later, at its {} {} event ({at_kill:?}); the \
+             standby took over in {:.2} s, at {:.2} s",
             killed.as_secs_f64(),
             trigger["kind"].as_str().unwrap(),
             trigger["subject"].as_str().unwrap(),
+            took.as_secs_f64(),
             t0.elapsed().as_secs_f64()
         );
         let moved = |vm: &str| {
@@ -1470,8 +1601,10 @@ fn a_controller_killed_mid_failover_finishes_the_restarts(lab: &Lab) {
 /// killed host, a stopped process, PostgreSQL down, the fast profile, limits, drains), and
 /// power-cycles a host that is still not online, so the next scenario starts settled.
 fn recover(lab: &Lab) {
-    if let Some(pid) = lab.pid_in("controller.pid") {
-        let _ = signal(pid, "CONT");
+    for n in [1, 2] {
+        if let Some(pid) = lab.pid_in(&format!("controller-{n}.pid")) {
+            let _ = signal(pid, "CONT");
+        }
     }
     // A host in maintenance is not online: `up` would wait for it in vain.
     for h in HOSTS {
@@ -1547,7 +1680,7 @@ fn forged_heartbeats_are_refused(lab: &Lab) {
     let before = qemu_processes();
     let watch = DoubleRunWatch::start();
     let last_event = lab.events().last().map_or(0, |e| e["id"].as_i64().unwrap());
-    let endpoint = lab.env["VMHA_CONTROLLER"].clone();
+    let endpoint = lab.leader_endpoint();
     let address = endpoint.trim_start_matches("https://").to_string();
     let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
     let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
@@ -1680,6 +1813,154 @@ fn roles_decide_and_events_name_the_operator(lab: &Lab) {
     assert_eq!(out.status.code(), Some(2), "plaintext is refused by the CLI itself");
 }
 
+/// A controller of the cluster that acts on a stale epoch, as a deposed leader would: it
+/// registers the agents that come to it with the current epoch, then sends the host of dns2
+/// "destroy dns2" with the epoch before. It holds a certificate of the lab's CA and serves at
+/// the standby's address; the standby and then the leader are killed, so the agents come to
+/// it. The agent refuses the command and says so in its log, and dns2 keeps running in the
+/// same QEMU process.
+fn an_agent_refuses_a_command_from_a_stale_epoch(lab: &Lab) {
+    use vmha_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+    use vmha_proto::v1::*;
+
+    struct Stale {
+        epoch: u64,
+        target: String,
+        uuid: String,
+    }
+
+    #[tonic::async_trait]
+    impl AgentService for Stale {
+        async fn register(
+            &self,
+            _: tonic::Request<RegisterRequest>,
+        ) -> Result<tonic::Response<RegisterResponse>, tonic::Status> {
+            // The lab's default timings, as the real leader sends them.
+            let timings = Timings {
+                heartbeat_interval_ms: 1_000,
+                lease_ttl_ms: 5_000,
+                fence_margin_ms: 1_000,
+                max_transit_ms: 150,
+                guard_ms: 500,
+            };
+            Ok(tonic::Response::new(RegisterResponse {
+                epoch: self.epoch,
+                heartbeat_interval_ms: 1_000,
+                stamp_ms: 0,
+                timings: Some(timings),
+            }))
+        }
+        async fn heartbeat(
+            &self,
+            _: tonic::Request<HeartbeatRequest>,
+        ) -> Result<tonic::Response<HeartbeatResponse>, tonic::Status> {
+            // No lease from here: the agent waits, then looks for another controller.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Err(tonic::Status::unavailable("no lease"))
+        }
+        type CommandsStream = tokio_stream::wrappers::ReceiverStream<Result<Command, tonic::Status>>;
+        async fn commands(
+            &self,
+            req: tonic::Request<CommandsRequest>,
+        ) -> Result<tonic::Response<Self::CommandsStream>, tonic::Status> {
+            let host = vmha_tls::transport::caller(&req).map(|id| id.name).unwrap_or_default();
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            if host == self.target {
+                let destroy = Command {
+                    operation_id: "00000000-0000-0000-0000-00000000dead".into(),
+                    epoch: self.epoch - 1,
+                    kind: Some(command::Kind::Destroy(DestroyDomain { uuid: self.uuid.clone() })),
+                };
+                tx.send(Ok(destroy)).await.unwrap();
+            }
+            // Kept open: the stream ends when the agent leaves.
+            tokio::spawn(async move { tx.closed().await });
+            Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        }
+        async fn report_progress(
+            &self,
+            _: tonic::Request<OperationProgress>,
+        ) -> Result<tonic::Response<Ack>, tonic::Status> {
+            Ok(tonic::Response::new(Ack {}))
+        }
+        async fn report_result(
+            &self,
+            _: tonic::Request<OperationResult>,
+        ) -> Result<tonic::Response<Ack>, tonic::Status> {
+            Ok(tonic::Response::new(Ack {}))
+        }
+    }
+
+    lab.settle();
+    lab.ensure_running("dns2");
+    let target = lab.host_of("dns2");
+    let uuid = lab.json(&["vm", "show", "dns2"])["uuid"].as_str().unwrap().to_string();
+    let epoch = lab.json(&["status"])["epoch"].as_u64().unwrap();
+    let before = qemu_processes();
+    let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
+    if !pki.join("controller-stale.pem").exists() {
+        let bridge =
+            lab.leader_endpoint().trim_start_matches("https://").split(':').next().unwrap().to_string();
+        lab.vmha_ok(&["ca", "issue", "controller", "stale", "--ip", &bridge, "--dir", pki.to_str().unwrap()]);
+    }
+    let creds = vmha_tls::Credentials::load(vmha_tls::Paths {
+        ca: pki.join("ca.pem"),
+        cert: pki.join("controller-stale.pem"),
+        key: pki.join("controller-stale.key"),
+    })
+    .unwrap();
+    let leader = lab.leader().expect("a controller leads");
+    let standby = 3 - leader;
+    let address: std::net::SocketAddr = lab.json(&["status"])["controllers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == format!("ctl{standby}").as_str())
+        .and_then(|c| c["endpoint"].as_str())
+        .expect("the standby is listed")
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    let log = lab.dir().join(format!("agent-{target}.log"));
+    let logged = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    lab_verb("ctl", &["kill", &standby.to_string()]);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let listener =
+            rt.block_on(tokio::net::TcpListener::bind(address)).expect("bind the standby's address");
+        let incoming = {
+            let _guard = rt.enter();
+            vmha_tls::transport::incoming(listener, &creds).unwrap()
+        };
+        let service = AgentServiceServer::new(Stale { epoch, target: target.clone(), uuid: uuid.clone() });
+        rt.spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+        lab_verb("ctl", &["kill", &leader.to_string()]);
+        let refusal = format!("epoch {} is older than epoch {epoch}", epoch - 1);
+        wait_until(
+            &format!("the agent on {target} to refuse the stale command"),
+            Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(&log).is_ok_and(|l| {
+                    l.get(logged..).is_some_and(|l| {
+                        l.lines().any(|x| x.contains("refusing a command") && x.contains(&refusal))
+                    })
+                })
+            },
+        );
+        println!(
+            "  the agent on {target} refused \"destroy dns2\" of epoch {} (it has seen {epoch})",
+            epoch - 1
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(qemu_processes().get("dns2"), before.get("dns2"), "dns2 runs on in the same QEMU process");
+    }));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    up_with_controller_args("");
+    lab.settle();
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert_eq!(qemu_processes().get("dns2"), before.get("dns2"), "dns2 still runs in the same QEMU process");
+}
+
 /// libvirt between the lab hosts is TLS with the hosts' certificates: plain TCP is closed, and
 /// an operator's certificate of the same CA is not let in (only hosts reach a host's libvirtd).
 fn libvirt_admits_only_hosts_over_tls(lab: &Lab) {
@@ -1741,12 +2022,16 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 22] = [
+    let scenarios: [Scenario; 24] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
         ("an_isolated_host_fences_itself_and_is_replaced", an_isolated_host_fences_itself_and_is_replaced),
-        ("a_stopped_controller_stops_no_vm", a_stopped_controller_stops_no_vm),
+        ("stopped_controllers_stop_no_vm", stopped_controllers_stop_no_vm),
+        (
+            "a_frozen_leader_is_replaced_and_does_nothing_once_resumed",
+            a_frozen_leader_is_replaced_and_does_nothing_once_resumed,
+        ),
         ("a_killed_agent_gets_its_host_reset", a_killed_agent_gets_its_host_reset),
         ("a_stopped_agent_gets_its_host_reset", a_stopped_agent_gets_its_host_reset),
         ("a_hung_libvirtd_stops_and_moves_nothing", a_hung_libvirtd_stops_and_moves_nothing),
@@ -1770,11 +2055,15 @@ fn main() {
             "a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed",
             a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed,
         ),
-        ("a_controller_killed_mid_drain_resumes_it", a_controller_killed_mid_drain_resumes_it),
         (
-            "a_controller_killed_mid_failover_finishes_the_restarts",
-            a_controller_killed_mid_failover_finishes_the_restarts,
+            "a_killed_leader_mid_drain_hands_it_to_the_standby",
+            a_killed_leader_mid_drain_hands_it_to_the_standby,
         ),
+        (
+            "a_killed_leader_mid_failover_lets_the_standby_finish_the_restarts",
+            a_killed_leader_mid_failover_lets_the_standby_finish_the_restarts,
+        ),
+        ("an_agent_refuses_a_command_from_a_stale_epoch", an_agent_refuses_a_command_from_a_stale_epoch),
         ("forged_heartbeats_are_refused", forged_heartbeats_are_refused),
         ("roles_decide_and_events_name_the_operator", roles_decide_and_events_name_the_operator),
         ("libvirt_admits_only_hosts_over_tls", libvirt_admits_only_hosts_over_tls),

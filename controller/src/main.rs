@@ -149,6 +149,7 @@ async fn lead(
     })
     .await;
     let won = std::time::Instant::now();
+    node.elect();
     let right = Leadership::new();
     tokio::spawn(lock.hold(right.clone()));
     tracing::info!(

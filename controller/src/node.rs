@@ -24,6 +24,8 @@ pub struct Node {
     /// Where agents and operators reach it (`--advertise`).
     pub endpoint: String,
     leader: OnceLock<Arc<Controller>>,
+    /// Won the lock, and waits out the takeover before leading.
+    elected: std::sync::atomic::AtomicBool,
     seen: Mutex<Seen>,
 }
 
@@ -38,7 +40,13 @@ struct Seen {
 
 impl Node {
     pub fn new(name: String, endpoint: String) -> Arc<Node> {
-        Arc::new(Node { name, endpoint, leader: OnceLock::new(), seen: Mutex::default() })
+        Arc::new(Node {
+            name,
+            endpoint,
+            leader: OnceLock::new(),
+            elected: Default::default(),
+            seen: Mutex::default(),
+        })
     }
 
     /// A node that leads from the start (tests of one controller).
@@ -46,6 +54,11 @@ impl Node {
         let node = Node::new("ctl".into(), String::new());
         node.lead(controller);
         node
+    }
+
+    /// This process won the lock: callers are told to stay, it leads in a moment.
+    pub fn elect(&self) {
+        self.elected.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn lead(&self, controller: Arc<Controller>) {
@@ -77,32 +90,35 @@ impl Node {
     }
 
     fn not_leader(&self) -> Error {
-        let trouble = self.seen().trouble.clone();
-        match (self.other_leader(), trouble) {
-            (Some((name, endpoint, epoch)), _) => Error::NotLeader {
+        if self.elected.load(std::sync::atomic::Ordering::SeqCst) {
+            return Error::NotLeader {
                 message: format!(
-                    "vmha-controller {} is a standby; the leader is {name} at {endpoint} (epoch {epoch})",
+                    "vmha-controller {} takes over as the leader within moments; retry",
                     self.name
                 ),
-                leader: Some(endpoint),
-            },
-            (None, Some(why)) => Error::NotLeader {
-                message: format!(
-                    "database unavailable ({why}): no controller can lead until it is back; vmha-controller {} \
-                     stands by, and agents keep their VMs meanwhile",
-                    self.name
-                ),
-                leader: None,
-            },
-            (None, None) => Error::NotLeader {
-                message: format!(
-                    "no controller leads right now (a new leader takes over within seconds); vmha-controller {} \
-                     stands by",
-                    self.name
-                ),
-                leader: None,
-            },
+                leader: Some(self.endpoint.clone()),
+            };
         }
+        let trouble = self.seen().trouble.clone();
+        let leader = self.other_leader();
+        let message = match (&leader, trouble) {
+            // What this standby cannot read, the leader may still: it is named all the same.
+            (_, Some(why)) => format!(
+                "database unavailable ({why}): no controller can lead without it; vmha-controller {} stands by, \
+                 and agents keep their VMs meanwhile",
+                self.name
+            ),
+            (Some((name, endpoint, epoch)), None) => format!(
+                "vmha-controller {} is a standby; the leader is {name} at {endpoint} (epoch {epoch})",
+                self.name
+            ),
+            (None, None) => format!(
+                "no controller leads right now (a new leader takes over within seconds); vmha-controller {} stands \
+                 by",
+                self.name
+            ),
+        };
+        Error::NotLeader { message, leader: leader.map(|(_, endpoint, _)| endpoint) }
     }
 
     /// For `vmha status`: every controller seen lately, the leader first.
