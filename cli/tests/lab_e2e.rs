@@ -1007,9 +1007,15 @@ fn a_database_outage_fences_nobody(lab: &Lab) {
     if let Err(e) = restore {
         std::panic::resume_unwind(e);
     }
-    wait_until("the database line gone from vmha status", Duration::from_secs(30), || {
-        !lab.vmha_ok(&["status"]).lines().any(|l| l.starts_with("database:"))
-    });
+    wait_until(
+        "a leader again, and the database line gone from vmha status",
+        Duration::from_secs(30),
+        || {
+            let status = lab.vmha_ok(&["status"]);
+            !status.lines().any(|l| l.starts_with("database:"))
+                && status.lines().any(|l| l.contains(" leads at "))
+        },
+    );
     wait_until(&format!("{guest} shown shut off"), Duration::from_secs(15), || {
         lab.json(&["vm", "show", guest])["state"] == "shut_off"
     });
