@@ -146,7 +146,7 @@ impl Agent {
                     }
                 }
             }
-            let pause = if next % configured.len() == 0 { ROUND_PAUSE } else { NEXT_PAUSE };
+            let pause = if next.is_multiple_of(configured.len()) { ROUND_PAUSE } else { NEXT_PAUSE };
             tokio::time::sleep(pause).await;
         }
     }

@@ -297,6 +297,16 @@ impl Controllers {
     }
 }
 
+/// One line per controller: which leads (with its epoch), which stand by.
+fn controllers_lines(controllers: &[ControllerInfo]) {
+    for c in controllers {
+        match c.role.as_str() {
+            "leader" => println!("controller {} leads at {} (epoch {})", c.name, c.endpoint, c.epoch),
+            _ => println!("controller {} stands by at {}", c.name, c.endpoint),
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let fmt = cli.output;
     if let Verb::Ca(verb) = cli.command {
@@ -311,6 +321,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let s = c.status(StatusRequest {}).await?.into_inner();
             match fmt {
                 Format::Json => output::json(&s),
+                Format::Table if s.standby => {
+                    println!("no controller leads; this answer is from a standby");
+                    controllers_lines(&s.controllers);
+                    if !s.database.is_empty() {
+                        println!("database: {}", s.database);
+                    }
+                    for w in &s.warnings {
+                        println!("WARNING: {w}");
+                    }
+                }
                 Format::Table => {
                     println!(
                         "epoch {}  quorum {}  hosts {}/{} online  VMs {} running of {}  protected {} ({} not running)",
@@ -324,14 +344,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         s.protected_not_running
                     );
                     println!("you are {}", s.caller);
-                    for c in &s.controllers {
-                        match c.role.as_str() {
-                            "leader" => {
-                                println!("controller {} leads at {} (epoch {})", c.name, c.endpoint, c.epoch)
-                            }
-                            _ => println!("controller {} stands by at {}", c.name, c.endpoint),
-                        }
-                    }
+                    controllers_lines(&s.controllers);
                     if !s.database.is_empty() {
                         println!("database: {} (leases and heartbeats go on from memory)", s.database);
                     }

@@ -24,6 +24,8 @@ pub struct Node {
     /// Where agents and operators reach it (`--advertise`).
     pub endpoint: String,
     leader: OnceLock<Arc<Controller>>,
+    /// The database, once reachable: a standby reads the event log from it.
+    store: OnceLock<Store>,
     /// Won the lock, and waits out the takeover before leading.
     elected: std::sync::atomic::AtomicBool,
     seen: Mutex<Seen>,
@@ -44,6 +46,7 @@ impl Node {
             name,
             endpoint,
             leader: OnceLock::new(),
+            store: OnceLock::new(),
             elected: Default::default(),
             seen: Mutex::default(),
         })
@@ -142,6 +145,11 @@ impl Node {
         list
     }
 
+    /// The database, for a standby's reads of the event log; `None` until it was reached.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.get()
+    }
+
     /// Why the database cannot be read, while it cannot (a standby's `vmha status`).
     pub fn database_trouble(&self) -> Option<String> {
         self.seen().trouble.clone()
@@ -190,6 +198,7 @@ impl Node {
                 return;
             }
         };
+        let _ = self.store.set(store.clone());
         let mut tick = tokio::time::interval(PRESENCE);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

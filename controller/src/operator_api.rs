@@ -44,6 +44,7 @@ impl OperatorApi {
         self.warn_if_insecure(&mut warnings);
         StatusResponse {
             epoch: self.0.who_leads().epoch,
+            standby: true,
             warnings,
             database: self.0.database_trouble().unwrap_or_default(),
             insecure_dev: self.1 == Access::InsecureDev,
@@ -177,6 +178,7 @@ impl OperatorService for OperatorApi {
             insecure_dev: self.1 == Access::InsecureDev,
             caller,
             controllers: self.0.controllers(),
+            standby: false,
         }))
     }
 
@@ -413,13 +415,22 @@ impl OperatorService for OperatorApi {
         req: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
         self.1.operator(&req, Level::Viewer, "reading events")?;
-        let c = self.c()?;
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit.min(10_000) };
-        c.require_database("listing events")?;
-        // The events of what the operator just did (a migration that ended) may still be queued.
-        c.caught_up(Duration::from_secs(3)).await;
-        let rows = c.store.list_events(r.after_id, limit).await.map_err(Error::from)?;
+        let rows = match self.c() {
+            Ok(c) => {
+                c.require_database("listing events")?;
+                // The events of what the operator just did (a migration that ended) may still be
+                // queued.
+                c.caught_up(Duration::from_secs(3)).await;
+                c.store.list_events(r.after_id, limit).await.map_err(Error::from)?
+            }
+            // A standby reads the log too (while a new leader takes over, say).
+            Err(not_leader) => {
+                let store = self.0.store().ok_or(not_leader)?;
+                store.list_events(r.after_id, limit).await.map_err(Error::from)?
+            }
+        };
         Ok(Response::new(ListEventsResponse { events: rows.iter().map(views::event).collect() }))
     }
 }

@@ -1,0 +1,73 @@
+//! Leader election and epoch fencing against a real PostgreSQL.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::PgServer;
+use vmha_controller::leadership::{self, IDLE_KILL};
+use vmha_controller::store::Store;
+use vmha_engine::HostView;
+
+#[tokio::test]
+async fn a_deposed_leaders_writes_are_refused_by_the_database() {
+    let pg = PgServer::shared();
+    let url = pg.fresh_database();
+    let base = Store::open(&url).await.unwrap();
+    let e1 = base.next_epoch().await.unwrap();
+    let old = Store::open_for_epoch(&url, e1).await.unwrap();
+    old.upsert_host(&HostView::new("kvm1"), "sim").await.expect("the leader of the newest epoch writes");
+
+    let e2 = base.next_epoch().await.unwrap();
+    let refused = old.upsert_host(&HostView::new("kvm2"), "sim").await.expect_err("a deposed leader's write");
+    assert!(refused.is_deposed(), "{refused}");
+    assert!(refused.to_string().contains(&format!("epoch {e1} is deposed")), "{refused}");
+    assert!(!refused.is_unavailable(), "not retried as if the database were away");
+
+    let new = Store::open_for_epoch(&url, e2).await.unwrap();
+    new.upsert_host(&HostView::new("kvm2"), "sim").await.expect("the new leader writes");
+    let names: Vec<String> = new.load_hosts().await.unwrap().into_iter().map(|h| h.name).collect();
+    assert_eq!(names, ["kvm1", "kvm2"]);
+    // Sessions that name no epoch (tools, migrations) are not fenced.
+    base.upsert_host(&HostView::new("kvm3"), "sim").await.unwrap();
+}
+
+#[tokio::test]
+async fn one_controller_leads_and_a_standby_takes_over_when_its_session_ends() {
+    let pg = PgServer::shared();
+    let url = pg.fresh_database();
+    Store::open(&url).await.unwrap();
+    let first = leadership::campaign(&url, "ctl1", |_| {}).await;
+    let standby = tokio::spawn({
+        let url = url.clone();
+        async move { leadership::campaign(&url, "ctl2", |_| {}).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!standby.is_finished(), "the lock is held: the standby waits");
+    // The leader's process dies: its connection closes, and PostgreSQL releases the lock.
+    let t0 = Instant::now();
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(2), standby).await.expect("the standby wins").unwrap();
+    println!("the standby took the lock {:?} after the leader's session ended", t0.elapsed());
+}
+
+#[tokio::test]
+async fn a_frozen_leader_loses_the_lock_once_its_session_has_been_idle() {
+    let pg = PgServer::shared();
+    let url = pg.fresh_database();
+    Store::open(&url).await.unwrap();
+    // Taken, and then never used again: a leader frozen right after it won.
+    let _frozen = leadership::campaign(&url, "ctl1", |_| {}).await;
+    let t0 = Instant::now();
+    let url2 = url.clone();
+    let standby = tokio::spawn(async move { leadership::campaign(&url2, "ctl2", |_| {}).await });
+    tokio::time::timeout(IDLE_KILL + Duration::from_secs(2), standby)
+        .await
+        .expect("PostgreSQL ends the idle session and the standby wins")
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took >= IDLE_KILL - Duration::from_millis(100),
+        "not before the session was idle for IDLE_KILL ({took:?})"
+    );
+}
