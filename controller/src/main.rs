@@ -1,3 +1,4 @@
+use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -82,6 +83,9 @@ async fn main() -> anyhow::Result<()> {
         postcopy: flags.postcopy,
         max_downtime_ms: flags.max_downtime_ms,
     };
+    // What waiting for the database cannot fix is refused at once.
+    sqlx::postgres::PgConnectOptions::from_str(&flags.database_url)
+        .map_err(|e| anyhow::anyhow!("--database-url is not a PostgreSQL URL: {e}"))?;
     let name =
         flags.name.clone().or_else(|| transport.identity().map(|i| i.name)).unwrap_or_else(system_hostname);
     let endpoint = flags.advertise.clone().unwrap_or_else(|| advertised(&flags, &transport));

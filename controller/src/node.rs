@@ -192,10 +192,11 @@ impl Node {
         };
         let store = match retry_while_unreachable(|| Store::open(&database_url), waiting).await {
             Ok(s) => s,
+            // What waiting cannot fix (a schema newer than this build): stop, and say why.
             Err(e) => {
-                tracing::error!(error = %e, "cannot use the database; this controller cannot stand for leader");
-                self.seen().trouble = Some(e.to_string());
-                return;
+                tracing::error!(error = %e, "cannot use the database; exiting");
+                eprintln!("vmha-controller: {e}");
+                std::process::exit(78);
             }
         };
         let _ = self.store.set(store.clone());
