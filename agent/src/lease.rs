@@ -121,6 +121,12 @@ impl LeaseShell {
             tracing::info!(?t, "running on the leader's timings");
             k.set_timings(t);
             drop(k);
+            // A device opened on the timings an earlier leader sent is judged again on these
+            // (else a host keeps reporting "does not fit" after the leader changed timings).
+            if let Some(d) = lock(&self.watchdog).as_ref() {
+                *lock(&self.watchdog_problem) =
+                    t.check_watchdog(d.timeout().as_millis() as u64).err().map(|e| e.to_string());
+            }
             self.save(
                 "timings",
                 format!(

@@ -1688,6 +1688,7 @@ fn forged_heartbeats_are_refused(lab: &Lab) {
     let last_event = lab.events().last().map_or(0, |e| e["id"].as_i64().unwrap());
     let endpoint = lab.leader_endpoint();
     let address = endpoint.trim_start_matches("https://").to_string();
+    let leader = format!("ctl{}", lab.leader().expect("a controller leads"));
     let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
     let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
     let ca = tonic::transport::Certificate::from_pem(read("ca.pem"));
@@ -1703,7 +1704,8 @@ fn forged_heartbeats_are_refused(lab: &Lab) {
         tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem())
     };
     let tls = |identity: Option<tonic::transport::Identity>| {
-        let mut cfg = tonic::transport::ClientTlsConfig::new().ca_certificate(ca.clone()).domain_name("ctl1");
+        let mut cfg =
+            tonic::transport::ClientTlsConfig::new().ca_certificate(ca.clone()).domain_name(leader.clone());
         if let Some(id) = identity {
             cfg = cfg.identity(id);
         }
@@ -1917,16 +1919,17 @@ fn an_agent_refuses_a_command_from_a_stale_epoch(lab: &Lab) {
     .unwrap();
     let leader = lab.leader().expect("a controller leads");
     let standby = 3 - leader;
-    let address: std::net::SocketAddr = lab.json(&["status"])["controllers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == format!("ctl{standby}").as_str())
-        .and_then(|c| c["endpoint"].as_str())
-        .expect("the standby is listed")
-        .trim_start_matches("https://")
-        .parse()
-        .unwrap();
+    let mut endpoint = None;
+    wait_until(&format!("the standby ctl{standby} to be listed"), Duration::from_secs(10), || {
+        endpoint = lab.json(&["status"])["controllers"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == format!("ctl{standby}").as_str()))
+            .and_then(|c| c["endpoint"].as_str())
+            .map(str::to_string);
+        endpoint.is_some()
+    });
+    let address: std::net::SocketAddr =
+        endpoint.unwrap().trim_start_matches("https://").parse().expect("the standby's address");
     let log = lab.dir().join(format!("agent-{target}.log"));
     let logged = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
