@@ -36,8 +36,9 @@ pub struct Flags {
     /// qemu+tls://kvm1.example.net/system.
     #[arg(long)]
     pub migration_uri: Option<String>,
-    /// Controller endpoint, e.g. https://10.0.0.1:7400; repeat or comma-separate to list
-    /// standbys, tried in order.
+    /// Controller endpoint, e.g. https://10.0.0.1:7400; repeat or comma-separate to list every
+    /// controller. The agent follows the leader: a standby names it, and the others are tried
+    /// in turn while none answers.
     #[arg(long = "controller", value_delimiter = ',')]
     pub controllers: Vec<String>,
     /// Watchdog device the agent arms and feeds only while its host may keep its VMs: if the

@@ -24,7 +24,8 @@ controller cannot be reached.";
 #[derive(Debug, Parser)]
 #[command(version, about, after_help = EXIT_HELP)]
 pub struct Cli {
-    /// Controller endpoint; standbys may follow, comma-separated.
+    /// Controller endpoints, comma-separated: the CLI asks them which one leads (a standby
+    /// names it) and talks to the leader; with none leading, a standby answers `vmha status`.
     #[arg(
         long,
         global = true,
