@@ -1933,10 +1933,22 @@ fn an_agent_refuses_a_command_from_a_stale_epoch(lab: &Lab) {
     let log = lab.dir().join(format!("agent-{target}.log"));
     let logged = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    lab_verb("ctl", &["kill", &standby.to_string()]);
+    let killed = std::process::Command::new(repo().join("deploy/lab/ctl"))
+        .args(["kill", &standby.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        killed.status.success()
+            && String::from_utf8_lossy(&killed.stderr).contains(&format!("killed ctl{standby}")),
+        "deploy/lab/ctl kill {standby}: {killed:?}"
+    );
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let listener =
-            rt.block_on(tokio::net::TcpListener::bind(address)).expect("bind the standby's address");
+        let mut bound = None;
+        wait_until(&format!("the standby's address {address} to be free"), Duration::from_secs(10), || {
+            bound = rt.block_on(tokio::net::TcpListener::bind(address)).ok();
+            bound.is_some()
+        });
+        let listener = bound.unwrap();
         let incoming = {
             let _guard = rt.enter();
             vmha_tls::transport::incoming(listener, &creds).unwrap()
