@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use vmha_engine::{ClusterState, RunState};
 use vmha_proto::v1 as pb;
 
 use crate::controller::Controller;
@@ -148,6 +149,22 @@ impl Node {
     /// The database, for a standby's reads of the event log; `None` until it was reached.
     pub fn store(&self) -> Option<&Store> {
         self.store.get()
+    }
+
+    /// The cluster as the database last recorded it: hosts and VMs, without what only a leader
+    /// knows (leases, heartbeats, operations in flight). What a standby's reads show.
+    pub async fn recorded(&self) -> Option<ClusterState> {
+        let store = self.store.get()?;
+        let (hosts, vms) = (store.load_hosts().await.ok()?, store.load_vms().await.ok()?);
+        let mut s = ClusterState::default();
+        s.hosts.extend(hosts.into_iter().map(|h| (h.name.clone(), h)));
+        s.vms.extend(vms.into_iter().map(|v| (v.uuid.clone(), v)));
+        for (uuid, state) in store.recorded_vm_states().await.ok()? {
+            if let (Some(vm), Some(state)) = (s.vms.get_mut(&uuid), RunState::parse(&state)) {
+                vm.state = state;
+            }
+        }
+        Some(s)
     }
 
     /// Why the database cannot be read, while it cannot (a standby's `vmha status`).

@@ -1,8 +1,9 @@
 //! The operator API behind the `vmha` CLI. Handlers validate, read or change desired state,
 //! and return; anything that touches a host goes through the controller as an operation.
-//! Reads of the cluster's state answer from memory and work while PostgreSQL is away; requests
-//! that change desired state, start an operation or read the event log are refused with
-//! `Unavailable` meanwhile.
+//! On the leader, reads of the cluster's state answer from memory; requests that change
+//! desired state, start an operation or read the event log are refused with `Unavailable`
+//! while PostgreSQL is away. A standby answers reads from what the database last recorded
+//! (saying that no controller leads) and refuses every change, naming the leader.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -84,7 +85,11 @@ impl OperatorApi {
     }
 
     async fn hosts(&self) -> Result<Vec<Host>, Error> {
-        let c = self.c()?;
+        let Ok(c) = self.c() else {
+            let recorded =
+                self.recorded(|s, now| s.hosts.keys().map(|h| views::host(s, h, now)).collect::<Vec<_>>());
+            return Ok(recorded.await?.into_iter().map(views::as_recorded_host).collect());
+        };
         let now = c.now();
         let mut hosts: Vec<Host> =
             c.read(move |s| s.hosts.keys().map(|h| views::host(s, h, now)).collect()).await?;
@@ -92,6 +97,17 @@ impl OperatorApi {
             h.cert_not_after = c.host_cert_expiry(&h.name).unwrap_or_default();
         }
         Ok(hosts)
+    }
+
+    /// A standby's read: `f` on the cluster as the database last recorded it; refused, naming
+    /// the leader or why none leads, when the database cannot be read either.
+    async fn recorded<R>(
+        &self,
+        f: impl FnOnce(&vmha_engine::ClusterState, vmha_engine::Millis) -> R,
+    ) -> Result<R, Error> {
+        let not_leader = self.c().err().unwrap_or(Error::LoopGone);
+        let s = self.0.recorded().await.ok_or(not_leader)?;
+        Ok(f(&s, vmha_engine::Millis(0)))
     }
 }
 
@@ -197,23 +213,30 @@ impl OperatorService for OperatorApi {
 
     async fn list_vms(&self, req: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
         self.1.operator(&req, Level::Viewer, "listing VMs")?;
-        let c = self.c()?;
-        let now = c.now();
-        let mut vms: Vec<Vm> =
-            c.read(move |s| s.vms.values().map(|v| views::vm(s, v, now)).collect()).await?;
+        let all = |s: &vmha_engine::ClusterState, now| s.vms.values().map(|v| views::vm(s, v, now)).collect();
+        let mut vms: Vec<Vm> = match self.c() {
+            Ok(c) => {
+                let now = c.now();
+                c.read(move |s| all(s, now)).await?
+            }
+            Err(_) => self.recorded(all).await?.into_iter().map(views::as_recorded_vm).collect(),
+        };
         vms.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
         Ok(Response::new(ListVmsResponse { vms }))
     }
 
     async fn get_vm(&self, req: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
         self.1.operator(&req, Level::Viewer, "showing a VM")?;
-        let c = self.c()?;
         let key = validate::vm_ref(&req.get_ref().vm)?.to_string();
-        let now = c.now();
-        c.read(move |s| s.find_vm(&key).map(|v| views::vm(s, v, now)))
-            .await?
-            .map(Response::new)
-            .map_err(refusal)
+        let one = move |s: &vmha_engine::ClusterState, now| s.find_vm(&key).map(|v| views::vm(s, v, now));
+        let vm = match self.c() {
+            Ok(c) => {
+                let now = c.now();
+                c.read(move |s| one(s, now)).await?
+            }
+            Err(_) => self.recorded(one).await?.map(views::as_recorded_vm),
+        };
+        vm.map(Response::new).map_err(refusal)
     }
 
     async fn set_protection(&self, req: Request<SetProtectionRequest>) -> Result<Response<Vm>, Status> {

@@ -396,6 +396,16 @@ impl Store {
             .collect()
     }
 
+    /// Each VM's state as the leader last recorded it, by UUID (a standby shows it; a new
+    /// leader starts from `Unknown` instead and waits for reports).
+    pub async fn recorded_vm_states(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows: Vec<(Uuid, String)> = sqlx::query_as("SELECT uuid, state FROM vms")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("read the recorded vm states"))?;
+        Ok(rows.into_iter().map(|(u, s)| (u.to_string(), s)).collect())
+    }
+
     pub async fn load_vms(&self) -> Result<Vec<VmView>, StoreError> {
         #[derive(sqlx::FromRow)]
         struct Row {

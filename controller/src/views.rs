@@ -68,6 +68,26 @@ pub fn host(s: &ClusterState, name: &str, now: Millis) -> pb::Host {
 }
 
 /// What `vmha status` puts first: what an operator must know or do now.
+/// What no controller leading can know, said so: a host as a standby shows it, from the
+/// database's record.
+pub fn as_recorded_host(mut h: pb::Host) -> pb::Host {
+    h.state = "unknown".into();
+    h.note = format!("no controller leads: {} as last recorded", h.admin_state);
+    h.lease_left_s = None;
+    h.heartbeat_age_s = None;
+    h
+}
+
+/// A VM as a standby shows it, from the database's record.
+pub fn as_recorded_vm(mut v: pb::Vm) -> pb::Vm {
+    v.why_not_running = if v.state == vmha_engine::RunState::Running.as_str() {
+        String::new()
+    } else {
+        "no controller leads: nothing is restarted until one does".into()
+    };
+    v
+}
+
 pub fn warnings(s: &ClusterState) -> Vec<String> {
     let mut out = Vec::new();
     if s.policy.accept_no_watchdog {

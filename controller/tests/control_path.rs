@@ -94,10 +94,14 @@ async fn start_controller(timeout: Duration, result_grace: Duration) -> (String,
 /// Runs `controller`'s decision loop and serves it on a loopback port; its endpoint.
 async fn serve((controller, decisions): (Arc<Controller>, DecisionLoop)) -> String {
     tokio::spawn(decisions.run(controller.clone()));
+    serve_node(Node::sole(controller)).await
+}
+
+/// Serves `node`'s APIs on a loopback port; its endpoint.
+async fn serve_node(node: Arc<Node>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("https://{}", listener.local_addr().unwrap());
     let incoming = vmha_tls::transport::incoming(listener, &pki::creds(Role::Controller, "ctl1")).unwrap();
-    let node = Node::sole(controller);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(AgentServiceServer::new(AgentApi::new(
@@ -128,6 +132,47 @@ fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) -> Arc<Lease
     let lease = LeaseShell::new(name, Timings::default(), None);
     tokio::spawn(Agent::new(cfg, hv, lease.clone(), pki::transport(Role::Host, name)).run());
     lease
+}
+
+/// A second controller on the same database that does not lead (it never stood for leader
+/// here): it answers reads from what the database recorded, saying that no controller leads,
+/// and refuses every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_answers_reads_from_the_record_and_refuses_changes() {
+    let pg = PgServer::shared();
+    let url = pg.fresh_database();
+    let leader = serve(open_controller(&url, Duration::from_secs(30), Duration::from_secs(60)).await).await;
+    let kvm1 = FakeHypervisor::default();
+    kvm1.add_running(DNS1, "dns1");
+    spawn_agent("kvm1", Arc::new(kvm1), &leader);
+    let standby = Node::new("ctl2".into(), "https://ctl2.invalid:7400".into());
+    tokio::spawn(standby.clone().keep_presence(url.clone()));
+    let mut op = pki::operator(&serve_node(standby).await, Level::Admin).await;
+
+    let vm = until("the standby to show dns1 as recorded", async || {
+        let vm = op.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?.into_inner();
+        (vm.state == "running").then_some(vm)
+    })
+    .await;
+    assert_eq!((vm.uuid.as_str(), vm.host.as_str()), (DNS1, "kvm1"));
+    let vms = op.list_vms(ListVmsRequest {}).await.unwrap().into_inner().vms;
+    assert_eq!(vms.len(), 1);
+    let hosts = op.list_hosts(ListHostsRequest {}).await.unwrap().into_inner().hosts;
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0].state, "unknown", "a standby grants no lease: {:?}", hosts[0]);
+    assert!(hosts[0].note.contains("no controller leads"), "{}", hosts[0].note);
+    assert_eq!(hosts[0].lease_left_s, None);
+
+    let status = op.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(status.standby && status.hosts.is_empty());
+    let who = op.leader(LeaderRequest {}).await.unwrap().into_inner();
+    assert_eq!((who.name.as_str(), who.leading), ("ctl2", false));
+    let refused = op
+        .set_protection(SetProtectionRequest { vm: "dns1".into(), protected: true, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("vmha-controller ctl2"), "{}", refused.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

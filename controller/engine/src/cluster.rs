@@ -73,6 +73,22 @@ impl RunState {
         }
     }
 
+    /// The state `as_str` names.
+    pub fn parse(s: &str) -> Option<RunState> {
+        [
+            RunState::Running,
+            RunState::Paused,
+            RunState::ShuttingDown,
+            RunState::ShutOff,
+            RunState::Crashed,
+            RunState::Suspended,
+            RunState::Lost,
+            RunState::Unknown,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
     /// A QEMU process exists for the domain: the states in which a second copy would corrupt
     /// its disks.
     pub fn has_process(self) -> bool {
@@ -387,6 +403,16 @@ impl ClusterState {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_state_parses_back_from_its_name() {
+        for name in
+            ["running", "paused", "shutting_down", "shut_off", "crashed", "suspended", "down", "unknown"]
+        {
+            assert_eq!(RunState::parse(name).map(RunState::as_str), Some(name));
+        }
+        assert_eq!(RunState::parse("gone"), None);
+    }
 
     /// kvm1..kvm3, active, 4 CPUs and 4 GiB free each, no lease yet.
     pub fn three_hosts() -> ClusterState {
