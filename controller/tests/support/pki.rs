@@ -3,7 +3,7 @@
 //! cluster does.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use vmha_proto::v1::operator_service_client::OperatorServiceClient;
@@ -23,7 +23,11 @@ fn dir() -> PathBuf {
 }
 
 /// Credentials of `role` `name`, issued by the test CA (again at each call: each is fresh).
+/// One at a time: tests run in parallel, and two issuing the same name would replace the files
+/// under each other's load.
 pub fn creds(role: Role, name: &str) -> Arc<Credentials> {
+    static ISSUING: Mutex<()> = Mutex::new(());
+    let _one = ISSUING.lock().unwrap_or_else(|p| p.into_inner());
     let dir = dir();
     let req = ca::Request { role, name: name.into(), dns: vec![], ips: vec![], days: 1 };
     let issued = ca::issue(&dir, &dir, &req).expect("a test certificate");
