@@ -10,6 +10,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // `vmha status | head`: a closed pipe ends the command quietly, as it does any Unix tool,
+    // instead of panicking in println! (Rust ignores SIGPIPE by default).
+    // SAFETY: called before any other thread exists; restores the default disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = commands::Cli::parse();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     match rt.block_on(commands::run(cli)) {
