@@ -147,34 +147,33 @@ impl Lab {
         std::fs::read_to_string(self.dir().join(file)).ok()?.trim().parse().ok()
     }
 
-    /// The number N of the controller (ctlN) that leads, as `vmha status` names it; waits up
-    /// to 10 s for one (a new leader names itself within a second).
-    fn leader(&self) -> Option<u32> {
+    /// The controller that leads, as `vmha status` lists it; waits up to 10 s for one (a new
+    /// leader names itself within a second).
+    fn leading(&self) -> Option<serde_json::Value> {
         let named = || {
             let out = self.vmha(&["status", "-o", "json"]);
             let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            status["controllers"]
-                .as_array()?
-                .iter()
-                .find(|c| c["role"] == "leader")
-                .and_then(|c| c["name"].as_str()?.strip_prefix("ctl")?.parse().ok())
+            status["controllers"].as_array()?.iter().find(|c| c["role"] == "leader").cloned()
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match named() {
-                Some(n) => return Some(n),
+                Some(c) => return Some(c),
                 None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
                 None => return None,
             }
         }
     }
 
-    /// Where the leader serves, as `vmha status` names it.
+    /// The number N of the controller (ctlN) that leads.
+    fn leader(&self) -> Option<u32> {
+        self.leading()?["name"].as_str()?.strip_prefix("ctl")?.parse().ok()
+    }
+
+    /// Where the leader serves.
     fn leader_endpoint(&self) -> String {
-        let status = self.json(&["status"]);
-        let leader =
-            status["controllers"].as_array().and_then(|cs| cs.iter().find(|c| c["role"] == "leader"));
-        leader.and_then(|c| c["endpoint"].as_str()).expect("a controller leads").to_string()
+        let leader = self.leading().expect("a controller leads");
+        leader["endpoint"].as_str().expect("the leader's endpoint").to_string()
     }
 
     fn controller_pid(&self, n: u32) -> i32 {
