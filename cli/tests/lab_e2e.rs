@@ -1056,7 +1056,16 @@ fn fast_profile_isolation_fails_over(lab: &Lab) {
         std::thread::sleep(Duration::from_secs(2));
         now_on
     }));
-    lab_verb("heal", &[&victim]);
+    // With a 1 s watchdog, a cut host whose agent misses a deadline (a loaded CI machine) is
+    // reset instead of only fencing itself: safer still, and then it is booted, not healed.
+    let heal =
+        Command::new(repo().join("deploy/lab/heal")).arg(&victim).output().expect("run deploy/lab/heal");
+    if !heal.status.success() {
+        let why = String::from_utf8_lossy(&heal.stderr);
+        assert!(why.contains("is down"), "deploy/lab/heal {victim} failed: {why}");
+        println!("  {victim} was reset by its watchdog while cut off; booting it again");
+        lab_verb("revive", &[&victim]);
+    }
     let now_on = healed.unwrap_or_else(|e| std::panic::resume_unwind(e));
     let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fast.settle()));
     std::thread::sleep(Duration::from_secs(2));
