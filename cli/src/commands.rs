@@ -205,6 +205,14 @@ impl From<tonic::Status> for Failure {
             Code::NotFound => 3,
             Code::FailedPrecondition | Code::AlreadyExists | Code::PermissionDenied | Code::Aborted => 4,
             Code::Unavailable | Code::DeadlineExceeded => 5,
+            // The connection broke under the call (a controller killed mid-answer): it cannot
+            // be reached, like any other.
+            Code::Unknown
+                if std::error::Error::source(&s)
+                    .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some()) =>
+            {
+                5
+            }
             _ => 1,
         };
         let message = match s.code() {
