@@ -1,8 +1,8 @@
 //! This process among the controllers: a standby until it wins the election (`leadership`),
 //! then the leader for the rest of its life (a deposed leader starts over as a new process).
-//! The APIs ask it for the leader's `Controller`; a standby answers every call that would act
-//! or read the cluster's state with `Unavailable`, naming the leader in the `x-vmha-leader`
-//! header, and agents and the CLI go there.
+//! The APIs ask it for the leader's `Controller`; a standby refuses every call that would act
+//! with `Unavailable`, naming the leader in the `x-vmha-leader` header (agents and the CLI go
+//! there), and answers reads from what the database last recorded (`recorded`).
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -183,10 +183,6 @@ impl Node {
                 why_no_leader: String::new(),
             };
         }
-        let why = match self.not_leader() {
-            Error::NotLeader { message, .. } => message,
-            other => other.to_string(),
-        };
         match self.other_leader() {
             Some((leader_name, leader_endpoint, epoch)) => pb::LeaderReply {
                 name: self.name.clone(),
@@ -196,7 +192,11 @@ impl Node {
                 epoch,
                 why_no_leader: String::new(),
             },
-            None => pb::LeaderReply { name: self.name.clone(), why_no_leader: why, ..Default::default() },
+            None => pb::LeaderReply {
+                name: self.name.clone(),
+                why_no_leader: self.not_leader().to_string(),
+                ..Default::default()
+            },
         }
     }
 

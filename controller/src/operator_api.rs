@@ -85,29 +85,37 @@ impl OperatorApi {
     }
 
     async fn hosts(&self) -> Result<Vec<Host>, Error> {
-        let Ok(c) = self.c() else {
-            let recorded =
-                self.recorded(|s, now| s.hosts.keys().map(|h| views::host(s, h, now)).collect::<Vec<_>>());
-            return Ok(recorded.await?.into_iter().map(views::as_recorded_host).collect());
-        };
-        let now = c.now();
-        let mut hosts: Vec<Host> =
-            c.read(move |s| s.hosts.keys().map(|h| views::host(s, h, now)).collect()).await?;
-        for h in &mut hosts {
-            h.cert_not_after = c.host_cert_expiry(&h.name).unwrap_or_default();
-        }
-        Ok(hosts)
+        let (hosts, recorded) =
+            self.state(|s, now| s.hosts.keys().map(|h| views::host(s, h, now)).collect::<Vec<_>>()).await?;
+        Ok(match self.c() {
+            Ok(c) if !recorded => hosts
+                .into_iter()
+                .map(|mut h| {
+                    h.cert_not_after = c.host_cert_expiry(&h.name).unwrap_or_default();
+                    h
+                })
+                .collect(),
+            _ => hosts.into_iter().map(views::as_recorded_host).collect(),
+        })
     }
 
-    /// A standby's read: `f` on the cluster as the database last recorded it; refused, naming
-    /// the leader or why none leads, when the database cannot be read either.
-    async fn recorded<R>(
+    /// `f` on the cluster's state: the leader's, from memory; on a standby, the state the
+    /// database last recorded (then `true`), or a refusal naming the leader or why none leads
+    /// when the database cannot be read either.
+    async fn state<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&vmha_engine::ClusterState, vmha_engine::Millis) -> R,
-    ) -> Result<R, Error> {
-        let not_leader = self.c().err().unwrap_or(Error::LoopGone);
-        let s = self.0.recorded().await.ok_or(not_leader)?;
-        Ok(f(&s, vmha_engine::Millis(0)))
+        f: impl FnOnce(&vmha_engine::ClusterState, vmha_engine::Millis) -> R + Send + 'static,
+    ) -> Result<(R, bool), Error> {
+        match self.c() {
+            Ok(c) => {
+                let now = c.now();
+                Ok((c.read(move |s| f(s, now)).await?, false))
+            }
+            Err(not_leader) => {
+                let s = self.0.recorded().await.ok_or(not_leader)?;
+                Ok((f(&s, vmha_engine::Millis(0)), true))
+            }
+        }
     }
 }
 
@@ -213,14 +221,11 @@ impl OperatorService for OperatorApi {
 
     async fn list_vms(&self, req: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
         self.1.operator(&req, Level::Viewer, "listing VMs")?;
-        let all = |s: &vmha_engine::ClusterState, now| s.vms.values().map(|v| views::vm(s, v, now)).collect();
-        let mut vms: Vec<Vm> = match self.c() {
-            Ok(c) => {
-                let now = c.now();
-                c.read(move |s| all(s, now)).await?
-            }
-            Err(_) => self.recorded(all).await?.into_iter().map(views::as_recorded_vm).collect(),
-        };
+        let (mut vms, recorded) =
+            self.state(|s, now| s.vms.values().map(|v| views::vm(s, v, now)).collect::<Vec<_>>()).await?;
+        if recorded {
+            vms = vms.into_iter().map(views::as_recorded_vm).collect();
+        }
         vms.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
         Ok(Response::new(ListVmsResponse { vms }))
     }
@@ -228,14 +233,8 @@ impl OperatorService for OperatorApi {
     async fn get_vm(&self, req: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
         self.1.operator(&req, Level::Viewer, "showing a VM")?;
         let key = validate::vm_ref(&req.get_ref().vm)?.to_string();
-        let one = move |s: &vmha_engine::ClusterState, now| s.find_vm(&key).map(|v| views::vm(s, v, now));
-        let vm = match self.c() {
-            Ok(c) => {
-                let now = c.now();
-                c.read(move |s| one(s, now)).await?
-            }
-            Err(_) => self.recorded(one).await?.map(views::as_recorded_vm),
-        };
+        let (vm, recorded) = self.state(move |s, now| s.find_vm(&key).map(|v| views::vm(s, v, now))).await?;
+        let vm = if recorded { vm.map(views::as_recorded_vm) } else { vm };
         vm.map(Response::new).map_err(refusal)
     }
 
