@@ -33,6 +33,8 @@ pub struct LeaseShell {
     keeper: Mutex<LeaseKeeper>,
     peers: Mutex<Vec<Peer>>,
     protected: Mutex<BTreeSet<String>>,
+    /// The leader's version of `peers` and `protected`; 0: none yet in this run.
+    roster_version: Mutex<u64>,
     /// Where the protected list and the leader's timings are kept across restarts: an agent
     /// restarted while cut off from the controller must still know what to destroy, and on
     /// which timings, if it has to self-fence.
@@ -53,6 +55,7 @@ impl LeaseShell {
             keeper: Mutex::new(LeaseKeeper::new(timings, Millis(0))),
             peers: Mutex::default(),
             protected: Mutex::default(),
+            roster_version: Mutex::default(),
             state_dir: Mutex::default(),
             watchdog_cfg,
             watchdog: Mutex::default(),
@@ -155,16 +158,21 @@ impl LeaseShell {
         self.keeper().see_epoch(epoch)
     }
 
+    /// The leader's version of the roster this agent holds, for the next heartbeat.
+    pub fn roster_version(&self) -> u64 {
+        *lock(&self.roster_version)
+    }
+
     /// What the leader of `epoch` said in a heartbeat answer; `ttl_ms` 0 means no lease this
-    /// time. A deposed leader's answer is refused whole.
+    /// time; `roster` is `None` when the one held is current. A deposed leader's answer is
+    /// refused whole.
     pub fn answered(
         &self,
         epoch: u64,
         sent_at: Millis,
         ttl_ms: u64,
         cluster_hosts: usize,
-        peers: Vec<Peer>,
-        protected: Vec<String>,
+        roster: Option<Roster>,
     ) -> Result<(), StaleEpoch> {
         let mut k = self.keeper();
         k.see_epoch(epoch)?;
@@ -184,15 +192,17 @@ impl LeaseShell {
             k.set_cluster_hosts(cluster_hosts);
             drop(k);
         }
-        let peers: Vec<Peer> = peers.into_iter().filter(|p| p.host != self.host).collect();
+        let Some(roster) = roster else { return Ok(()) };
+        let peers: Vec<Peer> = roster.peers.into_iter().filter(|p| p.host != self.host).collect();
         self.keeper().set_peers(peers.iter().map(|p| p.host.clone()));
         *lock(&self.peers) = peers;
-        let protected: BTreeSet<String> = protected.into_iter().collect();
+        let protected: BTreeSet<String> = roster.protected.into_iter().collect();
         let mut known = lock(&self.protected);
         if *known != protected {
             self.save("protected", protected.iter().map(|u| format!("{u}\n")).collect());
             *known = protected;
         }
+        *lock(&self.roster_version) = roster.version;
         Ok(())
     }
 
@@ -398,6 +408,13 @@ impl LeaseShell {
     }
 }
 
+/// The leader's list of peers and protected VMs, as one answer carried it.
+pub struct Roster {
+    pub version: u64,
+    pub peers: Vec<Peer>,
+    pub protected: Vec<String>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -444,7 +461,11 @@ mod tests {
         let first = LeaseShell::new("kvm1", Timings::default(), None);
         first.remember_in(dir.clone());
         first.adopt_timings(Timings::fast()).unwrap();
-        first.answered(1, Millis(0), 5_000, 3, vec![], vec!["u1".into(), "u2".into()]).unwrap();
+        let roster = Roster { version: 7, peers: vec![], protected: vec!["u1".into(), "u2".into()] };
+        first.answered(1, Millis(0), 5_000, 3, Some(roster)).unwrap();
+        assert_eq!(first.roster_version(), 7);
+        first.answered(1, Millis(1_000), 5_000, 3, None).unwrap();
+        assert_eq!(first.protected_list(), ["u1", "u2"], "an answer without a roster keeps the one held");
         let lease: u64 = std::fs::read_to_string(dir.join("lease")).unwrap().trim().parse().unwrap();
         assert_eq!(lease, first.origin_ns + 5_000_000_000, "the lease file holds its end on CLOCK_MONOTONIC");
         let restarted = LeaseShell::new("kvm1", Timings::default(), None);

@@ -22,7 +22,7 @@ use crate::bounded::{Blocking, Outcome};
 use crate::config::Config;
 use crate::executor;
 use crate::hypervisor::Hypervisor;
-use crate::lease::LeaseShell;
+use crate::lease::{LeaseShell, Roster};
 use crate::probes::ProbeBoard;
 
 /// The heartbeat's calls into libvirt, and what they last returned.
@@ -296,6 +296,7 @@ impl Agent {
             echo_held_ms,
             self_fenced: self.lease.self_fenced(),
             probes: self.probes.latest(),
+            roster_version: Some(self.lease.roster_version()),
         };
         // The lease runs from here: the send, not the answer.
         let sent_at = self.lease.now();
@@ -315,15 +316,13 @@ impl Agent {
         if answer.lease_ttl_ms == 0 {
             tracing::warn!(reason = %answer.refused, "heartbeat earned no lease");
         }
+        let roster = (!answer.roster_unchanged).then(|| Roster {
+            version: answer.roster_version,
+            peers: answer.peers,
+            protected: answer.protected_uuids,
+        });
         self.lease
-            .answered(
-                answer.epoch,
-                sent_at,
-                answer.lease_ttl_ms,
-                answer.cluster_hosts as usize,
-                answer.peers,
-                answer.protected_uuids,
-            )
+            .answered(answer.epoch, sent_at, answer.lease_ttl_ms, answer.cluster_hosts as usize, roster)
             .context("refusing the heartbeat answer")?;
         let wait = Duration::from_millis(answer.next_heartbeat_in_ms);
         Ok(if wait.is_zero() || wait > interval * 2 { interval } else { wait })

@@ -165,6 +165,19 @@ impl AgentService for AgentApi {
             Reply::Refused(r) => return Err(refusal(r)),
             other => return Err(unexpected("heartbeat", &other).into()),
         };
+        // At 1000 hosts the full lists would be ~40 kB per answer; an agent that holds the
+        // current roster gets none of it.
+        let unchanged = r.roster_version == Some(lease.roster.version);
+        let (peers, protected_uuids) = if unchanged {
+            (Vec::new(), Vec::new())
+        } else {
+            let peers = lease
+                .roster
+                .peers
+                .iter()
+                .map(|(host, address)| Peer { host: host.clone(), address: address.clone() });
+            (peers.collect(), lease.roster.protected.clone())
+        };
         let (lease_ttl_ms, refused) = match lease.answer {
             LeaseAnswer::Granted { ttl_ms, .. } => (ttl_ms, String::new()),
             LeaseAnswer::Refused { reason, .. } => (0, reason.to_string()),
@@ -176,9 +189,11 @@ impl AgentService for AgentApi {
             refused,
             next_heartbeat_in_ms: lease.next_in_ms,
             cluster_hosts: lease.cluster_hosts,
-            peers: lease.peers.into_iter().map(|(host, address)| Peer { host, address }).collect(),
-            protected_uuids: lease.protected,
+            peers,
+            protected_uuids,
             xml_not_taken: lease.xml_not_taken,
+            roster_version: lease.roster.version,
+            roster_unchanged: unchanged,
         }))
     }
 

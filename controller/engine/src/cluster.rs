@@ -1,7 +1,7 @@
 //! The controller's picture of the cluster: desired state loaded from the database plus what
 //! agents last reported. Plain data; the engine's functions read and update it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::Millis;
 use crate::Timings;
@@ -376,9 +376,66 @@ pub struct ClusterState {
     /// The membership (`lease::membership`) this leader started with: what a host that has
     /// acknowledged none of its answers may still count votes among. `None`: no leader before.
     pub start_members: Option<u64>,
+    /// By host, the VMs that may be placed on it or run a second copy there: a superset,
+    /// pruned as it is read (`vms_near`), so that a report costs in proportion to its host's
+    /// VMs and not to the cluster's. `None` (a state built by hand) means every VM is looked
+    /// at; the engine builds it (`index_vms`) and every placement keeps it (`note_near`).
+    pub near: Option<BTreeMap<String, BTreeSet<String>>>,
+    /// `lease::observe_quorum`'s bound and the number of hosts it was taken with.
+    pub quorum_cache: Option<(Millis, usize)>,
+    /// `lease::membership` and the number of hosts it was taken with.
+    pub membership_cache: Option<(u64, usize)>,
+}
+
+/// Notes that VM `uuid` may now be on `host` (placed, or a second copy), for `vms_near`.
+pub fn note_near(near: &mut Option<BTreeMap<String, BTreeSet<String>>>, host: &str, uuid: &str) {
+    if let Some(near) = near {
+        near.entry(host.to_string()).or_default().insert(uuid.to_string());
+    }
 }
 
 impl ClusterState {
+    /// Builds `near` from scratch.
+    pub fn index_vms(&mut self) {
+        let mut near = Some(BTreeMap::new());
+        for vm in self.vms.values() {
+            for host in vm.host.iter().chain(vm.second_copy.as_ref().map(|c| &c.host)) {
+                note_near(&mut near, host, &vm.uuid);
+            }
+        }
+        self.near = near;
+    }
+
+    /// The VMs placed on `host` or running a second copy there, in UUID order.
+    pub fn vms_near(&mut self, host: &str) -> Vec<String> {
+        let on = |vm: &VmView| {
+            vm.host.as_deref() == Some(host) || vm.second_copy.as_ref().is_some_and(|c| c.host == host)
+        };
+        let vms = &self.vms;
+        match self.near.as_mut() {
+            None => vms.values().filter(|v| on(v)).map(|v| v.uuid.clone()).collect(),
+            Some(near) => {
+                let Some(here) = near.get_mut(host) else { return Vec::new() };
+                here.retain(|u| vms.get(u).is_some_and(on));
+                here.iter().cloned().collect()
+            }
+        }
+    }
+
+    /// Whether `near` (when built) lists every VM where it is: checked by the simulator after
+    /// every step.
+    pub fn check_near(&self) -> Result<(), String> {
+        let Some(near) = &self.near else { return Ok(()) };
+        for vm in self.vms.values() {
+            for host in vm.host.iter().chain(vm.second_copy.as_ref().map(|c| &c.host)) {
+                if !near.get(host).is_some_and(|n| n.contains(&vm.uuid)) {
+                    return Err(format!("VM {} is on {host} but the index does not say so", vm.uuid));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Finds a VM by UUID or, failing that, by name. Names are unique per host in libvirt but
     /// not across a cluster, so a name that matches two UUIDs is ambiguous.
     pub fn find_vm(&self, key: &str) -> Result<&VmView, crate::Refusal> {

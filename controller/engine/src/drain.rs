@@ -542,6 +542,7 @@ pub fn restart_finished(
     if let Some(vm) = state.vms.get_mut(uuid) {
         vm.busy_with = None;
         if result.is_ok() {
+            crate::cluster::note_near(&mut state.near, target, uuid);
             vm.host = Some(target.into());
             vm.state = RunState::Running;
         }

@@ -1,7 +1,9 @@
 //! Keeps the VM inventory in step with what agents report. Which host a VM is "on" is decided
 //! here, once, for the CLI, placement and the database alike.
 
-use crate::cluster::SecondCopy;
+use std::collections::HashMap;
+
+use crate::cluster::{SecondCopy, note_near};
 use crate::{ClusterState, Millis, RunState, VmView};
 
 /// How long a requested destroy of a second copy may take before it is asked for again.
@@ -141,10 +143,9 @@ pub fn apply_report(
     now: Millis,
 ) -> Vec<InventoryChange> {
     let mut changes = Vec::new();
-    let dead: Vec<String> =
-        state.hosts.values().filter(|h| h.dead.is_some()).map(|h| h.name.clone()).collect();
     for d in domains {
         let Some(vm) = state.vms.get_mut(&d.uuid) else {
+            note_near(&mut state.near, host, &d.uuid);
             let mut vm = VmView::new(&d.uuid, &d.name);
             vm.host = Some(host.into());
             vm.state = d.state;
@@ -192,6 +193,7 @@ pub fn apply_report(
                 }
             }
             None => {
+                note_near(&mut state.near, host, &d.uuid);
                 vm.host = Some(host.into());
                 vm.state = d.state;
                 changes.push(InventoryChange::Appeared {
@@ -208,9 +210,10 @@ pub fn apply_report(
                 if d.state == RunState::Running
                     && vm.state.has_process()
                     && vm.busy_with.is_none()
-                    && !dead.iter().any(|h| h == other) =>
+                    && state.hosts.get(other).is_none_or(|h| h.dead.is_none()) =>
             {
                 if vm.second_copy.as_ref().is_none_or(|c| c.host != host) {
+                    note_near(&mut state.near, host, &d.uuid);
                     vm.second_copy = Some(SecondCopy { host: host.into(), destroy_asked: None });
                     changes.push(InventoryChange::TwoCopies {
                         uuid: d.uuid.clone(),
@@ -229,25 +232,28 @@ pub fn apply_report(
                     to: host.into(),
                     state: d.state,
                 });
+                note_near(&mut state.near, host, &d.uuid);
                 vm.host = Some(host.into());
                 vm.state = d.state;
             }
             Some(_) => {}
         }
     }
-    for vm in state.vms.values_mut() {
+    let reported: HashMap<&str, RunState> = domains.iter().map(|d| (d.uuid.as_str(), d.state)).collect();
+    for uuid in state.vms_near(host) {
+        let Some(vm) = state.vms.get_mut(&uuid) else { continue };
+        let here = reported.get(uuid.as_str()).copied();
         // The extra copy is gone from the host that ran it.
-        if vm.second_copy.as_ref().is_some_and(|c| c.host == host)
-            && !domains.iter().any(|d| d.uuid == vm.uuid && d.state == RunState::Running)
-        {
+        if vm.second_copy.as_ref().is_some_and(|c| c.host == host) && here != Some(RunState::Running) {
             vm.second_copy = None;
         }
         // The placed copy is gone while a second one runs: that one is where the VM is now.
         if vm.host.as_deref() == Some(host)
             && let Some(extra) = vm.second_copy.as_ref().map(|c| c.host.clone())
-            && !domains.iter().any(|d| d.uuid == vm.uuid && d.state.has_process())
+            && !here.is_some_and(|s| s.has_process())
         {
             vm.second_copy = None;
+            note_near(&mut state.near, &extra, &uuid);
             vm.host = Some(extra.clone());
             vm.state = RunState::Running;
             changes.push(InventoryChange::Moved {
@@ -261,10 +267,7 @@ pub fn apply_report(
         }
         // A VM being moved by vmha is not "vanished" when its source stops listing it: the
         // operation's result says where it went.
-        if vm.host.as_deref() == Some(host)
-            && vm.busy_with.is_none()
-            && !domains.iter().any(|d| d.uuid == vm.uuid)
-        {
+        if vm.host.as_deref() == Some(host) && vm.busy_with.is_none() && here.is_none() {
             vm.host = None;
             vm.state = RunState::Unknown;
             changes.push(InventoryChange::Vanished {
@@ -287,6 +290,7 @@ pub fn apply_report(
 /// new host without waiting for the target's next heartbeat.
 pub fn apply_migrated(state: &mut ClusterState, uuid: &str, target: &str) -> Option<InventoryChange> {
     let vm = state.vms.get_mut(uuid)?;
+    note_near(&mut state.near, target, uuid);
     let from = vm.host.replace(target.into());
     vm.state = RunState::Running;
     match from {

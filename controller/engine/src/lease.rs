@@ -97,11 +97,40 @@ pub fn has_quorum(state: &ClusterState, now: Millis) -> bool {
     leased + 1 >= majority
 }
 
+/// Until when the acknowledged leases held now keep quorum (exclusive), if they do at all:
+/// the end of the `majority - 1`th longest one, counted a shortfall short.
+fn quorum_until(state: &ClusterState) -> Option<Millis> {
+    let (_, majority) = votes(state);
+    let needed = majority - 1;
+    if needed == 0 {
+        return Some(Millis(u64::MAX));
+    }
+    let mut ends: Vec<u64> = state.hosts.values().filter_map(|h| h.lease.acked_end).map(|e| e.0).collect();
+    if ends.len() < needed {
+        return None;
+    }
+    let (_, nth, _) = ends.select_nth_unstable_by(needed - 1, |a, b| b.cmp(a));
+    Some(Millis(nth.saturating_sub(state.timings.quorum_shortfall_ms())))
+}
+
 /// Keeps `quorum_since` exact. Between two calls leases only expire (grants and new hosts go
 /// through a call first), so the count only falls: quorum at this call means quorum all along
 /// since the previous one.
+///
+/// Called for every heartbeat, so it does not count every host each time: acknowledged lease
+/// ends only grow, so the instant until which the leases seen at the last count keep quorum
+/// (`quorum_until`) stays a sure bound until the membership changes (`quorum_cache`).
 pub fn observe_quorum(state: &mut ClusterState, now: Millis) {
-    if has_quorum(state, now) {
+    let hosts = state.hosts.len();
+    let until = match state.quorum_cache {
+        Some((until, n)) if n == hosts && now < until => Some(until),
+        _ => {
+            let until = quorum_until(state);
+            state.quorum_cache = until.map(|u| (u, hosts));
+            until
+        }
+    };
+    if until.is_some_and(|u| now < u) {
         state.quorum_since.get_or_insert(now);
     } else {
         state.quorum_since = None;
@@ -124,6 +153,26 @@ pub fn membership(state: &ClusterState) -> u64 {
     h.finish()
 }
 
+/// `membership`, kept from one heartbeat to the next while the number of hosts stays (a host
+/// leaves only through `forget_membership`).
+fn current_membership(state: &mut ClusterState) -> u64 {
+    let hosts = state.hosts.len();
+    match state.membership_cache {
+        Some((m, n)) if n == hosts => m,
+        _ => {
+            let m = membership(state);
+            state.membership_cache = Some((m, hosts));
+            m
+        }
+    }
+}
+
+/// A host left the cluster: what was kept of its membership and quorum is counted again.
+pub fn forget_membership(state: &mut ClusterState) {
+    state.membership_cache = None;
+    state.quorum_cache = None;
+}
+
 /// Whether `host` can only count votes among the hosts there are now: the answer it last
 /// acknowledged (or, before any, the membership this leader started with), and every answer
 /// sent to it since, listed the current membership. A host that missed a join or a removal
@@ -142,7 +191,7 @@ pub fn knows_membership(state: &ClusterState, host: &str) -> bool {
 
 /// Records an answer to `host` that grants nothing (its registration), for the echo check.
 pub fn issue_stamp(state: &mut ClusterState, host: &str, now: Millis) -> Millis {
-    let members = membership(state);
+    let members = current_membership(state);
     if let Some(h) = state.hosts.get_mut(host) {
         push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members });
     }
@@ -162,7 +211,7 @@ pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, no
     observe_quorum(state, now);
     let t = state.timings;
     let epoch = state.epoch;
-    let members = membership(state);
+    let members = current_membership(state);
     let Some(h) = state.hosts.get_mut(host) else {
         return LeaseAnswer::Refused { stamp: now, reason: "host not registered" };
     };
@@ -278,6 +327,29 @@ mod tests {
         let a = on_heartbeat(&mut s, "kvm1", echo(stamp, 0), Millis(3_001));
         assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
         assert_eq!(s.liveness("kvm1", Millis(3_000)), HostLiveness::Suspect);
+    }
+
+    proptest::proptest! {
+        /// The kept bound never says quorum where a full count would not, nor the reverse.
+        #[test]
+        fn observed_quorum_agrees_with_a_full_count(
+            hosts in 1usize..9,
+            grants in proptest::collection::vec((0usize..9, 0u64..400, 0u64..8_000), 1..60),
+        ) {
+            let mut s = ClusterState::default();
+            for i in 0..hosts {
+                s.hosts.insert(format!("kvm{i}"), crate::HostView::new(&format!("kvm{i}")));
+            }
+            let mut now = 0;
+            for (host, advance, ttl) in grants {
+                now += advance;
+                observe_quorum(&mut s, Millis(now));
+                proptest::prop_assert_eq!(s.quorum_since.is_some(), has_quorum(&s, Millis(now)));
+                let name = format!("kvm{}", host % hosts);
+                let l = &mut s.hosts.get_mut(&name).unwrap().lease;
+                l.acked_end = Some(l.acked_end.map_or(Millis(now + ttl), |e| e.max(Millis(now + ttl))));
+            }
+        }
     }
 
     #[test]

@@ -160,7 +160,8 @@ fn declare_dead(
         state.hosts.values().filter(|h| h.dead.is_none()).map(|h| h.name.clone()).collect();
     for vm in state.vms.values_mut().filter(|v| v.host.as_deref() == Some(host)) {
         // Another live host reports it running (it was moved behind vmha's back, or started
-        // there by hand): that copy is the one left, and nothing is restarted.
+        // there by hand): that copy is the one left, and nothing is restarted. (`near` lists
+        // it there already, as a second copy.)
         if let Some(second) = vm.second_copy.take().filter(|c| alive.contains(&c.host)) {
             vm.host = Some(second.host.clone());
             vm.state = RunState::Running;
@@ -416,6 +417,7 @@ pub fn start_finished(
             let took = now.since(r.since);
             let unlocked = if r.disk_locked.is_some() { " (its disk lock is gone)" } else { "" };
             vm.recovery = None;
+            crate::cluster::note_near(&mut state.near, host, uuid);
             vm.host = Some(host.into());
             vm.state = RunState::Running;
             out.push(event(
@@ -588,11 +590,11 @@ pub fn after_report(
     let mut out = Vec::new();
     // A start whose result was lost (or is still on its way) is done once the host shows the VM
     // running.
-    let started: Vec<String> = state
-        .vms
-        .values()
-        .filter(|v| v.host.as_deref() == Some(host) && v.state.has_process() && v.awaits_start_on(host))
-        .map(|v| v.uuid.clone())
+    let started: Vec<String> = (state.vms_near(host).into_iter())
+        .filter(|u| {
+            let v = &state.vms[u];
+            v.host.as_deref() == Some(host) && v.state.has_process() && v.awaits_start_on(host)
+        })
         .collect();
     for uuid in started {
         out.extend(start_finished(state, &uuid, host, Ok(()), now));

@@ -8,6 +8,7 @@
 //! run what production runs.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::Refusal;
 use crate::cluster::HostResources;
@@ -35,6 +36,25 @@ pub struct Engine {
     /// What was last handed out for persisting, to persist only what changed.
     saved_hosts: BTreeMap<String, HostWork>,
     saved_vms: BTreeMap<String, VmWork>,
+    /// What every heartbeat answer lists, built again only after a step that may have changed
+    /// it: at 1000 hosts, building it for each heartbeat cost more than everything else.
+    roster: Arc<Roster>,
+    /// Whether a step since `roster` was built may have changed it.
+    roster_stale: bool,
+    /// How many rosters this leader has built.
+    rosters_built: u64,
+}
+
+/// The cluster as every agent must know it: its peers (whom to poll) and the protected VMs
+/// (what a self-fence destroys). `version` names the content within this leader's epoch, so
+/// that an answer need carry it only to agents that do not have it yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Roster {
+    pub version: u64,
+    /// Every host and where it answers peer polls.
+    pub peers: Vec<(String, String)>,
+    /// The protected VMs' UUIDs.
+    pub protected: Vec<String>,
 }
 
 /// A host's work in progress, persisted so that a restarted controller resumes it.
@@ -187,10 +207,8 @@ pub struct LeaseReply {
     /// When to send the next one, aligned on the leader's clock.
     pub next_in_ms: u64,
     pub cluster_hosts: u32,
-    /// Every host and where it answers peer polls.
-    pub peers: Vec<(String, String)>,
-    /// The protected VMs' UUIDs: the host's agent destroys those it runs when it fences.
-    pub protected: Vec<String>,
+    /// The peers and the protected VMs (which the host's agent destroys if it fences).
+    pub roster: Arc<Roster>,
     /// Domains whose XML came with this heartbeat but were not recorded yet
     /// (`inventory::admit_new`): the agent sends their XML again.
     pub xml_not_taken: Vec<String>,
@@ -290,7 +308,8 @@ impl Default for Output {
 
 impl Engine {
     pub fn new(cluster: ClusterState) -> Engine {
-        let mut e = Engine { cluster, ..Default::default() };
+        let mut e = Engine { cluster, roster_stale: true, ..Default::default() };
+        e.cluster.index_vms();
         e.mark_saved();
         e
     }
@@ -329,7 +348,8 @@ impl Engine {
             }
         }
         cluster.start_members = Some(lease::membership(&cluster));
-        let mut e = Engine { cluster, ..Default::default() };
+        let mut e = Engine { cluster, roster_stale: true, ..Default::default() };
+        e.cluster.index_vms();
         for mut op in ops {
             e.next_seq = e.next_seq.max((op.id.0 as u64).wrapping_add(1));
             op.inherited = true;
@@ -395,15 +415,16 @@ impl Engine {
     pub fn step(&mut self, input: Input, now: Millis) -> Output {
         let mut out = Output::default();
         let mut actions = Vec::new();
-        // Heartbeats, the most frequent input, touch one host and its VMs: only those are
-        // compared for persisting. Everything else may touch anything.
-        let mut touched: Option<(String, Vec<String>)> = None;
+        // Heartbeats, the most frequent input, touch one host and its VMs, and ticks only
+        // restarts in progress: only those are compared for persisting. Everything else may
+        // touch anything.
+        let mut scope = Scope::Everything;
         match input {
             Input::Register(r) => self.register(r, now, &mut out),
             Input::Heartbeat(hb) => {
                 let host = hb.host.clone();
                 let vms = self.heartbeat(hb, now, &mut out, &mut actions);
-                touched = Some((host, vms));
+                scope = Scope::Report(host, vms);
             }
             Input::Recorded(id) => self.recorded(id, now, &mut out),
             Input::Result { host, id, result } => match self.ops.get(&id) {
@@ -427,10 +448,17 @@ impl Engine {
                 self.start_cold_restarts(now, &mut out, &mut actions);
                 actions.extend(recovery::tick(&mut self.cluster, now));
                 actions.extend(drain::tick(&mut self.cluster, now));
+                scope = Scope::Tick;
             }
         }
         self.perform(actions, now, &mut out);
-        self.collect_persist(touched, &mut out);
+        let narrow = !matches!(scope, Scope::Everything);
+        self.collect_persist(scope, &mut out);
+        let p = &out.persist;
+        if !narrow || [p.vm_work.is_empty(), p.host_work.is_empty(), p.registered.is_empty()].contains(&false)
+        {
+            self.roster_stale = true;
+        }
         out
     }
 
@@ -569,15 +597,35 @@ impl Engine {
         if next_in_ms < interval / 4 {
             next_in_ms += interval;
         }
+        let cluster_hosts = s.hosts.len() as u32;
         out.reply = Reply::Lease(LeaseReply {
             answer,
             next_in_ms,
-            cluster_hosts: s.hosts.len() as u32,
-            peers: s.hosts.values().map(|h| (h.name.clone(), h.peer_address.clone())).collect(),
-            protected: s.vms.values().filter(|v| v.protected).map(|v| v.uuid.clone()).collect(),
+            cluster_hosts,
+            roster: self.roster(),
             xml_not_taken,
         });
         touched
+    }
+
+    /// The current roster; a new version only when its content changed.
+    fn roster(&mut self) -> Arc<Roster> {
+        if !self.roster_stale {
+            return self.roster.clone();
+        }
+        let s = &self.cluster;
+        let peers: Vec<(String, String)> =
+            s.hosts.values().map(|h| (h.name.clone(), h.peer_address.clone())).collect();
+        let protected: Vec<String> = s.vms.values().filter(|v| v.protected).map(|v| v.uuid.clone()).collect();
+        let last = &self.roster;
+        if last.version == 0 || (&last.peers, &last.protected) != (&peers, &protected) {
+            self.rosters_built += 1;
+            // Versions of different leaders never meet: the epoch is their upper half.
+            let version = (s.epoch << 32) | self.rosters_built;
+            self.roster = Arc::new(Roster { version, peers, protected });
+        }
+        self.roster_stale = false;
+        self.roster.clone()
     }
 
     /// Events and writes for what a report changed.
@@ -1091,6 +1139,7 @@ impl Engine {
             });
         }
         s.hosts.remove(host);
+        lease::forget_membership(s);
         self.saved_hosts.remove(host);
         Ok(())
     }
@@ -1242,17 +1291,23 @@ impl Engine {
         }
     }
 
-    /// Names what changed since it was last persisted: `touched` narrows the comparison to one
-    /// host and some VMs (a heartbeat's), `None` compares everything.
-    fn collect_persist(&mut self, touched: Option<(String, Vec<String>)>, out: &mut Output) {
-        let (hosts, vms): (Vec<String>, Vec<String>) = match touched {
-            Some((host, mut vms)) => {
+    /// Names what changed since it was last persisted, comparing what `scope` may have touched.
+    fn collect_persist(&mut self, scope: Scope, out: &mut Output) {
+        let all_hosts = || self.cluster.hosts.keys().cloned().collect();
+        let (hosts, vms): (Vec<String>, Vec<String>) = match scope {
+            Scope::Report(host, mut vms) => {
                 vms.extend(out.persist.vms.iter().cloned());
                 (vec![host], vms)
             }
-            None => {
-                (self.cluster.hosts.keys().cloned().collect(), self.cluster.vms.keys().cloned().collect())
+            // A tick changes a VM's work only through its restart (`recovery`): the VMs with
+            // one now, or with one when last persisted.
+            Scope::Tick => {
+                let now = self.cluster.vms.values().filter(|v| v.recovery.is_some()).map(|v| v.uuid.clone());
+                let before =
+                    self.saved_vms.iter().filter(|(_, w)| w.recovery.is_some()).map(|(u, _)| u.clone());
+                (all_hosts(), now.chain(before).chain(out.persist.vms.iter().cloned()).collect())
             }
+            Scope::Everything => (all_hosts(), self.cluster.vms.keys().cloned().collect()),
         };
         for name in hosts {
             let Some(h) = self.cluster.hosts.get(&name) else { continue };
@@ -1277,6 +1332,14 @@ impl Engine {
         out.persist.vms.sort();
         out.persist.vms.dedup();
     }
+}
+
+/// What one step may have changed, for `collect_persist`.
+enum Scope {
+    /// A report: its host, and the VMs it listed or changed.
+    Report(String, Vec<String>),
+    Tick,
+    Everything,
 }
 
 fn watchdog_message(host: &str, wd: &Watchdog) -> String {

@@ -528,6 +528,7 @@ impl Sim {
         let mut first = None;
         while let Some(input) = queue.pop_front() {
             let out = self.leader.step(input, Millis(self.now));
+            self.leader.cluster.check_near().expect("the index of VMs by host is complete");
             let reply = self.carry_out(out, &mut queue);
             first.get_or_insert(reply);
         }
@@ -652,8 +653,8 @@ impl Sim {
                 };
                 let Reply::Lease(reply) = self.step(Input::Heartbeat(hb)) else { return };
                 let (answer, next_in, hosts) = (reply.answer, reply.next_in_ms, reply.cluster_hosts as usize);
-                let protected = reply.protected.iter().map(|u| vm_index(u)).collect();
-                let peers = reply.peers.iter().map(|(name, _)| name.clone()).collect();
+                let protected = reply.roster.protected.iter().map(|u| vm_index(u)).collect();
+                let peers = reply.roster.peers.iter().map(|(name, _)| name.clone()).collect();
                 let epoch = self.leader.cluster.epoch;
                 let t = self.now + self.delay();
                 self.at(

@@ -526,6 +526,7 @@ impl World {
     /// One step of the engine; its log goes to ours, its follow-ups to the queue.
     fn step(&mut self, input: Input) -> Reply {
         let out = self.engine.step(input, Millis(self.now));
+        self.engine.cluster.check_near().expect("the index of VMs by host is complete");
         self.db.apply(&self.engine, &out.persist);
         self.events(&out.events);
         // The database is always there: a recorded operation's command goes out at once.
@@ -836,7 +837,7 @@ impl World {
         let (epoch, now) = (self.engine.cluster.epoch, self.now);
         let host = self.host(name);
         host.last_answer = Some((epoch, r.answer.stamp(), now));
-        host.keeper.set_peers(r.peers.iter().map(|(p, _)| p.clone()).filter(|p| p != name));
+        host.keeper.set_peers(r.roster.peers.iter().map(|(p, _)| p.clone()).filter(|p| p != name));
         match r.answer {
             // Sent and answered at the same instant: the lease runs from now.
             LeaseAnswer::Granted { ttl_ms, .. } => host
@@ -845,7 +846,7 @@ impl World {
                 .expect("scenario agents hear only the current leader"),
             LeaseAnswer::Refused { .. } => host.keeper.set_cluster_hosts(r.cluster_hosts as usize),
         }
-        host.protected = r.protected.into_iter().collect();
+        host.protected = r.roster.protected.iter().cloned().collect();
         host.next_heartbeat = now + r.next_in_ms;
     }
 
