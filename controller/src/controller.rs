@@ -216,9 +216,10 @@ impl Controller {
             ),
             actor: "controller".into(),
         };
+        let mut db = store.connection().await?;
         for e in std::iter::once(&started).chain(&resumed) {
             tracing::info!(subject = %e.subject.name(), kind = e.kind.as_str(), "{}", e.message);
-            store.append_event(&new_event(e)).await?;
+            Store::append_event(&mut db, &new_event(e)).await?;
         }
         let watched = engine.ops.values().map(|op| (op.id, Followed::new(op, epoch))).collect();
         let (inbox, rx) = mpsc::unbounded_channel();

@@ -7,6 +7,19 @@
 //! One queue for every write keeps two guarantees without locks: the database never sees an
 //! older VM snapshot after a newer one, and a host's row is written before the VMs on it.
 //!
+//! Batches: the writer takes everything queued (up to `BATCH` entries) and writes it in one
+//! transaction, in queue order. A commit per write capped discovery at about 50 VMs/s (1000
+//! hosts of 25 VMs queue 75,000 writes); a commit per batch leaves one round trip per write.
+//! What this keeps of the guarantees above:
+//! - `record` answers, and `caught_up` returns, only once the transaction has committed.
+//! - An unreachable database mid-batch: the transaction did not commit, nothing of it was
+//!   written, and the whole batch is written again. A connection lost during the commit
+//!   leaves it in doubt: the database is asked whether that transaction committed before
+//!   anything is written again, as events and operations must not be written twice.
+//! - A refused write rolls its batch back; the batch is written again without it, so it alone
+//!   is skipped. A refused commit (no write to blame) has the batch written one write per
+//!   transaction. A deposed leader's refusal (epoch fence) deposes at once.
+//!
 //! Memory: the queue holds one entry per change (a VM changed state, an event, a host
 //! registered, a migration reported progress), not one per heartbeat: heartbeats that change
 //! nothing add nothing. An outage costs memory in proportion to how much the cluster changes
@@ -16,6 +29,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sqlx::PgConnection;
 use std::future::Future;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -82,23 +96,25 @@ impl Write {
         Write::Vm(VmView { xml: String::new(), ..vm.clone() })
     }
 
-    async fn apply(&self, store: &Store) -> Result<(), StoreError> {
+    async fn apply(&self, db: &mut PgConnection) -> Result<(), StoreError> {
         match self {
-            Write::Host { host, hypervisor_version } => store.upsert_host(host, hypervisor_version).await,
-            Write::HostWork { host, work } => store.set_host_work(host, work).await,
-            Write::Watchdog { host, watchdog } => store.set_watchdog(host, watchdog).await,
-            Write::Vm(vm) => store.upsert_vm(vm).await,
-            Write::VmWork { uuid, work } => store.set_vm_work(uuid, work).await,
-            Write::DeleteVm { uuid } => store.delete_vm(uuid).await,
-            Write::DeleteHost { host } => store.delete_host(host).await,
-            Write::VmXml { uuid, xml } => store.set_vm_xml(uuid, xml).await,
-            Write::Event(e) => store.append_event(e).await.map(|_| ()),
-            Write::Operation { op, epoch } => store.insert_operation(op, *epoch).await,
-            Write::OperationRunning(id) => store.set_operation_running(*id).await,
-            Write::OperationProgress { id, total, processed, remaining } => {
-                store.set_operation_progress(*id, *total, *processed, *remaining).await
+            Write::Host { host, hypervisor_version } => {
+                Store::upsert_host(db, host, hypervisor_version).await
             }
-            Write::OperationFinished { id, outcome } => store.finish_operation(*id, outcome).await,
+            Write::HostWork { host, work } => Store::set_host_work(db, host, work).await,
+            Write::Watchdog { host, watchdog } => Store::set_watchdog(db, host, watchdog).await,
+            Write::Vm(vm) => Store::upsert_vm(db, vm).await,
+            Write::VmWork { uuid, work } => Store::set_vm_work(db, uuid, work).await,
+            Write::DeleteVm { uuid } => Store::delete_vm(db, uuid).await,
+            Write::DeleteHost { host } => Store::delete_host(db, host).await,
+            Write::VmXml { uuid, xml } => Store::set_vm_xml(db, uuid, xml).await,
+            Write::Event(e) => Store::append_event(db, e).await.map(|_| ()),
+            Write::Operation { op, epoch } => Store::insert_operation(db, op, *epoch).await,
+            Write::OperationRunning(id) => Store::set_operation_running(db, *id).await,
+            Write::OperationProgress { id, total, processed, remaining } => {
+                Store::set_operation_progress(db, *id, *total, *processed, *remaining).await
+            }
+            Write::OperationFinished { id, outcome } => Store::finish_operation(db, *id, outcome).await,
         }
     }
 }
@@ -217,26 +233,109 @@ impl Journal {
     }
 }
 
+/// The most entries one transaction writes: enough that commits (a flush to disk each) are
+/// not what limits a burst of writes (1000 hosts registering queue 75,000), few enough that a
+/// transaction stays short, and that a refused entry costs little to write around.
+pub const BATCH: usize = 500;
+
 async fn run(store: Store, mut queue: mpsc::UnboundedReceiver<Entry>, shared: Arc<Shared>) {
-    while let Some(Entry { write, written }) = queue.recv().await {
-        let result =
-            retry_while_unreachable(|| write.apply(&store), |e, pause| shared.waiting(e, pause)).await;
-        shared.queued.fetch_sub(1, Ordering::SeqCst);
-        shared.taken.send_modify(|taken| *taken += 1);
-        shared.reachable();
-        if let Err(e) = &result
-            && e.is_deposed()
-        {
-            crate::leadership::depose(&format!("PostgreSQL refused this controller's write: {e}"));
-        }
-        match (result, written) {
-            (result, Some(tx)) => {
-                let _ = tx.send(result);
+    let mut batch = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut batch, BATCH).await > 0 {
+        let results = write_batch(&store, &batch, &shared).await;
+        shared.queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        shared.taken.send_modify(|taken| *taken += batch.len() as u64);
+        for (Entry { write, written }, result) in batch.drain(..).zip(results) {
+            match (result, written) {
+                (result, Some(tx)) => {
+                    let _ = tx.send(result);
+                }
+                (Err(e), None) => {
+                    tracing::error!(error = %e, ?write, "PostgreSQL refused a write; it is skipped")
+                }
+                (Ok(()), None) => {}
             }
-            (Err(e), None) => {
-                tracing::error!(error = %e, ?write, "PostgreSQL refused a write; it is skipped")
-            }
-            (Ok(()), None) => {}
         }
     }
+}
+
+/// Writes `entries` in their order and returns what became of each: in one transaction if the
+/// database takes them all. If it refuses one, that transaction is rolled back (nothing of it
+/// was written) and the others are written again without it. If it refuses a transaction as a
+/// whole (its commit), they are written one transaction each, so only what is refused is lost.
+async fn write_batch(store: &Store, entries: &[Entry], shared: &Shared) -> Vec<Result<(), StoreError>> {
+    let mut results: Vec<Option<Result<(), StoreError>>> = entries.iter().map(|_| None).collect();
+    let mut alone = false;
+    loop {
+        let left: Vec<usize> = (0..entries.len()).filter(|&i| results[i].is_none()).collect();
+        let now = match (alone, left.first()) {
+            (_, None) => break,
+            (true, Some(_)) => &left[..1],
+            (false, Some(_)) => &left[..],
+        };
+        let in_doubt = Mutex::new(None);
+        let outcome = retry_while_unreachable(
+            || transaction(store, entries, now, &in_doubt),
+            |e, pause| shared.waiting(e, pause),
+        )
+        .await;
+        shared.reachable();
+        if let Ok(Err((_, e))) | Err(e) = &outcome
+            && e.is_deposed()
+        {
+            // Every later write would be refused as well: none is tried.
+            crate::leadership::depose(&format!("PostgreSQL refused this controller's write: {e}"));
+        }
+        match outcome {
+            Ok(Ok(())) => now.iter().for_each(|&i| results[i] = Some(Ok(()))),
+            Ok(Err((i, e))) => results[i] = Some(Err(e)),
+            Err(e) if now.len() == 1 => results[now[0]] = Some(Err(e)),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    writes = now.len(),
+                    "PostgreSQL refused a transaction's commit; writing its writes one by one"
+                );
+                alone = true;
+            }
+        }
+    }
+    // Each entry has its result: the loop ends when none is left without one.
+    results.into_iter().flatten().collect()
+}
+
+/// One attempt at writing `entries[now]` in one transaction. `Ok(Err((i, e)))`: the database
+/// refused entry `i`, and nothing was written; `Err`: the database was not reached (retried) or
+/// refused the commit.
+///
+/// A connection lost while the commit was under way leaves the transaction in doubt, and
+/// writing it again could write it twice (events appended twice, an operation's insert refused
+/// as a duplicate): the next attempt first asks the database whether it committed.
+async fn transaction(
+    store: &Store,
+    entries: &[Entry],
+    now: &[usize],
+    in_doubt: &Mutex<Option<(i64, i32)>>,
+) -> Result<Result<(), (usize, StoreError)>, StoreError> {
+    let doubt = *in_doubt.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((xid, pid)) = doubt {
+        if store.committed(xid, pid).await? {
+            return Ok(Ok(()));
+        }
+        *in_doubt.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+    let mut tx = store.begin().await?;
+    let id = Store::transaction_id(&mut tx).await?;
+    for &i in now {
+        match entries[i].write.apply(&mut tx).await {
+            Err(e) if !e.is_unavailable() => return Ok(Err((i, e))),
+            done => done?,
+        }
+    }
+    *in_doubt.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+    let committed = tx.commit().await.map_err(|source| StoreError::Query { what: "commit", source });
+    if !committed.as_ref().is_err_and(StoreError::is_unavailable) {
+        // Committed, or refused for certain: nothing to ask later.
+        *in_doubt.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+    committed.map(Ok)
 }

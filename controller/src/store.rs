@@ -7,7 +7,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateError;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres};
+use sqlx::{Connection, Transaction};
 use uuid::Uuid;
 use vmha_engine::cluster::HostResources;
 use vmha_engine::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
@@ -31,6 +33,11 @@ pub enum StoreError {
     Query { what: &'static str, source: sqlx::Error },
     #[error("the database writer has stopped (the controller is shutting down)")]
     WriterStopped,
+    #[error(
+        "the answer to a commit was lost with its connection, and its transaction {xid} has not \
+         ended yet; waiting to learn whether it committed"
+    )]
+    InDoubt { xid: i64 },
 }
 
 impl StoreError {
@@ -40,6 +47,8 @@ impl StoreError {
         match self {
             StoreError::Connect { source, .. } | StoreError::Query { source, .. } => is_unreachable(source),
             StoreError::Migrate(MigrateError::Execute(source)) => is_unreachable(source),
+            // Not yet known to have been written or not: asked again after a pause.
+            StoreError::InDoubt { .. } => true,
             StoreError::SchemaTooNew { .. } | StoreError::Migrate(_) | StoreError::WriterStopped => false,
         }
     }
@@ -177,6 +186,9 @@ pub struct OperationOutcome {
     pub bytes: u64,
 }
 
+/// The database. Reads are its methods; writes (`upsert_host` to `append_event`) take the
+/// connection they write on instead, so that the journal can put hundreds of them in one
+/// transaction (`begin`), and anyone else can write one on a `connection`.
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
@@ -228,6 +240,51 @@ impl Store {
         }
     }
 
+    /// A connection of the pool, for a write on its own (it commits by itself).
+    pub async fn connection(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        self.pool.acquire().await.map_err(q("connect"))
+    }
+
+    /// A transaction for several writes: all of them are on record once it commits, none if it
+    /// does not (dropped, it rolls back).
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool.begin().await.map_err(q("begin a transaction"))
+    }
+
+    /// The transaction `db` is in, and the server process that runs it (see `committed`).
+    pub async fn transaction_id(db: &mut PgConnection) -> Result<(i64, i32), StoreError> {
+        sqlx::query_as("SELECT txid_current(), pg_backend_pid()")
+            .fetch_one(&mut *db)
+            .await
+            .map_err(q("read the transaction id"))
+    }
+
+    /// Whether transaction `xid` (from `transaction_id`) committed, for a commit whose answer
+    /// was lost with its connection. One still in progress is ended first (its server process
+    /// `pid` may not have noticed that its client is gone, and would wait for it for as long as
+    /// TCP keepalives allow): `InDoubt` until it has.
+    pub async fn committed(&self, xid: i64, pid: i32) -> Result<bool, StoreError> {
+        let status: Option<String> = sqlx::query_scalar("SELECT txid_status($1)")
+            .bind(xid)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("ask whether a transaction committed"))?;
+        match status.as_deref() {
+            Some("committed") => Ok(true),
+            Some("in progress") => {
+                // The same role may end its own sessions; if it may not, waiting still ends.
+                if let Err(e) =
+                    sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&self.pool).await
+                {
+                    tracing::warn!(error = %e, pid, "could not end the session of a lost commit");
+                }
+                Err(StoreError::InDoubt { xid })
+            }
+            // NULL: so old that its status is gone, which takes billions of transactions.
+            _ => Ok(false),
+        }
+    }
+
     /// Says that controller `name` is alive, reachable at `endpoint`, and leads with `epoch`
     /// (`None`: stands by).
     pub async fn controller_seen(
@@ -276,7 +333,11 @@ impl Store {
         Ok(e as u64)
     }
 
-    pub async fn upsert_host(&self, h: &HostView, hypervisor_version: &str) -> Result<(), StoreError> {
+    pub async fn upsert_host(
+        db: &mut PgConnection,
+        h: &HostView,
+        hypervisor_version: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO hosts (name, migration_uri, cpus, memory_total_kib, cpu_model, libvirt_version,
                  hypervisor_version, peer_address)
@@ -292,14 +353,14 @@ impl Store {
         .bind(&h.libvirt_version)
         .bind(hypervisor_version)
         .bind(&h.peer_address)
-        .execute(&self.pool)
+        .execute(&mut *db)
         .await
         .map_err(q("upsert host"))?;
         Ok(())
     }
 
     /// Writes a host's operator-set state and its work in progress (see `HostWork`).
-    pub async fn set_host_work(&self, host: &str, w: &HostWork) -> Result<(), StoreError> {
+    pub async fn set_host_work(db: &mut PgConnection, host: &str, w: &HostWork) -> Result<(), StoreError> {
         let drain = w.drain.as_ref().map(serde_json::to_string).transpose().map_err(encode("host drain"))?;
         sqlx::query(
             "UPDATE hosts SET admin_state = $2, memory_limit_kib = $3, fencing = $4, dead_cause = $5, drain = $6
@@ -311,13 +372,13 @@ impl Store {
         .bind(w.fencing.as_str())
         .bind(&w.dead)
         .bind(drain)
-        .execute(&self.pool)
+        .execute(&mut *db)
         .await
         .map_err(q("set host work"))?;
         Ok(())
     }
 
-    pub async fn set_watchdog(&self, host: &str, w: &Watchdog) -> Result<(), StoreError> {
+    pub async fn set_watchdog(db: &mut PgConnection, host: &str, w: &Watchdog) -> Result<(), StoreError> {
         let (detail, timeout_ms) = match w {
             Watchdog::Armed { device, timeout_ms } => (device.as_str(), *timeout_ms as i64),
             Watchdog::Missing(why) => (why.as_str(), 0),
@@ -330,7 +391,7 @@ impl Store {
         .bind(w.as_str())
         .bind(detail)
         .bind(timeout_ms)
-        .execute(&self.pool)
+        .execute(&mut *db)
         .await
         .map_err(q("set watchdog"))?;
         Ok(())
@@ -456,7 +517,7 @@ impl Store {
     }
 
     /// Writes a VM's observed state and sizes (not its desired state: see `set_protection`).
-    pub async fn upsert_vm(&self, vm: &VmView) -> Result<(), StoreError> {
+    pub async fn upsert_vm(db: &mut PgConnection, vm: &VmView) -> Result<(), StoreError> {
         let uuid = Uuid::parse_str(&vm.uuid)
             .map_err(|e| StoreError::Query { what: "upsert vm", source: sqlx::Error::Decode(Box::new(e)) })?;
         sqlx::query(
@@ -471,7 +532,7 @@ impl Store {
         .bind(vm.vcpus as i32)
         .bind(&vm.host)
         .bind(vm.state.as_str())
-        .execute(&self.pool)
+        .execute(&mut *db)
         .await
         .map_err(q("upsert vm"))?;
         Ok(())
@@ -479,7 +540,7 @@ impl Store {
 
     /// Writes a VM's desired state (protection, priority, placement rules) and its restart in
     /// progress.
-    pub async fn set_vm_work(&self, uuid: &str, w: &VmWork) -> Result<(), StoreError> {
+    pub async fn set_vm_work(db: &mut PgConnection, uuid: &str, w: &VmWork) -> Result<(), StoreError> {
         let recovery =
             w.recovery.as_ref().map(serde_json::to_string).transpose().map_err(encode("vm recovery"))?;
         sqlx::query(
@@ -494,25 +555,26 @@ impl Store {
         .bind(&w.allowed_hosts)
         .bind(&w.preferred_host)
         .bind(recovery)
-        .execute(&self.pool)
+        .execute(&mut *db)
         .await
         .map_err(q("set vm work"))?;
         Ok(())
     }
 
-    pub async fn delete_vm(&self, uuid: &str) -> Result<(), StoreError> {
+    pub async fn delete_vm(db: &mut PgConnection, uuid: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM vms WHERE uuid = $1")
             .bind(parse_uuid(uuid)?)
-            .execute(&self.pool)
+            .execute(&mut *db)
             .await
             .map_err(q("delete vm"))?;
         Ok(())
     }
 
     /// Forgets a removed host. A VM row that still names it (written before the VM moved, in
-    /// a queue that is behind) keeps no dangling reference.
-    pub async fn delete_host(&self, name: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(q("delete host"))?;
+    /// a queue that is behind) keeps no dangling reference. Both statements or neither: inside
+    /// the journal's transaction this is a savepoint, on its own a transaction.
+    pub async fn delete_host(db: &mut PgConnection, name: &str) -> Result<(), StoreError> {
+        let mut tx = db.begin().await.map_err(q("delete host"))?;
         sqlx::query("UPDATE vms SET current_host = NULL WHERE current_host = $1")
             .bind(name)
             .execute(&mut *tx)
@@ -527,18 +589,22 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_vm_xml(&self, uuid: &str, xml: &str) -> Result<(), StoreError> {
+    pub async fn set_vm_xml(db: &mut PgConnection, uuid: &str, xml: &str) -> Result<(), StoreError> {
         sqlx::query("UPDATE vms SET xml = $2 WHERE uuid = $1")
             .bind(parse_uuid(uuid)?)
             .bind(xml)
-            .execute(&self.pool)
+            .execute(&mut *db)
             .await
             .map_err(q("store domain XML"))?;
         Ok(())
     }
 
     /// Writes a new operation down, before its command is sent.
-    pub async fn insert_operation(&self, op: &Operation, epoch: u64) -> Result<(), StoreError> {
+    pub async fn insert_operation(
+        db: &mut PgConnection,
+        op: &Operation,
+        epoch: u64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO operations (id, kind, vm_uuid, vm_name, source, target, state, epoch, purpose, actor,
                  bandwidth_mib_s, timeout_ms)
@@ -556,23 +622,23 @@ impl Store {
         .bind(&op.actor)
         .bind(op.overrides.map(|o| o.bandwidth_mib_s as i64))
         .bind(op.overrides.map(|o| o.timeout_ms as i64))
-        .execute(&self.pool)
+        .execute(&mut *db)
         .await
         .map_err(q("insert operation"))?;
         Ok(())
     }
 
-    pub async fn set_operation_running(&self, id: Uuid) -> Result<(), StoreError> {
+    pub async fn set_operation_running(db: &mut PgConnection, id: Uuid) -> Result<(), StoreError> {
         sqlx::query("UPDATE operations SET state = 'running' WHERE id = $1 AND state = 'pending'")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *db)
             .await
             .map_err(q("mark operation running"))?;
         Ok(())
     }
 
     pub async fn set_operation_progress(
-        &self,
+        db: &mut PgConnection,
         id: Uuid,
         total: u64,
         processed: u64,
@@ -586,13 +652,17 @@ impl Store {
         .bind(total as i64)
         .bind(processed as i64)
         .bind(remaining as i64)
-        .execute(&self.pool)
+        .execute(&mut *db)
         .await
         .map_err(q("record progress"))?;
         Ok(())
     }
 
-    pub async fn finish_operation(&self, id: Uuid, o: &OperationOutcome) -> Result<(), StoreError> {
+    pub async fn finish_operation(
+        db: &mut PgConnection,
+        id: Uuid,
+        o: &OperationOutcome,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE operations SET state = $2, error = $3, elapsed_ms = $4, downtime_ms = $5,
                  bytes = $6, finished_at = now()
@@ -604,7 +674,7 @@ impl Store {
         .bind(o.elapsed_ms as i64)
         .bind(o.downtime_ms as i64)
         .bind(o.bytes as i64)
-        .execute(&self.pool)
+        .execute(&mut *db)
         .await
         .map_err(q("finish operation"))?;
         Ok(())
@@ -669,7 +739,7 @@ impl Store {
             .collect())
     }
 
-    pub async fn append_event(&self, e: &NewEvent) -> Result<i64, StoreError> {
+    pub async fn append_event(db: &mut PgConnection, e: &NewEvent) -> Result<i64, StoreError> {
         sqlx::query_scalar(
             "INSERT INTO events (subject_kind, subject, kind, message, actor) VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
@@ -678,7 +748,7 @@ impl Store {
         .bind(e.kind)
         .bind(&e.message)
         .bind(&e.actor)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *db)
         .await
         .map_err(q("append event"))
     }

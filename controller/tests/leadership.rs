@@ -16,20 +16,26 @@ async fn a_deposed_leaders_writes_are_refused_by_the_database() {
     let base = Store::open(&url).await.unwrap();
     let e1 = base.next_epoch().await.unwrap();
     let old = Store::open_for_epoch(&url, e1).await.unwrap();
-    old.upsert_host(&HostView::new("kvm1"), "sim").await.expect("the leader of the newest epoch writes");
+    Store::upsert_host(&mut old.connection().await.unwrap(), &HostView::new("kvm1"), "sim")
+        .await
+        .expect("the leader of the newest epoch writes");
 
     let e2 = base.next_epoch().await.unwrap();
-    let refused = old.upsert_host(&HostView::new("kvm2"), "sim").await.expect_err("a deposed leader's write");
+    let refused = Store::upsert_host(&mut old.connection().await.unwrap(), &HostView::new("kvm2"), "sim")
+        .await
+        .expect_err("a deposed leader's write");
     assert!(refused.is_deposed(), "{refused}");
     assert!(refused.to_string().contains(&format!("epoch {e1} is deposed")), "{refused}");
     assert!(!refused.is_unavailable(), "not retried as if the database were away");
 
     let new = Store::open_for_epoch(&url, e2).await.unwrap();
-    new.upsert_host(&HostView::new("kvm2"), "sim").await.expect("the new leader writes");
+    Store::upsert_host(&mut new.connection().await.unwrap(), &HostView::new("kvm2"), "sim")
+        .await
+        .expect("the new leader writes");
     let names: Vec<String> = new.load_hosts().await.unwrap().into_iter().map(|h| h.name).collect();
     assert_eq!(names, ["kvm1", "kvm2"]);
     // Sessions that name no epoch (tools, migrations) are not fenced.
-    base.upsert_host(&HostView::new("kvm3"), "sim").await.unwrap();
+    Store::upsert_host(&mut base.connection().await.unwrap(), &HostView::new("kvm3"), "sim").await.unwrap();
 }
 
 #[tokio::test]

@@ -103,24 +103,25 @@ async fn an_unreachable_database_is_named_in_the_error() {
 async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() {
     let pg = PgServer::shared();
     let s = Store::open(&pg.fresh_database()).await.unwrap();
-    s.upsert_host(&host("kvm1"), "7.2.0").await.unwrap();
-    s.upsert_host(&host("kvm2"), "7.2.0").await.unwrap();
+    let mut db = s.connection().await.unwrap();
+    Store::upsert_host(&mut db, &host("kvm1"), "7.2.0").await.unwrap();
+    Store::upsert_host(&mut db, &host("kvm2"), "7.2.0").await.unwrap();
     let id = Uuid::new_v4();
-    s.upsert_vm(&vm(id, "kvm1")).await.unwrap();
+    Store::upsert_vm(&mut db, &vm(id, "kvm1")).await.unwrap();
     let mut desired = vm(id, "kvm1");
     desired.protected = true;
     desired.priority = 100;
     desired.anti_affinity = Some("dns".into());
     desired.allowed_hosts = vec!["kvm1".into(), "kvm2".into()];
-    s.set_vm_work(&desired.uuid, &VmWork::of(&desired)).await.unwrap();
-    s.set_vm_xml(&id.to_string(), "<domain/>").await.unwrap();
+    Store::set_vm_work(&mut db, &desired.uuid, &VmWork::of(&desired)).await.unwrap();
+    Store::set_vm_xml(&mut db, &id.to_string(), "<domain/>").await.unwrap();
     // A later report moves it; protection must survive the observed-state write.
     let mut moved = vm(id, "kvm2");
     moved.protected = false;
-    s.upsert_vm(&moved).await.unwrap();
+    Store::upsert_vm(&mut db, &moved).await.unwrap();
     let armed = Watchdog::Armed { device: "/dev/watchdog".into(), timeout_ms: 3_000 };
-    s.set_watchdog("kvm1", &armed).await.unwrap();
-    s.set_watchdog("kvm2", &Watchdog::Missing("no such device".into())).await.unwrap();
+    Store::set_watchdog(&mut db, "kvm1", &armed).await.unwrap();
+    Store::set_watchdog(&mut db, "kvm2", &Watchdog::Missing("no such device".into())).await.unwrap();
     let hosts = s.load_hosts().await.unwrap();
     assert_eq!(hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["kvm1", "kvm2"]);
     assert_eq!(hosts[0].resources.cpu_model, "x86_64");
@@ -146,13 +147,15 @@ async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() 
 async fn operations_record_their_life_and_unfinished_ones_are_handed_to_the_next_controller() {
     let pg = PgServer::shared();
     let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let mut db = s.connection().await.unwrap();
     let vm_id = Uuid::new_v4();
     let done = op(1, vm_id);
     let id = op_uuid(done.id);
-    s.insert_operation(&done, 1).await.unwrap();
-    s.set_operation_running(id).await.unwrap();
-    s.set_operation_progress(id, 100, 40, 60).await.unwrap();
-    s.finish_operation(
+    Store::insert_operation(&mut db, &done, 1).await.unwrap();
+    Store::set_operation_running(&mut db, id).await.unwrap();
+    Store::set_operation_progress(&mut db, id, 100, 40, 60).await.unwrap();
+    Store::finish_operation(
+        &mut db,
         id,
         &OperationOutcome {
             state: "succeeded",
@@ -168,8 +171,8 @@ async fn operations_record_their_life_and_unfinished_ones_are_handed_to_the_next
     assert_eq!((row.state.as_str(), row.data_processed, row.downtime_ms), ("succeeded", 40, 7));
 
     let in_flight = op(2, vm_id);
-    s.insert_operation(&in_flight, 1).await.unwrap();
-    s.set_operation_running(op_uuid(in_flight.id)).await.unwrap();
+    Store::insert_operation(&mut db, &in_flight, 1).await.unwrap();
+    Store::set_operation_running(&mut db, op_uuid(in_flight.id)).await.unwrap();
     let unfinished = s.unfinished_operations().await.unwrap();
     assert_eq!(unfinished.len(), 1, "only what did not end: {unfinished:?}");
     let u = &unfinished[0];
@@ -192,9 +195,10 @@ async fn operations_record_their_life_and_unfinished_ones_are_handed_to_the_next
 async fn a_hosts_death_and_drain_and_a_vms_restart_survive_a_restart() {
     let pg = PgServer::shared();
     let s = Store::open(&pg.fresh_database()).await.unwrap();
-    s.upsert_host(&host("kvm1"), "7.2.0").await.unwrap();
+    let mut db = s.connection().await.unwrap();
+    Store::upsert_host(&mut db, &host("kvm1"), "7.2.0").await.unwrap();
     let id = Uuid::new_v4();
-    s.upsert_vm(&vm(id, "kvm1")).await.unwrap();
+    Store::upsert_vm(&mut db, &vm(id, "kvm1")).await.unwrap();
     let mut h = host("kvm1");
     h.admin = vmha_engine::AdminState::Draining;
     h.dead = Some(vmha_engine::Death { at: Millis(5), cause: "no lease".into() });
@@ -205,11 +209,11 @@ async fn a_hosts_death_and_drain_and_a_vms_restart_survive_a_restart() {
         steps: Vec::new(),
         message: String::new(),
     });
-    s.set_host_work("kvm1", &HostWork::of(&h)).await.unwrap();
+    Store::set_host_work(&mut db, "kvm1", &HostWork::of(&h)).await.unwrap();
     let mut v = vm(id, "kvm1");
     v.protected = true;
     v.recovery = Some(vmha_engine::recovery::Recovery::in_doubt("kvm2", Millis(7)));
-    s.set_vm_work(&v.uuid, &VmWork::of(&v)).await.unwrap();
+    Store::set_vm_work(&mut db, &v.uuid, &VmWork::of(&v)).await.unwrap();
 
     let loaded = &s.load_hosts().await.unwrap()[0];
     assert_eq!(HostWork::of(loaded), HostWork::of(&h));
@@ -221,9 +225,10 @@ async fn a_hosts_death_and_drain_and_a_vms_restart_survive_a_restart() {
 async fn events_are_listed_newest_window_oldest_first_and_followable() {
     let pg = PgServer::shared();
     let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let mut db = s.connection().await.unwrap();
     let mut ids = Vec::new();
     for i in 0..3 {
-        ids.push(s.append_event(&event(format!("event {i}"))).await.unwrap());
+        ids.push(Store::append_event(&mut db, &event(format!("event {i}"))).await.unwrap());
     }
     let last_two = s.list_events(0, 2).await.unwrap();
     assert_eq!(last_two.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), ["event 1", "event 2"]);
@@ -237,7 +242,8 @@ async fn what_must_be_recorded_first_waits_out_an_outage_and_queued_writes_keep_
     let pg = PgServer::private();
     let url = pg.fresh_database();
     let s = Store::open(&url).await.unwrap();
-    s.upsert_host(&host("kvm1"), "7.2.0").await.unwrap();
+    // A connection of its own, not kept across the outage.
+    Store::upsert_host(&mut s.connection().await.unwrap(), &host("kvm1"), "7.2.0").await.unwrap();
     let journal = Arc::new(Journal::start(s.clone()));
     let id = Uuid::new_v4();
     tokio::task::block_in_place(|| pg.stop());
@@ -282,4 +288,148 @@ async fn a_reader_who_waits_for_the_journal_sees_what_was_queued_before() {
     let listed = s.list_events(0, 100).await.unwrap();
     assert_eq!(listed.len(), 20);
     assert_eq!(listed[19].message, "event 19");
+}
+
+/// How many transactions wrote the events there are (each row keeps the id of the transaction
+/// that wrote it): exact, where the statistics views (pg_stat_database) lag.
+async fn transactions_that_wrote_events(s: &Store) -> i64 {
+    sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM events")
+        .fetch_one(&mut *s.connection().await.unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_burst_of_writes_is_written_in_order_in_few_transactions() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    Store::upsert_host(&mut s.connection().await.unwrap(), &host("kvm1"), "7.2.0").await.unwrap();
+    let journal = Journal::start(s.clone());
+    // Discovery: each VM found running, its XML, an event; then a later report that it shut off.
+    const VMS: usize = 2_000;
+    let ids: Vec<Uuid> = (0..VMS).map(|_| Uuid::new_v4()).collect();
+    let t0 = std::time::Instant::now();
+    for (i, id) in ids.iter().enumerate() {
+        let mut v = vm(*id, "kvm1");
+        journal.write(Write::vm(&v));
+        journal.write(Write::VmXml { uuid: id.to_string(), xml: format!("<domain>{i}</domain>") });
+        journal.write(Write::Event(event(format!("found {i}"))));
+        v.state = RunState::ShutOff;
+        journal.write(Write::vm(&v));
+        journal.write(Write::Event(event(format!("shut off {i}"))));
+    }
+    journal.caught_up().await;
+    let took = t0.elapsed();
+    let writes = VMS * 5;
+    println!(
+        "{writes} queued writes written in {took:?}: {:.0} writes/s ({:.0} VMs/s at 3 writes each)",
+        writes as f64 / took.as_secs_f64(),
+        writes as f64 / 3.0 / took.as_secs_f64()
+    );
+
+    let events = s.list_events(0, (VMS * 2) as u32).await.unwrap();
+    let expected: Vec<String> =
+        (0..VMS).flat_map(|i| [format!("found {i}"), format!("shut off {i}")]).collect();
+    assert_eq!(events.iter().map(|e| &e.message).collect::<Vec<_>>(), expected.iter().collect::<Vec<_>>());
+    let vms: Vec<(Uuid, String, String)> = sqlx::query_as("SELECT uuid, state, xml FROM vms")
+        .fetch_all(&mut *s.connection().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(vms.len(), VMS);
+    let position = |u: &Uuid| ids.iter().position(|id| id == u).unwrap();
+    for (uuid, state, xml) in &vms {
+        assert_eq!(state, "shut_off", "the later snapshot is the one kept");
+        assert_eq!(xml, &format!("<domain>{}</domain>", position(uuid)));
+    }
+    let transactions = transactions_that_wrote_events(&s).await;
+    println!("{} events written by {transactions} transactions", events.len());
+    assert!(
+        transactions as usize <= writes / vmha_controller::journal::BATCH + 1,
+        "{transactions} transactions for {writes} writes"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_write_in_a_batch_is_skipped_alone() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    Store::upsert_host(&mut s.connection().await.unwrap(), &host("kvm1"), "7.2.0").await.unwrap();
+    let journal = Journal::start(s.clone());
+    let id = Uuid::new_v4();
+    // All queued before the writer first runs (this runtime has one thread): one batch.
+    for i in 0..100 {
+        journal.write(Write::Event(event(format!("before {i}"))));
+    }
+    journal.write(Write::vm(&vm(id, "kvm1")));
+    // The database refuses it (CHECK on subject_kind), in the middle of the transaction.
+    let bad = NewEvent { subject_kind: "planet", ..event("refused".into()) };
+    let refused = journal.record(Write::Event(bad));
+    // One the controller refuses before asking the database.
+    let unparsable = journal.record(Write::VmXml { uuid: "not a uuid".into(), xml: "<domain/>".into() });
+    journal.write(Write::VmXml { uuid: id.to_string(), xml: "<domain/>".into() });
+    for i in 0..100 {
+        journal.write(Write::Event(event(format!("after {i}"))));
+    }
+    let refused = refused.await.expect_err("a check violation is refused");
+    assert!(!refused.is_unavailable() && !refused.is_deposed(), "{refused}");
+    unparsable.await.expect_err("no such UUID");
+    journal.caught_up().await;
+
+    let events = s.list_events(0, 1_000).await.unwrap();
+    let expected: Vec<String> =
+        (0..100).map(|i| format!("before {i}")).chain((0..100).map(|i| format!("after {i}"))).collect();
+    assert_eq!(events.iter().map(|e| &e.message).collect::<Vec<_>>(), expected.iter().collect::<Vec<_>>());
+    let vms = s.load_vms().await.unwrap();
+    assert_eq!((vms.len(), vms[0].xml.as_str()), (1, "<domain/>"));
+    assert_eq!(transactions_that_wrote_events(&s).await, 1, "the others still written together");
+}
+
+#[tokio::test]
+async fn a_record_is_answered_only_once_its_transaction_has_committed() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let journal = Journal::start(s.clone());
+    // Another session holds the events table: the writer's transaction inserts the operation,
+    // then waits at the event after it, and cannot commit.
+    let mut lock = s.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let started = op(1, Uuid::new_v4());
+    let recording = tokio::spawn(journal.record(Write::Operation { op: started.clone(), epoch: 1 }));
+    journal.write(Write::Event(event("operation started".into())));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!recording.is_finished(), "answered before its transaction committed");
+    assert_eq!(s.get_operation(op_uuid(started.id)).await.unwrap(), None, "not committed yet");
+
+    lock.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), recording).await.expect("answered").unwrap().unwrap();
+    let row = s.get_operation(op_uuid(started.id)).await.unwrap().expect("on record when answered");
+    assert_eq!(row.state, "pending");
+    assert_eq!(transactions_that_wrote_events(&s).await, 1);
+}
+
+#[tokio::test]
+async fn a_commit_whose_answer_was_lost_is_looked_up_not_guessed() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let mut done = s.begin().await.unwrap();
+    let (xid, pid) = Store::transaction_id(&mut done).await.unwrap();
+    Store::append_event(&mut done, &event("committed".into())).await.unwrap();
+    done.commit().await.unwrap();
+    assert!(s.committed(xid, pid).await.unwrap());
+
+    // Still open, as a transaction is whose client vanished before the server noticed: its
+    // session is ended, and it is then known not to have committed.
+    let mut open = s.begin().await.unwrap();
+    let (xid, pid) = Store::transaction_id(&mut open).await.unwrap();
+    Store::append_event(&mut open, &event("never committed".into())).await.unwrap();
+    let err = s.committed(xid, pid).await.expect_err("in progress");
+    assert!(matches!(err, StoreError::InDoubt { .. }) && err.is_unavailable(), "{err}");
+    let t0 = std::time::Instant::now();
+    while s.committed(xid, pid).await.is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "its session was ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!s.committed(xid, pid).await.unwrap());
+    assert!(open.commit().await.is_err(), "its connection was closed");
+    assert_eq!(s.list_events(0, 10).await.unwrap().len(), 1);
 }
