@@ -1,20 +1,43 @@
-//! Simulated agents for `bench/scale`: N hosts, each with its own gRPC connection to the
-//! controller, registering, heartbeating with M running VMs on the leader's schedule and
-//! echoing its stamps (so that heartbeats can earn leases), as the real agent does. No libvirt,
-//! no peer endpoint, no watchdog: what is measured is the controller's cost.
+//! Simulated vmha agents for `bench/scale`: N hosts in one process, each with its own gRPC
+//! connection to the controller, registering, heartbeating with M running VMs on the leader's
+//! schedule and echoing its stamps as the real agent does. Each runs the agent's real lease
+//! state machine (`LeaseShell`, with peer polls over real gRPC to the other simulated hosts'
+//! real peer endpoints, 127.0.0.1:20001 and up) on a fake hypervisor, and carries out the
+//! controller's start and destroy commands on it. No libvirt, no watchdog: what is measured is
+//! the controller's cost, and what the agents' peer polls cost each other.
 //!
-//! Prints, every `--report` period, the heartbeats sent and answered, the share that earned a
-//! lease, and the answer latency (p50/p99), and exits after `--duration`.
+//! Prints, every `--report` period (or when asked with `stats`), the heartbeats sent and answered, the share that earned a
+//! lease, the answer latency (p50/p99), the bytes per answer, peer polls per second and the
+//! hosts that have self-fenced. Takes commands on its standard input, one per line:
+//! - `kill N`: N more hosts lose power (their agents, VMs and peer endpoints stop); once the
+//!   controller has sent a start for each of their protected VMs (or after 120 s) it prints
+//!   when their leases ended and when the last start came;
+//! - `mark`: starts counting peer polls and self-fences; `polls` prints them since the mark.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use vmha_agent::hypervisor::Hypervisor;
+use vmha_agent::hypervisor::fake::FakeHypervisor;
+use vmha_agent::lease::{LeaseShell, Roster};
+use vmha_agent::peer::PeerApi;
+use vmha_engine::{Millis, Timings};
 use vmha_proto::v1::agent_service_client::AgentServiceClient;
-use vmha_proto::v1::{Domain, DomainState, HeartbeatRequest, HostFacts, RegisterRequest, WatchdogStatus};
+use vmha_proto::v1::command::Kind;
+use vmha_proto::v1::operator_service_client::OperatorServiceClient;
+use vmha_proto::v1::peer_service_server::PeerServiceServer;
+use vmha_proto::v1::{
+    CommandsRequest, HeartbeatRequest, HostFacts, OperationResult, RegisterRequest, SetProtectionRequest,
+    WatchdogStatus,
+};
+use vmha_tls::Transport;
 
 /// Simulated vmha agents against a controller started with --insecure-dev (the hosts are
 /// named in a header; TLS is measured by bench/mtls).
@@ -30,84 +53,68 @@ struct Flags {
     /// Running VMs per host.
     #[arg(long, default_value_t = 25)]
     vms_per_host: usize,
+    /// Of those, how many to protect on each host (through the operator API, once every host
+    /// holds a lease).
+    #[arg(long, default_value_t = 4)]
+    protect_per_host: usize,
     /// How long to run.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// How often to print figures.
+    /// How often to print figures (0: only when asked with `stats`).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     report: Duration,
+    /// The first simulated host's peer port (the others follow).
+    #[arg(long, default_value_t = 20001)]
+    peer_port: u16,
 }
 
 /// What all simulated hosts saw in the current report period.
-#[derive(Default)]
 struct Tally {
     sent: AtomicU64,
     answered: AtomicU64,
     leased: AtomicU64,
     reply_bytes: AtomicU64,
     latencies_us: Mutex<Vec<u64>>,
+    /// Peer polls answered by any simulated host: in this period, and since `mark`.
+    peer_polls: AtomicU64,
+    peer_polls_marked: AtomicU64,
+    /// When the current report period began.
+    period: Mutex<Instant>,
+}
+
+/// One simulated host.
+struct SimHost {
+    name: String,
+    lease: Arc<LeaseShell>,
+    hv: FakeHypervisor,
+    protected: Vec<String>,
+    /// Unix ms at which its newest lease ends, in its own view.
+    lease_end_unix_ms: AtomicU64,
+    ever_fenced: AtomicBool,
+    /// Its agent, lease loop and peer endpoint, aborted when it loses power.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    alive: AtomicBool,
+}
+
+struct Sim {
+    flags: Flags,
+    tally: Tally,
+    hosts: Vec<Arc<SimHost>>,
+    /// Unix ms of the first start command for each VM.
+    starts: Mutex<HashMap<String, u64>>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
-    let tally = Arc::new(Tally::default());
-    let end = Instant::now() + flags.duration;
-    for i in 1..=flags.hosts {
-        let (tally, controller, vms) = (tally.clone(), flags.controller.clone(), flags.vms_per_host);
-        tokio::spawn(async move {
-            let name = format!("sim{i:04}");
-            loop {
-                if let Err(e) = host(&name, i, vms, &controller, &tally).await {
-                    eprintln!("{name}: {e:#}; reconnecting");
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
-        // Connections opened at a few hundred a second, as agents starting over a minute would.
-        if i % 50 == 0 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    let mut tick = tokio::time::interval(flags.report);
-    tick.tick().await;
-    while Instant::now() < end {
-        tick.tick().await;
-        let sent = tally.sent.swap(0, Ordering::SeqCst);
-        let answered = tally.answered.swap(0, Ordering::SeqCst);
-        let leased = tally.leased.swap(0, Ordering::SeqCst);
-        let bytes = tally.reply_bytes.swap(0, Ordering::SeqCst);
-        let mut lat = std::mem::take(&mut *tally.latencies_us.lock().await);
-        lat.sort_unstable();
-        let pct =
-            |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied();
-        let ms = |v: Option<u64>| v.map_or("-".into(), |us| format!("{:.1}", us as f64 / 1000.0));
-        println!(
-            "simagent: {} hosts: {sent} heartbeats sent, {answered} answered, {:.1}% of those earned a lease; \
-             latency p50 {} ms, p99 {} ms; {} bytes per answer",
-            flags.hosts,
-            if answered == 0 { 0.0 } else { leased as f64 * 100.0 / answered as f64 },
-            ms(pct(0.5)),
-            ms(pct(0.99)),
-            bytes.checked_div(answered).unwrap_or(0),
-        );
-    }
-    Ok(())
-}
-
-/// One simulated host's session: register, then heartbeat when the leader says.
-async fn host(name: &str, index: usize, vms: usize, controller: &str, tally: &Tally) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(controller.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .context("connect")?;
-    let header: tonic::metadata::MetadataValue<_> = name.parse()?;
-    let mut client = AgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert(vmha_proto::HOST_HEADER, header.clone());
-        Ok(req)
-    });
     let facts = HostFacts {
         cpus: 64,
         memory_total_kib: 512 << 20,
@@ -117,51 +124,185 @@ async fn host(name: &str, index: usize, vms: usize, controller: &str, tally: &Ta
         hypervisor_version: "sim".into(),
         lock_manager: "lockd".into(),
     };
+    let hosts = (1..=flags.hosts)
+        .map(|i| {
+            let name = format!("sim{i:04}");
+            let hv = FakeHypervisor::default();
+            hv.set_facts(facts.clone());
+            let uuids: Vec<String> =
+                (0..flags.vms_per_host).map(|v| format!("{i:08x}-0000-4000-8000-{v:012x}")).collect();
+            for (v, uuid) in uuids.iter().enumerate() {
+                hv.add_running(uuid, &format!("{name}-vm{v:02}"));
+            }
+            let lease = LeaseShell::new(&name, Timings::default(), None);
+            lease.without_qemu_processes();
+            Arc::new(SimHost {
+                lease,
+                name,
+                hv,
+                protected: uuids.into_iter().take(flags.protect_per_host).collect(),
+                lease_end_unix_ms: AtomicU64::new(0),
+                ever_fenced: AtomicBool::new(false),
+                tasks: Mutex::default(),
+                alive: AtomicBool::new(true),
+            })
+        })
+        .collect();
+    let tally = Tally {
+        sent: AtomicU64::default(),
+        answered: AtomicU64::default(),
+        leased: AtomicU64::default(),
+        reply_bytes: AtomicU64::default(),
+        latencies_us: Mutex::default(),
+        peer_polls: AtomicU64::default(),
+        peer_polls_marked: AtomicU64::default(),
+        period: Mutex::new(Instant::now()),
+    };
+    let sim = Arc::new(Sim { flags, tally, hosts, starts: Mutex::default() });
+    let end = Instant::now() + sim.flags.duration;
+    for (i, host) in sim.hosts.iter().enumerate() {
+        start_host(&sim, host, sim.flags.peer_port + i as u16)?;
+        // Connections opened at a few hundred a second, as agents starting over a minute would.
+        if (i + 1) % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::spawn(protect(sim.clone()));
+    tokio::spawn(commands_from_stdin(sim.clone()));
+    tokio::spawn(watch_fences(sim.clone()));
+    if sim.flags.report.is_zero() {
+        tokio::time::sleep_until(end.into()).await;
+        return Ok(());
+    }
+    let mut tick = tokio::time::interval(sim.flags.report);
+    tick.tick().await;
+    while Instant::now() < end {
+        tick.tick().await;
+        report(&sim);
+    }
+    Ok(())
+}
+
+/// Starts one host's agent, lease loop and peer endpoint.
+fn start_host(sim: &Arc<Sim>, host: &Arc<SimHost>, port: u16) -> anyhow::Result<()> {
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let peer_api = PeerApi { host: host.name.clone(), lease: host.lease.clone(), mtls: false };
+    let counter = sim.clone();
+    let peers = tonic::transport::Server::builder().add_service(PeerServiceServer::with_interceptor(
+        peer_api,
+        move |req: tonic::Request<()>| {
+            counter.tally.peer_polls.fetch_add(1, Ordering::Relaxed);
+            counter.tally.peer_polls_marked.fetch_add(1, Ordering::Relaxed);
+            Ok(req)
+        },
+    ));
+    let mut tasks = lock(&host.tasks);
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = peers.serve(listen).await {
+            eprintln!("simagent: peer endpoint {listen}: {e}");
+        }
+    }));
+    let hv: Arc<dyn Hypervisor> = Arc::new(host.hv.clone());
+    tasks.push(tokio::spawn(host.lease.clone().run(hv, Transport::InsecureDev)));
+    let (sim, host_) = (sim.clone(), host.clone());
+    tasks.push(tokio::spawn(async move {
+        loop {
+            if let Err(e) = session(&sim, &host_, port).await {
+                eprintln!("{}: {e:#}; reconnecting", host_.name);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }));
+    Ok(())
+}
+
+/// Names the host in every request, as `--insecure-dev` asks.
+#[derive(Clone)]
+struct HostHeader(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for HostHeader {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(vmha_proto::HOST_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
+
+type Client = AgentServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, HostHeader>,
+>;
+
+/// One host's session with the controller: register, take commands, heartbeat when the
+/// leader says.
+async fn session(sim: &Arc<Sim>, host: &Arc<SimHost>, port: u16) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(sim.flags.controller.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .context("connect")?;
+    let mut client: Client = AgentServiceClient::with_interceptor(channel, HostHeader(host.name.parse()?));
+    let facts = host.hv.host_facts()?;
     let reg = client
         .register(RegisterRequest {
-            migration_uri: format!("qemu+tls://{name}/system"),
+            migration_uri: format!("qemu+tls://{}/system", host.name),
             facts: Some(facts.clone()),
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            peer_address: format!("127.0.0.1:{}", 20000 + index),
+            peer_address: format!("127.0.0.1:{port}"),
         })
         .await
         .context("register")?
         .into_inner();
-    let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(100));
-    let domains: Vec<Domain> = (0..vms)
-        .map(|v| {
-            let uuid = format!("{index:08x}-0000-4000-8000-{v:012x}");
-            let vm = format!("{name}-vm{v:02}");
-            Domain {
-                xml: format!(
-                    "<domain type='kvm'><name>{vm}</name><uuid>{uuid}</uuid><memory unit='KiB'>1048576</memory>\
-                     <vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"
-                ),
-                uuid,
-                name: vm,
-                state: DomainState::Running as i32,
-                memory_kib: 1 << 20,
-                vcpus: 1,
-                persistent: true,
-            }
-        })
-        .collect();
-    let (mut epoch, mut stamp, mut at) = (reg.epoch, reg.stamp_ms, Instant::now());
-    let mut xml_sent = false;
+    host.lease.see_epoch(reg.epoch)?;
+    if let Some(t) = reg.timings {
+        let t = Timings {
+            heartbeat_interval_ms: t.heartbeat_interval_ms,
+            lease_ttl_ms: t.lease_ttl_ms,
+            fence_margin_ms: t.fence_margin_ms,
+            max_transit_ms: t.max_transit_ms,
+            guard_ms: t.guard_ms,
+        };
+        host.lease.adopt_timings(t).map_err(anyhow::Error::msg)?;
+    }
+    let commands = client.commands(CommandsRequest {}).await.context("commands")?.into_inner();
+    let carry_out = tokio::spawn(carry_out(sim.clone(), host.clone(), client.clone(), commands));
+    let result = heartbeats(sim, host, &mut client, reg.epoch, reg.stamp_ms, reg.heartbeat_interval_ms).await;
+    carry_out.abort();
+    result
+}
+
+/// Heartbeats until one fails.
+async fn heartbeats(
+    sim: &Sim,
+    host: &SimHost,
+    client: &mut Client,
+    epoch: u64,
+    stamp: u64,
+    interval_ms: u64,
+) -> anyhow::Result<()> {
+    let tally = &sim.tally;
+    let interval = Duration::from_millis(interval_ms.max(100));
+    let (mut epoch, mut stamp, mut at) = (epoch, stamp, Instant::now());
+    let mut xml_sent: HashSet<String> = HashSet::new();
     let mut seq = 0;
     loop {
         seq += 1;
-        let mut domains = domains.clone();
-        if xml_sent {
-            domains.iter_mut().for_each(|d| d.xml.clear());
+        let mut domains = host.hv.domains()?;
+        for d in domains.iter_mut().filter(|d| xml_sent.contains(&d.uuid)) {
+            d.xml.clear();
         }
+        let sending: Vec<String> =
+            domains.iter().filter(|d| !d.xml.is_empty()).map(|d| d.uuid.clone()).collect();
         let req = HeartbeatRequest {
             seq,
-            facts: Some(facts.clone()),
+            facts: Some(host.hv.host_facts()?),
             domains,
             echo_stamp_ms: stamp,
             echo_held_ms: at.elapsed().as_millis() as u64,
             echo_epoch: epoch,
+            self_fenced: host.lease.self_fenced(),
+            roster_version: Some(host.lease.roster_version()),
+            // What the real agent reports once its watchdog is armed: the controller then
+            // declares a silent host dead on its lease, with no operator needed.
             watchdog: Some(WatchdogStatus {
                 device: "/dev/watchdog".into(),
                 armed: true,
@@ -170,23 +311,223 @@ async fn host(name: &str, index: usize, vms: usize, controller: &str, tally: &Ta
             }),
             ..Default::default()
         };
-        let sent = Instant::now();
-        tally.sent.fetch_add(1, Ordering::SeqCst);
+        let (sent, sent_at, sent_unix) = (Instant::now(), host.lease.now(), unix_ms());
+        tally.sent.fetch_add(1, Ordering::Relaxed);
         let answer = tokio::time::timeout(interval * 2, client.heartbeat(req))
             .await
             .context("heartbeat timed out")?
             .context("heartbeat")?
             .into_inner();
         let took = sent.elapsed();
-        tally.answered.fetch_add(1, Ordering::SeqCst);
-        tally.reply_bytes.fetch_add(prost::Message::encoded_len(&answer) as u64, Ordering::SeqCst);
+        tally.answered.fetch_add(1, Ordering::Relaxed);
+        tally.reply_bytes.fetch_add(prost::Message::encoded_len(&answer) as u64, Ordering::Relaxed);
         if answer.lease_ttl_ms > 0 {
-            tally.leased.fetch_add(1, Ordering::SeqCst);
+            tally.leased.fetch_add(1, Ordering::Relaxed);
+            host.lease_end_unix_ms.store(sent_unix + answer.lease_ttl_ms, Ordering::Relaxed);
         }
-        tally.latencies_us.lock().await.push(took.as_micros() as u64);
-        xml_sent = answer.xml_not_taken.is_empty();
+        lock(&tally.latencies_us).push(took.as_micros() as u64);
+        let not_taken: HashSet<&String> = answer.xml_not_taken.iter().collect();
+        xml_sent.extend(sending.into_iter().filter(|u| !not_taken.contains(u)));
         (epoch, stamp, at) = (answer.epoch, answer.stamp_ms, Instant::now());
+        let roster = (!answer.roster_unchanged).then(|| Roster {
+            version: answer.roster_version,
+            peers: answer.peers,
+            protected: answer.protected_uuids,
+        });
+        host.lease.answered(
+            answer.epoch,
+            Millis(sent_at.0),
+            answer.lease_ttl_ms,
+            answer.cluster_hosts as usize,
+            roster,
+        )?;
         let wait = Duration::from_millis(answer.next_heartbeat_in_ms);
         tokio::time::sleep(if wait.is_zero() || wait > interval * 2 { interval } else { wait }).await;
     }
+}
+
+/// Carries out the controller's commands on the fake hypervisor, at once.
+async fn carry_out(
+    sim: Arc<Sim>,
+    host: Arc<SimHost>,
+    mut client: Client,
+    mut commands: tonic::Streaming<vmha_proto::v1::Command>,
+) {
+    while let Some(Ok(cmd)) = commands.next().await {
+        let done = match cmd.kind {
+            Some(Kind::Start(s)) => host.hv.define_and_start(&s.xml).map(|uuid| {
+                lock(&sim.starts).entry(uuid).or_insert_with(unix_ms);
+            }),
+            Some(Kind::Destroy(d)) => host.hv.destroy(&d.uuid),
+            Some(Kind::Shutdown(d)) => host.hv.shutdown(&d.uuid),
+            Some(Kind::Migrate(_)) | None => Err(vmha_agent::hypervisor::HypervisorError::Host {
+                op: "migrate",
+                message: "simulated hosts do not migrate".into(),
+            }),
+        };
+        let result = OperationResult {
+            operation_id: cmd.operation_id,
+            ok: done.is_ok(),
+            error: done.err().map(|e| e.to_string()).unwrap_or_default(),
+            elapsed_ms: 1,
+            ..Default::default()
+        };
+        if let Err(e) = client.report_result(result).await {
+            eprintln!("{}: reporting a result: {e}", host.name);
+        }
+    }
+}
+
+/// Protects each host's first VMs once every host holds a lease, 200 requests at a time.
+async fn protect(sim: Arc<Sim>) {
+    let started = Instant::now();
+    while sim.hosts.iter().any(|h| h.lease.may_start().is_err()) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let Ok(channel) = tonic::transport::Endpoint::from_shared(sim.flags.controller.clone()) else { return };
+    let client = match channel.connect().await {
+        Ok(c) => OperatorServiceClient::new(c),
+        Err(e) => return eprintln!("simagent: cannot reach the operator API: {e}"),
+    };
+    println!("simagent: every host holds a lease, {:.1} s after the start", started.elapsed().as_secs_f64());
+    let t0 = Instant::now();
+    let wanted: Vec<String> = sim.hosts.iter().flat_map(|h| h.protected.clone()).collect();
+    let limit = Arc::new(tokio::sync::Semaphore::new(200));
+    let mut calls = tokio::task::JoinSet::new();
+    for uuid in wanted.iter().cloned() {
+        let (mut client, limit) = (client.clone(), limit.clone());
+        calls.spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            let req = SetProtectionRequest { vm: uuid.clone(), protected: true, ..Default::default() };
+            client.set_protection(req).await.map_err(|e| format!("{uuid}: {}", e.message()))
+        });
+    }
+    let failed: Vec<String> = calls.join_all().await.into_iter().filter_map(Result::err).collect();
+    println!(
+        "simagent: protected {} VMs in {:.1} s{}",
+        wanted.len() - failed.len(),
+        t0.elapsed().as_secs_f64(),
+        failed.first().map_or(String::new(), |f| format!("; {} refused, e.g. {f}", failed.len()))
+    );
+}
+
+async fn commands_from_stdin(sim: Arc<Sim>) {
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut marked = (Instant::now(), 0usize);
+    while let Some(line) = lines.recv().await {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["kill", n] => match n.parse::<usize>() {
+                Ok(n) => {
+                    tokio::spawn(kill(sim.clone(), n));
+                }
+                Err(_) => eprintln!("simagent: kill N: '{n}' is not a number"),
+            },
+            ["stats"] => report(&sim),
+            ["mark"] => {
+                sim.tally.peer_polls_marked.store(0, Ordering::Relaxed);
+                marked = (Instant::now(), fenced(&sim));
+            }
+            ["polls"] => {
+                let polls = sim.tally.peer_polls_marked.load(Ordering::Relaxed);
+                let secs = marked.0.elapsed().as_secs_f64();
+                println!(
+                    "simagent: since the mark ({secs:.1} s): {polls} peer polls, {:.0} per second; {} hosts \
+                     self-fenced ({} before the mark)",
+                    polls as f64 / secs,
+                    fenced(&sim),
+                    marked.1
+                );
+            }
+            _ => eprintln!("simagent: unknown command '{line}' (kill N, stats, mark, polls)"),
+        }
+    }
+}
+
+/// How many live hosts have self-fenced since the start.
+fn fenced(sim: &Sim) -> usize {
+    sim.hosts
+        .iter()
+        .filter(|h| h.alive.load(Ordering::Relaxed) && h.ever_fenced.load(Ordering::Relaxed))
+        .count()
+}
+
+/// Cuts the power of the last `n` live hosts, then waits for their protected VMs' starts.
+async fn kill(sim: Arc<Sim>, n: usize) {
+    let victims: Vec<Arc<SimHost>> =
+        sim.hosts.iter().rev().filter(|h| h.alive.load(Ordering::Relaxed)).take(n).cloned().collect();
+    for h in &victims {
+        h.alive.store(false, Ordering::Relaxed);
+        for t in lock(&h.tasks).drain(..) {
+            t.abort();
+        }
+    }
+    let lease_end = victims.iter().map(|h| h.lease_end_unix_ms.load(Ordering::Relaxed)).max().unwrap_or(0);
+    let protected: Vec<String> = victims.iter().flat_map(|h| h.protected.clone()).collect();
+    let names: Vec<&str> = victims.iter().map(|h| h.name.as_str()).collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (started, last) = loop {
+        let seen: Vec<u64> = {
+            let starts = lock(&sim.starts);
+            protected.iter().filter_map(|u| starts.get(u).copied()).collect()
+        };
+        if seen.len() == protected.len() || Instant::now() > deadline {
+            break (seen.len(), seen.into_iter().max().unwrap_or(0));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!(
+        "simagent: killed {} hosts ({}{}): leases ended at {lease_end} ms; {started} of {} protected VMs started, \
+         the last start command at {last} ms (unix)",
+        victims.len(),
+        names.iter().take(3).copied().collect::<Vec<_>>().join(", "),
+        if names.len() > 3 { ", ..." } else { "" },
+        protected.len(),
+    );
+}
+
+/// Notes every host that self-fences, however briefly.
+async fn watch_fences(sim: Arc<Sim>) {
+    loop {
+        for h in &sim.hosts {
+            if h.lease.self_fenced() {
+                h.ever_fenced.store(true, Ordering::Relaxed);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Prints the heartbeat figures since the last report, and starts a new period.
+fn report(sim: &Sim) {
+    let t = &sim.tally;
+    let period = lock(&t.period).elapsed().as_secs_f64();
+    *lock(&t.period) = Instant::now();
+    let sent = t.sent.swap(0, Ordering::Relaxed);
+    let answered = t.answered.swap(0, Ordering::Relaxed);
+    let leased = t.leased.swap(0, Ordering::Relaxed);
+    let bytes = t.reply_bytes.swap(0, Ordering::Relaxed);
+    let polls = t.peer_polls.swap(0, Ordering::Relaxed);
+    let mut lat = std::mem::take(&mut *lock(&t.latencies_us));
+    lat.sort_unstable();
+    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied();
+    let ms = |v: Option<u64>| v.map_or("-".into(), |us| format!("{:.1}", us as f64 / 1000.0));
+    println!(
+        "simagent: {} hosts: {sent} heartbeats sent, {answered} answered, {:.1}% of those earned a lease; \
+         latency p50 {} ms, p99 {} ms; {} bytes per answer; {:.0} peer polls/s; {} hosts self-fenced",
+        sim.hosts.iter().filter(|h| h.alive.load(Ordering::Relaxed)).count(),
+        if answered == 0 { 0.0 } else { leased as f64 * 100.0 / answered as f64 },
+        ms(pct(0.5)),
+        ms(pct(0.99)),
+        bytes.checked_div(answered).unwrap_or(0),
+        polls as f64 / period,
+        fenced(sim),
+    );
 }

@@ -13,6 +13,8 @@ pub struct FakeHypervisor {
     domains: Arc<Mutex<BTreeMap<String, Domain>>>,
     /// Destination URI -> the fake host behind it.
     peers: Arc<Mutex<BTreeMap<String, FakeHypervisor>>>,
+    /// What `host_facts` says; `None`: a small host (4 CPUs, 8 GiB).
+    facts: Arc<Mutex<Option<HostFacts>>>,
 }
 
 impl FakeHypervisor {
@@ -38,6 +40,10 @@ impl FakeHypervisor {
         }
     }
 
+    pub fn set_facts(&self, facts: HostFacts) {
+        *self.facts.lock().unwrap() = Some(facts);
+    }
+
     pub fn connect_peer(&self, uri: &str, peer: &FakeHypervisor) {
         self.peers.lock().unwrap().insert(uri.into(), peer.clone());
     }
@@ -52,6 +58,9 @@ impl FakeHypervisor {
 
 impl Hypervisor for FakeHypervisor {
     fn host_facts(&self) -> Result<HostFacts, HypervisorError> {
+        if let Some(f) = self.facts.lock().unwrap().clone() {
+            return Ok(f);
+        }
         Ok(HostFacts {
             cpus: 4,
             memory_total_kib: 8 << 20,
