@@ -86,7 +86,7 @@ impl OperatorApi {
 
     async fn hosts(&self) -> Result<Vec<Host>, Error> {
         let (hosts, recorded) =
-            self.state(|s, now| s.hosts.keys().map(|h| views::host(s, h, now)).collect::<Vec<_>>()).await?;
+            self.state(views::hosts).await?;
         Ok(match self.c() {
             Ok(c) if !recorded => hosts
                 .into_iter()
@@ -165,10 +165,11 @@ impl OperatorService for OperatorApi {
         let (vms_total, vms_running, vms_protected, protected_down, quorum, warnings) = c
             .read(move |s| {
                 let running = |v: &&vmha_engine::VmView| v.state == vmha_engine::RunState::Running;
+                // Only the few that are down get a full view.
                 let down: Vec<Vm> = s
                     .vms
                     .values()
-                    .filter(|v| v.protected)
+                    .filter(|v| v.protected && vmha_engine::recovery::explain(s, &v.uuid, now).is_some())
                     .map(|v| views::vm(s, v, now))
                     .filter(|v| !v.why_not_running.is_empty())
                     .collect();

@@ -8,6 +8,24 @@ use vmha_proto::v1 as pb;
 use crate::store::{EventRow, OperationRow};
 
 pub fn host(s: &ClusterState, name: &str, now: Millis) -> pb::Host {
+    let running = s.vms.values().filter(|v| v.host.as_deref() == Some(name) && v.state.has_process()).count();
+    host_running(s, name, now, running as u32)
+}
+
+/// Every host, in one pass over the VMs (not one per host: at 1000 hosts that was 25 million
+/// visits for one `vmha host ls`, on the loop that answers heartbeats).
+pub fn hosts(s: &ClusterState, now: Millis) -> Vec<pb::Host> {
+    let mut running: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    for v in s.vms.values().filter(|v| v.state.has_process()) {
+        if let Some(h) = v.host.as_deref() {
+            *running.entry(h).or_default() += 1;
+        }
+    }
+    s.hosts.keys().map(|h| host_running(s, h, now, running.get(h.as_str()).copied().unwrap_or(0))).collect()
+}
+
+/// `host`, with the number of VMs running there.
+fn host_running(s: &ClusterState, name: &str, now: Millis, vms_running: u32) -> pb::Host {
     let h = &s.hosts[name];
     let liveness = s.liveness(name, now);
     let state = match (liveness, h.admin) {
@@ -36,11 +54,7 @@ pub fn host(s: &ClusterState, name: &str, now: Millis) -> pb::Host {
         cpu_model: h.resources.cpu_model.clone(),
         libvirt_version: h.libvirt_version.clone(),
         heartbeat_age_s: h.last_heartbeat.map(|t| now.since(t) as f64 / 1000.0),
-        vms_running: s
-            .vms
-            .values()
-            .filter(|v| v.host.as_deref() == Some(name) && v.state.has_process())
-            .count() as u32,
+        vms_running,
         lease_left_s: h.lease.end(&s.timings).map(|e| (e.0 as f64 - now.0 as f64) / 1000.0),
         fencing: h.fencing.as_str().into(),
         note,
