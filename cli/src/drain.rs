@@ -1,12 +1,12 @@
-//! `vmha host drain`: the plan, then progress bars (one per migration and one overall) until
-//! the drain ends; or detach and re-attach.
+//! `vmha host drain`: the plan, then progress bars (one per migration and one overall), fed
+//! by the controller's `WatchDrain` stream, until the drain ends; or detach and re-attach.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use vmha_proto::v1::{DrainPlan, DrainRequest, ListHostsRequest, Operation, StatusRequest};
+use vmha_proto::v1::{DrainPlan, DrainRequest, ListHostsRequest, Operation, WatchDrainRequest};
 
 use crate::commands::{Client, Controllers, Failure};
 use crate::output::{self, Format};
@@ -35,13 +35,6 @@ const UNAVAILABLE: u8 = 5;
 /// How long a drain is followed while the controller cannot be reached.
 const GIVE_UP: Duration = Duration::from_secs(120);
 
-/// The drain of `host` and the operations in flight.
-async fn poll(c: &mut Client, host: &str) -> Result<(DrainPlan, Vec<Operation>), Failure> {
-    let d = current(c, host).await?.unwrap_or_default();
-    let ops = c.status(StatusRequest {}).await?.into_inner().active_operations;
-    Ok((d, ops))
-}
-
 async fn current(c: &mut Client, host: &str) -> Result<Option<DrainPlan>, Failure> {
     let hosts = c.list_hosts(ListHostsRequest {}).await?.into_inner().hosts;
     let h = hosts.into_iter().find(|h| h.name == host).ok_or_else(|| Failure {
@@ -49,6 +42,38 @@ async fn current(c: &mut Client, host: &str) -> Result<Option<DrainPlan>, Failur
         exit_code: 3,
     })?;
     Ok(h.drain)
+}
+
+/// Draws one update: a bar per migration in flight, and the overall count.
+fn show(
+    bars: &MultiProgress,
+    style: &ProgressStyle,
+    overall: &ProgressBar,
+    per_vm: &mut BTreeMap<String, ProgressBar>,
+    host: &str,
+    d: &DrainPlan,
+    ops: &[Operation],
+) {
+    for op in ops.iter().filter(|o| o.kind == "migrate" && o.source == host) {
+        let bar = per_vm.entry(op.vm.clone()).or_insert_with(|| {
+            let b = bars.add(ProgressBar::new(0));
+            b.set_style(style.clone());
+            b.set_message(format!("{} -> {}", op.vm, op.target));
+            b
+        });
+        if op.data_total > 0 {
+            bar.set_length(op.data_total);
+            bar.set_position(op.data_processed);
+        }
+    }
+    for s in d.steps.iter().filter(|s| s.state != "migrating") {
+        if let Some(b) = per_vm.remove(&s.vm) {
+            b.finish_and_clear();
+        }
+    }
+    overall.set_position(
+        d.steps.iter().filter(|s| !matches!(s.state.as_str(), "pending" | "migrating")).count() as u64,
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -96,57 +121,46 @@ pub async fn run(
         .progress_chars("=> ");
     let mut per_vm: BTreeMap<String, ProgressBar> = BTreeMap::new();
     let mut unreachable_since: Option<Instant> = None;
-    let last = loop {
-        let (d, ops) = match poll(c, &host).await {
-            Ok(polled) => {
-                unreachable_since = None;
-                polled
-            }
-            // A controller restarting (a crash, an upgrade), or a standby taking over, resumes the
-            // drain: wait for it.
-            Err(e)
-                if e.exit_code == UNAVAILABLE && unreachable_since.is_none_or(|t| t.elapsed() < GIVE_UP) =>
-            {
-                if unreachable_since.is_none() {
-                    let _ = bars.println(format!(
-                        "{}; waiting for it (the drain goes on without it and resumes when it is back)",
-                        e.message
-                    ));
+    // The controller pushes each change; a stream that breaks (the controller restarted, or a
+    // standby took over) is opened again on whichever controller leads.
+    let last = 'follow: loop {
+        let failure = match c.watch_drain(WatchDrainRequest { host: host.clone() }).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(p)) => {
+                            unreachable_since = None;
+                            let d = p.drain.unwrap_or_default();
+                            show(&bars, &style, &overall, &mut per_vm, &host, &d, &p.operations);
+                            if d.state != "draining" {
+                                break 'follow d;
+                            }
+                        }
+                        Ok(None) => break Failure::from(tonic::Status::unavailable("the drain's stream ended")),
+                        Err(status) => break Failure::from(status),
+                    }
                 }
-                unreachable_since.get_or_insert_with(Instant::now);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                // Another controller may lead by now.
-                if let Ok(leader) = controllers.connect().await {
-                    *c = leader;
-                }
-                continue;
             }
-            Err(e) => return Err(e),
+            Err(status) => Failure::from(status),
         };
-        for op in ops.iter().filter(|o| o.kind == "migrate" && o.source == host) {
-            let bar = per_vm.entry(op.vm.clone()).or_insert_with(|| {
-                let b = bars.add(ProgressBar::new(0));
-                b.set_style(style.clone());
-                b.set_message(format!("{} -> {}", op.vm, op.target));
-                b
-            });
-            if op.data_total > 0 {
-                bar.set_length(op.data_total);
-                bar.set_position(op.data_processed);
-            }
+        // A controller restarting (a crash, an upgrade), or a standby taking over, resumes the
+        // drain: wait for it.
+        if failure.exit_code != UNAVAILABLE || unreachable_since.is_some_and(|t| t.elapsed() >= GIVE_UP) {
+            return Err(failure);
         }
-        for s in d.steps.iter().filter(|s| s.state != "migrating") {
-            if let Some(b) = per_vm.remove(&s.vm) {
-                b.finish_and_clear();
-            }
+        if unreachable_since.is_none() {
+            let _ = bars.println(format!(
+                "{}; waiting for it (the drain goes on without it and resumes when it is back)",
+                failure.message
+            ));
         }
-        overall.set_position(
-            d.steps.iter().filter(|s| !matches!(s.state.as_str(), "pending" | "migrating")).count() as u64,
-        );
-        if d.state != "draining" {
-            break d;
+        unreachable_since.get_or_insert_with(Instant::now);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Another controller may lead by now.
+        if let Ok(leader) = controllers.connect().await {
+            *c = leader;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     overall.finish_and_clear();
     match fmt {

@@ -82,6 +82,9 @@ pub struct Controller {
     /// The last operations that ended, newest last: a follower that comes just after the end
     /// is answered from here, since the final state may still be queued for the database.
     ended: Mutex<VecDeque<pb::Operation>>,
+    /// Bumped whenever a host's work (a drain's steps) or an operation's progress changes:
+    /// what `WatchDrain` followers wait for.
+    work_changed: watch::Sender<u64>,
     /// When each registered agent's certificate expires (seconds since the Unix epoch), for
     /// `vmha host ls`: read from the certificate it registered with.
     host_certs: Mutex<HashMap<String, i64>>,
@@ -235,6 +238,7 @@ impl Controller {
             inbox,
             agents: Mutex::default(),
             host_certs: Mutex::default(),
+            work_changed: watch::channel(0).0,
             watched: Mutex::new(watched),
             ended: Mutex::default(),
         });
@@ -297,6 +301,9 @@ impl Controller {
         }
         for (host, work) in &p.host_work {
             self.journal.write(Write::HostWork { host: host.clone(), work: work.clone() });
+        }
+        if !p.host_work.is_empty() {
+            self.work_changed.send_modify(|n| *n += 1);
         }
         for uuid in &p.vms {
             // The hosts table is the foreign key's target; a report can name a host that
@@ -544,6 +551,11 @@ impl Controller {
     }
 
     /// Operations in flight, for `vmha status` and drain progress.
+    /// Tells when a host's work or an operation's progress changed.
+    pub fn watch_work(&self) -> watch::Receiver<u64> {
+        self.work_changed.subscribe()
+    }
+
     pub fn active_operations(&self) -> Vec<pb::Operation> {
         lock(&self.watched).values().map(|f| f.view.borrow().clone()).collect()
     }
@@ -559,6 +571,7 @@ impl Controller {
                 op.elapsed_ms = p.elapsed_ms;
             });
         }
+        self.work_changed.send_modify(|n| *n += 1);
         self.journal.write(Write::OperationProgress {
             id: op_uuid(id),
             total: p.data_total,

@@ -433,6 +433,49 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    type WatchDrainStream = Pin<Box<dyn Stream<Item = Result<DrainProgress, Status>> + Send + 'static>>;
+
+    async fn watch_drain(
+        &self,
+        req: Request<WatchDrainRequest>,
+    ) -> Result<Response<Self::WatchDrainStream>, Status> {
+        self.1.operator(&req, Level::Viewer, "following a drain")?;
+        let c = self.c()?.clone();
+        let host = validate::host_name(&req.get_ref().host)?.to_string();
+        let named = host.clone();
+        if !c.read(move |s| s.hosts.contains_key(&named)).await? {
+            return Err(Error::NotFound(format!("no host named '{host}' is known; `vmha host ls` lists the hosts"))
+                .into());
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut changed = c.watch_work();
+        tokio::spawn(async move {
+            loop {
+                changed.borrow_and_update();
+                let named = host.clone();
+                let drain = match c.read(move |s| s.hosts.get(&named).and_then(|h| h.drain.clone())).await {
+                    Ok(d) => d.map(|d| views::drain(&host, &d)),
+                    Err(e) => return drop(tx.send(Err(e.into())).await),
+                };
+                let operations = c
+                    .active_operations()
+                    .into_iter()
+                    .filter(|o| o.kind == "migrate" && o.source == host)
+                    .collect();
+                let draining = drain.as_ref().is_some_and(|d| d.state == "draining");
+                if tx.send(Ok(DrainProgress { drain, operations })).await.is_err() || !draining {
+                    return;
+                }
+                // At most ten a second, however often migrations report.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn list_events(
         &self,
         req: Request<ListEventsRequest>,
