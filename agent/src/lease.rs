@@ -427,6 +427,17 @@ pub struct Roster {
     pub protected: Vec<String>,
 }
 
+impl Roster {
+    /// Takes the roster out of a heartbeat's answer; `None` when it says the one held is current.
+    pub fn take_from(answer: &mut vmha_proto::v1::HeartbeatResponse) -> Option<Roster> {
+        (!answer.roster_unchanged).then(|| Roster {
+            version: answer.roster_version,
+            peers: std::mem::take(&mut answer.peers),
+            protected: std::mem::take(&mut answer.protected_uuids),
+        })
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

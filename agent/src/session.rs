@@ -300,7 +300,7 @@ impl Agent {
         };
         // The lease runs from here: the send, not the answer.
         let sent_at = self.lease.now();
-        let answer = tokio::time::timeout(interval * 2, client.heartbeat(req))
+        let mut answer = tokio::time::timeout(interval * 2, client.heartbeat(req))
             .await
             .context("heartbeat timed out")?
             .context("heartbeat")?
@@ -316,11 +316,7 @@ impl Agent {
         if answer.lease_ttl_ms == 0 {
             tracing::warn!(reason = %answer.refused, "heartbeat earned no lease");
         }
-        let roster = (!answer.roster_unchanged).then(|| Roster {
-            version: answer.roster_version,
-            peers: answer.peers,
-            protected: answer.protected_uuids,
-        });
+        let roster = Roster::take_from(&mut answer);
         self.lease
             .answered(answer.epoch, sent_at, answer.lease_ttl_ms, answer.cluster_hosts as usize, roster)
             .context("refusing the heartbeat answer")?;

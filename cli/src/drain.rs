@@ -137,7 +137,9 @@ pub async fn run(
                                 break 'follow d;
                             }
                         }
-                        Ok(None) => break Failure::from(tonic::Status::unavailable("the drain's stream ended")),
+                        Ok(None) => {
+                            break Failure::from(tonic::Status::unavailable("the drain's stream ended"));
+                        }
                         Err(status) => break Failure::from(status),
                     }
                 }

@@ -85,8 +85,7 @@ impl OperatorApi {
     }
 
     async fn hosts(&self) -> Result<Vec<Host>, Error> {
-        let (hosts, recorded) =
-            self.state(views::hosts).await?;
+        let (hosts, recorded) = self.state(views::hosts).await?;
         Ok(match self.c() {
             Ok(c) if !recorded => hosts
                 .into_iter()
@@ -444,8 +443,10 @@ impl OperatorService for OperatorApi {
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         let named = host.clone();
         if !c.read(move |s| s.hosts.contains_key(&named)).await? {
-            return Err(Error::NotFound(format!("no host named '{host}' is known; `vmha host ls` lists the hosts"))
-                .into());
+            return Err(Error::NotFound(format!(
+                "no host named '{host}' is known; `vmha host ls` lists the hosts"
+            ))
+            .into());
         }
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut changed = c.watch_work();

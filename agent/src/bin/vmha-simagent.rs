@@ -100,7 +100,7 @@ struct Sim {
     flags: Flags,
     tally: Tally,
     hosts: Vec<Arc<SimHost>>,
-    /// Unix ms of the first start command for each VM.
+    /// Unix ms of the latest start command for each VM.
     starts: Mutex<HashMap<String, u64>>,
 }
 
@@ -313,7 +313,7 @@ async fn heartbeats(
         };
         let (sent, sent_at, sent_unix) = (Instant::now(), host.lease.now(), unix_ms());
         tally.sent.fetch_add(1, Ordering::Relaxed);
-        let answer = tokio::time::timeout(interval * 2, client.heartbeat(req))
+        let mut answer = tokio::time::timeout(interval * 2, client.heartbeat(req))
             .await
             .context("heartbeat timed out")?
             .context("heartbeat")?
@@ -329,11 +329,7 @@ async fn heartbeats(
         let not_taken: HashSet<&String> = answer.xml_not_taken.iter().collect();
         xml_sent.extend(sending.into_iter().filter(|u| !not_taken.contains(u)));
         (epoch, stamp, at) = (answer.epoch, answer.stamp_ms, Instant::now());
-        let roster = (!answer.roster_unchanged).then(|| Roster {
-            version: answer.roster_version,
-            peers: answer.peers,
-            protected: answer.protected_uuids,
-        });
+        let roster = Roster::take_from(&mut answer);
         host.lease.answered(
             answer.epoch,
             Millis(sent_at.0),
@@ -356,7 +352,7 @@ async fn carry_out(
     while let Some(Ok(cmd)) = commands.next().await {
         let done = match cmd.kind {
             Some(Kind::Start(s)) => host.hv.define_and_start(&s.xml).map(|uuid| {
-                lock(&sim.starts).entry(uuid).or_insert_with(unix_ms);
+                lock(&sim.starts).insert(uuid, unix_ms());
             }),
             Some(Kind::Destroy(d)) => host.hv.destroy(&d.uuid),
             Some(Kind::Shutdown(d)) => host.hv.shutdown(&d.uuid),
@@ -394,7 +390,7 @@ async fn protect(sim: Arc<Sim>) {
     let wanted: Vec<String> = sim.hosts.iter().flat_map(|h| h.protected.clone()).collect();
     let limit = Arc::new(tokio::sync::Semaphore::new(200));
     let mut calls = tokio::task::JoinSet::new();
-    for uuid in wanted.iter().cloned() {
+    for uuid in wanted.clone() {
         let (mut client, limit) = (client.clone(), limit.clone());
         calls.spawn(async move {
             let _permit = limit.acquire_owned().await;
@@ -461,6 +457,7 @@ fn fenced(sim: &Sim) -> usize {
 
 /// Cuts the power of the last `n` live hosts, then waits for their protected VMs' starts.
 async fn kill(sim: Arc<Sim>, n: usize) {
+    let killed_at = unix_ms();
     let victims: Vec<Arc<SimHost>> =
         sim.hosts.iter().rev().filter(|h| h.alive.load(Ordering::Relaxed)).take(n).cloned().collect();
     for h in &victims {
@@ -476,7 +473,7 @@ async fn kill(sim: Arc<Sim>, n: usize) {
     let (started, last) = loop {
         let seen: Vec<u64> = {
             let starts = lock(&sim.starts);
-            protected.iter().filter_map(|u| starts.get(u).copied()).collect()
+            protected.iter().filter_map(|u| starts.get(u).copied()).filter(|t| *t >= killed_at).collect()
         };
         if seen.len() == protected.len() || Instant::now() > deadline {
             break (seen.len(), seen.into_iter().max().unwrap_or(0));
