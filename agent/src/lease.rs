@@ -487,10 +487,10 @@ mod tests {
         let roster = Roster { version: 7, peers: vec![], protected: vec!["u1".into(), "u2".into()] };
         first.answered(1, Millis(0), 5_000, 3, Some(roster)).unwrap();
         assert_eq!(first.roster_version(), 7);
-        first.answered(1, Millis(1_000), 5_000, 3, None).unwrap();
-        assert_eq!(first.protected_list(), ["u1", "u2"], "an answer without a roster keeps the one held");
         let lease: u64 = std::fs::read_to_string(dir.join("lease")).unwrap().trim().parse().unwrap();
         assert_eq!(lease, first.origin_ns + 5_000_000_000, "the lease file holds its end on CLOCK_MONOTONIC");
+        first.answered(1, Millis(1_000), 5_000, 3, None).unwrap();
+        assert_eq!(first.protected_list(), ["u1", "u2"], "an answer without a roster keeps the one held");
         let restarted = LeaseShell::new("kvm1", Timings::default(), None);
         restarted.remember_in(dir.clone());
         assert_eq!(std::fs::read_to_string(dir.join("lease")).unwrap(), "none\n", "no lease in a new run");
