@@ -1,25 +1,33 @@
 //! Where a VM may start: filter the hosts, then take the one left with the most free memory.
 
+use crate::drain::Drain;
 use crate::{AdminState, ClusterState, HostLiveness, Millis, VmView};
 
 /// Memory and vCPUs already promised on `host` by restarts and migrations in flight, which its
 /// agent's reports do not show yet.
 fn reserved(state: &ClusterState, host: &str, except: &str) -> (u64, u32) {
+    let drains = drains(state);
     state
         .vms
         .values()
         .filter(|v| v.uuid != except)
-        .filter(|v| heading_to(state, v) == Some(host))
+        .filter(|v| heading_to(&drains, v) == Some(host))
         .fold((0, 0), |(m, c), v| (m + v.memory_kib, c + v.vcpus))
+}
+
+/// The drains under way, looked up once per question rather than once per VM: with a thousand
+/// hosts and VMs, a placement otherwise walks every host for every VM for every host.
+fn drains(state: &ClusterState) -> Vec<&Drain> {
+    state.hosts.values().filter_map(|h| h.drain.as_ref()).collect()
 }
 
 /// Where a VM is about to run that its new host's reports do not show yet: a restart in
 /// flight, or a drain's live migration in flight.
-fn heading_to<'a>(state: &'a ClusterState, v: &'a VmView) -> Option<&'a str> {
+fn heading_to<'a>(drains: &[&'a Drain], v: &'a VmView) -> Option<&'a str> {
     if let Some(h) = v.recovery.as_ref().and_then(|r| r.starting_on.as_deref()) {
         return Some(h);
     }
-    state.hosts.values().filter_map(|h| h.drain.as_ref()).find_map(|d| d.heading_to(&v.uuid))
+    drains.iter().find_map(|d| d.heading_to(&v.uuid))
 }
 
 fn vcpus_on(state: &ClusterState, host: &str) -> u32 {
@@ -54,11 +62,12 @@ fn unfit(state: &ClusterState, vm: &VmView, host: &str, now: Millis, exclude: &[
         return Some(format!("{host}: not among {}'s allowed hosts", vm.name));
     }
     if let Some(group) = &vm.anti_affinity {
+        let drains = drains(state);
         let clash = state.vms.values().find(|o| {
             o.uuid != vm.uuid
                 && o.anti_affinity.as_ref() == Some(group)
                 && ((o.host.as_deref() == Some(host) && o.state.has_process())
-                    || heading_to(state, o) == Some(host))
+                    || heading_to(&drains, o) == Some(host))
         });
         if let Some(o) = clash {
             return Some(format!("{host}: anti-affinity group {group} ({} is there)", o.name));
