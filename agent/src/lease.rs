@@ -26,6 +26,10 @@ use crate::{qemu, watchdog};
 const TICK: Duration = Duration::from_millis(50);
 /// How long a self-fence waits for libvirt before killing QEMU processes itself.
 const LIBVIRT_FENCE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Connections kept for peer polls are closed once no poll went out for this long: they serve
+/// the rounds of one outage (seconds apart), and kept forever every agent would end up holding
+/// one to every peer.
+const IDLE_CHANNELS: Duration = Duration::from_secs(30);
 
 pub struct LeaseShell {
     origin: Instant,
@@ -35,8 +39,8 @@ pub struct LeaseShell {
     keeper: Mutex<LeaseKeeper>,
     peers: Mutex<Vec<Peer>>,
     /// One connection per peer (by host and address), kept across polls: a poll is a few
-    /// RPCs, not a few TLS handshakes. Dropped when a call on it fails or the peer is no
-    /// longer listed at that address.
+    /// RPCs, not a few TLS handshakes. Dropped when a call on it fails, the peer is no longer
+    /// listed at that address, or polls stopped (`IDLE_CHANNELS`).
     channels: Mutex<HashMap<(String, String), Channel>>,
     protected: Mutex<BTreeSet<String>>,
     /// Where the protected list and the leader's timings are kept across restarts: an agent
@@ -245,6 +249,7 @@ impl LeaseShell {
     pub async fn run(self: Arc<Self>, hv: Arc<dyn Hypervisor>, transport: Transport) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_poll = Instant::now();
         loop {
             tick.tick().await;
             let now = self.now();
@@ -252,6 +257,7 @@ impl LeaseShell {
             match decision {
                 Decision::Nothing => {}
                 Decision::PollPeers { ask } => {
+                    last_poll = Instant::now();
                     tokio::spawn(self.clone().poll(now, ask, transport.clone()));
                 }
                 Decision::Keep { reason } => {
@@ -269,6 +275,9 @@ impl LeaseShell {
                         );
                     }
                 }
+            }
+            if last_poll.elapsed() > IDLE_CHANNELS {
+                lock(&self.channels).clear();
             }
             if self.self_fenced() {
                 self.enforce_fence();
