@@ -426,6 +426,26 @@ impl LeaseKeeper {
         by_lease.max(self.confirmed_at.map_or(Millis(0), |c| self.grace_end(c)))
     }
 
+    /// The need of the round under way, if it is not over: a renewed lease ends it, and so does a
+    /// fact from no earlier than two intervals before its need. An older fact (passed on from
+    /// an earlier round) moves the need a little, but does not end the round: the watchdog may
+    /// be fed after a fact at `c` only until `c + lease_ttl + fence_margin - timeout - guard/2`,
+    /// at least `c + 2 * interval` for any timeout the timings allow
+    /// (`Timings::max_watchdog_timeout_ms`), so a fact that old would let the feeds stop, and
+    /// the host be reset, before the next round.
+    fn round_need(&self) -> Millis {
+        let need = self.need();
+        match &self.round {
+            Some(r) if need > r.need => {
+                let renewed = self.lease_end.is_some_and(|e| e > r.need);
+                let window = 2 * self.cfg.heartbeat_interval_ms;
+                let fresh = self.confirmed_at.is_some_and(|c| c.0 + window >= r.need.0);
+                if renewed || fresh { need } else { r.need }
+            }
+            _ => need,
+        }
+    }
+
     /// The round of polls before `need`, drawn anew when the need moves. It begins an interval
     /// before the need, but not before the leader stops counting this host's own vote (until
     /// then its own polls cannot show a fact). Volunteers ask directly at once, jittered; the
@@ -482,7 +502,7 @@ impl LeaseKeeper {
             self.fact_poll_at.is_some_and(|f| self.poll_started.is_none_or(|s| s < f) && f <= now);
         // One poll at a time; one that never reports back is given up after a period.
         let busy = since.is_some_and(|d| d < p && self.open_direct.is_some());
-        let need = self.need();
+        let need = self.round_need();
         let direct = if fact_poll || (now >= need && since.is_none_or(|d| d >= p)) {
             true
         } else if busy || now >= need {
@@ -773,6 +793,28 @@ mod tests {
         assert!(round.iter().any(|(_, ask)| ask.len() == 4));
         let sizes: Vec<(u64, usize)> = round.iter().map(|(t, a)| (*t, a.len())).collect();
         assert!(sizes.iter().all(|(t, n)| *n == 4 || (*t >= 10_550 && *n == 562)), "{sizes:?}");
+    }
+
+    #[test]
+    fn only_a_fresh_fact_ends_a_round() {
+        let mut k = member_of(1_000, 5);
+        let membership = k.membership().unwrap();
+        let relay = |k: &mut LeaseKeeper, started: u64, c: u64| {
+            let fact = RelayedFact { age_ms: started - c, epoch: 1, membership };
+            let answers = vec![PeerAnswer { fact: Some(fact), ..answer("kvm2", 0, started + 10) }];
+            k.polled(Poll { started: Millis(started), answers });
+        };
+        relay(&mut k, 5_500, 5_500);
+        assert_eq!(k.round_need(), Millis(11_000));
+        assert!(matches!(k.tick(Millis(10_000)), Decision::Keep { .. }));
+        k.tick(Millis(10_050));
+        // A peer passes on a fact from the round before: it moves the grace on by 500 ms, but
+        // the watchdog could stop being fed at 8_000 after it; the round goes on.
+        relay(&mut k, 10_100, 6_000);
+        assert_eq!(k.round_need(), Millis(11_000));
+        // A fact of this round ends it.
+        relay(&mut k, 10_200, 10_000);
+        assert_eq!(k.round_need(), Millis(15_500));
     }
 
     #[test]
