@@ -4,12 +4,14 @@
 //! processes directly when libvirt does not answer), and feeding the host's watchdog only
 //! while the machine says it may.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll, StaleEpoch};
+use tonic::transport::Channel;
+use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll, RelayedFact, StaleEpoch};
 use vmha_engine::{Millis, Timings};
 use vmha_proto::v1::peer_service_client::PeerServiceClient;
 use vmha_proto::v1::{LeaseStatusRequest, Peer, WatchdogStatus};
@@ -24,6 +26,10 @@ use crate::{qemu, watchdog};
 const TICK: Duration = Duration::from_millis(50);
 /// How long a self-fence waits for libvirt before killing QEMU processes itself.
 const LIBVIRT_FENCE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Connections kept for peer polls are closed once no poll went out for this long: they serve
+/// the rounds of one outage (seconds apart), and kept forever every agent would end up holding
+/// one to every peer.
+const IDLE_CHANNELS: Duration = Duration::from_secs(30);
 
 pub struct LeaseShell {
     origin: Instant,
@@ -32,6 +38,10 @@ pub struct LeaseShell {
     host: String,
     keeper: Mutex<LeaseKeeper>,
     peers: Mutex<Vec<Peer>>,
+    /// One connection per peer (by host and address), kept across polls: a poll is a few
+    /// RPCs, not a few TLS handshakes. Dropped when a call on it fails, the peer is no longer
+    /// listed at that address, or polls stopped (`IDLE_CHANNELS`).
+    channels: Mutex<HashMap<(String, String), Channel>>,
     protected: Mutex<BTreeSet<String>>,
     /// The leader's version of `peers` and `protected`; 0: none yet in this run.
     roster_version: Mutex<u64>,
@@ -55,8 +65,10 @@ impl LeaseShell {
             origin: Instant::now(),
             origin_ns: crate::hook::monotonic_ns(),
             host: host.into(),
-            keeper: Mutex::new(LeaseKeeper::new(timings, Millis(0))),
+            // A seed of its own per agent: it spreads the agents' polls over time and peers.
+            keeper: Mutex::new(LeaseKeeper::new(host, timings, Millis(0), RandomState::new().hash_one(host))),
             peers: Mutex::default(),
+            channels: Mutex::default(),
             protected: Mutex::default(),
             roster_version: Mutex::default(),
             state_dir: Mutex::default(),
@@ -231,6 +243,12 @@ impl LeaseShell {
         self.keeper().upper_remaining_ms(now)
     }
 
+    /// The newest fact this agent holds, for a polling peer.
+    pub fn fact(&self) -> Option<RelayedFact> {
+        let now = self.now();
+        self.keeper().fact(now)
+    }
+
     /// The watchdog as the heartbeat reports it.
     pub fn watchdog_status(&self) -> WatchdogStatus {
         let device = lock(&self.watchdog);
@@ -250,14 +268,16 @@ impl LeaseShell {
     pub async fn run(self: Arc<Self>, hv: Arc<dyn Hypervisor>, transport: Transport) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_poll = Instant::now();
         loop {
             tick.tick().await;
             let now = self.now();
             let decision = self.keeper().tick(now);
             match decision {
                 Decision::Nothing => {}
-                Decision::PollPeers => {
-                    tokio::spawn(self.clone().poll(now, transport.clone()));
+                Decision::PollPeers { ask } => {
+                    last_poll = Instant::now();
+                    tokio::spawn(self.clone().poll(now, ask, transport.clone()));
                 }
                 Decision::Keep { reason } => {
                     tracing::warn!(%reason, "lease expired; keeping VMs: the leader cannot have quorum");
@@ -274,6 +294,9 @@ impl LeaseShell {
                         );
                     }
                 }
+            }
+            if last_poll.elapsed() > IDLE_CHANNELS {
+                lock(&self.channels).clear();
             }
             if self.self_fenced() {
                 self.enforce_fence();
@@ -372,30 +395,53 @@ impl LeaseShell {
         }
     }
 
-    /// Asks every peer for its lease. A peer is reached over mutual TLS and must present the
-    /// certificate of the host it is listed as, and its answer must name that host: nobody
-    /// else can answer for it.
-    async fn poll(self: Arc<Self>, started: Millis, transport: Transport) {
-        let peers = lock(&self.peers).clone();
+    /// The kept connection to `p`, or a new one. A peer is reached over mutual TLS and must
+    /// present the certificate of the host it is listed as.
+    async fn channel(&self, p: &Peer, transport: &Transport, timeout: Duration) -> Option<Channel> {
+        let key = (p.host.clone(), p.address.clone());
+        if let Some(c) = lock(&self.channels).get(&key) {
+            return Some(c.clone());
+        }
+        let endpoint = match transport {
+            Transport::Mtls(_) => format!("https://{}", p.address),
+            Transport::InsecureDev => format!("http://{}", p.address),
+        };
+        let channel = transport.channel(&endpoint, Expect::Host(p.host.clone()), timeout).await;
+        let channel =
+            channel.inspect_err(|e| tracing::debug!(peer = %p.host, error = %e, "peer poll")).ok()?;
+        lock(&self.channels).insert(key, channel.clone());
+        Some(channel)
+    }
+
+    /// Asks the peers `ask` names for their lease (and the fact they hold). The answer must
+    /// name the host asked: nobody else can answer for it.
+    async fn poll(self: Arc<Self>, started: Millis, ask: Vec<String>, transport: Transport) {
+        let ask: HashSet<String> = ask.into_iter().collect();
+        let peers: Vec<Peer> = {
+            let peers = lock(&self.peers);
+            let listed: HashSet<(&str, &str)> =
+                peers.iter().map(|p| (p.host.as_str(), p.address.as_str())).collect();
+            lock(&self.channels)
+                .retain(|(host, address), _| listed.contains(&(host.as_str(), address.as_str())));
+            peers.iter().filter(|p| ask.contains(&p.host)).cloned().collect()
+        };
         let timeout = Duration::from_millis(self.timings().poll_every_ms() * 3 / 4);
         let mut asks = tokio::task::JoinSet::new();
         for p in peers {
             let (shell, transport) = (self.clone(), transport.clone());
             asks.spawn(async move {
-                let endpoint = match transport {
-                    Transport::Mtls(_) => format!("https://{}", p.address),
-                    Transport::InsecureDev => format!("http://{}", p.address),
-                };
                 let answer = tokio::time::timeout(timeout, async {
-                    let channel = transport.channel(&endpoint, Expect::Host(p.host.clone()), timeout).await;
-                    let channel = channel
-                        .inspect_err(|e| tracing::debug!(peer = %p.host, error = %e, "peer poll"))
-                        .ok()?;
+                    let channel = shell.channel(&p, &transport, timeout).await?;
                     PeerServiceClient::new(channel).lease_status(LeaseStatusRequest {}).await.ok().map(|r| r.into_inner())
                 })
                 .await
                 .ok()
-                .flatten()?;
+                .flatten();
+                let Some(answer) = answer else {
+                    // Connected anew at the next poll that asks it.
+                    lock(&shell.channels).remove(&(p.host.clone(), p.address.clone()));
+                    return None;
+                };
                 if answer.host != p.host {
                     tracing::warn!(peer = %p.host, answered_for = %answer.host, "ignoring a peer's answer for another host");
                     return None;
@@ -405,6 +451,11 @@ impl LeaseShell {
                     upper_remaining_ms: answer.upper_remaining_ms,
                     received_at: shell.now(),
                     epoch: answer.epoch,
+                    fact: answer.fact_age_ms.map(|age_ms| RelayedFact {
+                        age_ms,
+                        epoch: answer.fact_epoch,
+                        membership: answer.fact_membership,
+                    }),
                 })
             });
         }

@@ -30,10 +30,14 @@ impl PeerService for PeerApi {
                 )));
             }
         }
+        let fact = self.lease.fact();
         Ok(Response::new(LeaseStatusReply {
             host: self.host.clone(),
             upper_remaining_ms: self.lease.upper_remaining_ms(),
             epoch: self.lease.newest_epoch(),
+            fact_age_ms: fact.map(|f| f.age_ms),
+            fact_epoch: fact.map_or(0, |f| f.epoch),
+            fact_membership: fact.map_or(0, |f| f.membership),
         }))
     }
 }

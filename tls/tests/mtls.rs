@@ -22,7 +22,11 @@ impl PeerService for WhoCalls {
         req: Request<LeaseStatusRequest>,
     ) -> Result<Response<LeaseStatusReply>, Status> {
         let id = caller(&req).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        Ok(Response::new(LeaseStatusReply { host: id.name, upper_remaining_ms: id.not_after, epoch: 0 }))
+        Ok(Response::new(LeaseStatusReply {
+            host: id.name,
+            upper_remaining_ms: id.not_after,
+            ..LeaseStatusReply::default()
+        }))
     }
 }
 

@@ -48,12 +48,12 @@ impl<'a> Usage<'a> {
             let running = v.host.as_deref().filter(|_| v.state.has_process());
             if let Some(h) = running {
                 let r = u.running.entry(h).or_default();
-                *r = (r.0 + v.vcpus, r.1 + v.memory_kib);
+                *r = (r.0.saturating_add(v.vcpus), r.1.saturating_add(v.memory_kib));
             }
             if let Some(h) = heading {
                 u.heading.insert(&v.uuid, h);
                 let p = u.promised.entry(h).or_default();
-                *p = (p.0 + v.vcpus, p.1 + v.memory_kib);
+                *p = (p.0.saturating_add(v.vcpus), p.1.saturating_add(v.memory_kib));
             }
             if let Some(group) = &v.anti_affinity {
                 let mut at: Vec<&str> = running.into_iter().chain(heading).collect();
@@ -73,7 +73,7 @@ impl<'a> Usage<'a> {
     fn promised_to_others(&self, host: &str, vm: &VmView) -> (u64, u32) {
         let (cpus, mem) = self.promised.get(host).copied().unwrap_or_default();
         if self.heading.get(vm.uuid.as_str()) == Some(&host) {
-            (mem - vm.memory_kib, cpus - vm.vcpus)
+            (mem.saturating_sub(vm.memory_kib), cpus.saturating_sub(vm.vcpus))
         } else {
             (mem, cpus)
         }
@@ -123,8 +123,8 @@ fn unfit(
     let (cpus_running, mem_running) = usage.running.get(host).copied().unwrap_or_default();
     if let Some(limit) = h.memory_limit_kib {
         let own = if vm.host.as_deref() == Some(host) && vm.state.has_process() { vm.memory_kib } else { 0 };
-        let used = mem_running - own + mem_reserved;
-        if used + vm.memory_kib > limit {
+        let used = mem_running.saturating_sub(own).saturating_add(mem_reserved);
+        if used.saturating_add(vm.memory_kib) > limit {
             return Some(format!(
                 "{host}: {} of its {} MiB limit in use, needs {} MiB",
                 used / 1024,
@@ -134,8 +134,8 @@ fn unfit(
         }
     }
     let capacity = h.resources.cpus * state.policy.vcpu_overcommit;
-    let used = cpus_running + cpu_reserved;
-    if used + vm.vcpus > capacity {
+    let used = cpus_running.saturating_add(cpu_reserved);
+    if used.saturating_add(vm.vcpus) > capacity {
         return Some(format!("{host}: {used} of {capacity} vCPUs allocated, needs {}", vm.vcpus));
     }
     None

@@ -1,17 +1,43 @@
 //! The agent's half of the safety rule: its own lease, the peer polls, and the decision to
 //! destroy its protected VMs (self-fence) or to keep them. Pure: the agent's shell feeds it the
-//! time, lease grants and poll answers, and carries out what `tick` decides.
+//! time, a random seed, lease grants and poll answers, and carries out what `tick` decides.
 //!
 //! The rule (controller/engine/SAFETY.md): when its lease expires, an agent keeps its
 //! VMs only if its latest poll shows so many votes that the leader cannot count (itself
-//! included) that the votes left are fewer than the majority. A peer's vote cannot be counted
-//! if the newest lease the leader could count for it ends by the *deadline*: `fence_margin -
-//! guard` after this agent's own lease ended (before the leader may declare this host dead),
-//! or the start of the poll, whichever is later. Every later poll must confirm it again.
+//! included, once the leader cannot count it either) that the votes left are fewer than the
+//! majority. A peer's vote cannot be counted if the newest lease the leader could count for it
+//! ends by the *deadline*: `fence_margin - guard` after this agent's own lease ended (before the
+//! leader may declare this host dead), or the start of the poll, whichever is later. Or it keeps
+//! them within the grace after a *fact*: an instant at which the leader lacked quorum, shown by
+//! its own poll or passed on by a peer; the leader cannot declare anybody dead before that
+//! instant plus `lease_ttl + fence_margin`.
+//!
+//! Which peers are asked, and when, only decides how often a needless fence happens and what
+//! the polls cost, never whether a VM can run twice: that is decided by `judge` and by what a
+//! fact is. At scale an agent asks few peers: a few at random for a fact they hold (cheap
+//! polls), and only when that fails as many as can show the leader lacks quorum (direct polls).
 
 use std::collections::BTreeSet;
 
 use crate::{Millis, Timings};
+
+/// How many peers a cheap poll asks: enough that a fact known to a fraction `f` of the hosts
+/// reaches about `4 f` more with every poll round.
+const CHEAP_ASKS: usize = 4;
+/// How many agents, on average, prove a fact directly in each round of polls; the others learn
+/// it from them (cheap polls). More make a round's first fact come sooner, at about
+/// `hosts / 2` asks each.
+const VOLUNTEERS: u64 = 3;
+
+/// A fact a peer holds: the leader lacked quorum at an instant `age_ms` before its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayedFact {
+    pub age_ms: u64,
+    /// The newest leader epoch the peer had seen when it took note of the fact.
+    pub epoch: u64,
+    /// The membership the votes were counted in (`LeaseKeeper::membership`).
+    pub membership: u64,
+}
 
 /// One peer's answer to "until when could the leader count your lease?".
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +49,8 @@ pub struct PeerAnswer {
     pub received_at: Millis,
     /// The newest leader epoch the peer has seen.
     pub epoch: u64,
+    /// The newest fact the peer holds, if any.
+    pub fact: Option<RelayedFact>,
 }
 
 /// Something from a leader older than the newest this agent has seen: a deposed leader's.
@@ -35,7 +63,8 @@ pub struct StaleEpoch {
     pub newest: u64,
 }
 
-/// A finished poll of every peer; peers that did not answer in time are simply absent.
+/// A finished poll of the peers `PollPeers` named; peers that did not answer in time are
+/// simply absent. `started` is no later than the send of any of its questions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Poll {
     pub started: Millis,
@@ -59,8 +88,11 @@ pub enum Phase {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     Nothing,
-    /// Ask every peer (answers within one poll period) and report back with `polled`.
-    PollPeers,
+    /// Ask these peers (answers within three quarters of a poll period) and report back with
+    /// `polled`.
+    PollPeers {
+        ask: Vec<String>,
+    },
     /// Destroy every protected VM at once, and record why.
     Fence {
         reason: String,
@@ -71,20 +103,42 @@ pub enum Decision {
     },
 }
 
+/// When the polls of one round go out: a round ends when a fact moves the need for a proof
+/// past it.
+#[derive(Clone, Debug)]
+struct Round {
+    /// The instant by which a newer proof is needed (`LeaseKeeper::need`).
+    need: Millis,
+    /// A volunteer proves a fact directly at once; `None` once done, or for the others.
+    volunteer_at: Option<Millis>,
+    /// From then on cheap polls, one after the other, until a fact ends the round.
+    cheap_from: Millis,
+    /// From then on direct polls, every poll period: no fact came in time.
+    direct_from: Millis,
+}
+
 #[derive(Clone, Debug)]
 pub struct LeaseKeeper {
+    /// This host's name: it is among the members a fact is counted in.
+    host: String,
     cfg: Timings,
     started: Millis,
     /// Own view of the lease: from the send of the heartbeat that earned it.
     lease_end: Option<Millis>,
-    renewed_send: Option<Millis>,
     cluster_hosts: usize,
     /// The peers the leader last listed; `None` until an answer listed them.
     peers: Option<BTreeSet<String>>,
     last_poll: Option<Poll>,
     poll_started: Option<Millis>,
-    /// The latest instant at which a poll showed the leader lacked quorum.
+    /// The latest poll has not reported back yet; `Some(true)`: it was a direct one.
+    open_direct: Option<bool>,
+    /// The latest direct poll of a subset showed no fact: the next one asks every peer.
+    ask_all: bool,
+    round: Option<Round>,
+    /// The latest instant at which the leader is known to have lacked quorum.
     confirmed_at: Option<Millis>,
+    /// The newest epoch seen when `confirmed_at` was last moved on.
+    confirmed_epoch: u64,
     phase: Phase,
     /// Fenced, and the shell confirmed that no protected VM runs here any more.
     fence_done: bool,
@@ -92,24 +146,38 @@ pub struct LeaseKeeper {
     fact_poll_at: Option<Millis>,
     /// The newest leader epoch seen, in a lease, a command, a registration or a peer's answer.
     newest_epoch: u64,
+    /// xorshift state: which peers are asked, who volunteers, the jitter of a round.
+    rng: u64,
 }
 
 impl LeaseKeeper {
-    pub fn new(cfg: Timings, now: Millis) -> LeaseKeeper {
+    /// `seed` must differ between agents: it spreads their polls over time and over peers.
+    pub fn new(host: &str, cfg: Timings, now: Millis, seed: u64) -> LeaseKeeper {
         LeaseKeeper {
+            host: host.to_string(),
             cfg,
             started: now,
             lease_end: None,
-            renewed_send: None,
             cluster_hosts: 0,
             peers: None,
             last_poll: None,
             poll_started: None,
+            open_direct: None,
+            ask_all: false,
+            round: None,
             confirmed_at: None,
+            confirmed_epoch: 0,
             phase: Phase::Starting,
             fence_done: false,
             fact_poll_at: None,
             newest_epoch: 0,
+            // splitmix64 of the seed: close seeds (host indexes) give unrelated streams.
+            rng: {
+                let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) | 1
+            },
         }
     }
 
@@ -150,9 +218,15 @@ impl LeaseKeeper {
         }
     }
 
+    /// Until when the leader cannot declare anybody dead after the fact at `c`, less the guard
+    /// a destroy needs.
+    fn grace_end(&self, c: Millis) -> Millis {
+        Millis((c.0 + self.cfg.lease_ttl_ms + self.cfg.fence_margin_ms).saturating_sub(self.cfg.guard_ms))
+    }
+
     /// The earliest instant at which the leader may declare this host dead, as far as this
     /// agent can prove: its own lease end plus the fence margin (the leader's view of the lease
-    /// ends no earlier), or later after a poll showed the leader lacked quorum at `c` (it then
+    /// ends no earlier), or later after a fact showed the leader lacked quorum at `c` (it then
     /// needs quorum for `lease_ttl + fence_margin` first). `None`: nothing is proved.
     fn declarable_from(&self) -> Option<Millis> {
         let margin = self.cfg.fence_margin_ms;
@@ -202,7 +276,6 @@ impl LeaseKeeper {
         let end = Millis(sent_at.0 + ttl_ms);
         self.fence_done = false;
         self.lease_end = Some(self.lease_end.map_or(end, |e| e.max(end)));
-        self.renewed_send = Some(self.renewed_send.map_or(sent_at, |s| s.max(sent_at)));
         self.cluster_hosts = cluster_hosts;
         Ok(())
     }
@@ -216,96 +289,307 @@ impl LeaseKeeper {
     /// count: a host removed from the cluster may still answer, and its lapse says nothing of
     /// the votes the leader counts.
     pub fn set_peers(&mut self, peers: impl IntoIterator<Item = String>) {
-        self.peers = Some(peers.into_iter().collect());
+        let peers: BTreeSet<String> = peers.into_iter().collect();
+        if self.peers.as_ref() != Some(&peers) {
+            if let Some(poll) = self.last_poll.as_mut() {
+                poll.answers.retain(|a| peers.contains(&a.host));
+            }
+            self.peers = Some(peers);
+        }
+    }
+
+    /// A fingerprint of the membership this agent counts votes in (itself, its peers, the
+    /// cluster's size); `None` before the leader listed its peers. A fact counted in another
+    /// membership is not taken from a peer: with a host removed or added in between, it may
+    /// not hold in this one (SAFETY.md, 8c).
+    fn membership(&self) -> Option<u64> {
+        // FNV-1a per name, summed: the same for any order of the same names.
+        let fnv = |name: &str| {
+            name.bytes()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+        };
+        let peers = self.peers.as_ref()?;
+        let names = peers.iter().fold(fnv(&self.host), |sum, p| sum.wrapping_add(fnv(p)));
+        Some(names ^ (self.cluster_hosts as u64).rotate_left(32))
+    }
+
+    /// The newest fact this agent holds, for a peer that asks, at `now`.
+    pub fn fact(&self, now: Millis) -> Option<RelayedFact> {
+        let c = self.confirmed_at?;
+        Some(RelayedFact {
+            age_ms: now.since(c),
+            epoch: self.confirmed_epoch,
+            membership: self.membership()?,
+        })
+    }
+
+    /// Until when the leader could count this agent's vote, in its own view. The leader counts
+    /// only leases this agent received, each until one interval before its end
+    /// (`Timings::quorum_shortfall_ms`), and each ends at most `max_transit` after this agent's
+    /// own view of it. Before its first lease, an earlier run of this agent may have held one,
+    /// sent before this run started: it ended by `started + lease_ttl` in this agent's view.
+    fn upper_end(&self) -> i64 {
+        let end = self.lease_end.unwrap_or(Millis(self.started.0 + self.cfg.lease_ttl_ms));
+        (end.0 + self.cfg.max_transit_ms) as i64 - self.cfg.quorum_shortfall_ms() as i64
     }
 
     /// What this agent answers a peer: until when the leader could count its lease, from now
-    /// (negative: it could not since that long). The leader counts only leases this agent
-    /// received, each until one interval before its end (`Timings::quorum_shortfall_ms`), and
-    /// each ends at most `max_transit` after this agent's own view of it. Before its first
-    /// lease, an earlier run of this agent may have held one, sent before this run started: it
-    /// ended by `started + lease_ttl` in this agent's view.
+    /// (negative: it could not since that long).
     pub fn upper_remaining_ms(&self, now: Millis) -> i64 {
-        let end = self.lease_end.unwrap_or(Millis(self.started.0 + self.cfg.lease_ttl_ms));
-        (end.0 + self.cfg.max_transit_ms) as i64 - self.cfg.quorum_shortfall_ms() as i64 - now.0 as i64
+        self.upper_end() - now.0 as i64
+    }
+
+    /// Takes the fact at `c` if it is newer than the one held.
+    fn confirm(&mut self, c: Millis) {
+        if self.confirmed_at.is_none_or(|held| held < c) {
+            self.confirmed_at = Some(c);
+            self.confirmed_epoch = self.newest_epoch;
+        }
     }
 
     /// A finished poll. A peer that has seen a newer epoch makes it the newest here too; the
     /// answer of a peer that has not seen the newest is not counted (it may speak of a deposed
-    /// leader's lease): it returns those peers, for the log.
+    /// leader's lease): it returns those peers, for the log. A fact a peer passes on is taken
+    /// at `started - age`: the peer answered after the question was sent, so after `started`,
+    /// and the fact is no later than that answer minus its age.
     pub fn polled(&mut self, mut poll: Poll) -> Vec<String> {
         let newest = poll.answers.iter().map(|a| a.epoch).max().unwrap_or(0);
         self.newest_epoch = self.newest_epoch.max(newest);
         let (current, stale): (Vec<PeerAnswer>, Vec<PeerAnswer>) =
             poll.answers.into_iter().partition(|a| a.epoch >= self.newest_epoch);
-        poll.answers = current;
+        // Only the answers of the peers the leader last listed count (`set_peers` keeps it so).
+        poll.answers =
+            current.into_iter().filter(|a| self.peers.as_ref().is_none_or(|p| p.contains(&a.host))).collect();
+        let membership = self.membership();
+        let relayed = poll
+            .answers
+            .iter()
+            .filter_map(|a| a.fact)
+            .filter(|f| f.epoch >= self.newest_epoch && Some(f.membership) == membership)
+            .filter_map(|f| poll.started.0.checked_sub(f.age_ms))
+            .max();
+        if let Some(c) = relayed {
+            self.confirm(Millis(c));
+        }
+        let own = self.shows_fact(&poll);
+        if own {
+            self.confirm(poll.started);
+        }
+        if self.poll_started == Some(poll.started)
+            && let Some(direct) = self.open_direct.take()
+            && direct
+        {
+            self.ask_all = !own;
+        }
         if self.last_poll.as_ref().is_none_or(|p| p.started <= poll.started) {
             self.last_poll = Some(poll);
         }
         stale.into_iter().map(|a| a.host).collect()
     }
 
-    /// A poll every `poll_every`, and one more as soon as the peers a prediction counts on
-    /// have lapsed: that poll turns the prediction into a fact.
-    fn poll_due(&mut self, now: Millis) -> bool {
-        let due = self.poll_started.is_none_or(|p| {
-            now.since(p) >= self.cfg.poll_every_ms() || self.fact_poll_at.is_some_and(|f| p < f && f <= now)
-        });
-        if due {
-            self.poll_started = Some(now);
+    /// The peers of `poll` whose votes the leader could not count at `t`, and whether this
+    /// host's own vote was already beyond its count then.
+    fn lapsed_by<'p>(&self, poll: &'p Poll, t: Millis) -> (Vec<&'p str>, bool) {
+        // received_at + remaining is no earlier than the true end: the answer was given before
+        // it arrived.
+        let lapsed = poll
+            .answers
+            .iter()
+            .filter(|a| a.received_at.0 as i64 + a.upper_remaining_ms <= t.0 as i64)
+            .map(|a| a.host.as_str())
+            .collect();
+        (lapsed, self.upper_end() <= t.0 as i64)
+    }
+
+    /// Whether so many votes are beyond the leader's count that it cannot hold a majority.
+    fn blocks(&self, lapsed: &[&str], own: bool) -> bool {
+        let total = self.cluster_hosts + 1;
+        total.saturating_sub(lapsed.len() + usize::from(own)) < total / 2 + 1
+    }
+
+    /// Whether `poll` shows that the leader lacked quorum at its start. Its own vote counts as
+    /// lapsed only once the leader could not count it either: a fact is a statement about the
+    /// cluster, which peers pass on, not only about what this host may keep.
+    fn shows_fact(&self, poll: &Poll) -> bool {
+        let (lapsed, own) = self.lapsed_by(poll, poll.started);
+        self.cluster_hosts > 0 && self.blocks(&lapsed, own)
+    }
+
+    fn rand(&mut self, n: u64) -> u64 {
+        xorshift(&mut self.rng, n)
+    }
+
+    /// The instant by which this agent needs a newer proof: its lease end (or the end of its
+    /// start-up grace), or the end of the grace after the fact it holds, whichever is later.
+    fn need(&self) -> Millis {
+        let by_lease = self.lease_end.unwrap_or(Millis(self.started.0 + 2 * self.cfg.heartbeat_interval_ms));
+        by_lease.max(self.confirmed_at.map_or(Millis(0), |c| self.grace_end(c)))
+    }
+
+    /// The need of the round under way, if it is not over: a renewed lease ends it, and so does a
+    /// fact from no earlier than two intervals before its need. An older fact (passed on from
+    /// an earlier round) moves the need a little, but does not end the round: the watchdog may
+    /// be fed after a fact at `c` only until `c + lease_ttl + fence_margin - timeout - guard/2`,
+    /// at least `c + 2 * interval` for any timeout the timings allow
+    /// (`Timings::max_watchdog_timeout_ms`), so a fact that old would let the feeds stop, and
+    /// the host be reset, before the next round.
+    fn round_need(&self) -> Millis {
+        let need = self.need();
+        match &self.round {
+            Some(r) if need > r.need => {
+                let renewed = self.lease_end.is_some_and(|e| e > r.need);
+                let window = 2 * self.cfg.heartbeat_interval_ms;
+                let fresh = self.confirmed_at.is_some_and(|c| c.0 + window >= r.need.0);
+                if renewed || fresh { need } else { r.need }
+            }
+            _ => need,
         }
-        due
+    }
+
+    /// The round of polls before `need`, drawn anew when the need moves. It begins an interval
+    /// before the need, but not before the leader stops counting this host's own vote (until
+    /// then its own polls cannot show a fact). Volunteers ask directly at once, jittered; the
+    /// others ask a few peers for a fact from half a period later, one poll after the other,
+    /// and directly only for the last two periods (jittered), so that a direct poll still ends
+    /// before the need.
+    fn round(&mut self, need: Millis) -> Round {
+        if let Some(r) = self.round.as_ref().filter(|r| r.need == need) {
+            return r.clone();
+        }
+        let (p, i) = (self.cfg.poll_every_ms(), self.cfg.heartbeat_interval_ms);
+        let own_lapse = u64::try_from(self.upper_end()).unwrap_or(0) + p / 2;
+        let start = need.0.saturating_sub(i).max(own_lapse);
+        let peers = self.peers.as_ref().map_or(0, |p| p.len()) as u64;
+        let volunteer = self.rand(peers) < VOLUNTEERS;
+        let volunteer_at = volunteer.then(|| Millis(start + self.rand(p / 2)));
+        // A fresh agent cannot show a fact of its own before its start-up grace ends (an
+        // earlier run's lease may still count): it can only learn one from its peers.
+        let cheap_from =
+            if start < need.0 { start + p / 2 + self.rand(p / 2) } else { need.0.saturating_sub(i) };
+        let direct_from = Millis(need.0.saturating_sub(2 * p + self.rand(p / 2)));
+        let round = Round { need, volunteer_at, cheap_from: Millis(cheap_from), direct_from };
+        self.round = Some(round.clone());
+        round
+    }
+
+    /// How many peers a direct poll asks: those whose lapse shows the leader lacks quorum
+    /// (all votes but a majority, this host's own among them), and some more for peers that
+    /// are down or slow. Every peer after a direct poll that showed no fact.
+    fn direct_asks(&self, peers: usize) -> usize {
+        let total = self.cluster_hosts + 1;
+        let needed = total - (total / 2 + 1);
+        if self.ask_all { peers } else { peers.min(needed + (needed / 8).max(2)) }
+    }
+
+    /// `n` peers at random (partial Fisher-Yates).
+    fn pick(&mut self, n: usize) -> Vec<String> {
+        let mut all: Vec<&String> = self.peers.iter().flatten().collect();
+        let n = n.min(all.len());
+        for k in 0..n {
+            let j = k + xorshift(&mut self.rng, (all.len() - k) as u64) as usize;
+            all.swap(k, j);
+        }
+        all[..n].iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Which peers to ask now, if a poll is due: see `round`. Past the need (keeping on a
+    /// prediction) a direct poll every period, and one as soon as the peers a prediction counts
+    /// on have lapsed: that poll turns the prediction into a fact.
+    fn poll_due(&mut self, now: Millis) -> Option<Vec<String>> {
+        let p = self.cfg.poll_every_ms();
+        let since = self.poll_started.map(|s| now.since(s));
+        let fact_poll =
+            self.fact_poll_at.is_some_and(|f| self.poll_started.is_none_or(|s| s < f) && f <= now);
+        // One poll at a time; one that never reports back is given up after a period.
+        let busy = since.is_some_and(|d| d < p && self.open_direct.is_some());
+        let need = self.round_need();
+        let direct = if fact_poll || (now >= need && since.is_none_or(|d| d >= p)) {
+            true
+        } else if busy || now >= need {
+            return None;
+        } else {
+            let round = self.round(need);
+            if round.volunteer_at.is_some_and(|v| v <= now) {
+                if let Some(r) = self.round.as_mut() {
+                    r.volunteer_at = None;
+                }
+                true
+            } else if now >= round.direct_from {
+                if since.is_some_and(|d| d < p) {
+                    return None;
+                }
+                true
+            } else if now >= round.cheap_from {
+                false
+            } else {
+                return None;
+            }
+        };
+        let peers = self.peers.as_ref().map_or(0, |p| p.len());
+        let n = if direct { self.direct_asks(peers) } else { CHEAP_ASKS.min(peers) };
+        // Cheap polls go one after the other (every quarter period at most) while they spread
+        // a fact; one that asks every peer anyway is a direct poll, every period.
+        let gap = if n < peers { p / 4 } else { p };
+        if !fact_poll && since.is_some_and(|d| d < gap) {
+            return None;
+        }
+        self.poll_started = Some(now);
+        self.open_direct = Some(direct);
+        Some(self.pick(n))
     }
 
     /// What the latest poll shows about the leader's quorum.
     fn judge(&self, own_end: Millis, now: Millis) -> Verdict {
         let Some(poll) = &self.last_poll else { return Verdict::No("no peer poll has answered".into()) };
-        // A poll older than that says nothing about now.
+        // A poll older than that says nothing about now (a fact it showed is kept as
+        // `confirmed_at`, and its grace needs no newer poll).
         if now.since(poll.started) > 2 * self.cfg.poll_every_ms() + self.cfg.heartbeat_interval_ms {
             return Verdict::No("the latest peer poll is too old".into());
         }
         let total = self.cluster_hosts + 1;
         let majority = total / 2 + 1;
-        // received_at + remaining is no earlier than the true end: the answer was given before
-        // it arrived.
-        let lapse = |a: &PeerAnswer| a.received_at.0 as i64 + a.upper_remaining_ms;
-        let answers: Vec<&PeerAnswer> =
-            poll.answers.iter().filter(|a| self.peers.as_ref().is_none_or(|p| p.contains(&a.host))).collect();
-        let lapsed_by = |t: Millis| -> Vec<&str> {
-            answers.iter().filter(|a| lapse(a) <= t.0 as i64).map(|a| a.host.as_str()).collect()
-        };
-        let detail = |lapsed: &[&str]| {
+        let detail = |lapsed: &[&str], own: bool| {
+            let without = lapsed.len() + usize::from(own);
+            // A few names say enough; a thousand would fill the log.
+            let peers = match lapsed.len() {
+                0 => "none of its peers".to_string(),
+                1..=5 => lapsed.join(", "),
+                n => format!("{} and {} more peers", lapsed[..3].join(", "), n - 3),
+            };
             format!(
-                "{} of {} hosts without a lease the leader could count (this host and {}); the leader can hold \
+                "{without} of {} hosts without a lease the leader could count ({}{peers}); the leader can hold \
                  at most {} of {total} votes, majority {majority}",
-                lapsed.len() + 1,
                 self.cluster_hosts,
-                if lapsed.is_empty() { "none of its peers".to_string() } else { lapsed.join(", ") },
-                total - (lapsed.len() + 1).min(total),
+                if own { "this host and " } else { "" },
+                total - without.min(total),
             )
         };
-        let blocks = |lapsed: &[&str]| total.saturating_sub(lapsed.len() + 1) < majority;
-        let at_start = lapsed_by(poll.started);
-        if blocks(&at_start) {
-            return Verdict::Fact(poll.started, detail(&at_start));
+        if self.shows_fact(poll) {
+            let (at_start, own) = self.lapsed_by(poll, poll.started);
+            return Verdict::Fact(detail(&at_start, own));
         }
         let deadline = Millis((own_end.0 + self.cfg.fence_margin_ms).saturating_sub(self.cfg.guard_ms));
-        let by_deadline = lapsed_by(deadline);
-        if now < deadline && blocks(&by_deadline) {
-            let last =
-                answers.iter().map(|a| lapse(a)).filter(|l| *l <= deadline.0 as i64).max().unwrap_or(0);
-            return Verdict::Predicted(detail(&by_deadline), Millis(last.max(0) as u64 + 1));
+        let (by_deadline, own) = self.lapsed_by(poll, deadline);
+        if now < deadline && self.blocks(&by_deadline, own) {
+            let last = poll
+                .answers
+                .iter()
+                .map(|a| a.received_at.0 as i64 + a.upper_remaining_ms)
+                .filter(|l| *l <= deadline.0 as i64)
+                .max()
+                .unwrap_or(0);
+            return Verdict::Predicted(detail(&by_deadline, own), Millis(last.max(0) as u64 + 1));
         }
-        Verdict::No(detail(&by_deadline))
+        Verdict::No(detail(&by_deadline, own))
     }
 
     pub fn tick(&mut self, now: Millis) -> Decision {
+        let poll = |k: &mut LeaseKeeper| {
+            k.poll_due(now).map_or(Decision::Nothing, |ask| Decision::PollPeers { ask })
+        };
         if self.lease_end.is_some_and(|e| now < e) {
             self.phase = Phase::Leased;
-            // Two renewals missed: start asking the peers, so a poll is at hand at expiry.
-            let missed =
-                self.renewed_send.is_some_and(|s| now.since(s) >= 2 * self.cfg.heartbeat_interval_ms);
-            return if missed && self.poll_due(now) { Decision::PollPeers } else { Decision::Nothing };
+            return poll(self);
         }
         if matches!(self.phase, Phase::Fenced { .. }) {
             return Decision::Nothing;
@@ -316,7 +600,7 @@ impl LeaseKeeper {
         let own_end = self.lease_end.unwrap_or(self.started);
         if self.lease_end.is_none() && now.since(self.started) < 2 * self.cfg.heartbeat_interval_ms {
             // Just started: give the leader a chance to answer before judging.
-            return if self.poll_due(now) { Decision::PollPeers } else { Decision::Nothing };
+            return poll(self);
         }
         if self.cluster_hosts == 0 {
             let reason = "no lease, and no leader ever said how big the cluster is: nothing can confirm the \
@@ -326,10 +610,8 @@ impl LeaseKeeper {
             return Decision::Fence { reason };
         }
         let keep = match self.judge(own_end, now) {
-            Verdict::Fact(at, reason) => {
-                self.confirmed_at = Some(self.confirmed_at.map_or(at, |c| c.max(at)));
-                Ok(reason)
-            }
+            // `polled` took it as `confirmed_at`.
+            Verdict::Fact(reason) => Ok(reason),
             Verdict::Predicted(reason, lapsed_at) => {
                 self.fact_poll_at = Some(lapsed_at);
                 Ok(format!("{reason}, once their leases lapse"))
@@ -338,14 +620,10 @@ impl LeaseKeeper {
             // dead before holding quorum for lease_ttl + fence_margin after it. Until then keep
             // trying for a lease (the leader may just have come back for another host first).
             Verdict::No(reason) => match self.confirmed_at {
-                Some(c)
-                    if now.0 + self.cfg.guard_ms < c.0 + self.cfg.lease_ttl_ms + self.cfg.fence_margin_ms =>
-                {
-                    Ok(format!(
-                        "not confirmed any more ({reason}), but the leader lacked quorum {} ms ago",
-                        now.since(c)
-                    ))
-                }
+                Some(c) if now < self.grace_end(c) => Ok(format!(
+                    "not confirmed by the latest poll ({reason}), but the leader lacked quorum {} ms ago",
+                    now.since(c)
+                )),
                 _ => Err(reason),
             },
         };
@@ -353,13 +631,7 @@ impl LeaseKeeper {
             Ok(reason) => {
                 let first = !matches!(self.phase, Phase::Keeping { .. });
                 self.phase = Phase::Keeping { reason: reason.clone() };
-                if first {
-                    Decision::Keep { reason }
-                } else if self.poll_due(now) {
-                    Decision::PollPeers
-                } else {
-                    Decision::Nothing
-                }
+                if first { Decision::Keep { reason } } else { poll(self) }
             }
             Err(reason) => {
                 let reason = format!("lease expired and the leader may hold quorum: {reason}");
@@ -370,10 +642,18 @@ impl LeaseKeeper {
     }
 }
 
+/// A number below `n` from the xorshift state.
+fn xorshift(state: &mut u64, n: u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state % n.max(1)
+}
+
 /// What a poll shows.
 enum Verdict {
-    /// At this instant (the poll's start) the leader lacked quorum.
-    Fact(Millis, String),
+    /// At the poll's start the leader lacked quorum.
+    Fact(String),
     /// The leader will lack quorum by the deadline unless peers renew, which the next polls see.
     /// Also when the last of the peers it counts on lapses.
     Predicted(String, Millis),
@@ -385,22 +665,168 @@ mod tests {
     use super::*;
 
     fn answer(host: &str, upper: i64, at: u64) -> PeerAnswer {
-        PeerAnswer { host: host.into(), upper_remaining_ms: upper, received_at: Millis(at), epoch: 1 }
+        PeerAnswer {
+            host: host.into(),
+            upper_remaining_ms: upper,
+            received_at: Millis(at),
+            epoch: 1,
+            fact: None,
+        }
+    }
+
+    fn fresh(seed: u64) -> LeaseKeeper {
+        LeaseKeeper::new("kvm1", Timings::default(), Millis(0), seed)
     }
 
     fn leased(at: u64) -> LeaseKeeper {
-        let mut k = LeaseKeeper::new(Timings::default(), Millis(0));
+        let mut k = fresh(1);
         k.granted(Millis(at), 5_000, 3, 1).unwrap();
         k
     }
 
+    /// kvm1 in a cluster of `hosts`, its lease (epoch 1) to 6_000.
+    fn member_of(hosts: usize, seed: u64) -> LeaseKeeper {
+        let mut k = fresh(seed);
+        k.granted(Millis(1_000), 5_000, hosts, 1).unwrap();
+        k.set_peers((2..=hosts).map(|i| format!("kvm{i}")));
+        k
+    }
+
+    /// Ticks every 50 ms from `from` to `to`; the polls, with when they were due.
+    fn polls(k: &mut LeaseKeeper, from: u64, to: u64) -> Vec<(u64, Vec<String>)> {
+        (from..to)
+            .step_by(50)
+            .filter_map(|t| match k.tick(Millis(t)) {
+                Decision::PollPeers { ask } => Some((t, ask)),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn polls_start_after_two_missed_renewals() {
+    fn a_small_cluster_polls_every_peer_from_shortly_before_its_lease_ends() {
+        let mut k = member_of(3, 7); // lease to 6_000: the leader counts it until 5_000
+        let early = polls(&mut k, 1_000, 5_100);
+        assert!(early.is_empty(), "no poll while a poll cannot show a fact: {early:?}");
+        let first = polls(&mut k, 5_100, 5_300);
+        assert_eq!(first.len(), 1, "one poll per period: {first:?}");
+        assert_eq!(first[0].1.len(), 2, "two peers: every one of them");
+        // Then one every period: at expiry the latest is at most a period old, as before.
+        let more = polls(&mut k, 5_300, 6_000);
+        assert!(more.len() >= 3 && more.iter().all(|(_, ask)| ask.len() == 2), "{more:?}");
+    }
+
+    #[test]
+    fn a_direct_poll_asks_the_lapses_a_proof_needs_and_every_peer_after_one_failed() {
+        let mut k = member_of(1_000, 3);
+        // 1_001 votes, majority 501: this host's and 500 peers' lapses prove it.
+        assert_eq!(k.direct_asks(999), 500 + 62);
+        k.ask_all = true;
+        assert_eq!(k.direct_asks(999), 999);
+        assert_eq!(member_of(3, 3).direct_asks(2), 2);
+        assert_eq!(member_of(10, 3).direct_asks(9), 7, "5 needed and 2 more");
+        // A direct poll that shows no fact makes the next one ask everybody.
+        let mut k = member_of(10, 3);
+        k.poll_started = Some(Millis(5_200));
+        k.open_direct = Some(true);
+        k.polled(Poll { started: Millis(5_200), answers: vec![answer("kvm2", -300, 5_210)] });
+        assert!(k.ask_all);
+        let picked = k.pick(4);
+        assert_eq!(picked.len(), 4);
+        assert_eq!(picked.iter().collect::<BTreeSet<_>>().len(), 4, "distinct peers");
+    }
+
+    #[test]
+    fn a_fact_a_peer_passes_on_is_taken_at_the_question_minus_its_age() {
+        let mut k = member_of(3, 1);
+        let membership = k.membership().unwrap();
+        // kvm2 answers a poll sent at 10_000: it knew the leader lacked quorum 3_000 ms before
+        // its answer. Its answer came after 10_000, so the fact is no earlier than 7_000.
+        let relayed = RelayedFact { age_ms: 3_000, epoch: 1, membership };
+        let answer = PeerAnswer { fact: Some(relayed), ..answer("kvm2", 4_000, 10_020) };
+        k.polled(Poll { started: Millis(10_000), answers: vec![answer] });
+        assert_eq!(k.confirmed_at, Some(Millis(7_000)));
+        assert_eq!(k.fact(Millis(7_500)), Some(RelayedFact { age_ms: 500, epoch: 1, membership }));
+        // The leader cannot declare anybody dead before 7_000 + 6_000: fed until then.
+        assert!(k.may_feed(Millis(9_750), 3_000));
+        assert!(!k.may_feed(Millis(9_751), 3_000));
+        // Kept without a lease until the grace ends (less the guard), then fenced.
+        assert!(matches!(k.tick(Millis(12_000)), Decision::Keep { .. }));
+        assert!(matches!(k.tick(Millis(12_500)), Decision::Fence { .. }));
+    }
+
+    #[test]
+    fn a_fact_of_an_older_epoch_or_another_membership_is_not_taken() {
+        let mut k = member_of(3, 1);
+        k.see_epoch(2).unwrap();
+        let membership = k.membership().unwrap();
+        let old = RelayedFact { age_ms: 100, epoch: 1, membership };
+        let other = RelayedFact { age_ms: 100, epoch: 2, membership: membership ^ 1 };
+        for fact in [old, other] {
+            let answer = PeerAnswer { epoch: 2, fact: Some(fact), ..answer("kvm2", 4_000, 10_020) };
+            k.polled(Poll { started: Millis(10_000), answers: vec![answer] });
+            assert_eq!(k.confirmed_at, None, "{fact:?}");
+        }
+        // Nor from a host the leader does not list as a peer.
+        let fact = RelayedFact { age_ms: 100, epoch: 2, membership };
+        let answer = PeerAnswer { epoch: 2, fact: Some(fact), ..answer("kvm9", 4_000, 10_020) };
+        k.polled(Poll { started: Millis(10_000), answers: vec![answer] });
+        assert_eq!(k.confirmed_at, None);
+    }
+
+    #[test]
+    fn no_poll_while_a_fact_holds_its_grace_then_a_round_before_it_ends() {
+        let mut k = member_of(1_000, 5);
+        let membership = k.membership().unwrap();
+        let fact = RelayedFact { age_ms: 0, epoch: 1, membership };
+        k.polled(Poll {
+            started: Millis(5_500),
+            answers: vec![PeerAnswer { fact: Some(fact), ..answer("kvm2", 0, 5_510) }],
+        });
+        // Grace from the fact at 5_500 to 11_000: no poll of any kind for its first 4.5 s,
+        // although the lease ended at 6_000.
+        assert!(matches!(k.tick(Millis(6_000)), Decision::Keep { .. }));
+        assert!(polls(&mut k, 6_050, 10_000).is_empty());
+        // Then a round: cheap polls of four peers, one after the other (no answers here, so
+        // each is given up after a period), and direct ones for the last two periods.
+        let round = polls(&mut k, 10_000, 11_000);
+        assert!(round.iter().any(|(_, ask)| ask.len() == 4));
+        let sizes: Vec<(u64, usize)> = round.iter().map(|(t, a)| (*t, a.len())).collect();
+        assert!(sizes.iter().all(|(t, n)| *n == 4 || (*t >= 10_550 && *n == 562)), "{sizes:?}");
+    }
+
+    #[test]
+    fn only_a_fresh_fact_ends_a_round() {
+        let mut k = member_of(1_000, 5);
+        let membership = k.membership().unwrap();
+        let relay = |k: &mut LeaseKeeper, started: u64, c: u64| {
+            let fact = RelayedFact { age_ms: started - c, epoch: 1, membership };
+            let answers = vec![PeerAnswer { fact: Some(fact), ..answer("kvm2", 0, started + 10) }];
+            k.polled(Poll { started: Millis(started), answers });
+        };
+        relay(&mut k, 5_500, 5_500);
+        assert_eq!(k.round_need(), Millis(11_000));
+        assert!(matches!(k.tick(Millis(10_000)), Decision::Keep { .. }));
+        k.tick(Millis(10_050));
+        // A peer passes on a fact from the round before: it moves the grace on by 500 ms, but
+        // the watchdog could stop being fed at 8_000 after it; the round goes on.
+        relay(&mut k, 10_100, 6_000);
+        assert_eq!(k.round_need(), Millis(11_000));
+        // A fact of this round ends it.
+        relay(&mut k, 10_200, 10_000);
+        assert_eq!(k.round_need(), Millis(15_500));
+    }
+
+    #[test]
+    fn a_fact_needs_this_hosts_own_vote_beyond_the_leaders_count() {
+        // Lease to 6_000: the leader may count this host until 5_000. At 4_900 both peers had
+        // lapsed, but the leader could still count this host and itself: 2 of 4 votes is no
+        // majority, yet the fact would tell peers that only 1 was left.
         let mut k = leased(1_000);
-        assert_eq!(k.tick(Millis(2_500)), Decision::Nothing);
-        assert_eq!(k.tick(Millis(3_000)), Decision::PollPeers);
-        assert_eq!(k.tick(Millis(3_100)), Decision::Nothing, "one poll per period");
-        assert_eq!(k.tick(Millis(3_200)), Decision::PollPeers);
+        k.polled(Poll { started: Millis(4_900), answers: vec![answer("kvm2", -500, 4_910)] });
+        assert_eq!(k.confirmed_at, None);
+        k.polled(Poll { started: Millis(5_000), answers: vec![answer("kvm2", -500, 5_010)] });
+        assert_eq!(k.confirmed_at, Some(Millis(5_000)));
     }
 
     #[test]
@@ -478,7 +904,7 @@ mod tests {
 
     #[test]
     fn a_one_host_cluster_never_fences_and_a_new_lease_ends_a_fence() {
-        let mut k = LeaseKeeper::new(Timings::default(), Millis(0));
+        let mut k = fresh(1);
         k.granted(Millis(0), 5_000, 1, 1).unwrap();
         assert_eq!(k.tick(Millis(60_000)), Decision::Nothing);
         let mut k = leased(0);
@@ -496,12 +922,15 @@ mod tests {
         assert_eq!(k.upper_remaining_ms(Millis(5_000)), 0);
         assert_eq!(k.upper_remaining_ms(Millis(5_200)), -200);
         // A fresh agent: an earlier run's lease may be counted until start + ttl - interval.
-        assert_eq!(LeaseKeeper::new(Timings::default(), Millis(100)).upper_remaining_ms(Millis(200)), 3_900);
+        assert_eq!(
+            LeaseKeeper::new("kvm1", Timings::default(), Millis(100), 1).upper_remaining_ms(Millis(200)),
+            3_900
+        );
     }
 
     #[test]
     fn starts_need_a_lease() {
-        let mut k = LeaseKeeper::new(Timings::default(), Millis(0));
+        let mut k = fresh(1);
         assert!(k.may_start(Millis(10)).unwrap_err().contains("no lease yet"));
         k.granted(Millis(1_000), 5_000, 3, 1).unwrap();
         assert_eq!(k.may_start(Millis(5_999)), Ok(()));
@@ -515,7 +944,7 @@ mod tests {
         let mut k = leased(1_000);
         assert!(k.may_feed(Millis(3_750), 3_000));
         assert!(!k.may_feed(Millis(3_751), 3_000));
-        assert!(!LeaseKeeper::new(Timings::default(), Millis(0)).may_feed(Millis(0), 3_000), "no lease yet");
+        assert!(!fresh(1).may_feed(Millis(0), 3_000), "no lease yet");
         // The lease expired, but a poll proved the leader lacked quorum at 6_100: it needs quorum
         // for lease_ttl + fence_margin before it may declare anybody dead (12_100).
         k.polled(Poll {

@@ -36,8 +36,8 @@ pub enum TimingsError {
     )]
     IntervalTooShort { interval: u64 },
     #[error(
-        "lease TTL {ttl} ms must be at least 3 heartbeat intervals ({min} ms): peers are polled only after two \
-         missed renewals, and a lease must outlast them"
+        "lease TTL {ttl} ms must be at least 3 heartbeat intervals ({min} ms): peers are polled from an interval \
+         before a lease ends, and a lease must outlast two missed renewals before that"
     )]
     LeaseTooShort { ttl: u64, min: u64 },
     #[error(

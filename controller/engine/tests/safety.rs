@@ -18,7 +18,8 @@ use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::time::Instant;
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 use vmha_engine::cluster::HostResources;
 use vmha_engine::inventory::ReportedDomain;
 use vmha_engine::lease::{Echo, LeaseAnswer};
@@ -210,7 +211,9 @@ struct Agent {
     protected: BTreeSet<usize>,
     last_answer: Option<(u64, Millis, u64)>,
     next_hb: u64,
-    polls: Vec<(u64, Vec<PeerAnswer>)>,
+    /// Polls under way: their start, the answers so far, how many peers were asked (the agent
+    /// reports a poll once every one answered, or at its timeout).
+    polls: Vec<(u64, Vec<PeerAnswer>, usize)>,
     fenced: u64,
     /// When the watchdog resets the host unless fed; `None`: not armed.
     watchdog_deadline: Option<u64>,
@@ -242,6 +245,8 @@ struct Sim {
     restarts: usize,
     violations: Vec<String>,
     trace: bool,
+    /// Peer-poll questions asked (one RPC each), per second of simulated time.
+    asks: Vec<u64>,
 }
 
 fn host_name(i: usize) -> String {
@@ -307,10 +312,12 @@ impl Sim {
             restarts: 0,
             violations: Vec::new(),
             trace: std::env::var_os("SIM_TRACE").is_some(),
+            asks: Vec::new(),
         };
         for i in 0..hosts {
             let stamp = sim.register(i);
             let phase = sim.rand(timings.heartbeat_interval_ms);
+            let seed = sim.rand(u64::MAX);
             sim.agents.push(Agent {
                 host_up: true,
                 agent_up: true,
@@ -318,7 +325,7 @@ impl Sim {
                 hung_until: 0,
                 libvirt_hung_until: 0,
                 pending_starts: Vec::new(),
-                keeper: LeaseKeeper::new(timings, Millis(0)),
+                keeper: LeaseKeeper::new(&host_name(i), timings, Millis(0), seed),
                 protected: (0..hosts).collect(),
                 last_answer: Some((1, stamp, 0)),
                 next_hb: phase,
@@ -467,10 +474,15 @@ impl Sim {
         let decision = self.agents[h].keeper.tick(Millis(now));
         match decision {
             Decision::Nothing | Decision::Keep { .. } => {}
-            Decision::PollPeers => {
+            Decision::PollPeers { ask } => {
                 let life = self.agents[h].life;
-                for p in 0..self.agents.len() {
-                    if p != h && self.peers_reachable(h, p) {
+                let second = (now / 1_000) as usize;
+                if self.asks.len() <= second {
+                    self.asks.resize(second + 1, 0);
+                }
+                self.asks[second] += ask.len() as u64;
+                for p in ask.iter().map(|name| host_index(name)) {
+                    if self.peers_reachable(h, p) {
                         let (d1, d2) = (self.delay(), self.delay());
                         self.at(
                             now + d1,
@@ -478,7 +490,7 @@ impl Sim {
                         );
                     }
                 }
-                self.agents[h].polls.push((now, Vec::new()));
+                self.agents[h].polls.push((now, Vec::new(), ask.len()));
                 let timeout = t.poll_every_ms() * 3 / 4;
                 self.at(now + timeout, Event::PollDone { host: h, poll: now, life });
             }
@@ -713,12 +725,14 @@ impl Sim {
                     Some(_) => {
                         let upper = self.agents[peer].keeper.upper_remaining_ms(Millis(self.now));
                         let epoch = self.agents[peer].keeper.newest_epoch();
+                        let fact = self.agents[peer].keeper.fact(Millis(self.now));
                         let t = self.now + back_delay;
                         let answer = PeerAnswer {
                             host: host_name(peer),
                             upper_remaining_ms: upper,
                             received_at: Millis(t),
                             epoch,
+                            fact,
                         };
                         self.at(t, Event::PeerAnswered { asker, poll, answer, life });
                     }
@@ -729,9 +743,13 @@ impl Sim {
                 let a = &mut self.agents[asker];
                 if a.life == life
                     && answer.received_at.0 <= poll + timeout
-                    && let Some((_, answers)) = a.polls.iter_mut().find(|(p, _)| *p == poll)
+                    && let Some((_, answers, asked)) = a.polls.iter_mut().find(|(p, _, _)| *p == poll)
                 {
                     answers.push(answer);
+                    if answers.len() == *asked {
+                        let t = self.now;
+                        self.at(t, Event::PollDone { host: asker, poll, life });
+                    }
                 }
             }
             Event::PollDone { host, poll, life } => match self.agent_wait(host, life) {
@@ -739,8 +757,8 @@ impl Sim {
                 Some(t) if t > self.now => self.at(t, Event::PollDone { host, poll, life }),
                 Some(_) => {
                     let a = &mut self.agents[host];
-                    if let Some(i) = a.polls.iter().position(|(p, _)| *p == poll) {
-                        let (started, answers) = a.polls.remove(i);
+                    if let Some(i) = a.polls.iter().position(|(p, _, _)| *p == poll) {
+                        let (started, answers, _) = a.polls.remove(i);
                         a.keeper.polled(Poll { started: Millis(started), answers });
                     }
                 }
@@ -941,7 +959,9 @@ impl Sim {
         a.agent_up = true;
         a.life += 1;
         a.hung_until = 0;
-        a.keeper = LeaseKeeper::new(self.profile.timings(), Millis(now));
+        let seed = self.rand(u64::MAX);
+        let a = &mut self.agents[h];
+        a.keeper = LeaseKeeper::new(&host_name(h), self.profile.timings(), Millis(now), seed);
         a.polls.clear();
         a.next_hb = now;
         let stamp = self.register(h);
@@ -1263,4 +1283,83 @@ fn a_removed_hosts_lapse_is_not_counted_by_its_former_peers() {
     sim.at(25017, Event::Fault(Fault::CutLeaderLink(0)));
     sim.run(40_000);
     assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+}
+
+/// Issue 13's target: while the leader of 1000 hosts is stopped for 10 s, no host fences or is
+/// reset, and the peer polls of all agents together (every question, cheap or direct, one RPC
+/// each) stay within 10 per host and second.
+#[test]
+fn a_10_s_leader_pause_at_1000_hosts_fences_nothing_and_asks_at_most_10_per_host_and_second() {
+    let hosts = 1_000;
+    let started = Instant::now();
+    let mut sim = Sim::new(hosts, 13, false, Profile::Default);
+    sim.at(10_000, Event::Fault(Fault::PauseLeader(10_000)));
+    sim.run(25_000);
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+    let fenced = sim.agents.iter().filter(|a| a.fenced + a.resets > 0).count();
+    let asks: u64 = sim.asks.iter().skip(10).take(10).sum();
+    let per_second = asks as f64 / 10.0;
+    eprintln!(
+        "1000 hosts, leader paused 10 s: {per_second:.0} peer-poll RPCs/s ({:.2} per host and second; by second \
+         {:?}), {fenced} hosts fenced or reset; simulated in {:.1} s",
+        per_second / hosts as f64,
+        &sim.asks[10..sim.asks.len().min(22)],
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(fenced, 0);
+    assert_eq!(sim.restarts, 0);
+    assert!(per_second <= 10.0 * hosts as f64);
+}
+
+/// One random fault schedule over 1000 hosts (a new one every run; `VMHA_SCALE_SEED=N`
+/// replays the one a run printed), bounded so that it runs within two minutes in a debug
+/// build: 40 s of simulated time, at most 14 faults in its first 30 s, no slow network, and
+/// the simulation ends early (saying so) after 90 s of wall time. What a few hosts cannot
+/// show: 1000 agents polling a few peers each, facts passed on from peer to peer, rounds of
+/// polls that overlap. Why no slow network: at this size it makes every leader disruption
+/// fence dozens of hosts whose renewals came late, and restarting their VMs (placement over
+/// 1000 hosts per VM and tick) is what a debug build cannot afford in the bound.
+#[test]
+fn one_random_schedule_with_1000_hosts() {
+    let hosts = 1_000;
+    let seed: u64 = std::env::var("VMHA_SCALE_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    let strategy = (
+        any::<u64>(),
+        Just(false),
+        any::<bool>(),
+        prop::collection::vec((0u64..30_000, fault_strategy(hosts)), 0..14),
+    );
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
+    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+    let (sim_seed, slow, fast, faults) = strategy.new_tree(&mut runner).expect("a schedule").current();
+    let schedule =
+        format!("VMHA_SCALE_SEED={seed}: slow_network={slow} fast_profile={fast} faults={faults:?}");
+    eprintln!("safety at 1000 hosts: {schedule}");
+    let started = Instant::now();
+    let profile = if fast { Profile::Fast } else { Profile::Default };
+    let mut sim = Sim::new(hosts, sim_seed, slow, profile);
+    for (t, f) in &faults {
+        sim.at(*t, Event::Fault(f.clone()));
+    }
+    for second in 1..=40 {
+        if started.elapsed().as_secs() >= 90 {
+            eprintln!("safety at 1000 hosts: wall-time bound reached, checked up to t={} s", second - 1);
+            break;
+        }
+        sim.run(second * 1_000);
+        if std::env::var_os("VMHA_SCALE_TRACE").is_some() {
+            eprintln!(
+                "t={second} s: {:.1} s, {} asks in the last second, {} events queued",
+                started.elapsed().as_secs_f64(),
+                sim.asks.get(second as usize - 1).copied().unwrap_or(0),
+                sim.events.len()
+            );
+        }
+    }
+    eprintln!("safety: one random schedule over {hosts} hosts in {:.1} s", started.elapsed().as_secs_f64());
+    assert!(sim.violations.is_empty(), "double run at 1000 hosts: {:?}\n  {schedule}", sim.violations);
 }

@@ -695,7 +695,7 @@ impl World {
         let host = self.host(name);
         if host.powered {
             host.agent_up = true;
-            host.keeper = LeaseKeeper::new(Timings::default(), Millis(now));
+            host.keeper = LeaseKeeper::new(name, Timings::default(), Millis(now), now);
             host.session = None;
             host.next_heartbeat = now;
         }
@@ -743,8 +743,8 @@ impl World {
     fn decide(&mut self, name: &str, decision: Decision) {
         match decision {
             Decision::Nothing => {}
-            Decision::PollPeers => {
-                let answers = self.poll_peers(name);
+            Decision::PollPeers { ask } => {
+                let answers = self.poll_peers(name, &ask);
                 let now = Millis(self.now);
                 self.host(name).keeper.polled(Poll { started: now, answers });
             }
@@ -757,17 +757,18 @@ impl World {
         }
     }
 
-    /// Every peer agent the host reaches answers at once.
-    fn poll_peers(&self, name: &str) -> Vec<PeerAnswer> {
+    /// Every peer agent asked that the host reaches answers at once.
+    fn poll_peers(&self, name: &str, ask: &[String]) -> Vec<PeerAnswer> {
         let now = Millis(self.now);
         self.hosts
             .iter()
-            .filter(|(p, h)| *p != name && h.agent_up && self.peers_reach(name, p))
+            .filter(|(p, h)| ask.contains(p) && h.agent_up && self.peers_reach(name, p))
             .map(|(p, h)| PeerAnswer {
                 host: p.clone(),
                 upper_remaining_ms: h.keeper.upper_remaining_ms(now),
                 received_at: now,
                 epoch: h.keeper.newest_epoch(),
+                fact: h.keeper.fact(now),
             })
             .collect()
     }
@@ -1116,13 +1117,15 @@ impl World {
 
 impl Host {
     fn new(spec: HostSpec) -> Host {
+        let seed = spec.name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        let keeper = LeaseKeeper::new(&spec.name, Timings::default(), Millis(0), seed);
         Host {
+            keeper,
             spec,
             powered: true,
             agent_up: true,
             link_controller: true,
             link_network: true,
-            keeper: LeaseKeeper::new(Timings::default(), Millis(0)),
             session: None,
             last_answer: None,
             next_heartbeat: 0,
