@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
+use vmha_engine::roster::{Roster as EngineRoster, RosterUpdate};
 use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll, RelayedFact, StaleEpoch};
 use vmha_engine::{Millis, Timings};
 use vmha_proto::v1::peer_service_client::PeerServiceClient;
@@ -43,8 +44,9 @@ pub struct LeaseShell {
     /// listed at that address, or polls stopped (`IDLE_CHANNELS`).
     channels: Mutex<HashMap<(String, String), Channel>>,
     protected: Mutex<BTreeSet<String>>,
-    /// The leader's version of `peers` and `protected`; 0: none yet in this run.
-    roster_version: Mutex<u64>,
+    /// The leader's roster as this agent holds it (version 0: none yet in this run), from
+    /// which `peers` and `protected` are taken.
+    roster: Mutex<EngineRoster>,
     /// Where the protected list and the leader's timings are kept across restarts: an agent
     /// restarted while cut off from the controller must still know what to destroy, and on
     /// which timings, if it has to self-fence.
@@ -70,7 +72,7 @@ impl LeaseShell {
             peers: Mutex::default(),
             channels: Mutex::default(),
             protected: Mutex::default(),
-            roster_version: Mutex::default(),
+            roster: Mutex::default(),
             state_dir: Mutex::default(),
             watchdog_cfg,
             watchdog: Mutex::default(),
@@ -181,20 +183,28 @@ impl LeaseShell {
 
     /// The leader's version of the roster this agent holds, for the next heartbeat.
     pub fn roster_version(&self) -> u64 {
-        *lock(&self.roster_version)
+        lock(&self.roster).version
     }
 
     /// What the leader of `epoch` said in a heartbeat answer; `ttl_ms` 0 means no lease this
-    /// time; `roster` is `None` when the one held is current. A deposed leader's answer is
-    /// refused whole.
+    /// time. A deposed leader's answer is refused whole, and so is one whose roster changes
+    /// start from another version than the one held (the next answer then brings the whole
+    /// roster): its stamp must not be echoed, since the leader takes an echo to mean the agent
+    /// knows every VM that answer listed as protected.
     pub fn answered(
         &self,
         epoch: u64,
         sent_at: Millis,
         ttl_ms: u64,
         cluster_hosts: usize,
-        roster: Option<Roster>,
-    ) -> Result<(), StaleEpoch> {
+        update: RosterUpdate,
+    ) -> Result<(), AnswerRefused> {
+        let mut held = lock(&self.roster);
+        let Some(roster) = vmha_engine::roster::apply(&held, &update) else {
+            let base = held.version;
+            held.version = 0;
+            return Err(AnswerRefused::RosterBase { held: base });
+        };
         let mut k = self.keeper();
         k.see_epoch(epoch)?;
         if ttl_ms > 0 {
@@ -213,17 +223,22 @@ impl LeaseShell {
             k.set_cluster_hosts(cluster_hosts);
             drop(k);
         }
-        let Some(roster) = roster else { return Ok(()) };
-        let peers: Vec<Peer> = roster.peers.into_iter().filter(|p| p.host != self.host).collect();
+        if roster.version == held.version {
+            return Ok(());
+        }
+        let peers: Vec<Peer> = (roster.peers.iter())
+            .filter(|(host, _)| *host != self.host)
+            .map(|(host, address)| Peer { host: host.clone(), address: address.clone() })
+            .collect();
         self.keeper().set_peers(peers.iter().map(|p| p.host.clone()));
         *lock(&self.peers) = peers;
-        let protected: BTreeSet<String> = roster.protected.into_iter().collect();
+        let protected: BTreeSet<String> = roster.protected.iter().cloned().collect();
         let mut known = lock(&self.protected);
         if *known != protected {
             self.save("protected", protected.iter().map(|u| format!("{u}\n")).collect());
             *known = protected;
         }
-        *lock(&self.roster_version) = roster.version;
+        *held = roster;
         Ok(())
     }
 
@@ -471,21 +486,38 @@ impl LeaseShell {
     }
 }
 
-/// The leader's list of peers and protected VMs, as one answer carried it.
-pub struct Roster {
-    pub version: u64,
-    pub peers: Vec<Peer>,
-    pub protected: Vec<String>,
+/// Why an answer was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerRefused {
+    #[error(transparent)]
+    StaleEpoch(#[from] StaleEpoch),
+    #[error(
+        "its roster changes do not start from version {held}, the one held; the next answer brings it whole"
+    )]
+    RosterBase { held: u64 },
 }
 
-impl Roster {
-    /// Takes the roster out of a heartbeat's answer; `None` when it says the one held is current.
-    pub fn take_from(answer: &mut vmha_proto::v1::HeartbeatResponse) -> Option<Roster> {
-        (!answer.roster_unchanged).then(|| Roster {
+/// What a heartbeat's answer says of the roster (the lists are taken out of it).
+pub fn roster_update(answer: &mut vmha_proto::v1::HeartbeatResponse) -> RosterUpdate {
+    let peers = std::mem::take(&mut answer.peers).into_iter().map(|p| (p.host, p.address)).collect();
+    let protected = std::mem::take(&mut answer.protected_uuids);
+    if answer.roster_unchanged {
+        RosterUpdate::Unchanged { version: answer.roster_version }
+    } else if answer.roster_changes {
+        RosterUpdate::Changes {
+            from: answer.roster_base,
+            to: answer.roster_version,
+            peers_set: peers,
+            peers_removed: std::mem::take(&mut answer.peers_removed),
+            protected_added: protected,
+            protected_removed: std::mem::take(&mut answer.protected_removed),
+        }
+    } else {
+        RosterUpdate::Whole(std::sync::Arc::new(EngineRoster {
             version: answer.roster_version,
-            peers: std::mem::take(&mut answer.peers),
-            protected: std::mem::take(&mut answer.protected_uuids),
-        })
+            peers,
+            protected,
+        }))
     }
 }
 
@@ -535,12 +567,12 @@ mod tests {
         let first = LeaseShell::new("kvm1", Timings::default(), None);
         first.remember_in(dir.clone());
         first.adopt_timings(Timings::fast()).unwrap();
-        let roster = Roster { version: 7, peers: vec![], protected: vec!["u1".into(), "u2".into()] };
-        first.answered(1, Millis(0), 5_000, 3, Some(roster)).unwrap();
+        let roster = EngineRoster { version: 7, peers: vec![], protected: vec!["u1".into(), "u2".into()] };
+        first.answered(1, Millis(0), 5_000, 3, RosterUpdate::Whole(std::sync::Arc::new(roster))).unwrap();
         assert_eq!(first.roster_version(), 7);
         let lease: u64 = std::fs::read_to_string(dir.join("lease")).unwrap().trim().parse().unwrap();
         assert_eq!(lease, first.origin_ns + 5_000_000_000, "the lease file holds its end on CLOCK_MONOTONIC");
-        first.answered(1, Millis(1_000), 5_000, 3, None).unwrap();
+        first.answered(1, Millis(1_000), 5_000, 3, RosterUpdate::Unchanged { version: 7 }).unwrap();
         assert_eq!(first.protected_list(), ["u1", "u2"], "an answer without a roster keeps the one held");
         let restarted = LeaseShell::new("kvm1", Timings::default(), None);
         restarted.remember_in(dir.clone());

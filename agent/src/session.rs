@@ -22,7 +22,7 @@ use crate::bounded::{Blocking, Outcome};
 use crate::config::Config;
 use crate::executor;
 use crate::hypervisor::Hypervisor;
-use crate::lease::{LeaseShell, Roster};
+use crate::lease::{LeaseShell, roster_update};
 use crate::probes::ProbeBoard;
 
 /// The heartbeat's calls into libvirt, and what they last returned.
@@ -305,7 +305,6 @@ impl Agent {
             .context("heartbeat timed out")?
             .context("heartbeat")?
             .into_inner();
-        self.answer_received(answer.epoch, answer.stamp_ms);
         // What the controller did not take is sent again with the next heartbeat.
         let not_taken: std::collections::HashSet<&str> =
             answer.xml_not_taken.iter().map(String::as_str).collect();
@@ -316,10 +315,12 @@ impl Agent {
         if answer.lease_ttl_ms == 0 {
             tracing::warn!(reason = %answer.refused, "heartbeat earned no lease");
         }
-        let roster = Roster::take_from(&mut answer);
+        let roster = roster_update(&mut answer);
         self.lease
             .answered(answer.epoch, sent_at, answer.lease_ttl_ms, answer.cluster_hosts as usize, roster)
             .context("refusing the heartbeat answer")?;
+        // Echoed only once taken whole (see `LeaseShell::answered`).
+        self.answer_received(answer.epoch, answer.stamp_ms);
         let wait = Duration::from_millis(answer.next_heartbeat_in_ms);
         Ok(if wait.is_zero() || wait > interval * 2 { interval } else { wait })
     }

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use vmha_agent::hypervisor::Hypervisor;
 use vmha_agent::hypervisor::fake::FakeHypervisor;
-use vmha_agent::lease::{LeaseShell, Roster};
+use vmha_agent::lease::{LeaseShell, roster_update};
 use vmha_agent::peer::PeerApi;
 use vmha_engine::{Millis, Timings};
 use vmha_proto::v1::agent_service_client::AgentServiceClient;
@@ -328,15 +328,10 @@ async fn heartbeats(
         lock(&tally.latencies_us).push(took.as_micros() as u64);
         let not_taken: HashSet<&String> = answer.xml_not_taken.iter().collect();
         xml_sent.extend(sending.into_iter().filter(|u| !not_taken.contains(u)));
+        let roster = roster_update(&mut answer);
+        let cluster_hosts = answer.cluster_hosts as usize;
+        host.lease.answered(answer.epoch, Millis(sent_at.0), answer.lease_ttl_ms, cluster_hosts, roster)?;
         (epoch, stamp, at) = (answer.epoch, answer.stamp_ms, Instant::now());
-        let roster = Roster::take_from(&mut answer);
-        host.lease.answered(
-            answer.epoch,
-            Millis(sent_at.0),
-            answer.lease_ttl_ms,
-            answer.cluster_hosts as usize,
-            roster,
-        )?;
         let wait = Duration::from_millis(answer.next_heartbeat_in_ms);
         tokio::time::sleep(if wait.is_zero() || wait > interval * 2 { interval } else { wait }).await;
     }

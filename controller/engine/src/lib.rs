@@ -22,6 +22,7 @@ pub mod persist;
 pub mod placement;
 pub mod recovery;
 pub mod refusal;
+pub mod roster;
 pub mod selffence;
 pub mod step;
 pub mod time;

@@ -19,6 +19,7 @@ use crate::lease::{self, Echo, LeaseAnswer};
 use crate::migration;
 use crate::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
 use crate::recovery::{self, Action, Recovery};
+use crate::roster::{Roster, RosterBook, RosterUpdate};
 use crate::{AdminState, ClusterState, FencingMode, HostLiveness, HostView, Millis, RunState, Watchdog};
 
 /// The controller's whole decision state: the cluster as observed, and the operations in
@@ -38,23 +39,7 @@ pub struct Engine {
     saved_vms: BTreeMap<String, VmWork>,
     /// What every heartbeat answer lists, built again only after a step that may have changed
     /// it: at 1000 hosts, building it for each heartbeat cost more than everything else.
-    roster: Arc<Roster>,
-    /// Whether a step since `roster` was built may have changed it.
-    roster_stale: bool,
-    /// How many rosters this leader has built.
-    rosters_built: u64,
-}
-
-/// The cluster as every agent must know it: its peers (whom to poll) and the protected VMs
-/// (what a self-fence destroys). `version` names the content within this leader's epoch, so
-/// that an answer need carry it only to agents that do not have it yet.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Roster {
-    pub version: u64,
-    /// Every host and where it answers peer polls.
-    pub peers: Vec<(String, String)>,
-    /// The protected VMs' UUIDs.
-    pub protected: Vec<String>,
+    roster: RosterBook,
 }
 
 /// A host's work in progress, persisted so that a restarted controller resumes it.
@@ -133,6 +118,9 @@ pub struct Heartbeat {
     /// Domain XML that came with the report and failed them: UUID and why. The VM keeps the
     /// definition accepted before, if any.
     pub xml_refused: Vec<(String, String)>,
+    /// The roster version the agent holds (0: none); `None`: an agent that predates rosters,
+    /// which gets the whole one every time.
+    pub roster_known: Option<u64>,
 }
 
 /// A change an operator asks for.
@@ -209,6 +197,8 @@ pub struct LeaseReply {
     pub cluster_hosts: u32,
     /// The peers and the protected VMs (which the host's agent destroys if it fences).
     pub roster: Arc<Roster>,
+    /// What the answer carries of it, for the roster version the agent said it holds.
+    pub roster_update: RosterUpdate,
     /// Domains whose XML came with this heartbeat but were not recorded yet
     /// (`inventory::admit_new`): the agent sends their XML again.
     pub xml_not_taken: Vec<String>,
@@ -308,7 +298,7 @@ impl Default for Output {
 
 impl Engine {
     pub fn new(cluster: ClusterState) -> Engine {
-        let mut e = Engine { cluster, roster_stale: true, ..Default::default() };
+        let mut e = Engine { cluster, roster: RosterBook::new(), ..Default::default() };
         e.cluster.index_vms();
         e.mark_saved();
         e
@@ -348,7 +338,7 @@ impl Engine {
             }
         }
         cluster.start_members = Some(lease::membership(&cluster));
-        let mut e = Engine { cluster, roster_stale: true, ..Default::default() };
+        let mut e = Engine { cluster, roster: RosterBook::new(), ..Default::default() };
         e.cluster.index_vms();
         for mut op in ops {
             e.next_seq = e.next_seq.max((op.id.0 as u64).wrapping_add(1));
@@ -438,9 +428,18 @@ impl Engine {
                 actions.extend(recovery::fence_finished(&mut self.cluster, &host, result, now))
             }
             Input::Operator { actor, request } => {
+                // A protection change touches its VM alone (scripts protect thousands).
+                let protection = matches!(request, Request::Protection { .. });
                 match self.operator(&actor, request, now, &mut out, &mut actions) {
                     Ok(reply) => out.reply = reply,
                     Err(refusal) => out.reply = Reply::Refused(refusal),
+                }
+                if protection {
+                    let vm = match &out.reply {
+                        Reply::Vm(uuid) => vec![uuid.clone()],
+                        _ => Vec::new(),
+                    };
+                    scope = Scope::Vms(vm);
                 }
             }
             Input::Tick => {
@@ -457,7 +456,7 @@ impl Engine {
         let p = &out.persist;
         if !narrow || [p.vm_work.is_empty(), p.host_work.is_empty(), p.registered.is_empty()].contains(&false)
         {
-            self.roster_stale = true;
+            self.roster.may_have_changed();
         }
         out
     }
@@ -502,6 +501,7 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) -> Vec<String> {
         let host = hb.host;
+        let roster_known = hb.roster_known;
         let s = &mut self.cluster;
         let Some(h) = s.hosts.get_mut(&host) else {
             out.reply = Reply::Refused(Refusal::NotRegistered(host));
@@ -602,30 +602,11 @@ impl Engine {
             answer,
             next_in_ms,
             cluster_hosts,
-            roster: self.roster(),
+            roster: self.roster.current(s),
+            roster_update: self.roster.update_for(s, roster_known.unwrap_or(0)),
             xml_not_taken,
         });
         touched
-    }
-
-    /// The current roster; a new version only when its content changed.
-    fn roster(&mut self) -> Arc<Roster> {
-        if !self.roster_stale {
-            return self.roster.clone();
-        }
-        let s = &self.cluster;
-        let peers: Vec<(String, String)> =
-            s.hosts.values().map(|h| (h.name.clone(), h.peer_address.clone())).collect();
-        let protected: Vec<String> = s.vms.values().filter(|v| v.protected).map(|v| v.uuid.clone()).collect();
-        let last = &self.roster;
-        if last.version == 0 || (&last.peers, &last.protected) != (&peers, &protected) {
-            self.rosters_built += 1;
-            // Versions of different leaders never meet: the epoch is their upper half.
-            let version = (s.epoch << 32) | self.rosters_built;
-            self.roster = Arc::new(Roster { version, peers, protected });
-        }
-        self.roster_stale = false;
-        self.roster.clone()
     }
 
     /// Events and writes for what a report changed.
@@ -1307,6 +1288,7 @@ impl Engine {
                     self.saved_vms.iter().filter(|(_, w)| w.recovery.is_some()).map(|(u, _)| u.clone());
                 (all_hosts(), now.chain(before).chain(out.persist.vms.iter().cloned()).collect())
             }
+            Scope::Vms(vms) => (Vec::new(), vms),
             Scope::Everything => (all_hosts(), self.cluster.vms.keys().cloned().collect()),
         };
         for name in hosts {
@@ -1338,6 +1320,8 @@ impl Engine {
 enum Scope {
     /// A report: its host, and the VMs it listed or changed.
     Report(String, Vec<String>),
+    /// These VMs' settings.
+    Vms(Vec<String>),
     Tick,
     Everything,
 }
@@ -1444,6 +1428,7 @@ mod tests {
             }]),
             xml: Vec::new(),
             xml_refused: Vec::new(),
+            roster_known: None,
         }
     }
 

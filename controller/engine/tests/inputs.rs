@@ -108,6 +108,8 @@ fn input() -> impl Strategy<Value = Input> {
                     .filter(|d| d.vcpus % 2 == 1)
                     .map(|d| (d.uuid.clone(), format!("disk vda: fuzz {}", d.memory_kib % 3)))
                     .collect(),
+                // Any version an agent may claim, the current one or not.
+                roster_known: echo.map(|(_, stamp, _)| stamp % 5),
                 domains,
                 host,
             })),

@@ -15,6 +15,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use proptest::prelude::*;
@@ -25,6 +26,7 @@ use vmha_engine::inventory::ReportedDomain;
 use vmha_engine::lease::{Echo, LeaseAnswer};
 use vmha_engine::operation::{Done, OpId};
 use vmha_engine::persist::Db;
+use vmha_engine::roster::{self, Roster, RosterUpdate};
 use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll};
 use vmha_engine::step::{CommandKind, Heartbeat, Input, Output, Persist, Registration, Reply, Request};
 use vmha_engine::{ClusterState, Engine, HostView, Millis, Policy, RunState, Timings, VmView, Watchdog};
@@ -125,11 +127,12 @@ enum Event {
         answer: LeaseAnswer,
         epoch: u64,
         hosts: usize,
-        /// The peers it lists: the only hosts whose poll answers the agent counts.
-        peers: Vec<String>,
+        /// What it says of the roster (the peers whose poll answers the agent counts, and
+        /// the protected VMs), and the leader's whole roster then, to check the agent ends
+        /// with exactly it.
+        roster: (RosterUpdate, Arc<Roster>),
         next_in: u64,
         life: u64,
-        protected: BTreeSet<usize>,
     },
     /// A peer answers a poll (computed when it arrives at the peer).
     PeerAsked {
@@ -206,6 +209,8 @@ struct Agent {
     /// Starts waiting in a hung libvirtd.
     pending_starts: Vec<(usize, OpId)>,
     keeper: LeaseKeeper,
+    /// The leader's roster as the agent holds it (version 0 after a restart: it is not kept).
+    roster: Roster,
     /// The protected VMs as the leader last said: what a self-fence destroys (kept across
     /// agent restarts, in its state directory).
     protected: BTreeSet<usize>,
@@ -326,6 +331,7 @@ impl Sim {
                 libvirt_hung_until: 0,
                 pending_starts: Vec::new(),
                 keeper: LeaseKeeper::new(&host_name(i), timings, Millis(0), seed),
+                roster: Roster::default(),
                 protected: (0..hosts).collect(),
                 last_answer: Some((1, stamp, 0)),
                 next_hb: phase,
@@ -662,45 +668,44 @@ impl Sim {
                     domains,
                     xml: Vec::new(),
                     xml_refused: Vec::new(),
+                    roster_known: Some(self.agents[host].roster.version),
                 };
                 let Reply::Lease(reply) = self.step(Input::Heartbeat(hb)) else { return };
                 let (answer, next_in, hosts) = (reply.answer, reply.next_in_ms, reply.cluster_hosts as usize);
-                let protected = reply.roster.protected.iter().map(|u| vm_index(u)).collect();
-                let peers = reply.roster.peers.iter().map(|(name, _)| name.clone()).collect();
+                let roster = (reply.roster_update, reply.roster);
                 let epoch = self.leader.cluster.epoch;
                 let t = self.now + self.delay();
-                self.at(
-                    t,
-                    Event::Answer { host, sent_at, answer, epoch, hosts, peers, next_in, life, protected },
-                );
+                self.at(t, Event::Answer { host, sent_at, answer, epoch, hosts, roster, next_in, life });
             }
-            Event::Answer { host, sent_at, answer, epoch, hosts, peers, next_in, life, protected } => {
+            Event::Answer { host, sent_at, answer, epoch, hosts, roster, next_in, life } => {
                 if !self.leader_reachable(host) {
                     return;
                 }
                 match self.agent_wait(host, life) {
                     None => {}
-                    Some(t) if t > self.now => self.at(
-                        t,
-                        Event::Answer {
-                            host,
-                            sent_at,
-                            answer,
-                            epoch,
-                            hosts,
-                            peers,
-                            next_in,
-                            life,
-                            protected,
-                        },
-                    ),
+                    Some(t) if t > self.now => self
+                        .at(t, Event::Answer { host, sent_at, answer, epoch, hosts, roster, next_in, life }),
                     // A deposed leader's answer is refused whole.
                     Some(_) if self.agents[host].keeper.see_epoch(epoch).is_err() => {}
                     Some(_) => {
                         let a = &mut self.agents[host];
-                        a.protected = protected;
+                        // Changes from another version than the one held: the whole answer is
+                        // refused (not echoed), as the agent does.
+                        let Some(held) = roster::apply(&a.roster, &roster.0) else {
+                            a.roster.version = 0;
+                            return;
+                        };
+                        assert_eq!(
+                            held, *roster.1,
+                            "the agent's roster is the leader's after {:?}",
+                            roster.0
+                        );
+                        a.protected = held.protected.iter().map(|u| vm_index(u)).collect();
+                        a.keeper.set_peers(
+                            held.peers.iter().map(|(p, _)| p.clone()).filter(|p| *p != host_name(host)),
+                        );
+                        a.roster = held;
                         a.last_answer = Some((epoch, answer.stamp(), self.now));
-                        a.keeper.set_peers(peers.into_iter().filter(|p| *p != host_name(host)));
                         match answer {
                             LeaseAnswer::Granted { ttl_ms, .. } => a
                                 .keeper
@@ -962,6 +967,7 @@ impl Sim {
         let seed = self.rand(u64::MAX);
         let a = &mut self.agents[h];
         a.keeper = LeaseKeeper::new(&host_name(h), self.profile.timings(), Millis(now), seed);
+        a.roster = Roster::default();
         a.polls.clear();
         a.next_hb = now;
         let stamp = self.register(h);

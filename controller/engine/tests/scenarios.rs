@@ -904,6 +904,7 @@ impl World {
             domains: Some(domains),
             xml,
             xml_refused: Vec::new(),
+            roster_known: None,
         }
     }
 
