@@ -121,6 +121,8 @@ impl AgentService for AgentApi {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        // Before the checks and the wait for the decision loop: transit is measured to here.
+        let arrived = self.controller().ok().map(|c| c.now());
         let host = self.access.agent_host(&req)?;
         let r = req.into_inner();
         let domains = validate::reported_domains(&r.domains)?;
@@ -160,6 +162,7 @@ impl AgentService for AgentApi {
             xml,
             xml_refused,
             roster_known: r.roster_version,
+            arrived,
         };
         let c = self.controller()?;
         let lease = match c.step(Input::Heartbeat(hb)).await? {

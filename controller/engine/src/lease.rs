@@ -155,7 +155,7 @@ pub fn membership(state: &ClusterState) -> u64 {
 
 /// `membership`, kept from one heartbeat to the next while the number of hosts stays (a host
 /// leaves only through `forget_membership`).
-fn current_membership(state: &mut ClusterState) -> u64 {
+pub fn current_membership(state: &mut ClusterState) -> u64 {
     let hosts = state.hosts.len();
     match state.membership_cache {
         Some((m, n)) if n == hosts => m,
@@ -178,8 +178,8 @@ pub fn forget_membership(state: &mut ClusterState) {
 /// sent to it since, listed the current membership. A host that missed a join or a removal
 /// counts votes among other hosts than the leader does: it could keep its VMs while the leader,
 /// counting its own way, holds quorum (SAFETY.md, "Membership changes").
-pub fn knows_membership(state: &ClusterState, host: &str) -> bool {
-    let current = membership(state);
+/// `current` is `current_membership`, taken once by a caller that asks for many hosts.
+pub fn knows_membership(state: &ClusterState, host: &str, current: u64) -> bool {
     let Some(h) = state.hosts.get(host) else { return false };
     let (since, acked) = match h.lease.acked_members {
         Some((stamp, members)) => (Some(stamp), Some(members)),
@@ -205,9 +205,21 @@ fn push_issued(l: &mut HostLease, i: Issued) {
     }
 }
 
-/// A heartbeat from `host` arrived at `now`: acknowledge what it echoes, then grant a lease if
-/// it provably spent at most `max_transit` in flight.
-pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, now: Millis) -> LeaseAnswer {
+/// A heartbeat from `host` arrived at `arrived` and is decided at `now`: acknowledge what it
+/// echoes, then grant a lease if it provably spent at most `max_transit` in flight.
+///
+/// `arrived` is when the controller received it, before it waited for its turn (a burst of
+/// 1000 aligned heartbeats queues for tens of ms): transit is measured to there, and the
+/// lease runs from there. That keeps both bounds of SAFETY.md (1): the leader's view of the
+/// lease starts after the agent's (the send), and at most the measured transit later.
+pub fn on_heartbeat(
+    state: &mut ClusterState,
+    host: &str,
+    echo: Option<Echo>,
+    arrived: Millis,
+    now: Millis,
+) -> LeaseAnswer {
+    let arrived = arrived.min(now);
     observe_quorum(state, now);
     let t = state.timings;
     let epoch = state.epoch;
@@ -240,18 +252,18 @@ pub fn on_heartbeat(state: &mut ClusterState, host: &str, echo: Option<Echo>, no
         h.lease.acked_members = Some((issued.stamp, issued.members));
     }
     // The echoed answer left at `stamp`; the agent held it `held_ms` before sending this one.
-    // So this heartbeat was in flight at most now - stamp - held_ms.
-    let transit_bound = now.0.saturating_sub(echo.stamp.0).saturating_sub(echo.held_ms);
-    if echo.stamp > now || transit_bound > t.max_transit_ms {
+    // So this heartbeat was in flight at most arrived - stamp - held_ms.
+    let transit_bound = arrived.0.saturating_sub(echo.stamp.0).saturating_sub(echo.held_ms);
+    if echo.stamp > arrived || transit_bound > t.max_transit_ms {
         push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members });
         return LeaseAnswer::Refused { stamp: now, reason: "the heartbeat was in flight too long" };
     }
-    let end = Millis(now.0 + t.lease_ttl_ms);
+    let end = Millis(arrived.0 + t.lease_ttl_ms);
     push_issued(&mut h.lease, Issued { stamp: now, lease_end: Some(end), members });
-    if h.lease.end(&t).is_none_or(|e| e <= now) {
-        h.lease.held_since = Some(now);
+    if h.lease.end(&t).is_none_or(|e| e <= arrived) {
+        h.lease.held_since = Some(arrived);
     }
-    h.lease.granted_at = Some(now);
+    h.lease.granted_at = Some(h.lease.granted_at.map_or(arrived, |g| g.max(arrived)));
     LeaseAnswer::Granted { stamp: now, ttl_ms: t.lease_ttl_ms }
 }
 
@@ -303,12 +315,12 @@ mod tests {
     fn a_prompt_heartbeat_echoing_our_answer_earns_a_lease_and_the_next_acknowledges_it() {
         let mut s = three_hosts();
         let r = issue_stamp(&mut s, "kvm1", Millis(1_000));
-        let a = on_heartbeat(&mut s, "kvm1", echo(r, 950), Millis(1_960));
+        let a = on_heartbeat(&mut s, "kvm1", echo(r, 950), Millis(1_960), Millis(1_960));
         assert_eq!(a, LeaseAnswer::Granted { stamp: Millis(1_960), ttl_ms: 5_000 });
         assert_eq!(s.liveness("kvm1", Millis(6_959)), HostLiveness::Online);
         assert_eq!(s.liveness("kvm1", Millis(6_960)), HostLiveness::Suspect);
         assert_eq!(s.hosts["kvm1"].lease.acked_end, None, "not acknowledged yet");
-        on_heartbeat(&mut s, "kvm1", echo(a.stamp(), 1_000), Millis(2_970));
+        on_heartbeat(&mut s, "kvm1", echo(a.stamp(), 1_000), Millis(2_970), Millis(2_970));
         assert_eq!(s.hosts["kvm1"].lease.acked_end, Some(Millis(6_960)));
     }
 
@@ -317,14 +329,14 @@ mod tests {
         let mut s = three_hosts();
         let r = issue_stamp(&mut s, "kvm1", Millis(1_000));
         // Held 100 ms, arrived 2 s after the answer: up to 1.9 s in flight.
-        let a = on_heartbeat(&mut s, "kvm1", echo(r, 100), Millis(3_000));
+        let a = on_heartbeat(&mut s, "kvm1", echo(r, 100), Millis(3_000), Millis(3_000));
         assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
         // An echo this leader never sent earns nothing either, nor one of an older leader.
-        let a = on_heartbeat(&mut s, "kvm1", echo(Millis(999), 0), Millis(3_000));
+        let a = on_heartbeat(&mut s, "kvm1", echo(Millis(999), 0), Millis(3_000), Millis(3_000));
         assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
         let stamp = a.stamp();
         s.epoch = 7;
-        let a = on_heartbeat(&mut s, "kvm1", echo(stamp, 0), Millis(3_001));
+        let a = on_heartbeat(&mut s, "kvm1", echo(stamp, 0), Millis(3_001), Millis(3_001));
         assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
         assert_eq!(s.liveness("kvm1", Millis(3_000)), HostLiveness::Suspect);
     }

@@ -4,7 +4,7 @@
 use crate::Refusal;
 use crate::event::EventKind;
 use crate::inventory::{InventoryChange, ReportedDomain};
-use crate::lease::{has_quorum, knows_membership, observe_quorum, quorum_held_for};
+use crate::lease::{current_membership, has_quorum, knows_membership, observe_quorum, quorum_held_for};
 use crate::{
     AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, VmView, placement,
 };
@@ -215,6 +215,7 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
     let mut out = Vec::new();
     let t = state.timings;
     let window = t.lease_ttl_ms + t.fence_margin_ms;
+    let members = current_membership(state);
     let hosts: Vec<String> = state.hosts.keys().cloned().collect();
     for name in hosts {
         let h = &state.hosts[&name];
@@ -241,7 +242,7 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
                     _ => "its agent never said it has one",
                 }
             )),
-            (FencingMode::SelfFence, _) if !knows_membership(state, &name) => Some(
+            (FencingMode::SelfFence, _) if !knows_membership(state, &name, members) => Some(
                 "a host joined or left the cluster since it last answered, so it may count the votes among other \
                  hosts than this controller does and keep its VMs"
                     .to_string(),
@@ -746,6 +747,7 @@ mod tests {
                 s,
                 h,
                 Some(Echo { epoch: 0, stamp, held_ms: t.0.saturating_sub(stamp.0).saturating_sub(5) }),
+                t,
                 t,
             );
             // A heartbeat with its domains, as `Engine::step` records it.

@@ -118,6 +118,9 @@ pub struct Heartbeat {
     /// Domain XML that came with the report and failed them: UUID and why. The VM keeps the
     /// definition accepted before, if any.
     pub xml_refused: Vec<(String, String)>,
+    /// When the controller received it, if earlier than the step that decides it (see
+    /// `lease::on_heartbeat`).
+    pub arrived: Option<Millis>,
     /// The roster version the agent holds (0: none); `None`: an agent that predates rosters,
     /// which gets the whole one every time.
     pub roster_known: Option<u64>,
@@ -542,7 +545,7 @@ impl Engine {
         let s = &mut self.cluster;
         // After the report: a host declared dead earns a lease again only with a report of its
         // domains, and this one may be it.
-        let answer = lease::on_heartbeat(s, &host, hb.echo, now);
+        let answer = lease::on_heartbeat(s, &host, hb.echo, hb.arrived.unwrap_or(now), now);
         if let (LeaseAnswer::Granted { .. }, true, Some(h)) = (&answer, reported, s.hosts.get_mut(&host)) {
             h.reported_at = Some(now);
         }
@@ -1429,6 +1432,7 @@ mod tests {
             xml: Vec::new(),
             xml_refused: Vec::new(),
             roster_known: None,
+            arrived: None,
         }
     }
 

@@ -110,6 +110,7 @@ fn input() -> impl Strategy<Value = Input> {
                     .collect(),
                 // Any version an agent may claim, the current one or not.
                 roster_known: echo.map(|(_, stamp, _)| stamp % 5),
+                arrived: None,
                 domains,
                 host,
             })),

@@ -119,6 +119,9 @@ enum Event {
         life: u64,
         stale: bool,
         armed: bool,
+        /// When the controller received it; it is decided a little later, after the heartbeats
+        /// queued before it (`None`: still on the wire).
+        arrived: Option<u64>,
     },
     /// The leader's answer reaches the agent.
     Answer {
@@ -474,7 +477,10 @@ impl Sim {
             let armed = a.watchdog_deadline.is_some();
             if self.leader_reachable(h) {
                 let d = self.delay();
-                self.at(now + d, Event::Heartbeat { host: h, sent_at: now, echo, life, stale, armed });
+                self.at(
+                    now + d,
+                    Event::Heartbeat { host: h, sent_at: now, echo, life, stale, armed, arrived: None },
+                );
             }
         }
         let decision = self.agents[h].keeper.tick(Millis(now));
@@ -628,16 +634,23 @@ impl Sim {
     fn handle(&mut self, e: Event) {
         match e {
             Event::Fault(f) => self.fault(f),
-            Event::Heartbeat { host, sent_at, echo, life, stale, armed } => {
+            Event::Heartbeat { host, sent_at, echo, life, stale, armed, arrived } => {
                 if self.now < self.paused_until {
                     // A stopped controller reads it when it runs again.
                     let t = self.paused_until;
-                    self.at(t, Event::Heartbeat { host, sent_at, echo, life, stale, armed });
+                    self.at(t, Event::Heartbeat { host, sent_at, echo, life, stale, armed, arrived });
                     return;
                 }
                 if !self.leader_reachable(host) {
                     return;
                 }
+                let Some(arrived) = arrived else {
+                    // Read now, decided once the heartbeats before it are: up to 60 ms later.
+                    let t = self.now + self.rand(61);
+                    let arrived = Some(self.now);
+                    self.at(t, Event::Heartbeat { host, sent_at, echo, life, stale, armed, arrived });
+                    return;
+                };
                 let watchdog = if armed {
                     Watchdog::Armed { device: "/dev/watchdog".into(), timeout_ms: self.profile.watchdog_ms() }
                 } else {
@@ -669,6 +682,7 @@ impl Sim {
                     xml: Vec::new(),
                     xml_refused: Vec::new(),
                     roster_known: Some(self.agents[host].roster.version),
+                    arrived: Some(Millis(arrived)),
                 };
                 let Reply::Lease(reply) = self.step(Input::Heartbeat(hb)) else { return };
                 let (answer, next_in, hosts) = (reply.answer, reply.next_in_ms, reply.cluster_hosts as usize);

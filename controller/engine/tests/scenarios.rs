@@ -905,6 +905,7 @@ impl World {
             xml,
             xml_refused: Vec::new(),
             roster_known: None,
+            arrived: None,
         }
     }
 
