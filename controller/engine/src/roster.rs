@@ -44,7 +44,9 @@ pub enum RosterUpdate {
 }
 
 /// How many versions' changes are remembered: an agent further behind gets the whole roster.
-const KEPT: usize = 64;
+/// A script protecting thousands of VMs makes dozens of versions a second; an agent a
+/// heartbeat behind must still get changes, or every answer carries the whole roster.
+const KEPT: usize = 1024;
 
 /// One version's changes from the one before.
 #[derive(Clone, Debug)]
@@ -117,9 +119,10 @@ impl RosterBook {
             return RosterUpdate::Unchanged { version: known };
         }
         // Versions count up by one, and every version after the first kept its changes.
-        let Some(start) = self.edits.iter().position(|e| Some(e.to) == known.checked_add(1)) else {
+        let start = self.edits.partition_point(|e| Some(e.to) < known.checked_add(1));
+        if self.edits.get(start).is_none_or(|e| Some(e.to) != known.checked_add(1)) {
             return RosterUpdate::Whole(current);
-        };
+        }
         let mut peers: BTreeMap<String, Option<String>> = BTreeMap::new();
         let mut protected: BTreeMap<String, bool> = BTreeMap::new();
         for e in self.edits.iter().skip(start) {
