@@ -205,11 +205,11 @@ impl From<tonic::Status> for Failure {
             Code::NotFound => 3,
             Code::FailedPrecondition | Code::AlreadyExists | Code::PermissionDenied | Code::Aborted => 4,
             Code::Unavailable | Code::DeadlineExceeded => 5,
-            // The connection broke under the call (a controller killed mid-answer): it cannot
-            // be reached, like any other.
+            // The connection broke under the call or mid-stream (a controller killed while it
+            // answered): it cannot be reached, like any other.
             Code::Unknown
-                if std::error::Error::source(&s)
-                    .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some()) =>
+                if std::iter::successors(std::error::Error::source(&s), |e| e.source())
+                    .any(|e| e.is::<tonic::transport::Error>() || e.is::<std::io::Error>()) =>
             {
                 5
             }

@@ -140,6 +140,17 @@ pub async fn run(
                         Ok(None) => {
                             break Failure::from(tonic::Status::unavailable("the drain's stream ended"));
                         }
+                        // The controller sends no Unknown of its own: a stream that breaks so
+                        // lost its connection (the controller was killed while it streamed).
+                        Err(status) if status.code() == tonic::Code::Unknown => {
+                            break Failure {
+                                message: format!(
+                                    "the connection to the controller broke: {}",
+                                    status.message()
+                                ),
+                                exit_code: UNAVAILABLE,
+                            };
+                        }
                         Err(status) => break Failure::from(status),
                     }
                 }
