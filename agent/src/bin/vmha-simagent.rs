@@ -34,8 +34,8 @@ use vmha_proto::v1::command::Kind;
 use vmha_proto::v1::operator_service_client::OperatorServiceClient;
 use vmha_proto::v1::peer_service_server::PeerServiceServer;
 use vmha_proto::v1::{
-    CommandsRequest, HeartbeatRequest, HostFacts, OperationResult, RegisterRequest, SetProtectionRequest,
-    WatchdogStatus,
+    CommandsRequest, DomainState, HeartbeatRequest, HostFacts, OperationResult, RegisterRequest,
+    SetProtectionRequest, WatchdogStatus,
 };
 use vmha_tls::Transport;
 
@@ -452,20 +452,35 @@ fn fenced(sim: &Sim) -> usize {
         .count()
 }
 
-/// Cuts the power of the last `n` live hosts, then waits for their protected VMs' starts.
+/// Cuts the power of the last `n` live hosts that run protected VMs, then waits for those
+/// VMs' starts elsewhere.
 async fn kill(sim: Arc<Sim>, n: usize) {
     let killed_at = unix_ms();
-    let victims: Vec<Arc<SimHost>> =
-        sim.hosts.iter().rev().filter(|h| h.alive.load(Ordering::Relaxed)).take(n).cloned().collect();
-    for h in &victims {
+    // What runs protected now: a VM protected on one host may have been restarted on another
+    // since (its first host self-fenced).
+    let all_protected: HashSet<&String> = sim.hosts.iter().flat_map(|h| &h.protected).collect();
+    let protected_on = |h: &SimHost| -> Vec<String> {
+        (h.hv.domains().unwrap_or_default().into_iter())
+            .filter(|d| d.state == DomainState::Running as i32 && all_protected.contains(&d.uuid))
+            .map(|d| d.uuid)
+            .collect()
+    };
+    let victims: Vec<(Arc<SimHost>, Vec<String>)> = (sim.hosts.iter().rev())
+        .filter(|h| h.alive.load(Ordering::Relaxed))
+        .map(|h| (h.clone(), protected_on(h)))
+        .filter(|(_, p)| !p.is_empty())
+        .take(n)
+        .collect();
+    for (h, _) in &victims {
         h.alive.store(false, Ordering::Relaxed);
         for t in lock(&h.tasks).drain(..) {
             t.abort();
         }
     }
-    let lease_end = victims.iter().map(|h| h.lease_end_unix_ms.load(Ordering::Relaxed)).max().unwrap_or(0);
-    let protected: Vec<String> = victims.iter().flat_map(|h| h.protected.clone()).collect();
-    let names: Vec<&str> = victims.iter().map(|h| h.name.as_str()).collect();
+    let lease_end =
+        victims.iter().map(|(h, _)| h.lease_end_unix_ms.load(Ordering::Relaxed)).max().unwrap_or(0);
+    let protected: Vec<String> = victims.iter().flat_map(|(_, p)| p.clone()).collect();
+    let names: Vec<&str> = victims.iter().map(|(h, _)| h.name.as_str()).collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     let (started, last) = loop {
         let seen: Vec<u64> = {
