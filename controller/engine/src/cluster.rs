@@ -284,6 +284,11 @@ pub struct SecondCopy {
 }
 
 impl VmView {
+    /// The hosts where a copy of it may run: where it is placed, and a second copy's host.
+    pub fn hosts_near(&self) -> impl Iterator<Item = &String> {
+        self.host.iter().chain(self.second_copy.as_ref().map(|c| &c.host))
+    }
+
     pub fn new(uuid: &str, name: &str) -> VmView {
         VmView {
             uuid: uuid.into(),
@@ -399,7 +404,7 @@ impl ClusterState {
     pub fn index_vms(&mut self) {
         let mut near = Some(BTreeMap::new());
         for vm in self.vms.values() {
-            for host in vm.host.iter().chain(vm.second_copy.as_ref().map(|c| &c.host)) {
+            for host in vm.hosts_near() {
                 note_near(&mut near, host, &vm.uuid);
             }
         }
@@ -408,9 +413,7 @@ impl ClusterState {
 
     /// The VMs placed on `host` or running a second copy there, in UUID order.
     pub fn vms_near(&mut self, host: &str) -> Vec<String> {
-        let on = |vm: &VmView| {
-            vm.host.as_deref() == Some(host) || vm.second_copy.as_ref().is_some_and(|c| c.host == host)
-        };
+        let on = |vm: &VmView| vm.hosts_near().any(|h| h == host);
         let vms = &self.vms;
         match self.near.as_mut() {
             None => vms.values().filter(|v| on(v)).map(|v| v.uuid.clone()).collect(),
@@ -427,7 +430,7 @@ impl ClusterState {
     pub fn check_near(&self) -> Result<(), String> {
         let Some(near) = &self.near else { return Ok(()) };
         for vm in self.vms.values() {
-            for host in vm.host.iter().chain(vm.second_copy.as_ref().map(|c| &c.host)) {
+            for host in vm.hosts_near() {
                 if !near.get(host).is_some_and(|n| n.contains(&vm.uuid)) {
                     return Err(format!("VM {} is on {host} but the index does not say so", vm.uuid));
                 }

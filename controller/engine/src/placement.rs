@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use crate::{AdminState, ClusterState, HostLiveness, Millis, VmView};
 
 /// What every host runs and is promised, as of one decision.
-struct Usage<'a> {
+pub struct Usage<'a> {
     /// By host: vCPUs and memory (KiB) of the VMs with a process there.
     running: HashMap<&'a str, (u32, u64)>,
     /// By host: vCPUs and memory promised by restarts and migrations in flight, which its
@@ -23,7 +23,7 @@ struct Usage<'a> {
 }
 
 impl<'a> Usage<'a> {
-    fn of(state: &'a ClusterState) -> Usage<'a> {
+    pub fn of(state: &'a ClusterState) -> Usage<'a> {
         let mut drains: HashMap<&str, &str> = HashMap::new();
         for d in state.hosts.values().filter_map(|h| h.drain.as_ref()) {
             for step in &d.steps {
@@ -141,9 +141,10 @@ fn unfit(
     None
 }
 
-/// Whether `host` can take `vm` now.
-pub fn fits(state: &ClusterState, vm: &VmView, host: &str, now: Millis) -> bool {
-    state.hosts.contains_key(host) && unfit(state, &Usage::of(state), vm, host, now, &[]).is_none()
+/// Whether `host` can take `vm` now; `usage` is `Usage::of(state)`, taken once by a caller that
+/// asks about many VMs.
+pub fn fits(state: &ClusterState, usage: &Usage, vm: &VmView, host: &str, now: Millis) -> bool {
+    state.hosts.contains_key(host) && unfit(state, usage, vm, host, now, &[]).is_none()
 }
 
 /// The host to start `vm` on, or why none fits (one clause per host).

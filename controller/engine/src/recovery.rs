@@ -295,6 +295,8 @@ fn schedule_failback(state: &ClusterState, now: Millis, out: &mut Vec<Action>) {
     if state.vms.values().any(|v| v.busy_with.is_some()) {
         return;
     }
+    // Summed only once a VM gets as far as asking, and then once for all of them.
+    let usage = std::cell::OnceCell::new();
     let due = state.vms.values().find(|v| {
         let Some(p) = v.preferred_host.as_deref() else { return false };
         let settled = state
@@ -306,7 +308,7 @@ fn schedule_failback(state: &ClusterState, now: Millis, out: &mut Vec<Action>) {
             && v.host.as_deref().is_some_and(|h| h != p)
             && settled
             && state.liveness(p, now) == HostLiveness::Online
-            && placement::fits(state, v, p, now)
+            && placement::fits(state, usage.get_or_init(|| placement::Usage::of(state)), v, p, now)
     });
     if let Some((v, host)) = due.and_then(|v| Some((v, v.preferred_host.clone()?))) {
         out.push(Action::Migrate { vm_uuid: v.uuid.clone(), vm_name: v.name.clone(), host, why: "failback" });
