@@ -550,12 +550,12 @@ impl Controller {
         lock(&self.ended).iter().rev().find(|op| op.id == id).cloned()
     }
 
-    /// Operations in flight, for `vmha status` and drain progress.
     /// Tells when a host's work or an operation's progress changed.
     pub fn watch_work(&self) -> watch::Receiver<u64> {
         self.work_changed.subscribe()
     }
 
+    /// Operations in flight, for `vmha status` and drain progress.
     pub fn active_operations(&self) -> Vec<pb::Operation> {
         lock(&self.watched).values().map(|f| f.view.borrow().clone()).collect()
     }

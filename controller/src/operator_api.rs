@@ -456,7 +456,10 @@ impl OperatorService for OperatorApi {
                 let named = host.clone();
                 let drain = match c.read(move |s| s.hosts.get(&named).and_then(|h| h.drain.clone())).await {
                     Ok(d) => d.map(|d| views::drain(&host, &d)),
-                    Err(e) => return drop(tx.send(Err(e.into())).await),
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
                 };
                 let operations = c
                     .active_operations()
