@@ -280,7 +280,13 @@ impl Controller {
         let mut queue = VecDeque::from([input]);
         let mut first = None;
         while let Some(input) = queue.pop_front() {
+            let (kind, started) = (input_kind(&input), std::time::Instant::now());
             let out = engine.step(input, self.now());
+            let took = started.elapsed();
+            if took > SLOW_STEP {
+                // Every input waits behind this one, heartbeats included: worth a line.
+                tracing::warn!(input = kind, took_ms = took.as_millis() as u64, "slow decision step");
+            }
             // Queued in the order the state changed: the database never sees an older row
             // after a newer one.
             let recording = self.persist(engine, &out);
@@ -602,5 +608,20 @@ fn new_event(e: &Event) -> NewEvent {
         kind: e.kind.as_str(),
         message: e.message.clone(),
         actor: e.actor.clone(),
+    }
+}
+
+/// A step longer than this is logged: every heartbeat queues behind it.
+const SLOW_STEP: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn input_kind(input: &Input) -> &'static str {
+    match input {
+        Input::Register(_) => "register",
+        Input::Heartbeat(_) => "heartbeat",
+        Input::Recorded(_) => "recorded",
+        Input::Result { .. } => "result",
+        Input::FenceResult { .. } => "fence result",
+        Input::Operator { .. } => "operator request",
+        Input::Tick => "tick",
     }
 }

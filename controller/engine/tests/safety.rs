@@ -553,6 +553,7 @@ impl Sim {
         while let Some(input) = queue.pop_front() {
             let out = self.leader.step(input, Millis(self.now));
             self.leader.cluster.check_near().expect("the index of VMs by host is complete");
+            self.leader.check_persisted().expect("every change is persisted");
             let reply = self.carry_out(out, &mut queue);
             first.get_or_insert(reply);
         }
@@ -705,20 +706,18 @@ impl Sim {
                         let a = &mut self.agents[host];
                         // Changes from another version than the one held: the whole answer is
                         // refused (not echoed), as the agent does.
-                        let Some(held) = roster::apply(&a.roster, &roster.0) else {
+                        if !roster::apply(&mut a.roster, &roster.0) {
                             a.roster.version = 0;
                             return;
-                        };
+                        }
                         assert_eq!(
-                            held, *roster.1,
+                            a.roster, *roster.1,
                             "the agent's roster is the leader's after {:?}",
                             roster.0
                         );
-                        a.protected = held.protected.iter().map(|u| vm_index(u)).collect();
-                        a.keeper.set_peers(
-                            held.peers.iter().map(|(p, _)| p.clone()).filter(|p| *p != host_name(host)),
-                        );
-                        a.roster = held;
+                        a.protected = a.roster.protected.iter().map(|u| vm_index(u)).collect();
+                        let peers = a.roster.peers.iter().map(|(p, _)| p.clone());
+                        a.keeper.set_peers(peers.filter(|p| *p != host_name(host)));
                         a.last_answer = Some((epoch, answer.stamp(), self.now));
                         match answer {
                             LeaseAnswer::Granted { ttl_ms, .. } => a

@@ -527,6 +527,7 @@ impl World {
     fn step(&mut self, input: Input) -> Reply {
         let out = self.engine.step(input, Millis(self.now));
         self.engine.cluster.check_near().expect("the index of VMs by host is complete");
+        self.engine.check_persisted().expect("every change is persisted");
         self.db.apply(&self.engine, &out.persist);
         self.events(&out.events);
         // The database is always there: a recorded operation's command goes out at once.
