@@ -200,13 +200,14 @@ impl LeaseShell {
         update: RosterUpdate,
     ) -> Result<(), AnswerRefused> {
         let mut held = lock(&self.roster);
-        let Some(roster) = vmha_engine::roster::apply(&held, &update) else {
-            let base = held.version;
+        let mut k = self.keeper();
+        // Before the roster: a deposed leader's list must not replace the current one's.
+        k.see_epoch(epoch)?;
+        let base = held.version;
+        if !vmha_engine::roster::apply(&mut held, &update) {
             held.version = 0;
             return Err(AnswerRefused::RosterBase { held: base });
-        };
-        let mut k = self.keeper();
-        k.see_epoch(epoch)?;
+        }
         if ttl_ms > 0 {
             if matches!(k.phase(), Phase::Fenced { .. } | Phase::Keeping { .. }) {
                 tracing::warn!("lease regained");
@@ -223,22 +224,29 @@ impl LeaseShell {
             k.set_cluster_hosts(cluster_hosts);
             drop(k);
         }
-        if roster.version == held.version {
-            return Ok(());
+        let (peers_changed, protected_changed) = match &update {
+            RosterUpdate::Unchanged { .. } => (false, false),
+            RosterUpdate::Whole(_) => (true, true),
+            RosterUpdate::Changes {
+                peers_set, peers_removed, protected_added, protected_removed, ..
+            } => (
+                !peers_set.is_empty() || !peers_removed.is_empty(),
+                !protected_added.is_empty() || !protected_removed.is_empty(),
+            ),
+        };
+        if peers_changed {
+            let peers: Vec<Peer> = (held.peers.iter())
+                .filter(|(host, _)| *host != self.host)
+                .map(|(host, address)| Peer { host: host.clone(), address: address.clone() })
+                .collect();
+            self.keeper().set_peers(peers.iter().map(|p| p.host.clone()));
+            *lock(&self.peers) = peers;
         }
-        let peers: Vec<Peer> = (roster.peers.iter())
-            .filter(|(host, _)| *host != self.host)
-            .map(|(host, address)| Peer { host: host.clone(), address: address.clone() })
-            .collect();
-        self.keeper().set_peers(peers.iter().map(|p| p.host.clone()));
-        *lock(&self.peers) = peers;
-        let protected: BTreeSet<String> = roster.protected.iter().cloned().collect();
         let mut known = lock(&self.protected);
-        if *known != protected {
-            self.save("protected", protected.iter().map(|u| format!("{u}\n")).collect());
-            *known = protected;
+        if protected_changed && !known.iter().eq(held.protected.iter()) {
+            *known = held.protected.iter().cloned().collect();
+            self.save("protected", known.iter().map(|u| format!("{u}\n")).collect());
         }
-        *held = roster;
         Ok(())
     }
 
@@ -447,15 +455,19 @@ impl LeaseShell {
             asks.spawn(async move {
                 let answer = tokio::time::timeout(timeout, async {
                     let channel = shell.channel(&p, &transport, timeout).await?;
-                    PeerServiceClient::new(channel).lease_status(LeaseStatusRequest {}).await.ok().map(|r| r.into_inner())
+                    Some(PeerServiceClient::new(channel).lease_status(LeaseStatusRequest {}).await)
                 })
-                .await
-                .ok()
-                .flatten();
-                let Some(answer) = answer else {
-                    // Connected anew at the next poll that asks it.
-                    lock(&shell.channels).remove(&(p.host.clone(), p.address.clone()));
-                    return None;
+                .await;
+                let answer = match answer {
+                    Ok(Some(Ok(answer))) => answer.into_inner(),
+                    // A peer that answers late is busy, not gone: its connection is kept (tonic
+                    // reconnects a broken one by itself). Dropping it made every slow answer cost
+                    // a new connection, and under load the polls fed on themselves.
+                    Err(_) | Ok(None) => return None,
+                    Ok(Some(Err(_))) => {
+                        lock(&shell.channels).remove(&(p.host.clone(), p.address.clone()));
+                        return None;
+                    }
                 };
                 if answer.host != p.host {
                     tracing::warn!(peer = %p.host, answered_for = %answer.host, "ignoring a peer's answer for another host");

@@ -78,6 +78,9 @@ struct Tally {
     /// Peer polls answered by any simulated host: in this period, and since `mark`.
     peer_polls: AtomicU64,
     peer_polls_marked: AtomicU64,
+    /// The most file descriptors this process held at once since `mark`: all the simulated
+    /// hosts' peer connections, both ends, share one process's limit.
+    open_files_marked: AtomicU64,
     /// When the current report period began.
     period: Mutex<Instant>,
 }
@@ -115,6 +118,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
+    // The lease state machines' own lines (why a host self-fenced) go to the log; only errors
+    // unless VMHA_SIM_LOG says more (a filter like RUST_LOG): a thousand hosts' warnings
+    // would drown it.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMHA_SIM_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .with_ansi(false)
+        .init();
     let facts = HostFacts {
         cpus: 64,
         memory_total_kib: 512 << 20,
@@ -156,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
         latencies_us: Mutex::default(),
         peer_polls: AtomicU64::default(),
         peer_polls_marked: AtomicU64::default(),
+        open_files_marked: AtomicU64::default(),
         period: Mutex::new(Instant::now()),
     };
     let sim = Arc::new(Sim { flags, tally, hosts, starts: Mutex::default() });
@@ -203,7 +216,11 @@ fn start_host(sim: &Arc<Sim>, host: &Arc<SimHost>, port: u16) -> anyhow::Result<
         }
     }));
     let hv: Arc<dyn Hypervisor> = Arc::new(host.hv.clone());
-    tasks.push(tokio::spawn(host.lease.clone().run(hv, Transport::InsecureDev)));
+    let span = tracing::error_span!("sim", host = %host.name);
+    tasks.push(tokio::spawn(tracing::Instrument::instrument(
+        host.lease.clone().run(hv, Transport::InsecureDev),
+        span,
+    )));
     let (sim, host_) = (sim.clone(), host.clone());
     tasks.push(tokio::spawn(async move {
         loop {
@@ -426,14 +443,26 @@ async fn commands_from_stdin(sim: Arc<Sim>) {
             ["stats"] => report(&sim),
             ["mark"] => {
                 sim.tally.peer_polls_marked.store(0, Ordering::Relaxed);
+                sim.tally.open_files_marked.store(0, Ordering::Relaxed);
                 marked = (Instant::now(), fenced(&sim));
             }
             ["polls"] => {
                 let polls = sim.tally.peer_polls_marked.load(Ordering::Relaxed);
                 let secs = marked.0.elapsed().as_secs_f64();
+                let open = sim.tally.open_files_marked.load(Ordering::Relaxed);
+                let limit = open_files_limit().unwrap_or(u64::MAX);
+                // Past 90% of the limit, peer connections were surely refused somewhere: the
+                // self-fences then say what this one process can simulate, not what agents on
+                // their own hosts would do.
+                let short = if open * 10 >= limit * 9 {
+                    " (NEAR THE LIMIT: peer connections were refused for lack of file descriptors; these \
+                     self-fences are the simulation's limit, not the agents')"
+                } else {
+                    ""
+                };
                 println!(
                     "simagent: since the mark ({secs:.1} s): {polls} peer polls, {:.0} per second; {} hosts \
-                     self-fenced ({} before the mark)",
+                     self-fenced ({} before the mark); at most {open} files open of the {limit} allowed{short}",
                     polls as f64 / secs,
                     fenced(&sim),
                     marked.1
@@ -502,16 +531,27 @@ async fn kill(sim: Arc<Sim>, n: usize) {
     );
 }
 
-/// Notes every host that self-fences, however briefly.
+/// Notes every host that self-fences, however briefly, and (every second) the files open.
 async fn watch_fences(sim: Arc<Sim>) {
-    loop {
+    for round in 0u64.. {
         for h in &sim.hosts {
             if h.lease.self_fenced() {
                 h.ever_fenced.store(true, Ordering::Relaxed);
             }
         }
+        if round % 20 == 0 {
+            let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+            sim.tally.open_files_marked.fetch_max(open, Ordering::Relaxed);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The soft limit on this process's open files, from /proc/self/limits.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Prints the heartbeat figures since the last report, and starts a new period.

@@ -8,7 +8,7 @@
 //! answered (tested below against random histories): `HostView::protection_known` relies on
 //! every acknowledged answer having listed every VM protected by then.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::ClusterState;
@@ -164,31 +164,45 @@ fn changed<V: Clone + PartialEq>(old: &[(String, V)], new: &[(String, V)]) -> Ve
     out
 }
 
-/// An agent's copy brought up to date by `update` (what the agent does; here for the tests and
-/// the simulator). `None`: the update does not apply to `copy` (it starts from another version).
-pub fn apply(copy: &Roster, update: &RosterUpdate) -> Option<Roster> {
+/// Brings an agent's copy to the leader's, in place; `false` (the copy untouched) when the
+/// changes start from another version than the one held. An answer whose roster did not change
+/// costs nothing, and one with k changes O(k log n + n) moves, no clone of the rest: at 1000
+/// hosts with 4000 protected VMs, copying the roster for every answer cost more than the
+/// lease itself.
+pub fn apply(copy: &mut Roster, update: &RosterUpdate) -> bool {
     match update {
-        RosterUpdate::Unchanged { version } => (*version == copy.version).then(|| copy.clone()),
-        RosterUpdate::Whole(r) => Some((**r).clone()),
+        RosterUpdate::Unchanged { version } => *version == copy.version,
+        RosterUpdate::Whole(r) => {
+            copy.clone_from(r);
+            true
+        }
         RosterUpdate::Changes { from, to, peers_set, peers_removed, protected_added, protected_removed } => {
             if *from != copy.version {
-                return None;
+                return false;
             }
-            let mut peers: BTreeMap<String, String> = copy.peers.iter().cloned().collect();
-            peers.extend(peers_set.iter().cloned());
-            for h in peers_removed {
-                peers.remove(h);
+            // Both lists stay sorted by name: set or insert, then drop the removed.
+            for (host, address) in peers_set {
+                match copy.peers.binary_search_by(|(h, _)| h.cmp(host)) {
+                    Ok(i) => copy.peers[i].1.clone_from(address),
+                    Err(i) => copy.peers.insert(i, (host.clone(), address.clone())),
+                }
             }
-            let mut protected: std::collections::BTreeSet<String> = copy.protected.iter().cloned().collect();
-            protected.extend(protected_added.iter().cloned());
-            for u in protected_removed {
-                protected.remove(u);
+            if !peers_removed.is_empty() {
+                let gone: BTreeSet<&String> = peers_removed.iter().collect();
+                copy.peers.retain(|(h, _)| !gone.contains(h));
             }
-            Some(Roster {
-                version: *to,
-                peers: peers.into_iter().collect(),
-                protected: protected.into_iter().collect(),
-            })
+            if !protected_added.is_empty() {
+                copy.protected.extend(protected_added.iter().cloned());
+                // Two sorted runs: the stable sort merges them in one pass.
+                copy.protected.sort();
+                copy.protected.dedup();
+            }
+            if !protected_removed.is_empty() {
+                let gone: BTreeSet<&String> = protected_removed.iter().collect();
+                copy.protected.retain(|u| !gone.contains(u));
+            }
+            copy.version = *to;
+            true
         }
     }
 }
@@ -231,8 +245,9 @@ mod tests {
             for back in lag {
                 let held = &history[history.len().saturating_sub(1 + back)];
                 let update = book.update_for(&s, held.version);
-                let got = apply(held, &update);
-                prop_assert_eq!(got.as_ref(), Some(&*now), "from version {} by {:?}", held.version, update);
+                let mut got = held.clone();
+                prop_assert!(apply(&mut got, &update), "from version {} by {:?}", held.version, update);
+                prop_assert_eq!(&got, &*now, "from version {} by {:?}", held.version, update);
             }
         }
     }
