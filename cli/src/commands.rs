@@ -81,6 +81,11 @@ enum Verb {
         /// migration once that host is healthy again ("" clears it).
         #[arg(long, value_name = "HOST")]
         prefer: Option<String>,
+        /// Protect it even if losing its host (and the worst others, up to the controller's
+        /// --reserve-hosts) would leave a protected VM with nowhere to restart; the override
+        /// is recorded and `vmha status` shows it.
+        #[arg(long)]
+        force: bool,
     },
     /// Stop protecting a VM (it keeps running where it is).
     Unprotect {
@@ -399,7 +404,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let v = c.get_vm(GetVmRequest { vm }).await?.into_inner();
             show_vm(fmt, &v);
         }
-        Verb::Protect { vm, priority, anti_affinity, hosts, prefer } => {
+        Verb::Protect { vm, priority, anti_affinity, hosts, prefer, force } => {
             let allowed_hosts: Vec<String> =
                 hosts.clone().unwrap_or_default().into_iter().filter(|h| !h.is_empty()).collect();
             let req = SetProtectionRequest {
@@ -410,6 +415,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 set_allowed_hosts: hosts.is_some(),
                 allowed_hosts,
                 preferred_host: prefer,
+                force,
             };
             let v = c.set_protection(req).await?.into_inner();
             show_vm(fmt, &v);
@@ -577,6 +583,7 @@ fn show_vm(fmt: Format, v: &Vm) {
                 ("allowed hosts", v.allowed_hosts.join(",")),
                 ("preferred host", v.preferred_host.clone()),
                 ("not running", v.why_not_running.clone()),
+                ("FORCED", v.admission_override.clone()),
             ];
             for (k, val) in extra.iter().filter(|(_, val)| !val.is_empty()) {
                 println!("{k:>14}: {val}");

@@ -550,6 +550,7 @@ fn an_isolated_host_fences_itself_and_is_replaced(lab: &Lab) {
     lab.settle();
     let victim = lab.protect_known("dns1", "100");
     let resets = lab.watchdog_resets(&victim);
+    let last_event = last_event_id(lab);
     let watch = DoubleRunWatch::start();
     let started = Instant::now();
     lab_verb("cut", &[&victim]);
@@ -575,6 +576,14 @@ fn an_isolated_host_fences_itself_and_is_replaced(lab: &Lab) {
     assert!(doubles.is_empty(), "ran twice: {doubles:?}");
     assert_eq!(running_on("dns1").len(), 1);
     settled.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    // Back in touch, its agent says it fenced itself, and the log says so (a host its
+    // watchdog reset comes back with a fresh agent, which has nothing to say).
+    let said = lab.events().into_iter().any(|e| {
+        e["id"].as_i64().unwrap() > last_event
+            && e["kind"] == "self_fenced"
+            && e["subject"] == victim.as_str()
+    });
+    assert!(said || reset, "no self_fenced event for {victim} after it was cut off");
 }
 
 /// Both controllers are stopped (SIGSTOP) for more than three lease TTLs: the hosts lose
@@ -616,7 +625,7 @@ fn assert_no_action_since(lab: &Lab, last_event: i64) {
         .iter()
         .filter(|e| {
             let kind = e["kind"].as_str().unwrap();
-            ["host_dead", "vm_stopped"].contains(&kind)
+            ["host_dead", "vm_stopped", "self_fenced"].contains(&kind)
                 || kind.starts_with("restart")
                 || kind.starts_with("migration")
         })
@@ -749,6 +758,48 @@ fn a_drain_without_room_ends_incomplete_and_stops_nothing(lab: &Lab) {
     }
     assert_eq!(host_json(lab, host)["admin_state"], "draining", "not in maintenance");
     lab.vmha_ok(&["host", "undrain", host]);
+}
+
+/// Admission control with the default one-host reserve: with room for one 64 MiB guest on
+/// each other host, protecting the three guests of kvm1 is refused at the third, with the
+/// numbers; `--force` protects it, and `vm show` and `status` say so.
+fn protecting_beyond_the_host_reserve_is_refused_unless_forced(lab: &Lab) {
+    lab.settle();
+    let host = "kvm1";
+    for vm in GUESTS {
+        lab.vmha_ok(&["unprotect", vm]);
+        place(lab, vm, host);
+    }
+    lab.vmha_ok(&["host", "limit", "kvm2", "--memory", "64"]);
+    lab.vmha_ok(&["host", "limit", "kvm3", "--memory", "64"]);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lab.vmha_ok(&["protect", "dns1"]);
+        lab.vmha_ok(&["protect", "dns2"]);
+        let out = lab.vmha(&["protect", "radius1"]);
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(4), "refused as a failed precondition: {said}");
+        for part in
+            ["would break the host reserve", "if kvm1 failed", "limit in use, needs 64 MiB", "--force"]
+        {
+            assert!(said.contains(part), "the refusal says '{part}': {said}");
+        }
+        assert_eq!(lab.json(&["vm", "show", "radius1"])["protected"], false, "nothing changed");
+        lab.vmha_ok(&["protect", "radius1", "--force"]);
+        let vm = lab.json(&["vm", "show", "radius1"]);
+        assert_eq!(vm["protected"], true);
+        assert!(vm["admission_override"].as_str().unwrap().contains("if kvm1 failed"), "{vm}");
+        let warnings = lab.json(&["status"])["warnings"].to_string();
+        assert!(
+            warnings.contains("radius1 was protected with --force beyond the host reserve"),
+            "{warnings}"
+        );
+        assert!(warnings.contains("BELOW THE 1-HOST RESERVE"), "{warnings}");
+        println!("  refused without --force: {}", said.trim());
+    }));
+    lab.vmha_ok(&["unprotect", "radius1"]);
+    lab.vmha_ok(&["host", "limit", "kvm2", "--memory", "0"]);
+    lab.vmha_ok(&["host", "limit", "kvm3", "--memory", "0"]);
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e));
 }
 
 fn a_failing_check_degrades_and_empties_a_host(lab: &Lab) {
@@ -2051,7 +2102,7 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 24] = [
+    let scenarios: [Scenario; 25] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -2073,6 +2124,10 @@ fn main() {
         (
             "a_drain_without_room_ends_incomplete_and_stops_nothing",
             a_drain_without_room_ends_incomplete_and_stops_nothing,
+        ),
+        (
+            "protecting_beyond_the_host_reserve_is_refused_unless_forced",
+            protecting_beyond_the_host_reserve_is_refused_unless_forced,
         ),
         ("a_failing_check_degrades_and_empties_a_host", a_failing_check_degrades_and_empties_a_host),
         (

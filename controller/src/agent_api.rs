@@ -162,6 +162,7 @@ impl AgentService for AgentApi {
             xml,
             xml_refused,
             roster_known: r.roster_version,
+            self_fenced: r.self_fenced,
             arrived,
         };
         let c = self.controller()?;

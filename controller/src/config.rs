@@ -80,6 +80,11 @@ pub struct Flags {
     /// Restarts in flight at once after a host failure.
     #[arg(long, default_value_t = 4)]
     pub max_parallel_starts: usize,
+    /// Admission control (N+k): `vmha protect` is refused (unless --force) when losing the VM's
+    /// host and the K-1 others that run the most protected memory would leave a protected VM
+    /// with nowhere to restart, and `vmha status` warns while the cluster is short. 0: no check.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub reserve_hosts: usize,
     /// Let a live migration that does not converge switch to post-copy (the guest runs on the
     /// target while the rest of its memory follows; a network failure then loses the guest).
     #[arg(long)]

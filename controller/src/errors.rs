@@ -87,6 +87,7 @@ pub fn refusal(r: Refusal) -> Status {
         Refusal::AmbiguousVm { .. } => Status::invalid_argument(r.to_string()),
         Refusal::TooManyHosts { .. } => Status::resource_exhausted(r.to_string()),
         Refusal::NotExecutor { .. } => Status::permission_denied(r.to_string()),
+        Refusal::BeyondReserve { .. } => Status::failed_precondition(r.to_string()),
         Refusal::AlreadyOnTarget { .. }
         | Refusal::NotPlaced { .. }
         | Refusal::NotRunning { .. }

@@ -51,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
     let policy = Policy {
         max_relocate: flags.max_relocate,
         max_parallel_starts: flags.max_parallel_starts,
+        reserve_hosts: flags.reserve_hosts,
         failback_after_ms: flags.failback_after.map(|d| d.as_millis() as u64),
         migrations_per_host: flags.migrations_per_host,
         migrations_per_cluster: flags.migrations_per_cluster,

@@ -178,7 +178,7 @@ impl OperatorService for OperatorApi {
                     s.vms.values().filter(|v| v.protected).count() as u32,
                     down,
                     vmha_engine::lease::has_quorum(s, now),
-                    views::warnings(s),
+                    views::warnings(s, now),
                 )
             })
             .await?;
@@ -265,6 +265,7 @@ impl OperatorService for OperatorApi {
                     anti_affinity: group.map(str::to_string),
                     allowed_hosts: r.set_allowed_hosts.then(|| r.allowed_hosts.clone()),
                     preferred_host: r.preferred_host.clone(),
+                    force: r.force,
                 },
             )
             .await?;

@@ -482,10 +482,11 @@ impl Store {
             xml: String,
             preferred_host: Option<String>,
             recovery: Option<String>,
+            admission_override: Option<String>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host, anti_affinity,
-                 allowed_hosts, xml, preferred_host, recovery
+                 allowed_hosts, xml, preferred_host, recovery, admission_override
              FROM vms ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -511,6 +512,7 @@ impl Store {
                 vm.allowed_hosts = r.allowed_hosts;
                 vm.xml = r.xml;
                 vm.preferred_host = r.preferred_host;
+                vm.admission_override = r.admission_override;
                 Ok(vm)
             })
             .collect()
@@ -545,7 +547,7 @@ impl Store {
             w.recovery.as_ref().map(serde_json::to_string).transpose().map_err(encode("vm recovery"))?;
         sqlx::query(
             "UPDATE vms SET protected = $2, priority = $3, anti_affinity = $4, allowed_hosts = $5,
-                 preferred_host = $6, recovery = $7, updated_at = now()
+                 preferred_host = $6, recovery = $7, admission_override = $8, updated_at = now()
              WHERE uuid = $1",
         )
         .bind(parse_uuid(uuid)?)
@@ -555,6 +557,7 @@ impl Store {
         .bind(&w.allowed_hosts)
         .bind(&w.preferred_host)
         .bind(recovery)
+        .bind(&w.admission_override)
         .execute(&mut *db)
         .await
         .map_err(q("set vm work"))?;

@@ -35,6 +35,11 @@ fn host_running(s: &ClusterState, name: &str, now: Millis, vms_running: u32) -> 
     };
     let note = match (&h.dead, liveness) {
         (Some(d), _) => d.cause.clone(),
+        (None, _) if h.self_fenced => {
+            "its agent self-fenced: it destroyed its protected VMs and starts none until \
+                                       it holds a lease again"
+                .into()
+        }
         (None, HostLiveness::Suspect) => {
             match s.vms.values().find(|v| v.host.as_deref() == Some(name) && v.protected) {
                 Some(v) => explain(s, &v.uuid, now).unwrap_or_default(),
@@ -102,8 +107,17 @@ pub fn as_recorded_vm(mut v: pb::Vm) -> pb::Vm {
     v
 }
 
-pub fn warnings(s: &ClusterState) -> Vec<String> {
+pub fn warnings(s: &ClusterState, now: Millis) -> Vec<String> {
     let mut out = Vec::new();
+    let k = s.policy.reserve_hosts;
+    for short in vmha_engine::admission::below_reserve(s, k, now) {
+        out.push(format!("BELOW THE {k}-HOST RESERVE: {}", short.shortfall()));
+    }
+    for vm in s.vms.values().filter(|v| v.protected) {
+        if let Some(o) = &vm.admission_override {
+            out.push(format!("{} was protected with --force beyond the host reserve by {o}", vm.name));
+        }
+    }
     if s.policy.accept_no_watchdog {
         out.push(
             "this controller runs with --accept-no-watchdog: a host without a working watchdog is declared dead \
@@ -122,6 +136,16 @@ pub fn warnings(s: &ClusterState) -> Vec<String> {
             format!("if it fails, its VMs wait for `vmha host confirm-down {}`", h.name)
         };
         out.push(format!("{} has no working watchdog ({why}): {then}", h.name));
+    }
+    for h in s.hosts.values().filter(|h| h.self_fenced) {
+        out.insert(
+            0,
+            format!(
+                "{} SELF-FENCED: its agent destroyed its protected VMs (its lease ran out with no proof that the \
+                 leader lacked quorum); the agent's log on {} says why",
+                h.name, h.name
+            ),
+        );
     }
     for vm in s.vms.values() {
         if let Some(locked) = vm.recovery.as_ref().and_then(|r| r.disk_locked.as_ref()) {
@@ -190,6 +214,7 @@ pub fn vm(s: &ClusterState, v: &VmView, now: Millis) -> pb::Vm {
         anti_affinity: v.anti_affinity.clone().unwrap_or_default(),
         allowed_hosts: v.allowed_hosts.clone(),
         preferred_host: v.preferred_host.clone().unwrap_or_default(),
+        admission_override: v.admission_override.clone().unwrap_or_default(),
         why_not_running: if v.protected {
             explain(s, &v.uuid, now).unwrap_or_default()
         } else {

@@ -194,6 +194,9 @@ pub struct HostView {
     pub lease: HostLease,
     pub fencing: FencingMode,
     pub watchdog: Watchdog,
+    /// Its agent said, in its last heartbeat, that it has self-fenced (not persisted: the next
+    /// heartbeat says it again).
+    pub self_fenced: bool,
     /// The newest answer of this leader the host acknowledged: every answer lists the
     /// protected VMs, so the host's agent knows of every protection made before it.
     pub protection_known: Option<Millis>,
@@ -225,6 +228,7 @@ impl HostView {
             lease: HostLease::default(),
             fencing: FencingMode::SelfFence,
             watchdog: Watchdog::Unknown,
+            self_fenced: false,
             protection_known: None,
             dead: None,
             fencing_since: None,
@@ -259,6 +263,8 @@ pub struct VmView {
     /// Hosts it may run on; empty: any.
     pub allowed_hosts: Vec<String>,
     /// Where it should run when that host is healthy (failback goes there).
+    /// Protected with --force beyond the host reserve: by whom, and what it was short of.
+    pub admission_override: Option<String>,
     pub preferred_host: Option<String>,
     /// The inactive domain XML, to define it elsewhere; empty until an agent sent it.
     pub xml: String,
@@ -304,6 +310,7 @@ impl VmView {
             anti_affinity: None,
             allowed_hosts: Vec::new(),
             preferred_host: None,
+            admission_override: None,
             xml: String::new(),
             definition_refused: None,
             recovery: None,
@@ -343,6 +350,9 @@ pub struct Policy {
     /// VM records one host's reports may create per minute; VMs beyond it are recorded from
     /// its later reports (see `inventory::admit_new`).
     pub new_vms_per_minute: u32,
+    /// Admission control (N+k): protecting a VM is refused when losing the worst this many
+    /// hosts would leave a protected VM with nowhere to restart (`admission`); 0: no check.
+    pub reserve_hosts: usize,
 }
 
 impl Default for Policy {
@@ -361,6 +371,7 @@ impl Default for Policy {
             result_grace_ms: 60_000,
             max_hosts: 2_000,
             new_vms_per_minute: 600,
+            reserve_hosts: 1,
         }
     }
 }
@@ -412,6 +423,18 @@ impl ClusterState {
     }
 
     /// The VMs placed on `host` or running a second copy there, in UUID order.
+    /// The VMs placed on `host` (running or not), through the index when it is built; for
+    /// readers that cannot prune it (`vms_near`).
+    pub fn vms_placed_on<'a>(&'a self, host: &str) -> Vec<&'a VmView> {
+        let placed = |v: &&VmView| v.host.as_deref() == Some(host);
+        match &self.near {
+            Some(near) => {
+                near.get(host).into_iter().flatten().filter_map(|u| self.vms.get(u)).filter(placed).collect()
+            }
+            None => self.vms.values().filter(placed).collect(),
+        }
+    }
+
     pub fn vms_near(&mut self, host: &str) -> Vec<String> {
         let on = |vm: &VmView| vm.hosts_near().any(|h| h == host);
         let vms = &self.vms;

@@ -33,6 +33,8 @@ event_kinds! {
     AgentConnected => "agent_connected",
     Watchdog => "watchdog",
     HostDead => "host_dead",
+    SelfFenced => "self_fenced",
+    SelfFenceLifted => "self_fence_lifted",
     Fencing => "fencing",
     FenceFailed => "fence_failed",
     ConfirmDownNeeded => "confirm_down_needed",

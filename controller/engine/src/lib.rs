@@ -11,6 +11,7 @@
 //! may be declared dead, restarts), `drain` (health, drains), `inventory` (what agents
 //! report), `placement`, `migration`. `persist` says what survives a controller restart.
 
+pub mod admission;
 pub mod cluster;
 pub mod drain;
 pub mod event;

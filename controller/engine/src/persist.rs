@@ -102,6 +102,7 @@ fn set_host_work(row: &mut HostView, w: &HostWork) {
 
 fn set_vm_work(row: &mut VmView, w: &VmWork) {
     row.protected = w.protected;
+    row.admission_override = w.admission_override.clone();
     row.priority = w.priority;
     row.anti_affinity = w.anti_affinity.clone();
     row.allowed_hosts = w.allowed_hosts.clone();

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use crate::{AdminState, ClusterState, HostLiveness, Millis, VmView};
 
 /// What every host runs and is promised, as of one decision.
+#[derive(Clone)]
 pub struct Usage<'a> {
     /// By host: vCPUs and memory (KiB) of the VMs with a process there.
     running: HashMap<&'a str, (u32, u64)>,
@@ -69,6 +70,20 @@ impl<'a> Usage<'a> {
         u
     }
 
+    /// Counts `vm` as heading to `host` (a restart planned, not begun): what admission control
+    /// does as it places one lost VM after the other.
+    pub fn promise(&mut self, host: &'a str, vm: &'a VmView) {
+        self.heading.insert(&vm.uuid, host);
+        let p = self.promised.entry(host).or_default();
+        *p = (p.0.saturating_add(vm.vcpus), p.1.saturating_add(vm.memory_kib));
+        if let Some(group) = &vm.anti_affinity {
+            let seen = self.groups.entry((host, group.as_str())).or_default();
+            if seen.len() < 2 {
+                seen.push(vm);
+            }
+        }
+    }
+
     /// Memory and vCPUs promised on `host` to VMs other than `vm`.
     fn promised_to_others(&self, host: &str, vm: &VmView) -> (u64, u32) {
         let (cpus, mem) = self.promised.get(host).copied().unwrap_or_default();
@@ -80,18 +95,19 @@ impl<'a> Usage<'a> {
     }
 }
 
-/// Why `host` cannot take `vm` now, or `None` if it can.
+/// Why `host` cannot take `vm` now, or `None` if it can. `excluded` says why a host is out of
+/// the question for this decision (a start there failed already, it is lost in a what-if).
 fn unfit(
     state: &ClusterState,
     usage: &Usage,
     vm: &VmView,
     host: &str,
     now: Millis,
-    exclude: &[String],
+    excluded: &dyn Fn(&str) -> Option<String>,
 ) -> Option<String> {
     let h = &state.hosts[host];
-    if exclude.iter().any(|e| e == host) {
-        return Some(format!("{host}: a start there failed already"));
+    if let Some(why) = excluded(host) {
+        return Some(format!("{host}: {why}"));
     }
     match state.liveness(host, now) {
         HostLiveness::Online => {}
@@ -144,16 +160,27 @@ fn unfit(
 /// Whether `host` can take `vm` now; `usage` is `Usage::of(state)`, taken once by a caller that
 /// asks about many VMs.
 pub fn fits(state: &ClusterState, usage: &Usage, vm: &VmView, host: &str, now: Millis) -> bool {
-    state.hosts.contains_key(host) && unfit(state, usage, vm, host, now, &[]).is_none()
+    state.hosts.contains_key(host) && unfit(state, usage, vm, host, now, &|_| None).is_none()
 }
 
 /// The host to start `vm` on, or why none fits (one clause per host).
 pub fn place(state: &ClusterState, vm: &VmView, now: Millis, exclude: &[String]) -> Result<String, String> {
-    let usage = Usage::of(state);
+    let failed = |h: &str| exclude.iter().any(|e| e == h).then(|| "a start there failed already".to_string());
+    choose(state, &Usage::of(state), vm, now, &failed)
+}
+
+/// `place` on a given usage, without the hosts `excluded` names.
+pub fn choose<'s>(
+    state: &'s ClusterState,
+    usage: &Usage,
+    vm: &VmView,
+    now: Millis,
+    excluded: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
     let mut reasons = Vec::new();
-    let mut best: Option<(u64, &str)> = None;
+    let mut best: Option<(u64, &'s str)> = None;
     for name in state.hosts.keys() {
-        match unfit(state, &usage, vm, name, now, exclude) {
+        match unfit(state, usage, vm, name, now, excluded) {
             Some(r) => reasons.push(r),
             None => {
                 let free = state.hosts[name]

@@ -591,6 +591,7 @@ pub fn after_report(
     now: Millis,
 ) -> Vec<Action> {
     let mut out = Vec::new();
+    let self_fenced = state.hosts.get(host).is_some_and(|h| h.self_fenced);
     // A start whose result was lost (or is still on its way) is done once the host shows the VM
     // running.
     let started: Vec<String> = (state.vms_near(host).into_iter())
@@ -668,11 +669,18 @@ pub fn after_report(
             "vm",
             name,
             EventKind::VmStopped,
-            format!(
-                "{name} stopped on {host} ({}) without vmha asking: its agent self-fenced or the guest died; \
-                 restarting it (unprotect a VM before stopping it on purpose)",
-                to.as_str()
-            ),
+            if self_fenced {
+                format!(
+                    "{name} stopped on {host} ({}): {host}'s agent self-fenced and destroyed it; restarting it",
+                    to.as_str()
+                )
+            } else {
+                format!(
+                    "{name} stopped on {host} ({}) without vmha asking: the guest died or was stopped by hand; \
+                     restarting it (unprotect a VM before stopping it on purpose)",
+                    to.as_str()
+                )
+            },
         ));
     }
     if !out.is_empty() {

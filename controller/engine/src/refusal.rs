@@ -46,6 +46,11 @@ pub enum Refusal {
     NotRegistered(String),
     #[error("operation {0} is not in flight")]
     UnknownOperation(String),
+    #[error(
+        "protecting {vm} would break the host reserve: {why}. Add capacity, unprotect another VM, or run \
+         `vmha protect {vm} --force` (the override is recorded and shown by `vmha status`)"
+    )]
+    BeyondReserve { vm: String, why: String },
     #[error("operation {operation} does not run on {host}")]
     NotExecutor { operation: String, host: String },
 }

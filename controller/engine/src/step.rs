@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::Refusal;
+use crate::admission;
 use crate::cluster::HostResources;
 use crate::drain::{self, Drain, Probe};
 use crate::event::{Event, EventKind, Subject};
@@ -57,6 +58,8 @@ pub struct HostWork {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmWork {
     pub protected: bool,
+    /// Protected with --force beyond the host reserve: by whom, and what it was short of.
+    pub admission_override: Option<String>,
     pub priority: i32,
     pub anti_affinity: Option<String>,
     pub allowed_hosts: Vec<String>,
@@ -81,6 +84,7 @@ impl VmWork {
     pub fn of(vm: &crate::VmView) -> VmWork {
         VmWork {
             protected: vm.protected,
+            admission_override: vm.admission_override.clone(),
             priority: vm.priority,
             anti_affinity: vm.anti_affinity.clone(),
             allowed_hosts: vm.allowed_hosts.clone(),
@@ -124,6 +128,9 @@ pub struct Heartbeat {
     /// The roster version the agent holds (0: none); `None`: an agent that predates rosters,
     /// which gets the whole one every time.
     pub roster_known: Option<u64>,
+    /// The agent says it has self-fenced: it destroyed its protected VMs and starts none
+    /// until it holds a lease again.
+    pub self_fenced: bool,
 }
 
 /// A change an operator asks for.
@@ -137,6 +144,8 @@ pub enum Request {
         anti_affinity: Option<String>,
         allowed_hosts: Option<Vec<String>>,
         preferred_host: Option<String>,
+        /// Protect it even beyond the host reserve (`admission`); recorded and shown.
+        force: bool,
     },
     Migrate {
         vm: String,
@@ -525,6 +534,10 @@ impl Engine {
             out.events.push(Event::host(&host, EventKind::Watchdog, watchdog_message(&host, &hb.watchdog)));
             h.watchdog = hb.watchdog;
             out.persist.watchdog.push(host.clone());
+        }
+        if h.self_fenced != hb.self_fenced {
+            h.self_fenced = hb.self_fenced;
+            out.events.push(self_fence_event(&host, hb.self_fenced));
         }
         drain::on_probes(s, &host, hb.probes, now);
         let mut touched: Vec<String> = Vec::new();
@@ -1010,14 +1023,22 @@ impl Engine {
             if s.hosts.contains_key(h) { Ok(()) } else { Err(Refusal::UnknownHost(h.into())) }
         };
         match request {
-            Request::Protection { vm, protected, priority, anti_affinity, allowed_hosts, preferred_host } => {
+            Request::Protection {
+                vm,
+                protected,
+                priority,
+                anti_affinity,
+                allowed_hosts,
+                preferred_host,
+                force,
+            } => {
                 let uuid = s.find_vm(&vm)?.uuid.clone();
                 for h in allowed_hosts.iter().flatten().chain(preferred_host.iter().filter(|p| !p.is_empty()))
                 {
                     unknown_host(s, h)?;
                 }
                 let Some(vm) = s.vms.get_mut(&uuid) else { return Err(Refusal::UnknownVm(uuid)) };
-                let before = VmWork::of(vm);
+                let (before, since_before) = (VmWork::of(vm), vm.protected_since);
                 if protected && !vm.protected {
                     vm.protected_since = now;
                 }
@@ -1036,7 +1057,21 @@ impl Engine {
                 }
                 if !vm.protected {
                     vm.recovery = None;
+                    vm.admission_override = None;
+                } else if let Err(why) = admission::admit(s, &uuid, now) {
+                    if !force {
+                        // Nothing changes: the settings go back as they were.
+                        let vm = s.vms.get_mut(&uuid).expect("found above");
+                        restore_work(vm, &before);
+                        vm.protected_since = since_before;
+                        return Err(Refusal::BeyondReserve { vm: vm.name.clone(), why });
+                    }
+                    s.vms.get_mut(&uuid).expect("found above").admission_override =
+                        Some(format!("{actor}: {why}"));
+                } else {
+                    s.vms.get_mut(&uuid).expect("found above").admission_override = None;
                 }
+                let vm = &s.vms[&uuid];
                 if VmWork::of(vm) != before {
                     out.events.push(protection_event(vm).by(actor));
                 }
@@ -1387,6 +1422,41 @@ fn watchdog_message(host: &str, wd: &Watchdog) -> String {
     }
 }
 
+/// What an agent's self-fence flag means, when it changes.
+fn self_fence_event(host: &str, fenced: bool) -> Event {
+    let event = if fenced {
+        Event::host(
+            host,
+            EventKind::SelfFenced,
+            format!(
+                "{host}'s agent SELF-FENCED: its lease ran out with no proof that this controller lacked quorum, so \
+                 it destroyed its protected VMs; they are restarted elsewhere once {host} is declared dead (its \
+                 agent's log says why)"
+            ),
+        )
+    } else {
+        Event::host(
+            host,
+            EventKind::SelfFenceLifted,
+            format!(
+                "{host}'s agent holds a lease again after its self-fence: protected VMs may run there again"
+            ),
+        )
+    };
+    event.by(host)
+}
+
+/// Puts a VM's settings back as `w` has them (a refused change).
+fn restore_work(vm: &mut crate::VmView, w: &VmWork) {
+    vm.protected = w.protected;
+    vm.admission_override = w.admission_override.clone();
+    vm.priority = w.priority;
+    vm.anti_affinity = w.anti_affinity.clone();
+    vm.allowed_hosts = w.allowed_hosts.clone();
+    vm.preferred_host = w.preferred_host.clone();
+    vm.recovery = w.recovery.clone();
+}
+
 fn protection_event(vm: &crate::VmView) -> Event {
     if vm.protected {
         let mut m = format!("{} is protected with priority {} (higher restarts first)", vm.name, vm.priority);
@@ -1398,6 +1468,9 @@ fn protection_event(vm: &crate::VmView) -> Event {
         }
         if let Some(p) = &vm.preferred_host {
             m += &format!(", prefers {p}");
+        }
+        if let Some(o) = &vm.admission_override {
+            m += &format!("; FORCED beyond the host reserve by {o}");
         }
         Event::vm(&vm.name, EventKind::VmProtected, m)
     } else {
@@ -1475,6 +1548,7 @@ mod tests {
             xml: Vec::new(),
             xml_refused: Vec::new(),
             roster_known: None,
+            self_fenced: false,
             arrived: None,
         }
     }

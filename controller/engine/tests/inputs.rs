@@ -35,8 +35,8 @@ fn domain() -> impl Strategy<Value = ReportedDomain> {
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        (vm(), any::<bool>(), any::<Option<i32>>(), prop::option::of(host())).prop_map(
-            |(vm, protected, priority, prefer)| {
+        (vm(), any::<bool>(), any::<Option<i32>>(), prop::option::of(host()), any::<bool>()).prop_map(
+            |(vm, protected, priority, prefer, force)| {
                 Request::Protection {
                     vm,
                     protected,
@@ -44,6 +44,7 @@ fn request() -> impl Strategy<Value = Request> {
                     anti_affinity: None,
                     allowed_hosts: None,
                     preferred_host: prefer,
+                    force,
                 }
             }
         ),
@@ -110,6 +111,7 @@ fn input() -> impl Strategy<Value = Input> {
                     .collect(),
                 // Any version an agent may claim, the current one or not.
                 roster_known: echo.map(|(_, stamp, _)| stamp % 5),
+                self_fenced: !armed,
                 arrived: None,
                 domains,
                 host,

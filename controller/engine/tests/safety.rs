@@ -684,6 +684,7 @@ impl Sim {
                     xml_refused: Vec::new(),
                     roster_known: Some(self.agents[host].roster.version),
                     arrived: Some(Millis(arrived)),
+                    self_fenced: matches!(self.agents[host].keeper.phase(), Phase::Fenced { .. }),
                 };
                 let Reply::Lease(reply) = self.step(Input::Heartbeat(hb)) else { return };
                 let (answer, next_in, hosts) = (reply.answer, reply.next_in_ms, reply.cluster_hosts as usize);
@@ -936,6 +937,7 @@ impl Sim {
                 anti_affinity: None,
                 allowed_hosts: None,
                 preferred_host: None,
+                force: false,
             }),
             Fault::Protect(v) => self.operator(Request::Protection {
                 vm: vm_uuid(v),
@@ -944,6 +946,8 @@ impl Sim {
                 anti_affinity: None,
                 allowed_hosts: None,
                 preferred_host: None,
+                // The reserve is not what this simulation checks: every protection goes through.
+                force: true,
             }),
             Fault::Drain(h, allow_restart) => {
                 self.operator(Request::Drain { host: host_name(h), allow_restart })

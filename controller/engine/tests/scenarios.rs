@@ -51,7 +51,7 @@ use vmha_engine::inventory::ReportedDomain;
 use vmha_engine::lease::{Echo, LeaseAnswer};
 use vmha_engine::operation::{Done, OpId};
 use vmha_engine::persist::Db;
-use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Poll};
+use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll};
 use vmha_engine::step::{Command, CommandKind, Heartbeat, LeaseReply, Registration};
 use vmha_engine::{
     ClusterState, Engine, FencingMode, Input, Millis, Policy, Reply, Request, RunState, Timings, Watchdog,
@@ -274,6 +274,7 @@ fn parse_action(words: &[&str]) -> Result<Action, String> {
             anti_affinity: None,
             allowed_hosts: None,
             preferred_host: None,
+            force: false,
         }),
         _ => return Err("unknown action".into()),
     })
@@ -354,11 +355,13 @@ impl VmSpec {
     }
 }
 
-/// `vmha protect VM [priority=N] [group=G] [hosts=A,B] [prefer=H]`.
+/// `vmha protect VM [priority=N] [group=G] [hosts=A,B] [prefer=H] [force]`.
 fn protection(vm: &str, opts: &[&str]) -> Result<Request, String> {
     let (mut priority, mut anti_affinity, mut allowed_hosts, mut preferred_host) = (None, None, None, None);
+    let mut force = false;
     for o in opts {
         match option(o) {
+            ("force", "") => force = true,
             ("priority", v) => priority = Some(number(v)?),
             ("group", g) => anti_affinity = Some(g.to_string()),
             ("hosts", l) => allowed_hosts = Some(l.split(',').map(str::to_string).collect()),
@@ -373,6 +376,7 @@ fn protection(vm: &str, opts: &[&str]) -> Result<Request, String> {
         anti_affinity,
         allowed_hosts,
         preferred_host,
+        force,
     })
 }
 
@@ -384,6 +388,7 @@ fn set_policy(p: &mut Policy, o: &str) -> Result<(), String> {
         ("recover_after", v) => p.recover_after_ms = duration(v)?,
         ("max_relocate", v) => p.max_relocate = number(v)?,
         ("max_parallel_starts", v) => p.max_parallel_starts = number(v)?,
+        ("reserve_hosts", v) => p.reserve_hosts = number(v)?,
         ("migrations_per_host", v) => p.migrations_per_host = number(v)?,
         ("migrations_per_cluster", v) => p.migrations_per_cluster = number(v)?,
         ("vcpu_overcommit", v) => p.vcpu_overcommit = number(v)?,
@@ -907,6 +912,7 @@ impl World {
             xml_refused: Vec::new(),
             roster_known: None,
             arrived: None,
+            self_fenced: matches!(h.keeper.phase(), Phase::Fenced { .. }),
         }
     }
 

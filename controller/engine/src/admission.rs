@@ -1,0 +1,213 @@
+//! Admission control (N+k): could every protected VM still restart somewhere if the worst `k`
+//! hosts failed now? `vmha protect` asks it for the VM's host (protecting a VM adds a restart
+//! only when its own host fails: it already takes its room where it runs), and `vmha status`
+//! for every host that runs protected VMs.
+//!
+//! "The worst `k` hosts" with a given host are that host and the `k - 1` others that run the
+//! most protected memory: trying every set of `k` among a thousand hosts is out of reach, and
+//! those are the ones whose VMs need the most room. The restarts are planned as the controller
+//! would place them (`placement::choose`: memory, the memory limit, the vCPU overcommit,
+//! anti-affinity, allowed hosts, health), highest priority first, each taking its room before
+//! the next is placed.
+
+use crate::placement::{self, Usage};
+use crate::{ClusterState, Millis, VmView};
+
+/// What losing `lost` at once would leave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WhatIf {
+    pub lost: Vec<String>,
+    /// Each protected VM running there, highest priority first, with the host it would restart
+    /// on, or why none could take it.
+    pub restarts: Vec<(String, Result<String, String>)>,
+}
+
+impl WhatIf {
+    /// Whether every protected VM of the lost hosts would find a host.
+    pub fn covered(&self) -> bool {
+        self.stranded() == 0
+    }
+
+    /// How many would not.
+    pub fn stranded(&self) -> usize {
+        self.restarts.iter().filter(|(_, r)| r.is_err()).count()
+    }
+
+    /// "if kvm1 failed, 1 of its 3 protected VMs would have nowhere to restart: dns3 (no host
+    /// can take it: ...)"
+    pub fn shortfall(&self) -> String {
+        let stranded: Vec<String> = (self.restarts.iter())
+            .filter_map(|(vm, r)| r.as_ref().err().map(|why| format!("{vm} ({why})")))
+            .collect();
+        format!(
+            "if {} failed, {} of {} protected VMs would have nowhere to restart: {}",
+            self.lost.join(" and "),
+            stranded.len(),
+            self.restarts.len(),
+            stranded.join("; ")
+        )
+    }
+}
+
+/// `host` and the `k - 1` other hosts that run the most protected memory.
+pub fn worst_with(state: &ClusterState, host: &str, k: usize) -> Vec<String> {
+    let mut others: Vec<(u64, &str)> = (state.hosts.keys())
+        .filter(|h| h.as_str() != host)
+        .map(|h| (protected_memory(state, h), h.as_str()))
+        .collect();
+    others.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    std::iter::once(host)
+        .chain(others.into_iter().take(k.saturating_sub(1)).map(|(_, h)| h))
+        .map(str::to_string)
+        .collect()
+}
+
+fn protected_memory(state: &ClusterState, host: &str) -> u64 {
+    state
+        .vms_placed_on(host)
+        .iter()
+        .filter(|v| v.protected && v.state.has_process())
+        .map(|v| v.memory_kib)
+        .sum()
+}
+
+/// Where the VMs running on `lost` that `counted` picks (the protected ones, or those as they
+/// would be with one VM's protection changed) would restart if those hosts failed now. `usage`
+/// is `Usage::of(state)`, taken once by a caller that asks about many hosts.
+pub fn what_if(
+    state: &ClusterState,
+    usage: &Usage,
+    lost: &[String],
+    counted: &dyn Fn(&VmView) -> bool,
+    now: Millis,
+) -> WhatIf {
+    let mut usage = usage.clone();
+    let mut vms: Vec<&VmView> = (lost.iter())
+        .flat_map(|h| state.vms_placed_on(h))
+        .filter(|v| counted(v) && v.state.has_process())
+        .collect();
+    vms.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+    let gone = |h: &str| lost.iter().any(|l| l == h).then(|| "lost in this check".to_string());
+    let mut restarts = Vec::new();
+    for vm in vms {
+        let chosen = placement::choose(state, &usage, vm, now, &gone);
+        if let Some((host, _)) = chosen.as_ref().ok().and_then(|h| state.hosts.get_key_value(h)) {
+            usage.promise(host, vm);
+        }
+        restarts.push((vm.name.clone(), chosen));
+    }
+    WhatIf { lost: lost.to_vec(), restarts }
+}
+
+/// Whether VM `uuid` may be protected: if its host (with the worst others, up to the reserve)
+/// failed now, would its protection leave more protected VMs with nowhere to restart than
+/// without it? A host already short is `below_reserve`'s to warn of; a VM that fits in what is
+/// left is not refused for it. A VM that runs nowhere adds no restart to plan.
+pub fn admit(state: &ClusterState, uuid: &str, now: Millis) -> Result<(), String> {
+    let k = state.policy.reserve_hosts;
+    let Some(host) = state.vms.get(uuid).filter(|v| v.state.has_process()).and_then(|v| v.host.as_deref())
+    else {
+        return Ok(());
+    };
+    if k == 0 {
+        return Ok(());
+    }
+    let (usage, lost) = (Usage::of(state), worst_with(state, host, k));
+    let with = what_if(state, &usage, &lost, &|v| v.protected || v.uuid == uuid, now);
+    let without = what_if(state, &usage, &lost, &|v| v.protected && v.uuid != uuid, now);
+    if with.stranded() <= without.stranded() {
+        return Ok(());
+    }
+    Err(format!("{}; the reserve is {k} host(s) (--reserve-hosts)", with.shortfall()))
+}
+
+/// The hosts whose loss (with the worst `k - 1` others) would strand protected VMs now, each
+/// once: what `vmha status` warns of.
+pub fn below_reserve(state: &ClusterState, k: usize, now: Millis) -> Vec<WhatIf> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let usage = Usage::of(state);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for host in state.hosts.keys() {
+        if protected_memory(state, host) == 0 {
+            continue;
+        }
+        let mut lost = worst_with(state, host, k);
+        lost.sort();
+        if !seen.insert(lost.clone()) {
+            continue;
+        }
+        let w = what_if(state, &usage, &lost, &|v| v.protected, now);
+        if !w.covered() {
+            out.push(w);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::tests::{three_hosts, vm_on};
+
+    /// Three online hosts with 1 GiB free each, and `vms` (name, host, MiB) running and protected.
+    fn cluster(vms: &[(&str, &str, u64)]) -> ClusterState {
+        let mut s = three_hosts();
+        for h in s.hosts.values_mut() {
+            h.lease.granted_at = Some(Millis(0));
+            h.resources.memory_free_kib = 1 << 20;
+        }
+        for (name, host, mib) in vms {
+            let mut vm = vm_on(&mut s, name, name, host);
+            vm.memory_kib = mib << 10;
+            vm.protected = true;
+            s.vms.insert(name.to_string(), vm);
+        }
+        s
+    }
+
+    #[test]
+    fn a_host_whose_vms_fit_elsewhere_is_covered() {
+        let s = cluster(&[("dns1", "kvm1", 512), ("radius1", "kvm1", 256)]);
+        let w = what_if(&s, &Usage::of(&s), &worst_with(&s, "kvm1", 1), &|v| v.protected, Millis(1));
+        assert!(w.covered(), "{w:?}");
+        // Most memory left wins: kvm2 first (a tie by name), then kvm3.
+        assert_eq!(w.restarts, [("dns1".into(), Ok("kvm2".into())), ("radius1".into(), Ok("kvm3".into()))]);
+    }
+
+    #[test]
+    fn each_restart_takes_its_room_before_the_next_is_placed() {
+        let s = cluster(&[("a", "kvm1", 900), ("b", "kvm1", 900), ("c", "kvm1", 900)]);
+        let w = what_if(&s, &Usage::of(&s), &["kvm1".into()], &|v| v.protected, Millis(1));
+        assert!(!w.covered());
+        assert_eq!(
+            w.shortfall(),
+            "if kvm1 failed, 1 of 3 protected VMs would have nowhere to restart: c (no host can take it: kvm1: \
+             lost in this check; kvm2: 124 MiB free, needs 900 MiB; kvm3: 124 MiB free, needs 900 MiB)"
+        );
+    }
+
+    #[test]
+    fn a_vm_about_to_be_protected_counts_and_the_worst_hosts_go_together() {
+        let mut s = cluster(&[("a", "kvm1", 600), ("d", "kvm1", 600), ("b", "kvm2", 600)]);
+        let mut c = vm_on(&mut s, "c", "c", "kvm1");
+        c.memory_kib = 600 << 10;
+        s.vms.insert("c".into(), c);
+        let usage = Usage::of(&s);
+        assert!(what_if(&s, &usage, &["kvm1".into()], &|v| v.protected, Millis(1)).covered());
+        assert_eq!(admit(&s, "a", Millis(1)), Ok(()));
+        let refused = admit(&s, "c", Millis(1)).unwrap_err();
+        assert!(
+            refused.starts_with("if kvm1 failed, 1 of 3 protected VMs would have nowhere to restart: "),
+            "{refused}"
+        );
+        // Two hosts lost: the one asked about and the other one running the most protected memory.
+        assert_eq!(worst_with(&s, "kvm3", 2), ["kvm3", "kvm1"]);
+        let lost: Vec<Vec<String>> = below_reserve(&s, 2, Millis(1)).into_iter().map(|w| w.lost).collect();
+        assert_eq!(lost, [["kvm1", "kvm2"]]);
+        assert!(below_reserve(&s, 1, Millis(1)).is_empty());
+        assert!(below_reserve(&s, 0, Millis(1)).is_empty());
+    }
+}
