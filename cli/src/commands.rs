@@ -87,6 +87,12 @@ enum Verb {
         #[arg(long)]
         force: bool,
     },
+    /// Where each host's protected VMs would restart if it failed now (and it with the worst
+    /// others, up to the controller's --reserve-hosts), and the memory left on each host after.
+    #[command(
+        after_help = "A what-if that strands a VM is what `vmha protect` refuses and `vmha status` warns of."
+    )]
+    Capacity,
     /// Stop protecting a VM (it keeps running where it is).
     Unprotect {
         /// VM name or libvirt domain UUID.
@@ -331,6 +337,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let mut c = controllers.connect().await?;
     match cli.command {
         Verb::Ca(_) => unreachable!("`vmha ca` needs no controller: handled above"),
+        Verb::Capacity => {
+            let r = c.capacity(CapacityRequest {}).await?.into_inner();
+            match fmt {
+                Format::Json => output::json(&r),
+                Format::Table => show_capacity(&r),
+            }
+        }
         Verb::Status => {
             let s = c.status(StatusRequest {}).await?.into_inner();
             match fmt {
@@ -567,6 +580,31 @@ fn vm_row(v: &Vm) -> Vec<String> {
         v.priority.to_string(),
         v.uuid.clone(),
     ]
+}
+
+fn show_capacity(r: &CapacityReply) {
+    println!("reserve: {} host(s) (the controller's --reserve-hosts)", r.reserve_hosts);
+    if r.what_ifs.is_empty() {
+        println!("no host runs a protected VM");
+    }
+    for w in &r.what_ifs {
+        let verdict = if w.covered { "every protected VM restarts" } else { "SHORT: some would not restart" };
+        println!("\nif {} failed: {verdict}", w.lost.join(" and "));
+        let rows = (w.restarts.iter())
+            .map(|p| {
+                let to = if p.target.is_empty() {
+                    format!("nowhere: {}", p.why_nowhere)
+                } else {
+                    p.target.clone()
+                };
+                vec![p.vm.clone(), to]
+            })
+            .collect();
+        output::table(&["VM", "WOULD RESTART ON"], rows);
+        let left: Vec<String> =
+            w.headroom.iter().map(|h| format!("{} {} MiB", h.host, h.memory_left_mib)).collect();
+        println!("memory left after: {}", if left.is_empty() { "no host".into() } else { left.join(", ") });
+    }
 }
 
 fn show_vm(fmt: Format, v: &Vm) {

@@ -27,6 +27,9 @@ fn plan_table(plan: &DrainPlan) {
             })
             .collect(),
     );
+    for w in &plan.warnings {
+        println!("WARNING: {w}");
+    }
 }
 
 /// The exit code of a controller (or its database) that cannot be reached.

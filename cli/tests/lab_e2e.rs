@@ -775,6 +775,12 @@ fn protecting_beyond_the_host_reserve_is_refused_unless_forced(lab: &Lab) {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         lab.vmha_ok(&["protect", "dns1"]);
         lab.vmha_ok(&["protect", "dns2"]);
+        // Covered as it stands; draining kvm2 would leave kvm3 alone to take both.
+        let plan = lab.vmha_ok(&["host", "drain", "kvm2", "--dry-run"]);
+        assert!(
+            plan.contains("WARNING: once kvm2 is drained, the host reserve is short: if kvm1 failed, 1 of 2"),
+            "{plan}"
+        );
         let out = lab.vmha(&["protect", "radius1"]);
         let said = String::from_utf8_lossy(&out.stderr).to_string();
         assert_eq!(out.status.code(), Some(4), "refused as a failed precondition: {said}");
@@ -794,6 +800,19 @@ fn protecting_beyond_the_host_reserve_is_refused_unless_forced(lab: &Lab) {
             "{warnings}"
         );
         assert!(warnings.contains("BELOW THE 1-HOST RESERVE"), "{warnings}");
+        let capacity = lab.json(&["capacity"]);
+        let kvm1 = capacity["what_ifs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["lost"] == serde_json::json!(["kvm1"]));
+        let kvm1 = kvm1.unwrap_or_else(|| panic!("a what-if for kvm1 alone: {capacity}"));
+        assert_eq!(kvm1["covered"], false, "{kvm1}");
+        let stranded: Vec<&str> = (kvm1["restarts"].as_array().unwrap().iter())
+            .filter(|r| r["target"] == "")
+            .map(|r| r["vm"].as_str().unwrap())
+            .collect();
+        assert_eq!(stranded.len(), 1, "one of the three has nowhere to go: {kvm1}");
         println!("  refused without --force: {}", said.trim());
     }));
     lab.vmha_ok(&["unprotect", "radius1"]);

@@ -206,6 +206,18 @@ impl OperatorService for OperatorApi {
         }))
     }
 
+    async fn capacity(&self, req: Request<CapacityRequest>) -> Result<Response<CapacityReply>, Status> {
+        self.1.operator(&req, Level::Viewer, "asking for the capacity")?;
+        let c = self.c()?;
+        let now = c.now();
+        let (reserve_hosts, what_ifs) =
+            c.read(move |s| (s.policy.reserve_hosts, vmha_engine::admission::capacity(s, now))).await?;
+        Ok(Response::new(CapacityReply {
+            reserve_hosts: reserve_hosts as u32,
+            what_ifs: what_ifs.iter().map(views::what_if).collect(),
+        }))
+    }
+
     async fn leader(&self, req: Request<LeaderRequest>) -> Result<Response<LeaderReply>, Status> {
         self.1.operator(&req, Level::Viewer, "asking who leads")?;
         Ok(Response::new(self.0.who_leads()))
@@ -297,7 +309,18 @@ impl OperatorService for OperatorApi {
         let now = c.now();
         if r.dry_run {
             let named = host.clone();
-            let steps = c.read(move |s| drain::plan(s, &named, now)).await?.map_err(refusal)?;
+            let (steps, short) = c
+                .read(move |s| {
+                    drain::plan(s, &named, now).map(|steps| {
+                        let moves: Vec<(String, String)> = (steps.iter())
+                            .filter_map(|st| st.planned.clone().map(|t| (st.vm_uuid.clone(), t)))
+                            .collect();
+                        let short = vmha_engine::admission::after_drain(s, &named, &moves, now);
+                        (steps, short)
+                    })
+                })
+                .await?
+                .map_err(refusal)?;
             let d = drain::Drain {
                 cause: drain::DrainCause::Operator,
                 allow_restart: r.allow_restart,
@@ -305,7 +328,11 @@ impl OperatorService for OperatorApi {
                 steps,
                 message: "dry run: nothing changed".into(),
             };
-            return Ok(Response::new(views::drain(&host, &d)));
+            let mut plan = views::drain(&host, &d);
+            plan.warnings = (short.iter())
+                .map(|w| format!("once {host} is drained, the host reserve is short: {}", w.shortfall()))
+                .collect();
+            return Ok(Response::new(plan));
         }
         c.require_database("draining a host")?;
         self.change(&who, Change::Drain { host: host.clone(), allow_restart: r.allow_restart }).await?;

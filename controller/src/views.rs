@@ -177,6 +177,7 @@ pub fn drain(host: &str, d: &Drain) -> pb::DrainPlan {
         state: d.state.as_str().into(),
         message: d.message.clone(),
         steps: d.steps.iter().map(drain_step).collect(),
+        warnings: Vec::new(),
     }
 }
 
@@ -273,5 +274,22 @@ pub fn event(e: &EventRow) -> pb::Event {
         kind: e.kind.clone(),
         message: e.message.clone(),
         actor: e.actor.clone(),
+    }
+}
+
+pub fn what_if(w: &vmha_engine::admission::WhatIf) -> pb::WhatIf {
+    pb::WhatIf {
+        lost: w.lost.clone(),
+        restarts: (w.restarts.iter())
+            .map(|(vm, r)| pb::PlannedRestart {
+                vm: vm.clone(),
+                target: r.clone().unwrap_or_default(),
+                why_nowhere: r.clone().err().unwrap_or_default(),
+            })
+            .collect(),
+        headroom: (w.headroom.iter())
+            .map(|(host, kib)| pb::Headroom { host: host.clone(), memory_left_mib: kib / 1024 })
+            .collect(),
+        covered: w.covered(),
     }
 }

@@ -11,7 +11,7 @@
 //! the next is placed.
 
 use crate::placement::{self, Usage};
-use crate::{ClusterState, Millis, VmView};
+use crate::{AdminState, ClusterState, HostLiveness, Millis, VmView};
 
 /// What losing `lost` at once would leave.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,6 +20,9 @@ pub struct WhatIf {
     /// Each protected VM running there, highest priority first, with the host it would restart
     /// on, or why none could take it.
     pub restarts: Vec<(String, Result<String, String>)>,
+    /// Every other host that holds a lease and takes VMs, with the memory (KiB) it would have
+    /// left after those restarts.
+    pub headroom: Vec<(String, u64)>,
 }
 
 impl WhatIf {
@@ -96,7 +99,49 @@ pub fn what_if(
         }
         restarts.push((vm.name.clone(), chosen));
     }
-    WhatIf { lost: lost.to_vec(), restarts }
+    let headroom = (state.hosts.values())
+        .filter(|h| !lost.contains(&h.name) && h.admin == AdminState::Active)
+        .filter(|h| state.liveness(&h.name, now) == HostLiveness::Online)
+        .map(|h| (h.name.clone(), placement::memory_left(state, &usage, &h.name)))
+        .collect();
+    WhatIf { lost: lost.to_vec(), restarts, headroom }
+}
+
+/// The reserve as it would stand once `host` is drained (in maintenance) and its VMs run where
+/// `moves` (VM UUID, target) says: what `vmha host drain --dry-run` warns of.
+pub fn after_drain(state: &ClusterState, host: &str, moves: &[(String, String)], now: Millis) -> Vec<WhatIf> {
+    let mut s = state.clone();
+    if let Some(h) = s.hosts.get_mut(host) {
+        h.admin = AdminState::Maintenance;
+    }
+    for (uuid, target) in moves {
+        let Some(vm) = s.vms.get_mut(uuid) else { continue };
+        vm.host = Some(target.clone());
+        if let Some(t) = s.hosts.get_mut(target) {
+            t.resources.memory_free_kib = t.resources.memory_free_kib.saturating_sub(vm.memory_kib);
+        }
+    }
+    s.index_vms();
+    below_reserve(&s, s.policy.reserve_hosts, now)
+}
+
+/// What `vmha capacity` shows: for every host that runs protected VMs, and for it with the
+/// worst others up to the reserve, where those VMs would restart and the room left.
+pub fn capacity(state: &ClusterState, now: Millis) -> Vec<WhatIf> {
+    let usage = Usage::of(state);
+    let k = state.policy.reserve_hosts;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for host in state.hosts.keys().filter(|h| protected_memory(state, h) > 0) {
+        for size in [1, k] {
+            let mut lost = worst_with(state, host, size.max(1));
+            lost.sort();
+            if seen.insert(lost.clone()) {
+                out.push(what_if(state, &usage, &lost, &|v| v.protected, now));
+            }
+        }
+    }
+    out
 }
 
 /// Whether VM `uuid` may be protected: if its host (with the worst others, up to the reserve)
@@ -175,6 +220,9 @@ mod tests {
         assert!(w.covered(), "{w:?}");
         // Most memory left wins: kvm2 first (a tie by name), then kvm3.
         assert_eq!(w.restarts, [("dns1".into(), Ok("kvm2".into())), ("radius1".into(), Ok("kvm3".into()))]);
+        assert_eq!(w.headroom, [("kvm2".into(), 512 << 10), ("kvm3".into(), 768 << 10)]);
+        let all: Vec<Vec<String>> = capacity(&s, Millis(1)).into_iter().map(|w| w.lost).collect();
+        assert_eq!(all, [["kvm1"]]);
     }
 
     #[test]
@@ -209,5 +257,17 @@ mod tests {
         assert_eq!(lost, [["kvm1", "kvm2"]]);
         assert!(below_reserve(&s, 1, Millis(1)).is_empty());
         assert!(below_reserve(&s, 0, Millis(1)).is_empty());
+    }
+
+    #[test]
+    fn a_drain_that_would_break_the_reserve_is_foreseen() {
+        let s = cluster(&[("a", "kvm1", 600), ("b", "kvm2", 600)]);
+        assert!(below_reserve(&s, 1, Millis(1)).is_empty());
+        // kvm3 in maintenance: each of kvm1 and kvm2 still has the other for its VM.
+        assert!(after_drain(&s, "kvm3", &[], Millis(1)).is_empty());
+        // a moved to kvm2 and kvm1 drained: losing kvm2 leaves two 600 MiB VMs for kvm3 alone.
+        let short = after_drain(&s, "kvm1", &[("a".into(), "kvm2".into())], Millis(1));
+        let lost: Vec<Vec<String>> = short.into_iter().map(|w| w.lost).collect();
+        assert_eq!(lost, [["kvm2"]]);
     }
 }

@@ -157,6 +157,21 @@ fn unfit(
     None
 }
 
+/// The memory (KiB) `host` could still take: what it has free less what is promised to it, and
+/// within its memory limit.
+pub fn memory_left(state: &ClusterState, usage: &Usage, host: &str) -> u64 {
+    let Some(h) = state.hosts.get(host) else { return 0 };
+    let (_, promised) = usage.promised.get(host).copied().unwrap_or_default();
+    let free = h.resources.memory_free_kib.saturating_sub(promised);
+    match h.memory_limit_kib {
+        Some(limit) => {
+            let (_, running) = usage.running.get(host).copied().unwrap_or_default();
+            free.min(limit.saturating_sub(running.saturating_add(promised)))
+        }
+        None => free,
+    }
+}
+
 /// Whether `host` can take `vm` now; `usage` is `Usage::of(state)`, taken once by a caller that
 /// asks about many VMs.
 pub fn fits(state: &ClusterState, usage: &Usage, vm: &VmView, host: &str, now: Millis) -> bool {

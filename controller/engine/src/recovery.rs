@@ -455,8 +455,11 @@ pub fn start_finished(
             r.tried.push(host.into());
             if r.attempts > max_relocate {
                 let msg = format!(
-                    "{} could not be restarted: {} attempts failed (last on {host}: {e}); fix the cause and start it by hand",
-                    vm.name, r.attempts
+                    "{} could not be restarted: {} attempts failed, on {} (the last on {host}: {e}); fix the cause and \
+                     start it by hand",
+                    vm.name,
+                    r.attempts,
+                    r.tried.join(", ")
                 );
                 r.error = Some(msg.clone());
                 out.push(event("vm", &vm.name, EventKind::RestartFailed, msg));
