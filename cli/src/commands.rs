@@ -622,6 +622,7 @@ fn show_vm(fmt: Format, v: &Vm) {
                 ("preferred host", v.preferred_host.clone()),
                 ("not running", v.why_not_running.clone()),
                 ("FORCED", v.admission_override.clone()),
+                ("failback waits", v.failback_waits.clone()),
             ];
             for (k, val) in extra.iter().filter(|(_, val)| !val.is_empty()) {
                 println!("{k:>14}: {val}");

@@ -216,6 +216,7 @@ pub fn vm(s: &ClusterState, v: &VmView, now: Millis) -> pb::Vm {
         allowed_hosts: v.allowed_hosts.clone(),
         preferred_host: v.preferred_host.clone().unwrap_or_default(),
         admission_override: v.admission_override.clone().unwrap_or_default(),
+        failback_waits: failback_waits(s, v, now),
         why_not_running: if v.protected {
             explain(s, &v.uuid, now).unwrap_or_default()
         } else {
@@ -291,5 +292,17 @@ pub fn what_if(w: &vmha_engine::admission::WhatIf) -> pb::WhatIf {
             .map(|(host, kib)| pb::Headroom { host: host.clone(), memory_left_mib: kib / 1024 })
             .collect(),
         covered: w.covered(),
+    }
+}
+
+/// Why failback leaves `v` where it is; computed only for a VM away from its preferred host.
+fn failback_waits(s: &ClusterState, v: &VmView, now: Millis) -> String {
+    if v.preferred_host.is_none() || v.preferred_host == v.host {
+        return String::new();
+    }
+    let busy = s.vms.values().find_map(|o| o.busy_with.as_deref());
+    match vmha_engine::recovery::failback(s, &std::cell::OnceCell::new(), v, busy, now) {
+        Some(Err(why)) => why,
+        _ => String::new(),
     }
 }

@@ -61,7 +61,7 @@ impl Db {
         }
         for (uuid, work) in &p.vm_work {
             if let Some(row) = self.vms.get_mut(uuid) {
-                set_vm_work(row, work);
+                work.apply_to(row);
             }
         }
         for op in &p.ops {
@@ -100,16 +100,6 @@ fn set_host_work(row: &mut HostView, w: &HostWork) {
     row.drain = w.drain.clone();
 }
 
-fn set_vm_work(row: &mut VmView, w: &VmWork) {
-    row.protected = w.protected;
-    row.admission_override = w.admission_override.clone();
-    row.priority = w.priority;
-    row.anti_affinity = w.anti_affinity.clone();
-    row.allowed_hosts = w.allowed_hosts.clone();
-    row.preferred_host = w.preferred_host.clone();
-    row.recovery = w.recovery.clone();
-}
-
 /// A host as a new controller starts with it: what was stored, no lease, nothing heard yet.
 pub fn loaded_host(row: &HostView, now: Millis) -> HostView {
     let mut h = HostView::new(&row.name);
@@ -134,6 +124,6 @@ pub fn loaded_vm(row: &VmView) -> VmView {
     vm.memory_kib = row.memory_kib;
     vm.vcpus = row.vcpus;
     vm.xml = row.xml.clone();
-    set_vm_work(&mut vm, &VmWork::of(row));
+    VmWork::of(row).apply_to(&mut vm);
     vm
 }

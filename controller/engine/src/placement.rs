@@ -175,7 +175,15 @@ pub fn memory_left(state: &ClusterState, usage: &Usage, host: &str) -> u64 {
 /// Whether `host` can take `vm` now; `usage` is `Usage::of(state)`, taken once by a caller that
 /// asks about many VMs.
 pub fn fits(state: &ClusterState, usage: &Usage, vm: &VmView, host: &str, now: Millis) -> bool {
-    state.hosts.contains_key(host) && unfit(state, usage, vm, host, now, &|_| None).is_none()
+    why_not(state, usage, vm, host, now).is_none()
+}
+
+/// Why `host` cannot take `vm` now, or `None` if it can.
+pub fn why_not(state: &ClusterState, usage: &Usage, vm: &VmView, host: &str, now: Millis) -> Option<String> {
+    if !state.hosts.contains_key(host) {
+        return Some(format!("{host}: unknown"));
+    }
+    unfit(state, usage, vm, host, now, &|_| None)
 }
 
 /// The host to start `vm` on, or why none fits (one clause per host).

@@ -291,28 +291,59 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
 /// With failback on, one running VM at a time goes back to its preferred host once that host
 /// has held a lease for `failback_after` and can take it.
 fn schedule_failback(state: &ClusterState, now: Millis, out: &mut Vec<Action>) {
-    let Some(after) = state.policy.failback_after_ms else { return };
-    if state.vms.values().any(|v| v.busy_with.is_some()) {
+    if state.policy.failback_after_ms.is_none() || state.vms.values().any(|v| v.busy_with.is_some()) {
         return;
     }
     // Summed only once a VM gets as far as asking, and then once for all of them.
     let usage = std::cell::OnceCell::new();
-    let due = state.vms.values().find(|v| {
-        let Some(p) = v.preferred_host.as_deref() else { return false };
-        let settled = state
-            .hosts
-            .get(p)
-            .is_some_and(|h| h.dead.is_none() && h.lease.held_since.is_some_and(|s| now.since(s) >= after));
-        v.state == RunState::Running
-            && v.recovery.is_none()
-            && v.host.as_deref().is_some_and(|h| h != p)
-            && settled
-            && state.liveness(p, now) == HostLiveness::Online
-            && placement::fits(state, usage.get_or_init(|| placement::Usage::of(state)), v, p, now)
-    });
-    if let Some((v, host)) = due.and_then(|v| Some((v, v.preferred_host.clone()?))) {
+    let due = state.vms.values().find_map(|v| failback(state, &usage, v, None, now)?.ok().map(|p| (v, p)));
+    if let Some((v, host)) = due {
         out.push(Action::Migrate { vm_uuid: v.uuid.clone(), vm_name: v.name.clone(), host, why: "failback" });
     }
+}
+
+/// For a running VM away from its preferred host: that host if failback may take it back now,
+/// or why it waits. `None` for a VM at home, without one, or not running. `busy`: a migration
+/// in flight (failback moves one VM at a time, and none while anything else moves).
+pub fn failback<'s>(
+    state: &'s ClusterState,
+    usage: &std::cell::OnceCell<placement::Usage<'s>>,
+    vm: &VmView,
+    busy: Option<&str>,
+    now: Millis,
+) -> Option<Result<String, String>> {
+    let p = vm.preferred_host.as_deref()?;
+    if vm.state != RunState::Running || vm.recovery.is_some() || vm.host.as_deref().is_none_or(|h| h == p) {
+        return None;
+    }
+    let Some(after) = state.policy.failback_after_ms else {
+        return Some(Err(format!(
+            "away from its preferred host {p}: failback is off (the controller's --failback-after)"
+        )));
+    };
+    let Some(h) = state.hosts.get(p) else { return Some(Err(format!("its preferred host {p} is unknown"))) };
+    let held = h.lease.held_since.map_or(0, |s| now.since(s));
+    Some(Err(match state.liveness(p, now) {
+        l if h.dead.is_some() || l != HostLiveness::Online => {
+            format!("its preferred host {p} is {}", l.as_str())
+        }
+        _ if held < after => format!(
+            "its preferred host {p} has held a lease for {} of the {} failback waits for",
+            secs(held),
+            secs(after)
+        ),
+        _ if busy.is_some() => format!(
+            "operation {} is in flight: failback moves one VM at a time, when nothing else moves",
+            busy.unwrap_or_default()
+        ),
+        _ => {
+            let usage = usage.get_or_init(|| placement::Usage::of(state));
+            match placement::why_not(state, usage, vm, p, now) {
+                Some(why) => format!("its preferred host cannot take it: {why}"),
+                None => return Some(Ok(p.to_string())),
+            }
+        }
+    }))
 }
 
 /// A host other than the VM's that has not reported its domains since `t` (a report that
@@ -741,7 +772,23 @@ pub fn explain(state: &ClusterState, uuid: &str, now: Millis) -> Option<String> 
             vm.name
         ),
         HostLiveness::Dead => format!("{host} is dead; {} is not protected", vm.name),
-        HostLiveness::Online => format!("{} on {host}", vm.state.as_str()),
+        HostLiveness::Online => match (&vm.busy_with, vm.protected, vm.state) {
+            (Some(op), _, state) => format!("{} on {host}, busy with operation {op}", state.as_str()),
+            (None, true, RunState::Paused) => format!(
+                "paused on {host}, a live host: vmha neither resumes nor restarts a paused guest (it still holds \
+                 its memory there); resume it there (`virsh resume {}`)",
+                vm.name
+            ),
+            (None, true, state) => format!(
+                "{} on {host}, a live host, so it is not restarted: vmha restarts a protected VM that stops \
+                 without being asked, or whose host dies, and {} was already off when it was protected (or its \
+                 restart was given up or cancelled); start it on {host} (`virsh start {}`)",
+                state.as_str(),
+                vm.name,
+                vm.name
+            ),
+            (None, false, state) => format!("{} on {host}", state.as_str()),
+        },
     })
 }
 
@@ -750,6 +797,60 @@ mod tests {
     use super::*;
     use crate::cluster::tests::{three_hosts, vm_on};
     use crate::lease::{Echo, issue_stamp, on_heartbeat};
+
+    #[test]
+    fn a_protected_vm_off_on_a_live_host_says_why_it_is_not_restarted() {
+        let mut s = three_hosts();
+        s.hosts.get_mut("kvm1").unwrap().lease.granted_at = Some(Millis(0));
+        let mut vm = vm_on(&mut s, "a", "dns1", "kvm1");
+        vm.protected = true;
+        vm.state = RunState::ShutOff;
+        s.vms.insert("a".into(), vm);
+        let why = explain(&s, "a", Millis(1)).unwrap();
+        assert!(why.starts_with("shut_off on kvm1, a live host, so it is not restarted"), "{why}");
+        assert!(why.contains("virsh start dns1"), "{why}");
+        s.vms.get_mut("a").unwrap().busy_with = Some("op-1".into());
+        assert_eq!(explain(&s, "a", Millis(1)).unwrap(), "shut_off on kvm1, busy with operation op-1");
+    }
+
+    #[test]
+    fn a_failback_that_waits_says_why() {
+        let mut s = three_hosts();
+        for h in s.hosts.values_mut() {
+            h.lease.granted_at = Some(Millis(0));
+            h.lease.held_since = Some(Millis(0));
+        }
+        let mut vm = vm_on(&mut s, "a", "dns1", "kvm2");
+        vm.preferred_host = Some("kvm1".into());
+        s.vms.insert("a".into(), vm.clone());
+        let why = |s: &ClusterState, busy, now| {
+            failback(s, &std::cell::OnceCell::new(), &vm, busy, Millis(now))
+                .map(|r| r.map_err(|e| e.to_string()))
+        };
+        assert_eq!(
+            why(&s, None, 1),
+            Some(Err(
+                "away from its preferred host kvm1: failback is off (the controller's --failback-after)"
+                    .into()
+            ))
+        );
+        s.policy.failback_after_ms = Some(60_000);
+        let renewed = |s: &mut ClusterState, at: u64| {
+            s.hosts.get_mut("kvm1").unwrap().lease.granted_at = Some(Millis(at))
+        };
+        renewed(&mut s, 29_500);
+        assert_eq!(
+            why(&s, None, 30_000),
+            Some(Err(
+                "its preferred host kvm1 has held a lease for 30.0 s of the 60.0 s failback waits for".into()
+            ))
+        );
+        renewed(&mut s, 59_500);
+        assert!(
+            why(&s, Some("op-7"), 60_000).unwrap().unwrap_err().starts_with("operation op-7 is in flight")
+        );
+        assert_eq!(why(&s, None, 60_000), Some(Ok("kvm1".into())));
+    }
 
     /// Every host heartbeats at `t` (echoing its previous answer promptly).
     fn beat(s: &mut ClusterState, hosts: &[&str], t: Millis) {

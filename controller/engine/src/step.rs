@@ -81,6 +81,18 @@ impl HostWork {
 }
 
 impl VmWork {
+    /// Gives `vm` these settings: as persisted (a restored controller), or as they were before
+    /// a refused change.
+    pub fn apply_to(&self, vm: &mut crate::VmView) {
+        vm.protected = self.protected;
+        vm.admission_override = self.admission_override.clone();
+        vm.priority = self.priority;
+        vm.anti_affinity = self.anti_affinity.clone();
+        vm.allowed_hosts = self.allowed_hosts.clone();
+        vm.preferred_host = self.preferred_host.clone();
+        vm.recovery = self.recovery.clone();
+    }
+
     pub fn of(vm: &crate::VmView) -> VmWork {
         VmWork {
             protected: vm.protected,
@@ -1062,7 +1074,7 @@ impl Engine {
                     if !force {
                         // Nothing changes: the settings go back as they were.
                         let vm = s.vms.get_mut(&uuid).expect("found above");
-                        restore_work(vm, &before);
+                        before.apply_to(vm);
                         vm.protected_since = since_before;
                         return Err(Refusal::BeyondReserve { vm: vm.name.clone(), why });
                     }
@@ -1444,17 +1456,6 @@ fn self_fence_event(host: &str, fenced: bool) -> Event {
         )
     };
     event.by(host)
-}
-
-/// Puts a VM's settings back as `w` has them (a refused change).
-fn restore_work(vm: &mut crate::VmView, w: &VmWork) {
-    vm.protected = w.protected;
-    vm.admission_override = w.admission_override.clone();
-    vm.priority = w.priority;
-    vm.anti_affinity = w.anti_affinity.clone();
-    vm.allowed_hosts = w.allowed_hosts.clone();
-    vm.preferred_host = w.preferred_host.clone();
-    vm.recovery = w.recovery.clone();
 }
 
 fn protection_event(vm: &crate::VmView) -> Event {
