@@ -419,8 +419,12 @@ lab_mount_images() {
 
 # lab_unmount_images: after the hosts are gone (their namespaces hold copies).
 lab_unmount_images() {
-  lab_images_mounted self || return 0
-  umount "$LAB_IMAGES_DIR" 2>/dev/null || umount -l "$LAB_IMAGES_DIR"
+  if lab_images_mounted self; then
+    umount "$LAB_IMAGES_DIR" 2>/dev/null || umount -l "$LAB_IMAGES_DIR"
+  fi
+  # A bindfs whose mount went lazily can outlive it and spin (seen: most of a core, for
+  # hours, under the next lab and CI run): stop whatever still serves this lab's images.
+  pkill -f "^bindfs .*fsname=vmha-lab-shared $LAB_IMAGES_BACKING " 2>/dev/null || true
 }
 
 lab_virtlockd_pid() { lab_pid_alive "$(lab_host_dir "$1")/run/virtlockd.pid" virtlockd; }
