@@ -423,8 +423,16 @@ lab_unmount_images() {
     umount "$LAB_IMAGES_DIR" 2>/dev/null || umount -l "$LAB_IMAGES_DIR"
   fi
   # A bindfs whose mount went lazily can outlive it and spin (seen: most of a core, for
-  # hours, under the next lab and CI run): stop whatever still serves this lab's images.
-  pkill -f "^bindfs .*fsname=vmha-lab-shared $LAB_IMAGES_BACKING " 2>/dev/null || true
+  # hours, under the next lab and CI run): stop whatever still serves this lab's images,
+  # and kill it if it has not gone after 2 s (the mount is gone: nothing is lost).
+  local serving="^bindfs .*fsname=vmha-lab-shared $LAB_IMAGES_BACKING "
+  pkill -f "$serving" 2>/dev/null || return 0
+  local _
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    pgrep -f "$serving" >/dev/null 2>&1 || return 0
+    sleep 0.2
+  done
+  pkill -KILL -f "$serving" 2>/dev/null || true
 }
 
 lab_virtlockd_pid() { lab_pid_alive "$(lab_host_dir "$1")/run/virtlockd.pid" virtlockd; }
