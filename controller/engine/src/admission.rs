@@ -54,15 +54,23 @@ impl WhatIf {
 
 /// `host` and the `k - 1` other hosts that run the most protected memory.
 pub fn worst_with(state: &ClusterState, host: &str, k: usize) -> Vec<String> {
-    let mut others: Vec<(u64, &str)> = (state.hosts.keys())
-        .filter(|h| h.as_str() != host)
-        .map(|h| (protected_memory(state, h), h.as_str()))
-        .collect();
-    others.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
-    std::iter::once(host)
-        .chain(others.into_iter().take(k.saturating_sub(1)).map(|(_, h)| h))
-        .map(str::to_string)
-        .collect()
+    // Only a reserve above one host needs the others ranked.
+    let ranked = if k > 1 { ranked(state) } else { Vec::new() };
+    worst_among(&ranked, host, k)
+}
+
+/// Every host with the protected memory it runs, most first (ties by name).
+fn ranked(state: &ClusterState) -> Vec<(u64, &str)> {
+    let mut r: Vec<(u64, &str)> =
+        state.hosts.keys().map(|h| (protected_memory(state, h), h.as_str())).collect();
+    r.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    r
+}
+
+/// `host` and the first `k - 1` others of `ranked`.
+fn worst_among(ranked: &[(u64, &str)], host: &str, k: usize) -> Vec<String> {
+    let others = ranked.iter().map(|(_, h)| *h).filter(|h| *h != host).take(k.saturating_sub(1));
+    std::iter::once(host).chain(others).map(str::to_string).collect()
 }
 
 fn protected_memory(state: &ClusterState, host: &str) -> u64 {
@@ -128,13 +136,20 @@ pub fn after_drain(state: &ClusterState, host: &str, moves: &[(String, String)],
 /// What `vmha capacity` shows: for every host that runs protected VMs, and for it with the
 /// worst others up to the reserve, where those VMs would restart and the room left.
 pub fn capacity(state: &ClusterState, now: Millis) -> Vec<WhatIf> {
-    let usage = Usage::of(state);
-    let k = state.policy.reserve_hosts;
+    what_ifs(state, &[1, state.policy.reserve_hosts], now)
+}
+
+/// The what-ifs of losing each host that runs protected VMs together with the worst others,
+/// for each size of `sizes`, each set of lost hosts once.
+fn what_ifs(state: &ClusterState, sizes: &[usize], now: Millis) -> Vec<WhatIf> {
+    let (usage, ranked) = (Usage::of(state), ranked(state));
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
-    for host in state.hosts.keys().filter(|h| protected_memory(state, h) > 0) {
-        for size in [1, k] {
-            let mut lost = worst_with(state, host, size.max(1));
+    let mut hosts: Vec<&str> = ranked.iter().filter(|(m, _)| *m > 0).map(|(_, h)| *h).collect();
+    hosts.sort();
+    for host in hosts {
+        for size in sizes {
+            let mut lost = worst_among(&ranked, host, (*size).max(1));
             lost.sort();
             if seen.insert(lost.clone()) {
                 out.push(what_if(state, &usage, &lost, &|v| v.protected, now));
@@ -172,24 +187,7 @@ pub fn below_reserve(state: &ClusterState, k: usize, now: Millis) -> Vec<WhatIf>
     if k == 0 {
         return Vec::new();
     }
-    let usage = Usage::of(state);
-    let mut seen = std::collections::BTreeSet::new();
-    let mut out = Vec::new();
-    for host in state.hosts.keys() {
-        if protected_memory(state, host) == 0 {
-            continue;
-        }
-        let mut lost = worst_with(state, host, k);
-        lost.sort();
-        if !seen.insert(lost.clone()) {
-            continue;
-        }
-        let w = what_if(state, &usage, &lost, &|v| v.protected, now);
-        if !w.covered() {
-            out.push(w);
-        }
-    }
-    out
+    what_ifs(state, &[k], now).into_iter().filter(|w| !w.covered()).collect()
 }
 
 #[cfg(test)]

@@ -46,42 +46,34 @@ impl<'a> Usage<'a> {
                 .as_ref()
                 .and_then(|r| r.starting_on.as_deref())
                 .or_else(|| drains.get(v.uuid.as_str()).copied());
-            let running = v.host.as_deref().filter(|_| v.state.has_process());
-            if let Some(h) = running {
+            if let Some(h) = v.host.as_deref().filter(|_| v.state.has_process()) {
                 let r = u.running.entry(h).or_default();
                 *r = (r.0.saturating_add(v.vcpus), r.1.saturating_add(v.memory_kib));
+                u.note_group(h, v);
             }
             if let Some(h) = heading {
-                u.heading.insert(&v.uuid, h);
-                let p = u.promised.entry(h).or_default();
-                *p = (p.0.saturating_add(v.vcpus), p.1.saturating_add(v.memory_kib));
-            }
-            if let Some(group) = &v.anti_affinity {
-                let mut at: Vec<&str> = running.into_iter().chain(heading).collect();
-                at.dedup();
-                for h in at {
-                    let seen = u.groups.entry((h, group.as_str())).or_default();
-                    if seen.len() < 2 {
-                        seen.push(v);
-                    }
-                }
+                u.promise(h, v);
             }
         }
         u
     }
 
-    /// Counts `vm` as heading to `host` (a restart planned, not begun): what admission control
-    /// does as it places one lost VM after the other.
+    /// Notes `vm` in its anti-affinity group on `host`, once.
+    fn note_group(&mut self, host: &'a str, vm: &'a VmView) {
+        let Some(group) = &vm.anti_affinity else { return };
+        let seen = self.groups.entry((host, group.as_str())).or_default();
+        if seen.len() < 2 && !seen.iter().any(|o| o.uuid == vm.uuid) {
+            seen.push(vm);
+        }
+    }
+
+    /// Counts `vm` as heading to `host`: a restart or migration in flight, or one admission
+    /// control plans as it places one lost VM after the other.
     pub fn promise(&mut self, host: &'a str, vm: &'a VmView) {
         self.heading.insert(&vm.uuid, host);
         let p = self.promised.entry(host).or_default();
         *p = (p.0.saturating_add(vm.vcpus), p.1.saturating_add(vm.memory_kib));
-        if let Some(group) = &vm.anti_affinity {
-            let seen = self.groups.entry((host, group.as_str())).or_default();
-            if seen.len() < 2 {
-                seen.push(vm);
-            }
-        }
+        self.note_group(host, vm);
     }
 
     /// Memory and vCPUs promised on `host` to VMs other than `vm`.

@@ -1069,21 +1069,19 @@ impl Engine {
                 }
                 if !vm.protected {
                     vm.recovery = None;
-                    vm.admission_override = None;
-                } else if let Err(why) = admission::admit(s, &uuid, now) {
-                    if !force {
+                }
+                let admitted = if protected { admission::admit(s, &uuid, now) } else { Ok(()) };
+                let vm = s.vms.get_mut(&uuid).expect("found above");
+                match admitted {
+                    Ok(()) => vm.admission_override = None,
+                    Err(why) if force => vm.admission_override = Some(format!("{actor}: {why}")),
+                    Err(why) => {
                         // Nothing changes: the settings go back as they were.
-                        let vm = s.vms.get_mut(&uuid).expect("found above");
                         before.apply_to(vm);
                         vm.protected_since = since_before;
                         return Err(Refusal::BeyondReserve { vm: vm.name.clone(), why });
                     }
-                    s.vms.get_mut(&uuid).expect("found above").admission_override =
-                        Some(format!("{actor}: {why}"));
-                } else {
-                    s.vms.get_mut(&uuid).expect("found above").admission_override = None;
                 }
-                let vm = &s.vms[&uuid];
                 if VmWork::of(vm) != before {
                     out.events.push(protection_event(vm).by(actor));
                 }
@@ -1337,14 +1335,14 @@ impl Engine {
     /// `collect_persist` missed nothing): checked by the simulator after every step.
     pub fn check_persisted(&self) -> Result<(), String> {
         for (name, h) in &self.cluster.hosts {
-            if self.saved_hosts.get(name) != Some(&HostWork::of(h)) {
-                let (was, is) = (self.saved_hosts.get(name), HostWork::of(h));
+            let (was, is) = (self.saved_hosts.get(name), HostWork::of(h));
+            if was != Some(&is) {
                 return Err(format!("host {name}'s work changed but was not persisted: {was:?} -> {is:?}"));
             }
         }
         for (uuid, vm) in &self.cluster.vms {
-            if self.saved_vms.get(uuid) != Some(&VmWork::of(vm)) {
-                let (was, is) = (self.saved_vms.get(uuid), VmWork::of(vm));
+            let (was, is) = (self.saved_vms.get(uuid), VmWork::of(vm));
+            if was != Some(&is) {
                 return Err(format!("VM {uuid}'s work changed but was not persisted: {was:?} -> {is:?}"));
             }
         }
