@@ -483,10 +483,11 @@ impl Store {
             preferred_host: Option<String>,
             recovery: Option<String>,
             admission_override: Option<String>,
+            state: String,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host, anti_affinity,
-                 allowed_hosts, xml, preferred_host, recovery, admission_override
+                 allowed_hosts, xml, preferred_host, recovery, admission_override, state
              FROM vms ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -501,8 +502,10 @@ impl Store {
                     .map(serde_json::from_str)
                     .transpose()
                     .map_err(decode("vm recovery"))?;
-                // Observed state is rebuilt from reports; until then nobody knows.
+                // Observed state is rebuilt from reports; until then nobody knows. What was last
+                // recorded tells whether a VM stopped meanwhile (`persist::loaded_vm`).
                 vm.state = RunState::Unknown;
+                vm.recorded_running = RunState::parse(&r.state).is_some_and(|s| s.has_process());
                 vm.host = r.current_host;
                 vm.memory_kib = r.memory_kib as u64;
                 vm.vcpus = r.vcpus as u32;
@@ -526,7 +529,10 @@ impl Store {
             "INSERT INTO vms (uuid, name, memory_kib, vcpus, current_host, state)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (uuid) DO UPDATE SET name = $2, memory_kib = $3, vcpus = $4,
-                 current_host = $5, state = $6, updated_at = now()",
+                 current_host = $5, updated_at = now(),
+                 -- Unknown (a new leader before the first report) keeps the last state a report
+                 -- showed: the next leader needs it to tell a VM that stopped meanwhile.
+                 state = CASE WHEN $6 = 'unknown' THEN vms.state ELSE $6 END",
         )
         .bind(uuid)
         .bind(&vm.name)

@@ -258,6 +258,9 @@ pub struct VmView {
     pub priority: i32,
     /// Set while a migration or other operation owns the VM, so that no second one starts.
     pub busy_with: Option<String>,
+    /// The previous leader last recorded it with a running process, and its host has not
+    /// reported it to this one yet (its `state` is `Unknown` until then).
+    pub recorded_running: bool,
     /// VMs of one group never share a host.
     pub anti_affinity: Option<String>,
     /// Hosts it may run on; empty: any.
@@ -307,6 +310,7 @@ impl VmView {
             protected_since: Millis(0),
             priority: 0,
             busy_with: None,
+            recorded_running: false,
             anti_affinity: None,
             allowed_hosts: Vec::new(),
             preferred_host: None,

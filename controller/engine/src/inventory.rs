@@ -104,8 +104,10 @@ pub enum InventoryChange {
     Appeared { uuid: String, name: String, host: String, state: RunState },
     /// The VM is now on `to` (after a migration, a restart elsewhere, or a host coming back).
     Moved { uuid: String, name: String, from: String, to: String, state: RunState },
-    /// Same host, new state.
-    StateChanged { uuid: String, name: String, host: String, from: RunState, to: RunState },
+    /// Same host, new state. `unwatched`: the first report since this leader took over, and
+    /// `from` is what the previous leader last recorded: the change happened while no leader
+    /// watched.
+    StateChanged { uuid: String, name: String, host: String, from: RunState, to: RunState, unwatched: bool },
     /// The host it was on no longer reports it. An unprotected VM that no host reports is
     /// `forgotten`: dropped from the inventory (it was undefined or moved behind vmha's back;
     /// if it shows up somewhere, it is discovered again).
@@ -181,21 +183,29 @@ pub fn apply_report(
                         confirmed: true,
                     });
                 }
-                if vm.state != d.state {
+                // Until its host's first report to this leader, a VM's state is unknown; what the
+                // previous leader last recorded says whether it stopped in between (a self-fence
+                // while the controller was out, a crash), which a protected VM is restarted for.
+                let unwatched = vm.state == RunState::Unknown && vm.recorded_running;
+                let from = if unwatched { RunState::Running } else { vm.state };
+                vm.recorded_running = false;
+                if from != d.state {
                     changes.push(InventoryChange::StateChanged {
                         uuid: d.uuid.clone(),
                         name: d.name.clone(),
                         host: host.into(),
-                        from: vm.state,
+                        from,
                         to: d.state,
+                        unwatched,
                     });
-                    vm.state = d.state;
                 }
+                vm.state = d.state;
             }
             None => {
                 note_near(&mut state.near, host, &d.uuid);
                 vm.host = Some(host.into());
                 vm.state = d.state;
+                vm.recorded_running = false;
                 changes.push(InventoryChange::Appeared {
                     uuid: d.uuid.clone(),
                     name: d.name.clone(),
@@ -235,6 +245,7 @@ pub fn apply_report(
                 note_near(&mut state.near, host, &d.uuid);
                 vm.host = Some(host.into());
                 vm.state = d.state;
+                vm.recorded_running = false;
             }
             Some(_) => {}
         }

@@ -51,6 +51,11 @@ impl Db {
                 row.memory_kib = vm.memory_kib;
                 row.vcpus = vm.vcpus;
                 row.xml = vm.xml.clone();
+                // Unknown (a new leader before the first report) keeps the last state a report
+                // showed: the next leader needs it to tell a VM that stopped meanwhile.
+                if vm.state != RunState::Unknown {
+                    row.state = vm.state;
+                }
             }
         }
         for uuid in &p.forgotten {
@@ -120,6 +125,7 @@ pub fn loaded_host(row: &HostView, now: Millis) -> HostView {
 pub fn loaded_vm(row: &VmView) -> VmView {
     let mut vm = VmView::new(&row.uuid, &row.name);
     vm.state = RunState::Unknown;
+    vm.recorded_running = row.state.has_process();
     vm.host = row.host.clone();
     vm.memory_kib = row.memory_kib;
     vm.vcpus = row.vcpus;

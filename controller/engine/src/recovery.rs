@@ -685,7 +685,7 @@ pub fn after_report(
             ));
             continue;
         }
-        let InventoryChange::StateChanged { uuid, name, from, to, .. } = c else { continue };
+        let InventoryChange::StateChanged { uuid, name, from, to, unwatched, .. } = c else { continue };
         if !from.has_process() || to.has_process() || *to == RunState::Lost {
             continue;
         }
@@ -706,6 +706,13 @@ pub fn after_report(
             if self_fenced {
                 format!(
                     "{name} stopped on {host} ({}): {host}'s agent self-fenced and destroyed it; restarting it",
+                    to.as_str()
+                )
+            } else if *unwatched {
+                format!(
+                    "{name} is {} on {host}, but was recorded running before this controller took over: it stopped \
+                     while no leader watched ({host}'s agent self-fenced, the guest died or it was stopped by hand); \
+                     restarting it",
                     to.as_str()
                 )
             } else {
@@ -1110,6 +1117,7 @@ mod tests {
             host: "kvm1".into(),
             from: RunState::Running,
             to: RunState::ShutOff,
+            unwatched: false,
         };
         s.vms.get_mut("b").unwrap().busy_with = Some("op".into());
         // As the report applied them.

@@ -672,9 +672,14 @@ impl Engine {
                 InventoryChange::Moved { name, from, to, .. } => {
                     (EventKind::VmMoved, format!("{name} now runs on {to} (was on {from})"))
                 }
-                InventoryChange::StateChanged { name, host, from, to, .. } => (
+                InventoryChange::StateChanged { name, host, from, to, unwatched, .. } => (
                     EventKind::VmState,
-                    format!("{name} on {host} is now {} (was {})", to.as_str(), from.as_str()),
+                    format!(
+                        "{name} on {host} is now {} (was {}{})",
+                        to.as_str(),
+                        from.as_str(),
+                        if *unwatched { " when the previous leader last saw it" } else { "" }
+                    ),
                 ),
                 InventoryChange::Vanished { name, from, .. } => {
                     (EventKind::VmVanished, format!("{name} is no longer reported by {from}"))
