@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmha_proto::v1::command::Kind;
-use vmha_proto::v1::{Command, OperationProgress, OperationResult};
+use vmha_proto::v1::{Command, DomainState, OperationProgress, OperationResult, ShutdownDomain};
 
 use crate::hypervisor::{MigrateOptions, MigrationStats};
 use crate::session::{Agent, Client};
@@ -71,9 +71,7 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
         // controller asks again while the VM still runs). A start's is not (it may still
         // happen, and would then be retried elsewhere): it reports only when libvirt answers,
         // and the controller waits for that, for a report, or for the host's death.
-        Some(Kind::Shutdown(s)) => {
-            within(agent.blocking(move |hv| hv.shutdown(&s.uuid).map(|_| Default::default()))).await
-        }
+        Some(Kind::Shutdown(s)) => shut_down(&agent, s).await,
         Some(Kind::Destroy(d)) => {
             within(agent.blocking(move |hv| hv.destroy(&d.uuid).map(|_| Default::default()))).await
         }
@@ -106,6 +104,40 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
         Err(e) => tracing::warn!(operation = %op, error = format!("{e:#}"), "failed"),
     }
     report(&mut client, result).await;
+}
+
+/// How often a shutting-down guest is looked at.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(500);
+
+/// An operator's stop: the guest is asked to shut down, and destroyed if it still runs once
+/// the timeout has passed (a guest without ACPI support ignores the request).
+async fn shut_down(agent: &Arc<Agent>, s: ShutdownDomain) -> anyhow::Result<MigrationStats> {
+    let uuid = s.uuid.clone();
+    within(agent.blocking(move |hv| hv.shutdown(&uuid).map(|_| Default::default()))).await?;
+    if s.timeout_ms == 0 {
+        return Ok(Default::default());
+    }
+    let until = Instant::now() + Duration::from_millis(s.timeout_ms);
+    loop {
+        let uuid = s.uuid.clone();
+        let runs = agent
+            .blocking(move |hv| {
+                let state = hv.domains()?.into_iter().find(|d| d.uuid == uuid).map(|d| d.state);
+                Ok(state.is_some_and(|st| {
+                    ![DomainState::ShutOff as i32, DomainState::Crashed as i32].contains(&st)
+                }))
+            })
+            .await?;
+        if !runs {
+            return Ok(Default::default());
+        }
+        if Instant::now() >= until {
+            tracing::warn!(domain = %s.uuid, timeout_ms = s.timeout_ms, "no clean shutdown in time: destroying it");
+            let uuid = s.uuid.clone();
+            return within(agent.blocking(move |hv| hv.destroy(&uuid).map(|_| Default::default()))).await;
+        }
+        tokio::time::sleep(SHUTDOWN_POLL).await;
+    }
 }
 
 /// How long a result is offered to a controller that cannot be reached.

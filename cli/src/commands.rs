@@ -196,10 +196,42 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 enum VmVerb {
     /// List VMs with their host, state and protection.
     Ls,
-    /// One VM in detail.
+    /// One VM in detail: where it runs, and why it is not running or not elsewhere.
     Show {
         /// VM name or libvirt domain UUID.
         vm: String,
+    },
+    /// Start a VM that is off: one stopped with `vmha vm stop`, a protected VM whose restart
+    /// gave up, any VM shut off on a live host. Refused while a copy may still run anywhere
+    /// (its host is unreachable but not declared dead), as a restart would be.
+    #[command(after_help = "Starts it on its own host if that is up, else where placement finds room.\n\
+        Examples:\n  vmha vm start dns1\n  vmha vm start dns1 --on kvm3")]
+    Start {
+        /// VM name or libvirt domain UUID.
+        vm: String,
+        /// The host to start it on.
+        #[arg(long, value_name = "HOST")]
+        on: Option<String>,
+        /// Return once the start is queued.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for it to run (e.g. 2m); it is still started after that.
+        #[arg(long, value_parser = humantime_duration, default_value = "2m")]
+        wait: Duration,
+    },
+    /// Shut a VM down cleanly (ACPI), and destroy it if it has not stopped within --timeout.
+    /// vmha then leaves it off, even if protected, until `vmha vm start` (or until it is
+    /// started by hand: vmha then keeps it up again).
+    #[command(after_help = "Example: vmha vm stop radius1 --timeout 2m")]
+    Stop {
+        /// VM name or libvirt domain UUID.
+        vm: String,
+        /// How long the guest has to shut down before it is destroyed.
+        #[arg(long, value_parser = humantime_duration, default_value = "60s")]
+        timeout: Duration,
+        /// Return once the shutdown is sent.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -417,6 +449,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let v = c.get_vm(GetVmRequest { vm }).await?.into_inner();
             show_vm(fmt, &v);
         }
+        Verb::Vm(VmVerb::Start { vm, on, no_wait, wait }) => {
+            return crate::power::start(&mut c, fmt, vm, on, no_wait, wait).await;
+        }
+        Verb::Vm(VmVerb::Stop { vm, timeout, no_wait }) => {
+            return crate::power::stop(&mut c, fmt, vm, timeout, no_wait).await;
+        }
         Verb::Protect { vm, priority, anti_affinity, hosts, prefer, force } => {
             let allowed_hosts: Vec<String> =
                 hosts.clone().unwrap_or_default().into_iter().filter(|h| !h.is_empty()).collect();
@@ -607,7 +645,7 @@ fn show_capacity(r: &CapacityReply) {
     }
 }
 
-fn show_vm(fmt: Format, v: &Vm) {
+pub(crate) fn show_vm(fmt: Format, v: &Vm) {
     match fmt {
         Format::Json => output::json(v),
         Format::Table => {
@@ -621,6 +659,7 @@ fn show_vm(fmt: Format, v: &Vm) {
                 ("allowed hosts", v.allowed_hosts.join(",")),
                 ("preferred host", v.preferred_host.clone()),
                 ("not running", v.why_not_running.clone()),
+                ("stopped by", v.stopped_by.clone()),
                 ("FORCED", v.admission_override.clone()),
                 ("failback waits", v.failback_waits.clone()),
             ];

@@ -4,6 +4,7 @@ mod ca;
 mod commands;
 mod drain;
 mod output;
+mod power;
 
 use std::process::ExitCode;
 

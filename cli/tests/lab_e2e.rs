@@ -856,6 +856,37 @@ fn a_throttled_migration_times_out_and_the_guest_stays(lab: &Lab) {
     assert_eq!(lab.host_of("radius1"), source);
 }
 
+/// Issue 14: `vmha vm stop` on a protected guest is not undone by the controller (not on its
+/// stop, not later), and `vmha vm start` brings it back, once.
+fn a_stopped_guest_stays_off_until_started(lab: &Lab) {
+    lab.settle();
+    let host = lab.protect_known("dns1", "100");
+    let before = last_event_id(lab);
+    let out = lab.vmha_ok(&["vm", "stop", "dns1", "--timeout", "5s"]);
+    assert!(out.contains("vmha vm start dns1"), "the stop says how to undo it: {out}");
+    assert!(running_on("dns1").is_empty(), "no QEMU process of dns1 is left");
+    assert_eq!(lab.virsh(&host, &["domstate", "dns1"]).trim(), "shut off");
+    // Well past a lease and a restart: vmha leaves it off, and says why.
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(running_on("dns1").is_empty(), "vmha did not start dns1 again");
+    let vm = lab.json(&["vm", "show", "dns1"]);
+    assert_eq!(vm["state"], "shut_off", "{vm}");
+    assert!(!vm["stopped_by"].as_str().unwrap().is_empty(), "{vm}");
+    assert!(vm["why_not_running"].as_str().unwrap().contains("vmha vm stop"), "{vm}");
+    let kinds = kinds_since(lab, before, "dns1");
+    assert!(kinds.contains(&"vm_stopped_by_operator".to_string()), "{kinds:?}");
+    assert!(!kinds.iter().any(|k| k.starts_with("restart") || k == "vm_stopped"), "{kinds:?}");
+    let out = lab.vmha_ok(&["vm", "start", "dns1"]);
+    assert!(out.contains(&format!("dns1 runs on {host}")), "started where it was stopped: {out}");
+    assert_eq!(running_on("dns1"), vec![host.clone()], "one copy, on {host}");
+    let vm = lab.json(&["vm", "show", "dns1"]);
+    assert_eq!((vm["state"].as_str(), vm["stopped_by"].as_str()), (Some("running"), Some("")), "{vm}");
+    // A running VM is not started twice: refused, exit 4.
+    let again = lab.vmha(&["vm", "start", "dns1"]);
+    assert_eq!(again.status.code(), Some(4), "{}", String::from_utf8_lossy(&again.stderr));
+    println!("  stopped, left off for 8 s, started again on {host}");
+}
+
 fn signal(pid: i32, sig: &str) -> bool {
     Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().is_ok_and(|s| s.success())
 }
@@ -2121,7 +2152,7 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 25] = [
+    let scenarios: [Scenario; 26] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -2149,6 +2180,7 @@ fn main() {
             protecting_beyond_the_host_reserve_is_refused_unless_forced,
         ),
         ("a_failing_check_degrades_and_empties_a_host", a_failing_check_degrades_and_empties_a_host),
+        ("a_stopped_guest_stays_off_until_started", a_stopped_guest_stays_off_until_started),
         (
             "a_throttled_migration_times_out_and_the_guest_stays",
             a_throttled_migration_times_out_and_the_guest_stays,

@@ -439,6 +439,9 @@ impl Controller {
         let kind = match kind {
             CommandKind::Start { xml, .. } => Kind::Start(pb::StartDomain { xml }),
             CommandKind::Destroy { uuid } => Kind::Destroy(pb::DestroyDomain { uuid }),
+            CommandKind::Shutdown { uuid, timeout_ms } => {
+                Kind::Shutdown(pb::ShutdownDomain { uuid, timeout_ms })
+            }
             CommandKind::Migrate { uuid, dest_uri, bandwidth_mib_s, timeout_ms } => {
                 Kind::Migrate(pb::MigrateDomain {
                     uuid,

@@ -97,6 +97,8 @@ pub fn refusal(r: Refusal) -> Status {
         | Refusal::NoRoom { .. }
         | Refusal::HostOnline(_)
         | Refusal::HostInUse { .. }
+        | Refusal::CannotStart { .. }
+        | Refusal::CannotStop { .. }
         | Refusal::NotRegistered(_) => Status::failed_precondition(r.to_string()),
     }
 }

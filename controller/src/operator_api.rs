@@ -29,6 +29,13 @@ use crate::{validate, views};
 /// The operator API of a controller, and how it knows who calls (see `access`).
 pub struct OperatorApi(pub Arc<Node>, pub Access);
 
+/// An operation just begun, as the API shows it: in flight, or already ended.
+fn shown_operation(c: &Controller, id: OpId) -> Result<Operation, Error> {
+    c.watch_operation(id).map(|w| w.borrow().clone()).or_else(|| c.ended_operation(id)).ok_or_else(|| {
+        Error::NotFound(format!("operation {id} ended before it could be shown; see `vmha events`"))
+    })
+}
+
 fn is_terminal(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "aborted")
 }
@@ -82,6 +89,16 @@ impl OperatorApi {
         let mut view = c.read(move |s| views::host(s, &named, now)).await?;
         view.cert_not_after = c.host_cert_expiry(host).unwrap_or_default();
         Ok(view)
+    }
+
+    /// A VM as `vmha vm show` shows it, after a change.
+    async fn vm_view(&self, uuid: &str) -> Result<Vm, Error> {
+        let c = self.c()?;
+        let now = c.now();
+        let uuid = uuid.to_string();
+        c.read(move |s| s.vms.get(&uuid).map(|v| views::vm(s, v, now)))
+            .await?
+            .ok_or_else(|| Error::NotFound("the VM is gone (no host reports it any more)".into()))
     }
 
     async fn hosts(&self) -> Result<Vec<Host>, Error> {
@@ -292,9 +309,7 @@ impl OperatorService for OperatorApi {
         if vm.protected && !was_protected {
             self.await_protection_known(&who, &vm).await;
         }
-        let now = c.now();
-        let view = c.read(move |s| views::vm(s, &vm, now)).await?;
-        Ok(Response::new(view))
+        Ok(Response::new(self.vm_view(&vm.uuid).await?))
     }
 
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainPlan>, Status> {
@@ -434,14 +449,38 @@ impl OperatorService for OperatorApi {
             .change(&who, Change::Migrate { vm: key.to_string(), to: target.to_string(), overrides })
             .await?;
         let Reply::Operation(id) = reply else { return Err(unexpected("migrate", &reply).into()) };
-        let op = c
-            .watch_operation(id)
-            .map(|w| w.borrow().clone())
-            .or_else(|| c.ended_operation(id))
-            .ok_or_else(|| {
-                Error::NotFound(format!("operation {id} ended before it could be shown; see `vmha events`"))
-            })?;
-        Ok(Response::new(op))
+        Ok(Response::new(shown_operation(c, id)?))
+    }
+
+    async fn start_vm(&self, req: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {
+        let who = self.1.operator(&req, Level::Operator, "starting a VM")?;
+        let c = self.c()?;
+        let r = req.into_inner();
+        let key = validate::vm_ref(&r.vm)?.to_string();
+        let on = (!r.on.is_empty()).then(|| validate::host_name(&r.on).map(str::to_string)).transpose()?;
+        c.require_database("starting a VM")?;
+        let reply = self.change(&who, Change::StartVm { vm: key, on }).await?;
+        let Reply::Vm(uuid) = reply else { return Err(unexpected("start_vm", &reply).into()) };
+        Ok(Response::new(self.vm_view(&uuid).await?))
+    }
+
+    async fn stop_vm(&self, req: Request<StopVmRequest>) -> Result<Response<StopVmReply>, Status> {
+        let who = self.1.operator(&req, Level::Operator, "stopping a VM")?;
+        let c = self.c()?;
+        let r = req.into_inner();
+        let key = validate::vm_ref(&r.vm)?.to_string();
+        validate::at_most("the shutdown timeout (ms)", r.timeout_ms, validate::caps::SHUTDOWN_TIMEOUT_MS)?;
+        c.require_database("stopping a VM")?;
+        let reply = self.change(&who, Change::StopVm { vm: key, timeout_ms: r.timeout_ms }).await?;
+        let (uuid, operation) = match reply {
+            Reply::Vm(uuid) => (uuid, None),
+            Reply::Operation(id) => {
+                let op = shown_operation(c, id)?;
+                (op.vm_uuid.clone(), Some(op))
+            }
+            other => return Err(unexpected("stop_vm", &other).into()),
+        };
+        Ok(Response::new(StopVmReply { vm: Some(self.vm_view(&uuid).await?), operation }))
     }
 
     type WatchOperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send + 'static>>;

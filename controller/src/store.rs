@@ -483,11 +483,12 @@ impl Store {
             preferred_host: Option<String>,
             recovery: Option<String>,
             admission_override: Option<String>,
+            stopped_by: Option<String>,
             state: String,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host, anti_affinity,
-                 allowed_hosts, xml, preferred_host, recovery, admission_override, state
+                 allowed_hosts, xml, preferred_host, recovery, admission_override, stopped_by, state
              FROM vms ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -516,6 +517,7 @@ impl Store {
                 vm.xml = r.xml;
                 vm.preferred_host = r.preferred_host;
                 vm.admission_override = r.admission_override;
+                vm.stopped_by = r.stopped_by;
                 Ok(vm)
             })
             .collect()
@@ -553,7 +555,8 @@ impl Store {
             w.recovery.as_ref().map(serde_json::to_string).transpose().map_err(encode("vm recovery"))?;
         sqlx::query(
             "UPDATE vms SET protected = $2, priority = $3, anti_affinity = $4, allowed_hosts = $5,
-                 preferred_host = $6, recovery = $7, admission_override = $8, updated_at = now()
+                 preferred_host = $6, recovery = $7, admission_override = $8, stopped_by = $9,
+                 updated_at = now()
              WHERE uuid = $1",
         )
         .bind(parse_uuid(uuid)?)
@@ -564,6 +567,7 @@ impl Store {
         .bind(&w.preferred_host)
         .bind(recovery)
         .bind(&w.admission_override)
+        .bind(&w.stopped_by)
         .execute(&mut *db)
         .await
         .map_err(q("set vm work"))?;

@@ -101,6 +101,8 @@ pub mod caps {
     pub const MESSAGE_BYTES: usize = 64 << 20;
     /// A migration's timeout and bandwidth an operator may ask for.
     pub const MIGRATION_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+    /// How long a `vmha vm stop` may wait for a clean shutdown.
+    pub const SHUTDOWN_TIMEOUT_MS: u64 = 3600 * 1000;
     pub const BANDWIDTH_MIB_S: u64 = 1 << 20;
     /// A host's memory cap.
     pub const MEMORY_LIMIT_MIB: u64 = 1 << 32;

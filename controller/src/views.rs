@@ -217,7 +217,8 @@ pub fn vm(s: &ClusterState, v: &VmView, now: Millis) -> pb::Vm {
         preferred_host: v.preferred_host.clone().unwrap_or_default(),
         admission_override: v.admission_override.clone().unwrap_or_default(),
         failback_waits: failback_waits(s, v, now),
-        why_not_running: if v.protected {
+        stopped_by: v.stopped_by.clone().unwrap_or_default(),
+        why_not_running: if v.protected || v.stopped_by.is_some() {
             explain(s, &v.uuid, now).unwrap_or_default()
         } else {
             String::new()

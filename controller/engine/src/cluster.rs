@@ -175,6 +175,18 @@ pub struct Death {
     pub cause: String,
 }
 
+impl Death {
+    /// What a death's cause says when a fence device or an operator confirmed the host is off
+    /// (not only that its lease lapsed).
+    pub const OFF: &'static str = "confirmed it is off";
+
+    /// Whether nothing can run on the host: confirmed off, not only silent past its lease (its
+    /// agent then destroyed only the VMs it knew were protected).
+    pub fn proves_off(&self) -> bool {
+        self.cause.contains(Death::OFF)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostView {
     pub name: String,
@@ -261,6 +273,9 @@ pub struct VmView {
     /// The previous leader last recorded it with a running process, and its host has not
     /// reported it to this one yet (its `state` is `Unknown` until then).
     pub recorded_running: bool,
+    /// Stopped on purpose with `vmha vm stop` (by whom): vmha does not start it again, even if
+    /// protected, until `vmha vm start` (or a report shows it running: started by hand).
+    pub stopped_by: Option<String>,
     /// VMs of one group never share a host.
     pub anti_affinity: Option<String>,
     /// Hosts it may run on; empty: any.
@@ -311,6 +326,7 @@ impl VmView {
             priority: 0,
             busy_with: None,
             recorded_running: false,
+            stopped_by: None,
             anti_affinity: None,
             allowed_hosts: Vec::new(),
             preferred_host: None,

@@ -62,6 +62,8 @@ event_kinds! {
     ProtectionUnconfirmed => "protection_unconfirmed",
     VmDown => "vm_down",
     VmStopped => "vm_stopped",
+    VmStoppedByOperator => "vm_stopped_by_operator",
+    VmStartRequested => "vm_start_requested",
     RestartUnsafe => "restart_unsafe",
     RestartStarted => "restart_started",
     RestartWaiting => "restart_waiting",

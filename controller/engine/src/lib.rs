@@ -21,6 +21,7 @@ pub mod migration;
 pub mod operation;
 pub mod persist;
 pub mod placement;
+pub mod power;
 pub mod recovery;
 pub mod refusal;
 pub mod roster;

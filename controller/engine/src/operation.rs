@@ -33,6 +33,10 @@ impl fmt::Display for OpId {
     }
 }
 
+/// How long an agent may take to destroy a VM whose shutdown timed out (its libvirt calls'
+/// own timeout).
+pub const SHUTDOWN_DESTROY_MS: u64 = 30_000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpKind {
     /// Define and start the VM on `target`.
@@ -41,6 +45,9 @@ pub enum OpKind {
     Migrate,
     /// Destroy (power off) it on `source`.
     Destroy,
+    /// Shut it down on `source` (the operator's `vmha vm stop`): gracefully, then destroyed
+    /// once its timeout (`overrides.timeout_ms`) has passed.
+    Shutdown,
 }
 
 impl OpKind {
@@ -49,6 +56,7 @@ impl OpKind {
             OpKind::Start => "start",
             OpKind::Migrate => "migrate",
             OpKind::Destroy => "destroy",
+            OpKind::Shutdown => "shutdown",
         }
     }
 
@@ -57,6 +65,7 @@ impl OpKind {
             "start" => Some(OpKind::Start),
             "migrate" => Some(OpKind::Migrate),
             "destroy" => Some(OpKind::Destroy),
+            "shutdown" => Some(OpKind::Shutdown),
             _ => None,
         }
     }
@@ -165,17 +174,24 @@ pub struct Operation {
 
 impl Operation {
     /// When an operation sent at `sent` is settled from reports if no result came: its
-    /// migration timeout (the operator's or the policy's), then a grace for the result.
-    pub fn deadline(overrides: Option<Overrides>, policy: &crate::Policy, sent: Millis) -> Millis {
+    /// timeout (the operator's or the policy's migration timeout; a shutdown's, and the
+    /// destroy after it), then a grace for the result.
+    pub fn deadline(
+        kind: OpKind,
+        overrides: Option<Overrides>,
+        policy: &crate::Policy,
+        sent: Millis,
+    ) -> Millis {
         let timeout = overrides.map_or(policy.migration_timeout_ms, |o| o.timeout_ms);
-        Millis(sent.0.saturating_add(timeout).saturating_add(policy.result_grace_ms))
+        let destroy = if kind == OpKind::Shutdown { SHUTDOWN_DESTROY_MS } else { 0 };
+        Millis(sent.0.saturating_add(timeout).saturating_add(destroy).saturating_add(policy.result_grace_ms))
     }
 
     /// The host that carries it out, and alone may report on it.
     pub fn executor(&self) -> &str {
         match self.kind {
             OpKind::Start => &self.target,
-            OpKind::Migrate | OpKind::Destroy => &self.source,
+            OpKind::Migrate | OpKind::Destroy | OpKind::Shutdown => &self.source,
         }
     }
 
@@ -187,6 +203,7 @@ impl Operation {
                 format!("live migration of {} from {} to {}", self.vm_name, self.source, self.target)
             }
             OpKind::Destroy => format!("destroy of {} on {}", self.vm_name, self.source),
+            OpKind::Shutdown => format!("shutdown of {} on {}", self.vm_name, self.source),
         }
     }
 }

@@ -31,6 +31,9 @@ pub struct Recovery {
     /// reported since, and not at all if one reports it running.
     #[serde(default)]
     pub may_have_moved_since: Option<Millis>,
+    /// The host an operator asked for (`vmha vm start --on`, or the host it is off on).
+    #[serde(default)]
+    pub on: Option<String>,
 }
 
 /// The storage lock (libvirt's lockd, QEMU's image locking) refused a start: the second layer
@@ -82,6 +85,7 @@ impl Recovery {
             error: None,
             disk_locked: None,
             may_have_moved_since: None,
+            on: None,
         }
     }
 
@@ -117,7 +121,7 @@ fn event(subject_kind: &'static str, subject: &str, kind: EventKind, message: St
     Action::Event { subject_kind, subject: subject.into(), kind, message }
 }
 
-fn secs(ms: u64) -> String {
+pub(crate) fn secs(ms: u64) -> String {
     format!("{:.1} s", ms as f64 / 1000.0)
 }
 
@@ -182,6 +186,9 @@ fn declare_dead(
         // Busy: a live migration was under way, and may have ended on its target first.
         let migrating = vm.busy_with.take().is_some();
         let covered = proof == Proof::Off || known.is_some_and(|k| k >= vm.protected_since);
+        if vm.stopped_by.is_some() {
+            continue;
+        }
         if vm.protected && had_process && vm.recovery.is_none() && covered {
             vm.recovery =
                 Some(Recovery { may_have_moved_since: migrating.then_some(now), ..Recovery::new(now) });
@@ -359,7 +366,7 @@ pub(crate) fn not_reported_since(state: &ClusterState, vm: &VmView, t: Millis) -
         .map(|h| h.name.clone())
 }
 
-fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action>) {
+pub(crate) fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action>) {
     let mut in_flight =
         state.vms.values().filter(|v| v.recovery.as_ref().is_some_and(|r| r.starting_on.is_some())).count();
     let mut queue: Vec<(i32, String, String)> = state
@@ -401,6 +408,11 @@ fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action
                 }
                 None => "no domain definition known (its host never sent one)".to_string(),
             })
+        } else if let Some(on) = vm.recovery.as_ref().and_then(|r| r.on.as_deref()) {
+            match placement::why_not(state, &placement::Usage::of(state), vm, on, now) {
+                Some(why) => Err(format!("{on}, where an operator asked for it, cannot take it: {why}")),
+                None => Ok(on.to_string()),
+            }
         } else {
             placement::place(state, vm, now, &tried)
         };
@@ -521,7 +533,7 @@ pub fn fence_finished(
             declare_dead(
                 state,
                 host,
-                format!("the fence command confirmed it is off ({said})"),
+                format!("the fence command {} ({said})", Death::OFF),
                 Proof::Off,
                 now,
                 &mut out,
@@ -551,7 +563,13 @@ pub fn confirm_down(state: &mut ClusterState, host: &str, now: Millis) -> Result
         Some(_) => {}
     }
     let mut out = Vec::new();
-    declare_dead(state, host, "an operator confirmed it is off".into(), Proof::Off, now, &mut out);
+    let cause = format!("an operator {}", Death::OFF);
+    // Declared dead before on its lease: now it is known to be off, which is what a start by an
+    // operator of a VM its self-fence did not cover needs (`power::start`).
+    if let Some(d) = state.hosts.get_mut(host).and_then(|h| h.dead.as_mut()) {
+        d.cause = cause.clone();
+    }
+    declare_dead(state, host, cause, Proof::Off, now, &mut out);
     // Declared dead before on its lease: what its agent may not have destroyed waited for this.
     for vm in state.vms.values_mut().filter(|v| v.host.as_deref() == Some(host)) {
         if vm.protected && vm.state == RunState::Lost && vm.recovery.is_none() {
@@ -685,12 +703,31 @@ pub fn after_report(
             ));
             continue;
         }
+        if let InventoryChange::Moved { uuid, to: at, .. }
+        | InventoryChange::StateChanged { uuid, host: at, .. } = c
+            && let Some(vm) = state.vms.get_mut(uuid)
+            && vm.state.has_process()
+            && vm.busy_with.is_none()
+            && let Some(by) = vm.stopped_by.take()
+        {
+            out.push(event(
+                "vm",
+                &vm.name,
+                EventKind::VmState,
+                format!(
+                    "{} runs on {at} again, started outside vmha after {by} stopped it: vmha {} it again",
+                    vm.name,
+                    if vm.protected { "protects" } else { "watches" }
+                ),
+            ));
+            continue;
+        }
         let InventoryChange::StateChanged { uuid, name, from, to, unwatched, .. } = c else { continue };
         if !from.has_process() || to.has_process() || *to == RunState::Lost {
             continue;
         }
         let Some(vm) = state.vms.get_mut(uuid) else { continue };
-        if !vm.protected || vm.busy_with.is_some() || vm.recovery.is_some() {
+        if !vm.protected || vm.busy_with.is_some() || vm.recovery.is_some() || vm.stopped_by.is_some() {
             continue;
         }
         // The same report may show it moved: shut off here because it runs on another host now
@@ -749,6 +786,13 @@ pub fn explain(state: &ClusterState, uuid: &str, now: Millis) -> Option<String> 
     if vm.state == RunState::Running && state.liveness(host, now) == HostLiveness::Online {
         return None;
     }
+    if let (Some(by), None) = (&vm.stopped_by, &vm.busy_with) {
+        return Some(format!(
+            "{} on {host}, {}",
+            vm.state.as_str(),
+            crate::power::stopped_on_purpose(&vm.name, by)
+        ));
+    }
     let t = state.timings;
     Some(match state.liveness(host, now) {
         HostLiveness::Suspect => {
@@ -789,7 +833,7 @@ pub fn explain(state: &ClusterState, uuid: &str, now: Millis) -> Option<String> 
             (None, true, state) => format!(
                 "{} on {host}, a live host, so it is not restarted: vmha restarts a protected VM that stops \
                  without being asked, or whose host dies, and {} was already off when it was protected (or its \
-                 restart was given up or cancelled); start it on {host} (`virsh start {}`)",
+                 restart was given up or cancelled); `vmha vm start {}` starts it",
                 state.as_str(),
                 vm.name,
                 vm.name
@@ -815,9 +859,14 @@ mod tests {
         s.vms.insert("a".into(), vm);
         let why = explain(&s, "a", Millis(1)).unwrap();
         assert!(why.starts_with("shut_off on kvm1, a live host, so it is not restarted"), "{why}");
-        assert!(why.contains("virsh start dns1"), "{why}");
+        assert!(why.contains("`vmha vm start dns1` starts it"), "{why}");
         s.vms.get_mut("a").unwrap().busy_with = Some("op-1".into());
         assert_eq!(explain(&s, "a", Millis(1)).unwrap(), "shut_off on kvm1, busy with operation op-1");
+        // Stopped on purpose: said so, whatever its host's state.
+        let vm = s.vms.get_mut("a").unwrap();
+        (vm.busy_with, vm.stopped_by) = (None, Some("alice".into()));
+        let why = explain(&s, "a", Millis(1)).unwrap();
+        assert!(why.contains("stopped by alice with `vmha vm stop`"), "{why}");
     }
 
     #[test]

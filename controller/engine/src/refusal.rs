@@ -51,6 +51,10 @@ pub enum Refusal {
          `vmha protect {vm} --force` (the override is recorded and shown by `vmha status`)"
     )]
     BeyondReserve { vm: String, why: String },
+    #[error("cannot start {vm}: {why}")]
+    CannotStart { vm: String, why: String },
+    #[error("cannot stop {vm}: {why}")]
+    CannotStop { vm: String, why: String },
     #[error("operation {operation} does not run on {host}")]
     NotExecutor { operation: String, host: String },
 }

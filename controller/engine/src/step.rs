@@ -19,6 +19,7 @@ use crate::inventory::{self, InventoryChange, ReportedDomain};
 use crate::lease::{self, Echo, LeaseAnswer};
 use crate::migration;
 use crate::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
+use crate::power;
 use crate::recovery::{self, Action, Recovery};
 use crate::roster::{Roster, RosterBook, RosterUpdate};
 use crate::{AdminState, ClusterState, FencingMode, HostLiveness, HostView, Millis, RunState, Watchdog};
@@ -66,6 +67,8 @@ pub struct VmWork {
     pub preferred_host: Option<String>,
     /// Its restart after a host failure, while one is under way.
     pub recovery: Option<Recovery>,
+    /// Stopped with `vmha vm stop`: by whom.
+    pub stopped_by: Option<String>,
 }
 
 impl HostWork {
@@ -91,6 +94,7 @@ impl VmWork {
         vm.allowed_hosts = self.allowed_hosts.clone();
         vm.preferred_host = self.preferred_host.clone();
         vm.recovery = self.recovery.clone();
+        vm.stopped_by = self.stopped_by.clone();
     }
 
     pub fn of(vm: &crate::VmView) -> VmWork {
@@ -102,6 +106,7 @@ impl VmWork {
             allowed_hosts: vm.allowed_hosts.clone(),
             preferred_host: vm.preferred_host.clone(),
             recovery: vm.recovery.clone(),
+            stopped_by: vm.stopped_by.clone(),
         }
     }
 }
@@ -185,6 +190,16 @@ pub enum Request {
     /// `vmha host remove`: forget a retired host (no lease, no VMs, no operations).
     RemoveHost {
         host: String,
+    },
+    /// `vmha vm stop`: shut it down, destroyed after `timeout_ms`; not started again by vmha.
+    StopVm {
+        vm: String,
+        timeout_ms: u64,
+    },
+    /// `vmha vm start`: start it (on `on`, or where placement says) when no copy may run.
+    StartVm {
+        vm: String,
+        on: Option<String>,
     },
 }
 
@@ -270,6 +285,11 @@ pub enum CommandKind {
     },
     Destroy {
         uuid: String,
+    },
+    /// A graceful shutdown, then a destroy if it has not ended within `timeout_ms`.
+    Shutdown {
+        uuid: String,
+        timeout_ms: u64,
     },
 }
 
@@ -368,7 +388,7 @@ impl Engine {
             e.next_seq = e.next_seq.max((op.id.0 as u64).wrapping_add(1));
             op.inherited = true;
             op.state = OpState::Running;
-            op.deadline = Operation::deadline(op.overrides, &e.cluster.policy, now);
+            op.deadline = Operation::deadline(op.kind, op.overrides, &e.cluster.policy, now);
             let what = op.describe();
             if let Some(vm) = e.cluster.vms.get_mut(&op.vm_uuid) {
                 match (op.kind, op.purpose) {
@@ -379,6 +399,7 @@ impl Engine {
                     (OpKind::Destroy | OpKind::Start, Purpose::ColdRestart) => {
                         vm.busy_with = Some(format!("cold restart on {}", op.target))
                     }
+                    (OpKind::Shutdown, _) => vm.busy_with = Some(format!("shutdown on {}", op.source)),
                     _ => {}
                 }
             }
@@ -754,10 +775,14 @@ impl Engine {
                 timeout_ms: op.overrides.map_or(self.cluster.policy.migration_timeout_ms, |o| o.timeout_ms),
             },
             OpKind::Destroy => CommandKind::Destroy { uuid: op.vm_uuid.clone() },
+            OpKind::Shutdown => CommandKind::Shutdown {
+                uuid: op.vm_uuid.clone(),
+                timeout_ms: op.overrides.map_or(0, |o| o.timeout_ms),
+            },
         };
         out.commands.push(Command { op: id, host: op.executor().to_string(), kind });
         // Its time runs from now: it may have waited long for the database.
-        let deadline = Operation::deadline(op.overrides, &self.cluster.policy, now);
+        let deadline = Operation::deadline(op.kind, op.overrides, &self.cluster.policy, now);
         if let Some(op) = self.ops.get_mut(&id) {
             op.deadline = deadline;
         }
@@ -775,7 +800,7 @@ impl Engine {
             OpState::Running => match op.kind {
                 OpKind::Start => (EventKind::RestartStarted, format!("{what} sent (was on {})", op.source)),
                 OpKind::Migrate => (EventKind::MigrationRequested, format!("{what} requested")),
-                OpKind::Destroy => (EventKind::OperationDone, format!("{what} sent")),
+                OpKind::Destroy | OpKind::Shutdown => (EventKind::OperationDone, format!("{what} sent")),
             },
             OpState::Succeeded => match op.kind {
                 OpKind::Migrate if op.done.elapsed_ms > 0 => (
@@ -792,6 +817,20 @@ impl Engine {
                 ),
                 OpKind::Migrate => (EventKind::MigrationSucceeded, format!("{what} succeeded")),
                 OpKind::Start | OpKind::Destroy => (EventKind::OperationDone, format!("{what} done")),
+                OpKind::Shutdown => (
+                    EventKind::VmStoppedByOperator,
+                    format!(
+                        "{} is off on {} ({}): not restarted until `vmha vm start {}`",
+                        op.vm_name,
+                        op.source,
+                        match op.overrides.map(|o| o.timeout_ms) {
+                            Some(t) if op.done.elapsed_ms >= t =>
+                                format!("no clean shutdown within {}, so it was destroyed", recovery::secs(t)),
+                            _ => format!("shut down in {}", recovery::secs(op.done.elapsed_ms)),
+                        },
+                        op.vm_name
+                    ),
+                ),
             },
             OpState::Failed => match op.kind {
                 OpKind::Migrate => (
@@ -801,6 +840,13 @@ impl Engine {
                 OpKind::Start | OpKind::Destroy => {
                     (EventKind::OperationDone, format!("{what} failed: {}", op.error))
                 }
+                OpKind::Shutdown => (
+                    EventKind::OperationDone,
+                    format!(
+                        "{what} failed: {}; {} stays as it is, and protected if it was",
+                        op.error, op.vm_name
+                    ),
+                ),
             },
             OpState::Aborted => (EventKind::OperationAborted, format!("{what} not sent: {}", op.error)),
         };
@@ -845,7 +891,7 @@ impl Engine {
             state: OpState::Recording,
             error: String::new(),
             // Set again when it is sent (`recorded`); a recording operation never expires.
-            deadline: Operation::deadline(overrides, &self.cluster.policy, now),
+            deadline: Operation::deadline(kind, overrides, &self.cluster.policy, now),
             overrides,
             inherited: false,
             done: Done::default(),
@@ -907,6 +953,16 @@ impl Engine {
                 }
             },
             (OpKind::Destroy, _) => {}
+            (OpKind::Shutdown, _) => {
+                if let Some(vm) = s.vms.get_mut(&op.vm_uuid) {
+                    vm.busy_with = None;
+                    // Still running: the stop did not happen, so vmha keeps it up as before.
+                    if verdict.is_err() {
+                        vm.stopped_by = None;
+                    }
+                }
+                out.persist.vms.push(op.vm_uuid.clone());
+            }
         }
     }
 
@@ -1002,7 +1058,7 @@ impl Engine {
                     continue;
                 }
                 OpKind::Migrate | OpKind::Start => at(&op.target),
-                OpKind::Destroy => gone_from(&op.source),
+                OpKind::Destroy | OpKind::Shutdown => gone_from(&op.source),
             };
             let result = if settled {
                 Ok(Done::default())
@@ -1148,6 +1204,40 @@ impl Engine {
                 };
                 out.events.push(Event::host(&host, EventKind::MemoryLimit, message).by(actor));
                 Ok(Reply::Host(host))
+            }
+            Request::StopVm { vm, timeout_ms } => match power::stop(s, &vm, actor, now)? {
+                power::Stop::Shutdown { uuid, host } => {
+                    let overrides = Some(Overrides { bandwidth_mib_s: 0, timeout_ms });
+                    let id = self.begin(
+                        OpKind::Shutdown,
+                        Purpose::Operator,
+                        &uuid,
+                        &host,
+                        &host,
+                        actor,
+                        overrides,
+                        now,
+                        out,
+                    );
+                    Ok(Reply::Operation(id))
+                }
+                power::Stop::AlreadyOff { uuid, why } => {
+                    let name = &s.vms[&uuid].name;
+                    let message = format!(
+                        "{name} is stopped on purpose ({why}): {}",
+                        power::stopped_on_purpose(name, actor)
+                    );
+                    out.events.push(Event::vm(name, EventKind::VmStoppedByOperator, message).by(actor));
+                    Ok(Reply::Vm(uuid))
+                }
+            },
+            Request::StartVm { vm, on } => {
+                let uuid = power::start(s, &vm, on, now)?;
+                let message = power::start_message(s, &uuid);
+                out.events
+                    .push(Event::vm(&s.vms[&uuid].name, EventKind::VmStartRequested, message).by(actor));
+                recovery::schedule_restarts(s, now, actions);
+                Ok(Reply::Vm(uuid))
             }
             Request::RemoveHost { host } => {
                 self.remove_host(&host, now)?;

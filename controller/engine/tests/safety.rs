@@ -97,6 +97,10 @@ enum Fault {
     Undrain(usize),
     /// An operator live-migrates a VM to a host.
     Migrate(usize, usize),
+    /// An operator stops a VM (`vmha vm stop`), or starts one (`vmha vm start`, on a host or
+    /// where placement says): a start must follow the rule a restart follows.
+    StopVm(usize),
+    StartVm(usize, Option<usize>),
     /// An operator removes a host (refused unless it holds no lease and has no VMs); a host
     /// that still runs registers again as a new one.
     RemoveHost(usize),
@@ -590,7 +594,8 @@ impl Sim {
                 CommandKind::Start { uuid, .. } => {
                     Event::StartCommand { host, vm: vm_index(&uuid), op, life }
                 }
-                CommandKind::Destroy { uuid } => {
+                // A shutdown ends as a destroy does (at the latest, after its timeout).
+                CommandKind::Destroy { uuid } | CommandKind::Shutdown { uuid, .. } => {
                     Event::DestroyCommand { host, vm: vm_index(&uuid), op, life }
                 }
                 CommandKind::Migrate { uuid, dest_uri, .. } => {
@@ -957,6 +962,10 @@ impl Sim {
             Fault::Migrate(v, h) => {
                 self.operator(Request::Migrate { vm: vm_uuid(v), to: host_name(h), overrides: None })
             }
+            Fault::StopVm(v) => self.operator(Request::StopVm { vm: vm_uuid(v), timeout_ms: 5_000 }),
+            Fault::StartVm(v, on) => {
+                self.operator(Request::StartVm { vm: vm_uuid(v), on: on.map(host_name) })
+            }
             Fault::MigrateByHand(v, h) => {
                 let from = self.copies[v].iter().copied().find(|s| *s != h);
                 if let Some(from) = from.filter(|f| self.agents[*f].host_up && self.agents[h].host_up) {
@@ -1024,8 +1033,9 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
         2 => (h.clone(), any::<bool>()).prop_map(|(h, r)| Fault::Drain(h, r)),
         1 => h.clone().prop_map(Fault::Undrain),
         1 => h.clone().prop_map(Fault::RemoveHost),
-                2 => (h.clone(), h.clone()).prop_map(|(v, h)| Fault::Migrate(v, h)),
-
+        2 => (h.clone(), h.clone()).prop_map(|(v, h)| Fault::Migrate(v, h)),
+        1 => h.clone().prop_map(Fault::StopVm),
+        2 => (h.clone(), prop::option::of(h.clone())).prop_map(|(v, on)| Fault::StartVm(v, on)),
     ]
 }
 

@@ -29,7 +29,7 @@
 //! `hang H`, `mute H` and `fix H` (clears them), `probe H ok|fail [NAME]`,
 //! `fence-result H ok|fail`, `restart-controller`; the operator's `drain H [allow-restart]`,
 //! `undrain H`, `migrate VM H`, `confirm-down H`, `remove-host H`, `protect VM [priority=N ...]`,
-//! `unprotect VM`;
+//! `unprotect VM`, `stop VM [timeout=60s]`, `start VM [on=H]`;
 //! and `status`, which logs where everything is, as at the end.
 //!
 //! The log, one line each: the engine's events (`12.0s host kvm1 host_dead: MESSAGE`: subject
@@ -266,6 +266,22 @@ fn parse_action(words: &[&str]) -> Result<Action, String> {
         ["migrate", vm, to] => Action::Operator(Request::Migrate { vm: s(vm), to: s(to), overrides: None }),
         ["confirm-down", h] => Action::Operator(Request::ConfirmDown { host: s(h) }),
         ["remove-host", h] => Action::Operator(Request::RemoveHost { host: s(h) }),
+        ["stop", vm, rest @ ..] => Action::Operator(Request::StopVm {
+            vm: s(vm),
+            timeout_ms: match rest {
+                [] => 60_000,
+                [t] => duration(t.strip_prefix("timeout=").ok_or("stop VM [timeout=DURATION]")?)?,
+                _ => return Err("stop VM [timeout=DURATION]".into()),
+            },
+        }),
+        ["start", vm, rest @ ..] => Action::Operator(Request::StartVm {
+            vm: s(vm),
+            on: match rest {
+                [] => None,
+                [h] => Some(h.strip_prefix("on=").ok_or("start VM [on=HOST]")?.to_string()),
+                _ => return Err("start VM [on=HOST]".into()),
+            },
+        }),
         ["protect", vm, opts @ ..] => Action::Operator(protection(vm, opts)?),
         ["unprotect", vm] => Action::Operator(Request::Protection {
             vm: s(vm),
@@ -945,7 +961,8 @@ impl World {
                 }
                 Err(e) => self.answer(&c.host, c.op, session, Err(e)),
             },
-            CommandKind::Destroy { uuid } => {
+            // The sim's guests shut down cleanly, at once.
+            CommandKind::Destroy { uuid } | CommandKind::Shutdown { uuid, .. } => {
                 if let Some(d) = self.host(&c.host).domains.get_mut(&uuid) {
                     *d = Dom::ShutOff;
                 }
