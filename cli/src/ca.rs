@@ -141,7 +141,7 @@ pub fn run(verb: CaVerb, fmt: Format) -> Result<(), Failure> {
             let cert = ca::init(&dir, days).map_err(failed)?;
             match fmt {
                 Format::Json => output::json(&serde_json::json!({ "ca": cert, "key": dir.join(ca::CA_KEY) })),
-                Format::Table => {
+                Format::Table | Format::Csv => {
                     println!(
                         "made the cluster CA: {} (for everyone) and {} (keep it here, 0600)",
                         cert.display(),
@@ -174,7 +174,7 @@ pub fn run(verb: CaVerb, fmt: Format) -> Result<(), Failure> {
             let id = read_identity(&file)?;
             match fmt {
                 Format::Json => output::json(&Shown::new(&id)),
-                Format::Table => {
+                Format::Table | Format::Csv => {
                     let s = Shown::new(&id);
                     println!(
                         "{}: {} {}, expires {} ({} days left)",
@@ -197,7 +197,7 @@ fn show_issued(fmt: Format, issued: &ca::Issued, ca_dir: &Path) {
     shown.key = Some(issued.key.clone());
     match fmt {
         Format::Json => output::json(&shown),
-        Format::Table => {
+        Format::Table | Format::Csv => {
             println!(
                 "issued {} {} until {}: {} and {} (0600)",
                 shown.role,

@@ -121,6 +121,16 @@ enum Verb {
     /// operators (works offline, on the machine that keeps the CA's key).
     #[command(subcommand)]
     Ca(crate::ca::CaVerb),
+    /// How available each protected VM was: uptime (and nines), outages, MTBF, MTTR, the
+    /// longest outage, and planned downtime (stops, migration pauses) kept apart.
+    #[command(after_help = "Computed from the outage history the controller keeps in PostgreSQL.\n\
+        Availability is uptime / (uptime + unplanned downtime) = MTBF / (MTBF + MTTR).\n\
+        Examples:\n  vmha report\n  vmha report --since 7d -o csv > availability.csv")]
+    Report {
+        /// The window, up to now (e.g. 30d, 12h).
+        #[arg(long, value_parser = humantime_duration, default_value = "30d")]
+        since: Duration,
+    },
     /// The audit log: what vmha and operators did, and why.
     Events {
         /// How many of the newest events to show.
@@ -361,6 +371,12 @@ fn controllers_lines(controllers: &[ControllerInfo]) {
 
 pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let fmt = cli.output;
+    if fmt == Format::Csv && !matches!(cli.command, Verb::Report { .. }) {
+        return Err(Failure {
+            message: "-o csv is for `vmha report`; other commands show a table or JSON".into(),
+            exit_code: 2,
+        });
+    }
     if let Verb::Ca(verb) = cli.command {
         crate::ca::run(verb, fmt)?;
         return Ok(ExitCode::SUCCESS);
@@ -373,14 +389,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let r = c.capacity(CapacityRequest {}).await?.into_inner();
             match fmt {
                 Format::Json => output::json(&r),
-                Format::Table => show_capacity(&r),
+                Format::Table | Format::Csv => show_capacity(&r),
             }
         }
         Verb::Status => {
             let s = c.status(StatusRequest {}).await?.into_inner();
             match fmt {
                 Format::Json => output::json(&s),
-                Format::Table if s.standby => {
+                Format::Table | Format::Csv if s.standby => {
                     println!("no controller leads; this answer is from a standby");
                     controllers_lines(&s.controllers);
                     if !s.database.is_empty() {
@@ -390,7 +406,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         println!("WARNING: {w}");
                     }
                 }
-                Format::Table => {
+                Format::Table | Format::Csv => {
                     println!(
                         "epoch {}  quorum {}  hosts {}/{} online  VMs {} running of {}  protected {} ({} not running)",
                         s.epoch,
@@ -432,14 +448,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let hosts = c.list_hosts(ListHostsRequest {}).await?.into_inner().hosts;
             match fmt {
                 Format::Json => output::json(&hosts),
-                Format::Table => host_table(&hosts),
+                Format::Table | Format::Csv => host_table(&hosts),
             }
         }
         Verb::Vm(VmVerb::Ls) => {
             let vms = c.list_vms(ListVmsRequest {}).await?.into_inner().vms;
             match fmt {
                 Format::Json => output::json(&vms),
-                Format::Table => output::table(
+                Format::Table | Format::Csv => output::table(
                     &["NAME", "HOST", "STATE", "MEMORY", "VCPUS", "PROTECTED", "PRIORITY", "UUID"],
                     vms.iter().map(vm_row).collect(),
                 ),
@@ -480,7 +496,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let h = c.confirm_down(ConfirmDownRequest { host }).await?.into_inner();
             match fmt {
                 Format::Json => output::json(&h),
-                Format::Table => println!("{} is {}: {}", h.name, h.state, h.note),
+                Format::Table | Format::Csv => println!("{} is {}: {}", h.name, h.state, h.note),
             }
         }
         Verb::Host(HostVerb::Drain { host, dry_run, no_wait, wait, allow_restart }) => {
@@ -491,14 +507,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let r = c.remove_host(RemoveHostRequest { host }).await?.into_inner();
             match fmt {
                 Format::Json => output::json(&r),
-                Format::Table => println!("{}", r.message),
+                Format::Table | Format::Csv => println!("{}", r.message),
             }
         }
         Verb::Host(HostVerb::Undrain { host }) => {
             let h = c.undrain(UndrainRequest { host }).await?.into_inner();
             match fmt {
                 Format::Json => output::json(&h),
-                Format::Table => println!("{} is {} ({})", h.name, h.admin_state, h.state),
+                Format::Table | Format::Csv => println!("{} is {} ({})", h.name, h.admin_state, h.state),
             }
         }
         Verb::Host(HostVerb::Limit { host, memory }) => {
@@ -507,14 +523,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let limit = if h.memory_limit_mib == 0 { "none".into() } else { mib(h.memory_limit_mib) };
             match fmt {
                 Format::Json => output::json(&h),
-                Format::Table => println!("{}: memory limit {limit}", h.name),
+                Format::Table | Format::Csv => println!("{}: memory limit {limit}", h.name),
             }
         }
         Verb::Host(HostVerb::Fencing { host, mode }) => {
             let h = c.set_fencing(SetFencingRequest { host, mode }).await?.into_inner();
             match fmt {
                 Format::Json => output::json(&h),
-                Format::Table => println!("{}: fencing {}", h.name, h.fencing),
+                Format::Table | Format::Csv => println!("{}: fencing {}", h.name, h.fencing),
             }
         }
         Verb::Migrate { vm, to, no_wait, bandwidth, timeout } => {
@@ -528,11 +544,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let op = if no_wait { op } else { follow_operation(&mut c, op, fmt).await? };
             match fmt {
                 Format::Json => output::json(&op),
-                Format::Table => println!("{}", describe_operation(&op)),
+                Format::Table | Format::Csv => println!("{}", describe_operation(&op)),
             }
             if op.state == "failed" || op.state == "aborted" {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Verb::Report { since } => {
+            let r = c.report(ReportRequest { since_s: since.as_secs() }).await?.into_inner();
+            crate::report::show(fmt, &r);
         }
         Verb::Events { limit, follow } => {
             let mut after = 0;
@@ -543,7 +563,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 for e in &events {
                     match fmt {
                         Format::Json => println!("{}", serde_json::to_string(e).expect("serialisable")),
-                        Format::Table => println!(
+                        Format::Table | Format::Csv => println!(
                             "{}  {:<10} {:<20} {}  [{}]",
                             e.at, e.subject_kind, e.subject, e.message, e.actor
                         ),
@@ -648,7 +668,7 @@ fn show_capacity(r: &CapacityReply) {
 pub(crate) fn show_vm(fmt: Format, v: &Vm) {
     match fmt {
         Format::Json => output::json(v),
-        Format::Table => {
+        Format::Table | Format::Csv => {
             let row = vm_row(v);
             let keys = ["name", "host", "state", "memory", "vcpus", "protected", "priority", "uuid"];
             for (k, val) in keys.iter().zip(row) {

@@ -98,7 +98,7 @@ pub async fn run(
     if dry_run || no_wait {
         match fmt {
             Format::Json => output::json(&plan),
-            Format::Table => {
+            Format::Table | Format::Csv => {
                 plan_table(&plan);
                 if no_wait {
                     println!(
@@ -181,7 +181,7 @@ pub async fn run(
     overall.finish_and_clear();
     match fmt {
         Format::Json => output::json(&last),
-        Format::Table => {
+        Format::Table | Format::Csv => {
             plan_table(&last);
             println!("drain of {host} {}: {}", last.state, last.message);
         }

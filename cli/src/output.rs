@@ -1,4 +1,5 @@
-//! How results are shown: tables for people, JSON for scripts.
+//! How results are shown: tables for people, JSON for scripts, CSV for spreadsheets (the
+//! availability report only).
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use serde::Serialize;
@@ -7,6 +8,8 @@ use serde::Serialize;
 pub enum Format {
     Table,
     Json,
+    /// `vmha report` only.
+    Csv,
 }
 
 pub fn json<T: Serialize + ?Sized>(v: &T) {

@@ -49,8 +49,8 @@ pub async fn start(
     let runs = v.state == "running";
     match fmt {
         Format::Json => output::json(&v),
-        Format::Table if runs => println!("{} runs on {}", v.name, v.host),
-        Format::Table => {
+        Format::Table | Format::Csv if runs => println!("{} runs on {}", v.name, v.host),
+        Format::Table | Format::Csv => {
             println!(
                 "{} is not running after {}: {}",
                 v.name,
@@ -77,7 +77,7 @@ pub async fn stop(
         let v = reply.vm.unwrap_or_default();
         match fmt {
             Format::Json => output::json(&v),
-            Format::Table => println!("{}: {}", v.name, stopped_line(&v)),
+            Format::Table | Format::Csv => println!("{}: {}", v.name, stopped_line(&v)),
         }
         return Ok(ExitCode::SUCCESS);
     };
@@ -103,8 +103,10 @@ pub async fn stop(
     let ok = op.state == "succeeded";
     match fmt {
         Format::Json => output::json(&op),
-        Format::Table if ok => println!("{}: {}", v.name, stopped_line(&v)),
-        Format::Table => println!("shutdown of {} on {} {}: {}", op.vm, op.source, op.state, op.error),
+        Format::Table | Format::Csv if ok => println!("{}: {}", v.name, stopped_line(&v)),
+        Format::Table | Format::Csv => {
+            println!("shutdown of {} on {} {}: {}", op.vm, op.source, op.state, op.error)
+        }
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -887,6 +887,53 @@ fn a_stopped_guest_stays_off_until_started(lab: &Lab) {
     println!("  stopped, left off for 8 s, started again on {host}");
 }
 
+/// Issue 14: after a host kill, `vmha report` shows exactly one unplanned outage for each of
+/// its protected guests, with an MTTR close to the failover time measured here (kill to the
+/// guest's QEMU process running elsewhere).
+fn the_report_shows_one_outage_per_guest_of_a_killed_host(lab: &Lab) {
+    lab.settle();
+    let victim = lab.protect_known("radius1", "50");
+    place(lab, "dns1", &victim);
+    lab.protect_known("dns1", "100");
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    lab_verb("kill", &[&victim]);
+    let mut failover: BTreeMap<&str, f64> = BTreeMap::new();
+    wait_until("dns1 and radius1 running on other hosts", Duration::from_secs(40), || {
+        let p = qemu_processes();
+        for vm in ["dns1", "radius1"] {
+            if p.get(vm).is_some_and(|c| c.len() == 1 && c[0].0 != victim) {
+                failover.entry(vm).or_insert_with(|| t0.elapsed().as_secs_f64());
+            }
+        }
+        failover.len() == 2
+    });
+    wait_until("vmha to report both running", Duration::from_secs(20), || {
+        ["dns1", "radius1"].iter().all(|vm| lab.json(&["vm", "show", vm])["state"] == "running")
+    });
+    let since = format!("{}s", t0.elapsed().as_secs() + 2);
+    let report = lab.json(&["report", "--since", &since]);
+    println!("{}", lab.vmha_ok(&["report", "--since", &since]));
+    for vm in ["dns1", "radius1"] {
+        let rows = report["vms"].as_array().unwrap();
+        let row = rows.iter().find(|r| r["vm"] == vm).unwrap_or_else(|| panic!("{vm} in {report}"));
+        assert_eq!(row["outages"], 1, "one unplanned outage of {vm}: {row}");
+        assert_eq!(row["planned_outages"], 0, "{row}");
+        assert_eq!(row["down_now"], false, "{row}");
+        let (mttr, measured) = (row["mttr_s"].as_f64().unwrap(), failover[vm]);
+        // The outage begins at the host's last heartbeat (at most an interval before the kill)
+        // and ends when its new host reports it running.
+        assert!((mttr - measured).abs() < 2.0, "{vm}: MTTR {mttr:.2} s, measured failover {measured:.2} s");
+        assert!(row["availability_pct"].as_f64().unwrap() < 100.0, "{row}");
+        println!("  {vm}: failover {measured:.2} s, MTTR {mttr:.2} s");
+    }
+    let csv = lab.vmha_ok(&["report", "--since", &since, "-o", "csv"]);
+    assert!(csv.starts_with("vm,uuid,availability_pct,nines,outages,"), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + report["vms"].as_array().unwrap().len(), "{csv}");
+    lab_verb("revive", &[&victim]);
+    lab.settle();
+}
+
 fn signal(pid: i32, sig: &str) -> bool {
     Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().is_ok_and(|s| s.success())
 }
@@ -2152,7 +2199,7 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 26] = [
+    let scenarios: [Scenario; 27] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -2181,6 +2228,10 @@ fn main() {
         ),
         ("a_failing_check_degrades_and_empties_a_host", a_failing_check_degrades_and_empties_a_host),
         ("a_stopped_guest_stays_off_until_started", a_stopped_guest_stays_off_until_started),
+        (
+            "the_report_shows_one_outage_per_guest_of_a_killed_host",
+            the_report_shows_one_outage_per_guest_of_a_killed_host,
+        ),
         (
             "a_throttled_migration_times_out_and_the_guest_stays",
             a_throttled_migration_times_out_and_the_guest_stays,

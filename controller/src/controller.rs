@@ -339,6 +339,9 @@ impl Controller {
             tracing::info!(subject = %e.subject.name(), kind = e.kind.as_str(), actor = %e.actor, "{}", e.message);
             self.journal.write(Write::Event(new_event(e)));
         }
+        for mark in &out.outages {
+            self.journal.write(Write::Outage { mark: mark.clone(), at: chrono::Utc::now() });
+        }
         let mut recording = Vec::new();
         for op in &p.ops {
             let id = op_uuid(op.id);

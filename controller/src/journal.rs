@@ -34,6 +34,7 @@ use std::future::Future;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
+use vmha_engine::availability::OutageMark;
 use vmha_engine::operation::Operation;
 use vmha_engine::step::{HostWork, VmWork};
 use vmha_engine::{HostView, VmView, Watchdog};
@@ -88,6 +89,11 @@ pub enum Write {
         id: Uuid,
         outcome: OperationOutcome,
     },
+    /// For the outage history, with the time it was marked (writes may wait for the database).
+    Outage {
+        mark: OutageMark,
+        at: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 impl Write {
@@ -115,6 +121,7 @@ impl Write {
                 Store::set_operation_progress(db, *id, *total, *processed, *remaining).await
             }
             Write::OperationFinished { id, outcome } => Store::finish_operation(db, *id, outcome).await,
+            Write::Outage { mark, at } => Store::mark_outage(db, mark, *at).await,
         }
     }
 }

@@ -452,6 +452,34 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(shown_operation(c, id)?))
     }
 
+    async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
+        self.1.operator(&req, Level::Viewer, "the availability report")?;
+        let since_s = req.get_ref().since_s;
+        validate::at_most("the report's window (s)", since_s, validate::caps::REPORT_WINDOW_S)?;
+        let node = &self.0;
+        let store = node.store().ok_or_else(|| Error::DatabaseAway {
+            what: "the availability report".into(),
+            why: "not connected yet".into(),
+        })?;
+        // What the leader marked before this request is in the history it reads.
+        if let Ok(c) = self.c() {
+            c.caught_up(Duration::from_secs(3)).await;
+        }
+        let to = chrono::Utc::now();
+        let from = to - chrono::Duration::seconds(since_s.max(1) as i64);
+        let outages = store.outages(from, to).await.map_err(Error::from)?;
+        let (vms, _) = self
+            .state(|s, _| {
+                s.vms
+                    .values()
+                    .filter(|v| v.protected)
+                    .map(|v| (v.uuid.clone(), v.name.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        Ok(Response::new(views::report(from, to, vms, &outages)))
+    }
+
     async fn start_vm(&self, req: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {
         let who = self.1.operator(&req, Level::Operator, "starting a VM")?;
         let c = self.c()?;

@@ -11,6 +11,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres};
 use sqlx::{Connection, Transaction};
 use uuid::Uuid;
+use vmha_engine::availability::{Outage, OutageMark};
 use vmha_engine::cluster::HostResources;
 use vmha_engine::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
 use vmha_engine::step::{HostWork, VmWork};
@@ -764,6 +765,69 @@ impl Store {
         .fetch_one(&mut *db)
         .await
         .map_err(q("append event"))
+    }
+
+    /// Keeps an outage mark: a new outage unless one is open, the end of the open one, or a
+    /// pause over already.
+    pub async fn mark_outage(
+        db: &mut PgConnection,
+        mark: &OutageMark,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StoreError> {
+        let since = |ms: u64| at - chrono::Duration::milliseconds(ms as i64);
+        let query = match mark {
+            OutageMark::Began { vm_uuid, vm_name, ago_ms, planned, cause } => sqlx::query(
+                "INSERT INTO outages (vm_uuid, vm_name, started_at, planned, cause) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (vm_uuid) WHERE ended_at IS NULL DO NOTHING",
+            )
+            .bind(parse_uuid(vm_uuid)?)
+            .bind(vm_name)
+            .bind(since(*ago_ms))
+            .bind(planned)
+            .bind(cause),
+            OutageMark::Ended { vm_uuid } => {
+                sqlx::query("UPDATE outages SET ended_at = $2 WHERE vm_uuid = $1 AND ended_at IS NULL")
+                    .bind(parse_uuid(vm_uuid)?)
+                    .bind(at)
+            }
+            OutageMark::Pause { vm_uuid, vm_name, ms, cause } => sqlx::query(
+                "INSERT INTO outages (vm_uuid, vm_name, started_at, ended_at, planned, cause)
+                 VALUES ($1, $2, $3, $4, true, $5)",
+            )
+            .bind(parse_uuid(vm_uuid)?)
+            .bind(vm_name)
+            .bind(since(*ms))
+            .bind(at)
+            .bind(cause),
+        };
+        query.execute(&mut *db).await.map_err(q("mark an outage"))?;
+        Ok(())
+    }
+
+    /// The outages that overlap `[from, to)`, as unix milliseconds, by VM UUID.
+    pub async fn outages(
+        &self,
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<(String, Outage)>, StoreError> {
+        type Time = chrono::DateTime<chrono::Utc>;
+        let rows: Vec<(Uuid, Time, Option<Time>, bool)> = sqlx::query_as(
+            "SELECT vm_uuid, started_at, ended_at, planned FROM outages
+                 WHERE started_at < $2 AND (ended_at IS NULL OR ended_at > $1) ORDER BY started_at",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("read the outages"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(u, s, e, planned)| {
+                let outage =
+                    Outage { start: s.timestamp_millis(), end: e.map(|e| e.timestamp_millis()), planned };
+                (u.to_string(), outage)
+            })
+            .collect())
     }
 
     /// The newest `limit` events after `after_id`, oldest first.

@@ -103,6 +103,8 @@ pub mod caps {
     pub const MIGRATION_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
     /// How long a `vmha vm stop` may wait for a clean shutdown.
     pub const SHUTDOWN_TIMEOUT_MS: u64 = 3600 * 1000;
+    /// How far back `vmha report` looks: ten years.
+    pub const REPORT_WINDOW_S: u64 = 10 * 366 * 86_400;
     pub const BANDWIDTH_MIB_S: u64 = 1 << 20;
     /// A host's memory cap.
     pub const MEMORY_LIMIT_MIB: u64 = 1 << 32;

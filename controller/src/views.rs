@@ -1,5 +1,6 @@
 //! What operators see: the operator API's messages, built from engine state and store rows.
 
+use vmha_engine::availability::{self, Outage};
 use vmha_engine::drain::{Drain, DrainStep, StepState};
 use vmha_engine::recovery::explain;
 use vmha_engine::{AdminState, ClusterState, FencingMode, HostLiveness, Millis, VmView, Watchdog};
@@ -306,4 +307,38 @@ fn failback_waits(s: &ClusterState, v: &VmView, now: Millis) -> String {
         Some(Err(why)) => why,
         _ => String::new(),
     }
+}
+
+/// `vmha report`: each protected VM's availability over `[from, to)`, from its outages.
+pub fn report(
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+    mut vms: Vec<(String, String)>,
+    outages: &[(String, Outage)],
+) -> pb::ReportReply {
+    vms.sort_by(|a, b| a.1.cmp(&b.1));
+    let secs = |ms: u64| ms as f64 / 1000.0;
+    let rows = vms
+        .into_iter()
+        .map(|(uuid, name)| {
+            let mine: Vec<Outage> = outages.iter().filter(|(u, _)| *u == uuid).map(|(_, o)| *o).collect();
+            let a = availability::summarize(from.timestamp_millis(), to.timestamp_millis(), &mine);
+            pb::VmAvailability {
+                vm: name,
+                uuid,
+                availability_pct: a.availability * 100.0,
+                nines: availability::nines(a.availability),
+                outages: a.outages,
+                unplanned_downtime_s: secs(a.unplanned_ms),
+                planned_outages: a.planned_outages,
+                planned_downtime_s: secs(a.planned_ms),
+                mtbf_s: a.mtbf_ms.map(secs),
+                mttr_s: a.mttr_ms.map(secs),
+                longest_outage_s: secs(a.longest_ms),
+                uptime_s: secs(a.uptime_ms),
+                down_now: a.down_now,
+            }
+        })
+        .collect();
+    pb::ReportReply { from: from.to_rfc3339(), to: to.to_rfc3339(), vms: rows }
 }

@@ -545,6 +545,7 @@ pub fn restart_finished(
             crate::cluster::note_near(&mut state.near, target, uuid);
             vm.host = Some(target.into());
             vm.state = RunState::Running;
+            out.push(Action::Outage(crate::availability::OutageMark::Ended { vm_uuid: uuid.into() }));
         }
     }
     out.extend(tick(state, now));

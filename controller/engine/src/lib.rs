@@ -12,6 +12,7 @@
 //! report), `placement`, `migration`. `persist` says what survives a controller restart.
 
 pub mod admission;
+pub mod availability;
 pub mod cluster;
 pub mod drain;
 pub mod event;

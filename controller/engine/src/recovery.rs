@@ -2,6 +2,7 @@
 //! elsewhere, most critical first. Also the return of a host that was declared dead.
 
 use crate::Refusal;
+use crate::availability::OutageMark;
 use crate::event::EventKind;
 use crate::inventory::{InventoryChange, ReportedDomain};
 use crate::lease::{current_membership, has_quorum, knows_membership, observe_quorum, quorum_held_for};
@@ -115,6 +116,8 @@ pub enum Action {
     DestroyStale { vm_uuid: String, vm_name: String, host: String },
     /// Write an event.
     Event { subject_kind: &'static str, subject: String, kind: EventKind, message: String },
+    /// Keep in the outage history.
+    Outage(OutageMark),
 }
 
 fn event(subject_kind: &'static str, subject: &str, kind: EventKind, message: String) -> Action {
@@ -149,6 +152,8 @@ fn declare_dead(
         return;
     }
     let known = h.protection_known;
+    // Its VMs stopped with it: at the latest when it was last heard from.
+    let down_for = now.since(h.last_heartbeat.unwrap_or(now));
     h.dead = Some(Death { at: now, cause: cause.clone() });
     h.fencing_since = None;
     out.push(Action::DeclaredDead { host: host.into(), cause });
@@ -188,6 +193,15 @@ fn declare_dead(
         let covered = proof == Proof::Off || known.is_some_and(|k| k >= vm.protected_since);
         if vm.stopped_by.is_some() {
             continue;
+        }
+        if vm.protected && had_process {
+            out.push(Action::Outage(OutageMark::Began {
+                vm_uuid: vm.uuid.clone(),
+                vm_name: vm.name.clone(),
+                ago_ms: down_for,
+                planned: false,
+                cause: format!("{host} died"),
+            }));
         }
         if vm.protected && had_process && vm.recovery.is_none() && covered {
             vm.recovery =
@@ -466,6 +480,7 @@ pub fn start_finished(
             crate::cluster::note_near(&mut state.near, host, uuid);
             vm.host = Some(host.into());
             vm.state = RunState::Running;
+            out.push(Action::Outage(OutageMark::Ended { vm_uuid: uuid.into() }));
             out.push(event(
                 "vm",
                 &vm.name,
@@ -736,6 +751,13 @@ pub fn after_report(
             continue;
         }
         vm.recovery = Some(Recovery { may_have_moved_since: Some(now), ..Recovery::new(now) });
+        out.push(Action::Outage(OutageMark::Began {
+            vm_uuid: uuid.clone(),
+            vm_name: name.clone(),
+            ago_ms: 0,
+            planned: false,
+            cause: format!("stopped on {host} without vmha asking ({})", to.as_str()),
+        }));
         out.push(event(
             "vm",
             name,
@@ -978,7 +1000,10 @@ mod tests {
         assert_eq!(s.vms["a"].state, RunState::Lost);
         assert!(explain(&s, "a", Millis(16_000)).unwrap().starts_with("restarting on"));
         let ev = start_finished(&mut s, "a", &st[0].1, Ok(()), Millis(16_500));
-        assert!(matches!(&ev[0], Action::Event { kind: EventKind::VmRestarted, .. }));
+        assert!(
+            matches!(&ev[..], [Action::Outage(OutageMark::Ended { vm_uuid }), Action::Event { kind: EventKind::VmRestarted, .. }] if vm_uuid == "a"),
+            "its outage ends: {ev:?}"
+        );
         assert_eq!(
             (s.vms["a"].host.as_deref(), s.vms["a"].state),
             (Some(st[0].1.as_str()), RunState::Running)
@@ -1098,7 +1123,7 @@ mod tests {
         let (_, last) = starts(&a).into_iter().find(|(n, _)| n == "dns1").unwrap();
         let a = start_finished(&mut s, "a", &last, Ok(()), Millis(25_800));
         assert!(
-            matches!(&a[..], [Action::Event { kind: EventKind::VmRestarted, message, .. }] if message.contains("lock is gone"))
+            matches!(&a[..], [Action::Outage(_), Action::Event { kind: EventKind::VmRestarted, message, .. }] if message.contains("lock is gone"))
         );
         assert!(!is_disk_locked("qemu: no KVM"));
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::Refusal;
 use crate::admission;
+use crate::availability::OutageMark;
 use crate::cluster::HostResources;
 use crate::drain::{self, Drain, Probe};
 use crate::event::{Event, EventKind, Subject};
@@ -325,6 +326,8 @@ pub struct Output {
     /// Run the external fence command for these hosts; feed back `Input::FenceResult`.
     pub fence: Vec<String>,
     pub persist: Persist,
+    /// For the outage history (`vmha report`).
+    pub outages: Vec<OutageMark>,
 }
 
 impl Default for Output {
@@ -336,6 +339,7 @@ impl Default for Output {
             commands: Vec::new(),
             fence: Vec::new(),
             persist: Persist::default(),
+            outages: Vec::new(),
         }
     }
 }
@@ -686,6 +690,15 @@ impl Engine {
             }
             let Some(vm) = self.cluster.vms.get(change.uuid()) else { continue };
             out.persist.vms.push(vm.uuid.clone());
+            // Running again (restarted, started, or moved while an outage was open).
+            let back = match &change {
+                InventoryChange::StateChanged { from, to, .. } => !from.has_process() && to.has_process(),
+                InventoryChange::Moved { state, .. } => state.has_process(),
+                _ => false,
+            };
+            if back {
+                out.outages.push(OutageMark::Ended { vm_uuid: vm.uuid.clone() });
+            }
             let (kind, message) = match &change {
                 InventoryChange::Appeared { name, host, state, .. } => {
                     (EventKind::VmDiscovered, format!("{name} found {} on {host}", state.as_str()))
@@ -920,10 +933,20 @@ impl Engine {
             op.done = d.clone();
         }
         self.set_op_state(id, to, error, out);
+        let done = result.as_ref().cloned().unwrap_or_default();
         let verdict = result.map(|_| ());
         let s = &mut self.cluster;
+        let protected = s.vms.get(&op.vm_uuid).is_some_and(|v| v.protected);
         match (op.kind, op.purpose) {
             (OpKind::Migrate, _) => {
+                if verdict.is_ok() && protected && done.downtime_ms > 0 {
+                    out.outages.push(OutageMark::Pause {
+                        vm_uuid: op.vm_uuid.clone(),
+                        vm_name: op.vm_name.clone(),
+                        ms: done.downtime_ms,
+                        cause: format!("live migration from {} to {}", op.source, op.target),
+                    });
+                }
                 if verdict.is_ok() {
                     let change = inventory::apply_migrated(s, &op.vm_uuid, &op.target);
                     self.inventory_changes(change.into_iter().collect(), "controller", out);
@@ -945,6 +968,15 @@ impl Engine {
             (OpKind::Destroy, Purpose::ColdRestart) => match verdict {
                 // The first half of a cold restart: the second follows once every host reported.
                 Ok(()) => {
+                    if protected {
+                        out.outages.push(OutageMark::Began {
+                            vm_uuid: op.vm_uuid.clone(),
+                            vm_name: op.vm_name.clone(),
+                            ago_ms: 0,
+                            planned: true,
+                            cause: format!("cold restart by the drain of {}", op.source),
+                        });
+                    }
                     self.cold_starts.insert(op.vm_uuid.clone(), (op.source.clone(), op.target.clone(), now));
                 }
                 Err(e) => {
@@ -959,6 +991,14 @@ impl Engine {
                     // Still running: the stop did not happen, so vmha keeps it up as before.
                     if verdict.is_err() {
                         vm.stopped_by = None;
+                    } else if vm.protected {
+                        out.outages.push(OutageMark::Began {
+                            vm_uuid: vm.uuid.clone(),
+                            vm_name: vm.name.clone(),
+                            ago_ms: done.elapsed_ms,
+                            planned: true,
+                            cause: format!("stopped by {} with `vmha vm stop`", op.actor),
+                        });
                     }
                 }
                 out.persist.vms.push(op.vm_uuid.clone());
@@ -1422,6 +1462,7 @@ impl Engine {
                     };
                     out.events.push(Event { subject, kind, message, actor: "controller".into() });
                 }
+                Action::Outage(mark) => out.outages.push(mark),
             }
         }
     }

@@ -44,6 +44,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::time::Instant;
 
+use vmha_engine::availability::OutageMark;
 use vmha_engine::cluster::HostResources;
 use vmha_engine::drain::Probe;
 use vmha_engine::event::Event;
@@ -483,6 +484,9 @@ struct World {
     now: u64,
     engine: Engine,
     db: Db,
+    /// The outage history as the store keeps it: the open outage of each VM (UUID), when it
+    /// began and whether it was planned.
+    outages: BTreeMap<String, (u64, bool)>,
     hosts: BTreeMap<String, Host>,
     /// By UUID.
     vms: BTreeMap<String, Vm>,
@@ -521,6 +525,7 @@ impl World {
             now: 0,
             engine: Engine::new(cluster),
             db: Db::default(),
+            outages: BTreeMap::new(),
             hosts,
             vms,
             queue: VecDeque::new(),
@@ -544,6 +549,32 @@ impl World {
         }
     }
 
+    /// The outage marks, kept as the store keeps them; a line for each outage that begins or
+    /// ends (an end with none open is nothing).
+    fn outages(&mut self, marks: &[OutageMark]) {
+        for m in marks {
+            let text = match m {
+                OutageMark::Began { vm_uuid, vm_name, ago_ms, planned, cause } => {
+                    if self.outages.contains_key(vm_uuid) {
+                        continue;
+                    }
+                    self.outages.insert(vm_uuid.clone(), (self.now.saturating_sub(*ago_ms), *planned));
+                    let how = if *planned { "planned" } else { "unplanned" };
+                    format!("outage {vm_name} began {} ago, {how}: {cause}", secs(*ago_ms).trim())
+                }
+                OutageMark::Ended { vm_uuid } => {
+                    let Some((began, _)) = self.outages.remove(vm_uuid) else { continue };
+                    let name = self.vms.get(vm_uuid).map_or(vm_uuid.as_str(), |v| v.name.as_str());
+                    format!("outage {name} ended after {}", secs(self.now - began).trim())
+                }
+                OutageMark::Pause { vm_name, ms, cause, .. } => {
+                    format!("outage {vm_name} paused {ms} ms, planned: {cause}")
+                }
+            };
+            self.line(text);
+        }
+    }
+
     /// One step of the engine; its log goes to ours, its follow-ups to the queue.
     fn step(&mut self, input: Input) -> Reply {
         let out = self.engine.step(input, Millis(self.now));
@@ -551,6 +582,7 @@ impl World {
         self.engine.check_persisted().expect("every change is persisted");
         self.db.apply(&self.engine, &out.persist);
         self.events(&out.events);
+        self.outages(&out.outages);
         // The database is always there: a recorded operation's command goes out at once.
         self.queue.extend(out.record.into_iter().map(|id| Followup::Input(Input::Recorded(id))));
         self.queue.extend(out.commands.into_iter().map(Followup::Command));
