@@ -26,6 +26,19 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
     tracing::info!(operation = %op, command = ?cmd.kind, "executing");
     let outcome: anyhow::Result<MigrationStats> = match cmd.kind {
         None => Err(anyhow::anyhow!("empty command (a newer controller?)")),
+        // The migration's own result reports how it ended; the cancel has none.
+        Some(Kind::Cancel(c)) => {
+            let uuid = c.uuid.clone();
+            match within(agent.blocking(move |hv| hv.abort_job(&uuid).map(|_| Default::default()))).await {
+                Ok(_) => {
+                    tracing::info!(operation = %op, domain = %c.uuid, "asked libvirt to abort the migration")
+                }
+                Err(e) => {
+                    tracing::warn!(operation = %op, domain = %c.uuid, error = format!("{e:#}"), "could not abort the migration (it may have ended)")
+                }
+            }
+            return;
+        }
         Some(Kind::Migrate(m)) => {
             let opts = MigrateOptions {
                 dest_uri: m.dest_uri,

@@ -100,13 +100,18 @@ enum Verb {
     },
     /// Live-migrate a running VM to another host, with no restart.
     #[command(after_help = "Shows a progress bar while libvirt copies memory, then the result.\n\
-        Example: vmha migrate dns1 --to kvm2")]
+        A migration that fails or is cancelled leaves the VM running on its source: vmha never\n\
+        falls back to stopping and starting it.\n\
+        Examples:\n  vmha migrate dns1 --to kvm2\n  vmha migrate dns1 --cancel")]
     Migrate {
         /// VM name or libvirt domain UUID.
         vm: String,
         /// Target host (see `vmha host ls`).
+        #[arg(long, required_unless_present = "cancel", conflicts_with = "cancel")]
+        to: Option<String>,
+        /// Cancel the VM's live migration in flight instead; it stays on its source.
         #[arg(long)]
-        to: String,
+        cancel: bool,
         /// Return once the migration has started; follow it with `vmha events`.
         #[arg(long)]
         no_wait: bool,
@@ -130,6 +135,14 @@ enum Verb {
         /// The window, up to now (e.g. 30d, 12h).
         #[arg(long, value_parser = humantime_duration, default_value = "30d")]
         since: Duration,
+    },
+    /// Cancel a live migration in flight (its id is in `vmha events` and `-o json` output);
+    /// the VM stays on its source, running once. Recorded as cancelled, by you.
+    #[command(after_help = "Example: vmha cancel 00000002-0000-0000-0000-000000000007\n\
+        To cancel by VM: vmha migrate dns1 --cancel; a whole drain: vmha host undrain kvm2 --abort")]
+    Cancel {
+        /// The operation's id.
+        operation: String,
     },
     /// The audit log: what vmha and operators did, and why.
     Events {
@@ -182,8 +195,14 @@ enum HostVerb {
         #[arg(long)]
         allow_restart: bool,
     },
-    /// Return a drained host to service: it takes VMs again.
-    Undrain { host: String },
+    /// Return a drained host to service: it takes VMs again. A drain under way starts no new
+    /// migration; those in flight run to their end unless --abort cancels them.
+    Undrain {
+        host: String,
+        /// Also cancel the drain's live migrations in flight (their VMs stay on this host).
+        #[arg(long)]
+        abort: bool,
+    },
     /// Forget a retired host (admin). It must hold no lease (stop its agent first) and have no
     /// VMs (drain it first). Its certificate stays valid until it expires: an agent started
     /// with it registers the host again, as a new one.
@@ -510,8 +529,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 Format::Table | Format::Csv => println!("{}", r.message),
             }
         }
-        Verb::Host(HostVerb::Undrain { host }) => {
-            let h = c.undrain(UndrainRequest { host }).await?.into_inner();
+        Verb::Host(HostVerb::Undrain { host, abort }) => {
+            let h = c.undrain(UndrainRequest { host, abort }).await?.into_inner();
             match fmt {
                 Format::Json => output::json(&h),
                 Format::Table | Format::Csv => println!("{} is {} ({})", h.name, h.admin_state, h.state),
@@ -533,10 +552,18 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 Format::Table | Format::Csv => println!("{}: fencing {}", h.name, h.fencing),
             }
         }
-        Verb::Migrate { vm, to, no_wait, bandwidth, timeout } => {
+        Verb::Migrate { vm, cancel: true, no_wait, .. } => {
+            let op = c.cancel(CancelRequest { operation: String::new(), vm }).await?.into_inner();
+            return finish_cancel(&mut c, op, fmt, no_wait).await;
+        }
+        Verb::Cancel { operation } => {
+            let op = c.cancel(CancelRequest { operation, vm: String::new() }).await?.into_inner();
+            return finish_cancel(&mut c, op, fmt, false).await;
+        }
+        Verb::Migrate { vm, to, no_wait, bandwidth, timeout, .. } => {
             let req = MigrateRequest {
                 vm,
-                target_host: to,
+                target_host: to.unwrap_or_default(),
                 bandwidth_mib_s: bandwidth.unwrap_or(0),
                 timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
             };
@@ -546,7 +573,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 Format::Json => output::json(&op),
                 Format::Table | Format::Csv => println!("{}", describe_operation(&op)),
             }
-            if op.state == "failed" || op.state == "aborted" {
+            if ended(&op.state) && op.state != "succeeded" {
                 return Ok(ExitCode::from(1));
             }
         }
@@ -686,8 +713,32 @@ pub(crate) fn show_vm(fmt: Format, v: &Vm) {
             for (k, val) in extra.iter().filter(|(_, val)| !val.is_empty()) {
                 println!("{k:>14}: {val}");
             }
+            for (i, why) in v.elsewhere.iter().enumerate() {
+                println!("{:>14}: {why}", if i == 0 { "not elsewhere" } else { "" });
+            }
         }
     }
+}
+
+/// Whether an operation in this state has ended.
+pub(crate) fn ended(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "aborted" | "cancelled")
+}
+
+/// Follows a cancelled migration to its end: exit 0 once it is cancelled (the VM on its
+/// source), 1 if it succeeded before the cancel took.
+async fn finish_cancel(
+    c: &mut Client,
+    op: Operation,
+    fmt: Format,
+    no_wait: bool,
+) -> Result<ExitCode, Failure> {
+    let op = if no_wait { op } else { follow_operation(c, op, fmt).await? };
+    match fmt {
+        Format::Json => output::json(&op),
+        Format::Table | Format::Csv => println!("{}", describe_operation(&op)),
+    }
+    Ok(if no_wait || op.state == "cancelled" { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn describe_operation(op: &Operation) -> String {
@@ -701,9 +752,14 @@ fn describe_operation(op: &Operation) -> String {
             op.downtime_ms,
             mib(op.bytes >> 20)
         ),
-        "failed" | "aborted" => {
-            format!("migration of {} from {} to {} {}: {}", op.vm, op.source, op.target, op.state, op.error)
-        }
+        "cancelled" => format!(
+            "migration of {} from {} to {} {}; {} stays on {}",
+            op.vm, op.source, op.target, op.error, op.vm, op.source
+        ),
+        "failed" | "aborted" => format!(
+            "migration of {} from {} to {} {}: {}; {} stays on {}",
+            op.vm, op.source, op.target, op.state, op.error, op.vm, op.source
+        ),
         s => {
             format!("migration of {} from {} to {} is {s} (operation {})", op.vm, op.source, op.target, op.id)
         }
@@ -726,7 +782,7 @@ async fn follow_operation(c: &mut Client, op: Operation, fmt: Format) -> Result<
             bar.set_length(update.data_total);
             bar.set_position(update.data_processed);
         }
-        let done = matches!(update.state.as_str(), "succeeded" | "failed" | "aborted");
+        let done = ended(&update.state);
         last = update;
         if done {
             break;

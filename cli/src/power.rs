@@ -92,7 +92,7 @@ pub async fn stop(
     );
     let mut stream = c.watch_operation(WatchOperationRequest { id: op.id.clone() }).await?.into_inner();
     while let Some(update) = stream.message().await? {
-        let done = matches!(update.state.as_str(), "succeeded" | "failed" | "aborted");
+        let done = crate::commands::ended(&update.state);
         op = update;
         if done {
             break;

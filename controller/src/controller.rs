@@ -351,7 +351,7 @@ impl Controller {
                     recording.push((op.id, op.executor().to_string(), Box::pin(written) as RecordFuture));
                 }
                 OpState::Running => self.journal.write(Write::OperationRunning(id)),
-                OpState::Succeeded | OpState::Failed | OpState::Aborted => {
+                OpState::Succeeded | OpState::Failed | OpState::Aborted | OpState::Cancelled => {
                     let outcome = OperationOutcome {
                         state: op.state.as_str(),
                         error: op.error.clone(),
@@ -445,6 +445,7 @@ impl Controller {
             CommandKind::Shutdown { uuid, timeout_ms } => {
                 Kind::Shutdown(pb::ShutdownDomain { uuid, timeout_ms })
             }
+            CommandKind::Cancel { uuid } => Kind::Cancel(pb::CancelJob { uuid }),
             CommandKind::Migrate { uuid, dest_uri, bandwidth_mib_s, timeout_ms } => {
                 Kind::Migrate(pb::MigrateDomain {
                     uuid,

@@ -81,9 +81,10 @@ impl From<Error> for Status {
 /// The status of an engine refusal.
 pub fn refusal(r: Refusal) -> Status {
     match r {
-        Refusal::UnknownVm(_) | Refusal::UnknownHost(_) | Refusal::UnknownOperation(_) => {
-            Status::not_found(r.to_string())
-        }
+        Refusal::UnknownVm(_)
+        | Refusal::UnknownHost(_)
+        | Refusal::UnknownOperation(_)
+        | Refusal::NothingToCancel(_) => Status::not_found(r.to_string()),
         Refusal::AmbiguousVm { .. } => Status::invalid_argument(r.to_string()),
         Refusal::TooManyHosts { .. } => Status::resource_exhausted(r.to_string()),
         Refusal::NotExecutor { .. } => Status::permission_denied(r.to_string()),
@@ -98,6 +99,7 @@ pub fn refusal(r: Refusal) -> Status {
         | Refusal::HostOnline(_)
         | Refusal::HostInUse { .. }
         | Refusal::CannotStart { .. }
+        | Refusal::CannotCancel { .. }
         | Refusal::CannotStop { .. }
         | Refusal::NotRegistered(_) => Status::failed_precondition(r.to_string()),
     }

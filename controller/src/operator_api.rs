@@ -37,7 +37,7 @@ fn shown_operation(c: &Controller, id: OpId) -> Result<Operation, Error> {
 }
 
 fn is_terminal(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "aborted")
+    matches!(state, "succeeded" | "failed" | "aborted" | "cancelled")
 }
 
 impl OperatorApi {
@@ -262,7 +262,11 @@ impl OperatorService for OperatorApi {
     async fn get_vm(&self, req: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
         self.1.operator(&req, Level::Viewer, "showing a VM")?;
         let key = validate::vm_ref(&req.get_ref().vm)?.to_string();
-        let (vm, recorded) = self.state(move |s, now| s.find_vm(&key).map(|v| views::vm(s, v, now))).await?;
+        let (vm, recorded) = self
+            .state(move |s, now| {
+                s.find_vm(&key).map(|v| Vm { elsewhere: views::elsewhere(s, v, now), ..views::vm(s, v, now) })
+            })
+            .await?;
         let vm = if recorded { vm.map(views::as_recorded_vm) } else { vm };
         vm.map(Response::new).map_err(refusal)
     }
@@ -362,7 +366,7 @@ impl OperatorService for OperatorApi {
         let c = self.c()?;
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         c.require_database("undraining a host")?;
-        self.change(&who, Change::Undrain { host: host.clone() }).await?;
+        self.change(&who, Change::Undrain { host: host.clone(), abort: req.get_ref().abort }).await?;
         Ok(Response::new(self.host_view(&host).await?))
     }
 
@@ -478,6 +482,34 @@ impl OperatorService for OperatorApi {
             })
             .await?;
         Ok(Response::new(views::report(from, to, vms, &outages)))
+    }
+
+    async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<Operation>, Status> {
+        let who = self.1.operator(&req, Level::Operator, "cancelling a migration")?;
+        let c = self.c()?;
+        let r = req.into_inner();
+        let (op, vm) = match (r.operation.is_empty(), r.vm.is_empty()) {
+            (false, true) => {
+                let id = OpId::parse(&r.operation).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "'{}' is not an operation id (a UUID, as `vmha events` shows)",
+                        r.operation
+                    ))
+                })?;
+                (Some(id), None)
+            }
+            (true, false) => (None, Some(validate::vm_ref(&r.vm)?.to_string())),
+            _ => {
+                return Err(Error::Invalid(
+                    "name the operation or the VM whose migration to cancel, not both".into(),
+                )
+                .into());
+            }
+        };
+        c.require_database("cancelling a migration")?;
+        let reply = self.change(&who, Change::Cancel { op, vm }).await?;
+        let Reply::Operation(id) = reply else { return Err(unexpected("cancel", &reply).into()) };
+        Ok(Response::new(shown_operation(c, id)?))
     }
 
     async fn start_vm(&self, req: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {

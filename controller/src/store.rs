@@ -748,6 +748,7 @@ impl Store {
                     },
                     inherited: true,
                     done: Done::default(),
+                    cancelled_by: None,
                 })
             })
             .collect())

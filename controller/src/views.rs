@@ -219,6 +219,7 @@ pub fn vm(s: &ClusterState, v: &VmView, now: Millis) -> pb::Vm {
         admission_override: v.admission_override.clone().unwrap_or_default(),
         failback_waits: failback_waits(s, v, now),
         stopped_by: v.stopped_by.clone().unwrap_or_default(),
+        elsewhere: Vec::new(),
         why_not_running: if v.protected || v.stopped_by.is_some() {
             explain(s, &v.uuid, now).unwrap_or_default()
         } else {
@@ -341,4 +342,19 @@ pub fn report(
         })
         .collect();
     pb::ReportReply { from: from.to_rfc3339(), to: to.to_rfc3339(), vms: rows }
+}
+
+/// For `vmha vm show`: each other host, and why it does not run the VM (what it lacks), or
+/// that it could take it. Only for one VM at a time: it sums the cluster's usage.
+pub fn elsewhere(s: &ClusterState, v: &VmView, now: Millis) -> Vec<String> {
+    let usage = vmha_engine::placement::Usage::of(s);
+    (s.hosts.keys())
+        .filter(|h| v.host.as_deref() != Some(h.as_str()))
+        .map(|h| match vmha_engine::placement::why_not(s, &usage, v, h, now) {
+            Some(why) => why,
+            None => format!(
+                "{h}: could take it (vmha moves a running VM only when asked, by a drain or by failback)"
+            ),
+        })
+        .collect()
 }

@@ -304,6 +304,9 @@ impl Hypervisor for Hanging {
     fn destroy(&self, uuid: &str) -> Result<(), HypervisorError> {
         self.0.destroy(uuid)
     }
+    fn abort_job(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.0.abort_job(uuid)
+    }
     fn migrate(
         &self,
         uuid: &str,

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use vmha_controller::journal::{Journal, Write};
 use vmha_controller::store::{NewEvent, OperationOutcome, Store, StoreError, op_uuid};
 use vmha_engine::Millis;
+use vmha_engine::availability::OutageMark;
 use vmha_engine::cluster::HostResources;
 use vmha_engine::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
 use vmha_engine::step::{HostWork, VmWork};
@@ -57,6 +58,7 @@ fn op(seq: u64, vm_uuid: Uuid) -> Operation {
         overrides: Some(Overrides { bandwidth_mib_s: 1, timeout_ms: 9_000 }),
         inherited: false,
         done: Done::default(),
+        cancelled_by: None,
     }
 }
 
@@ -235,6 +237,50 @@ async fn events_are_listed_newest_window_oldest_first_and_followable() {
     let after_first = s.list_events(ids[0], 100).await.unwrap();
     assert_eq!(after_first.len(), 2);
     assert!(s.list_events(ids[2], 100).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn outages_open_once_per_vm_end_when_it_runs_again_and_are_read_by_window() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let mut db = s.connection().await.unwrap();
+    let uuid = Uuid::new_v4().to_string();
+    let t0 = chrono::Utc::now() - chrono::Duration::hours(1);
+    let at = |secs: i64| t0 + chrono::Duration::seconds(secs);
+    let began = |ago_ms: u64, planned: bool| OutageMark::Began {
+        vm_uuid: uuid.clone(),
+        vm_name: "dns1".into(),
+        ago_ms,
+        planned,
+        cause: "kvm1 died".into(),
+    };
+    let ended = OutageMark::Ended { vm_uuid: uuid.clone() };
+    // Down from 6 s before it was marked at 10 s; a second begin while open is nothing.
+    Store::mark_outage(&mut db, &began(6_000, false), at(10)).await.unwrap();
+    Store::mark_outage(&mut db, &began(0, true), at(12)).await.unwrap();
+    Store::mark_outage(&mut db, &ended, at(16)).await.unwrap();
+    // An end with none open is nothing; a live migration's pause is one already over.
+    Store::mark_outage(&mut db, &ended, at(20)).await.unwrap();
+    let pause = OutageMark::Pause {
+        vm_uuid: uuid.clone(),
+        vm_name: "dns1".into(),
+        ms: 30,
+        cause: "live migration".into(),
+    };
+    Store::mark_outage(&mut db, &pause, at(30)).await.unwrap();
+    Store::mark_outage(&mut db, &began(0, true), at(40)).await.unwrap();
+    let all = s.outages(at(0), at(100)).await.unwrap();
+    let spans: Vec<(i64, Option<i64>, bool)> = all
+        .iter()
+        .map(|(u, o)| {
+            assert_eq!(u, &uuid);
+            (o.start - at(0).timestamp_millis(), o.end.map(|e| e - at(0).timestamp_millis()), o.planned)
+        })
+        .collect();
+    assert_eq!(spans, [(4_000, Some(16_000), false), (29_970, Some(30_000), true), (40_000, None, true)]);
+    // By window: only what overlaps it.
+    let later = s.outages(at(25), at(35)).await.unwrap();
+    assert_eq!(later.len(), 1, "{later:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -370,6 +370,8 @@ async fn carry_out(
             }),
             Some(Kind::Destroy(d)) => host.hv.destroy(&d.uuid),
             Some(Kind::Shutdown(d)) => host.hv.shutdown(&d.uuid),
+            // Nothing migrates here, so there is nothing to abort, and a cancel has no result.
+            Some(Kind::Cancel(_)) => continue,
             Some(Kind::Migrate(_)) | None => Err(vmha_agent::hypervisor::HypervisorError::Host {
                 op: "migrate",
                 message: "simulated hosts do not migrate".into(),

@@ -97,6 +97,15 @@ impl Hypervisor for FakeHypervisor {
         self.set_state(uuid, DomainState::ShutOff)
     }
 
+    /// Its migrations end at once: there is never a job left to abort.
+    fn abort_job(&self, uuid: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Domain {
+            op: "virDomainAbortJob",
+            domain: uuid.into(),
+            message: "no job is active".into(),
+        })
+    }
+
     fn migrate(
         &self,
         uuid: &str,

@@ -138,6 +138,10 @@ impl Hypervisor for Libvirt {
         self.lookup(uuid)?.destroy().map_err(domain_err("virDomainDestroy", uuid))
     }
 
+    fn abort_job(&self, uuid: &str) -> Result<(), HypervisorError> {
+        jobstats::abort(&self.lookup(uuid)?).map_err(domain_err("virDomainAbortJob", uuid))
+    }
+
     fn migrate(
         &self,
         uuid: &str,

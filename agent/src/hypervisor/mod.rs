@@ -64,6 +64,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn shutdown(&self, uuid: &str) -> Result<(), HypervisorError>;
     /// Kills the QEMU process at once.
     fn destroy(&self, uuid: &str) -> Result<(), HypervisorError>;
+    /// Aborts the domain's job (a live migration in flight): the guest stays here.
+    fn abort_job(&self, uuid: &str) -> Result<(), HypervisorError>;
     /// Live-migrates peer-to-peer, persistent on the destination, undefined here on success.
     /// Blocks until the migration ends, calling `progress` with job samples meanwhile.
     fn migrate(

@@ -78,6 +78,8 @@ event_kinds! {
     MigrationRequested => "migration_requested",
     MigrationSucceeded => "migration_succeeded",
     MigrationFailed => "migration_failed",
+    MigrationCancelRequested => "migration_cancel_requested",
+    MigrationCancelled => "migration_cancelled",
     Failback => "failback",
     ColdRestart => "cold_restart",
     OperationDone => "operation_done",

@@ -124,6 +124,8 @@ pub enum OpState {
     Failed,
     /// Never sent: no longer wanted once recorded.
     Aborted,
+    /// Stopped on an operator's request (`Operation::cancelled_by`) before it could end.
+    Cancelled,
 }
 
 impl OpState {
@@ -135,11 +137,12 @@ impl OpState {
             OpState::Succeeded => "succeeded",
             OpState::Failed => "failed",
             OpState::Aborted => "aborted",
+            OpState::Cancelled => "cancelled",
         }
     }
 
     pub fn ended(self) -> bool {
-        matches!(self, OpState::Succeeded | OpState::Failed | OpState::Aborted)
+        matches!(self, OpState::Succeeded | OpState::Failed | OpState::Aborted | OpState::Cancelled)
     }
 }
 
@@ -170,6 +173,8 @@ pub struct Operation {
     pub inherited: bool,
     /// What its agent said when it ended.
     pub done: Done,
+    /// An operator asked to cancel it: who. It ends as cancelled unless it succeeded first.
+    pub cancelled_by: Option<String>,
 }
 
 impl Operation {

@@ -94,7 +94,7 @@ pub fn start(
             return Err(Refusal::UnknownHost(h.into()));
         }
         if let Some(why) = placement::why_not(state, &placement::Usage::of(state), vm, h, now) {
-            return Err(refuse(format!("{h} cannot take it: {why}")));
+            return Err(refuse(format!("the host asked for cannot take it ({why})")));
         }
     }
     let target = match vm.host.as_deref() {

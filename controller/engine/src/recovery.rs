@@ -424,7 +424,7 @@ pub(crate) fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut
             })
         } else if let Some(on) = vm.recovery.as_ref().and_then(|r| r.on.as_deref()) {
             match placement::why_not(state, &placement::Usage::of(state), vm, on, now) {
-                Some(why) => Err(format!("{on}, where an operator asked for it, cannot take it: {why}")),
+                Some(why) => Err(format!("the host an operator asked for cannot take it ({why})")),
                 None => Ok(on.to_string()),
             }
         } else {

@@ -51,6 +51,10 @@ pub enum Refusal {
          `vmha protect {vm} --force` (the override is recorded and shown by `vmha status`)"
     )]
     BeyondReserve { vm: String, why: String },
+    #[error("no live migration of {0} is in flight; `vmha events` shows how the last one ended")]
+    NothingToCancel(String),
+    #[error("cannot cancel the {what}: {why}")]
+    CannotCancel { what: String, why: String },
     #[error("cannot start {vm}: {why}")]
     CannotStart { vm: String, why: String },
     #[error("cannot stop {vm}: {why}")]

@@ -174,8 +174,10 @@ pub enum Request {
         host: String,
         allow_restart: bool,
     },
+    /// `abort`: also cancel the drain's live migrations in flight.
     Undrain {
         host: String,
+        abort: bool,
     },
     ConfirmDown {
         host: String,
@@ -201,6 +203,12 @@ pub enum Request {
     StartVm {
         vm: String,
         on: Option<String>,
+    },
+    /// `vmha cancel OP` / `vmha migrate VM --cancel`: abort a live migration in flight (by its
+    /// operation, or the VM's); the VM stays on its source.
+    Cancel {
+        op: Option<OpId>,
+        vm: Option<String>,
     },
 }
 
@@ -291,6 +299,11 @@ pub enum CommandKind {
     Shutdown {
         uuid: String,
         timeout_ms: u64,
+    },
+    /// Abort the job (a live migration) that operation `op` of the command runs on the VM. No
+    /// result of its own: the migration's says how it ended.
+    Cancel {
+        uuid: String,
     },
 }
 
@@ -862,6 +875,10 @@ impl Engine {
                 ),
             },
             OpState::Aborted => (EventKind::OperationAborted, format!("{what} not sent: {}", op.error)),
+            OpState::Cancelled => (
+                EventKind::MigrationCancelled,
+                format!("{what} {}; {} stays on {}", op.error, op.vm_name, op.source),
+            ),
         };
         out.events.push(Event {
             subject: Subject::Vm(op.vm_name.clone()),
@@ -908,6 +925,7 @@ impl Engine {
             overrides,
             inherited: false,
             done: Done::default(),
+            cancelled_by: None,
         };
         out.persist.ops.push(op.clone());
         self.ops.insert(id, op);
@@ -925,9 +943,10 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) {
         let Some(op) = self.ops.get(&id).cloned() else { return };
-        let (to, error) = match &result {
-            Ok(_) => (OpState::Succeeded, String::new()),
-            Err(e) => (OpState::Failed, e.clone()),
+        let (to, error) = match (&result, &op.cancelled_by) {
+            (Ok(_), _) => (OpState::Succeeded, String::new()),
+            (Err(e), Some(by)) => (OpState::Cancelled, format!("cancelled by {by} ({e})")),
+            (Err(e), None) => (OpState::Failed, e.clone()),
         };
         if let (Ok(d), Some(op)) = (&result, self.ops.get_mut(&id)) {
             op.done = d.clone();
@@ -1205,9 +1224,36 @@ impl Engine {
                 actions.extend(drain::start(s, &host, allow_restart, now)?);
                 Ok(Reply::Host(host))
             }
-            Request::Undrain { host } => {
+            Request::Undrain { host, abort } => {
                 actions.extend(drain::undrain(s, &host)?);
+                if abort {
+                    let moving: Vec<OpId> = (self.ops.values())
+                        .filter(|op| {
+                            op.kind == OpKind::Migrate && op.purpose == Purpose::Drain && op.source == host
+                        })
+                        .filter(|op| op.state == OpState::Running)
+                        .map(|op| op.id)
+                        .collect();
+                    for id in moving {
+                        self.cancel(id, actor, out)?;
+                    }
+                }
                 Ok(Reply::Host(host))
+            }
+            Request::Cancel { op, vm } => {
+                let id = match (op, vm) {
+                    (Some(id), _) => id,
+                    (None, Some(vm)) => {
+                        let uuid = s.find_vm(&vm)?.uuid.clone();
+                        (self.ops.values())
+                            .find(|op| op.kind == OpKind::Migrate && op.vm_uuid == uuid)
+                            .map(|op| op.id)
+                            .ok_or(Refusal::NothingToCancel(vm))?
+                    }
+                    (None, None) => return Err(Refusal::NothingToCancel(String::new())),
+                };
+                self.cancel(id, actor, out)?;
+                Ok(Reply::Operation(id))
             }
             Request::ConfirmDown { host } => {
                 let a = recovery::confirm_down(s, &host, now)?;
@@ -1289,6 +1335,38 @@ impl Engine {
                 Ok(Reply::None)
             }
         }
+    }
+
+    /// Asks the source of live migration `id` to abort it. It ends when its agent's result
+    /// (or reports, past its deadline) says so: cancelled, or succeeded if it ended first.
+    fn cancel(&mut self, id: OpId, actor: &str, out: &mut Output) -> Result<(), Refusal> {
+        let op = self.ops.get_mut(&id).ok_or_else(|| Refusal::UnknownOperation(id.to_string()))?;
+        let what = op.describe();
+        if op.kind != OpKind::Migrate {
+            return Err(Refusal::CannotCancel {
+                what,
+                why: "only a live migration can be cancelled; a start or a stop runs to its end".into(),
+            });
+        }
+        if op.state == OpState::Recording {
+            return Err(Refusal::CannotCancel {
+                what,
+                why: "it is being recorded and not sent yet; retry in a moment".into(),
+            });
+        }
+        if op.cancelled_by.is_some() {
+            return Ok(());
+        }
+        op.cancelled_by = Some(actor.into());
+        out.commands.push(Command {
+            op: id,
+            host: op.source.clone(),
+            kind: CommandKind::Cancel { uuid: op.vm_uuid.clone() },
+        });
+        let message =
+            format!("cancel of the {what} asked for; it stays on {} unless it has just ended", op.source);
+        out.events.push(Event::vm(&op.vm_name, EventKind::MigrationCancelRequested, message).by(actor));
+        Ok(())
     }
 
     /// Forgets a retired host. Only one that holds no lease (it cannot be counted for quorum or
@@ -1651,6 +1729,7 @@ mod tests {
             overrides: None,
             inherited: true,
             done: Done::default(),
+            cancelled_by: None,
         }
     }
 

@@ -54,7 +54,7 @@ fn request() -> impl Strategy<Value = Request> {
             overrides: o.map(|(bandwidth_mib_s, timeout_ms)| Overrides { bandwidth_mib_s, timeout_ms }),
         }),
         (host(), any::<bool>()).prop_map(|(host, allow_restart)| Request::Drain { host, allow_restart }),
-        host().prop_map(|host| Request::Undrain { host }),
+        (host(), any::<bool>()).prop_map(|(host, abort)| Request::Undrain { host, abort }),
         host().prop_map(|host| Request::ConfirmDown { host }),
         (
             host(),

@@ -94,7 +94,10 @@ enum Fault {
     Protect(usize),
     /// An operator drains a host (allowing cold restarts or not), or undrains it.
     Drain(usize, bool),
-    Undrain(usize),
+    /// `abort`: its migrations in flight are cancelled too.
+    Undrain(usize, bool),
+    /// An operator cancels a VM's live migration in flight (`vmha migrate VM --cancel`).
+    CancelMigration(usize),
     /// An operator live-migrates a VM to a host.
     Migrate(usize, usize),
     /// An operator stops a VM (`vmha vm stop`), or starts one (`vmha vm start`, on a host or
@@ -189,6 +192,12 @@ enum Event {
         op: OpId,
         life: u64,
     },
+    /// A cancel of live migration `op` reaches the agent of its source.
+    CancelCommand {
+        host: usize,
+        op: OpId,
+        life: u64,
+    },
     /// libvirt finishes a live migration (whatever became of the agent that asked).
     MigrationDone {
         source: usize,
@@ -243,6 +252,8 @@ struct Sim {
     leader: Engine,
     /// What the leader persisted; a restarted leader starts from it.
     db: Db,
+    /// Live migrations whose source's libvirt was asked to abort them.
+    aborted: std::collections::HashSet<OpId>,
     /// Writes queued while the database is down: lost if the leader restarts meanwhile.
     unwritten: Vec<Persist>,
     paused_until: u64,
@@ -323,6 +334,7 @@ impl Sim {
             defined: (0..hosts).map(|i| BTreeSet::from([i])).collect(),
             restarts: 0,
             violations: Vec::new(),
+            aborted: Default::default(),
             trace: std::env::var_os("SIM_TRACE").is_some(),
             asks: Vec::new(),
         };
@@ -602,6 +614,7 @@ impl Sim {
                     let target = host_index(dest_uri.trim_start_matches("sim://"));
                     Event::MigrateCommand { source: host, target, vm: vm_index(&uuid), op, life }
                 }
+                CommandKind::Cancel { .. } => Event::CancelCommand { host, op, life },
             };
             self.at(t, e);
         }
@@ -846,8 +859,22 @@ impl Sim {
                     self.at(t, Event::MigrationDone { source, target, vm, op, life });
                 }
             },
+            // Its agent asks libvirt to abort the job: a migration not done yet fails, the VM
+            // staying on the source. (A hung libvirt or agent loses the request.)
+            Event::CancelCommand { host, op, life } => match self.agent_wait(host, life) {
+                None => {}
+                Some(t) if t > self.now => self.at(t, Event::CancelCommand { host, op, life }),
+                Some(_) if self.now < self.agents[host].libvirt_hung_until => {}
+                Some(_) => {
+                    self.aborted.insert(op);
+                }
+            },
             Event::MigrationDone { source, target, vm, op, life } => {
-                let ok = self.migrate_here(source, target, vm);
+                let ok = if self.aborted.contains(&op) {
+                    Err("operation aborted: migration out job: canceled by client".into())
+                } else {
+                    self.migrate_here(source, target, vm)
+                };
                 if self.agent_wait(source, life).is_some() {
                     self.send_result(source, op, ok);
                 }
@@ -957,7 +984,8 @@ impl Sim {
             Fault::Drain(h, allow_restart) => {
                 self.operator(Request::Drain { host: host_name(h), allow_restart })
             }
-            Fault::Undrain(h) => self.operator(Request::Undrain { host: host_name(h) }),
+            Fault::Undrain(h, abort) => self.operator(Request::Undrain { host: host_name(h), abort }),
+            Fault::CancelMigration(v) => self.operator(Request::Cancel { op: None, vm: Some(vm_uuid(v)) }),
             Fault::RemoveHost(h) => self.operator(Request::RemoveHost { host: host_name(h) }),
             Fault::Migrate(v, h) => {
                 self.operator(Request::Migrate { vm: vm_uuid(v), to: host_name(h), overrides: None })
@@ -1031,7 +1059,8 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
         1 => h.clone().prop_map(Fault::Unprotect),
         2 => h.clone().prop_map(Fault::Protect),
         2 => (h.clone(), any::<bool>()).prop_map(|(h, r)| Fault::Drain(h, r)),
-        1 => h.clone().prop_map(Fault::Undrain),
+        1 => (h.clone(), any::<bool>()).prop_map(|(h, abort)| Fault::Undrain(h, abort)),
+        2 => h.clone().prop_map(Fault::CancelMigration),
         1 => h.clone().prop_map(Fault::RemoveHost),
         2 => (h.clone(), h.clone()).prop_map(|(v, h)| Fault::Migrate(v, h)),
         1 => h.clone().prop_map(Fault::StopVm),

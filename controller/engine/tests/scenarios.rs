@@ -29,7 +29,8 @@
 //! `hang H`, `mute H` and `fix H` (clears them), `probe H ok|fail [NAME]`,
 //! `fence-result H ok|fail`, `restart-controller`; the operator's `drain H [allow-restart]`,
 //! `undrain H`, `migrate VM H`, `confirm-down H`, `remove-host H`, `protect VM [priority=N ...]`,
-//! `unprotect VM`, `stop VM [timeout=60s]`, `start VM [on=H]`;
+//! `unprotect VM`, `stop VM [timeout=60s]`, `start VM [on=H]`, `cancel VM` (its migration),
+//! `undrain H abort`;
 //! and `status`, which logs where everything is, as at the end.
 //!
 //! The log, one line each: the engine's events (`12.0s host kvm1 host_dead: MESSAGE`: subject
@@ -263,7 +264,9 @@ fn parse_action(words: &[&str]) -> Result<Action, String> {
                 _ => return Err("drain HOST [allow-restart]".into()),
             },
         }),
-        ["undrain", h] => Action::Operator(Request::Undrain { host: s(h) }),
+        ["undrain", h] => Action::Operator(Request::Undrain { host: s(h), abort: false }),
+        ["undrain", h, "abort"] => Action::Operator(Request::Undrain { host: s(h), abort: true }),
+        ["cancel", vm] => Action::Operator(Request::Cancel { op: None, vm: Some(s(vm)) }),
         ["migrate", vm, to] => Action::Operator(Request::Migrate { vm: s(vm), to: s(to), overrides: None }),
         ["confirm-down", h] => Action::Operator(Request::ConfirmDown { host: s(h) }),
         ["remove-host", h] => Action::Operator(Request::RemoveHost { host: s(h) }),
@@ -441,6 +444,8 @@ struct Job {
     started: u64,
     done_at: u64,
     work: Work,
+    /// Its agent asked libvirt to abort it (an operator's cancel).
+    aborted: bool,
 }
 
 struct Host {
@@ -980,7 +985,7 @@ impl World {
         }
         let now = self.now;
         let ends_in = |slow: Fault, slow_ms, ms| now + if faults.contains(&slow) { slow_ms } else { ms };
-        let job = |work, done_at| Job { op: c.op, session, started: now, done_at, work };
+        let job = |work, done_at| Job { op: c.op, session, started: now, done_at, work, aborted: false };
         match c.kind {
             CommandKind::Start { uuid, .. } => {
                 let job = job(Work::Start { uuid }, ends_in(Fault::SlowStarts, SLOW_START_MS, START_MS));
@@ -993,6 +998,12 @@ impl World {
                 }
                 Err(e) => self.answer(&c.host, c.op, session, Err(e)),
             },
+            // libvirt aborts the job at once: the migration fails, the guest stays.
+            CommandKind::Cancel { .. } => {
+                if let Some(j) = self.host(&c.host).jobs.iter_mut().find(|j| j.op == c.op) {
+                    (j.aborted, j.done_at) = (true, now);
+                }
+            }
             // The sim's guests shut down cleanly, at once.
             CommandKind::Destroy { uuid } | CommandKind::Shutdown { uuid, .. } => {
                 if let Some(d) = self.host(&c.host).domains.get_mut(&uuid) {
@@ -1051,6 +1062,10 @@ impl World {
         for job in due {
             let result = match &job.work {
                 Work::Start { uuid } => self.finish_start(name, uuid),
+                Work::Migrate { uuid, to } if job.aborted => {
+                    self.host(to).domains.remove(uuid);
+                    Err("operation aborted: migration out job: canceled by client".into())
+                }
                 Work::Migrate { uuid, to } => self.finish_migration(name, uuid, to, now - job.started),
             };
             self.answer(name, job.op, job.session, result);
