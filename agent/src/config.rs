@@ -26,6 +26,10 @@ pub struct Flags {
     /// TOML config file; flags given on the command line win over its values.
     #[arg(long, env = "VMHA_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Log lines as text (for journalctl: colour only on a terminal) or JSON (for log
+    /// shippers). Levels: RUST_LOG.
+    #[arg(long, value_enum, env = "VMHA_LOG_FORMAT", default_value = "text")]
+    pub log_format: vmha_logging::LogFormat,
     /// This host's name in the cluster (default: the system hostname).
     #[arg(long)]
     pub host_name: Option<String>,

@@ -25,12 +25,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let cfg = Config::load(Flags::parse(), || {
+    let flags = Flags::parse();
+    vmha_logging::init(flags.log_format);
+    let cfg = Config::load(flags, || {
         std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
     })?;
     tracing::info!(host = %cfg.host_name, libvirt = %cfg.libvirt_uri, controllers = ?cfg.controllers, "vmha-agent starting");

@@ -144,6 +144,13 @@ enum Verb {
         /// The operation's id.
         operation: String,
     },
+    /// Print the shell completion script for bash, zsh or fish.
+    #[command(after_help = "Examples:\n  vmha completions bash > /etc/bash_completion.d/vmha\n  \
+        vmha completions zsh > \"${fpath[1]}/_vmha\"\n  vmha completions fish > ~/.config/fish/completions/vmha.fish")]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (vmha.1 and one per command, vmha-host-drain.1 ...) into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// The audit log: what vmha and operators did, and why.
     Events {
         /// How many of the newest events to show.
@@ -396,6 +403,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             exit_code: 2,
         });
     }
+    match &cli.command {
+        Verb::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "vmha", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Verb::Manpages { dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            std::fs::create_dir_all(dir).and_then(|_| clap_mangen::generate_to(cmd, dir)).map_err(|e| {
+                Failure {
+                    message: format!("cannot write the man pages into {}: {e}", dir.display()),
+                    exit_code: 1,
+                }
+            })?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     if let Verb::Ca(verb) = cli.command {
         crate::ca::run(verb, fmt)?;
         return Ok(ExitCode::SUCCESS);
@@ -403,7 +428,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let controllers = Controllers { endpoints: cli.controller.clone(), transport: transport(&cli)? };
     let mut c = controllers.connect().await?;
     match cli.command {
-        Verb::Ca(_) => unreachable!("`vmha ca` needs no controller: handled above"),
+        Verb::Ca(_) | Verb::Completions { .. } | Verb::Manpages { .. } => {
+            unreachable!("these need no controller: handled above")
+        }
         Verb::Capacity => {
             let r = c.capacity(CapacityRequest {}).await?.into_inner();
             match fmt {

@@ -11,6 +11,10 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Flags {
+    /// Log lines as text (for journalctl: colour only on a terminal) or JSON (for log
+    /// shippers). Levels: RUST_LOG.
+    #[arg(long, value_enum, env = "VMHA_LOG_FORMAT", default_value = "text")]
+    pub log_format: vmha_logging::LogFormat,
     /// Address to serve agents and operators on.
     #[arg(long, env = "VMHA_LISTEN", default_value = "0.0.0.0:7400")]
     pub listen: SocketAddr,

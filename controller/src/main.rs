@@ -18,11 +18,8 @@ use vmha_tls::transport::Expect;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let flags = Flags::parse();
+    vmha_logging::init(flags.log_format);
     // Crash-only: a panic anywhere (a bug) ends the process, so that systemd restarts it and the
     // new controller resumes from the database; a controller that kept serving without its
     // tick task would never declare a host dead again.
@@ -33,7 +30,6 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("vmha-controller panicked: {info}");
         std::process::exit(70);
     }));
-    let flags = Flags::parse();
     let transport = transport(&flags)?;
     let access = if transport.is_insecure() { Access::InsecureDev } else { Access::Mtls };
     let timings = Timings {
