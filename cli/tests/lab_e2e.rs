@@ -170,6 +170,20 @@ impl Lab {
         self.leading()?["name"].as_str()?.strip_prefix("ctl")?.parse().ok()
     }
 
+    /// The leader's Prometheus metrics, scraped over plain HTTP and parsed.
+    fn metrics(&self) -> prometheus_parse::Scrape {
+        use std::io::{Read, Write};
+        let n = self.leader().expect("a controller leads");
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", 7401 + (n as u16 - 1) * 10))
+            .expect("connect to /metrics");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
+    }
+
     /// Where the leader serves.
     fn leader_endpoint(&self) -> String {
         let leader = self.leading().expect("a controller leads");
@@ -892,15 +906,40 @@ fn a_stopped_guest_stays_off_until_started(lab: &Lab) {
     println!("  stopped, left off for 8 s, started again on {host}");
 }
 
+/// One sample's value (the first with these labels), or 0 if there is none.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
+    match found.map(|s| &s.value) {
+        Some(
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v),
+        ) => *v,
+        Some(prometheus_parse::Value::Histogram(buckets)) => buckets.last().map_or(0.0, |b| b.count),
+        _ => 0.0,
+    }
+}
+
+/// The number of observations of a histogram.
+fn observations(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    let count = sample(scrape, &format!("{name}_count"), &[]);
+    if count > 0.0 { count } else { sample(scrape, name, &[]) }
+}
+
 /// Issue 14: after a host kill, `vmha report` shows exactly one unplanned outage for each of
 /// its protected guests, with an MTTR close to the failover time measured here (kill to the
-/// guest's QEMU process running elsewhere).
+/// guest's QEMU process running elsewhere). Issue 15: the leader's metrics show the host dead,
+/// two more failovers in the histogram, and no protected VM left down.
 fn the_report_shows_one_outage_per_guest_of_a_killed_host(lab: &Lab) {
     lab.settle();
     let victim = lab.protect_known("radius1", "50");
     place(lab, "dns1", &victim);
     lab.protect_known("dns1", "100");
     std::thread::sleep(Duration::from_secs(2));
+    let failovers = observations(&lab.metrics(), "vmha_failover_seconds");
     let t0 = Instant::now();
     lab_verb("kill", &[&victim]);
     let mut failover: BTreeMap<&str, f64> = BTreeMap::new();
@@ -932,6 +971,11 @@ fn the_report_shows_one_outage_per_guest_of_a_killed_host(lab: &Lab) {
         assert!(row["availability_pct"].as_f64().unwrap() < 100.0, "{row}");
         println!("  {vm}: failover {measured:.2} s, MTTR {mttr:.2} s");
     }
+    let m = lab.metrics();
+    assert_eq!(sample(&m, "vmha_hosts", &[("state", "dead")]), 1.0, "{:?}", m.samples);
+    assert_eq!(observations(&m, "vmha_failover_seconds"), failovers + 2.0, "two more failovers");
+    assert_eq!(sample(&m, "vmha_protected_vms_not_running", &[]), 0.0);
+    assert_eq!(sample(&m, "vmha_leader", &[]), 1.0);
     let csv = lab.vmha_ok(&["report", "--since", &since, "-o", "csv"]);
     assert!(csv.starts_with("vm,uuid,availability_pct,nines,outages,"), "{csv}");
     assert_eq!(csv.lines().count(), 1 + report["vms"].as_array().unwrap().len(), "{csv}");

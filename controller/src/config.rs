@@ -15,6 +15,10 @@ pub struct Flags {
     /// shippers). Levels: RUST_LOG.
     #[arg(long, value_enum, env = "VMHA_LOG_FORMAT", default_value = "text")]
     pub log_format: vmha_logging::LogFormat,
+    /// Serve Prometheus metrics on http://ADDR/metrics (plaintext; off unless given), e.g.
+    /// 127.0.0.1:9740.
+    #[arg(long, env = "VMHA_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Address to serve agents and operators on.
     #[arg(long, env = "VMHA_LISTEN", default_value = "0.0.0.0:7400")]
     pub listen: SocketAddr,

@@ -32,6 +32,7 @@ use vmha_proto::v1 as pb;
 use crate::errors::Error;
 use crate::journal::{Journal, Write};
 use crate::leadership::Leadership;
+use crate::metrics::METRICS;
 use crate::store::{NewEvent, OperationOutcome, Store, StoreError, op_uuid, retry_while_unreachable};
 use crate::views;
 
@@ -340,6 +341,7 @@ impl Controller {
             self.journal.write(Write::Event(new_event(e)));
         }
         for mark in &out.outages {
+            METRICS.outage(mark);
             self.journal.write(Write::Outage { mark: mark.clone(), at: chrono::Utc::now() });
         }
         let mut recording = Vec::new();
@@ -352,6 +354,7 @@ impl Controller {
                 }
                 OpState::Running => self.journal.write(Write::OperationRunning(id)),
                 OpState::Succeeded | OpState::Failed | OpState::Aborted | OpState::Cancelled => {
+                    METRICS.operation_ended(op);
                     let outcome = OperationOutcome {
                         state: op.state.as_str(),
                         error: op.error.clone(),

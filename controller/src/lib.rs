@@ -8,6 +8,7 @@ pub mod domain_xml;
 pub mod errors;
 pub mod journal;
 pub mod leadership;
+pub mod metrics;
 pub mod node;
 pub mod operator_api;
 pub mod store;

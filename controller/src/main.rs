@@ -97,6 +97,14 @@ async fn main() -> anyhow::Result<()> {
                 .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
         );
     tokio::spawn(node.clone().keep_presence(flags.database_url.clone()));
+    if let Some(addr) = flags.metrics_listen {
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = vmha_controller::metrics::serve(addr, node).await {
+                tracing::error!("{e:#}; no metrics are served");
+            }
+        });
+    }
     tracing::info!(listen = %flags.listen, %name, %endpoint, "vmha-controller standing by for leader");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let leading = tokio::spawn(lead(node, flags.database_url.clone(), timings, policy, migration, fence));

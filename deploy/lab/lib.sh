@@ -31,6 +31,8 @@ LAB_BRIDGE_IP=$LAB_NET_PREFIX.1
 # (deploy/lab/ctl stops, kills and starts them). Both in the root namespaces.
 LAB_CONTROLLERS=(1 2)
 lab_controller_addr() { echo "$LAB_BRIDGE_IP:$((7400 + ($1 - 1) * 10))"; }
+# Controller N's Prometheus metrics (plaintext, loopback only): 127.0.0.1:7401, :7411, ...
+lab_controller_metrics_addr() { echo "127.0.0.1:$((7401 + ($1 - 1) * 10))"; }
 # VMHA_LAB_INSECURE=1 (benchmarks only, bench/mtls): the controllers, agents and
 # CLI run with --insecure-dev, in plaintext. Take the lab down before switching.
 if [[ ${VMHA_LAB_INSECURE:-0} == 1 ]]; then
@@ -614,7 +616,7 @@ lab_start_controller() {
     "$LAB_CONTROLLER_BIN" --listen "$(lab_controller_addr "$n")" --database-url "$(lab_database_url)" \
     --advertise "$(lab_controller_url "$n")" --name "ctl$n" \
     $(lab_tls_flags "controller-ctl$n") \
-    --shared-storage "$LAB_IMAGES_DIR" \
+    --shared-storage "$LAB_IMAGES_DIR" --metrics-listen "$(lab_controller_metrics_addr "$n")" \
     --degraded-after 3s --recover-after 5s "${profile_args[@]}" "$@"
 }
 

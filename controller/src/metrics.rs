@@ -1,0 +1,218 @@
+//! Prometheus metrics (`--metrics-listen`): what the cluster looks like now, read from the
+//! leader's state at each scrape (hosts, VMs, protected VMs not running, quorum, epoch, each
+//! host's heartbeat age), and what happened since this process started, counted as it happens
+//! (operations by kind and result, migration time and downtime, failover time from a host's
+//! last heartbeat to its VM running again). Names and labels follow Prometheus' conventions:
+//! `vmha_` prefix, seconds, `_total` counters; labels take their values from fixed sets (a
+//! host's name aside, which the cluster bounds).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use vmha_engine::availability::OutageMark;
+use vmha_engine::operation::{OpKind, OpState, Operation};
+use vmha_engine::{ClusterState, Millis, RunState};
+
+use crate::node::Node;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    state: &'static str,
+    admin_state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabel {
+    host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+/// Every metric of this process.
+pub struct Metrics {
+    registry: Registry,
+    hosts: Family<HostLabels, Gauge>,
+    vms: Family<StateLabel, Gauge>,
+    protected_not_running: Gauge,
+    leader: Gauge,
+    epoch: Gauge,
+    quorum: Gauge,
+    heartbeat_age: Family<HostLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    operations: Family<OpLabels, Counter>,
+    migration_seconds: Histogram,
+    migration_downtime_seconds: Histogram,
+    failover_seconds: Histogram,
+    /// Unplanned outages open, by VM: when they began (for the failover time).
+    down_since: Mutex<HashMap<String, Instant>>,
+}
+
+/// The process' metrics: one registry, as a process has one `/metrics`.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("vmha");
+        let m = Metrics {
+            hosts: Family::default(),
+            vms: Family::default(),
+            protected_not_running: Gauge::default(),
+            leader: Gauge::default(),
+            epoch: Gauge::default(),
+            quorum: Gauge::default(),
+            heartbeat_age: Family::default(),
+            operations: Family::default(),
+            migration_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 10)),
+            migration_downtime_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            failover_seconds: Histogram::new(exponential_buckets(1.0, 1.5, 12)),
+            down_since: Mutex::default(),
+            registry: Registry::default(),
+        };
+        registry.register("hosts", "Hosts by liveness and admin state", m.hosts.clone());
+        registry.register("vms", "VMs by state", m.vms.clone());
+        registry.register(
+            "protected_vms_not_running",
+            "Protected VMs that do not run",
+            m.protected_not_running.clone(),
+        );
+        registry.register("leader", "1 while this controller leads", m.leader.clone());
+        registry.register("epoch", "The leader's epoch", m.epoch.clone());
+        registry.register("quorum", "1 while the leader holds a majority of leases", m.quorum.clone());
+        registry.register(
+            "host_heartbeat_age_seconds",
+            "Seconds since each host's last heartbeat",
+            m.heartbeat_age.clone(),
+        );
+        registry.register("operations", "Operations ended, by kind and result", m.operations.clone());
+        registry.register(
+            "migration_duration_seconds",
+            "Live migrations that succeeded: how long they took",
+            m.migration_seconds.clone(),
+        );
+        registry.register(
+            "migration_downtime_seconds",
+            "Live migrations that succeeded: the guest's pause",
+            m.migration_downtime_seconds.clone(),
+        );
+        registry.register(
+            "failover_seconds",
+            "Unplanned outages of protected VMs: from the failure (a host's last heartbeat) to running again",
+            m.failover_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// An operation ended.
+    pub fn operation_ended(&self, op: &Operation) {
+        let kind = op.kind.as_str();
+        self.operations.get_or_create(&OpLabels { kind, result: op.state.as_str() }).inc();
+        if op.kind == OpKind::Migrate && op.state == OpState::Succeeded && op.done.elapsed_ms > 0 {
+            self.migration_seconds.observe(op.done.elapsed_ms as f64 / 1000.0);
+            self.migration_downtime_seconds.observe(op.done.downtime_ms as f64 / 1000.0);
+        }
+    }
+
+    /// An outage mark: an unplanned outage that ends is one failover.
+    pub fn outage(&self, mark: &OutageMark) {
+        let mut open = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        match mark {
+            OutageMark::Began { vm_uuid, ago_ms, planned: false, .. } => {
+                let since = Instant::now() - std::time::Duration::from_millis(*ago_ms);
+                open.entry(vm_uuid.clone()).or_insert(since);
+            }
+            OutageMark::Ended { vm_uuid } => {
+                if let Some(since) = open.remove(vm_uuid) {
+                    self.failover_seconds.observe(since.elapsed().as_secs_f64());
+                }
+            }
+            OutageMark::Began { .. } | OutageMark::Pause { .. } => {}
+        }
+    }
+
+    /// The gauges, from the leader's state (`None`: this controller does not lead).
+    fn set_state(&self, state: Option<(&ClusterState, Millis)>) {
+        self.leader.set(i64::from(state.is_some()));
+        self.hosts.clear();
+        self.vms.clear();
+        self.heartbeat_age.clear();
+        let Some((s, now)) = state else {
+            self.protected_not_running.set(0);
+            self.quorum.set(0);
+            return;
+        };
+        self.epoch.set(s.epoch as i64);
+        self.quorum.set(i64::from(vmha_engine::lease::has_quorum(s, now)));
+        for h in s.hosts.values() {
+            let labels =
+                HostLabels { state: s.liveness(&h.name, now).as_str(), admin_state: h.admin.as_str() };
+            self.hosts.get_or_create(&labels).inc();
+            if let Some(t) = h.last_heartbeat {
+                let age = now.since(t) as f64 / 1000.0;
+                self.heartbeat_age.get_or_create(&HostLabel { host: h.name.clone() }).set(age);
+            }
+        }
+        for v in s.vms.values() {
+            self.vms.get_or_create(&StateLabel { state: v.state.as_str() }).inc();
+        }
+        let down = s.vms.values().filter(|v| v.protected && v.state != RunState::Running).count();
+        self.protected_not_running.set(down as i64);
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+/// Serves `/metrics` on `addr` for the life of the process.
+pub async fn serve(addr: SocketAddr, node: Arc<Node>) -> anyhow::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let node = node.clone();
+            async move {
+                let state = match node.leader() {
+                    Ok(c) => {
+                        let now = c.now();
+                        c.read(move |s| {
+                            METRICS.set_state(Some((s, now)));
+                        })
+                        .await
+                        .ok()
+                    }
+                    Err(_) => None,
+                };
+                if state.is_none() {
+                    METRICS.set_state(None);
+                }
+                (
+                    [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    METRICS.render(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
