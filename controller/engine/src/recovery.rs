@@ -381,6 +381,25 @@ pub(crate) fn not_reported_since(state: &ClusterState, vm: &VmView, t: Millis) -
 }
 
 pub(crate) fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut Vec<Action>) {
+    // A live host reports it running: there is nothing to restart, whatever led here (a start
+    // an earlier leader sent elsewhere and whose fate is unknown, say: that host is followed
+    // on its own, and a copy it may run is a second copy).
+    let running: Vec<(String, String)> = (state.vms.values())
+        .filter(|v| v.recovery.as_ref().is_some_and(|r| r.starting_on.is_none()) && v.state.has_process())
+        .filter_map(|v| v.host.clone().map(|h| (v.uuid.clone(), h)))
+        .filter(|(_, h)| state.hosts.get(h).is_some_and(|h| h.dead.is_none()))
+        .collect();
+    for (uuid, host) in running {
+        let Some(vm) = state.vms.get_mut(&uuid) else { continue };
+        vm.recovery = None;
+        out.push(Action::Outage(OutageMark::Ended { vm_uuid: uuid.clone() }));
+        out.push(event(
+            "vm",
+            &vm.name,
+            EventKind::RestartCancelled,
+            format!("{} runs on {host}, which reports it: nothing to restart", vm.name),
+        ));
+    }
     let mut in_flight =
         state.vms.values().filter(|v| v.recovery.as_ref().is_some_and(|r| r.starting_on.is_some())).count();
     let mut queue: Vec<(i32, String, String)> = state

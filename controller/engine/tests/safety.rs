@@ -1425,3 +1425,20 @@ fn one_random_schedule_with_1000_hosts() {
     eprintln!("safety: one random schedule over {hosts} hosts in {:.1} s", started.elapsed().as_secs_f64());
     assert!(sim.violations.is_empty(), "double run at 1000 hosts: {:?}\n  {schedule}", sim.violations);
 }
+
+/// Found by 100,000 random schedules: a start the first leader sent to kvm0 while the database
+/// was down stayed in doubt for its successor, which also saw kvm1 report the VM running (it
+/// had been restarted there). Once kvm0 was declared dead, the successor restarted the VM on
+/// kvm3 while kvm1 ran it. A VM a live host reports running is never restarted.
+#[test]
+fn a_vm_a_live_host_reports_running_is_not_restarted_for_a_start_in_doubt_elsewhere() {
+    let faults = vec![
+        (8033, Fault::Cut(0)),
+        (18021, Fault::HangAgent(3, 2741)),
+        (0, Fault::DbOutage(8033)),
+        (8591, Fault::Takeover(3371)),
+        (24981, Fault::Revive(3)),
+    ];
+    let sim = run_schedule(&(4, 11995990722352131802, true, false, faults));
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+}
