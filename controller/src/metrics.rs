@@ -174,7 +174,8 @@ impl Metrics {
         self.protected_not_running.set(down as i64);
     }
 
-    fn render(&self) -> String {
+    /// The exposition text, as `/metrics` serves it.
+    pub fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
@@ -215,4 +216,51 @@ pub async fn serve(addr: SocketAddr, node: Arc<Node>) -> anyhow::Result<()> {
     tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dashboard shipped in deploy/grafana queries only metrics this controller exports.
+    #[test]
+    fn the_grafana_dashboard_queries_only_exported_metrics() {
+        // A family shows in the text once it has a member: a host, a VM, an operation.
+        let mut s = ClusterState::default();
+        let mut host = vmha_engine::HostView::new("kvm1");
+        host.last_heartbeat = Some(Millis(0));
+        s.hosts.insert("kvm1".into(), host);
+        s.vms.insert("u".into(), vmha_engine::VmView::new("u", "dns1"));
+        let metrics = Metrics::new();
+        metrics.set_state(Some((&s, Millis(0))));
+        metrics.operations.get_or_create(&OpLabels { kind: "start", result: "succeeded" }).inc();
+        let exported = metrics.render();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/vmha.json");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut names = Vec::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                let mut rest = expr;
+                while let Some(i) = rest.find("vmha_") {
+                    let name: String =
+                        rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                    rest = &rest[i + name.len()..];
+                    names.push(name);
+                }
+            }
+        }
+        assert!(names.len() >= 8, "{names:?}");
+        for name in names {
+            let base = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                exported.contains(&format!("# TYPE {base} ")),
+                "the dashboard queries {name}, which is not exported"
+            );
+        }
+    }
 }
