@@ -318,12 +318,16 @@ pub fn report(
     outages: &[(String, Outage)],
 ) -> pb::ReportReply {
     vms.sort_by(|a, b| a.1.cmp(&b.1));
+    let mut by_vm: std::collections::HashMap<&str, Vec<Outage>> = std::collections::HashMap::new();
+    for (uuid, o) in outages {
+        by_vm.entry(uuid.as_str()).or_default().push(*o);
+    }
     let secs = |ms: u64| ms as f64 / 1000.0;
     let rows = vms
         .into_iter()
         .map(|(uuid, name)| {
-            let mine: Vec<Outage> = outages.iter().filter(|(u, _)| *u == uuid).map(|(_, o)| *o).collect();
-            let a = availability::summarize(from.timestamp_millis(), to.timestamp_millis(), &mine);
+            let mine = by_vm.get(uuid.as_str()).map_or(&[][..], Vec::as_slice);
+            let a = availability::summarize(from.timestamp_millis(), to.timestamp_millis(), mine);
             pb::VmAvailability {
                 vm: name,
                 uuid,

@@ -113,11 +113,7 @@ pub fn start(
                 // Dead: off for sure, or its agent's self-fence destroyed every copy of it (it knew
                 // the VM was protected), as for a restart.
                 (_, Some(death))
-                    if death.proves_off()
-                        || vm.protected
-                            && state.hosts[host]
-                                .protection_known
-                                .is_some_and(|k| k >= vm.protected_since) =>
+                    if death.proves_off() || vm.fenced_by(state.hosts[host].protection_known) =>
                 {
                     on
                 }

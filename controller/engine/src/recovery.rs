@@ -68,6 +68,12 @@ pub fn is_disk_locked(error: &str) -> bool {
 }
 
 impl VmView {
+    /// Whether a self-fence of a host whose agent confirmed the protected list at
+    /// `protection_known` destroyed this VM: it was protected before that confirmation.
+    pub fn fenced_by(&self, protection_known: Option<Millis>) -> bool {
+        self.protected && protection_known.is_some_and(|k| k >= self.protected_since)
+    }
+
     /// Whether its recovery waits for a start sent to `host` (whose result, or a report of the
     /// VM there, is still to come).
     pub fn awaits_start_on(&self, host: &str) -> bool {
@@ -190,7 +196,7 @@ fn declare_dead(
         vm.state = RunState::Lost;
         // Busy: a live migration was under way, and may have ended on its target first.
         let migrating = vm.busy_with.take().is_some();
-        let covered = proof == Proof::Off || known.is_some_and(|k| k >= vm.protected_since);
+        let covered = proof == Proof::Off || vm.fenced_by(known);
         if vm.stopped_by.is_some() {
             continue;
         }
@@ -384,7 +390,10 @@ pub(crate) fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut
     // A live host reports it running: there is nothing to restart, whatever led here (a start
     // an earlier leader sent elsewhere and whose fate is unknown, say: that host is followed
     // on its own, and a copy it may run is a second copy).
-    let running: Vec<(String, String)> = (state.vms.values())
+    // One pass over every VM (this runs every tick); the rest looks at those with a recovery.
+    let recovering: Vec<String> =
+        state.vms.values().filter(|v| v.recovery.is_some()).map(|v| v.uuid.clone()).collect();
+    let running: Vec<(String, String)> = (recovering.iter().map(|u| &state.vms[u]))
         .filter(|v| v.recovery.as_ref().is_some_and(|r| r.starting_on.is_none()) && v.state.has_process())
         .filter_map(|v| v.host.clone().map(|h| (v.uuid.clone(), h)))
         .filter(|(_, h)| state.hosts.get(h).is_some_and(|h| h.dead.is_none()))
@@ -400,11 +409,10 @@ pub(crate) fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut
             format!("{} runs on {host}, which reports it: nothing to restart", vm.name),
         ));
     }
+    let recovering = recovering.iter().filter_map(|u| state.vms.get(u));
     let mut in_flight =
-        state.vms.values().filter(|v| v.recovery.as_ref().is_some_and(|r| r.starting_on.is_some())).count();
-    let mut queue: Vec<(i32, String, String)> = state
-        .vms
-        .values()
+        recovering.clone().filter(|v| v.recovery.as_ref().is_some_and(|r| r.starting_on.is_some())).count();
+    let mut queue: Vec<(i32, String, String)> = recovering
         .filter(|v| {
             v.recovery.as_ref().is_some_and(|r| {
                 r.starting_on.is_none()
