@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! #!/bin/sh
-//! exec /usr/local/bin/vmha-agent --libvirt-hook /var/lib/vmha-agent "$@"
+//! exec /usr/bin/vmha-agent --libvirt-hook /var/lib/vmha-agent "$@"
 //! ```
 //!
 //! it lets a protected VM start or arrive only while this host holds a lease, as the agent

@@ -19,6 +19,11 @@ fn main() -> anyhow::Result<()> {
     match args.get(1).map(String::as_str) {
         Some(vmha_agent::watchdog::HOLD_FLAG) => vmha_agent::watchdog::hold(),
         Some(vmha_agent::hook::HOOK_FLAG) => std::process::exit(vmha_agent::hook::run(&args[2..])),
+        // The package's man page (deploy/deb/build), from the same definitions as --help.
+        Some("--manpage") => {
+            let cmd = <Flags as clap::CommandFactory>::command();
+            return Ok(clap_mangen::Man::new(cmd).section("8").render(&mut std::io::stdout())?);
+        }
         _ => {}
     }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())

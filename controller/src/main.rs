@@ -18,6 +18,11 @@ use vmha_tls::transport::Expect;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The package's man page (deploy/deb/build), from the same definitions as --help.
+    if std::env::args().nth(1).as_deref() == Some("--manpage") {
+        let cmd = <Flags as clap::CommandFactory>::command();
+        return Ok(clap_mangen::Man::new(cmd).section("8").render(&mut std::io::stdout())?);
+    }
     let flags = Flags::parse();
     vmha_logging::init(flags.log_format);
     // Crash-only: a panic anywhere (a bug) ends the process, so that systemd restarts it and the
