@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod webdriver;
+
 const HOSTS: [&str; 3] = ["kvm1", "kvm2", "kvm3"];
 
 fn repo() -> PathBuf {
@@ -170,12 +172,17 @@ impl Lab {
         self.leading()?["name"].as_str()?.strip_prefix("ctl")?.parse().ok()
     }
 
+    /// The port of the leader's plain-HTTP listener: metrics and the status page.
+    fn http_port(&self) -> u16 {
+        let n = self.leader().expect("a controller leads");
+        7401 + (n as u16 - 1) * 10
+    }
+
     /// The leader's Prometheus metrics, scraped over plain HTTP and parsed.
     fn metrics(&self) -> prometheus_parse::Scrape {
         use std::io::{Read, Write};
-        let n = self.leader().expect("a controller leads");
-        let mut conn = std::net::TcpStream::connect(("127.0.0.1", 7401 + (n as u16 - 1) * 10))
-            .expect("connect to /metrics");
+        let mut conn =
+            std::net::TcpStream::connect(("127.0.0.1", self.http_port())).expect("connect to /metrics");
         conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
         let mut response = String::new();
         conn.read_to_string(&mut response).unwrap();
@@ -932,7 +939,9 @@ fn observations(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
 /// Issue 14: after a host kill, `vmha report` shows exactly one unplanned outage for each of
 /// its protected guests, with an MTTR close to the failover time measured here (kill to the
 /// guest's QEMU process running elsewhere). Issue 15: the leader's metrics show the host dead,
-/// one more failover per protected guest in the histogram, and no protected VM left down.
+/// one more failover per protected guest in the histogram, and no protected VM left down; and
+/// the status page, open in a phone-sized headless Chromium, turns the host dead by itself
+/// within seconds of vmha declaring it, then shows the guests running again.
 fn the_report_shows_one_outage_per_guest_of_a_killed_host(lab: &Lab) {
     lab.settle();
     let victim = lab.protect_known("radius1", "50");
@@ -947,18 +956,29 @@ fn the_report_shows_one_outage_per_guest_of_a_killed_host(lab: &Lab) {
         .collect();
     assert!(guests.len() >= 2, "dns1 and radius1 at least: {guests:?}");
     let failovers = observations(&lab.metrics(), "vmha_failover_seconds");
+    let page = StatusPage::open(lab);
+    assert_eq!(page.host_state(&victim), "online", "the page before the kill");
     let t0 = Instant::now();
     lab_verb("kill", &[&victim]);
     let mut failover: BTreeMap<&str, f64> = BTreeMap::new();
-    wait_until("the victim's protected guests running on other hosts", Duration::from_secs(40), || {
-        let p = qemu_processes();
-        for vm in &guests {
-            if p.get(vm).is_some_and(|c| c.len() == 1 && c[0].0 != victim) {
-                failover.entry(vm).or_insert_with(|| t0.elapsed().as_secs_f64());
+    let (declared, on_page) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| page.until_dead(lab, &victim));
+        wait_until("the victim's protected guests running on other hosts", Duration::from_secs(40), || {
+            let p = qemu_processes();
+            for vm in &guests {
+                if p.get(vm).is_some_and(|c| c.len() == 1 && c[0].0 != victim) {
+                    failover.entry(vm).or_insert_with(|| t0.elapsed().as_secs_f64());
+                }
             }
-        }
-        failover.len() == guests.len()
+            failover.len() == guests.len()
+        });
+        watcher.join().expect("the page watcher")
     });
+    let late = on_page.saturating_duration_since(declared);
+    println!("  status page: {victim} dead {:.2} s after vmha declared it", late.as_secs_f64());
+    assert!(late < Duration::from_secs(5), "the page showed {victim} dead {late:?} after vmha declared it");
+    page.until_running_elsewhere(&guests, &victim);
+    page.screenshot("status-page-after-host-kill.png");
     wait_until("vmha to report them running", Duration::from_secs(20), || {
         guests.iter().all(|vm| lab.json(&["vm", "show", vm])["state"] == "running")
     });
@@ -993,6 +1013,75 @@ fn the_report_shows_one_outage_per_guest_of_a_killed_host(lab: &Lab) {
     assert_eq!(csv.lines().count(), 1 + report["vms"].as_array().unwrap().len(), "{csv}");
     lab_verb("revive", &[&victim]);
     lab.settle();
+}
+
+/// The leader's status page in a headless Chromium, loaded once: what it shows comes from the
+/// page's own refreshes, never from a reload (checked by a mark left in the loaded page).
+struct StatusPage(webdriver::Browser);
+
+impl StatusPage {
+    fn open(lab: &Lab) -> StatusPage {
+        let browser = webdriver::Browser::phone();
+        browser.open(&format!("http://127.0.0.1:{}/", lab.http_port()));
+        browser.script("window.loadedOnce = true;");
+        StatusPage(browser)
+    }
+
+    /// The state a host's row shows (`data-state`), after checking the page was not reloaded.
+    fn host_state(&self, host: &str) -> String {
+        let js = format!(
+            "if (!window.loadedOnce) return 'RELOADED'; \
+             var row = document.getElementById('host-{host}'); return row ? row.dataset.state : 'ABSENT';"
+        );
+        let state = self.0.script(&js).as_str().unwrap_or("?").to_string();
+        assert_ne!(state, "RELOADED", "the status page reloaded instead of refreshing itself");
+        state
+    }
+
+    /// Watches both the CLI and the page until each shows `host` dead; when each did.
+    fn until_dead(&self, lab: &Lab, host: &str) -> (Instant, Instant) {
+        let (mut declared, mut on_page) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while declared.is_none() || on_page.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{host} not dead on the page and in `vmha host ls` within 40 s"
+            );
+            if declared.is_none() && host_json(lab, host)["state"] == "dead" {
+                declared = Some(Instant::now());
+            }
+            if on_page.is_none() && self.host_state(host) == "dead" {
+                on_page = Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (declared.unwrap(), on_page.unwrap())
+    }
+
+    /// Waits until the page lists each of `vms` running on another host than `victim`.
+    fn until_running_elsewhere(&self, vms: &[String], victim: &str) {
+        wait_until("the page to show the guests running elsewhere", Duration::from_secs(20), || {
+            vms.iter().all(|vm| {
+                let js = format!(
+                    "var row = document.getElementById('vm-{vm}'); \
+                     return row ? [row.dataset.state, row.cells[2].textContent] : null;"
+                );
+                let row = self.0.script(&js);
+                row[0] == "running" && row[1] != victim
+            })
+        });
+        let updates = self.0.script("return Number(document.body.dataset.updates);");
+        assert!(updates.as_u64().unwrap_or(0) >= 3, "the page refreshed itself: {updates}");
+    }
+
+    /// A screenshot kept as the test's artifact, under the target directory's lab-artifacts/.
+    fn screenshot(&self, name: &str) {
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from);
+        let path = target.join("lab-artifacts").join(name);
+        self.0.screenshot(&path);
+        println!("  screenshot: {}", path.display());
+    }
 }
 
 /// Issue 14: a live migration capped at 1 MiB/s, cancelled midway, leaves the guest on its

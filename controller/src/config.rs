@@ -15,8 +15,8 @@ pub struct Flags {
     /// shippers). Levels: RUST_LOG.
     #[arg(long, value_enum, env = "VMHA_LOG_FORMAT", default_value = "text")]
     pub log_format: vmha_logging::LogFormat,
-    /// Serve Prometheus metrics on http://ADDR/metrics (plaintext; off unless given), e.g.
-    /// 127.0.0.1:9740.
+    /// Serve Prometheus metrics on http://ADDR/metrics and the read-only status page on
+    /// http://ADDR/ (plaintext; off unless given), e.g. 127.0.0.1:9740.
     #[arg(long, env = "VMHA_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
     /// Address to serve agents and operators on.

@@ -105,8 +105,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = flags.metrics_listen {
         let node = node.clone();
         tokio::spawn(async move {
-            if let Err(e) = vmha_controller::metrics::serve(addr, node).await {
-                tracing::error!("{e:#}; no metrics are served");
+            if let Err(e) = vmha_controller::http::serve(addr, node).await {
+                tracing::error!("{e:#}; no metrics or status page are served");
             }
         });
     }

@@ -7,8 +7,7 @@
 //! host's name aside, which the cluster bounds).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{LazyLock, Mutex};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -182,40 +181,19 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `addr` for the life of the process.
-pub async fn serve(addr: SocketAddr, node: Arc<Node>) -> anyhow::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let node = node.clone();
-            async move {
-                let state = match node.leader() {
-                    Ok(c) => {
-                        let now = c.now();
-                        c.read(move |s| {
-                            METRICS.set_state(Some((s, now)));
-                        })
-                        .await
-                        .ok()
-                    }
-                    Err(_) => None,
-                };
-                if state.is_none() {
-                    METRICS.set_state(None);
-                }
-                (
-                    [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    METRICS.render(),
-                )
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
-    tracing::info!(%addr, "serving Prometheus metrics on /metrics");
-    axum::serve(listener, app).await?;
-    Ok(())
+/// The exposition text of `/metrics`, with the gauges read from the leader's state now.
+pub async fn scrape(node: &Node) -> String {
+    let state = match node.leader() {
+        Ok(c) => {
+            let now = c.now();
+            c.read(move |s| METRICS.set_state(Some((s, now)))).await.ok()
+        }
+        Err(_) => None,
+    };
+    if state.is_none() {
+        METRICS.set_state(None);
+    }
+    METRICS.render()
 }
 
 #[cfg(test)]

@@ -7,12 +7,13 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use vmha_engine::{ClusterState, RunState};
+use vmha_engine::{ClusterState, Millis, RunState};
 use vmha_proto::v1 as pb;
 
 use crate::controller::Controller;
 use crate::errors::Error;
 use crate::store::{ControllerRow, Store, retry_while_unreachable};
+use crate::views;
 
 /// How often each controller says it is alive, and reads who else is.
 const PRESENCE: Duration = Duration::from_secs(1);
@@ -165,6 +166,40 @@ impl Node {
             }
         }
         Some(s)
+    }
+
+    /// `f` on the cluster's state: the leader's, from memory; on a standby, the state the
+    /// database last recorded (then `true`), or a refusal naming the leader or why none leads
+    /// when the database cannot be read either.
+    pub async fn state<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ClusterState, Millis) -> R + Send + 'static,
+    ) -> Result<(R, bool), Error> {
+        match self.leader() {
+            Ok(c) => {
+                let now = c.now();
+                Ok((c.read(move |s| f(s, now)).await?, false))
+            }
+            Err(not_leader) => {
+                let s = self.recorded().await.ok_or(not_leader)?;
+                Ok((f(&s, Millis(0)), true))
+            }
+        }
+    }
+
+    /// Every host as operators see it (a standby: as recorded, without what only a leader knows).
+    pub async fn hosts(&self) -> Result<Vec<pb::Host>, Error> {
+        let (hosts, recorded) = self.state(views::hosts).await?;
+        Ok(match self.leader() {
+            Ok(c) if !recorded => hosts
+                .into_iter()
+                .map(|mut h| {
+                    h.cert_not_after = c.host_cert_expiry(&h.name).unwrap_or_default();
+                    h
+                })
+                .collect(),
+            _ => hosts.into_iter().map(views::as_recorded_host).collect(),
+        })
     }
 
     /// Why the database cannot be read, while it cannot (a standby's `vmha status`).

@@ -100,39 +100,6 @@ impl OperatorApi {
             .await?
             .ok_or_else(|| Error::NotFound("the VM is gone (no host reports it any more)".into()))
     }
-
-    async fn hosts(&self) -> Result<Vec<Host>, Error> {
-        let (hosts, recorded) = self.state(views::hosts).await?;
-        Ok(match self.c() {
-            Ok(c) if !recorded => hosts
-                .into_iter()
-                .map(|mut h| {
-                    h.cert_not_after = c.host_cert_expiry(&h.name).unwrap_or_default();
-                    h
-                })
-                .collect(),
-            _ => hosts.into_iter().map(views::as_recorded_host).collect(),
-        })
-    }
-
-    /// `f` on the cluster's state: the leader's, from memory; on a standby, the state the
-    /// database last recorded (then `true`), or a refusal naming the leader or why none leads
-    /// when the database cannot be read either.
-    async fn state<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&vmha_engine::ClusterState, vmha_engine::Millis) -> R + Send + 'static,
-    ) -> Result<(R, bool), Error> {
-        match self.c() {
-            Ok(c) => {
-                let now = c.now();
-                Ok((c.read(move |s| f(s, now)).await?, false))
-            }
-            Err(not_leader) => {
-                let s = self.0.recorded().await.ok_or(not_leader)?;
-                Ok((f(&s, vmha_engine::Millis(0)), true))
-            }
-        }
-    }
 }
 
 impl OperatorApi {
@@ -176,7 +143,7 @@ impl OperatorService for OperatorApi {
         let who = self.1.operator(&req, Level::Viewer, "reading the status")?;
         let caller = format!("{} ({})", who.name, who.level);
         let Ok(c) = self.c() else { return Ok(Response::new(self.standby_status(caller))) };
-        let hosts = self.hosts().await?;
+        let hosts = self.0.hosts().await?;
         let now = c.now();
         let (vms_total, vms_running, vms_protected, protected_down, quorum, warnings) = c
             .read(move |s| {
@@ -245,13 +212,13 @@ impl OperatorService for OperatorApi {
         req: Request<ListHostsRequest>,
     ) -> Result<Response<ListHostsResponse>, Status> {
         self.1.operator(&req, Level::Viewer, "listing hosts")?;
-        Ok(Response::new(ListHostsResponse { hosts: self.hosts().await? }))
+        Ok(Response::new(ListHostsResponse { hosts: self.0.hosts().await? }))
     }
 
     async fn list_vms(&self, req: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
         self.1.operator(&req, Level::Viewer, "listing VMs")?;
         let (mut vms, recorded) =
-            self.state(|s, now| s.vms.values().map(|v| views::vm(s, v, now)).collect::<Vec<_>>()).await?;
+            self.0.state(|s, now| s.vms.values().map(|v| views::vm(s, v, now)).collect::<Vec<_>>()).await?;
         if recorded {
             vms = vms.into_iter().map(views::as_recorded_vm).collect();
         }
@@ -263,6 +230,7 @@ impl OperatorService for OperatorApi {
         self.1.operator(&req, Level::Viewer, "showing a VM")?;
         let key = validate::vm_ref(&req.get_ref().vm)?.to_string();
         let (vm, recorded) = self
+            .0
             .state(move |s, now| {
                 s.find_vm(&key).map(|v| Vm { elsewhere: views::elsewhere(s, v, now), ..views::vm(s, v, now) })
             })
@@ -473,6 +441,7 @@ impl OperatorService for OperatorApi {
         let from = to - chrono::Duration::seconds(since_s.max(1) as i64);
         let outages = store.outages(from, to).await.map_err(Error::from)?;
         let (vms, _) = self
+            .0
             .state(|s, _| {
                 s.vms
                     .values()

@@ -1,0 +1,46 @@
+//! The controller's plain-HTTP listener (`--metrics-listen`): Prometheus metrics on
+//! `/metrics`, the read-only status page on `/` (and its refreshed part on `/status/main`).
+//! Nothing here changes the cluster; keep it on loopback or a management network all the same,
+//! since it names every host and VM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::response::Html;
+use axum::routing::get;
+
+use crate::node::Node;
+use crate::{metrics, status_page};
+
+/// Serves the listener for the life of the process.
+pub async fn serve(addr: SocketAddr, node: Arc<Node>) -> anyhow::Result<()> {
+    let (n1, n2, n3) = (node.clone(), node.clone(), node);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    metrics::scrape(&n1).await,
+                )
+            }),
+        )
+        .route(
+            "/",
+            get(move || async move {
+                Html(status_page::page(&status_page::Snapshot::read(&n2).await).into_string())
+            }),
+        )
+        .route(
+            "/status/main",
+            get(move || async move {
+                Html(status_page::main(&status_page::Snapshot::read(&n3).await).into_string())
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics and the status page on {addr}: {e}"))?;
+    tracing::info!(%addr, "serving Prometheus metrics on /metrics and the status page on /");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
