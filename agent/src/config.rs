@@ -71,6 +71,10 @@ pub struct Flags {
     /// the --peer-listen port].
     #[arg(long)]
     pub peer_address: Option<String>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (plaintext; off unless given), e.g.
+    /// 127.0.0.1:9741: lease remaining, watchdog feeds, probe results, libvirt call latency.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Operator health check, run every probe interval with `sh -c COMMAND`: the host reports
     /// check:NAME not ok while it exits non-zero (or outlives probes.check_timeout, 10s by
     /// default, and is killed). NAME: letters, digits, '-', '_', '.'. Repeatable; adds to the
@@ -130,6 +134,7 @@ struct FileConfig {
     no_watchdog: bool,
     peer_listen: Option<std::net::SocketAddr>,
     peer_address: Option<String>,
+    metrics_listen: Option<std::net::SocketAddr>,
     state_dir: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
@@ -191,6 +196,8 @@ pub struct Config {
     pub watchdog: Option<WatchdogConfig>,
     pub peer_listen: std::net::SocketAddr,
     pub peer_address: String,
+    /// Where Prometheus metrics are served; `None`: nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Where the agent keeps what it must remember across restarts; `None`: nowhere (tests).
     pub state_dir: Option<PathBuf>,
     /// What the health probes check and their thresholds (`ProbeConfig::default()`: the
@@ -289,6 +296,7 @@ impl Config {
                     .unwrap_or_else(|| "/var/lib/vmha-agent".into()),
             ),
             peer_address,
+            metrics_listen: flags.metrics_listen.or(file.metrics_listen),
             libvirt_uri: flags.libvirt_uri.or(file.libvirt_uri).unwrap_or_else(|| "qemu:///system".into()),
             host_name,
             migration_uri,

@@ -260,6 +260,12 @@ impl LeaseShell {
         self.keeper().may_start(now)
     }
 
+    /// This agent's own lease, from now (for its metrics).
+    pub fn lease_remaining_ms(&self) -> Option<i64> {
+        let now = self.now();
+        self.keeper().lease_remaining_ms(now)
+    }
+
     /// What this agent tells a polling peer.
     pub fn upper_remaining_ms(&self) -> i64 {
         let now = self.now();
@@ -381,9 +387,10 @@ impl LeaseShell {
                 }
             }
         }
-        if let Some(d) = device.as_mut()
-            && let Err(e) = d.feed()
-        {
+        let Some(d) = device.as_mut() else { return };
+        let fed = d.feed();
+        crate::metrics::METRICS.watchdog_fed(fed.is_ok());
+        if let Err(e) = fed {
             tracing::error!(error = %e, "watchdog");
             *problem = Some(e.to_string());
             // Reopened at the next feed; the kernel keeps the old one armed meanwhile.

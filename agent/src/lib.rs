@@ -7,6 +7,7 @@ pub mod hook;
 pub mod hypervisor;
 pub mod lease;
 pub mod lockmgr;
+pub mod metrics;
 pub mod peer;
 pub mod probes;
 pub mod qemu;

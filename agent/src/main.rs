@@ -36,7 +36,8 @@ async fn run() -> anyhow::Result<()> {
         std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
     })?;
     tracing::info!(host = %cfg.host_name, libvirt = %cfg.libvirt_uri, controllers = ?cfg.controllers, "vmha-agent starting");
-    let hv: Arc<dyn vmha_agent::hypervisor::Hypervisor> = Arc::new(Libvirt::new(cfg.libvirt_uri.clone()));
+    let hv: Arc<dyn vmha_agent::hypervisor::Hypervisor> =
+        Arc::new(vmha_agent::metrics::Timed(Libvirt::new(cfg.libvirt_uri.clone())));
     // Until the leader sends its timings (at registration), those it sent last time.
     let lease = LeaseShell::new(&cfg.host_name, Timings::default(), cfg.watchdog.clone());
     if let Some(dir) = &cfg.state_dir {
@@ -44,6 +45,14 @@ async fn run() -> anyhow::Result<()> {
             anyhow::anyhow!("cannot create the state directory {}: {e}; pass --state-dir", dir.display())
         })?;
         lease.remember_in(dir.clone());
+    }
+    if let Some(addr) = cfg.metrics_listen {
+        let lease = lease.clone();
+        tokio::spawn(async move {
+            if let Err(e) = vmha_agent::metrics::serve(addr, lease).await {
+                tracing::error!("{e:#}; no metrics are served");
+            }
+        });
     }
     let transport = transport(&cfg)?;
     let peer_api =

@@ -499,6 +499,7 @@ impl ProbeBoard {
             std::mem::replace(&mut slots[slot], results.clone())
         };
         for r in &results {
+            crate::metrics::METRICS.probe(&r.name, r.ok);
             match (before.iter().find(|b| b.name == r.name).map(|b| b.ok), r.ok) {
                 (Some(true) | None, false) => {
                     tracing::warn!(probe = %r.name, detail = %r.detail, "probe failing")

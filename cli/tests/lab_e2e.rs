@@ -180,15 +180,13 @@ impl Lab {
 
     /// The leader's Prometheus metrics, scraped over plain HTTP and parsed.
     fn metrics(&self) -> prometheus_parse::Scrape {
-        use std::io::{Read, Write};
-        let mut conn =
-            std::net::TcpStream::connect(("127.0.0.1", self.http_port())).expect("connect to /metrics");
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-        let mut response = String::new();
-        conn.read_to_string(&mut response).unwrap();
-        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
+        scrape(&format!("127.0.0.1:{}", self.http_port()))
+    }
+
+    /// A host's agent's Prometheus metrics.
+    fn agent_metrics(&self, host: &str) -> prometheus_parse::Scrape {
+        let url = &self.env[&format!("VMHA_LAB_{}_METRICS", host.to_uppercase())];
+        scrape(url.trim_start_matches("http://").trim_end_matches("/metrics"))
     }
 
     /// Where the leader serves.
@@ -854,6 +852,7 @@ fn a_failing_check_degrades_and_empties_a_host(lab: &Lab) {
                 && GUESTS.iter().all(|vm| running_on(vm) != [host.to_string()])
         })
     });
+    let failing = lab.agent_metrics(host);
     std::fs::remove_file(&flag).unwrap();
     emptied.unwrap();
     let h = host_json(lab, host);
@@ -861,7 +860,26 @@ fn a_failing_check_degrades_and_empties_a_host(lab: &Lab) {
         h["probes"].as_array().unwrap().iter().any(|p| p["name"] == "check:lab-flag" && p["ok"] == false),
         "{h}"
     );
+    // Issue 15: the agent's own metrics say the same, and what its lease and watchdog do.
+    let check = [("probe", "check:lab-flag")];
+    let listed = (failing.samples.iter())
+        .any(|s| s.metric == "vmha_agent_probe_ok" && s.labels.get("probe") == Some("check:lab-flag"));
+    assert!(listed, "{:?}", failing.samples);
+    assert_eq!(sample(&failing, "vmha_agent_probe_ok", &check), 0.0);
+    assert!(sample(&failing, "vmha_agent_probe_failures_total", &check) >= 1.0);
     wait_until("kvm2 healthy again", Duration::from_secs(30), || host_json(lab, host)["health"] == "healthy");
+    let m = lab.agent_metrics(host);
+    assert_eq!(sample(&m, "vmha_agent_probe_ok", &check), 1.0);
+    assert_eq!(sample(&m, "vmha_agent_lease_held", &[]), 1.0);
+    let left = sample(&m, "vmha_agent_lease_remaining_seconds", &[]);
+    assert!(left > 0.0 && left <= 5.0, "lease remaining {left} s");
+    assert!(sample(&m, "vmha_agent_watchdog_feeds_total", &[("result", "ok")]) > 0.0);
+    let listings = sample(
+        &m,
+        "vmha_agent_libvirt_call_duration_seconds_count",
+        &[("call", "domains"), ("result", "ok")],
+    );
+    assert!(listings > 0.0, "libvirt calls timed: {:?}", m.samples);
 }
 
 fn a_throttled_migration_times_out_and_the_guest_stays(lab: &Lab) {
@@ -930,6 +948,18 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
     }
 }
 
+/// `/metrics` at `addr` (host:port), over plain HTTP, parsed as Prometheus would.
+fn scrape(addr: &str) -> prometheus_parse::Scrape {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
+}
+
 /// The number of observations of a histogram.
 fn observations(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
     let count = sample(scrape, &format!("{name}_count"), &[]);
@@ -955,7 +985,10 @@ fn the_report_shows_one_outage_per_guest_of_a_killed_host(lab: &Lab) {
         .map(|v| v["name"].as_str().unwrap().to_string())
         .collect();
     assert!(guests.len() >= 2, "dns1 and radius1 at least: {guests:?}");
-    let failovers = observations(&lab.metrics(), "vmha_failover_seconds");
+    let before = lab.metrics();
+    let failovers = observations(&before, "vmha_failover_seconds");
+    let lapsed = [("mode", "self"), ("result", "lease_lapsed")];
+    let lapses = sample(&before, "vmha_fence_actions_total", &lapsed);
     let page = StatusPage::open(lab);
     assert_eq!(page.host_state(&victim), "online", "the page before the kill");
     let t0 = Instant::now();
@@ -1007,6 +1040,11 @@ fn the_report_shows_one_outage_per_guest_of_a_killed_host(lab: &Lab) {
         "one more failover per protected guest"
     );
     assert_eq!(sample(&m, "vmha_protected_vms_not_running", &[]), 0.0);
+    assert_eq!(
+        sample(&m, "vmha_fence_actions_total", &lapsed),
+        lapses + 1.0,
+        "the host declared dead on its lease"
+    );
     assert_eq!(sample(&m, "vmha_leader", &[]), 1.0);
     let csv = lab.vmha_ok(&["report", "--since", &since, "-o", "csv"]);
     assert!(csv.starts_with("vm,uuid,availability_pct,nines,outages,"), "{csv}");

@@ -337,6 +337,7 @@ impl Controller {
             }
         }
         for e in &out.events {
+            METRICS.event(s, e);
             tracing::info!(subject = %e.subject.name(), kind = e.kind.as_str(), actor = %e.actor, "{}", e.message);
             self.journal.write(Write::Event(new_event(e)));
         }
@@ -512,31 +513,41 @@ impl Controller {
 
     /// Runs the fence command for `host` and hands its verdict to the engine.
     async fn run_fence(self: Arc<Self>, host: String) {
-        let result = match &self.fence.command {
-            None => Err("no --fence-command is configured".to_string()),
+        let (verdict, result) = match &self.fence.command {
+            None => ("failed", Err("no --fence-command is configured".to_string())),
             Some(cmd) => {
                 let run = tokio::process::Command::new(cmd).arg(&host).kill_on_drop(true).output();
                 match tokio::time::timeout(self.fence.timeout, run).await {
-                    Err(_) => Err(format!(
-                        "{} {host} did not finish within {:?}",
-                        cmd.display(),
-                        self.fence.timeout
-                    )),
-                    Ok(Err(e)) => Err(format!("cannot run {}: {e}", cmd.display())),
-                    Ok(Ok(out)) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout)
-                        .lines()
-                        .next()
-                        .unwrap_or("exit 0")
-                        .to_string()),
-                    Ok(Ok(out)) => Err(format!(
-                        "{} {host} exited with {}: {}",
-                        cmd.display(),
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
-                    )),
+                    Err(_) => (
+                        "timed_out",
+                        Err(format!(
+                            "{} {host} did not finish within {:?}",
+                            cmd.display(),
+                            self.fence.timeout
+                        )),
+                    ),
+                    Ok(Err(e)) => ("failed", Err(format!("cannot run {}: {e}", cmd.display()))),
+                    Ok(Ok(out)) if out.status.success() => (
+                        "succeeded",
+                        Ok(String::from_utf8_lossy(&out.stdout)
+                            .lines()
+                            .next()
+                            .unwrap_or("exit 0")
+                            .to_string()),
+                    ),
+                    Ok(Ok(out)) => (
+                        "failed",
+                        Err(format!(
+                            "{} {host} exited with {}: {}",
+                            cmd.display(),
+                            out.status,
+                            String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+                        )),
+                    ),
                 }
             }
         };
+        METRICS.fence_command(verdict);
         self.submit(Input::FenceResult { host, result });
     }
 

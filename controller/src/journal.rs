@@ -339,7 +339,7 @@ async fn transaction(
         }
     }
     *in_doubt.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
-    let committed = tx.commit().await.map_err(|source| StoreError::Query { what: "commit", source });
+    let committed = tx.commit().await.map_err(crate::store::q("commit"));
     if !committed.as_ref().is_err_and(StoreError::is_unavailable) {
         // Committed, or refused for certain: nothing to ask later.
         *in_doubt.lock().unwrap_or_else(|p| p.into_inner()) = None;

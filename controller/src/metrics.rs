@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use vmha_engine::availability::OutageMark;
+use vmha_engine::event::{Event, EventKind, Subject};
 use vmha_engine::operation::{OpKind, OpState, Operation};
 use vmha_engine::{ClusterState, Millis, RunState};
 
@@ -39,6 +40,17 @@ struct HostLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FenceLabels {
+    mode: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DatabaseLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     kind: &'static str,
     result: &'static str,
@@ -58,6 +70,8 @@ pub struct Metrics {
     migration_seconds: Histogram,
     migration_downtime_seconds: Histogram,
     failover_seconds: Histogram,
+    fence_actions: Family<FenceLabels, Counter>,
+    database_errors: Family<DatabaseLabel, Counter>,
     /// Unplanned outages open, by VM: when they began (for the failover time).
     down_since: Mutex<HashMap<String, Instant>>,
 }
@@ -80,6 +94,8 @@ impl Metrics {
             migration_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 10)),
             migration_downtime_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             failover_seconds: Histogram::new(exponential_buckets(1.0, 1.5, 12)),
+            fence_actions: Family::default(),
+            database_errors: Family::default(),
             down_since: Mutex::default(),
             registry: Registry::default(),
         };
@@ -114,7 +130,43 @@ impl Metrics {
             "Unplanned outages of protected VMs: from the failure (a host's last heartbeat) to running again",
             m.failover_seconds.clone(),
         );
+        registry.register(
+            "fence_actions",
+            "Fencing: self (an agent destroyed its protected VMs: fenced; a host declared dead when its lease \
+             lapsed: lease_lapsed), external (the fence command: succeeded, failed, timed_out), manual \
+             (confirm-down: confirmed)",
+            m.fence_actions.clone(),
+        );
+        registry.register(
+            "database_errors",
+            "PostgreSQL errors: unavailable (unreachable, retried) or refused (the query failed)",
+            m.database_errors.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// The fence command's verdict for a host.
+    pub fn fence_command(&self, result: &'static str) {
+        self.fence_actions.get_or_create(&FenceLabels { mode: "external", result }).inc();
+    }
+
+    /// An event of the engine's: some are fence actions.
+    pub fn event(&self, s: &ClusterState, e: &Event) {
+        let action = match (&e.kind, &e.subject) {
+            (EventKind::SelfFenced, _) => ("self", "fenced"),
+            (EventKind::ConfirmedDown, _) => ("manual", "confirmed"),
+            (EventKind::HostDead, Subject::Host(h)) => match s.hosts.get(h) {
+                Some(h) if h.dead.as_ref().is_some_and(|d| !d.proves_off()) => ("self", "lease_lapsed"),
+                _ => return,
+            },
+            _ => return,
+        };
+        self.fence_actions.get_or_create(&FenceLabels { mode: action.0, result: action.1 }).inc();
+    }
+
+    pub fn database_error(&self, e: &crate::store::StoreError) {
+        let kind = if e.is_unavailable() { "unavailable" } else { "refused" };
+        self.database_errors.get_or_create(&DatabaseLabel { kind }).inc();
     }
 
     /// An operation ended.
@@ -212,7 +264,17 @@ mod tests {
         let metrics = Metrics::new();
         metrics.set_state(Some((&s, Millis(0))));
         metrics.operations.get_or_create(&OpLabels { kind: "start", result: "succeeded" }).inc();
-        let exported = metrics.render();
+        metrics.fence_command("succeeded");
+        metrics.database_error(&crate::store::StoreError::WriterStopped);
+        // The agents' panels query what agents export.
+        use vmha_agent::hypervisor::Hypervisor;
+        vmha_agent::metrics::Timed(vmha_agent::hypervisor::fake::FakeHypervisor::default())
+            .domains()
+            .unwrap();
+        vmha_agent::metrics::METRICS.probe("memory", true);
+        vmha_agent::metrics::METRICS.watchdog_fed(true);
+        let lease = vmha_agent::lease::LeaseShell::new("kvm1", vmha_engine::Timings::default(), None);
+        let exported = metrics.render() + &vmha_agent::metrics::METRICS.render(&lease);
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/vmha.json");
         let dashboard: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -229,7 +291,7 @@ mod tests {
                 }
             }
         }
-        assert!(names.len() >= 8, "{names:?}");
+        assert!(names.len() >= 15, "{names:?}");
         for name in names {
             let base = ["_total", "_bucket", "_sum", "_count"]
                 .iter()
@@ -240,5 +302,39 @@ mod tests {
                 "the dashboard queries {name}, which is not exported"
             );
         }
+    }
+
+    /// Fence actions are counted by mode and result from the engine's events: a host declared
+    /// dead on its lease, an agent's self-fence, a confirm-down; a death a fence device or an
+    /// operator proved is not a lapsed lease.
+    #[test]
+    fn fence_actions_are_counted_by_mode_and_result() {
+        let metrics = Metrics::new();
+        let mut s = ClusterState::default();
+        for (name, cause) in [
+            ("kvm1", "no lease for 1.0 s".to_string()),
+            ("kvm2", format!("ipmi {}", vmha_engine::Death::OFF)),
+        ] {
+            let mut h = vmha_engine::HostView::new(name);
+            h.dead = Some(vmha_engine::Death { at: Millis(0), cause });
+            s.hosts.insert(name.into(), h);
+        }
+        let host_event = |name: &str, kind| Event::host(name, kind, String::new());
+        metrics.event(&s, &host_event("kvm1", EventKind::HostDead));
+        metrics.event(&s, &host_event("kvm2", EventKind::HostDead));
+        metrics.event(&s, &host_event("kvm1", EventKind::SelfFenced));
+        metrics.event(&s, &host_event("kvm2", EventKind::ConfirmedDown));
+        metrics.event(&s, &host_event("kvm2", EventKind::HostReturned));
+        metrics.fence_command("timed_out");
+        let text = metrics.render();
+        for line in [
+            r#"vmha_fence_actions_total{mode="self",result="lease_lapsed"} 1"#,
+            r#"vmha_fence_actions_total{mode="self",result="fenced"} 1"#,
+            r#"vmha_fence_actions_total{mode="manual",result="confirmed"} 1"#,
+            r#"vmha_fence_actions_total{mode="external",result="timed_out"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert_eq!(text.matches("vmha_fence_actions_total{").count(), 4, "{text}");
     }
 }

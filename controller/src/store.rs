@@ -17,6 +17,8 @@ use vmha_engine::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, 
 use vmha_engine::step::{HostWork, VmWork};
 use vmha_engine::{AdminState, Death, FencingMode, HostView, Millis, RunState, VmView, Watchdog};
 
+use crate::metrics::METRICS;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 #[derive(Debug, thiserror::Error)]
@@ -108,8 +110,13 @@ where
     }
 }
 
-fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |source| StoreError::Query { what, source }
+/// A failed query, counted in `vmha_database_errors_total`.
+pub(crate) fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| {
+        let e = StoreError::Query { what, source };
+        METRICS.database_error(&e);
+        e
+    }
 }
 
 fn encode(what: &'static str) -> impl FnOnce(serde_json::Error) -> StoreError {
@@ -210,7 +217,11 @@ impl Store {
     }
 
     async fn connect(url: &str, epoch: Option<u64>, connections: u32) -> Result<Store, StoreError> {
-        let connect = |source| StoreError::Connect { url: redact(url), source };
+        let connect = |source| {
+            let e = StoreError::Connect { url: redact(url), source };
+            METRICS.database_error(&e);
+            e
+        };
         let mut options = PgConnectOptions::from_str(url).map_err(connect)?;
         if let Some(epoch) = epoch {
             options = options.options([("vmha.epoch", epoch.to_string())]);

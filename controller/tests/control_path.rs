@@ -118,6 +118,7 @@ async fn serve_node(node: Arc<Node>) -> String {
 /// An agent for `name` on the given hypervisor, reporting to `endpoint`; its lease.
 fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) -> Arc<LeaseShell> {
     let cfg = Config {
+        metrics_listen: None,
         host_name: name.into(),
         libvirt_uri: "fake://".into(),
         migration_uri: format!("fake://{name}"),

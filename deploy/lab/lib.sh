@@ -33,6 +33,9 @@ LAB_CONTROLLERS=(1 2)
 lab_controller_addr() { echo "$LAB_BRIDGE_IP:$((7400 + ($1 - 1) * 10))"; }
 # Controller N's Prometheus metrics (plaintext, loopback only): 127.0.0.1:7401, :7411, ...
 lab_controller_metrics_addr() { echo "127.0.0.1:$((7401 + ($1 - 1) * 10))"; }
+# lab_agent_metrics_addr HOST: where the host's agent serves its Prometheus metrics
+# (its address on the lab bridge, reachable from the root namespace).
+lab_agent_metrics_addr() { echo "$(lab_host_ip "$1"):9741"; }
 # VMHA_LAB_INSECURE=1 (benchmarks only, bench/mtls): the controllers, agents and
 # CLI run with --insecure-dev, in plaintext. Take the lab down before switching.
 if [[ ${VMHA_LAB_INSECURE:-0} == 1 ]]; then
@@ -595,6 +598,7 @@ lab_start_agent() {
     --migration-uri "$(lab_migration_uri "$h")" --controller "$LAB_CONTROLLER_URLS" \
     $(lab_tls_flags "host-$h") \
     --peer-listen "$(lab_host_ip "$h"):$LAB_AGENT_PEER_PORT" \
+    --metrics-listen "$(lab_agent_metrics_addr "$h")" \
     --probe-interval 1s --state-dir "$(lab_host_dir "$h")/agent-state" \
     --check "lab-flag=test ! -e $(printf '%q' "$(lab_host_fail_file "$h")")" \
     --watchdog-device "$(lab_watchdog_path "$h")" --watchdog-timeout "$(lab_watchdog_secs)s"

@@ -334,6 +334,12 @@ impl LeaseKeeper {
         (end.0 + self.cfg.max_transit_ms) as i64 - self.cfg.quorum_shortfall_ms() as i64
     }
 
+    /// How long this agent's own lease lasts from `now` (negative: lapsed that long ago);
+    /// `None` before its first lease.
+    pub fn lease_remaining_ms(&self, now: Millis) -> Option<i64> {
+        self.lease_end.map(|e| e.0 as i64 - now.0 as i64)
+    }
+
     /// What this agent answers a peer: until when the leader could count its lease, from now
     /// (negative: it could not since that long).
     pub fn upper_remaining_ms(&self, now: Millis) -> i64 {
