@@ -22,8 +22,17 @@ async fn within(
 
 pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
     let op = cmd.operation_id.clone();
+    let vm = cmd.vm_name.clone();
     let started = Instant::now();
-    tracing::info!(operation = %op, command = ?cmd.kind, "executing");
+    let what = match &cmd.kind {
+        None => "nothing",
+        Some(Kind::Cancel(_)) => "cancel",
+        Some(Kind::Migrate(_)) => "migrate",
+        Some(Kind::Start(_)) => "start",
+        Some(Kind::Shutdown(_)) => "shutdown",
+        Some(Kind::Destroy(_)) => "destroy",
+    };
+    tracing::info!(operation = %op, %vm, command = what, "executing");
     let outcome: anyhow::Result<MigrationStats> = match cmd.kind {
         None => Err(anyhow::anyhow!("empty command (a newer controller?)")),
         // The migration's own result reports how it ended; the cancel has none.
@@ -31,10 +40,10 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
             let uuid = c.uuid.clone();
             match within(agent.blocking(move |hv| hv.abort_job(&uuid).map(|_| Default::default()))).await {
                 Ok(_) => {
-                    tracing::info!(operation = %op, domain = %c.uuid, "asked libvirt to abort the migration")
+                    tracing::info!(operation = %op, %vm, domain = %c.uuid, "asked libvirt to abort the migration")
                 }
                 Err(e) => {
-                    tracing::warn!(operation = %op, domain = %c.uuid, error = format!("{e:#}"), "could not abort the migration (it may have ended)")
+                    tracing::warn!(operation = %op, %vm, domain = %c.uuid, error = format!("{e:#}"), "could not abort the migration (it may have ended)")
                 }
             }
             return;
@@ -84,7 +93,7 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
         // controller asks again while the VM still runs). A start's is not (it may still
         // happen, and would then be retried elsewhere): it reports only when libvirt answers,
         // and the controller waits for that, for a report, or for the host's death.
-        Some(Kind::Shutdown(s)) => shut_down(&agent, s).await,
+        Some(Kind::Shutdown(s)) => shut_down(&agent, &vm, s).await,
         Some(Kind::Destroy(d)) => {
             within(agent.blocking(move |hv| hv.destroy(&d.uuid).map(|_| Default::default()))).await
         }
@@ -92,7 +101,7 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
     // Report the effect before the result: the controller must never see a result and then a
     // report that predates it (a migrated VM would briefly look back on this host).
     if let Err(e) = agent.heartbeat(&mut client).await {
-        tracing::warn!(operation = %op, error = format!("{e:#}"), "report after the command failed");
+        tracing::warn!(operation = %op, %vm, error = format!("{e:#}"), "report after the command failed");
     }
     let result = match &outcome {
         Ok(s) => OperationResult {
@@ -113,8 +122,8 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
         },
     };
     match &outcome {
-        Ok(_) => tracing::info!(operation = %op, elapsed_ms = result.elapsed_ms, "done"),
-        Err(e) => tracing::warn!(operation = %op, error = format!("{e:#}"), "failed"),
+        Ok(_) => tracing::info!(operation = %op, %vm, command = what, elapsed_ms = result.elapsed_ms, "done"),
+        Err(e) => tracing::warn!(operation = %op, %vm, command = what, error = format!("{e:#}"), "failed"),
     }
     report(&mut client, result).await;
 }
@@ -124,7 +133,7 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(500);
 
 /// An operator's stop: the guest is asked to shut down, and destroyed if it still runs once
 /// the timeout has passed (a guest without ACPI support ignores the request).
-async fn shut_down(agent: &Arc<Agent>, s: ShutdownDomain) -> anyhow::Result<MigrationStats> {
+async fn shut_down(agent: &Arc<Agent>, vm: &str, s: ShutdownDomain) -> anyhow::Result<MigrationStats> {
     let uuid = s.uuid.clone();
     within(agent.blocking(move |hv| hv.shutdown(&uuid).map(|_| Default::default()))).await?;
     if s.timeout_ms == 0 {
@@ -145,7 +154,7 @@ async fn shut_down(agent: &Arc<Agent>, s: ShutdownDomain) -> anyhow::Result<Migr
             return Ok(Default::default());
         }
         if Instant::now() >= until {
-            tracing::warn!(domain = %s.uuid, timeout_ms = s.timeout_ms, "no clean shutdown in time: destroying it");
+            tracing::warn!(vm, domain = %s.uuid, timeout_ms = s.timeout_ms, "no clean shutdown in time: destroying it");
             let uuid = s.uuid.clone();
             return within(agent.blocking(move |hv| hv.destroy(&uuid).map(|_| Default::default()))).await;
         }

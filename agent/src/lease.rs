@@ -563,14 +563,15 @@ fn parse_timings(text: &str) -> Option<Timings> {
 /// Destroys the running protected domains through libvirt; what fails is logged (the QEMU
 /// processes are then killed directly by `enforce_fence`).
 fn destroy_through_libvirt(hv: &dyn Hypervisor, protected: &[String]) {
-    let running: Vec<String> = match hv.domains() {
-        Ok(d) => d.into_iter().filter(|d| protected.contains(&d.uuid)).map(|d| d.uuid).collect(),
-        Err(_) => protected.to_vec(),
+    // (uuid, name); the name only for the log, and unknown when libvirt does not answer.
+    let running: Vec<(String, String)> = match hv.domains() {
+        Ok(d) => d.into_iter().filter(|d| protected.contains(&d.uuid)).map(|d| (d.uuid, d.name)).collect(),
+        Err(_) => protected.iter().map(|u| (u.clone(), String::new())).collect(),
     };
-    for uuid in running {
+    for (uuid, vm) in running {
         match hv.destroy(&uuid) {
-            Ok(()) => tracing::error!(domain = %uuid, "self-fence: destroyed"),
-            Err(e) => tracing::error!(domain = %uuid, error = %e, "self-fence: destroy failed"),
+            Ok(()) => tracing::error!(%vm, domain = %uuid, "self-fence: destroyed"),
+            Err(e) => tracing::error!(%vm, domain = %uuid, error = %e, "self-fence: destroy failed"),
         }
     }
 }

@@ -2286,6 +2286,7 @@ fn an_agent_refuses_a_command_from_a_stale_epoch(lab: &Lab) {
                 let destroy = Command {
                     operation_id: "00000000-0000-0000-0000-00000000dead".into(),
                     epoch: self.epoch - 1,
+                    vm_name: String::new(),
                     kind: Some(command::Kind::Destroy(DestroyDomain { uuid: self.uuid.clone() })),
                 };
                 tx.send(Ok(destroy)).await.unwrap();

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
-use vmha_engine::event::Event;
+use vmha_engine::event::{Event, Subject};
 use vmha_engine::operation::{OpId, OpState, Operation};
 use vmha_engine::step::{CommandKind, Input, Output, Reply};
 use vmha_engine::{ClusterState, Engine, Millis, Policy, Timings};
@@ -211,7 +211,7 @@ impl Controller {
         let (hosts, vms) = (cluster.hosts.len(), cluster.vms.len());
         let (engine, resumed) = Engine::restore(cluster, store.unfinished_operations().await?, Millis(0));
         let started = Event {
-            subject: vmha_engine::event::Subject::Controller(format!("epoch {epoch}")),
+            subject: Subject::Controller(format!("epoch {epoch}")),
             kind: vmha_engine::event::EventKind::ControllerStarted,
             message: format!(
                 "controller started with epoch {epoch}; {hosts} hosts and {vms} VMs known; nothing is declared dead \
@@ -222,7 +222,7 @@ impl Controller {
         };
         let mut db = store.connection().await?;
         for e in std::iter::once(&started).chain(&resumed) {
-            tracing::info!(subject = %e.subject.name(), kind = e.kind.as_str(), "{}", e.message);
+            log_event(e);
             Store::append_event(&mut db, &new_event(e)).await?;
         }
         let watched = engine.ops.values().map(|op| (op.id, Followed::new(op, epoch))).collect();
@@ -338,7 +338,7 @@ impl Controller {
         }
         for e in &out.events {
             METRICS.event(s, e);
-            tracing::info!(subject = %e.subject.name(), kind = e.kind.as_str(), actor = %e.actor, "{}", e.message);
+            log_event(e);
             self.journal.write(Write::Event(new_event(e)));
         }
         for mark in &out.outages {
@@ -401,7 +401,7 @@ impl Controller {
             });
         }
         for cmd in out.commands {
-            if let Err(why) = self.send(&cmd.host, self.command(cmd.op, cmd.kind)) {
+            if let Err(why) = self.send(&cmd.host, self.command(cmd.op, cmd.vm, cmd.kind)) {
                 queue.push_back(Input::Result { host: cmd.host, id: cmd.op, result: Err(why) });
             }
         }
@@ -440,7 +440,7 @@ impl Controller {
         }
     }
 
-    fn command(&self, op: OpId, kind: CommandKind) -> pb::Command {
+    fn command(&self, op: OpId, vm_name: String, kind: CommandKind) -> pb::Command {
         use pb::command::Kind;
         let m = &self.migration;
         let kind = match kind {
@@ -462,7 +462,7 @@ impl Controller {
                 })
             }
         };
-        pb::Command { operation_id: op.to_string(), epoch: self.epoch, kind: Some(kind) }
+        pb::Command { operation_id: op.to_string(), epoch: self.epoch, vm_name, kind: Some(kind) }
     }
 
     /// Hands a command to the agent's stream without waiting: a full or closed stream is a
@@ -507,7 +507,7 @@ impl Controller {
 
     /// Logs an event of the shell's own (not a decision) and queues it for the event log.
     pub fn event(&self, e: Event) {
-        tracing::info!(subject = %e.subject.name(), kind = e.kind.as_str(), actor = %e.actor, "{}", e.message);
+        log_event(&e);
         self.journal.write(Write::Event(new_event(&e)));
     }
 
@@ -622,6 +622,18 @@ impl Controller {
 
 type RecordFuture = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
+/// An event's log line: its subject's name under the field of its kind (`host`, `vm`,
+/// `operation`, `controller`), so that a log shipper finds every line about a VM by `vm`.
+fn log_event(e: &Event) {
+    let (kind, actor, message) = (e.kind.as_str(), &e.actor, &e.message);
+    match &e.subject {
+        Subject::Host(host) => tracing::info!(%host, kind, %actor, "{message}"),
+        Subject::Vm(vm) => tracing::info!(%vm, kind, %actor, "{message}"),
+        Subject::Operation(operation) => tracing::info!(%operation, kind, %actor, "{message}"),
+        Subject::Controller(controller) => tracing::info!(%controller, kind, %actor, "{message}"),
+    }
+}
+
 fn new_event(e: &Event) -> NewEvent {
     NewEvent {
         subject_kind: e.subject.kind(),
@@ -644,5 +656,46 @@ fn input_kind(input: &Input) -> &'static str {
         Input::FenceResult { .. } => "fence result",
         Input::Operator { .. } => "operator request",
         Input::Tick => "tick",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use vmha_engine::event::{Event, EventKind};
+
+    /// Collects what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A log shipper finds every line about a VM by `vm`, about a host by `host`.
+    #[test]
+    fn an_events_log_line_names_its_vm_or_host_in_the_field_of_its_kind() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber =
+            tracing_subscriber::fmt().json().flatten_event(true).with_writer(move || writer.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            super::log_event(&Event::vm("dns1", EventKind::VmRestarted, "dns1 restarted on kvm2".into()));
+            super::log_event(&Event::host("kvm1", EventKind::HostDead, "kvm1 is dead".into()));
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(logged.len(), 2, "{text}");
+        assert_eq!((&logged[0]["vm"], &logged[0]["kind"]), (&"dns1".into(), &"vm_restarted".into()), "{text}");
+        assert_eq!(logged[0]["message"], "dns1 restarted on kvm2");
+        assert_eq!((&logged[1]["host"], &logged[1]["actor"]), (&"kvm1".into(), &"controller".into()), "{text}");
     }
 }

@@ -1,7 +1,7 @@
 //! How vmha's daemons log (`--log-format`). Text by default, as journald stores it: no ANSI
 //! colour codes unless standard error is a terminal, and no timestamp under systemd (journald
 //! stamps every line itself). JSON, one object per line, for log shippers: the fields
-//! (`host`, `vm`, `subject`, `kind`, ...) stay fields. `RUST_LOG` picks the levels (default
+//! (`host`, `vm`, `operation`, `kind`, ...) stay fields. `RUST_LOG` picks the levels (default
 //! `info`).
 
 use std::io::IsTerminal;

@@ -275,6 +275,8 @@ pub struct Command {
     pub op: OpId,
     /// The host whose agent carries it out.
     pub host: String,
+    /// The VM's name, for the agent's log lines.
+    pub vm: String,
     pub kind: CommandKind,
 }
 
@@ -806,7 +808,7 @@ impl Engine {
                 timeout_ms: op.overrides.map_or(0, |o| o.timeout_ms),
             },
         };
-        out.commands.push(Command { op: id, host: op.executor().to_string(), kind });
+        out.commands.push(Command { op: id, host: op.executor().to_string(), vm: op.vm_name.clone(), kind });
         // Its time runs from now: it may have waited long for the database.
         let deadline = Operation::deadline(op.kind, op.overrides, &self.cluster.policy, now);
         if let Some(op) = self.ops.get_mut(&id) {
@@ -1361,6 +1363,7 @@ impl Engine {
         out.commands.push(Command {
             op: id,
             host: op.source.clone(),
+            vm: op.vm_name.clone(),
             kind: CommandKind::Cancel { uuid: op.vm_uuid.clone() },
         });
         let message =
