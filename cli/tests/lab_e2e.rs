@@ -989,6 +989,8 @@ fn the_report_shows_one_outage_per_guest_of_a_killed_host(lab: &Lab) {
     let failovers = observations(&before, "vmha_failover_seconds");
     let lapsed = [("mode", "self"), ("result", "lease_lapsed")];
     let lapses = sample(&before, "vmha_fence_actions_total", &lapsed);
+    let left = sample(&before, "vmha_host_lease_remaining_seconds", &[("host", &victim)]);
+    assert!(left > 0.0 && left <= 5.0, "{victim}'s lease as the leader counts it: {left} s");
     let page = StatusPage::open(lab);
     assert_eq!(page.host_state(&victim), "online", "the page before the kill");
     let t0 = Instant::now();

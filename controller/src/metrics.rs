@@ -66,6 +66,7 @@ pub struct Metrics {
     epoch: Gauge,
     quorum: Gauge,
     heartbeat_age: Family<HostLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    lease_remaining: Family<HostLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     operations: Family<OpLabels, Counter>,
     migration_seconds: Histogram,
     migration_downtime_seconds: Histogram,
@@ -90,6 +91,7 @@ impl Metrics {
             epoch: Gauge::default(),
             quorum: Gauge::default(),
             heartbeat_age: Family::default(),
+            lease_remaining: Family::default(),
             operations: Family::default(),
             migration_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 10)),
             migration_downtime_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
@@ -113,6 +115,11 @@ impl Metrics {
             "host_heartbeat_age_seconds",
             "Seconds since each host's last heartbeat",
             m.heartbeat_age.clone(),
+        );
+        registry.register(
+            "host_lease_remaining_seconds",
+            "Seconds left on each host's lease as the leader counts it (negative: lapsed that long ago)",
+            m.lease_remaining.clone(),
         );
         registry.register("operations", "Operations ended, by kind and result", m.operations.clone());
         registry.register(
@@ -202,6 +209,7 @@ impl Metrics {
         self.hosts.clear();
         self.vms.clear();
         self.heartbeat_age.clear();
+        self.lease_remaining.clear();
         let Some((s, now)) = state else {
             self.protected_not_running.set(0);
             self.quorum.set(0);
@@ -216,6 +224,10 @@ impl Metrics {
             if let Some(t) = h.last_heartbeat {
                 let age = now.since(t) as f64 / 1000.0;
                 self.heartbeat_age.get_or_create(&HostLabel { host: h.name.clone() }).set(age);
+            }
+            if let Some(end) = h.lease.end(&s.timings) {
+                let left = (end.0 as f64 - now.0 as f64) / 1000.0;
+                self.lease_remaining.get_or_create(&HostLabel { host: h.name.clone() }).set(left);
             }
         }
         for v in s.vms.values() {
@@ -259,6 +271,7 @@ mod tests {
         let mut s = ClusterState::default();
         let mut host = vmha_engine::HostView::new("kvm1");
         host.last_heartbeat = Some(Millis(0));
+        host.lease.granted_at = Some(Millis(0));
         s.hosts.insert("kvm1".into(), host);
         s.vms.insert("u".into(), vmha_engine::VmView::new("u", "dns1"));
         let metrics = Metrics::new();
