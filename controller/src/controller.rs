@@ -694,8 +694,16 @@ mod tests {
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
         let logged: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(logged.len(), 2, "{text}");
-        assert_eq!((&logged[0]["vm"], &logged[0]["kind"]), (&"dns1".into(), &"vm_restarted".into()), "{text}");
+        assert_eq!(
+            (&logged[0]["vm"], &logged[0]["kind"]),
+            (&"dns1".into(), &"vm_restarted".into()),
+            "{text}"
+        );
         assert_eq!(logged[0]["message"], "dns1 restarted on kvm2");
-        assert_eq!((&logged[1]["host"], &logged[1]["actor"]), (&"kvm1".into(), &"controller".into()), "{text}");
+        assert_eq!(
+            (&logged[1]["host"], &logged[1]["actor"]),
+            (&"kvm1".into(), &"controller".into()),
+            "{text}"
+        );
     }
 }

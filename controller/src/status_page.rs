@@ -111,14 +111,18 @@ pub fn main(s: &Snapshot) -> Markup {
             p .alarm { (w) }
         }
         section .tiles {
-            div { b { (s.hosts.iter().filter(|h| h.state == "online").count()) "/" (s.hosts.len()) } "hosts online" }
+            div {
+                // Only a leader knows which hosts are online (leases, heartbeats).
+                b { @if s.recorded { "?" } @else { (s.hosts.iter().filter(|h| h.state == "online").count()) } "/" (s.hosts.len()) }
+                "hosts online"
+            }
             div { b { (running) "/" (protected.len()) } "protected VMs running" }
             div { b { (s.operations.len()) } "operations in flight" }
         }
         h2 { "Hosts" }
         div .scroll { table #hosts {
             thead { tr { th { "host" } th { "state" } th { "lease" } th { "health" } th { "admin" } th { "VMs" } } }
-            tbody { @for h in &s.hosts { (host_row(h, &s.vms)) } }
+            tbody { @for h in &s.hosts { (host_row(h, &s.vms, !s.recorded)) } }
         } }
         h2 { "Protected VMs" }
         @if protected.is_empty() { p { "No VM is protected (`vmha protect VM`)." } } @else {
@@ -187,7 +191,9 @@ fn leadership(s: &Snapshot) -> Markup {
     }
 }
 
-fn host_row(h: &pb::Host, vms: &[pb::Vm]) -> Markup {
+/// `notes`: whether to say why a host is in its state (a record has no such why: the header
+/// says what the record is).
+fn host_row(h: &pb::Host, vms: &[pb::Vm], notes: bool) -> Markup {
     let lease = match (h.lease_left_s, h.heartbeat_age_s) {
         (Some(left), _) if left > 0.0 => format!("{left:.1} s left"),
         (_, Some(age)) => format!("lapsed; heard {age:.0} s ago"),
@@ -208,7 +214,7 @@ fn host_row(h: &pb::Host, vms: &[pb::Vm]) -> Markup {
             td { @for (i, v) in here.iter().enumerate() { @if i > 0 { ", " } (v.name) @if v.protected { "*" } } }
         }
         // Notes go under their row, the whole width: sentences, too long for a phone's column.
-        @if !h.note.is_empty() { tr .note { td colspan="6" .why { (h.note) } } }
+        @if notes && !h.note.is_empty() { tr .note { td colspan="6" .why { (h.note) } } }
     }
 }
 
@@ -248,7 +254,7 @@ tr:has(+ tr.note) td{border-bottom:0}
 .badge{display:inline-block;padding:0 .45em;border-radius:.6em;font-size:.85em;background:#d0d7de}
 .online,.running{background:#c6f0cf}
 .suspect,.maintenance,.draining,.paused,.migrating{background:#fde8a6}
-.dead,.stopped,.crashed,.unknown{background:#f8c7c3}
+.dead,.stopped,.crashed{background:#f8c7c3}
 .alarm{background:#f8c7c3;padding:.5em;border-radius:.3em}
 .leader{color:#57606a}
 #stale{background:#d1242f;padding:0 .5em;border-radius:.3em}
@@ -362,6 +368,7 @@ mod tests {
         s.recorded = true;
         let html = main(&s).into_string();
         assert!(html.contains("ctl2 stands by; ctl1 leads at https://ctl1:7400"), "{html}");
+        assert!(html.contains("?/2</b>hosts online") && !html.contains("no lease for 1.0 s"), "{html}");
         assert!(
             html.contains("the database&#39;s record") || html.contains("the database's record"),
             "{html}"
