@@ -28,12 +28,12 @@ pub fn show(fmt: Format, r: &ReportReply) {
         Format::Csv => {
             println!(
                 "vm,uuid,availability_pct,nines,outages,unplanned_downtime_s,mtbf_s,mttr_s,longest_outage_s,\
-                 planned_outages,planned_downtime_s,uptime_s,down_now"
+                 planned_outages,planned_downtime_s,uptime_s,down_now,protected_since"
             );
             let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
             for v in &r.vms {
                 println!(
-                    "{},{},{:.6},{},{},{:.3},{},{},{:.3},{},{:.3},{:.3},{}",
+                    "{},{},{:.6},{},{},{:.3},{},{},{:.3},{},{:.3},{:.3},{},{}",
                     v.vm,
                     v.uuid,
                     v.availability_pct,
@@ -46,7 +46,8 @@ pub fn show(fmt: Format, r: &ReportReply) {
                     v.planned_outages,
                     v.planned_downtime_s,
                     v.uptime_s,
-                    v.down_now
+                    v.down_now,
+                    v.protected_since
                 );
             }
         }
@@ -79,6 +80,9 @@ pub fn show(fmt: Format, r: &ReportReply) {
                     })
                     .collect(),
             );
+            for v in r.vms.iter().filter(|v| !v.protected_since.is_empty()) {
+                println!("{}: protected at {}; its figures count from then", v.vm, v.protected_since);
+            }
         }
     }
 }

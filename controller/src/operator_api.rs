@@ -440,6 +440,7 @@ impl OperatorService for OperatorApi {
         let to = chrono::Utc::now();
         let from = to - chrono::Duration::seconds(since_s.max(1) as i64);
         let outages = store.outages(from, to).await.map_err(Error::from)?;
+        let protected_at = store.protected_at().await.map_err(Error::from)?;
         let (vms, _) = self
             .0
             .state(|s, _| {
@@ -450,7 +451,7 @@ impl OperatorService for OperatorApi {
                     .collect::<Vec<_>>()
             })
             .await?;
-        Ok(Response::new(views::report(from, to, vms, &outages)))
+        Ok(Response::new(views::report(from, to, vms, &outages, &protected_at)))
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<Operation>, Status> {

@@ -65,9 +65,11 @@ impl Snapshot {
             events = store.list_events(0, EVENTS).await.unwrap_or_default();
             events.reverse();
             let from = at - chrono::Duration::days(REPORT_DAYS);
-            if let Ok(outages) = store.outages(from, at).await {
+            if let (Ok(outages), Ok(protected_at)) =
+                (store.outages(from, at).await, store.protected_at().await)
+            {
                 let protected = vms.iter().filter(|v| v.protected).map(|v| (v.uuid.clone(), v.name.clone()));
-                report = Some(views::report(from, at, protected.collect(), &outages));
+                report = Some(views::report(from, at, protected.collect(), &outages, &protected_at));
             }
         }
         Snapshot { who, recorded, quorum, warnings, database, hosts, vms, operations, events, report, at }
@@ -159,7 +161,10 @@ pub fn main(s: &Snapshot) -> Markup {
                     thead { tr { th { "VM" } th { "availability" } th { "outages" } th { "MTTR" } th { "longest" } } }
                     tbody { @for v in &r.vms {
                         tr {
-                            td { (v.vm) @if v.down_now { " " span .badge.stopped { "down now" } } }
+                            td {
+                                (v.vm) @if v.down_now { " " span .badge.stopped { "down now" } }
+                                @if let Some(t) = v.protected_since.get(..16) { div .why { "protected " (t.replace('T', " ")) " UTC" } }
+                            }
                             td .num { (format!("{:.4} %", v.availability_pct)) }
                             td .num { (v.outages) }
                             td .num { (v.mttr_s.map_or("—".into(), |s| format!("{s:.1} s"))) }

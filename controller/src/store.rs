@@ -568,7 +568,11 @@ impl Store {
         sqlx::query(
             "UPDATE vms SET protected = $2, priority = $3, anti_affinity = $4, allowed_hosts = $5,
                  preferred_host = $6, recovery = $7, admission_override = $8, stopped_by = $9,
-                 updated_at = now()
+                 updated_at = now(),
+                 -- The old row's protected: set when protection begins, kept while it lasts.
+                 protected_at = CASE WHEN NOT $2 THEN NULL
+                                     WHEN NOT vms.protected THEN now()
+                                     ELSE vms.protected_at END
              WHERE uuid = $1",
         )
         .bind(parse_uuid(uuid)?)
@@ -840,6 +844,17 @@ impl Store {
                 (u.to_string(), outage)
             })
             .collect())
+    }
+
+    /// When each protected VM was protected (in ms since the epoch), for those protected
+    /// since the schema recorded it.
+    pub async fn protected_at(&self) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        let rows: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> =
+            sqlx::query_as("SELECT uuid, protected_at FROM vms WHERE protected AND protected_at IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("read when VMs were protected"))?;
+        Ok(rows.into_iter().map(|(u, at)| (u.to_string(), at.timestamp_millis())).collect())
     }
 
     /// The newest `limit` events after `after_id`, oldest first.

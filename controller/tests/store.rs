@@ -145,6 +145,38 @@ async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() 
     );
 }
 
+/// `vmha report` counts a VM from when it was protected: the time is set when protection
+/// begins, kept while other desired state changes, and cleared when it ends.
+#[tokio::test]
+async fn a_vms_protection_time_is_set_when_it_begins_kept_while_it_lasts_and_cleared() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let mut db = s.connection().await.unwrap();
+    Store::upsert_host(&mut db, &host("kvm1"), "7.2.0").await.unwrap();
+    let id = Uuid::new_v4();
+    let mut v = vm(id, "kvm1");
+    Store::upsert_vm(&mut db, &v).await.unwrap();
+    assert!(s.protected_at().await.unwrap().is_empty(), "not protected");
+    let before = chrono::Utc::now().timestamp_millis();
+    v.protected = true;
+    Store::set_vm_work(&mut db, &v.uuid, &VmWork::of(&v)).await.unwrap();
+    let at = s.protected_at().await.unwrap()[&v.uuid];
+    assert!(
+        (before - 1_000..=chrono::Utc::now().timestamp_millis() + 1_000).contains(&at),
+        "{at} vs {before}"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    v.priority = 50;
+    Store::set_vm_work(&mut db, &v.uuid, &VmWork::of(&v)).await.unwrap();
+    assert_eq!(s.protected_at().await.unwrap()[&v.uuid], at, "a new priority is not a new protection");
+    v.protected = false;
+    Store::set_vm_work(&mut db, &v.uuid, &VmWork::of(&v)).await.unwrap();
+    assert!(s.protected_at().await.unwrap().is_empty(), "unprotected");
+    v.protected = true;
+    Store::set_vm_work(&mut db, &v.uuid, &VmWork::of(&v)).await.unwrap();
+    assert!(s.protected_at().await.unwrap()[&v.uuid] > at, "protected again: a new time");
+}
+
 #[tokio::test]
 async fn operations_record_their_life_and_unfinished_ones_are_handed_to_the_next_controller() {
     let pg = PgServer::shared();
