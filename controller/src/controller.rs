@@ -201,7 +201,15 @@ impl Controller {
         policy: Policy,
         (migration, fence, leadership): (MigrationSettings, FenceSettings, Arc<Leadership>),
     ) -> Result<(Arc<Controller>, DecisionLoop), StoreError> {
-        let mut cluster = ClusterState { timings, policy, started: Millis(0), epoch, ..Default::default() };
+        let unwatched_before_ms = store.last_led_ms_ago().await?.unwrap_or(0);
+        let mut cluster = ClusterState {
+            timings,
+            policy,
+            started: Millis(0),
+            epoch,
+            unwatched_before_ms,
+            ..Default::default()
+        };
         for h in store.load_hosts().await? {
             cluster.hosts.insert(h.name.clone(), h);
         }

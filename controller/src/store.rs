@@ -306,8 +306,10 @@ impl Store {
         epoch: Option<u64>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO controllers (name, endpoint, epoch) VALUES ($1, $2, $3)
-             ON CONFLICT (name) DO UPDATE SET endpoint = $2, epoch = $3, seen_at = now()",
+            "INSERT INTO controllers (name, endpoint, epoch, led_until)
+                 VALUES ($1, $2, $3, CASE WHEN $3 IS NOT NULL THEN now() END)
+             ON CONFLICT (name) DO UPDATE SET endpoint = $2, epoch = $3, seen_at = now(),
+                 led_until = CASE WHEN $3 IS NOT NULL THEN now() ELSE controllers.led_until END",
         )
         .bind(name)
         .bind(endpoint)
@@ -316,6 +318,18 @@ impl Store {
         .await
         .map_err(q("record this controller"))?;
         Ok(())
+    }
+
+    /// How long ago any controller last said it was alive while leading; `None` if none ever
+    /// led. Read by a new leader before it leads: what an earlier leader could have watched.
+    pub async fn last_led_ms_ago(&self) -> Result<Option<u64>, StoreError> {
+        let ago: Option<i64> = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM now() - max(led_until)) * 1000)::bigint FROM controllers",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("read when a controller last led"))?;
+        Ok(ago.map(|ms| ms.max(0) as u64))
     }
 
     /// Every controller seen in the last `within`, and the newest epoch: the one that leads

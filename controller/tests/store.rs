@@ -145,6 +145,23 @@ async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() 
     );
 }
 
+/// A new leader learns how long no leader watched: the last time any controller said it was
+/// alive while leading, kept when that controller stands by again.
+#[tokio::test]
+async fn the_last_time_a_controller_led_survives_its_return_to_standby() {
+    let pg = PgServer::shared();
+    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    assert_eq!(s.last_led_ms_ago().await.unwrap(), None, "nobody has led");
+    s.controller_seen("ctl2", "https://ctl2:7400", None).await.unwrap();
+    assert_eq!(s.last_led_ms_ago().await.unwrap(), None, "a standby is not a leader");
+    s.controller_seen("ctl1", "https://ctl1:7400", Some(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ctl1 restarts and stands by: its row says so, and still when it last led.
+    s.controller_seen("ctl1", "https://ctl1:7400", None).await.unwrap();
+    let ago = s.last_led_ms_ago().await.unwrap().expect("ctl1 led");
+    assert!((300..5_000).contains(&ago), "{ago} ms");
+}
+
 /// `vmha report` counts a VM from when it was protected: the time is set when protection
 /// begins, kept while other desired state changes, and cleared when it ends.
 #[tokio::test]

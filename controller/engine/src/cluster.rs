@@ -409,6 +409,10 @@ pub struct ClusterState {
     pub started: Millis,
     /// This leader's epoch.
     pub epoch: u64,
+    /// How long before `started` no leader watched (since the previous leader's last sign of
+    /// life): a VM found stopped after the takeover may have stopped that long before it. An
+    /// outage begun then is dated back to there, so downtime is not under-counted.
+    pub unwatched_before_ms: u64,
     /// The membership (`lease::membership`) this leader started with: what a host that has
     /// acknowledged none of its answers may still count votes among. `None`: no leader before.
     pub start_members: Option<u64>,

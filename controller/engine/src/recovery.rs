@@ -781,7 +781,8 @@ pub fn after_report(
         out.push(Action::Outage(OutageMark::Began {
             vm_uuid: uuid.clone(),
             vm_name: name.clone(),
-            ago_ms: 0,
+            // Stopped while no leader watched: at the earliest when the last one stopped watching.
+            ago_ms: if *unwatched { now.since(state.started) + state.unwatched_before_ms } else { 0 },
             planned: false,
             cause: format!("stopped on {host} without vmha asking ({})", to.as_str()),
         }));
