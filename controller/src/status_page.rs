@@ -215,12 +215,31 @@ fn host_row(h: &pb::Host, vms: &[pb::Vm], notes: bool) -> Markup {
                 (h.health)
                 @for p in failing { div .why { (p.name) ": " (p.detail) } }
             }
-            td { (h.admin_state) }
+            td {
+                (h.admin_state)
+                @if let Some(d) = &h.drain { div .why { (drain_summary(d)) } }
+            }
             td { @for (i, v) in here.iter().enumerate() { @if i > 0 { ", " } (v.name) @if v.protected { "*" } } }
         }
         // Notes go under their row, the whole width: sentences, too long for a phone's column.
         @if notes && !h.note.is_empty() { tr .note { td colspan="6" .why { (h.note) } } }
     }
+}
+
+/// A drain at a glance: "drain draining: 2 of 5 moved, 1 stuck".
+fn drain_summary(d: &pb::DrainPlan) -> String {
+    let count = |states: &[&str]| d.steps.iter().filter(|s| states.contains(&s.state.as_str())).count();
+    let mut text =
+        format!("drain {}: {} of {} moved", d.state, count(&["migrated", "restarted"]), d.steps.len());
+    for (what, states) in
+        [("moving", &["migrating", "restarting"][..]), ("failed", &["failed"]), ("stuck", &["stuck"])]
+    {
+        match count(states) {
+            0 => {}
+            n => text += &format!(", {n} {what}"),
+        }
+    }
+    text
 }
 
 fn operation_row(o: &pb::Operation) -> Markup {
@@ -320,7 +339,19 @@ mod tests {
             quorum: Some(true),
             warnings: vec!["BELOW THE 1-HOST RESERVE".into()],
             database: None,
-            hosts: vec![host("kvm1", "dead", "no lease for 1.0 s"), host("kvm2", "online", "")],
+            hosts: vec![
+                host("kvm1", "dead", "no lease for 1.0 s"),
+                pb::Host {
+                    drain: Some(pb::DrainPlan {
+                        state: "draining".into(),
+                        steps: ["migrated", "migrating", "stuck", "pending"]
+                            .map(|state| pb::DrainStep { state: state.into(), ..Default::default() })
+                            .to_vec(),
+                        ..Default::default()
+                    }),
+                    ..host("kvm2", "online", "")
+                },
+            ],
             vms: vec![
                 vm("dns1", "kvm2", "running", ""),
                 vm("<b>x</b>", "kvm1", "stopped", "waiting for a host with 512 MiB free"),
@@ -353,6 +384,7 @@ mod tests {
         assert!(html.contains(r#"<progress max="200" value="50"></progress> 25 %"#), "{html}");
         assert!(html.contains("ctl1 leads (epoch 3) · quorum") && html.contains("BELOW THE 1-HOST RESERVE"));
         assert!(html.contains(r#"name="viewport""#), "readable on a phone");
+        assert!(html.contains("drain draining: 1 of 4 moved, 1 moving, 1 stuck"), "{html}");
     }
 
     #[test]
