@@ -4,6 +4,7 @@
 //! `/status/main` (a few lines of script, no framework; without script it reloads whole).
 //! Built from the same views as the operator API, so the page and `vmha status` agree.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
@@ -27,7 +28,10 @@ pub struct Snapshot {
     warnings: Vec<String>,
     database: Option<String>,
     hosts: Vec<pb::Host>,
-    vms: Vec<pb::Vm>,
+    /// The protected VMs, by name.
+    protected: Vec<pb::Vm>,
+    /// By host, the VMs running there (name, protected): all the page shows of the others.
+    running: HashMap<String, Vec<(String, bool)>>,
     operations: Vec<pb::Operation>,
     events: Vec<EventRow>,
     report: Option<pb::ReportReply>,
@@ -40,21 +44,33 @@ impl Snapshot {
     pub async fn read(node: &Arc<Node>) -> Snapshot {
         let who = node.who_leads();
         let hosts = node.hosts().await.unwrap_or_default();
+        // Full views for the protected VMs only: a page refreshed every 2 s must not build one
+        // for each of tens of thousands of VMs on the leader's decision loop.
         let state = node
             .state(|s, now| {
-                let vms: Vec<pb::Vm> = s.vms.values().map(|v| views::vm(s, v, now)).collect();
+                let protected: Vec<pb::Vm> =
+                    s.vms.values().filter(|v| v.protected).map(|v| views::vm(s, v, now)).collect();
+                let mut running: HashMap<String, Vec<(String, bool)>> = HashMap::new();
+                for v in s.vms.values().filter(|v| v.state == vmha_engine::RunState::Running) {
+                    if let Some(h) = &v.host {
+                        running.entry(h.clone()).or_default().push((v.name.clone(), v.protected));
+                    }
+                }
                 let quorum = vmha_engine::lease::has_quorum(s, now);
-                (vms, quorum, views::warnings(s, now))
+                (protected, running, quorum, views::warnings(s, now))
             })
             .await;
-        let (mut vms, quorum, warnings, recorded) = match state {
-            Ok(((vms, quorum, warnings), false)) => (vms, Some(quorum), warnings, false),
-            Ok(((vms, _, _), true)) => {
-                (vms.into_iter().map(views::as_recorded_vm).collect(), None, vec![], true)
+        let (mut protected, mut running, quorum, warnings, recorded) = match state {
+            Ok(((protected, running, quorum, warnings), false)) => {
+                (protected, running, Some(quorum), warnings, false)
             }
-            Err(_) => (vec![], None, vec![], true),
+            Ok(((protected, running, _, _), true)) => {
+                (protected.into_iter().map(views::as_recorded_vm).collect(), running, None, vec![], true)
+            }
+            Err(_) => (vec![], HashMap::new(), None, vec![], true),
         };
-        vms.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
+        protected.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
+        running.values_mut().for_each(|names| names.sort());
         let (operations, database) = match node.leader() {
             Ok(c) => (c.active_operations(), c.database_trouble()),
             Err(_) => (vec![], node.database_trouble()),
@@ -68,11 +84,24 @@ impl Snapshot {
             if let (Ok(outages), Ok(protected_at)) =
                 (store.outages(from, at).await, store.protected_at().await)
             {
-                let protected = vms.iter().filter(|v| v.protected).map(|v| (v.uuid.clone(), v.name.clone()));
-                report = Some(views::report(from, at, protected.collect(), &outages, &protected_at));
+                let vms = protected.iter().map(|v| (v.uuid.clone(), v.name.clone())).collect();
+                report = Some(views::report(from, at, vms, &outages, &protected_at));
             }
         }
-        Snapshot { who, recorded, quorum, warnings, database, hosts, vms, operations, events, report, at }
+        Snapshot {
+            who,
+            recorded,
+            quorum,
+            warnings,
+            database,
+            hosts,
+            protected,
+            running,
+            operations,
+            events,
+            report,
+            at,
+        }
     }
 }
 
@@ -102,7 +131,7 @@ pub fn page(s: &Snapshot) -> Markup {
 
 /// The part the page's script replaces at each refresh.
 pub fn main(s: &Snapshot) -> Markup {
-    let protected: Vec<&pb::Vm> = s.vms.iter().filter(|v| v.protected).collect();
+    let protected = &s.protected;
     let running = protected.iter().filter(|v| v.state == "running").count();
     html! {
         p .leader { (leadership(s)) " · updated " time datetime=(s.at.to_rfc3339()) { (s.at.format("%H:%M:%S UTC")) } }
@@ -124,13 +153,13 @@ pub fn main(s: &Snapshot) -> Markup {
         h2 { "Hosts" }
         div .scroll { table #hosts {
             thead { tr { th { "host" } th { "state" } th { "lease" } th { "health" } th { "admin" } th { "VMs" } } }
-            tbody { @for h in &s.hosts { (host_row(h, &s.vms, !s.recorded)) } }
+            tbody { @for h in &s.hosts { (host_row(h, s.running.get(&h.name).map_or(&[][..], Vec::as_slice), !s.recorded)) } }
         } }
         h2 { "Protected VMs" }
         @if protected.is_empty() { p { "No VM is protected (`vmha protect VM`)." } } @else {
             div .scroll { table #protected {
                 thead { tr { th { "VM" } th { "state" } th { "host" } th { "priority" } } }
-                tbody { @for v in &protected {
+                tbody { @for v in protected {
                     tr id={ "vm-" (v.name) } data-state=(v.state) {
                         td { (v.name) }
                         td { span class={ "badge " (v.state) } { (v.state) } }
@@ -198,14 +227,13 @@ fn leadership(s: &Snapshot) -> Markup {
 
 /// `notes`: whether to say why a host is in its state (a record has no such why: the header
 /// says what the record is).
-fn host_row(h: &pb::Host, vms: &[pb::Vm], notes: bool) -> Markup {
+fn host_row(h: &pb::Host, running: &[(String, bool)], notes: bool) -> Markup {
     let lease = match (h.lease_left_s, h.heartbeat_age_s) {
         (Some(left), _) if left > 0.0 => format!("{left:.1} s left"),
         (_, Some(age)) => format!("lapsed; heard {age:.0} s ago"),
         _ => "—".into(),
     };
     let failing: Vec<&pb::Probe> = h.probes.iter().filter(|p| !p.ok).collect();
-    let here: Vec<&pb::Vm> = vms.iter().filter(|v| v.host == h.name && v.state == "running").collect();
     html! {
         tr id={ "host-" (h.name) } data-state=(h.state) {
             td { (h.name) }
@@ -219,7 +247,7 @@ fn host_row(h: &pb::Host, vms: &[pb::Vm], notes: bool) -> Markup {
                 (h.admin_state)
                 @if let Some(d) = &h.drain { div .why { (drain_summary(d)) } }
             }
-            td { @for (i, v) in here.iter().enumerate() { @if i > 0 { ", " } (v.name) @if v.protected { "*" } } }
+            td { @for (i, (name, protected)) in running.iter().enumerate() { @if i > 0 { ", " } (name) @if *protected { "*" } } }
         }
         // Notes go under their row, the whole width: sentences, too long for a phone's column.
         @if notes && !h.note.is_empty() { tr .note { td colspan="6" .why { (h.note) } } }
@@ -352,10 +380,11 @@ mod tests {
                     ..host("kvm2", "online", "")
                 },
             ],
-            vms: vec![
+            protected: vec![
                 vm("dns1", "kvm2", "running", ""),
                 vm("<b>x</b>", "kvm1", "stopped", "waiting for a host with 512 MiB free"),
             ],
+            running: HashMap::from([("kvm2".into(), vec![("dns1".into(), true), ("web1".into(), false)])]),
             operations: vec![pb::Operation {
                 kind: "migrate".into(),
                 vm: "dns1".into(),
@@ -385,6 +414,7 @@ mod tests {
         assert!(html.contains("ctl1 leads (epoch 3) · quorum") && html.contains("BELOW THE 1-HOST RESERVE"));
         assert!(html.contains(r#"name="viewport""#), "readable on a phone");
         assert!(html.contains("drain draining: 1 of 4 moved, 1 moving, 1 stuck"), "{html}");
+        assert!(html.contains("<td>dns1*, web1</td>"), "kvm2's VMs, the protected starred: {html}");
     }
 
     #[test]
