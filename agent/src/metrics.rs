@@ -141,9 +141,11 @@ pub async fn serve(addr: SocketAddr, lease: Arc<LeaseShell>) -> anyhow::Result<(
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot serve metrics on {addr}: {e}; give --metrics-listen (metrics_listen) a free address"
+        )
+    })?;
     tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     axum::serve(listener, app).await?;
     Ok(())

@@ -37,9 +37,11 @@ pub async fn serve(addr: SocketAddr, node: Arc<Node>) -> anyhow::Result<()> {
                 Html(status_page::main(&status_page::Snapshot::read(&n3).await).into_string())
             }),
         );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics and the status page on {addr}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot serve metrics and the status page on {addr}: {e}; give --metrics-listen a free address"
+        )
+    })?;
     tracing::info!(%addr, "serving Prometheus metrics on /metrics and the status page on /");
     axum::serve(listener, app).await?;
     Ok(())
