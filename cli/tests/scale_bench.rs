@@ -21,7 +21,12 @@ fn bench_scale_runs_and_a_dead_hosts_vms_are_started() {
     println!("{stdout}");
     assert!(out.status.success(), "bench/scale failed:\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(down, "deploy/lab/down failed; the lab may still run");
-    for line in ["discovery: 2500 VMs recorded", "steady state over", "controller frozen for 10 s"] {
+    for line in [
+        "discovery: 2500 VMs recorded",
+        "steady state over",
+        "status page refresh:",
+        "controller frozen for 10 s",
+    ] {
         assert!(stdout.contains(line), "no '{line}' in the output");
     }
     for lost in ["one host lost:", "a rack of 25 hosts lost:"] {

@@ -18,6 +18,10 @@ use crate::views;
 const EVENTS: u32 = 15;
 /// The availability summary's window.
 const REPORT_DAYS: i64 = 30;
+/// At most this many rows of protected VMs, and of their availability: a page refreshed every
+/// 2 s, read on a phone, lists what needs attention, not thousands of healthy VMs (`vmha vm
+/// ls` and `vmha report` list them all).
+const ROWS: usize = 100;
 
 /// What the page shows, read at one moment.
 pub struct Snapshot {
@@ -69,7 +73,11 @@ impl Snapshot {
             }
             Err(_) => (vec![], HashMap::new(), None, vec![], true),
         };
-        protected.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
+        // Those not running first, the highest priority first; then by name.
+        protected.sort_by(|a, b| {
+            let key = |v: &pb::Vm| (v.state == "running", -v.priority);
+            key(a).cmp(&key(b)).then_with(|| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)))
+        });
         running.values_mut().for_each(|names| names.sort());
         let (operations, database) = match node.leader() {
             Ok(c) => (c.active_operations(), c.database_trouble()),
@@ -85,7 +93,12 @@ impl Snapshot {
                 (store.outages(from, at).await, store.protected_at().await)
             {
                 let vms = protected.iter().map(|v| (v.uuid.clone(), v.name.clone())).collect();
-                report = Some(views::report(from, at, vms, &outages, &protected_at));
+                let mut r = views::report(from, at, vms, &outages, &protected_at);
+                // The least available first.
+                r.vms.sort_by(|a, b| {
+                    a.availability_pct.total_cmp(&b.availability_pct).then_with(|| a.vm.cmp(&b.vm))
+                });
+                report = Some(r);
             }
         }
         Snapshot {
@@ -159,7 +172,7 @@ pub fn main(s: &Snapshot) -> Markup {
         @if protected.is_empty() { p { "No VM is protected (`vmha protect VM`)." } } @else {
             div .scroll { table #protected {
                 thead { tr { th { "VM" } th { "state" } th { "host" } th { "priority" } } }
-                tbody { @for v in protected {
+                tbody { @for v in protected.iter().take(ROWS) {
                     tr id={ "vm-" (v.name) } data-state=(v.state) {
                         td { (v.name) }
                         td { span class={ "badge " (v.state) } { (v.state) } }
@@ -169,6 +182,7 @@ pub fn main(s: &Snapshot) -> Markup {
                     @if !v.why_not_running.is_empty() { tr .note { td colspan="4" .why { (v.why_not_running) } } }
                 } }
             } }
+            @if protected.len() > ROWS { p { "… and " (protected.len() - ROWS) " more, running (`vmha vm ls` lists them all)." } }
         }
         h2 { "Operations in flight" }
         @if s.operations.is_empty() { p { "None." } } @else {
@@ -188,7 +202,7 @@ pub fn main(s: &Snapshot) -> Markup {
             @if r.vms.is_empty() { p { "No VM is protected." } } @else {
                 div .scroll { table #availability {
                     thead { tr { th { "VM" } th { "availability" } th { "outages" } th { "MTTR" } th { "longest" } } }
-                    tbody { @for v in &r.vms {
+                    tbody { @for v in r.vms.iter().take(ROWS) {
                         tr {
                             td {
                                 (v.vm) @if v.down_now { " " span .badge.stopped { "down now" } }
@@ -201,6 +215,7 @@ pub fn main(s: &Snapshot) -> Markup {
                         }
                     } }
                 } }
+                @if r.vms.len() > ROWS { p { "The " (ROWS) " least available of " (r.vms.len()) " (`vmha report` lists them all)." } }
             }
         }
     }
@@ -415,6 +430,32 @@ mod tests {
         assert!(html.contains(r#"name="viewport""#), "readable on a phone");
         assert!(html.contains("drain draining: 1 of 4 moved, 1 moving, 1 stuck"), "{html}");
         assert!(html.contains("<td>dns1*, web1</td>"), "kvm2's VMs, the protected starred: {html}");
+    }
+
+    /// Thousands of protected VMs: the ones not running come first, and the page stops at
+    /// `ROWS` and says how many more run.
+    #[test]
+    fn a_large_cluster_lists_the_protected_vms_not_running_first_and_stops_at_a_hundred() {
+        let mut s = snapshot();
+        let running = |i: usize| pb::Vm {
+            name: format!("vm{i:04}"),
+            state: "running".into(),
+            protected: true,
+            ..Default::default()
+        };
+        s.protected = (0..1000)
+            .map(running)
+            .chain(s.protected.iter().filter(|v| v.state != "running").cloned())
+            .collect();
+        // As `Snapshot::read` sorts them.
+        s.protected.sort_by_key(|v| v.state == "running");
+        let html = main(&s).into_string();
+        assert_eq!(html.matches(r#"<tr id="vm-"#).count(), ROWS, "{html:.2000}");
+        assert!(
+            html.contains(r#"<tr id="vm-&lt;b&gt;x&lt;/b&gt;" data-state="stopped">"#),
+            "the one down is listed"
+        );
+        assert!(html.contains("… and 901 more, running"), "{html:.200}");
     }
 
     #[test]
