@@ -665,14 +665,25 @@ fn a_frozen_leader_is_replaced_and_does_nothing_once_resumed(lab: &Lab) {
     let pid = lab.controller_pid(old);
     let log = lab.dir().join(format!("controller-{old}.log"));
     let logged = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
+    // Issue 15: the frozen leader's status page, open in a browser, says it stopped answering,
+    // then, once it stands by, names the new leader.
+    let page = StatusPage::open(lab);
     let watch = DoubleRunWatch::start();
     let t0 = Instant::now();
     assert!(signal(pid, "STOP"), "SIGSTOP the leader ctl{old} ({pid})");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let took = await_new_leader(lab, old, &HOSTS);
+        wait_until("the frozen leader's page to say it does not answer", Duration::from_secs(10), || {
+            page.banner_shown()
+        });
+        println!(
+            "  its status page said it does not answer {:.1} s after the freeze",
+            t0.elapsed().as_secs_f64()
+        );
+        await_new_leader(lab, old, &HOSTS);
+        let took = t0.elapsed();
         let epoch = lab.json(&["status"])["epoch"].as_u64().unwrap();
         println!(
-            "  ctl{old} frozen; the standby took over {:.2} s later, epoch {old_epoch} -> {epoch}",
+            "  ctl{old} frozen; the standby led by {:.2} s after the freeze, epoch {old_epoch} -> {epoch}",
             took.as_secs_f64()
         );
         assert!(epoch > old_epoch, "the new leader has a newer epoch");
@@ -691,6 +702,10 @@ fn a_frozen_leader_is_replaced_and_does_nothing_once_resumed(lab: &Lab) {
             })
     });
     assert_eq!(lab.controller_pid(old), pid, "ctl{old} stands by in the same process");
+    let standby = format!("ctl{old} stands by; ");
+    wait_until("its page to name the new leader", Duration::from_secs(10), || {
+        !page.banner_shown() && page.leader_line().starts_with(&standby)
+    });
     std::thread::sleep(Duration::from_secs(5));
     let (samples, doubles) = watch.finish();
     assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
@@ -1076,6 +1091,20 @@ impl StatusPage {
         let state = self.0.script(&js).as_str().unwrap_or("?").to_string();
         assert_ne!(state, "RELOADED", "the status page reloaded instead of refreshing itself");
         state
+    }
+
+    /// Whether the page says the controller does not answer.
+    fn banner_shown(&self) -> bool {
+        self.0.script("return !document.getElementById('stale').hidden;") == true
+    }
+
+    /// Who leads, as the page's first line says.
+    fn leader_line(&self) -> String {
+        self.0
+            .script("return document.querySelector('p.leader').textContent;")
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 
     /// Watches both the CLI and the page until each shows `host` dead; when each did.

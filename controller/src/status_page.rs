@@ -335,19 +335,26 @@ time{color:#57606a;font-variant-numeric:tabular-nums}
 ";
 
 /// Replaces `main` every two seconds; `data-updates` on the body counts the refreshes (the
-/// browser test reads it), and a banner says when the controller stops answering.
+/// browser test reads it). The banner shows once no refresh has succeeded for 5 s: a refused
+/// connection fails at once, but a hung or frozen controller never answers, so a request is
+/// abandoned after 4 s and none is sent while one is pending.
 const SCRIPT: &str = "
 (function(){
-  var updates = 0, stale = document.getElementById('stale');
+  var updates = 0, last = Date.now(), pending = false, stale = document.getElementById('stale');
   setInterval(function(){
-    fetch('/status/main', {cache: 'no-store'}).then(function(r){
+    stale.hidden = Date.now() - last < 5000;
+    if (pending) return;
+    pending = true;
+    var abort = new AbortController(), timer = setTimeout(function(){ abort.abort(); }, 4000);
+    fetch('/status/main', {cache: 'no-store', signal: abort.signal}).then(function(r){
       if (!r.ok) throw new Error(r.status);
       return r.text();
     }).then(function(html){
       document.querySelector('main').innerHTML = html;
       document.body.dataset.updates = ++updates;
+      last = Date.now();
       stale.hidden = true;
-    }).catch(function(){ stale.hidden = false; });
+    }).catch(function(){}).finally(function(){ clearTimeout(timer); pending = false; });
   }, 2000);
 })();
 ";
