@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::State;
 use axum::response::Html;
 use axum::routing::get;
 
@@ -14,29 +15,29 @@ use crate::{metrics, status_page};
 
 /// Serves the listener for the life of the process.
 pub async fn serve(addr: SocketAddr, node: Arc<Node>) -> anyhow::Result<()> {
-    let (n1, n2, n3) = (node.clone(), node.clone(), node);
     let app = axum::Router::new()
         .route(
             "/metrics",
-            get(move || async move {
+            get(|State(node): State<Arc<Node>>| async move {
                 (
                     [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    metrics::scrape(&n1).await,
+                    metrics::scrape(&node).await,
                 )
             }),
         )
         .route(
             "/",
-            get(move || async move {
-                Html(status_page::page(&status_page::Snapshot::read(&n2).await).into_string())
+            get(|State(node): State<Arc<Node>>| async move {
+                Html(status_page::page(&status_page::Snapshot::read(&node).await).into_string())
             }),
         )
         .route(
             "/status/main",
-            get(move || async move {
-                Html(status_page::main(&status_page::Snapshot::read(&n3).await).into_string())
+            get(|State(node): State<Arc<Node>>| async move {
+                Html(status_page::main(&status_page::Snapshot::read(&node).await).into_string())
             }),
-        );
+        )
+        .with_state(node);
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot serve metrics and the status page on {addr}: {e}; give --metrics-listen a free address"

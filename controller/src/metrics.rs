@@ -230,11 +230,13 @@ impl Metrics {
                 self.lease_remaining.get_or_create(&HostLabel { host: h.name.clone() }).set(left);
             }
         }
+        // One pass: this runs on the leader's decision loop at every scrape.
+        let mut down = 0;
         for v in s.vms.values() {
             self.vms.get_or_create(&StateLabel { state: v.state.as_str() }).inc();
+            down += i64::from(v.protected && v.state != RunState::Running);
         }
-        let down = s.vms.values().filter(|v| v.protected && v.state != RunState::Running).count();
-        self.protected_not_running.set(down as i64);
+        self.protected_not_running.set(down);
     }
 
     /// The exposition text, as `/metrics` serves it.

@@ -190,7 +190,13 @@ impl Node {
     /// Every host as operators see it (a standby: as recorded, without what only a leader knows).
     pub async fn hosts(&self) -> Result<Vec<pb::Host>, Error> {
         let (hosts, recorded) = self.state(views::hosts).await?;
-        Ok(match self.leader() {
+        Ok(self.shown_hosts(hosts, recorded))
+    }
+
+    /// `views::hosts` of a `state` read as operators see them: with their certificates' expiry,
+    /// which only the leader knows, or as `recorded`.
+    pub fn shown_hosts(&self, hosts: Vec<pb::Host>, recorded: bool) -> Vec<pb::Host> {
+        match self.leader() {
             Ok(c) if !recorded => hosts
                 .into_iter()
                 .map(|mut h| {
@@ -199,7 +205,7 @@ impl Node {
                 })
                 .collect(),
             _ => hosts.into_iter().map(views::as_recorded_host).collect(),
-        })
+        }
     }
 
     /// Why the database cannot be read, while it cannot (a standby's `vmha status`).

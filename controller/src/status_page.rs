@@ -47,11 +47,12 @@ impl Snapshot {
     /// leader and no database) is left empty and said so on the page.
     pub async fn read(node: &Arc<Node>) -> Snapshot {
         let who = node.who_leads();
-        let hosts = node.hosts().await.unwrap_or_default();
+        // One read of the state (on a standby, one load from the database) for the whole page.
         // Full views for the protected VMs only: a page refreshed every 2 s must not build one
         // for each of tens of thousands of VMs on the leader's decision loop.
         let state = node
             .state(|s, now| {
+                let hosts = views::hosts(s, now);
                 let protected: Vec<pb::Vm> =
                     s.vms.values().filter(|v| v.protected).map(|v| views::vm(s, v, now)).collect();
                 let mut running: HashMap<String, Vec<(String, bool)>> = HashMap::new();
@@ -61,18 +62,20 @@ impl Snapshot {
                     }
                 }
                 let quorum = vmha_engine::lease::has_quorum(s, now);
-                (protected, running, quorum, views::warnings(s, now))
+                (hosts, protected, running, quorum, views::warnings(s, now))
             })
             .await;
-        let (mut protected, mut running, quorum, warnings, recorded) = match state {
-            Ok(((protected, running, quorum, warnings), false)) => {
-                (protected, running, Some(quorum), warnings, false)
+        let (hosts, mut protected, mut running, quorum, warnings, recorded) = match state {
+            Ok(((hosts, protected, running, quorum, warnings), false)) => {
+                (hosts, protected, running, Some(quorum), warnings, false)
             }
-            Ok(((protected, running, _, _), true)) => {
-                (protected.into_iter().map(views::as_recorded_vm).collect(), running, None, vec![], true)
+            Ok(((hosts, protected, running, _, _), true)) => {
+                let protected = protected.into_iter().map(views::as_recorded_vm).collect();
+                (hosts, protected, running, None, vec![], true)
             }
-            Err(_) => (vec![], HashMap::new(), None, vec![], true),
+            Err(_) => (vec![], vec![], HashMap::new(), None, vec![], true),
         };
+        let hosts = node.shown_hosts(hosts, recorded);
         // Those not running first, the highest priority first; then by name.
         protected.sort_by(|a, b| {
             let key = |v: &pb::Vm| (v.state == "running", -v.priority);
