@@ -218,7 +218,10 @@ impl LeaseShell {
             drop(k);
             // Written for libvirt's hook: it lets protected VMs start only until then.
             if let Some(end) = end {
-                self.save(crate::hook::LEASE_FILE, format!("{}\n", self.origin_ns + end.0 * 1_000_000));
+                self.save(
+                    crate::hook::LEASE_FILE,
+                    crate::hook::lease_text(self.origin_ns + end.0 * 1_000_000),
+                );
             }
         } else {
             k.set_cluster_hosts(cluster_hosts);
@@ -590,8 +593,12 @@ mod tests {
         let roster = EngineRoster { version: 7, peers: vec![], protected: vec!["u1".into(), "u2".into()] };
         first.answered(1, Millis(0), 5_000, 3, RosterUpdate::Whole(std::sync::Arc::new(roster))).unwrap();
         assert_eq!(first.roster_version(), 7);
-        let lease: u64 = std::fs::read_to_string(dir.join("lease")).unwrap().trim().parse().unwrap();
-        assert_eq!(lease, first.origin_ns + 5_000_000_000, "the lease file holds its end on CLOCK_MONOTONIC");
+        let lease = std::fs::read_to_string(dir.join("lease")).unwrap();
+        assert_eq!(
+            lease,
+            crate::hook::lease_text(first.origin_ns + 5_000_000_000),
+            "the lease file holds this boot and the lease's end on CLOCK_MONOTONIC"
+        );
         first.answered(1, Millis(1_000), 5_000, 3, RosterUpdate::Unchanged { version: 7 }).unwrap();
         assert_eq!(first.protected_list(), ["u1", "u2"], "an answer without a roster keeps the one held");
         let restarted = LeaseShell::new("kvm1", Timings::default(), None);

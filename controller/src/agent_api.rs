@@ -121,8 +121,10 @@ impl AgentService for AgentApi {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        // Before the checks and the wait for the decision loop: transit is measured to here.
-        let arrived = self.controller().ok().map(|c| c.now());
+        // A standby refuses before it reads anything: what a host sends is untrusted, and a
+        // standby must outlive whatever a heartbeat holds. Transit is measured to here.
+        let c = self.controller()?;
+        let arrived = Some(c.now());
         let host = self.access.agent_host(&req)?;
         let r = req.into_inner();
         let domains = validate::reported_domains(&r.domains)?;
@@ -165,7 +167,6 @@ impl AgentService for AgentApi {
             self_fenced: r.self_fenced,
             arrived,
         };
-        let c = self.controller()?;
         let lease = match c.step(Input::Heartbeat(hb)).await? {
             Reply::Lease(l) => l,
             Reply::Refused(r) => return Err(refusal(r)),

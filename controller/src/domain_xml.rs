@@ -29,6 +29,10 @@ pub const NVRAM_DIR: &str = "/var/lib/libvirt/qemu/nvram";
 const QEMU_NAMESPACE: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 /// Problems named in one refusal; more are counted.
 const MAX_PROBLEMS: usize = 8;
+/// How deep elements may nest. libvirt's own domain XML nests about 6 deep; the parser and the
+/// check's walk recurse, so a host's 4,000-deep document would overflow the stack and abort the
+/// controller (standbys too). Counted on the text before anything recurses.
+pub const MAX_DEPTH: usize = 64;
 
 /// What the operator allows in a definition (the controller's flags).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +58,8 @@ pub struct BadRule {
 pub enum Problem {
     #[error("the XML does not parse: {0}")]
     Malformed(String),
+    #[error("elements nest deeper than {MAX_DEPTH} levels")]
+    TooDeep,
     #[error("the root element is <{0}>, not <domain>")]
     NotADomain(String),
     #[error("{0}: host device passthrough is not allowed (the device belongs to one host)")]
@@ -173,6 +179,9 @@ impl DomainRules {
 
     /// Accepts `xml` or says everything wrong with it.
     pub fn check(&self, xml: &str) -> Result<(), Refused> {
+        if nesting_exceeds(xml, MAX_DEPTH) {
+            return Err(Refused(vec![Problem::TooDeep]));
+        }
         let doc = match roxmltree::Document::parse(xml) {
             Ok(doc) => doc,
             Err(e) => return Err(Refused(vec![Problem::Malformed(e.to_string())])),
@@ -185,6 +194,57 @@ impl DomainRules {
         c.walk(root);
         if c.problems.is_empty() { Ok(()) } else { Err(Refused(c.problems)) }
     }
+}
+
+/// Whether elements in `xml` nest deeper than `max`, read from the text without recursion.
+/// It may count too deep for text that is not XML (which the parser refuses anyway), never too
+/// shallow: every `<` that does not start a comment, CDATA section, processing instruction,
+/// declaration or end tag opens an element unless its tag ends in `/>`.
+fn nesting_exceeds(xml: &str, max: usize) -> bool {
+    let b = xml.as_bytes();
+    let skip_past = |from: usize, end: &[u8]| {
+        b[from..].windows(end.len()).position(|w| w == end).map_or(b.len(), |p| from + p + end.len())
+    };
+    let (mut i, mut depth) = (0, 0usize);
+    while let Some(p) = b[i..].iter().position(|&c| c == b'<') {
+        i += p;
+        let rest = &b[i..];
+        if rest.starts_with(b"<!--") {
+            i = skip_past(i + 4, b"-->");
+        } else if rest.starts_with(b"<![CDATA[") {
+            i = skip_past(i + 9, b"]]>");
+        } else if rest.starts_with(b"<?") {
+            i = skip_past(i + 2, b"?>");
+        } else if rest.starts_with(b"</") {
+            depth = depth.saturating_sub(1);
+            i = skip_past(i + 2, b">");
+        } else if rest.starts_with(b"<!") {
+            i = skip_past(i + 2, b">");
+        } else {
+            // A start tag: to its `>`, stepping over quoted attribute values.
+            let (mut j, mut quote) = (i + 1, None);
+            while j < b.len() {
+                match (quote, b[j]) {
+                    (None, q @ (b'"' | b'\'')) => quote = Some(q),
+                    (Some(q), c) if c == q => quote = None,
+                    (None, b'>') => break,
+                    _ => {}
+                }
+                j += 1;
+            }
+            if !(j < b.len() && b[j - 1] == b'/') {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            i = j + 1;
+        }
+        if i >= b.len() {
+            break;
+        }
+    }
+    false
 }
 
 struct Check<'r> {
@@ -650,6 +710,23 @@ mod tests {
         let many = dumpxml(&"<hostdev type='usb'/>".repeat(20));
         assert!(refusal(&r, &many).ends_with("and 12 more"));
     }
+
+    /// A 4,000-deep document (28 kB) once overflowed the stack of every controller.
+    #[test]
+    fn deep_nesting_is_refused_before_anything_recurses() {
+        let r = rules(&["/srv/vms"], &[], false);
+        let deep = |n: usize| dumpxml(&format!("{}{}", "<a x='>'>".repeat(n), "</a>".repeat(n)));
+        assert_eq!(refusal(&r, &deep(4_000)), format!("elements nest deeper than {MAX_DEPTH} levels"));
+        assert_eq!(refusal(&r, &deep(100_000)), format!("elements nest deeper than {MAX_DEPTH} levels"));
+        // Within the bound, nesting alone refuses nothing.
+        r.check(&deep(50)).unwrap();
+        // Self-closed tags, comments, CDATA and quoted `>` or `/>` open nothing.
+        let flat = dumpxml(&format!(
+            "<metadata>{}</metadata>",
+            "<m:x xmlns:m='urn:m' v='/>'/><!-- <a><a> --><![CDATA[<a><a>]]>".repeat(200)
+        ));
+        r.check(&flat).unwrap();
+    }
 }
 
 /// Arbitrary text, and domains assembled at random from devices whose fate is known: the
@@ -732,6 +809,17 @@ mod arbitrary_input {
         fn arbitrary_text_is_refused_or_accepted_without_panicking(s in ".{0,400}") {
             if let Err(e) = rules(true).check(&s) {
                 prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        #[test]
+        fn nesting_at_any_depth_never_aborts(depth in 0usize..3_000, tag in "[a-z]{1,6}", attrs in "( [a-z]{1,4}='[^'<]{0,6}'){0,3}", close in any::<bool>()) {
+            let open = format!("<{tag}{attrs}>").repeat(depth);
+            let end = if close { format!("</{tag}>").repeat(depth) } else { String::new() };
+            let xml = format!("<domain type='kvm'><name>x</name><devices>{open}{end}</devices></domain>");
+            let result = rules(true).check(&xml);
+            if depth + 2 > MAX_DEPTH {
+                prop_assert_eq!(result, Err(Refused(vec![Problem::TooDeep])));
             }
         }
 

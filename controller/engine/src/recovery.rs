@@ -622,6 +622,32 @@ pub fn confirm_down(state: &mut ClusterState, host: &str, now: Millis) -> Result
     Ok(out)
 }
 
+/// A host reports a VM whose restart its disk lock refused, and no process of it: whatever
+/// held the lock there is gone (its agent destroyed the stale copy once it saw its lease had
+/// lapsed), so the start is tried at the next tick, not at the next retry, up to 10 s later.
+/// Returns the VMs whose recovery changed.
+pub fn lock_holder_reported(
+    state: &mut ClusterState,
+    host: &str,
+    domains: &[ReportedDomain],
+    now: Millis,
+) -> Vec<String> {
+    let mut changed = Vec::new();
+    for uuid in state.vms_near(host) {
+        let runs_here = domains.iter().any(|d| d.uuid == uuid && d.state.has_process());
+        let Some(vm) = state.vms.get_mut(&uuid) else { continue };
+        if let Some(l) = vm.recovery.as_mut().and_then(|r| r.disk_locked.as_mut())
+            && l.last_seen == host
+            && !runs_here
+            && l.retry_at > now
+        {
+            l.retry_at = now;
+            changed.push(uuid);
+        }
+    }
+    changed
+}
+
 /// A host reports (before the inventory takes the report). If it had been declared dead, any
 /// protected VM it still runs that was restarted elsewhere is a stale copy to destroy at once;
 /// one not restarted yet stays where it is. Returns the actions and the stale domains, which the
@@ -1156,6 +1182,39 @@ mod tests {
         assert!(!is_disk_locked("qemu: no KVM"));
     }
 
+    fn running(uuid: &str, name: &str) -> ReportedDomain {
+        ReportedDomain {
+            uuid: uuid.into(),
+            name: name.into(),
+            state: RunState::Running,
+            memory_kib: 65_536,
+            vcpus: 1,
+        }
+    }
+
+    #[test]
+    fn the_lock_holder_reporting_its_copy_gone_brings_the_retry_forward() {
+        let mut s = cluster();
+        beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(0));
+        beat(&mut s, &["kvm2", "kvm3"], Millis(5_500));
+        let a = confirm_down(&mut s, "kvm1", Millis(5_500)).unwrap();
+        let (_, target) = starts(&a).into_iter().find(|(n, _)| n == "dns1").unwrap();
+        start_finished(&mut s, "a", &target, Err("Failed to get \"write\" lock".into()), Millis(5_600));
+        let retry_at =
+            |s: &ClusterState| s.vms["a"].recovery.as_ref().unwrap().disk_locked.as_ref().unwrap().retry_at;
+        // Another host's report, or kvm1 still running it, changes nothing.
+        assert!(lock_holder_reported(&mut s, "kvm2", &[], Millis(6_000)).is_empty());
+        assert!(lock_holder_reported(&mut s, "kvm1", &[running("a", "dns1")], Millis(6_000)).is_empty());
+        assert_eq!(retry_at(&s), Millis(15_600));
+        // kvm1 reports dns1 shut off: its copy is gone, and so is the lock.
+        let stopped = ReportedDomain { state: RunState::ShutOff, ..running("a", "dns1") };
+        assert_eq!(lock_holder_reported(&mut s, "kvm1", &[stopped], Millis(7_000)), ["a"]);
+        assert_eq!(retry_at(&s), Millis(7_000));
+        beat(&mut s, &["kvm2", "kvm3"], Millis(7_000));
+        let a = tick(&mut s, Millis(7_000));
+        assert!(starts(&a).iter().any(|(n, _)| n == "dns1"), "tried at once, not at 15.6 s: {a:?}");
+    }
+
     #[test]
     fn a_returning_host_destroys_copies_restarted_elsewhere_and_keeps_the_rest() {
         let mut s = cluster();
@@ -1166,13 +1225,6 @@ mod tests {
         let a = confirm_down(&mut s, "kvm1", Millis(5_500)).unwrap();
         assert_eq!(starts(&a), [("dns1".to_string(), "kvm3".to_string())], "radius1 has no room: {a:?}");
         start_finished(&mut s, "a", "kvm3", Ok(()), Millis(2));
-        let running = |u: &str, n: &str| ReportedDomain {
-            uuid: u.into(),
-            name: n.into(),
-            state: RunState::Running,
-            memory_kib: 65_536,
-            vcpus: 1,
-        };
         let (a, stale) =
             on_report(&mut s, "kvm1", &[running("a", "dns1"), running("b", "radius1")], Millis(5_600));
         beat(&mut s, &["kvm1"], Millis(5_600));

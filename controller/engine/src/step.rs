@@ -598,6 +598,7 @@ impl Engine {
         let mut deferred = BTreeSet::new();
         if let Some(domains) = hb.domains {
             touched.extend(domains.iter().map(|d| d.uuid.clone()));
+            touched.extend(recovery::lock_holder_reported(s, &host, &domains, now));
             let (first, stale) = recovery::on_report(s, &host, &domains, now);
             actions.extend(first);
             let kept: Vec<_> = domains.into_iter().filter(|d| !stale.contains(&d.uuid)).collect();
