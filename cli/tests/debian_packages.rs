@@ -79,6 +79,11 @@ fn the_packages_install_verify_run_and_remove_cleanly() {
     }
     let unit = std::fs::read_to_string(units[1]).unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/vmha-controller") && unit.contains("User=vmha"), "{unit}");
+    // systemd's default soft limit (1024 files) is too few for a large cluster's connections.
+    for path in units {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.lines().any(|l| l == "LimitNOFILE=65536"), "{path} raises LimitNOFILE");
+    }
 
     assert_eq!(
         ok("/usr/bin/vmha-agent", &["--version"]).trim(),

@@ -1542,6 +1542,87 @@ fn virtlockd_pid(lab: &Lab, host: &str) -> i32 {
     lab.pid_in(&format!("{host}/run/virtlockd.pid")).expect("virtlockd's pid file")
 }
 
+/// Which storage layer stops what. QEMU's own image lock is taken when QEMU opens the disk;
+/// libvirt's lockd lease only when the guest's CPUs start (libvirt starts QEMU paused and
+/// registers the lease at exec, acquiring it at resume). With both, QEMU's lock answers first.
+/// Here kvm's second copy sees the disk through a bindfs mount of its own, which (like NFS
+/// without its lock service) does not carry locks across: QEMU's lock cannot see the running
+/// copy, and lockd alone must refuse the start, before any guest CPU runs.
+fn lockd_alone_refuses_a_second_copy_that_qemus_lock_cannot_see(lab: &Lab) {
+    lab.settle();
+    lab.ensure_running("dns1");
+    let first = running_on("dns1");
+    let [owner] = &first[..] else { panic!("dns1 runs once before the test: {first:?}") };
+    let other = HOSTS.into_iter().find(|h| h != owner).unwrap();
+    let holder = lease_holder(lab, "dns1");
+    assert_eq!(holder, Some(virtlockd_pid(lab, owner)), "{owner}'s virtlockd holds dns1's lease");
+    let image = lab.dir().join("san/images/dns1.qcow2");
+    let xml = lab.dir().join("dns1-second-copy.xml");
+    std::fs::write(&xml, lab.virsh(owner, &["dumpxml", "--inactive", "dns1"])).unwrap();
+    // Mounted over the shared mount in that host's mount namespace only (hence `nonempty`):
+    // the same path, so the same lease, but QEMU's locks do not cross between the two mounts.
+    let in_other = format!("nsenter -t \"$(lab_anchor_pid {other})\" -m --");
+    lab_fn(
+        lab,
+        &format!(
+            "{in_other} bindfs -o nonempty,subtype=glusterfs,fsname=vmha-lab-nolocks \"$LAB_IMAGES_BACKING\" \
+             \"$LAB_IMAGES_DIR\" </dev/null >/dev/null 2>&1 9>&-"
+        ),
+    );
+    let watch = DoubleRunWatch::start();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The control: QEMU's lock refuses through the shared mount, and sees nothing through
+        // the other host's own.
+        let info = |prefix: &str| {
+            Command::new("bash")
+                .args([
+                    "-c",
+                    &format!(
+                        "source {}; {prefix} qemu-img info {}",
+                        repo().join("deploy/lab/lib.sh").display(),
+                        image.display()
+                    ),
+                ])
+                .env("VMHA_LAB_DIR", lab.dir())
+                .output()
+                .unwrap()
+        };
+        let shared = info("");
+        assert!(
+            String::from_utf8_lossy(&shared.stderr).contains("lock"),
+            "QEMU's lock refuses through the shared mount: {}",
+            String::from_utf8_lossy(&shared.stderr)
+        );
+        let unlocked = info(&in_other);
+        assert!(
+            unlocked.status.success(),
+            "through {other}'s own mount QEMU's lock sees nothing: {}",
+            String::from_utf8_lossy(&unlocked.stderr)
+        );
+        lab.virsh(other, &["define", xml.to_str().unwrap()]);
+        let start = Command::new("timeout")
+            .args(["20", "virsh", "-c", &lab.uri(other), "start", "dns1"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&start.stderr).to_string();
+        println!("  start on {other}: {}", err.trim());
+        assert!(!start.status.success(), "a second copy of dns1 started on {other}");
+        assert!(
+            err.contains("Lockspace resource") && err.contains("is locked"),
+            "lockd's lease refused it, not QEMU's lock: {err}"
+        );
+        assert!(running_on("dns1") == first, "dns1 runs once, on {owner}: {:?}", running_on("dns1"));
+        assert_eq!(lease_holder(lab, "dns1"), holder, "the lease stayed with {owner}");
+    }));
+    let _ = Command::new("timeout").args(["10", "virsh", "-c", &lab.uri(other), "undefine", "dns1"]).output();
+    lab_fn(lab, &format!("{in_other} umount \"$LAB_IMAGES_DIR\""));
+    let _ = std::fs::remove_file(&xml);
+    let (samples, doubles, transient) = watch.finish_lasting(3);
+    println!("  {samples} samples; {transient} with the refused copy's QEMU, paused until lockd said no");
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert!(doubles.is_empty(), "ran twice: {doubles:?}");
+}
+
 /// Fencing bypassed: the host of protected dns1 loses its lease but neither fences itself (its
 /// agent is stopped) nor is reset (its watchdog monitor is stopped, as on a host without a
 /// working watchdog). The operator confirms it down; the controller's restart elsewhere is
@@ -2508,7 +2589,7 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 28] = [
+    let scenarios: [Scenario; 29] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -2550,6 +2631,10 @@ fn main() {
             a_throttled_migration_times_out_and_the_guest_stays,
         ),
         ("a_drain_moves_the_disk_locks_with_the_guests", a_drain_moves_the_disk_locks_with_the_guests),
+        (
+            "lockd_alone_refuses_a_second_copy_that_qemus_lock_cannot_see",
+            lockd_alone_refuses_a_second_copy_that_qemus_lock_cannot_see,
+        ),
         (
             "a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed",
             a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed,

@@ -26,7 +26,7 @@ use std::os::unix::process::CommandExt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -48,30 +48,41 @@ const _: () =
     assert!(RIGHT.as_millis() < IDLE_KILL.as_millis() && RIGHT.as_millis() < TAKEOVER_WAIT.as_millis());
 const _: () = assert!(CHECK.as_millis() * 2 < RIGHT.as_millis());
 
+/// Time since boot on CLOCK_BOOTTIME. Unlike CLOCK_MONOTONIC (what `Instant` reads) it keeps
+/// counting while the machine is suspended, so a leader whose machine slept past `IDLE_KILL`
+/// finds its right gone when it wakes. (Nothing inside a paused VM counts the pause: see
+/// SAFETY.md "Clocks that stop".)
+pub fn boottime() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Until when this process may act as the leader; nothing before it won the lock.
 pub struct Leadership {
-    origin: Instant,
-    /// Milliseconds since `origin`; 0: never.
+    /// Milliseconds on CLOCK_BOOTTIME; 0: never.
     until_ms: AtomicU64,
 }
 
 impl Leadership {
     pub fn new() -> Arc<Leadership> {
-        Arc::new(Leadership { origin: Instant::now(), until_ms: AtomicU64::new(0) })
+        Arc::new(Leadership { until_ms: AtomicU64::new(0) })
     }
 
     /// A controller that is the only one by construction (tests of the controller alone).
     pub fn sole() -> Arc<Leadership> {
-        Arc::new(Leadership { origin: Instant::now(), until_ms: AtomicU64::new(u64::MAX) })
+        Arc::new(Leadership { until_ms: AtomicU64::new(u64::MAX) })
     }
 
     /// Whether this process may act now: grant leases, declare hosts dead, start operations.
     pub fn acting(&self) -> bool {
-        (self.origin.elapsed().as_millis() as u64) < self.until_ms.load(Ordering::SeqCst)
+        (boottime().as_millis() as u64) < self.until_ms.load(Ordering::SeqCst)
     }
 
-    fn proved(&self, sent: Instant) {
-        let until = (sent.duration_since(self.origin) + RIGHT).as_millis() as u64;
+    /// A proof sent at `sent` (on `boottime`) succeeded.
+    fn proved(&self, sent: Duration) {
+        let until = (sent + RIGHT).as_millis() as u64;
         self.until_ms.fetch_max(until, Ordering::SeqCst);
     }
 }
@@ -133,7 +144,7 @@ impl LockSession {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let sent = Instant::now();
+            let sent = boottime();
             let held = tokio::time::timeout(
                 RIGHT,
                 sqlx::query_scalar::<_, bool>(
@@ -180,14 +191,23 @@ mod tests {
     fn a_proof_gives_the_right_to_act_for_right_from_its_send() {
         let l = Leadership::new();
         assert!(!l.acting(), "nothing before the lock is won");
-        l.proved(Instant::now());
+        l.proved(boottime());
         assert!(l.acting());
-        let long_ago = Instant::now() - RIGHT * 2;
-        let stale = Leadership { origin: long_ago, until_ms: AtomicU64::new(0) };
-        stale.proved(long_ago);
+        let stale = Leadership::new();
+        stale.proved(boottime().saturating_sub(RIGHT * 2));
         assert!(!stale.acting(), "a proof sent more than RIGHT ago gives nothing");
         // An older proof never shortens the right.
-        l.proved(l.origin);
+        l.proved(Duration::ZERO);
         assert!(l.acting());
+    }
+
+    /// CLOCK_BOOTTIME counts at least what CLOCK_MONOTONIC counts (and the time suspended).
+    #[test]
+    fn the_right_is_measured_on_a_clock_that_counts_suspends() {
+        let mut mono = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut mono) };
+        let mono = Duration::new(mono.tv_sec as u64, mono.tv_nsec as u32);
+        assert!(boottime() >= mono, "{:?} < {mono:?}", boottime());
     }
 }

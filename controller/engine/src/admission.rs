@@ -78,8 +78,7 @@ fn protected_memory(state: &ClusterState, host: &str) -> u64 {
         .vms_placed_on(host)
         .iter()
         .filter(|v| v.protected && v.state.has_process())
-        .map(|v| v.memory_kib)
-        .sum()
+        .fold(0u64, |sum, v| sum.saturating_add(v.memory_kib))
 }
 
 /// Where the VMs running on `lost` that `counted` picks (the protected ones, or those as they

@@ -141,7 +141,8 @@ fn unfit(
             ));
         }
     }
-    let capacity = h.resources.cpus * state.policy.vcpu_overcommit;
+    // Agent-supplied: saturating, as every sum of what hosts report.
+    let capacity = h.resources.cpus.saturating_mul(state.policy.vcpu_overcommit);
     let used = cpus_running.saturating_add(cpu_reserved);
     if used.saturating_add(vm.vcpus) > capacity {
         return Some(format!("{host}: {used} of {capacity} vCPUs allocated, needs {}", vm.vcpus));
@@ -285,5 +286,26 @@ mod tests {
         wide.vcpus = 17;
         let e = place(&s, &wide, Millis(1), &["kvm1".into()]).unwrap_err();
         assert!(e.contains("kvm2: 0 of 16 vCPUs allocated, needs 17"), "{e}");
+    }
+
+    /// What a host reports is untrusted: numbers at their maximum neither panic nor wrap
+    /// into room that is not there.
+    #[test]
+    fn reported_numbers_at_their_maximum_neither_panic_nor_wrap() {
+        let mut s = online(three_hosts());
+        for h in s.hosts.values_mut() {
+            h.resources.cpus = u32::MAX;
+            h.resources.memory_free_kib = u64::MAX;
+        }
+        let mut huge = vm_on(&mut s, "a", "huge", "kvm1");
+        huge.vcpus = u32::MAX;
+        huge.memory_kib = u64::MAX;
+        s.vms.insert(huge.uuid.clone(), huge.clone());
+        let usage = Usage::of(&s);
+        assert_eq!(memory_left(&s, &usage, "kvm2"), u64::MAX);
+        assert!(place(&s, &huge, Millis(1), &["kvm1".into()]).is_ok(), "saturated capacity still fits");
+        s.policy.vcpu_overcommit = u32::MAX;
+        let e = place(&s, &VmView { vcpus: 1, ..huge.clone() }, Millis(1), &["kvm1".into()]);
+        assert!(e.is_ok(), "{e:?}");
     }
 }

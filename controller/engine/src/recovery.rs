@@ -1140,16 +1140,22 @@ mod tests {
         assert!(explain(&s, "a", Millis(3)).unwrap().contains("2 attempts failed"));
     }
 
-    #[test]
-    fn a_locked_disk_is_an_alarm_tried_again_later_never_elsewhere() {
-        let mut s = cluster();
-        beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(0));
-        beat(&mut s, &["kvm2", "kvm3"], Millis(5_500));
-        let a = confirm_down(&mut s, "kvm1", Millis(5_500)).unwrap();
+    /// kvm1 confirmed down at 5.5 s while it still runs dns1: the restart's start is refused
+    /// on dns1's disk lock at 5.6 s. Returns what that refusal did.
+    fn refused_on_the_lock(s: &mut ClusterState) -> Vec<Action> {
+        beat(s, &["kvm1", "kvm2", "kvm3"], Millis(0));
+        beat(s, &["kvm2", "kvm3"], Millis(5_500));
+        let a = confirm_down(s, "kvm1", Millis(5_500)).unwrap();
         let (_, target) = starts(&a).into_iter().find(|(n, _)| n == "dns1").unwrap();
         let locked = "internal error: qemu unexpectedly closed the monitor: Failed to get \"write\" lock\nIs another \
                       process using the image [/srv/images/dns1.qcow2]?";
-        let a = start_finished(&mut s, "a", &target, Err(locked.into()), Millis(5_600));
+        start_finished(s, "a", &target, Err(locked.into()), Millis(5_600))
+    }
+
+    #[test]
+    fn a_locked_disk_is_an_alarm_tried_again_later_never_elsewhere() {
+        let mut s = cluster();
+        let a = refused_on_the_lock(&mut s);
         assert!(
             matches!(&a[..], [Action::Event { kind: EventKind::DiskLocked, message, .. }] if message.contains("last seen on kvm1")),
             "an alarm, and no start elsewhere: {a:?}"
@@ -1195,11 +1201,7 @@ mod tests {
     #[test]
     fn the_lock_holder_reporting_its_copy_gone_brings_the_retry_forward() {
         let mut s = cluster();
-        beat(&mut s, &["kvm1", "kvm2", "kvm3"], Millis(0));
-        beat(&mut s, &["kvm2", "kvm3"], Millis(5_500));
-        let a = confirm_down(&mut s, "kvm1", Millis(5_500)).unwrap();
-        let (_, target) = starts(&a).into_iter().find(|(n, _)| n == "dns1").unwrap();
-        start_finished(&mut s, "a", &target, Err("Failed to get \"write\" lock".into()), Millis(5_600));
+        refused_on_the_lock(&mut s);
         let retry_at =
             |s: &ClusterState| s.vms["a"].recovery.as_ref().unwrap().disk_locked.as_ref().unwrap().retry_at;
         // Another host's report, or kvm1 still running it, changes nothing.
