@@ -113,7 +113,12 @@ impl OperatorApi {
         let deadline = tokio::time::Instant::now() + interval * 3 + Duration::from_secs(1);
         let known = || {
             let (host, since) = (host.clone(), vm.protected_since);
-            c.read(move |s| s.hosts.get(&host).and_then(|h| h.protection_known).is_some_and(|k| k >= since))
+            c.read(move |s| {
+                vmha_engine::recovery::protection_acknowledged(
+                    s.hosts.get(&host).and_then(|h| h.protection_known),
+                    since,
+                )
+            })
         };
         // A controller going down answers no more: stop waiting.
         while !known().await.unwrap_or(true) {

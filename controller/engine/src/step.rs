@@ -611,8 +611,14 @@ impl Engine {
             let changes = inventory::apply_report(s, &host, &kept, now);
             let after = recovery::after_report(s, &host, &changes, now);
             if !after.is_empty() {
-                // It placed the waiting restarts again: any of them may wait for another reason.
+                // It placed the waiting restarts again: any of them may wait for another reason,
+                // or have ended (another live host reports the VM running), which leaves no
+                // recovery behind to find it by.
                 touched.extend(s.vms.values().filter(|v| v.recovery.is_some()).map(|v| v.uuid.clone()));
+                touched.extend(after.iter().filter_map(|a| match a {
+                    recovery::Action::Outage(OutageMark::Ended { vm_uuid }) => Some(vm_uuid.clone()),
+                    _ => None,
+                }));
             }
             actions.extend(after);
             touched.extend(changes.iter().map(|c| c.uuid().to_string()));
