@@ -112,12 +112,12 @@ impl OperatorApi {
         let interval = Duration::from_millis(c.timings.heartbeat_interval_ms);
         let deadline = tokio::time::Instant::now() + interval * 3 + Duration::from_secs(1);
         let known = || {
-            let (host, since) = (host.clone(), vm.protected_since);
+            let (host, uuid) = (host.clone(), vm.uuid.clone());
+            // Unprotected meanwhile: nothing to wait for.
             c.read(move |s| {
-                vmha_engine::recovery::protection_acknowledged(
-                    s.hosts.get(&host).and_then(|h| h.protection_known),
-                    since,
-                )
+                s.vms.get(&uuid).is_none_or(|v| {
+                    !v.protected || v.fenced_by(s.hosts.get(&host).and_then(|h| h.roster_acked))
+                })
             })
         };
         // A controller going down answers no more: stop waiting.

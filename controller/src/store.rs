@@ -389,7 +389,8 @@ impl Store {
     pub async fn set_host_work(db: &mut PgConnection, host: &str, w: &HostWork) -> Result<(), StoreError> {
         let drain = w.drain.as_ref().map(serde_json::to_string).transpose().map_err(encode("host drain"))?;
         sqlx::query(
-            "UPDATE hosts SET admin_state = $2, memory_limit_kib = $3, fencing = $4, dead_cause = $5, drain = $6
+            "UPDATE hosts SET admin_state = $2, memory_limit_kib = $3, fencing = $4, dead_cause = $5, drain = $6,
+                 roster_acked = $7
              WHERE name = $1",
         )
         .bind(host)
@@ -398,6 +399,7 @@ impl Store {
         .bind(w.fencing.as_str())
         .bind(&w.dead)
         .bind(drain)
+        .bind(w.roster_acked.map(|v| v as i64))
         .execute(&mut *db)
         .await
         .map_err(q("set host work"))?;
@@ -441,11 +443,12 @@ impl Store {
             watchdog_timeout_ms: i64,
             dead_cause: Option<String>,
             drain: Option<String>,
+            roster_acked: Option<i64>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT name, migration_uri, admin_state, cpus, memory_total_kib, cpu_model, libvirt_version,
                  fencing, peer_address, memory_limit_kib, watchdog, watchdog_detail, watchdog_timeout_ms,
-                 dead_cause, drain
+                 dead_cause, drain, roster_acked
              FROM hosts ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -470,6 +473,7 @@ impl Store {
                 };
                 h.libvirt_version = r.libvirt_version;
                 h.memory_limit_kib = r.memory_limit_kib.map(|m| m as u64);
+                h.roster_acked = r.roster_acked.map(|v| v as u64);
                 h.watchdog = match r.watchdog.as_str() {
                     "armed" => Watchdog::Armed {
                         device: r.watchdog_detail,
@@ -511,10 +515,12 @@ impl Store {
             admission_override: Option<String>,
             stopped_by: Option<String>,
             state: String,
+            protected_in: Option<i64>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host, anti_affinity,
-                 allowed_hosts, xml, preferred_host, recovery, admission_override, stopped_by, state
+                 allowed_hosts, xml, preferred_host, recovery, admission_override, stopped_by, state,
+                 protected_in
              FROM vms ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -544,6 +550,7 @@ impl Store {
                 vm.preferred_host = r.preferred_host;
                 vm.admission_override = r.admission_override;
                 vm.stopped_by = r.stopped_by;
+                vm.protected_in = r.protected_in.map(|v| v as u64);
                 Ok(vm)
             })
             .collect()
@@ -582,7 +589,7 @@ impl Store {
         sqlx::query(
             "UPDATE vms SET protected = $2, priority = $3, anti_affinity = $4, allowed_hosts = $5,
                  preferred_host = $6, recovery = $7, admission_override = $8, stopped_by = $9,
-                 updated_at = now(),
+                 protected_in = $10, updated_at = now(),
                  -- The old row's protected: set when protection begins, kept while it lasts.
                  protected_at = CASE WHEN NOT $2 THEN NULL
                                      WHEN NOT vms.protected THEN now()
@@ -598,6 +605,7 @@ impl Store {
         .bind(recovery)
         .bind(&w.admission_override)
         .bind(&w.stopped_by)
+        .bind(w.protected_in.map(|v| v as i64))
         .execute(&mut *db)
         .await
         .map_err(q("set vm work"))?;

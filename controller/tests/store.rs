@@ -243,7 +243,7 @@ async fn operations_record_their_life_and_unfinished_ones_are_handed_to_the_next
 }
 
 #[tokio::test]
-async fn a_hosts_death_and_drain_and_a_vms_restart_survive_a_restart() {
+async fn a_hosts_death_drain_and_acknowledged_roster_and_a_vms_restart_survive_a_restart() {
     let pg = PgServer::shared();
     let s = Store::open(&pg.fresh_database()).await.unwrap();
     let mut db = s.connection().await.unwrap();
@@ -260,16 +260,21 @@ async fn a_hosts_death_and_drain_and_a_vms_restart_survive_a_restart() {
         steps: Vec::new(),
         message: String::new(),
     });
+    // What the next leader needs to restart kvm1's VMs without an operator: a roster version
+    // of epoch 3 (the upper half) acknowledged, and the version that first listed the VM.
+    h.roster_acked = Some((3 << 32) | 17);
     Store::set_host_work(&mut db, "kvm1", &HostWork::of(&h)).await.unwrap();
     let mut v = vm(id, "kvm1");
     v.protected = true;
+    v.protected_in = Some((3 << 32) | 12);
     v.recovery = Some(vmha_engine::recovery::Recovery::in_doubt("kvm2", Millis(7)));
     Store::set_vm_work(&mut db, &v.uuid, &VmWork::of(&v)).await.unwrap();
 
     let loaded = &s.load_hosts().await.unwrap()[0];
     assert_eq!(HostWork::of(loaded), HostWork::of(&h));
-    let loaded = &s.load_vms().await.unwrap()[0];
-    assert_eq!(VmWork::of(loaded), VmWork::of(&v));
+    let loaded_vm = &s.load_vms().await.unwrap()[0];
+    assert_eq!(VmWork::of(loaded_vm), VmWork::of(&v));
+    assert!(loaded_vm.fenced_by(loaded.roster_acked), "kvm1's self-fence covers the VM after a restart");
 }
 
 #[tokio::test]

@@ -209,9 +209,11 @@ pub struct HostView {
     /// Its agent said, in its last heartbeat, that it has self-fenced (not persisted: the next
     /// heartbeat says it again).
     pub self_fenced: bool,
-    /// The newest answer of this leader the host acknowledged: every answer lists the
-    /// protected VMs, so the host's agent knows of every protection made before it.
-    pub protection_known: Option<Millis>,
+    /// The newest roster version among the answers its agent acknowledged, this leader's or
+    /// (restored from the database) an earlier one's: the agent knows of every protection that
+    /// roster listed, and keeps its list across restarts. Versions carry the leader's epoch in
+    /// their upper half, so they compare across leaders.
+    pub roster_acked: Option<u64>,
     pub dead: Option<Death>,
     /// An external fence command is running since then.
     pub fencing_since: Option<Millis>,
@@ -241,7 +243,7 @@ impl HostView {
             fencing: FencingMode::SelfFence,
             watchdog: Watchdog::Unknown,
             self_fenced: false,
-            protection_known: None,
+            roster_acked: None,
             dead: None,
             fencing_since: None,
             health: Default::default(),
@@ -264,9 +266,15 @@ pub struct VmView {
     pub vcpus: u32,
     pub protected: bool,
     /// When it became protected, on this leader's clock (its start for VMs protected before).
-    /// Its host's self-fence covers it only once the host acknowledged an answer sent since
-    /// (`HostView::protection_known`).
     pub protected_since: Millis,
+    /// The first roster version that listed its protection (`None` until a roster is built
+    /// after it was protected). Its host's self-fence covers it once the host acknowledged that
+    /// version or a later one (`HostView::roster_acked`).
+    pub protected_in: Option<u64>,
+    /// When the last operation on it ended (its result reached this leader). A report sent
+    /// before then may show it as it was before that result: such a report is not taken for it
+    /// (`inventory::apply_report`).
+    pub settled_at: Millis,
     pub priority: i32,
     /// Set while a migration or other operation owns the VM, so that no second one starts.
     pub busy_with: Option<String>,
@@ -323,6 +331,8 @@ impl VmView {
             vcpus: 0,
             protected: false,
             protected_since: Millis(0),
+            protected_in: None,
+            settled_at: Millis(0),
             priority: 0,
             busy_with: None,
             recorded_running: false,

@@ -137,11 +137,15 @@ impl InventoryChange {
 ///
 /// A VM's location moves to the reporting host only if the VM has none or the host reports it
 /// running: the incoming side of a live migration reports a paused copy while the source still
-/// runs it, and that must not look like a move.
+/// runs it, and that must not look like a move. The report was sent after `sent_after` (on this
+/// leader's clock): for a VM whose last operation ended after that, it may show the VM as it
+/// was before, so its absence or stopped copy there is no news (a late report of a migration's
+/// target, sent before the migration, would show the VM stopped there while it runs).
 pub fn apply_report(
     state: &mut ClusterState,
     host: &str,
     domains: &[ReportedDomain],
+    sent_after: Millis,
     now: Millis,
 ) -> Vec<InventoryChange> {
     let mut changes = Vec::new();
@@ -162,6 +166,11 @@ pub fn apply_report(
             });
             continue;
         };
+        // A stopped or paused copy, in a report that may predate the last result, is no news:
+        // the VM may have arrived since (what runs is always news: it may be a second copy).
+        if vm.settled_at > sent_after && vm.host.as_deref() == Some(host) && d.state != RunState::Running {
+            continue;
+        }
         if (vm.name.as_str(), vm.memory_kib, vm.vcpus) != (d.name.as_str(), d.memory_kib, d.vcpus) {
             vm.name = d.name.clone();
             vm.memory_kib = d.memory_kib;
@@ -252,7 +261,8 @@ pub fn apply_report(
     }
     let reported: HashMap<&str, RunState> = domains.iter().map(|d| (d.uuid.as_str(), d.state)).collect();
     for uuid in state.vms_near(host) {
-        let Some(vm) = state.vms.get_mut(&uuid) else { continue };
+        let Some(vm) = state.vms.get_mut(&uuid).filter(|v| v.settled_at <= sent_after) else { continue };
+        // (A copy missing from a report that may predate the last result is no news either.)
         let here = reported.get(uuid.as_str()).copied();
         // The extra copy is gone from the host that ran it.
         if vm.second_copy.as_ref().is_some_and(|c| c.host == host) && here != Some(RunState::Running) {
@@ -327,19 +337,19 @@ mod tests {
     #[test]
     fn a_live_migration_moves_the_vm_only_once_the_target_runs_it() {
         let mut s = ClusterState::default();
-        let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
+        let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(0));
         assert!(matches!(&c[..], [InventoryChange::Appeared { host, .. }] if host == "kvm1"));
         s.vms.get_mut("a").unwrap().busy_with = Some("migration to kvm2".into());
         // Mid-migration the target holds a paused copy: still on kvm1.
-        let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Paused)], Millis(10));
+        let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Paused)], Millis(0), Millis(10));
         assert!(c.is_empty(), "{c:?}");
         assert_eq!(s.vms["a"].host.as_deref(), Some("kvm1"));
-        let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Running)], Millis(20));
+        let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Running)], Millis(0), Millis(20));
         assert!(
             matches!(&c[..], [InventoryChange::Moved { from, to, .. }] if from == "kvm1" && to == "kvm2")
         );
         // The source's next report no longer lists it: that is not a vanishing, it moved.
-        let c = apply_report(&mut s, "kvm1", &[], Millis(30));
+        let c = apply_report(&mut s, "kvm1", &[], Millis(0), Millis(30));
         assert!(c.is_empty(), "{c:?}");
         assert_eq!(s.vms["a"].host.as_deref(), Some("kvm2"));
     }
@@ -347,27 +357,27 @@ mod tests {
     #[test]
     fn a_vm_no_host_reports_is_unplaced_until_one_does() {
         let mut s = ClusterState::default();
-        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
-        let c = apply_report(&mut s, "kvm1", &[], Millis(1));
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(0));
+        let c = apply_report(&mut s, "kvm1", &[], Millis(0), Millis(1));
         assert!(
             matches!(&c[..], [InventoryChange::Vanished { from, forgotten: true, .. }] if from == "kvm1")
         );
         assert!(!s.vms.contains_key("a"), "an unprotected VM defined nowhere is forgotten");
-        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(1));
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(1));
         s.vms.get_mut("a").unwrap().protected = true;
-        let c = apply_report(&mut s, "kvm1", &[], Millis(1));
+        let c = apply_report(&mut s, "kvm1", &[], Millis(0), Millis(1));
         assert!(matches!(&c[..], [InventoryChange::Vanished { forgotten: false, .. }]));
         assert_eq!((s.vms["a"].host.as_deref(), s.vms["a"].state), (None, RunState::Unknown));
-        let c = apply_report(&mut s, "kvm3", &[dom("a", RunState::ShutOff)], Millis(2));
+        let c = apply_report(&mut s, "kvm3", &[dom("a", RunState::ShutOff)], Millis(0), Millis(2));
         assert!(matches!(&c[..], [InventoryChange::Appeared { host, .. }] if host == "kvm3"));
     }
 
     #[test]
     fn a_vm_vmha_is_moving_does_not_vanish_when_its_source_stops_listing_it() {
         let mut s = ClusterState::default();
-        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(0));
         s.vms.get_mut("a").unwrap().busy_with = Some("migration to kvm2".into());
-        assert!(apply_report(&mut s, "kvm1", &[], Millis(1)).is_empty());
+        assert!(apply_report(&mut s, "kvm1", &[], Millis(0), Millis(1)).is_empty());
         let moved = apply_migrated(&mut s, "a", "kvm2");
         assert!(matches!(moved, Some(InventoryChange::Moved { from, .. }) if from == "kvm1"));
     }
@@ -375,38 +385,42 @@ mod tests {
     #[test]
     fn state_changes_and_resizes_are_reported_once() {
         let mut s = ClusterState::default();
-        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(0));
         let mut d = dom("a", RunState::ShutOff);
         d.memory_kib *= 2;
-        let c = apply_report(&mut s, "kvm1", std::slice::from_ref(&d), Millis(1));
+        let c = apply_report(&mut s, "kvm1", std::slice::from_ref(&d), Millis(0), Millis(1));
         assert_eq!(c.len(), 2, "{c:?}");
-        assert!(apply_report(&mut s, "kvm1", &[d], Millis(2)).is_empty());
+        assert!(apply_report(&mut s, "kvm1", &[d], Millis(0), Millis(2)).is_empty());
     }
 
     #[test]
     fn a_second_copy_is_confirmed_by_the_placed_hosts_next_report_and_ends_when_either_goes() {
         let mut s = ClusterState::default();
-        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
-        let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Running)], Millis(10));
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(0));
+        let c = apply_report(&mut s, "kvm2", &[dom("a", RunState::Running)], Millis(0), Millis(10));
         assert!(
             matches!(&c[..], [InventoryChange::TwoCopies { placed, extra, confirmed: false, .. }] if placed == "kvm1" && extra == "kvm2"),
             "{c:?}"
         );
         assert_eq!(s.vms["a"].host.as_deref(), Some("kvm1"), "not taken as a move");
-        let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(20));
+        let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(20));
         assert!(
             matches!(&c[..], [InventoryChange::TwoCopies { extra, confirmed: true, .. }] if extra == "kvm2")
         );
         // The destroy is asked for once, and again if the copy is still there 5 s later.
-        assert!(apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(1_020)).is_empty());
-        let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(5_020));
+        assert!(
+            apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(1_020)).is_empty()
+        );
+        let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(5_020));
         assert!(matches!(&c[..], [InventoryChange::TwoCopies { confirmed: true, .. }]), "{c:?}");
         // The extra copy is destroyed: no more reports of two copies.
-        apply_report(&mut s, "kvm2", &[dom("a", RunState::ShutOff)], Millis(5_030));
-        assert!(apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(5_040)).is_empty());
+        apply_report(&mut s, "kvm2", &[dom("a", RunState::ShutOff)], Millis(0), Millis(5_030));
+        assert!(
+            apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(5_040)).is_empty()
+        );
         // A live migration by hand: the target runs it before the source's report drops it.
-        apply_report(&mut s, "kvm2", &[dom("a", RunState::Running)], Millis(5_050));
-        let c = apply_report(&mut s, "kvm1", &[], Millis(5_060));
+        apply_report(&mut s, "kvm2", &[dom("a", RunState::Running)], Millis(0), Millis(5_050));
+        let c = apply_report(&mut s, "kvm1", &[], Millis(0), Millis(5_060));
         assert!(
             matches!(&c[..], [InventoryChange::Moved { from, to, .. }] if from == "kvm1" && to == "kvm2"),
             "{c:?}"
@@ -426,7 +440,7 @@ mod tests {
         assert_eq!(first.domains.len(), 2);
         assert_eq!(first.deferred, ["c", "d"]);
         assert!(first.message.as_deref().is_some_and(|m| m.contains("2 are recorded")), "{first:?}");
-        apply_report(&mut s, "kvm1", &first.domains, Millis(0));
+        apply_report(&mut s, "kvm1", &first.domains, Millis(0), Millis(0));
         // Another host has its own budget.
         assert_eq!(admit_new(&mut s, "kvm2", vec![dom("e", RunState::Running)], Millis(0)).deferred.len(), 0);
         // Half a minute later one more may be recorded; the known ones always pass; the
@@ -434,7 +448,7 @@ mod tests {
         let later = admit_new(&mut s, "kvm1", report.clone(), Millis(30_000));
         assert_eq!(later.domains.iter().map(|d| d.uuid.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
         assert_eq!((later.deferred.len(), later.message), (1, None));
-        apply_report(&mut s, "kvm1", &later.domains, Millis(30_000));
+        apply_report(&mut s, "kvm1", &later.domains, Millis(0), Millis(30_000));
         let done = admit_new(&mut s, "kvm1", report, Millis(60_000));
         assert_eq!((done.domains.len(), done.deferred.len()), (4, 0));
         // An idle minute refills the bucket to a minute's worth, no more.
@@ -448,7 +462,7 @@ mod tests {
     #[test]
     fn a_finished_migration_moves_the_vm_before_any_heartbeat() {
         let mut s = ClusterState::default();
-        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0));
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(0));
         assert!(apply_migrated(&mut s, "a", "kvm2").is_some());
         assert_eq!(s.vms["a"].host.as_deref(), Some("kvm2"));
         assert!(apply_migrated(&mut s, "a", "kvm2").is_none());

@@ -25,6 +25,8 @@ pub struct Issued {
     pub lease_end: Option<Millis>,
     /// The membership it told the agent of (`membership`): the hosts it counts votes among.
     pub members: u64,
+    /// The roster version it brought the agent to (0: none, a registration's answer).
+    pub roster: u64,
 }
 
 /// The leader's lease book for one host.
@@ -193,7 +195,7 @@ pub fn knows_membership(state: &ClusterState, host: &str, current: u64) -> bool 
 pub fn issue_stamp(state: &mut ClusterState, host: &str, now: Millis) -> Millis {
     let members = current_membership(state);
     if let Some(h) = state.hosts.get_mut(host) {
-        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members });
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members, roster: 0 });
     }
     now
 }
@@ -212,10 +214,12 @@ fn push_issued(l: &mut HostLease, i: Issued) {
 /// 1000 aligned heartbeats queues for tens of ms): transit is measured to there, and the
 /// lease runs from there. That keeps both bounds of SAFETY.md (1): the leader's view of the
 /// lease starts after the agent's (the send), and at most the measured transit later.
+/// `roster` is the version of the roster the answer brings the agent to.
 pub fn on_heartbeat(
     state: &mut ClusterState,
     host: &str,
     echo: Option<Echo>,
+    roster: u64,
     arrived: Millis,
     now: Millis,
 ) -> LeaseAnswer {
@@ -231,7 +235,7 @@ pub fn on_heartbeat(
         // Its VMs may run elsewhere now. No lease (and so no start: the agent and its start
         // hook need one) until a report with its domains has shown what it still runs and
         // the stale copies are on their way out (`recovery::on_report`).
-        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members });
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members, roster });
         return LeaseAnswer::Refused {
             stamp: now,
             reason: "the host was declared dead; it gets a lease once it has reported its domains",
@@ -241,13 +245,15 @@ pub fn on_heartbeat(
         .filter(|e| e.epoch == epoch)
         .and_then(|e| h.lease.issued.iter().find(|i| i.stamp == e.stamp).copied().map(|i| (e, i)));
     let Some((echo, issued)) = known else {
-        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members });
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members, roster });
         return LeaseAnswer::Refused { stamp: now, reason: "it echoed no answer of this leader" };
     };
     if let Some(end) = issued.lease_end {
         h.lease.acked_end = Some(h.lease.acked_end.map_or(end, |a| a.max(end)));
     }
-    h.protection_known = h.protection_known.max(Some(issued.stamp));
+    if issued.roster != 0 {
+        h.roster_acked = h.roster_acked.max(Some(issued.roster));
+    }
     if h.lease.acked_members.is_none_or(|(s, _)| s < issued.stamp) {
         h.lease.acked_members = Some((issued.stamp, issued.members));
     }
@@ -255,11 +261,11 @@ pub fn on_heartbeat(
     // So this heartbeat was in flight at most arrived - stamp - held_ms.
     let transit_bound = arrived.0.saturating_sub(echo.stamp.0).saturating_sub(echo.held_ms);
     if echo.stamp > arrived || transit_bound > t.max_transit_ms {
-        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members });
+        push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members, roster });
         return LeaseAnswer::Refused { stamp: now, reason: "the heartbeat was in flight too long" };
     }
     let end = Millis(arrived.0 + t.lease_ttl_ms);
-    push_issued(&mut h.lease, Issued { stamp: now, lease_end: Some(end), members });
+    push_issued(&mut h.lease, Issued { stamp: now, lease_end: Some(end), members, roster });
     if h.lease.end(&t).is_none_or(|e| e <= arrived) {
         h.lease.held_since = Some(arrived);
     }
@@ -315,12 +321,12 @@ mod tests {
     fn a_prompt_heartbeat_echoing_our_answer_earns_a_lease_and_the_next_acknowledges_it() {
         let mut s = three_hosts();
         let r = issue_stamp(&mut s, "kvm1", Millis(1_000));
-        let a = on_heartbeat(&mut s, "kvm1", echo(r, 950), Millis(1_960), Millis(1_960));
+        let a = on_heartbeat(&mut s, "kvm1", echo(r, 950), 1, Millis(1_960), Millis(1_960));
         assert_eq!(a, LeaseAnswer::Granted { stamp: Millis(1_960), ttl_ms: 5_000 });
         assert_eq!(s.liveness("kvm1", Millis(6_959)), HostLiveness::Online);
         assert_eq!(s.liveness("kvm1", Millis(6_960)), HostLiveness::Suspect);
         assert_eq!(s.hosts["kvm1"].lease.acked_end, None, "not acknowledged yet");
-        on_heartbeat(&mut s, "kvm1", echo(a.stamp(), 1_000), Millis(2_970), Millis(2_970));
+        on_heartbeat(&mut s, "kvm1", echo(a.stamp(), 1_000), 1, Millis(2_970), Millis(2_970));
         assert_eq!(s.hosts["kvm1"].lease.acked_end, Some(Millis(6_960)));
     }
 
@@ -329,14 +335,14 @@ mod tests {
         let mut s = three_hosts();
         let r = issue_stamp(&mut s, "kvm1", Millis(1_000));
         // Held 100 ms, arrived 2 s after the answer: up to 1.9 s in flight.
-        let a = on_heartbeat(&mut s, "kvm1", echo(r, 100), Millis(3_000), Millis(3_000));
+        let a = on_heartbeat(&mut s, "kvm1", echo(r, 100), 1, Millis(3_000), Millis(3_000));
         assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
         // An echo this leader never sent earns nothing either, nor one of an older leader.
-        let a = on_heartbeat(&mut s, "kvm1", echo(Millis(999), 0), Millis(3_000), Millis(3_000));
+        let a = on_heartbeat(&mut s, "kvm1", echo(Millis(999), 0), 1, Millis(3_000), Millis(3_000));
         assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
         let stamp = a.stamp();
         s.epoch = 7;
-        let a = on_heartbeat(&mut s, "kvm1", echo(stamp, 0), Millis(3_001), Millis(3_001));
+        let a = on_heartbeat(&mut s, "kvm1", echo(stamp, 0), 1, Millis(3_001), Millis(3_001));
         assert!(matches!(a, LeaseAnswer::Refused { .. }), "{a:?}");
         assert_eq!(s.liveness("kvm1", Millis(3_000)), HostLiveness::Suspect);
     }

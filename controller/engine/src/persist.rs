@@ -103,6 +103,7 @@ fn set_host_work(row: &mut HostView, w: &HostWork) {
     row.memory_limit_kib = w.memory_limit_kib;
     row.dead = w.dead.clone().map(|cause| Death { at: Millis(0), cause });
     row.drain = w.drain.clone();
+    row.roster_acked = w.roster_acked;
 }
 
 /// A host as a new controller starts with it: what was stored, no lease, nothing heard yet.

@@ -112,11 +112,7 @@ pub fn start(
                 }
                 // Dead: off for sure, or its agent's self-fence destroyed every copy of it (it knew
                 // the VM was protected), as for a restart.
-                (_, Some(death))
-                    if death.proves_off() || vm.fenced_by(state.hosts[host].protection_known) =>
-                {
-                    on
-                }
+                (_, Some(death)) if death.proves_off() || vm.fenced_by(state.hosts[host].roster_acked) => on,
                 (_, Some(_)) => {
                     return Err(refuse(format!(
                         "{host} was declared dead on its lease, and its agent destroys only the VMs it knew were \

@@ -67,19 +67,20 @@ pub fn is_disk_locked(error: &str) -> bool {
         || (e.contains("lockspace resource") && e.contains("is locked"))
 }
 
-/// Whether a host whose agent acknowledged this leader's answers up to the one stamped
-/// `protection_known` knows of a protection made at `since`: only an answer issued after the
-/// protection lists it. One stamped in the same millisecond may have been decided just before
-/// it (a double run the safety simulator found at 1,000,000 schedules), so it does not count.
-pub fn protection_acknowledged(protection_known: Option<Millis>, since: Millis) -> bool {
-    protection_known.is_some_and(|k| k > since)
+/// Whether a host whose agent acknowledged roster version `roster_acked` knows of a protection
+/// first listed in version `protected_in`. Versions, not times: an answer stamped in the same
+/// millisecond as a protect may have been decided just before it (a double run the safety
+/// simulator found at 1,000,000 schedules), and versions, unlike one leader's clock, still
+/// compare after a takeover.
+pub fn protection_acknowledged(roster_acked: Option<u64>, protected_in: Option<u64>) -> bool {
+    matches!((roster_acked, protected_in), (Some(acked), Some(listed)) if acked >= listed)
 }
 
 impl VmView {
-    /// Whether a self-fence of a host whose agent confirmed the protected list at
-    /// `protection_known` destroyed this VM: it was protected before that confirmation.
-    pub fn fenced_by(&self, protection_known: Option<Millis>) -> bool {
-        self.protected && protection_acknowledged(protection_known, self.protected_since)
+    /// Whether a self-fence of a host whose agent acknowledged roster version `roster_acked`
+    /// destroyed this VM: that roster listed its protection.
+    pub fn fenced_by(&self, roster_acked: Option<u64>) -> bool {
+        self.protected && protection_acknowledged(roster_acked, self.protected_in)
     }
 
     /// Whether its recovery waits for a start sent to `host` (whose result, or a report of the
@@ -165,7 +166,7 @@ fn declare_dead(
     if h.dead.is_some() {
         return;
     }
-    let known = h.protection_known;
+    let known = h.roster_acked;
     // Its VMs stopped with it: at the latest when it was last heard from.
     let down_for = now.since(h.last_heartbeat.unwrap_or(now));
     h.dead = Some(Death { at: now, cause: cause.clone() });
@@ -992,6 +993,10 @@ mod tests {
         assert_eq!(why(&s, None, 60_000), Some(Ok("kvm1".into())));
     }
 
+    /// The roster version every answer of these tests brings, and which lists the VMs
+    /// `cluster` protects.
+    const ROSTER: u64 = 1;
+
     /// Every host heartbeats at `t` (echoing its previous answer promptly).
     fn beat(s: &mut ClusterState, hosts: &[&str], t: Millis) {
         for h in hosts {
@@ -1001,6 +1006,7 @@ mod tests {
                 s,
                 h,
                 Some(Echo { epoch: 0, stamp, held_ms: t.0.saturating_sub(stamp.0).saturating_sub(5) }),
+                ROSTER,
                 t,
                 t,
             );
@@ -1018,6 +1024,7 @@ mod tests {
         {
             let mut vm = vm_on(&mut s, u, n, h);
             vm.protected = true;
+            vm.protected_in = Some(ROSTER);
             vm.priority = p;
             s.vms.insert(u.into(), vm);
         }

@@ -5,8 +5,8 @@
 //! version when this leader still remembers them, and the whole roster only otherwise.
 //!
 //! Whatever an answer carries, the agent ends with exactly the roster the leader had when it
-//! answered (tested below against random histories): `HostView::protection_known` relies on
-//! every acknowledged answer having listed every VM protected by then.
+//! answered (tested below against random histories): `HostView::roster_acked` relies on the
+//! agent holding every protection the acknowledged version listed.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -64,6 +64,7 @@ pub struct RosterBook {
     stale: bool,
     built: u64,
     edits: VecDeque<Edit>,
+    listed: Vec<String>,
 }
 
 impl RosterBook {
@@ -77,8 +78,10 @@ impl RosterBook {
         self.stale = true;
     }
 
-    /// The current roster; a new version only when its content changed.
-    pub fn current(&mut self, s: &ClusterState) -> Arc<Roster> {
+    /// The current roster; a new version only when its content changed. Every protected VM
+    /// not yet listed by a version (`VmView::protected_in`) is marked as listed by this one;
+    /// `take_listed` says which.
+    pub fn current(&mut self, s: &mut ClusterState) -> Arc<Roster> {
         if !self.stale {
             return self.current.clone();
         }
@@ -86,12 +89,14 @@ impl RosterBook {
         let peers: Vec<(String, String)> =
             s.hosts.values().map(|h| (h.name.clone(), h.peer_address.clone())).collect();
         let protected: Vec<String> = s.vms.values().filter(|v| v.protected).map(|v| v.uuid.clone()).collect();
-        let last = &self.current;
+        let last = self.current.clone();
         if last.version != 0 && (&last.peers, &last.protected) == (&peers, &protected) {
-            return self.current.clone();
+            self.mark_listed(s, last.version);
+            return last;
         }
         self.built += 1;
         let fresh = Roster { version: (s.epoch << 32) | self.built, peers, protected };
+        self.mark_listed(s, fresh.version);
         if last.version != 0 {
             self.edits.push_back(Edit {
                 to: fresh.version,
@@ -112,8 +117,20 @@ impl RosterBook {
         self.current.clone()
     }
 
+    fn mark_listed(&mut self, s: &mut ClusterState, version: u64) {
+        for vm in s.vms.values_mut().filter(|v| v.protected && v.protected_in.is_none()) {
+            vm.protected_in = Some(version);
+            self.listed.push(vm.uuid.clone());
+        }
+    }
+
+    /// The VMs whose `protected_in` was set since the last call: their work is to persist.
+    pub fn take_listed(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.listed)
+    }
+
     /// What an answer must carry to an agent that holds version `known` (0: none).
-    pub fn update_for(&mut self, s: &ClusterState, known: u64) -> RosterUpdate {
+    pub fn update_for(&mut self, s: &mut ClusterState, known: u64) -> RosterUpdate {
         let current = self.current(s);
         if known == current.version {
             return RosterUpdate::Unchanged { version: known };
@@ -236,15 +253,15 @@ mod tests {
                     _ => drop(s.vms.remove(&uuid)),
                 }
                 book.may_have_changed();
-                let r = book.current(&s);
+                let r = book.current(&mut s);
                 if history.last().is_none_or(|h| h.version != r.version) {
                     history.push((*r).clone());
                 }
             }
-            let now = book.current(&s);
+            let now = book.current(&mut s);
             for back in lag {
                 let held = &history[history.len().saturating_sub(1 + back)];
-                let update = book.update_for(&s, held.version);
+                let update = book.update_for(&mut s, held.version);
                 let mut got = held.clone();
                 prop_assert!(apply(&mut got, &update), "from version {} by {:?}", held.version, update);
                 prop_assert_eq!(&got, &*now, "from version {} by {:?}", held.version, update);

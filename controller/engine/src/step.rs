@@ -54,6 +54,9 @@ pub struct HostWork {
     /// Why it was declared dead; it stays dead until it reports again.
     pub dead: Option<String>,
     pub drain: Option<Drain>,
+    /// Kept so that a new leader knows what the host's agent knew of the protected VMs: a
+    /// leader and a host lost together must not leave that host's VMs waiting for an operator.
+    pub roster_acked: Option<u64>,
 }
 
 /// A VM's desired state and work in progress.
@@ -70,6 +73,8 @@ pub struct VmWork {
     pub recovery: Option<Recovery>,
     /// Stopped with `vmha vm stop`: by whom.
     pub stopped_by: Option<String>,
+    /// The roster version that first listed its protection (`VmView::protected_in`).
+    pub protected_in: Option<u64>,
 }
 
 impl HostWork {
@@ -80,6 +85,7 @@ impl HostWork {
             memory_limit_kib: h.memory_limit_kib,
             dead: h.dead.as_ref().map(|d| d.cause.clone()),
             drain: h.drain.clone(),
+            roster_acked: h.roster_acked,
         }
     }
 }
@@ -96,6 +102,7 @@ impl VmWork {
         vm.preferred_host = self.preferred_host.clone();
         vm.recovery = self.recovery.clone();
         vm.stopped_by = self.stopped_by.clone();
+        vm.protected_in = self.protected_in;
     }
 
     pub fn of(vm: &crate::VmView) -> VmWork {
@@ -108,6 +115,7 @@ impl VmWork {
             preferred_host: vm.preferred_host.clone(),
             recovery: vm.recovery.clone(),
             stopped_by: vm.stopped_by.clone(),
+            protected_in: vm.protected_in,
         }
     }
 }
@@ -595,6 +603,9 @@ impl Engine {
         let mut touched: Vec<String> = Vec::new();
         // Without its domain list a report says nothing about the VMs: the last one stands.
         let reported = hb.domains.is_some();
+        // The report was sent after the agent received the answer it echoes: on this leader's
+        // clock, after that answer's stamp. (Nothing is known of an echo of another leader's.)
+        let sent_after = hb.echo.filter(|e| e.epoch == s.epoch).map_or(Millis(0), |e| e.stamp);
         let mut deferred = BTreeSet::new();
         if let Some(domains) = hb.domains {
             touched.extend(domains.iter().map(|d| d.uuid.clone()));
@@ -608,7 +619,7 @@ impl Engine {
             }
             deferred = admitted.deferred.into_iter().collect();
             let kept = admitted.domains;
-            let changes = inventory::apply_report(s, &host, &kept, now);
+            let changes = inventory::apply_report(s, &host, &kept, sent_after, now);
             let after = recovery::after_report(s, &host, &changes, now);
             if !after.is_empty() {
                 // It placed the waiting restarts again: any of them may wait for another reason,
@@ -628,7 +639,11 @@ impl Engine {
         let s = &mut self.cluster;
         // After the report: a host declared dead earns a lease again only with a report of its
         // domains, and this one may be it.
-        let answer = lease::on_heartbeat(s, &host, hb.echo, hb.arrived.unwrap_or(now), now);
+        // The roster this answer carries (built now if a step changed it): an echo of the answer
+        // later tells that the agent holds that version.
+        let roster = self.roster.current(s);
+        touched.extend(self.roster.take_listed());
+        let answer = lease::on_heartbeat(s, &host, hb.echo, roster.version, hb.arrived.unwrap_or(now), now);
         if let (LeaseAnswer::Granted { .. }, true, Some(h)) = (&answer, reported, s.hosts.get_mut(&host)) {
             h.reported_at = Some(now);
         }
@@ -688,8 +703,8 @@ impl Engine {
             answer,
             next_in_ms,
             cluster_hosts,
-            roster: self.roster.current(s),
             roster_update: self.roster.update_for(s, roster_known.unwrap_or(0)),
+            roster,
             xml_not_taken,
         });
         touched
@@ -952,6 +967,9 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) {
         let Some(op) = self.ops.get(&id).cloned() else { return };
+        if let Some(vm) = self.cluster.vms.get_mut(&op.vm_uuid) {
+            vm.settled_at = now;
+        }
         let (to, error) = match (&result, &op.cancelled_by) {
             (Ok(_), _) => (OpState::Succeeded, String::new()),
             (Err(e), Some(by)) => (OpState::Cancelled, format!("cancelled by {by} ({e})")),
@@ -1182,6 +1200,10 @@ impl Engine {
                 let (before, since_before) = (VmWork::of(vm), vm.protected_since);
                 if protected && !vm.protected {
                     vm.protected_since = now;
+                }
+                if !protected || !vm.protected {
+                    // Listed by the next roster built (`RosterBook::current`).
+                    vm.protected_in = None;
                 }
                 vm.protected = protected;
                 if let Some(p) = priority {
