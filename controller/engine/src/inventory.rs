@@ -224,10 +224,13 @@ pub fn apply_report(
             }
             // A second copy while the placed one may still run (fencing bypassed: a manual
             // start, a confirm-down of a live host). It is not taken as a move until the placed
-            // host stops listing its copy.
+            // host stops listing its copy. After a takeover the placed copy is recorded running
+            // until its host reports: another host's claim then is an alarm, not a move, or any
+            // host with a valid certificate could claim another's VM, have the real copy taken
+            // for the second one and destroyed, and its definition taken for the restarts.
             Some(other)
                 if d.state == RunState::Running
-                    && vm.state.has_process()
+                    && (vm.state.has_process() || (vm.state == RunState::Unknown && vm.recorded_running))
                     && vm.busy_with.is_none()
                     && state.hosts.get(other).is_none_or(|h| h.dead.is_none()) =>
             {
@@ -391,6 +394,31 @@ mod tests {
         let c = apply_report(&mut s, "kvm1", std::slice::from_ref(&d), Millis(0), Millis(1));
         assert_eq!(c.len(), 2, "{c:?}");
         assert!(apply_report(&mut s, "kvm1", &[d], Millis(0), Millis(2)).is_empty());
+    }
+
+    /// Issue 26, item 3: after a takeover every VM's state is unknown until its host reports;
+    /// a fourth host claiming dns1 then must not become its host.
+    #[test]
+    fn after_a_takeover_another_hosts_claim_is_an_alarm_not_a_move() {
+        let mut s = ClusterState::default();
+        apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(0));
+        let vm = s.vms.get_mut("a").unwrap();
+        (vm.state, vm.recorded_running) = (RunState::Unknown, true);
+        let c = apply_report(&mut s, "kvm9", &[dom("a", RunState::Running)], Millis(0), Millis(10));
+        assert!(
+            matches!(&c[..], [InventoryChange::TwoCopies { placed, extra, confirmed: false, .. }] if placed == "kvm1" && extra == "kvm9"),
+            "{c:?}"
+        );
+        assert_eq!(s.vms["a"].host.as_deref(), Some("kvm1"), "kvm9's claim moved nothing");
+        // The real host reports its copy: the claimed one is the one to destroy.
+        let c = apply_report(&mut s, "kvm1", &[dom("a", RunState::Running)], Millis(0), Millis(20));
+        assert!(
+            c.iter().any(
+                |x| matches!(x, InventoryChange::TwoCopies { extra, confirmed: true, .. } if extra == "kvm9")
+            ),
+            "{c:?}"
+        );
+        assert_eq!(s.vms["a"].host.as_deref(), Some("kvm1"));
     }
 
     #[test]
