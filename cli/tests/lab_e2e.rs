@@ -31,6 +31,9 @@ fn lab_verb(verb: &str, args: &[&str]) {
     );
 }
 
+/// The lab bridge's address, where the controllers listen (`deploy/lab/lib.sh`).
+const LAB_BRIDGE_IP: &str = "10.213.77.1";
+
 struct Lab {
     env: HashMap<String, String>,
 }
@@ -1908,6 +1911,55 @@ fn a_leader_and_a_host_killed_together_restart_its_guests_without_an_operator(la
     assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
 }
 
+/// A double fault (issue 25): the leader is frozen (SIGSTOP) and, at once, the host of protected
+/// dns1 is cut off. The standby takes over, the cut host fences itself, and dns1 runs elsewhere
+/// without an operator. The old leader, resumed, stands by and does nothing; the healed host
+/// runs no copy of dns1. Never two copies.
+fn a_frozen_leader_and_a_cut_host_fail_over_and_the_resumed_leader_does_nothing(lab: &Lab) {
+    lab.settle();
+    let victim = lab.host_of("dns1");
+    assert_eq!(lab.protect_known("dns1", "100"), victim);
+    std::thread::sleep(Duration::from_secs(3));
+    let old = lab.leader().expect("a controller leads");
+    let pid = lab.controller_pid(old);
+    let others: Vec<&str> = HOSTS.into_iter().filter(|h| *h != victim).collect();
+    let watch = DoubleRunWatch::start();
+    let t0 = Instant::now();
+    assert!(signal(pid, "STOP"), "SIGSTOP the leader ctl{old} ({pid})");
+    lab_verb("cut", &[&victim]);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        await_new_leader(lab, old, &others);
+        let on = await_moved(lab, "dns1", &victim, Duration::from_secs(40));
+        println!(
+            "  ctl{old} frozen and {victim} cut: dns1 runs on {on} {:.1} s later",
+            t0.elapsed().as_secs_f64()
+        );
+        on
+    }));
+    assert!(signal(pid, "CONT"), "SIGCONT ctl{old}");
+    lab_verb("heal", &[&victim]);
+    let after = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let on = result.as_ref().ok().cloned().unwrap_or_default();
+        lab.settle();
+        // The resumed leader found itself deposed; the healed host's copy, if its agent had
+        // not destroyed it, was destroyed: dns1 runs once, where the new leader put it.
+        for _ in 0..25 {
+            assert_eq!(running_on("dns1"), [on.clone()], "after the heal");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(
+            lab.json(&["status"])["controllers"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| c["name"] == format!("ctl{old}").as_str() && c["role"] == "standby")
+            }),
+            "the resumed ctl{old} stands by"
+        );
+    }));
+    let (samples, doubles, _) = watch.finish_lasting(3);
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    after.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+}
+
 /// Restarts the lab's controller ctlN with the profile and no extra flags.
 fn restart_plain(lab: &Lab, n: u32) {
     lab_fn(
@@ -2401,6 +2453,215 @@ fn forged_heartbeats_are_refused(lab: &Lab) {
     assert!(touched.is_empty(), "events about dns1 after the forged heartbeats: {touched:?}");
 }
 
+/// Issue 26, item 1: a host with a valid certificate sends both controllers a heartbeat whose
+/// domain XML nests 4,000 elements deep (28 kB, under the size cap). Parsing it once aborted
+/// every controller with a stack overflow. Both still run, the leader refused the definition,
+/// and the standby refused the heartbeat before reading it.
+fn deep_xml_from_a_host_leaves_both_controllers_standing(lab: &Lab) {
+    use vmha_proto::v1::agent_service_client::AgentServiceClient;
+    use vmha_proto::v1::{Domain, DomainState, HeartbeatRequest};
+
+    lab.settle();
+    let host = HOSTS[2];
+    let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
+    let ca = tonic::transport::Certificate::from_pem(read("ca.pem"));
+    let identity = || {
+        tonic::transport::Identity::from_pem(
+            read(&format!("host-{host}.pem")),
+            read(&format!("host-{host}.key")),
+        )
+    };
+    let deep = format!(
+        "<domain type='kvm'><name>deep</name><uuid>0d0d0d0d-0000-4000-8000-000000000001</uuid><devices>{}{}</devices></domain>",
+        "<a>".repeat(4_000),
+        "</a>".repeat(4_000)
+    );
+    let pids: Vec<(u32, i32)> = [1, 2].map(|n| (n, lab.controller_pid(n))).to_vec();
+    let leader = lab.leader().expect("a controller leads");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for (n, _) in &pids {
+        let url = format!("https://{}:{}", LAB_BRIDGE_IP, 7400 + (n - 1) * 10);
+        let answer: Result<(), String> = rt.block_on(async {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .domain_name(format!("ctl{n}"))
+                .identity(identity());
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect_timeout(Duration::from_secs(3))
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            let mut req = tonic::Request::new(HeartbeatRequest {
+                seq: 2_000_000,
+                // Its inventory is not touched: only the definition is read.
+                domains_unknown: true,
+                domains: vec![Domain {
+                    uuid: "0d0d0d0d-0000-4000-8000-000000000001".into(),
+                    name: "deep".into(),
+                    state: DomainState::ShutOff as i32,
+                    memory_kib: 65536,
+                    vcpus: 1,
+                    persistent: true,
+                    xml: deep.clone(),
+                }],
+                ..Default::default()
+            });
+            req.metadata_mut().insert("x-vmha-host", host.parse().unwrap());
+            AgentServiceClient::new(channel)
+                .heartbeat(req)
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{:?}: {}", s.code(), vmha_tls::error_chain(&s)))
+        });
+        let role = if *n == leader { "leader" } else { "standby" };
+        println!(
+            "  ctl{n} ({role}): {}",
+            answer.as_ref().err().map_or("answered", |e| e.as_str()).chars().take(200).collect::<String>()
+        );
+        if *n != leader {
+            assert!(answer.is_err(), "the standby ctl{n} answered a heartbeat");
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for (n, pid) in &pids {
+        assert!(
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")),
+            "ctl{n} ({pid}) is gone after the deep XML"
+        );
+        assert_eq!(lab.controller_pid(*n), *pid, "ctl{n} was not restarted");
+    }
+    lab.settle();
+    assert_eq!(lab.leader(), Some(leader), "the same controller leads");
+}
+
+/// Issue 26, item 3: `kvm9`, a host with a certificate from the cluster's CA, claims protected
+/// dns1 runs on it from the moment the leader is killed (when every VM's state is unknown to
+/// the new leader until its host reports). The claim is an alarm, not a move: dns1 stays on its
+/// host, in the same QEMU process, and nothing is destroyed.
+fn an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing(lab: &Lab) {
+    use vmha_proto::v1::agent_service_client::AgentServiceClient;
+    use vmha_proto::v1::{Domain, DomainState, HeartbeatRequest, HostFacts, RegisterRequest};
+
+    lab.settle();
+    lab.ensure_running("dns1");
+    let real = lab.protect_known("dns1", "100");
+    let uuid = lab.json(&["vm", "show", "dns1"])["uuid"].as_str().unwrap().to_string();
+    let dns1 = qemu_processes()["dns1"].clone();
+    let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
+    let out = lab
+        .cli()
+        .args(["ca", "issue", "host", "kvm9", "--ip", "10.213.77.99", "--dir", pki.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "vmha ca issue host kvm9: {}", String::from_utf8_lossy(&out.stderr));
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
+    let ca = tonic::transport::Certificate::from_pem(read("ca.pem"));
+    let (cert, key) = (read("host-kvm9.pem"), read("host-kvm9.key"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // Registers kvm9 with controller ctlN and sends it a report claiming dns1; whether it got
+    // that far (a standby refuses).
+    let claim = |n: u32| -> bool {
+        rt.block_on(async {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .domain_name(format!("ctl{n}"))
+                .identity(tonic::transport::Identity::from_pem(cert.clone(), key.clone()));
+            let url = format!("https://{}:{}", LAB_BRIDGE_IP, 7400 + (n - 1) * 10);
+            let Ok(channel) = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect_timeout(Duration::from_secs(2))
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+            else {
+                return false;
+            };
+            let mut client = AgentServiceClient::new(channel);
+            let mut register = tonic::Request::new(RegisterRequest {
+                migration_uri: "qemu+tls://10.213.77.99/system".into(),
+                facts: Some(HostFacts {
+                    cpus: 4,
+                    memory_total_kib: 4 << 20,
+                    memory_free_kib: 4 << 20,
+                    cpu_model: "impostor".into(),
+                    libvirt_version: "9.0.0".into(),
+                    hypervisor_version: String::new(),
+                    lock_manager: "lockd".into(),
+                }),
+                agent_version: "0.1.0".into(),
+                peer_address: "10.213.77.99:7401".into(),
+            });
+            register.metadata_mut().insert("x-vmha-host", "kvm9".parse().unwrap());
+            if client.register(register).await.is_err() {
+                return false;
+            }
+            let mut hb = tonic::Request::new(HeartbeatRequest {
+                seq: 3_000_000,
+                domains: vec![Domain {
+                    uuid: uuid.clone(),
+                    name: "dns1".into(),
+                    state: DomainState::Running as i32,
+                    memory_kib: 65536,
+                    vcpus: 1,
+                    persistent: true,
+                    xml: String::new(),
+                }],
+                ..Default::default()
+            });
+            hb.metadata_mut().insert("x-vmha-host", "kvm9".parse().unwrap());
+            // Refused a lease (it echoes nothing), but its report is read.
+            let _ = client.heartbeat(hb).await;
+            true
+        })
+    };
+    let before = last_event_id(lab);
+    let watch = DoubleRunWatch::start();
+    let old = kill_leader(lab);
+    let t0 = Instant::now();
+    let mut claims = 0;
+    while t0.elapsed() < Duration::from_secs(12) {
+        for n in [1, 2] {
+            if n != old && claim(n) {
+                claims += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(claims > 0, "kvm9 reached the new leader");
+        assert_eq!(qemu_processes()["dns1"], dns1, "dns1 untouched, in the same QEMU process on {real}");
+        assert_eq!(lab.host_of("dns1"), real, "dns1 stays on {real}");
+        let events: Vec<String> = lab
+            .events()
+            .into_iter()
+            .filter(|e| e["id"].as_i64().unwrap() > before && e["subject"] == "dns1")
+            .map(|e| format!("{} {}", e["kind"], e["message"].as_str().unwrap_or_default()))
+            .collect();
+        println!("  {claims} claims by kvm9; dns1's events: {events:#?}");
+        assert!(!events.iter().any(|e| e.contains("vm_moved") || e.contains("stale")), "{events:#?}");
+        assert!(events.iter().any(|e| e.contains("kvm9")), "the claim is an alarm naming kvm9: {events:#?}");
+    }));
+    let (samples, doubles, _) = watch.finish_lasting(3);
+    restart_plain(lab, old);
+    let cleaned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("kvm9 to be removed", Duration::from_secs(30), || {
+            lab.vmha(&["host", "remove", "kvm9"]).status.success()
+        });
+        lab.settle();
+    }));
+    for f in ["host-kvm9.pem", "host-kvm9.key"] {
+        let _ = std::fs::remove_file(pki.join(f));
+    }
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    cleaned.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+}
+
 /// Roles: a viewer reads but cannot drain; an operator drains but cannot confirm a host
 /// down; events name the operator from the certificate.
 fn roles_decide_and_events_name_the_operator(lab: &Lab) {
@@ -2667,7 +2928,7 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 30] = [
+    let scenarios: [Scenario; 33] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -2729,8 +2990,20 @@ fn main() {
             "a_leader_and_a_host_killed_together_restart_its_guests_without_an_operator",
             a_leader_and_a_host_killed_together_restart_its_guests_without_an_operator,
         ),
+        (
+            "a_frozen_leader_and_a_cut_host_fail_over_and_the_resumed_leader_does_nothing",
+            a_frozen_leader_and_a_cut_host_fail_over_and_the_resumed_leader_does_nothing,
+        ),
         ("an_agent_refuses_a_command_from_a_stale_epoch", an_agent_refuses_a_command_from_a_stale_epoch),
         ("forged_heartbeats_are_refused", forged_heartbeats_are_refused),
+        (
+            "deep_xml_from_a_host_leaves_both_controllers_standing",
+            deep_xml_from_a_host_leaves_both_controllers_standing,
+        ),
+        (
+            "an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing",
+            an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing,
+        ),
         ("roles_decide_and_events_name_the_operator", roles_decide_and_events_name_the_operator),
         ("libvirt_admits_only_hosts_over_tls", libvirt_admits_only_hosts_over_tls),
         ("a_renewed_host_certificate_is_taken_on_sighup", a_renewed_host_certificate_is_taken_on_sighup),

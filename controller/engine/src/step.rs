@@ -399,6 +399,10 @@ impl Engine {
             }
         }
         for vm in cluster.vms.values_mut() {
+            // A report that echoes an earlier leader's answer may have been sent before any
+            // result that leader saw: it is no news of a VM stopping (`inventory::apply_report`)
+            // until its host echoes this leader's answer, a heartbeat or two.
+            vm.settled_at = now;
             if let Some(r) = &mut vm.recovery {
                 r.since = now;
                 r.may_have_moved_since = r.may_have_moved_since.map(|_| now);
