@@ -166,6 +166,7 @@ impl AgentService for AgentApi {
             roster_known: r.roster_version,
             self_fenced: r.self_fenced,
             arrived,
+            seq: r.seq,
         };
         let lease = match c.step(Input::Heartbeat(hb)).await? {
             Reply::Lease(l) => l,

@@ -222,6 +222,9 @@ pub struct HostView {
     pub memory_limit_kib: Option<u64>,
     /// The current or last drain.
     pub drain: Option<crate::drain::Drain>,
+    /// The `seq` of the newest heartbeat whose domain list was taken since its agent last
+    /// registered (not persisted: a new leader takes the next one).
+    pub report_seq: u64,
     /// How many new VMs its reports may still record now; not persisted (a new controller
     /// starts with a full budget).
     pub discovery: crate::inventory::Discovery,
@@ -249,6 +252,7 @@ impl HostView {
             health: Default::default(),
             memory_limit_kib: None,
             drain: None,
+            report_seq: 0,
             discovery: Default::default(),
         }
     }

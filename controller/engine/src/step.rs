@@ -157,6 +157,10 @@ pub struct Heartbeat {
     /// The agent says it has self-fenced: it destroyed its protected VMs and starts none
     /// until it holds a lease again.
     pub self_fenced: bool,
+    /// The agent's count of its heartbeats (0: not given). One that a later heartbeat of the
+    /// same agent overtook (a slow one the agent gave up on, then let go) lists its domains as
+    /// they were before that later report's: its list is not taken.
+    pub seq: u64,
 }
 
 /// A change an operator asks for.
@@ -558,6 +562,8 @@ impl Engine {
         h.libvirt_version = r.libvirt_version;
         h.lock_manager = r.lock_manager;
         h.last_heartbeat = Some(now);
+        // A new run of the agent counts its heartbeats from 1 again.
+        h.report_seq = 0;
         let stamp = lease::issue_stamp(s, &r.host, now);
         out.persist.registered.push(r.host.clone());
         out.events.push(
@@ -603,15 +609,21 @@ impl Engine {
             h.self_fenced = hb.self_fenced;
             out.events.push(self_fence_event(&host, hb.self_fenced));
         }
+        let overtaken = hb.seq != 0 && hb.seq <= h.report_seq;
+        if hb.domains.is_some() && !overtaken {
+            h.report_seq = h.report_seq.max(hb.seq);
+        }
         drain::on_probes(s, &host, hb.probes, now);
         let mut touched: Vec<String> = Vec::new();
-        // Without its domain list a report says nothing about the VMs: the last one stands.
-        let reported = hb.domains.is_some();
+        // Without its domain list a report says nothing about the VMs: the last one stands. Nor
+        // does one a later report of the same agent overtook.
+        let domains = hb.domains.filter(|_| !overtaken);
+        let reported = domains.is_some();
         // The report was sent after the agent received the answer it echoes: on this leader's
         // clock, after that answer's stamp. (Nothing is known of an echo of another leader's.)
         let sent_after = hb.echo.filter(|e| e.epoch == s.epoch).map_or(Millis(0), |e| e.stamp);
         let mut deferred = BTreeSet::new();
-        if let Some(domains) = hb.domains {
+        if let Some(domains) = domains {
             touched.extend(domains.iter().map(|d| d.uuid.clone()));
             touched.extend(recovery::lock_holder_reported(s, &host, &domains, now));
             let (first, stale) = recovery::on_report(s, &host, &domains, now);
@@ -1800,6 +1812,7 @@ mod tests {
             roster_known: None,
             self_fenced: false,
             arrived: None,
+            seq: 0,
         }
     }
 

@@ -89,6 +89,7 @@ fn input() -> impl Strategy<Value = Input> {
             prop::option::of(prop::collection::vec(domain(), 0..4)),
         )
             .prop_map(|(host, echo, armed, domains)| Input::Heartbeat(Heartbeat {
+                seq: 0,
                 echo: echo.map(|(epoch, stamp, held_ms)| Echo { epoch, stamp: Millis(stamp), held_ms }),
                 resources: None,
                 watchdog: if armed {

@@ -966,6 +966,7 @@ impl World {
             roster_known: None,
             arrived: None,
             self_fenced: matches!(h.keeper.phase(), Phase::Fenced { .. }),
+            seq: 0,
         }
     }
 
