@@ -2351,13 +2351,62 @@ fn keep_logs(lab: &Lab) -> PathBuf {
     to
 }
 
+/// An agent's connection to controller ctl`n`, with `identity` as its client certificate.
+async fn agent_client_of(
+    n: u32,
+    ca: &tonic::transport::Certificate,
+    identity: tonic::transport::Identity,
+) -> Result<vmha_proto::v1::agent_service_client::AgentServiceClient<tonic::transport::Channel>, String> {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(ca.clone())
+        .domain_name(format!("ctl{n}"))
+        .identity(identity);
+    let url = format!("https://{}:{}", LAB_BRIDGE_IP, 7400 + (n - 1) * 10);
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    Ok(vmha_proto::v1::agent_service_client::AgentServiceClient::new(channel))
+}
+
+/// A heartbeat as `host` would send it, listing one domain; `domains_unknown` says the list is
+/// not the host's whole inventory (only the definition is read then).
+fn heartbeat_as(
+    host: &str,
+    seq: u64,
+    (uuid, name, state, xml): (&str, &str, vmha_proto::v1::DomainState, String),
+    domains_unknown: bool,
+) -> tonic::Request<vmha_proto::v1::HeartbeatRequest> {
+    let domain = vmha_proto::v1::Domain {
+        uuid: uuid.into(),
+        name: name.into(),
+        state: state as i32,
+        memory_kib: 65536,
+        vcpus: 1,
+        persistent: true,
+        xml,
+    };
+    let mut req = tonic::Request::new(vmha_proto::v1::HeartbeatRequest {
+        seq,
+        domains: vec![domain],
+        domains_unknown,
+        ..Default::default()
+    });
+    req.metadata_mut().insert("x-vmha-host", host.parse().unwrap());
+    req
+}
+
 /// Heartbeats that say "dns1 is shut off" on its host, from a process without that host's
 /// credentials, over every path an attacker has: plaintext, TLS without a client certificate, a
 /// self-signed certificate naming the host, and another host's valid certificate claiming to
 /// be it. Each is refused, and dns1 keeps running once, in the same QEMU process.
 fn forged_heartbeats_are_refused(lab: &Lab) {
+    use vmha_proto::v1::DomainState;
     use vmha_proto::v1::agent_service_client::AgentServiceClient;
-    use vmha_proto::v1::{Domain, DomainState, HeartbeatRequest};
 
     lab.settle();
     lab.ensure_running("dns1");
@@ -2420,20 +2469,12 @@ fn forged_heartbeats_are_refused(lab: &Lab) {
             let channel = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
             let mut client = AgentServiceClient::new(channel);
             for seq in 0..3 {
-                let mut req = tonic::Request::new(HeartbeatRequest {
-                    seq: 1_000_000 + seq,
-                    domains: vec![Domain {
-                        uuid: uuid.clone(),
-                        name: "dns1".into(),
-                        state: DomainState::ShutOff as i32,
-                        memory_kib: 65536,
-                        vcpus: 1,
-                        persistent: true,
-                        xml: String::new(),
-                    }],
-                    ..Default::default()
-                });
-                req.metadata_mut().insert("x-vmha-host", victim.parse().unwrap());
+                let req = heartbeat_as(
+                    &victim,
+                    1_000_000 + seq,
+                    (&uuid, "dns1", DomainState::ShutOff, String::new()),
+                    false,
+                );
                 client
                     .heartbeat(req)
                     .await
@@ -2464,8 +2505,7 @@ fn forged_heartbeats_are_refused(lab: &Lab) {
 /// every controller with a stack overflow. Both still run, the leader refused the definition,
 /// and the standby refused the heartbeat before reading it.
 fn deep_xml_from_a_host_leaves_both_controllers_standing(lab: &Lab) {
-    use vmha_proto::v1::agent_service_client::AgentServiceClient;
-    use vmha_proto::v1::{Domain, DomainState, HeartbeatRequest};
+    use vmha_proto::v1::DomainState;
 
     lab.settle();
     let host = HOSTS[2];
@@ -2487,37 +2527,13 @@ fn deep_xml_from_a_host_leaves_both_controllers_standing(lab: &Lab) {
     let leader = lab.leader().expect("a controller leads");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for (n, _) in &pids {
-        let url = format!("https://{}:{}", LAB_BRIDGE_IP, 7400 + (n - 1) * 10);
         let answer: Result<(), String> = rt.block_on(async {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(ca.clone())
-                .domain_name(format!("ctl{n}"))
-                .identity(identity());
-            let channel = tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect_timeout(Duration::from_secs(3))
-                .tls_config(tls)
-                .unwrap()
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e:?}"))?;
-            let mut req = tonic::Request::new(HeartbeatRequest {
-                seq: 2_000_000,
-                // Its inventory is not touched: only the definition is read.
-                domains_unknown: true,
-                domains: vec![Domain {
-                    uuid: "0d0d0d0d-0000-4000-8000-000000000001".into(),
-                    name: "deep".into(),
-                    state: DomainState::ShutOff as i32,
-                    memory_kib: 65536,
-                    vcpus: 1,
-                    persistent: true,
-                    xml: deep.clone(),
-                }],
-                ..Default::default()
-            });
-            req.metadata_mut().insert("x-vmha-host", host.parse().unwrap());
-            AgentServiceClient::new(channel)
+            let mut client = agent_client_of(*n, &ca, identity()).await?;
+            // Its inventory is not touched: only the definition is read.
+            let deep_domain =
+                ("0d0d0d0d-0000-4000-8000-000000000001", "deep", DomainState::ShutOff, deep.clone());
+            let req = heartbeat_as(host, 2_000_000, deep_domain, true);
+            client
                 .heartbeat(req)
                 .await
                 .map(|_| ())
@@ -2549,8 +2565,7 @@ fn deep_xml_from_a_host_leaves_both_controllers_standing(lab: &Lab) {
 /// the new leader until its host reports). The claim is an alarm, not a move: dns1 stays on its
 /// host, in the same QEMU process, and nothing is destroyed.
 fn an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing(lab: &Lab) {
-    use vmha_proto::v1::agent_service_client::AgentServiceClient;
-    use vmha_proto::v1::{Domain, DomainState, HeartbeatRequest, HostFacts, RegisterRequest};
+    use vmha_proto::v1::{DomainState, HostFacts, RegisterRequest};
 
     lab.settle();
     lab.ensure_running("dns1");
@@ -2572,22 +2587,8 @@ fn an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing(lab: &
     // that far (a standby refuses).
     let claim = |n: u32| -> bool {
         rt.block_on(async {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(ca.clone())
-                .domain_name(format!("ctl{n}"))
-                .identity(tonic::transport::Identity::from_pem(cert.clone(), key.clone()));
-            let url = format!("https://{}:{}", LAB_BRIDGE_IP, 7400 + (n - 1) * 10);
-            let Ok(channel) = tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect_timeout(Duration::from_secs(2))
-                .tls_config(tls)
-                .unwrap()
-                .connect()
-                .await
-            else {
-                return false;
-            };
-            let mut client = AgentServiceClient::new(channel);
+            let identity = tonic::transport::Identity::from_pem(cert.clone(), key.clone());
+            let Ok(mut client) = agent_client_of(n, &ca, identity).await else { return false };
             let mut register = tonic::Request::new(RegisterRequest {
                 migration_uri: "qemu+tls://10.213.77.99/system".into(),
                 facts: Some(HostFacts {
@@ -2606,20 +2607,8 @@ fn an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing(lab: &
             if client.register(register).await.is_err() {
                 return false;
             }
-            let mut hb = tonic::Request::new(HeartbeatRequest {
-                seq: 3_000_000,
-                domains: vec![Domain {
-                    uuid: uuid.clone(),
-                    name: "dns1".into(),
-                    state: DomainState::Running as i32,
-                    memory_kib: 65536,
-                    vcpus: 1,
-                    persistent: true,
-                    xml: String::new(),
-                }],
-                ..Default::default()
-            });
-            hb.metadata_mut().insert("x-vmha-host", "kvm9".parse().unwrap());
+            let hb =
+                heartbeat_as("kvm9", 3_000_000, (&uuid, "dns1", DomainState::Running, String::new()), false);
             // Refused a lease (it echoes nothing), but its report is read.
             let _ = client.heartbeat(hb).await;
             true
