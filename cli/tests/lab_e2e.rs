@@ -1645,8 +1645,12 @@ fn a_disk_lock_refuses_a_second_copy_when_fencing_is_bypassed(lab: &Lab) {
     let agent = lab.agent_pid(&victim);
     let watch = DoubleRunWatch::start();
     let t0 = Instant::now();
-    // The agent first, then its monitor at once (before its 3 s run out): no reset.
+    // The agent first, then its monitor frozen at once (before its 3 s run out): no reset. Both
+    // signals from here, microseconds apart: a shell in between took seconds on a loaded
+    // machine, and the host was reset. Then the frozen monitor is stopped for good.
+    let monitor = lab.pid_in(&format!("watchdog-{victim}.pid")).expect("the watchdog monitor's pid file");
     assert!(signal(agent, "STOP"), "kill -STOP the agent on {victim}");
+    assert!(signal(monitor, "STOP"), "kill -STOP the watchdog monitor of {victim}");
     lab_fn(lab, &format!("lab_stop_watchdogs {victim}"));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_until(&format!("{victim} no longer online"), Duration::from_secs(30), || {
