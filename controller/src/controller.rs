@@ -494,9 +494,9 @@ impl Controller {
     }
 
     /// Waits until what this controller queued so far is written, for at most `limit`: a
-    /// database that has just gone away is not waited for.
-    pub async fn caught_up(&self, limit: Duration) {
-        let _ = tokio::time::timeout(limit, self.journal.caught_up()).await;
+    /// database that has just gone away is not waited for. False: not written yet.
+    pub async fn caught_up(&self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.journal.caught_up()).await.is_ok()
     }
 
     /// Refuses an operator request that needs the database while it is known to be away,

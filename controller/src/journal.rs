@@ -128,6 +128,9 @@ impl Write {
 
 struct Entry {
     write: Write,
+    /// When it was queued: how long it then waited is the window in which a takeover would
+    /// not find it (`vmha_database_write_lag_seconds`).
+    queued: Instant,
     /// Told when the write is done, for a caller that may not act before it is.
     written: Option<oneshot::Sender<Result<(), StoreError>>>,
 }
@@ -188,7 +191,7 @@ impl Journal {
 
     /// Queues a write; it reaches the database after everything queued before it.
     pub fn write(&self, write: Write) {
-        self.push(Entry { write, written: None });
+        self.push(Entry { write, queued: Instant::now(), written: None });
     }
 
     /// Queues a write and waits until it is written, however long the database is
@@ -198,7 +201,7 @@ impl Journal {
     pub fn record(&self, write: Write) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         self.shared.held.fetch_add(1, Ordering::SeqCst);
-        self.push(Entry { write, written: Some(tx) });
+        self.push(Entry { write, queued: Instant::now(), written: Some(tx) });
         let shared = self.shared.clone();
         async move {
             // A writer that stopped (the controller is going down) answers nothing: refused.
@@ -251,7 +254,10 @@ async fn run(store: Store, mut queue: mpsc::UnboundedReceiver<Entry>, shared: Ar
         let results = write_batch(&store, &batch, &shared).await;
         shared.queued.fetch_sub(batch.len(), Ordering::SeqCst);
         shared.taken.send_modify(|taken| *taken += batch.len() as u64);
-        for (Entry { write, written }, result) in batch.drain(..).zip(results) {
+        for (Entry { write, queued, written }, result) in batch.drain(..).zip(results) {
+            if result.is_ok() {
+                crate::metrics::METRICS.write_lag(queued.elapsed());
+            }
             match (result, written) {
                 (result, Some(tx)) => {
                     let _ = tx.send(result);

@@ -71,6 +71,7 @@ pub struct Metrics {
     migration_seconds: Histogram,
     migration_downtime_seconds: Histogram,
     failover_seconds: Histogram,
+    write_lag_seconds: Histogram,
     fence_actions: Family<FenceLabels, Counter>,
     database_errors: Family<DatabaseLabel, Counter>,
     /// Unplanned outages open, by VM: when they began (for the failover time).
@@ -96,6 +97,7 @@ impl Metrics {
             migration_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 10)),
             migration_downtime_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             failover_seconds: Histogram::new(exponential_buckets(1.0, 1.5, 12)),
+            write_lag_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             fence_actions: Family::default(),
             database_errors: Family::default(),
             down_since: Mutex::default(),
@@ -138,6 +140,12 @@ impl Metrics {
             m.failover_seconds.clone(),
         );
         registry.register(
+            "database_write_lag_seconds",
+            "Writes to PostgreSQL: from the change in the leader's memory to its commit. A takeover in \
+             that window does not find the change (a host's acknowledged roster among them: see SAFETY.md 8d)",
+            m.write_lag_seconds.clone(),
+        );
+        registry.register(
             "fence_actions",
             "Fencing: self (an agent destroyed its protected VMs: fenced; a host declared dead when its lease \
              lapsed: lease_lapsed), external (the fence command: succeeded, failed, timed_out), manual \
@@ -169,6 +177,11 @@ impl Metrics {
             _ => return,
         };
         self.fence_actions.get_or_create(&FenceLabels { mode: action.0, result: action.1 }).inc();
+    }
+
+    /// A write committed `lag` after it was queued.
+    pub fn write_lag(&self, lag: std::time::Duration) {
+        self.write_lag_seconds.observe(lag.as_secs_f64());
     }
 
     pub fn database_error(&self, e: &crate::store::StoreError) {

@@ -105,7 +105,10 @@ impl OperatorApi {
 impl OperatorApi {
     /// A protection covers a VM only once its host's agent knows of it (its self-fence destroys
     /// only what it knows is protected): the answer to `vmha protect` waits until the host has
-    /// acknowledged an answer listing it, at most a few heartbeats.
+    /// acknowledged an answer listing it, at most a few heartbeats, and until that
+    /// acknowledgement is on record. It is queued for the database in the step that took it;
+    /// once committed, a leader that takes over restores it (SAFETY.md 8d), so every protection
+    /// `vmha protect` confirmed survives the leader dying together with the VM's host.
     async fn await_protection_known(&self, who: &Operator, vm: &vmha_engine::VmView) {
         let Ok(c) = self.c() else { return };
         let Some(host) = vm.host.clone() else { return };
@@ -120,24 +123,35 @@ impl OperatorApi {
                 })
             })
         };
+        let unconfirmed = |why: String| {
+            let restart = format!(
+                "a failure of {host} restarts {} only after `vmha host confirm-down {host}`",
+                vm.name
+            );
+            c.event(
+                Event::vm(&vm.name, EventKind::ProtectionUnconfirmed, format!("{why}: {restart}"))
+                    .by(&who.name),
+            );
+        };
         // A controller going down answers no more: stop waiting.
         while !known().await.unwrap_or(true) {
             if tokio::time::Instant::now() >= deadline {
-                c.event(
-                    Event::vm(
-                        &vm.name,
-                        EventKind::ProtectionUnconfirmed,
-                        format!(
-                            "{host} has not confirmed that {} is protected yet: until it does, a failure of {host} \
-                             restarts it only after `vmha host confirm-down {host}`",
-                            vm.name
-                        ),
-                    )
-                    .by(&who.name),
-                );
-                return;
+                return unconfirmed(format!(
+                    "{host} has not confirmed that {} is protected yet; until it does",
+                    vm.name
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left =
+            deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_secs(1));
+        if !c.caught_up(left).await {
+            let trouble = c.database_trouble().unwrap_or_else(|| format!("no commit in {left:?}"));
+            unconfirmed(format!(
+                "{host} confirmed that {} is protected, but the database has not recorded it ({trouble}); if this \
+                 controller fails together with {host} before it does",
+                vm.name
+            ));
         }
     }
 }
@@ -285,6 +299,10 @@ impl OperatorService for OperatorApi {
             .ok_or_else(|| Error::NotFound(format!("VM {uuid} is gone")))?;
         if vm.protected && !was_protected {
             self.await_protection_known(&who, &vm).await;
+        } else {
+            // An unprotect or a new priority the answer confirmed is one a leader that takes
+            // over a moment later finds on record (a few milliseconds while the database answers).
+            c.caught_up(Duration::from_secs(3)).await;
         }
         Ok(Response::new(self.vm_view(&vm.uuid).await?))
     }

@@ -390,7 +390,7 @@ impl Store {
         let drain = w.drain.as_ref().map(serde_json::to_string).transpose().map_err(encode("host drain"))?;
         sqlx::query(
             "UPDATE hosts SET admin_state = $2, memory_limit_kib = $3, fencing = $4, dead_cause = $5, drain = $6,
-                 roster_acked = $7
+                 roster_acked = $7, members_acked = $8
              WHERE name = $1",
         )
         .bind(host)
@@ -400,6 +400,8 @@ impl Store {
         .bind(&w.dead)
         .bind(drain)
         .bind(w.roster_acked.map(|v| v as i64))
+        // A fingerprint: any u64, kept bit for bit in a bigint.
+        .bind(w.members_acked.map(|v| v as i64))
         .execute(&mut *db)
         .await
         .map_err(q("set host work"))?;
@@ -444,11 +446,12 @@ impl Store {
             dead_cause: Option<String>,
             drain: Option<String>,
             roster_acked: Option<i64>,
+            members_acked: Option<i64>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT name, migration_uri, admin_state, cpus, memory_total_kib, cpu_model, libvirt_version,
                  fencing, peer_address, memory_limit_kib, watchdog, watchdog_detail, watchdog_timeout_ms,
-                 dead_cause, drain, roster_acked
+                 dead_cause, drain, roster_acked, members_acked
              FROM hosts ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -474,6 +477,7 @@ impl Store {
                 h.libvirt_version = r.libvirt_version;
                 h.memory_limit_kib = r.memory_limit_kib.map(|m| m as u64);
                 h.roster_acked = r.roster_acked.map(|v| v as u64);
+                h.lease.acked_members = r.members_acked.map(|v| (Millis(0), v as u64));
                 h.watchdog = match r.watchdog.as_str() {
                     "armed" => Watchdog::Armed {
                         device: r.watchdog_detail,

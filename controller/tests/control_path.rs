@@ -20,6 +20,8 @@ use vmha_controller::domain_xml::DomainRules;
 use vmha_controller::leadership::Leadership;
 use vmha_controller::node::Node;
 use vmha_controller::operator_api::OperatorApi;
+use vmha_controller::store::Store;
+use vmha_engine::step::HostWork;
 use vmha_engine::{Policy, Timings};
 use vmha_proto::v1::agent_service_server::AgentServiceServer;
 use vmha_proto::v1::operator_service_client::OperatorServiceClient;
@@ -174,6 +176,56 @@ async fn a_standby_answers_reads_from_the_record_and_refuses_changes() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("vmha-controller ctl2"), "{}", refused.message());
+}
+
+/// What a new leader relies on is on record by the time `vmha protect` answers: the host's
+/// acknowledgement of a roster listing the VM, and the membership its agent counts votes
+/// among. A leader that dies together with the host a moment later leaves nothing only it knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_new_leader_needs_is_on_record_when_protect_answers() {
+    let pg = PgServer::shared();
+    let url = pg.fresh_database();
+    let endpoint = serve(open_controller(&url, Duration::from_secs(30), Duration::from_secs(60)).await).await;
+    let kvm1 = FakeHypervisor::default();
+    kvm1.add_running(DNS1, "dns1");
+    spawn_agent("kvm1", Arc::new(kvm1), &endpoint);
+    spawn_agent("kvm2", Arc::new(FakeHypervisor::default()), &endpoint);
+    let mut op = pki::operator(&endpoint, Level::Admin).await;
+    until("dns1 reported on kvm1 and both hosts online", async || {
+        let hosts = op.list_hosts(ListHostsRequest {}).await.ok()?.into_inner().hosts;
+        let vm = op.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?.into_inner();
+        (vm.state == "running" && hosts.iter().filter(|h| h.state == "online").count() == 2).then_some(())
+    })
+    .await;
+    let record = Store::open(&url).await.unwrap();
+    for round in 0..3 {
+        for protected in [true, false] {
+            let req = SetProtectionRequest { vm: "dns1".into(), protected, ..Default::default() };
+            op.set_protection(req).await.unwrap();
+            let host = record.load_hosts().await.unwrap().into_iter().find(|h| h.name == "kvm1").unwrap();
+            let vm = record.load_vms().await.unwrap().into_iter().find(|v| v.uuid == DNS1).unwrap();
+            assert_eq!(vm.protected, protected, "round {round}");
+            if protected {
+                assert!(
+                    vm.fenced_by(host.roster_acked),
+                    "round {round}: the record shows kvm1 acknowledged roster {:?}, dns1 protected in {:?}",
+                    host.roster_acked,
+                    vm.protected_in
+                );
+            }
+            assert!(
+                HostWork::of(&host).members_acked.is_some(),
+                "round {round}: no membership on record for kvm1"
+            );
+        }
+    }
+    let events =
+        op.list_events(ListEventsRequest { limit: 100, after_id: 0 }).await.unwrap().into_inner().events;
+    assert!(
+        !events.iter().any(|e| e.kind == "protection_unconfirmed"),
+        "every protect was confirmed: {:?}",
+        events.iter().map(|e| &e.message).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

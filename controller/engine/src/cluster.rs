@@ -427,9 +427,6 @@ pub struct ClusterState {
     /// life): a VM found stopped after the takeover may have stopped that long before it. An
     /// outage begun then is dated back to there, so downtime is not under-counted.
     pub unwatched_before_ms: u64,
-    /// The membership (`lease::membership`) this leader started with: what a host that has
-    /// acknowledged none of its answers may still count votes among. `None`: no leader before.
-    pub start_members: Option<u64>,
     /// By host, the VMs that may be placed on it or run a second copy there: a superset,
     /// pruned as it is read (`vms_near`), so that a report costs in proportion to its host's
     /// VMs and not to the cluster's. `None` (a state built by hand) means every VM is looked

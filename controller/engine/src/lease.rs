@@ -50,6 +50,14 @@ impl HostLease {
     pub fn end(&self, t: &Timings) -> Option<Millis> {
         self.granted_at.map(|g| Millis(g.0 + t.lease_ttl_ms))
     }
+
+    /// The membership the agent counts votes among, if the leader can be sure of it: the one
+    /// it acknowledged last, when every answer sent to it since listed the same. Persisted
+    /// (`HostWork::members_acked`), so that a new leader knows it too.
+    pub fn settled_members(&self) -> Option<u64> {
+        let (since, members) = self.acked_members?;
+        self.issued.iter().filter(|i| i.stamp > since).all(|i| i.members == members).then_some(members)
+    }
 }
 
 /// What the leader answers a heartbeat.
@@ -176,19 +184,14 @@ pub fn forget_membership(state: &mut ClusterState) {
 }
 
 /// Whether `host` can only count votes among the hosts there are now: the answer it last
-/// acknowledged (or, before any, the membership this leader started with), and every answer
-/// sent to it since, listed the current membership. A host that missed a join or a removal
-/// counts votes among other hosts than the leader does: it could keep its VMs while the leader,
-/// counting its own way, holds quorum (SAFETY.md, "Membership changes").
-/// `current` is `current_membership`, taken once by a caller that asks for many hosts.
+/// acknowledged, and every answer sent to it since, listed the current membership. A host that
+/// missed a join or a removal counts votes among other hosts than the leader does: it could
+/// keep its VMs while the leader, counting its own way, holds quorum (SAFETY.md, "Membership
+/// changes"). A host that acknowledged nothing this leader or its predecessors recorded may
+/// count any membership. `current` is `current_membership`, taken once by a caller that asks
+/// for many hosts.
 pub fn knows_membership(state: &ClusterState, host: &str, current: u64) -> bool {
-    let Some(h) = state.hosts.get(host) else { return false };
-    let (since, acked) = match h.lease.acked_members {
-        Some((stamp, members)) => (Some(stamp), Some(members)),
-        None => (None, state.start_members),
-    };
-    acked.is_none_or(|m| m == current)
-        && h.lease.issued.iter().filter(|i| since.is_none_or(|s| i.stamp > s)).all(|i| i.members == current)
+    state.hosts.get(host).is_some_and(|h| h.lease.settled_members() == Some(current))
 }
 
 /// Records an answer to `host` that grants nothing (its registration), for the echo check.

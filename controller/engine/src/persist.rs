@@ -104,6 +104,8 @@ fn set_host_work(row: &mut HostView, w: &HostWork) {
     row.dead = w.dead.clone().map(|cause| Death { at: Millis(0), cause });
     row.drain = w.drain.clone();
     row.roster_acked = w.roster_acked;
+    // Stamped before any answer of the loading leader: all of those must list it too.
+    row.lease.acked_members = w.members_acked.map(|m| (Millis(0), m));
 }
 
 /// A host as a new controller starts with it: what was stored, no lease, nothing heard yet.

@@ -57,6 +57,10 @@ pub struct HostWork {
     /// Kept so that a new leader knows what the host's agent knew of the protected VMs: a
     /// leader and a host lost together must not leave that host's VMs waiting for an operator.
     pub roster_acked: Option<u64>,
+    /// The membership its agent counts votes among, when the leader is sure of it
+    /// (`HostLease::settled_members`): without it, a new leader could not tell a host that
+    /// missed a join or a removal just before both failed.
+    pub members_acked: Option<u64>,
 }
 
 /// A VM's desired state and work in progress.
@@ -86,6 +90,7 @@ impl HostWork {
             dead: h.dead.as_ref().map(|d| d.cause.clone()),
             drain: h.drain.clone(),
             roster_acked: h.roster_acked,
+            members_acked: h.lease.settled_members(),
         }
     }
 }
@@ -416,7 +421,6 @@ impl Engine {
                 }
             }
         }
-        cluster.start_members = Some(lease::membership(&cluster));
         let mut e = Engine { cluster, roster: RosterBook::new(), ..Default::default() };
         e.cluster.index_vms();
         for mut op in ops {
