@@ -497,12 +497,13 @@ impl LeaseShell {
             });
         }
         let answers = asks.join_all().await.into_iter().flatten().collect();
-        let stale = self.keeper().polled(Poll { started, answers });
-        if !stale.is_empty() {
+        let other = self.keeper().polled(Poll { started, answers });
+        if !other.is_empty() {
             tracing::warn!(
-                peers = ?stale,
+                peers = ?other,
                 newest_epoch = self.newest_epoch(),
-                "not counting peer answers of an older leader epoch"
+                "not counting peer answers of another leader epoch than this agent's: an older one is a deposed \
+                 leader's, a newer one a leader this agent has not heard from yet (or a host that lies)"
             );
         }
     }

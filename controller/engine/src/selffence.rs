@@ -354,16 +354,18 @@ impl LeaseKeeper {
         }
     }
 
-    /// A finished poll. A peer that has seen a newer epoch makes it the newest here too; the
-    /// answer of a peer that has not seen the newest is not counted (it may speak of a deposed
-    /// leader's lease): it returns those peers, for the log. A fact a peer passes on is taken
-    /// at `started - age`: the peer answered after the question was sent, so after `started`,
-    /// and the fact is no later than that answer minus its age.
-    pub fn polled(&mut self, mut poll: Poll) -> Vec<String> {
-        let newest = poll.answers.iter().map(|a| a.epoch).max().unwrap_or(0);
-        self.newest_epoch = self.newest_epoch.max(newest);
-        let (current, stale): (Vec<PeerAnswer>, Vec<PeerAnswer>) =
-            poll.answers.into_iter().partition(|a| a.epoch >= self.newest_epoch);
+    /// A finished poll. Only the answers of peers that have seen the same newest epoch as this
+    /// agent count; it returns the others, with their epochs, for the log. An older one may
+    /// speak of a deposed leader's lease. A newer one is not taken on the peer's word either:
+    /// only a leader's own message (a registration, a lease, a command) moves this agent's
+    /// epoch on, so a host that lies cannot make its askers refuse the real leader
+    /// (SAFETY.md, "Lying hosts"); leaving a current peer's answer out only makes a fence more
+    /// likely. A fact a peer passes on is taken at `started - age`: the peer answered after the
+    /// question was sent, so after `started`, and the fact is no later than that answer minus
+    /// its age.
+    pub fn polled(&mut self, mut poll: Poll) -> Vec<(String, u64)> {
+        let (current, other): (Vec<PeerAnswer>, Vec<PeerAnswer>) =
+            poll.answers.into_iter().partition(|a| a.epoch == self.newest_epoch);
         // Only the answers of the peers the leader last listed count (`set_peers` keeps it so).
         poll.answers =
             current.into_iter().filter(|a| self.peers.as_ref().is_none_or(|p| p.contains(&a.host))).collect();
@@ -372,7 +374,7 @@ impl LeaseKeeper {
             .answers
             .iter()
             .filter_map(|a| a.fact)
-            .filter(|f| f.epoch >= self.newest_epoch && Some(f.membership) == membership)
+            .filter(|f| f.epoch == self.newest_epoch && Some(f.membership) == membership)
             .filter_map(|f| poll.started.0.checked_sub(f.age_ms))
             .max();
         if let Some(c) = relayed {
@@ -391,7 +393,7 @@ impl LeaseKeeper {
         if self.last_poll.as_ref().is_none_or(|p| p.started <= poll.started) {
             self.last_poll = Some(poll);
         }
-        stale.into_iter().map(|a| a.host).collect()
+        other.into_iter().map(|a| (a.host, a.epoch)).collect()
     }
 
     /// The peers of `poll` whose votes the leader could not count at `t`, and whether this
@@ -920,7 +922,7 @@ mod tests {
             started: Millis(6_400),
             answers: vec![answer("kvm2", 0, 6_410), answer("kvm3", 0, 6_420)],
         });
-        assert_eq!(stale_peers, ["kvm2", "kvm3"]);
+        assert_eq!(stale_peers, [("kvm2".to_string(), 1), ("kvm3".to_string(), 1)]);
         assert!(matches!(k.tick(Millis(6_500)), Decision::Fence { .. }));
         // The same answers from peers that know epoch 2 keep the VMs.
         let mut k = leased(1_000);
@@ -934,13 +936,20 @@ mod tests {
         assert!(matches!(k.tick(Millis(6_500)), Decision::Keep { .. }));
     }
 
+    /// A host with a valid certificate that answers epoch 2^63 (or any newer one) moves
+    /// nothing: the real leader's leases are still taken, and its answer is not counted.
     #[test]
-    fn a_peer_that_has_seen_a_newer_epoch_makes_it_the_newest() {
+    fn a_peer_cannot_move_this_agents_epoch() {
         let mut k = leased(1_000);
-        let newer = PeerAnswer { epoch: 3, ..answer("kvm2", 0, 5_910) };
-        k.polled(Poll { started: Millis(5_900), answers: vec![newer] });
-        assert_eq!(k.newest_epoch(), 3);
-        assert!(k.see_epoch(1).is_err(), "the leader of epoch 1 has been deposed");
+        k.set_peers(["kvm2".to_string(), "kvm3".to_string()]);
+        let fact = RelayedFact { age_ms: 0, epoch: 1 << 63, membership: k.membership().unwrap() };
+        let lie = PeerAnswer { epoch: 1 << 63, fact: Some(fact), ..answer("kvm2", -10_000, 5_910) };
+        let ignored = k.polled(Poll { started: Millis(5_900), answers: vec![lie] });
+        assert_eq!(ignored, [("kvm2".to_string(), 1 << 63)]);
+        assert_eq!(k.fact(Millis(5_950)), None, "its fact was not taken");
+        assert_eq!(k.newest_epoch(), 1);
+        assert!(k.see_epoch(1).is_ok(), "the leader of epoch 1 still leads");
+        assert!(k.granted(Millis(6_000), 5_000, 3, 1).is_ok());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use vmha_engine::lease::{Echo, LeaseAnswer};
 use vmha_engine::operation::{Done, OpId};
 use vmha_engine::persist::Db;
 use vmha_engine::roster::{self, Roster, RosterUpdate};
-use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll};
+use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll, RelayedFact};
 use vmha_engine::step::{CommandKind, Heartbeat, Input, Output, Persist, Registration, Reply, Request};
 use vmha_engine::{ClusterState, Engine, HostView, Millis, Policy, RunState, Timings, VmView, Watchdog};
 
@@ -107,6 +107,9 @@ enum Fault {
     /// An operator removes a host (refused unless it holds no lease and has no VMs); a host
     /// that still runs registers again as a new one.
     RemoveHost(usize),
+    /// From now on its agent answers every peer poll with epoch 2^63, and so does the fact it
+    /// passes on (a host with a valid certificate that lies, issue 26 item 7).
+    LieAboutEpoch(usize),
     /// Someone live-migrates a VM with `virsh migrate` behind vmha's back: it runs on the
     /// target at once, and the source keeps its definition, shut off. Only in targeted tests:
     /// combined with a libvirtd that hangs on the target before its next report and the source's
@@ -243,6 +246,8 @@ struct Agent {
     /// When the watchdog resets the host unless fed; `None`: not armed.
     watchdog_deadline: Option<u64>,
     resets: u64,
+    /// Answers peer polls with epoch 2^63 (a host with a valid certificate that lies).
+    lies_about_epoch: bool,
 }
 
 struct Sim {
@@ -363,6 +368,7 @@ impl Sim {
                 fenced: 0,
                 watchdog_deadline: None,
                 resets: 0,
+                lies_about_epoch: false,
             });
         }
         sim
@@ -779,9 +785,12 @@ impl Sim {
                         self.at(t, Event::PeerAsked { asker, peer, poll, back_delay, life });
                     }
                     Some(_) => {
-                        let upper = self.agents[peer].keeper.upper_remaining_ms(Millis(self.now));
-                        let epoch = self.agents[peer].keeper.newest_epoch();
-                        let fact = self.agents[peer].keeper.fact(Millis(self.now));
+                        let p = &self.agents[peer];
+                        let upper = p.keeper.upper_remaining_ms(Millis(self.now));
+                        let lie = |e| if p.lies_about_epoch { 1 << 63 } else { e };
+                        let epoch = lie(p.keeper.newest_epoch());
+                        let fact =
+                            p.keeper.fact(Millis(self.now)).map(|f| RelayedFact { epoch: lie(f.epoch), ..f });
                         let t = self.now + back_delay;
                         let answer = PeerAnswer {
                             host: host_name(peer),
@@ -1006,6 +1015,7 @@ impl Sim {
             Fault::Undrain(h, abort) => self.operator(Request::Undrain { host: host_name(h), abort }),
             Fault::CancelMigration(v) => self.operator(Request::Cancel { op: None, vm: Some(vm_uuid(v)) }),
             Fault::RemoveHost(h) => self.operator(Request::RemoveHost { host: host_name(h) }),
+            Fault::LieAboutEpoch(h) => self.agents[h].lies_about_epoch = true,
             Fault::Migrate(v, h) => {
                 self.operator(Request::Migrate { vm: vm_uuid(v), to: host_name(h), overrides: None })
             }
@@ -1082,6 +1092,7 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
         1 => (h.clone(), any::<bool>()).prop_map(|(h, abort)| Fault::Undrain(h, abort)),
         2 => h.clone().prop_map(Fault::CancelMigration),
         1 => h.clone().prop_map(Fault::RemoveHost),
+        1 => h.clone().prop_map(Fault::LieAboutEpoch),
         2 => (h.clone(), h.clone()).prop_map(|(v, h)| Fault::Migrate(v, h)),
         1 => h.clone().prop_map(Fault::StopVm),
         2 => (h.clone(), prop::option::of(h.clone())).prop_map(|(v, on)| Fault::StartVm(v, on)),
@@ -1365,6 +1376,26 @@ fn a_removed_hosts_lapse_is_not_counted_by_its_former_peers() {
     sim.at(25017, Event::Fault(Fault::CutLeaderLink(0)));
     sim.run(40_000);
     assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+}
+
+/// A host with a valid certificate that answers every peer poll with epoch 2^63 moves nobody
+/// else's epoch: through a 10 s pause of the leader its peers keep their VMs on each other's
+/// answers, and take the leader's leases again when it resumes. (When peers took a newer
+/// epoch from an answer, both refused every lease from then on and fenced.)
+#[test]
+fn a_host_that_lies_about_its_epoch_moves_no_other_host() {
+    let mut sim = Sim::new(3, 11, false, Profile::Default);
+    sim.at(5_000, Event::Fault(Fault::LieAboutEpoch(2)));
+    sim.at(10_000, Event::Fault(Fault::PauseLeader(10_000)));
+    sim.run(40_000);
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+    for h in [0, 1] {
+        let a = &sim.agents[h];
+        assert_eq!((a.fenced, a.resets), (0, 0), "kvm{h} fenced or was reset");
+        assert_eq!(a.keeper.newest_epoch(), 1, "kvm{h}");
+        assert_eq!(a.keeper.phase(), &Phase::Leased, "kvm{h} holds the leader's lease again");
+    }
+    assert_eq!(sim.restarts, 0);
 }
 
 /// Issue 13's target: while the leader of 1000 hosts is stopped for 10 s, no host fences or is
