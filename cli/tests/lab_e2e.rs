@@ -2568,49 +2568,90 @@ fn deep_xml_from_a_host_leaves_both_controllers_standing(lab: &Lab) {
 /// dns1 runs on it from the moment the leader is killed (when every VM's state is unknown to
 /// the new leader until its host reports). The claim is an alarm, not a move: dns1 stays on its
 /// host, in the same QEMU process, and nothing is destroyed.
+/// `kvm9`, a host that is not in the lab: a certificate from the lab's CA, issued when made,
+/// with which a test speaks as a host of the cluster. Dropping it removes the files.
+struct Kvm9 {
+    pki: PathBuf,
+    ca: tonic::transport::Certificate,
+    cert: String,
+    key: String,
+}
+
+impl Kvm9 {
+    fn issue(lab: &Lab) -> Kvm9 {
+        let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
+        let out = lab
+            .cli()
+            .args(["ca", "issue", "host", "kvm9", "--ip", "10.213.77.99", "--dir", pki.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "vmha ca issue host kvm9: {}", String::from_utf8_lossy(&out.stderr));
+        let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
+        let ca = tonic::transport::Certificate::from_pem(read("ca.pem"));
+        Kvm9 { ca, cert: read("host-kvm9.pem"), key: read("host-kvm9.key"), pki }
+    }
+
+    /// Registers kvm9 with controller ctl`n`, its peer endpoint at `peer_address`; its
+    /// connection, or `None` if it got no further (a standby refuses).
+    async fn register(
+        &self,
+        n: u32,
+        peer_address: &str,
+    ) -> Option<vmha_proto::v1::agent_service_client::AgentServiceClient<tonic::transport::Channel>> {
+        use vmha_proto::v1::{HostFacts, RegisterRequest};
+        let identity = tonic::transport::Identity::from_pem(self.cert.clone(), self.key.clone());
+        let mut client = agent_client_of(n, &self.ca, identity).await.ok()?;
+        let mut register = tonic::Request::new(RegisterRequest {
+            migration_uri: "qemu+tls://10.213.77.99/system".into(),
+            facts: Some(HostFacts {
+                cpus: 4,
+                memory_total_kib: 4 << 20,
+                memory_free_kib: 4 << 20,
+                cpu_model: "impostor".into(),
+                libvirt_version: "9.0.0".into(),
+                hypervisor_version: String::new(),
+                lock_manager: "lockd".into(),
+            }),
+            agent_version: "0.1.0".into(),
+            peer_address: peer_address.into(),
+        });
+        register.metadata_mut().insert("x-vmha-host", "kvm9".parse().unwrap());
+        client.register(register).await.ok()?;
+        Some(client)
+    }
+
+    /// Removes kvm9 from the cluster again and waits for the lab's hosts to be online.
+    fn remove(&self, lab: &Lab) {
+        wait_until("kvm9 to be removed", Duration::from_secs(30), || {
+            lab.vmha(&["host", "remove", "kvm9"]).status.success()
+        });
+        lab.settle();
+    }
+}
+
+impl Drop for Kvm9 {
+    fn drop(&mut self) {
+        for f in ["host-kvm9.pem", "host-kvm9.key"] {
+            let _ = std::fs::remove_file(self.pki.join(f));
+        }
+    }
+}
+
 fn an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing(lab: &Lab) {
-    use vmha_proto::v1::{DomainState, HostFacts, RegisterRequest};
+    use vmha_proto::v1::DomainState;
 
     lab.settle();
     lab.ensure_running("dns1");
     let real = lab.protect_known("dns1", "100");
     let uuid = lab.json(&["vm", "show", "dns1"])["uuid"].as_str().unwrap().to_string();
     let dns1 = qemu_processes()["dns1"].clone();
-    let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
-    let out = lab
-        .cli()
-        .args(["ca", "issue", "host", "kvm9", "--ip", "10.213.77.99", "--dir", pki.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "vmha ca issue host kvm9: {}", String::from_utf8_lossy(&out.stderr));
-    let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
-    let ca = tonic::transport::Certificate::from_pem(read("ca.pem"));
-    let (cert, key) = (read("host-kvm9.pem"), read("host-kvm9.key"));
+    let kvm9 = Kvm9::issue(lab);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     // Registers kvm9 with controller ctlN and sends it a report claiming dns1; whether it got
     // that far (a standby refuses).
     let claim = |n: u32| -> bool {
         rt.block_on(async {
-            let identity = tonic::transport::Identity::from_pem(cert.clone(), key.clone());
-            let Ok(mut client) = agent_client_of(n, &ca, identity).await else { return false };
-            let mut register = tonic::Request::new(RegisterRequest {
-                migration_uri: "qemu+tls://10.213.77.99/system".into(),
-                facts: Some(HostFacts {
-                    cpus: 4,
-                    memory_total_kib: 4 << 20,
-                    memory_free_kib: 4 << 20,
-                    cpu_model: "impostor".into(),
-                    libvirt_version: "9.0.0".into(),
-                    hypervisor_version: String::new(),
-                    lock_manager: "lockd".into(),
-                }),
-                agent_version: "0.1.0".into(),
-                peer_address: "10.213.77.99:7401".into(),
-            });
-            register.metadata_mut().insert("x-vmha-host", "kvm9".parse().unwrap());
-            if client.register(register).await.is_err() {
-                return false;
-            }
+            let Some(mut client) = kvm9.register(n, "10.213.77.99:7401").await else { return false };
             let hb =
                 heartbeat_as("kvm9", 3_000_000, (&uuid, "dns1", DomainState::Running, String::new()), false);
             // Refused a lease (it echoes nothing), but its report is read.
@@ -2647,18 +2688,103 @@ fn an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing(lab: &
     }));
     let (samples, doubles, _) = watch.finish_lasting(3);
     restart_plain(lab, old);
-    let cleaned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until("kvm9 to be removed", Duration::from_secs(30), || {
-            lab.vmha(&["host", "remove", "kvm9"]).status.success()
-        });
-        lab.settle();
-    }));
-    for f in ["host-kvm9.pem", "host-kvm9.key"] {
-        let _ = std::fs::remove_file(pki.join(f));
-    }
+    let cleaned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kvm9.remove(lab)));
     result.unwrap_or_else(|e| std::panic::resume_unwind(e));
     cleaned.unwrap_or_else(|e| std::panic::resume_unwind(e));
     assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+}
+
+/// Issue 26, item 7: `kvm9`, a host with a certificate from the cluster's CA, registers (so
+/// that the leader lists it among every agent's peers) and answers every peer poll with epoch
+/// 2^63 and a fact of the moment. Both controllers are then stopped for 8 s: the lab's hosts
+/// ask their peers, kvm9 among them, keep their guests on each other's answers, and once the
+/// controllers run again (one of them leading with the next epoch: the pause outlasted its
+/// database session) take their leases at once. (Before, they took 2^63 as the newest
+/// epoch, refused every lease of the real leader, and stayed `suspect`.)
+fn a_peer_answering_epoch_2_pow_63_is_ignored(lab: &Lab) {
+    use std::sync::atomic::AtomicU64;
+    use vmha_proto::v1::peer_service_server::{PeerService, PeerServiceServer};
+    use vmha_proto::v1::{LeaseStatusReply, LeaseStatusRequest};
+
+    struct Liar(Arc<AtomicU64>);
+
+    #[tonic::async_trait]
+    impl PeerService for Liar {
+        async fn lease_status(
+            &self,
+            _: tonic::Request<LeaseStatusRequest>,
+        ) -> Result<tonic::Response<LeaseStatusReply>, tonic::Status> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(tonic::Response::new(LeaseStatusReply {
+                host: "kvm9".into(),
+                upper_remaining_ms: -60_000,
+                epoch: 1 << 63,
+                fact_age_ms: Some(0),
+                fact_epoch: 1 << 63,
+                fact_membership: 0,
+            }))
+        }
+    }
+
+    lab.settle();
+    let before = qemu_processes();
+    let last_event = last_event_id(lab);
+    let kvm9 = Kvm9::issue(lab);
+    let creds = vmha_tls::Credentials::load(vmha_tls::Paths {
+        ca: kvm9.pki.join("ca.pem"),
+        cert: kvm9.pki.join("host-kvm9.pem"),
+        key: kvm9.pki.join("host-kvm9.key"),
+    })
+    .unwrap();
+    let asked = Arc::new(AtomicU64::new(0));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let peer_address = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind((LAB_BRIDGE_IP, 0)).await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let incoming = vmha_tls::transport::incoming(listener, &creds).unwrap();
+        let liar = PeerServiceServer::new(Liar(asked.clone()));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(liar)
+                .serve_with_incoming_shutdown(incoming, async { stopped.await.unwrap_or(()) }),
+        );
+        address
+    });
+    let leader = lab.leader().expect("a controller leads");
+    assert!(rt.block_on(kvm9.register(leader, &peer_address)).is_some(), "kvm9 registered with ctl{leader}");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("kvm9 to be listed", Duration::from_secs(10), || {
+            lab.json(&["host", "ls"]).as_array().unwrap().iter().any(|h| h["name"] == "kvm9")
+        });
+        // Two heartbeats: every agent's latest answer lists kvm9 and where to ask it.
+        std::thread::sleep(Duration::from_secs(3));
+        let pids = [lab.controller_pid(1), lab.controller_pid(2)];
+        for pid in pids {
+            assert!(signal(pid, "STOP"), "SIGSTOP controller {pid}");
+        }
+        std::thread::sleep(Duration::from_secs(8));
+        for pid in pids {
+            assert!(signal(pid, "CONT"), "SIGCONT controller {pid}");
+        }
+        let resumed = Instant::now();
+        assert!(asked.load(Ordering::SeqCst) > 0, "no agent asked kvm9 while the controllers were stopped");
+        wait_until("the lab's hosts to be online again", Duration::from_secs(15), || {
+            let hosts = lab.json(&["host", "ls"]);
+            hosts.as_array().unwrap().iter().filter(|h| h["name"] != "kvm9").all(|h| h["state"] == "online")
+        });
+        println!(
+            "  kvm9 was asked {} times; the hosts were online {:.1} s after the controllers resumed",
+            asked.load(Ordering::SeqCst),
+            resumed.elapsed().as_secs_f64()
+        );
+        assert_eq!(qemu_processes(), before, "the same QEMU processes, none stopped or moved");
+        assert_no_action_since(lab, last_event);
+    }));
+    let _ = stop.send(());
+    let cleaned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kvm9.remove(lab)));
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    cleaned.unwrap_or_else(|e| std::panic::resume_unwind(e));
 }
 
 /// Roles: a viewer reads but cannot drain; an operator drains but cannot confirm a host
@@ -2927,7 +3053,7 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 33] = [
+    let scenarios: [Scenario; 34] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -3003,6 +3129,7 @@ fn main() {
             "an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing",
             an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing,
         ),
+        ("a_peer_answering_epoch_2_pow_63_is_ignored", a_peer_answering_epoch_2_pow_63_is_ignored),
         ("roles_decide_and_events_name_the_operator", roles_decide_and_events_name_the_operator),
         ("libvirt_admits_only_hosts_over_tls", libvirt_admits_only_hosts_over_tls),
         ("a_renewed_host_certificate_is_taken_on_sighup", a_renewed_host_certificate_is_taken_on_sighup),
