@@ -20,6 +20,29 @@ async fn within(
     })
 }
 
+/// Whether the definition to start names VM `uuid` (`""`: a controller that does not say).
+/// Defining one that names another VM would replace that VM's definition on this host, and
+/// start it. The controller checks the same when it takes a definition from a host.
+fn names_the_vm(xml: &str, uuid: &str) -> Result<(), String> {
+    if uuid.is_empty() {
+        return Ok(());
+    }
+    // The controller refused anything nested deeper than a few dozen levels before keeping it.
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("its definition does not parse: {e}"))?;
+    let named = doc
+        .root_element()
+        .children()
+        .find(|c| c.has_tag_name("uuid"))
+        .and_then(|u| u.text())
+        .map(str::trim)
+        .unwrap_or("");
+    if named.eq_ignore_ascii_case(uuid) {
+        Ok(())
+    } else {
+        Err(format!("the definition sent to start VM {uuid} names VM '{named}'"))
+    }
+}
+
 pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
     let op = cmd.operation_id.clone();
     let vm = cmd.vm_name.clone();
@@ -84,7 +107,7 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
             let _ = forward.await;
             r
         }
-        Some(Kind::Start(s)) => match agent.lease.may_start() {
+        Some(Kind::Start(s)) => match agent.lease.may_start().and_then(|()| names_the_vm(&s.xml, &s.uuid)) {
             // Every copy this host runs must be one its self-fence covers.
             Err(why) => Err(anyhow::anyhow!("refusing to start a VM on {}: {why}", agent.cfg.host_name)),
             Ok(()) => agent.blocking(move |hv| hv.define_and_start(&s.xml).map(|_| Default::default())).await,
@@ -185,5 +208,21 @@ async fn report(client: &mut Client, result: OperationResult) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_the_vm;
+
+    #[test]
+    fn a_definition_naming_another_vm_is_not_started() {
+        let xml =
+            "<domain type='kvm'><name>dns1</name><uuid>0D6B3F2E-1C1E-4F7E-9A55-2B8A1F6C0D01</uuid></domain>";
+        assert_eq!(names_the_vm(xml, "0d6b3f2e-1c1e-4f7e-9a55-2b8a1f6c0d01"), Ok(()));
+        let other = names_the_vm(xml, "0d6b3f2e-1c1e-4f7e-9a55-2b8a1f6c0d02").unwrap_err();
+        assert!(other.contains("names VM '0D6B3F2E-1C1E-4F7E-9A55-2B8A1F6C0D01'"), "{other}");
+        assert!(names_the_vm("<domain><name>x</name></domain>", "0d6b3f2e").is_err());
+        assert_eq!(names_the_vm(xml, ""), Ok(()), "an older controller does not say");
     }
 }

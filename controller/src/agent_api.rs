@@ -141,7 +141,7 @@ impl AgentService for AgentApi {
         let (mut xml, mut xml_refused) = (Vec::new(), Vec::new());
         for d in r.domains.iter().filter(|d| !d.xml.is_empty()) {
             let uuid = d.uuid.to_lowercase();
-            match self.definitions.check(&d.xml) {
+            match self.definitions.check(&d.xml, &uuid) {
                 Ok(()) => xml.push((uuid, d.xml.clone())),
                 Err(refused) => xml_refused.push((uuid, refused.to_string())),
             }

@@ -452,7 +452,7 @@ impl Controller {
         use pb::command::Kind;
         let m = &self.migration;
         let kind = match kind {
-            CommandKind::Start { xml, .. } => Kind::Start(pb::StartDomain { xml }),
+            CommandKind::Start { xml, uuid } => Kind::Start(pb::StartDomain { xml, uuid }),
             CommandKind::Destroy { uuid } => Kind::Destroy(pb::DestroyDomain { uuid }),
             CommandKind::Shutdown { uuid, timeout_ms } => {
                 Kind::Shutdown(pb::ShutdownDomain { uuid, timeout_ms })

@@ -82,6 +82,10 @@ pub enum Problem {
     Kind { element: String, kind: String, allowed: &'static str },
     #[error("{element}: {what} is not allowed (libvirt would run it as root on the next host)")]
     Runs { element: String, what: String },
+    #[error("<uuid> is {claimed}, but the host reported the definition as VM {reported}")]
+    Identity { claimed: String, reported: String },
+    #[error("{element}: {what} is not allowed (it would reach into the host the guest runs on)")]
+    ReachesHost { element: String, what: String },
 }
 
 /// Why a definition is refused: every problem found, at most `MAX_PROBLEMS` named.
@@ -177,8 +181,10 @@ impl DomainRules {
         }
     }
 
-    /// Accepts `xml` or says everything wrong with it.
-    pub fn check(&self, xml: &str) -> Result<(), Refused> {
+    /// Accepts `xml` as the definition of VM `uuid` (as its host reported it), or says
+    /// everything wrong with it. The definition's own `<uuid>` must be that one: a failover
+    /// would otherwise start, on another host, whatever VM the definition names.
+    pub fn check(&self, xml: &str, uuid: &str) -> Result<(), Refused> {
         if nesting_exceeds(xml, MAX_DEPTH) {
             return Err(Refused(vec![Problem::TooDeep]));
         }
@@ -188,8 +194,13 @@ impl DomainRules {
         };
         let mut c = Check { rules: self, problems: Vec::new() };
         let root = doc.root_element();
+        let claimed = child(root, "uuid").map(text).unwrap_or("");
         if root.tag_name().name() != "domain" || root.tag_name().namespace().is_some() {
             c.problems.push(Problem::NotADomain(root.tag_name().name().to_string()));
+        } else if !claimed.eq_ignore_ascii_case(uuid) {
+            let claimed =
+                if claimed.is_empty() { "missing".to_string() } else { claimed.chars().take(64).collect() };
+            c.problems.push(Problem::Identity { claimed, reported: uuid.to_string() });
         }
         c.walk(root);
         if c.problems.is_empty() { Ok(()) } else { Err(Refused(c.problems)) }
@@ -304,9 +315,73 @@ impl Check<'_> {
                     continue;
                 }
                 "os" => self.os(e),
+                "seclabel" if matches!(attr(e, "type"), Some("none" | "static")) => {
+                    let what = match attr(e, "type") {
+                        Some("none") => "a security label of type 'none' (no confinement)",
+                        _ => "a static security label (a fixed user or context, root's among them)",
+                    };
+                    self.reaches("<seclabel>", what);
+                    continue;
+                }
+                "serial" | "console" | "parallel" | "channel" => self.character_device(e),
+                "tpm" if child(e, "backend").and_then(|b| attr(b, "type")) == Some("passthrough") => {
+                    self.reaches("<tpm>", "the host's TPM (backend passthrough)")
+                }
+                "smartcard" if attr(e, "mode").is_some_and(|m| m.starts_with("host")) => {
+                    self.reaches("<smartcard>", "the host's smartcard reader (mode host)")
+                }
+                "shmem" => self.reaches("<shmem>", "memory shared with the host"),
+                "graphics" => self.graphics(e),
                 _ => {}
             }
             self.walk(e);
+        }
+    }
+
+    fn reaches(&mut self, element: &str, what: &str) {
+        self.problems.push(Problem::ReachesHost { element: element.into(), what: what.into() });
+    }
+
+    /// A serial port, console or channel: a pseudo-terminal, a socket libvirt makes for it, or
+    /// the network; never a host file, device or pipe.
+    fn character_device(&mut self, e: Node) {
+        let element = format!("<{}>", e.tag_name().name());
+        let path = child(e, "source").and_then(|s| attr(s, "path"));
+        match attr(e, "type") {
+            Some(kind @ ("file" | "dev" | "pipe")) => {
+                let what = format!("type '{kind}' ({})", path.unwrap_or("a host path"));
+                self.reaches(&element, &what)
+            }
+            Some("unix") => {
+                let libvirts = |p: &str| {
+                    normalised(p).is_ok_and(|n| {
+                        ["/var/lib/libvirt/qemu", "/run/libvirt/qemu"].iter().any(|d| inside(&n, d))
+                    })
+                };
+                if let Some(p) = path.filter(|p| !libvirts(p)) {
+                    self.reaches(
+                        &element,
+                        &format!("a socket at {p} (libvirt's own are under /var/lib/libvirt/qemu)"),
+                    )
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A VNC or SPICE display listening on every address of whichever host runs the guest.
+    fn graphics(&mut self, e: Node) {
+        let listens = attr(e, "listen").into_iter().chain(
+            e.children()
+                .filter(|c| c.is_element() && c.tag_name().name() == "listen")
+                .filter_map(|l| attr(l, "address")),
+        );
+        for a in listens.filter(|a| matches!(a.trim(), "0.0.0.0" | "::" | "[::]" | "*")) {
+            let kind = attr(e, "type").unwrap_or("?");
+            self.reaches(
+                "<graphics>",
+                &format!("a {kind} display on all addresses ({a}); listen on 127.0.0.1"),
+            );
         }
     }
 
@@ -437,8 +512,10 @@ impl Check<'_> {
             Some(mac) => format!("interface {mac}"),
             None => "interface".to_string(),
         };
-        if attr(e, "type") == Some("hostdev") {
-            self.problems.push(Problem::HostDevice(format!("{element} (type hostdev)")));
+        match attr(e, "type") {
+            Some("hostdev") => self.problems.push(Problem::HostDevice(format!("{element} (type hostdev)"))),
+            Some("direct") => self.reaches(&element, "type 'direct' (macvtap on one host's network card)"),
+            _ => {}
         }
         for s in ["script", "downscript"] {
             if let Some(p) = child(e, s).and_then(|s| attr(s, "path")) {
@@ -479,6 +556,9 @@ impl Check<'_> {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    /// The UUID in `dumpxml`, and in the generated domains below.
+    pub(super) const UUID: &str = "0f3c3a2e-1111-4222-8333-944455556666";
 
     fn rules(storage: &[&str], block: &[&str], network: bool) -> DomainRules {
         let p = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
@@ -562,17 +642,18 @@ mod tests {
     }
 
     fn refusal(r: &DomainRules, xml: &str) -> String {
-        r.check(xml).expect_err("refused").to_string()
+        r.check(xml, UUID).expect_err("refused").to_string()
     }
 
     #[test]
     fn the_labs_guest_on_shared_storage_is_accepted() {
         let lab = rules(&["/srv/vmstore/images"], &[], false);
-        lab.check(&dumpxml(&file_disk("/srv/vmstore/images/web1.qcow2"))).unwrap();
-        lab.check(&dumpxml(&file_disk("/srv/vmstore//images/./web1.qcow2"))).unwrap();
-        lab.check(&dumpxml("")).unwrap();
+        lab.check(&dumpxml(&file_disk("/srv/vmstore/images/web1.qcow2")), UUID).unwrap();
+        lab.check(&dumpxml(&file_disk("/srv/vmstore//images/./web1.qcow2")), UUID).unwrap();
+        lab.check(&dumpxml(""), UUID).unwrap();
         // An empty CD-ROM drive names no file.
-        lab.check(&dumpxml("<disk type='file' device='cdrom'><target dev='hdc' bus='ide'/></disk>")).unwrap();
+        lab.check(&dumpxml("<disk type='file' device='cdrom'><target dev='hdc' bus='ide'/></disk>"), UUID)
+            .unwrap();
     }
 
     #[test]
@@ -583,8 +664,8 @@ mod tests {
             "disk vda: /var/lib/libvirt/images/x.qcow2 is not under the shared storage (--shared-storage /srv/vms)"
         );
         // The storage directory itself, and a sibling that shares its prefix, are not under it.
-        assert!(r.check(&dumpxml(&file_disk("/srv/vms"))).is_err());
-        assert!(r.check(&dumpxml(&file_disk("/srv/vms2/a.qcow2"))).is_err());
+        assert!(r.check(&dumpxml(&file_disk("/srv/vms")), UUID).is_err());
+        assert!(r.check(&dumpxml(&file_disk("/srv/vms2/a.qcow2")), UUID).is_err());
         let none = DomainRules::default();
         assert!(refusal(&none, &dumpxml(&file_disk("/srv/vms/a.qcow2"))).contains("no --shared-storage"));
         // A backing file counts too.
@@ -627,12 +708,12 @@ mod tests {
             refusal(&rules(&["/srv/vms"], &[], false), &dumpxml(block)),
             "disk vdb: block device /dev/sdb is not allowed (--allow-block-device)"
         );
-        rules(&[], &["/dev/sdb"], false).check(&dumpxml(block)).unwrap();
+        rules(&[], &["/dev/sdb"], false).check(&dumpxml(block), UUID).unwrap();
         let rbd = "<disk type='network' device='disk'><driver name='qemu' type='raw'/>
             <source protocol='rbd' name='vms/web1'><host name='ceph1' port='6789'/></source>
             <target dev='vdc' bus='virtio'/></disk>";
         assert!(refusal(&rules(&[], &[], false), &dumpxml(rbd)).contains("--allow-network-disks"));
-        rules(&[], &[], true).check(&dumpxml(rbd)).unwrap();
+        rules(&[], &[], true).check(&dumpxml(rbd), UUID).unwrap();
         let volume = "<disk type='volume' device='disk'><source pool='default' volume='x.qcow2'/>
             <target dev='vdd' bus='virtio'/></disk>";
         assert!(
@@ -660,7 +741,7 @@ mod tests {
         assert!(refusal(&r, &other).contains("allowed only under <metadata>"));
         // The default namespace does not hide a domain from the checks.
         let hidden = "<domain xmlns='http://libvirt.org/schemas/domain/qemu/1.0'><name>x</name></domain>";
-        assert!(r.check(hidden).is_err());
+        assert!(r.check(hidden, UUID).is_err());
     }
 
     #[test]
@@ -669,7 +750,7 @@ mod tests {
         let xml = dumpxml("").replace("/usr/bin/qemu-system-x86_64", "/tmp/evil");
         assert!(refusal(&r, &xml).starts_with("emulator: /tmp/evil is not an allowed emulator"));
         let extra = DomainRules::new(&[], &[], false, &[PathBuf::from("/tmp/evil")], &[]).unwrap();
-        extra.check(&xml).unwrap();
+        extra.check(&xml, UUID).unwrap();
         let script = "<interface type='ethernet'><mac address='52:54:00:00:00:02'/>
             <script path='/usr/sbin/reboot'/></interface>";
         assert!(refusal(&r, &dumpxml(script)).contains("script /usr/sbin/reboot is not allowed"));
@@ -681,16 +762,80 @@ mod tests {
     }
 
     #[test]
+    fn a_definition_must_name_the_vm_it_was_reported_as() {
+        let r = rules(&["/srv/vms"], &[], false);
+        r.check(&dumpxml(""), &UUID.to_uppercase()).unwrap();
+        let other = "5a5a5a5a-0000-4000-8000-000000000001";
+        assert_eq!(
+            r.check(&dumpxml(""), other).unwrap_err().to_string(),
+            format!("<uuid> is {UUID}, but the host reported the definition as VM {other}")
+        );
+        let without = dumpxml("").replace(&format!("<uuid>{UUID}</uuid>"), "");
+        assert!(refusal(&r, &without).starts_with("<uuid> is missing"));
+    }
+
+    #[test]
+    fn what_reaches_into_the_host_is_refused() {
+        let r = rules(&["/srv/vms"], &[], false);
+        let with = |extra: &str| dumpxml(extra);
+        let seclabel = dumpxml("").replace(
+            "<seclabel type='dynamic' model='apparmor' relabel='yes'/>",
+            "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>",
+        );
+        assert!(refusal(&r, &seclabel).starts_with("<seclabel>: a static security label"));
+        let unconfined = dumpxml("")
+            .replace("<seclabel type='dynamic' model='apparmor' relabel='yes'/>", "<seclabel type='none'/>");
+        assert!(refusal(&r, &unconfined).contains("(no confinement)"));
+        for (xml, says) in [
+            (
+                "<serial type='file'><source path='/etc/shadow'/></serial>",
+                "<serial>: type 'file' (/etc/shadow)",
+            ),
+            ("<console type='dev'><source path='/dev/sda'/></console>", "<console>: type 'dev' (/dev/sda)"),
+            (
+                "<channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/../../../../root/s'/></channel>",
+                "<channel>: a socket at /var/lib/libvirt/qemu/../../../../root/s",
+            ),
+            ("<tpm model='tpm-crb'><backend type='passthrough'/></tpm>", "<tpm>: the host's TPM"),
+            (
+                "<interface type='direct'><mac address='52:54:00:00:00:09'/></interface>",
+                "interface 52:54:00:00:00:09",
+            ),
+            ("<smartcard mode='host-certificates'/>", "<smartcard>: the host's smartcard reader"),
+            ("<shmem name='ivshmem'/>", "<shmem>: memory shared with the host"),
+            ("<graphics type='spice' listen='0.0.0.0'/>", "a spice display on all addresses (0.0.0.0)"),
+        ] {
+            let refused = refusal(&r, &with(xml));
+            assert!(refused.contains(says), "{xml}: {refused}");
+            assert!(refused.contains("is not allowed"), "{refused}");
+        }
+        // What libvirt writes for a guest agent channel, and a display on loopback, are fine.
+        r.check(
+            &with(
+                "<channel type='unix'><source mode='bind' \
+                 path='/var/lib/libvirt/qemu/channel/target/domain-3-web1/org.qemu.guest_agent.0'/>\
+                 <target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+                 <graphics type='vnc' port='5900' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>",
+            ),
+            UUID,
+        )
+        .unwrap();
+    }
+
+    #[test]
     fn boot_images_firmware_and_nvram() {
         let r = rules(&["/srv/vms"], &[], false);
         let with_os = |os: &str| dumpxml("").replace("<boot dev='hd'/>", os);
         r.check(&with_os(
             "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
              <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/libvirt/qemu/nvram/web1_VARS.fd</nvram>",
-        ))
+        ), UUID)
         .unwrap();
-        r.check(&with_os("<kernel>/srv/vms/boot/vmlinuz</kernel><initrd>/srv/vms/boot/initrd.img</initrd>"))
-            .unwrap();
+        r.check(
+            &with_os("<kernel>/srv/vms/boot/vmlinuz</kernel><initrd>/srv/vms/boot/initrd.img</initrd>"),
+            UUID,
+        )
+        .unwrap();
         assert!(
             refusal(&r, &with_os("<kernel>/boot/vmlinuz</kernel>")).starts_with("<kernel>: /boot/vmlinuz")
         );
@@ -719,13 +864,13 @@ mod tests {
         assert_eq!(refusal(&r, &deep(4_000)), format!("elements nest deeper than {MAX_DEPTH} levels"));
         assert_eq!(refusal(&r, &deep(100_000)), format!("elements nest deeper than {MAX_DEPTH} levels"));
         // Within the bound, nesting alone refuses nothing.
-        r.check(&deep(50)).unwrap();
+        r.check(&deep(50), UUID).unwrap();
         // Self-closed tags, comments, CDATA and quoted `>` or `/>` open nothing.
         let flat = dumpxml(&format!(
             "<metadata>{}</metadata>",
             "<m:x xmlns:m='urn:m' v='/>'/><!-- <a><a> --><![CDATA[<a><a>]]>".repeat(200)
         ));
-        r.check(&flat).unwrap();
+        r.check(&flat, UUID).unwrap();
     }
 }
 
@@ -736,6 +881,7 @@ mod arbitrary_input {
     use proptest::prelude::*;
     use std::path::PathBuf;
 
+    use super::tests::UUID;
     use super::*;
 
     const STORAGE: &str = "/srv/vms";
@@ -783,6 +929,23 @@ mod arbitrary_input {
                 false
             )),
             Just(("<memballoon model='virtio'/>".to_string(), true)),
+            Just(("<serial type='pty'><target port='0'/></serial>".to_string(), true)),
+            Just(("<serial type='file'><source path='/etc/shadow'/></serial>".to_string(), false)),
+            Just(("<console type='dev'><source path='/dev/sda'/></console>".to_string(), false)),
+            Just((
+                "<channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/channel/target/x.0'/></channel>"
+                    .to_string(),
+                true
+            )),
+            Just(("<channel type='unix'><source mode='bind' path='/root/sock'/></channel>".to_string(), false)),
+            Just(("<tpm model='tpm-crb'><backend type='passthrough'/></tpm>".to_string(), false)),
+            Just(("<tpm model='tpm-crb'><backend type='emulator'/></tpm>".to_string(), true)),
+            Just(("<interface type='direct'><source dev='eth0' mode='bridge'/></interface>".to_string(), false)),
+            Just(("<smartcard mode='host'/>".to_string(), false)),
+            Just(("<shmem name='x'/>".to_string(), false)),
+            Just(("<graphics type='vnc' listen='0.0.0.0'/>".to_string(), false)),
+            Just(("<graphics type='vnc'><listen type='address' address='::'/></graphics>".to_string(), false)),
+            Just(("<graphics type='vnc' listen='127.0.0.1'/>".to_string(), true)),
         ]
     }
 
@@ -792,7 +955,7 @@ mod arbitrary_input {
                 let ok = devices.iter().all(|(_, ok)| *ok);
                 let body: String = devices.into_iter().map(|(d, _)| d).collect();
                 (
-                    format!("<domain type='kvm'><name>x</name><devices>{body}</devices></domain>"),
+                    format!("<domain type='kvm'><name>x</name><uuid>{UUID}</uuid><devices>{body}</devices></domain>"),
                     network_ok,
                     ok,
                 )
@@ -807,7 +970,7 @@ mod arbitrary_input {
     proptest! {
         #[test]
         fn arbitrary_text_is_refused_or_accepted_without_panicking(s in ".{0,400}") {
-            if let Err(e) = rules(true).check(&s) {
+            if let Err(e) = rules(true).check(&s, UUID) {
                 prop_assert!(!e.to_string().is_empty());
             }
         }
@@ -816,8 +979,8 @@ mod arbitrary_input {
         fn nesting_at_any_depth_never_aborts(depth in 0usize..3_000, tag in "[a-z]{1,6}", attrs in "( [a-z]{1,4}='[^'<]{0,6}'){0,3}", close in any::<bool>()) {
             let open = format!("<{tag}{attrs}>").repeat(depth);
             let end = if close { format!("</{tag}>").repeat(depth) } else { String::new() };
-            let xml = format!("<domain type='kvm'><name>x</name><devices>{open}{end}</devices></domain>");
-            let result = rules(true).check(&xml);
+            let xml = format!("<domain type='kvm'><name>x</name><uuid>{UUID}</uuid><devices>{open}{end}</devices></domain>");
+            let result = rules(true).check(&xml, UUID);
             if depth + 2 > MAX_DEPTH {
                 prop_assert_eq!(result, Err(Refused(vec![Problem::TooDeep])));
             }
@@ -825,12 +988,12 @@ mod arbitrary_input {
 
         #[test]
         fn arbitrary_xml_like_text_never_panics(s in "(<[a-z:]{1,8}( [a-z:]{1,6}='[^'<]{0,12}')*/?>|</[a-z:]{1,8}>|[^<&]{0,8}){0,30}") {
-            let _ = rules(false).check(&format!("<domain>{s}</domain>"));
+            let _ = rules(false).check(&format!("<domain>{s}</domain>"), UUID);
         }
 
         #[test]
         fn a_domain_is_accepted_exactly_when_each_device_is_allowed((xml, network_ok, ok) in domain()) {
-            let verdict = rules(network_ok).check(&xml);
+            let verdict = rules(network_ok).check(&xml, UUID);
             prop_assert_eq!(verdict.is_ok(), ok, "{}: {:?}", xml, verdict);
             if let Err(e) = verdict {
                 prop_assert!(!e.0.is_empty() && !e.to_string().is_empty());
