@@ -2564,10 +2564,6 @@ fn deep_xml_from_a_host_leaves_both_controllers_standing(lab: &Lab) {
     assert_eq!(lab.leader(), Some(leader), "the same controller leads");
 }
 
-/// Issue 26, item 3: `kvm9`, a host with a certificate from the cluster's CA, claims protected
-/// dns1 runs on it from the moment the leader is killed (when every VM's state is unknown to
-/// the new leader until its host reports). The claim is an alarm, not a move: dns1 stays on its
-/// host, in the same QEMU process, and nothing is destroyed.
 /// `kvm9`, a host that is not in the lab: a certificate from the lab's CA, issued when made,
 /// with which a test speaks as a host of the cluster. Dropping it removes the files.
 struct Kvm9 {
@@ -2637,6 +2633,104 @@ impl Drop for Kvm9 {
     }
 }
 
+/// Issue 26, item 4: `kvm9`, a host with a certificate from the cluster's CA, reports VMs whose
+/// definitions would reach into whichever host runs them next: one that names protected dns1's
+/// UUID, an unconfined one, a serial port on /etc/shadow, the host's TPM, a macvtap interface,
+/// a display on all addresses, shared memory, the host's smartcard reader. Each is refused with
+/// a `definition_refused` event that says why, and none is kept.
+fn definitions_that_reach_into_the_host_are_refused_with_an_event(lab: &Lab) {
+    use vmha_proto::v1::{Domain, DomainState, HeartbeatRequest};
+
+    lab.settle();
+    lab.ensure_running("dns1");
+    let dns1 = lab.json(&["vm", "show", "dns1"])["uuid"].as_str().unwrap().to_string();
+    let home = lab.host_of("dns1");
+    let vectors: [(&str, String, &str); 8] = [
+        ("uuid", format!("<uuid>{dns1}</uuid>"), "but the host reported the definition as VM"),
+        ("unconfined", "<seclabel type='none'/>".into(), "(no confinement)"),
+        (
+            "shadow",
+            "<devices><serial type='file'><source path='/etc/shadow'/></serial></devices>".into(),
+            "type 'file' (/etc/shadow)",
+        ),
+        (
+            "tpm",
+            "<devices><tpm model='tpm-crb'><backend type='passthrough'/></tpm></devices>".into(),
+            "the host's TPM",
+        ),
+        (
+            "macvtap",
+            "<devices><interface type='direct'><source dev='eth0'/></interface></devices>".into(),
+            "type 'direct'",
+        ),
+        ("vnc", "<devices><graphics type='vnc' listen='0.0.0.0'/></devices>".into(), "on all addresses"),
+        ("shmem", "<devices><shmem name='x'/></devices>".into(), "memory shared with the host"),
+        ("smartcard", "<devices><smartcard mode='host'/></devices>".into(), "smartcard reader"),
+    ];
+    let uuid_of = |i: usize| format!("0e0e0e0e-0000-4000-8000-{:012}", i + 1);
+    let domains: Vec<Domain> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, (name, body, _))| {
+            // The identity vector brings its own <uuid>; the others name the one reported.
+            let own =
+                if body.contains("<uuid>") { String::new() } else { format!("<uuid>{}</uuid>", uuid_of(i)) };
+            Domain {
+                uuid: uuid_of(i),
+                name: format!("vector-{name}"),
+                state: DomainState::ShutOff as i32,
+                memory_kib: 65536,
+                vcpus: 1,
+                persistent: true,
+                xml: format!("<domain type='kvm'><name>vector-{name}</name>{own}{body}</domain>"),
+            }
+        })
+        .collect();
+    let before = last_event_id(lab);
+    let kvm9 = Kvm9::issue(lab);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let report = |domains: Vec<Domain>, seq: u64| {
+        rt.block_on(async {
+            let leader = lab.leader().expect("a controller leads");
+            let mut client = kvm9.register(leader, "10.213.77.99:7401").await.expect("kvm9 registered");
+            let mut req = tonic::Request::new(HeartbeatRequest { seq, domains, ..Default::default() });
+            req.metadata_mut().insert("x-vmha-host", "kvm9".parse().unwrap());
+            // Refused a lease (it echoes nothing), but its report is read.
+            let _ = client.heartbeat(req).await;
+        })
+    };
+    report(domains, 1);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut refused: BTreeMap<String, String> = BTreeMap::new();
+        wait_until("a definition_refused event for every vector", Duration::from_secs(10), || {
+            for e in lab.events().into_iter().filter(|e| e["id"].as_i64().unwrap() > before) {
+                if e["kind"] == "definition_refused" {
+                    refused.insert(
+                        e["subject"].as_str().unwrap().to_string(),
+                        e["message"].as_str().unwrap().to_string(),
+                    );
+                }
+            }
+            refused.len() >= vectors.len()
+        });
+        for (name, _, says) in &vectors {
+            let message = &refused[&format!("vector-{name}")];
+            assert!(message.contains(says) && message.contains("kvm9"), "vector-{name}: {message}");
+        }
+        println!("  refused, e.g.: {}", refused["vector-uuid"]);
+        assert_eq!(lab.host_of("dns1"), home, "dns1 stays on {home}");
+    }));
+    // kvm9 reports nothing any more, and goes.
+    report(Vec::new(), 2);
+    let cleaned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kvm9.remove(lab)));
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    cleaned.unwrap_or_else(|e| std::panic::resume_unwind(e));
+}
+
+/// Issue 26, item 3: `kvm9`, a host with a certificate from the cluster's CA, claims protected
+/// dns1 runs on it from the moment the leader is killed (when every VM's state is unknown to
+/// the new leader until its host reports). The claim is an alarm, not a move: dns1 stays on its
+/// host, in the same QEMU process, and nothing is destroyed.
 fn an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing(lab: &Lab) {
     use vmha_proto::v1::DomainState;
 
@@ -3053,7 +3147,7 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 34] = [
+    let scenarios: [Scenario; 35] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -3130,6 +3224,10 @@ fn main() {
             an_impostor_claiming_a_vm_across_a_takeover_moves_and_destroys_nothing,
         ),
         ("a_peer_answering_epoch_2_pow_63_is_ignored", a_peer_answering_epoch_2_pow_63_is_ignored),
+        (
+            "definitions_that_reach_into_the_host_are_refused_with_an_event",
+            definitions_that_reach_into_the_host_are_refused_with_an_event,
+        ),
         ("roles_decide_and_events_name_the_operator", roles_decide_and_events_name_the_operator),
         ("libvirt_admits_only_hosts_over_tls", libvirt_admits_only_hosts_over_tls),
         ("a_renewed_host_certificate_is_taken_on_sighup", a_renewed_host_certificate_is_taken_on_sighup),
