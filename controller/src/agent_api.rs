@@ -25,6 +25,7 @@ use crate::domain_xml::DomainRules;
 use crate::errors::{Error, refusal, unexpected};
 use crate::journal::Write;
 use crate::node::Node;
+use crate::rate_limit::Limits;
 use crate::validate;
 
 pub struct AgentApi {
@@ -34,11 +35,12 @@ pub struct AgentApi {
     definitions: DomainRules,
     /// How it knows which host calls.
     access: Access,
+    limits: Limits,
 }
 
 impl AgentApi {
     pub fn new(node: Arc<Node>, definitions: DomainRules, access: Access) -> AgentApi {
-        AgentApi { node, definitions, access }
+        AgentApi { node, definitions, access, limits: Limits::default() }
     }
 
     fn controller(&self) -> Result<&Arc<Controller>, Error> {
@@ -68,6 +70,7 @@ fn resources(f: &HostFacts) -> HostResources {
 impl AgentService for AgentApi {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let (host, cert_not_after) = self.access.agent(&req)?;
+        self.limits.register.admit(&host)?;
         let r = req.into_inner();
         validate::migration_uri(validate::short_text("the migration URI", &r.migration_uri)?)?;
         validate::peer_address(validate::short_text("the peer address", &r.peer_address)?)?;
@@ -126,6 +129,7 @@ impl AgentService for AgentApi {
         let c = self.controller()?;
         let arrived = Some(c.now());
         let host = self.access.agent_host(&req)?;
+        self.limits.heartbeat.admit(&host)?;
         let r = req.into_inner();
         let domains = validate::reported_domains(&r.domains)?;
         validate::probes(&r.probes)?;

@@ -31,6 +31,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// A caller over its rate limit (`rate_limit`); nothing was done.
+    #[error("{0}")]
+    TooMany(String),
     /// The cluster is not in a state that allows it.
     #[error("{0}")]
     Precondition(String),
@@ -70,6 +73,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Status::not_found(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::Precondition(_) => Status::failed_precondition(message),
+            Error::TooMany(_) => Status::resource_exhausted(message),
             Error::Unexpected { request, reply } => {
                 tracing::error!(%reply, "the engine answered {request} with an unexpected reply");
                 Status::internal(message)

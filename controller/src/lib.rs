@@ -12,6 +12,7 @@ pub mod leadership;
 pub mod metrics;
 pub mod node;
 pub mod operator_api;
+pub mod rate_limit;
 pub mod status_page;
 pub mod store;
 pub mod validate;

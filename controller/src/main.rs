@@ -92,14 +92,17 @@ async fn main() -> anyhow::Result<()> {
         flags.name.clone().or_else(|| transport.identity().map(|i| i.name)).unwrap_or_else(system_hostname);
     let endpoint = flags.advertise.clone().unwrap_or_else(|| advertised(&flags, &transport));
     let node = Node::new(name.clone(), endpoint.clone());
+    use vmha_controller::validate::caps;
     let router = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(caps::REQUESTS_PER_CONNECTION)
+        .max_concurrent_streams(Some(caps::STREAMS_PER_CONNECTION))
         .add_service(
             AgentServiceServer::new(AgentApi::new(node.clone(), definitions, access))
-                .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
+                .max_decoding_message_size(caps::MESSAGE_BYTES),
         )
         .add_service(
-            OperatorServiceServer::new(OperatorApi(node.clone(), access))
-                .max_decoding_message_size(vmha_controller::validate::caps::MESSAGE_BYTES),
+            OperatorServiceServer::new(OperatorApi::new(node.clone(), access))
+                .max_decoding_message_size(caps::OPERATOR_MESSAGE_BYTES),
         );
     tokio::spawn(node.clone().keep_presence(flags.database_url.clone()));
     if let Some(addr) = flags.metrics_listen {

@@ -24,10 +24,24 @@ use crate::access::{Access, Operator};
 use crate::controller::Controller;
 use crate::errors::{Error, refusal, unexpected};
 use crate::node::Node;
+use crate::rate_limit::{Limits, PerCaller};
 use crate::{validate, views};
 
 /// The operator API of a controller, and how it knows who calls (see `access`).
-pub struct OperatorApi(pub Arc<Node>, pub Access);
+pub struct OperatorApi(Arc<Node>, Access, PerCaller);
+
+impl OperatorApi {
+    pub fn new(node: Arc<Node>, access: Access) -> OperatorApi {
+        OperatorApi(node, access, Limits::default().operator)
+    }
+
+    /// Who calls, if they may do `what` (at `needed`) and have not sent too much.
+    fn caller<T>(&self, req: &Request<T>, needed: Level, what: &str) -> Result<Operator, Error> {
+        let who = self.1.operator(req, needed, what)?;
+        self.2.admit(&who.name)?;
+        Ok(who)
+    }
+}
 
 /// An operation just begun, as the API shows it: in flight, or already ended.
 fn shown_operation(c: &Controller, id: OpId) -> Result<Operation, Error> {
@@ -159,7 +173,7 @@ impl OperatorApi {
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let who = self.1.operator(&req, Level::Viewer, "reading the status")?;
+        let who = self.caller(&req, Level::Viewer, "reading the status")?;
         let caller = format!("{} ({})", who.name, who.level);
         let Ok(c) = self.c() else { return Ok(Response::new(self.standby_status(caller))) };
         let hosts = self.0.hosts().await?;
@@ -210,7 +224,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn capacity(&self, req: Request<CapacityRequest>) -> Result<Response<CapacityReply>, Status> {
-        self.1.operator(&req, Level::Viewer, "asking for the capacity")?;
+        self.caller(&req, Level::Viewer, "asking for the capacity")?;
         let c = self.c()?;
         let now = c.now();
         let (reserve_hosts, what_ifs) =
@@ -222,7 +236,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn leader(&self, req: Request<LeaderRequest>) -> Result<Response<LeaderReply>, Status> {
-        self.1.operator(&req, Level::Viewer, "asking who leads")?;
+        self.caller(&req, Level::Viewer, "asking who leads")?;
         Ok(Response::new(self.0.who_leads()))
     }
 
@@ -230,12 +244,12 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<ListHostsRequest>,
     ) -> Result<Response<ListHostsResponse>, Status> {
-        self.1.operator(&req, Level::Viewer, "listing hosts")?;
+        self.caller(&req, Level::Viewer, "listing hosts")?;
         Ok(Response::new(ListHostsResponse { hosts: self.0.hosts().await? }))
     }
 
     async fn list_vms(&self, req: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
-        self.1.operator(&req, Level::Viewer, "listing VMs")?;
+        self.caller(&req, Level::Viewer, "listing VMs")?;
         let (mut vms, recorded) =
             self.0.state(|s, now| s.vms.values().map(|v| views::vm(s, v, now)).collect::<Vec<_>>()).await?;
         if recorded {
@@ -246,7 +260,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn get_vm(&self, req: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
-        self.1.operator(&req, Level::Viewer, "showing a VM")?;
+        self.caller(&req, Level::Viewer, "showing a VM")?;
         let key = validate::vm_ref(&req.get_ref().vm)?.to_string();
         let (vm, recorded) = self
             .0
@@ -259,7 +273,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn set_protection(&self, req: Request<SetProtectionRequest>) -> Result<Response<Vm>, Status> {
-        let who = self.1.operator(&req, Level::Operator, "changing a VM's protection")?;
+        let who = self.caller(&req, Level::Operator, "changing a VM's protection")?;
         let c = self.c()?;
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?;
@@ -309,9 +323,9 @@ impl OperatorService for OperatorApi {
 
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainPlan>, Status> {
         let who = match (req.get_ref().dry_run, req.get_ref().allow_restart) {
-            (true, _) => self.1.operator(&req, Level::Viewer, "a drain's dry run")?,
-            (false, true) => self.1.operator(&req, Level::Admin, "drain --allow-restart")?,
-            (false, false) => self.1.operator(&req, Level::Operator, "drain")?,
+            (true, _) => self.caller(&req, Level::Viewer, "a drain's dry run")?,
+            (false, true) => self.caller(&req, Level::Admin, "drain --allow-restart")?,
+            (false, false) => self.caller(&req, Level::Operator, "drain")?,
         };
         let c = self.c()?;
         let r = req.into_inner();
@@ -353,7 +367,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn undrain(&self, req: Request<UndrainRequest>) -> Result<Response<Host>, Status> {
-        let who = self.1.operator(&req, Level::Operator, "undraining a host")?;
+        let who = self.caller(&req, Level::Operator, "undraining a host")?;
         let c = self.c()?;
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         c.require_database("undraining a host")?;
@@ -362,7 +376,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn set_memory_limit(&self, req: Request<SetMemoryLimitRequest>) -> Result<Response<Host>, Status> {
-        let who = self.1.operator(&req, Level::Operator, "setting a host's memory limit")?;
+        let who = self.caller(&req, Level::Operator, "setting a host's memory limit")?;
         let c = self.c()?;
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
@@ -381,7 +395,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<RemoveHostRequest>,
     ) -> Result<Response<RemoveHostResponse>, Status> {
-        let who = self.1.operator(&req, Level::Admin, "removing a host")?;
+        let who = self.caller(&req, Level::Admin, "removing a host")?;
         let c = self.c()?;
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         c.require_database("removing a host")?;
@@ -394,7 +408,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn confirm_down(&self, req: Request<ConfirmDownRequest>) -> Result<Response<Host>, Status> {
-        let who = self.1.operator(&req, Level::Admin, "confirm-down")?;
+        let who = self.caller(&req, Level::Admin, "confirm-down")?;
         let c = self.c()?;
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         c.require_database("confirming a host is down")?;
@@ -403,7 +417,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn set_fencing(&self, req: Request<SetFencingRequest>) -> Result<Response<Host>, Status> {
-        let who = self.1.operator(&req, Level::Admin, "changing a host's fencing mode")?;
+        let who = self.caller(&req, Level::Admin, "changing a host's fencing mode")?;
         let c = self.c()?;
         let r = req.into_inner();
         let host = validate::host_name(&r.host)?.to_string();
@@ -422,7 +436,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn migrate(&self, req: Request<MigrateRequest>) -> Result<Response<Operation>, Status> {
-        let who = self.1.operator(&req, Level::Operator, "migrate")?;
+        let who = self.caller(&req, Level::Operator, "migrate")?;
         let c = self.c()?;
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?;
@@ -448,7 +462,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
-        self.1.operator(&req, Level::Viewer, "the availability report")?;
+        self.caller(&req, Level::Viewer, "the availability report")?;
         let since_s = req.get_ref().since_s;
         validate::at_most("the report's window (s)", since_s, validate::caps::REPORT_WINDOW_S)?;
         let node = &self.0;
@@ -478,7 +492,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<Operation>, Status> {
-        let who = self.1.operator(&req, Level::Operator, "cancelling a migration")?;
+        let who = self.caller(&req, Level::Operator, "cancelling a migration")?;
         let c = self.c()?;
         let r = req.into_inner();
         let (op, vm) = match (r.operation.is_empty(), r.vm.is_empty()) {
@@ -506,7 +520,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn start_vm(&self, req: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {
-        let who = self.1.operator(&req, Level::Operator, "starting a VM")?;
+        let who = self.caller(&req, Level::Operator, "starting a VM")?;
         let c = self.c()?;
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?.to_string();
@@ -518,7 +532,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn stop_vm(&self, req: Request<StopVmRequest>) -> Result<Response<StopVmReply>, Status> {
-        let who = self.1.operator(&req, Level::Operator, "stopping a VM")?;
+        let who = self.caller(&req, Level::Operator, "stopping a VM")?;
         let c = self.c()?;
         let r = req.into_inner();
         let key = validate::vm_ref(&r.vm)?.to_string();
@@ -542,7 +556,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<WatchOperationRequest>,
     ) -> Result<Response<Self::WatchOperationStream>, Status> {
-        self.1.operator(&req, Level::Viewer, "following an operation")?;
+        self.caller(&req, Level::Viewer, "following an operation")?;
         let c = self.c()?;
         let id = OpId::parse(&req.get_ref().id)
             .ok_or_else(|| Error::Invalid(format!("'{}' is not an operation id", req.get_ref().id)))?;
@@ -558,7 +572,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<WatchDrainRequest>,
     ) -> Result<Response<Self::WatchDrainStream>, Status> {
-        self.1.operator(&req, Level::Viewer, "following a drain")?;
+        self.caller(&req, Level::Viewer, "following a drain")?;
         let c = self.c()?.clone();
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         let named = host.clone();
@@ -604,7 +618,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
-        self.1.operator(&req, Level::Viewer, "reading events")?;
+        self.caller(&req, Level::Viewer, "reading events")?;
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit.min(10_000) };
         let rows = match self.c() {

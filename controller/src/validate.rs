@@ -97,8 +97,15 @@ pub mod caps {
     pub const PROBE_TEXT_BYTES: usize = 1024;
     /// Addresses, URIs, versions and other short strings.
     pub const SHORT_TEXT_BYTES: usize = 1024;
-    /// A whole gRPC message (the controller refuses bigger ones before decoding them).
+    /// A whole gRPC message from a host (the controller refuses bigger ones before decoding
+    /// them): a report of every domain with its definition.
     pub const MESSAGE_BYTES: usize = 64 << 20;
+    /// A whole gRPC message from an operator's tool: names, numbers, host lists.
+    pub const OPERATOR_MESSAGE_BYTES: usize = 1 << 20;
+    /// Requests under way at once on one connection, and HTTP/2 streams open on it: an agent
+    /// keeps a command stream and a heartbeat, a `vmha` a few watches.
+    pub const REQUESTS_PER_CONNECTION: usize = 32;
+    pub const STREAMS_PER_CONNECTION: u32 = 64;
     /// A migration's timeout and bandwidth an operator may ask for.
     pub const MIGRATION_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
     /// How long a `vmha vm stop` may wait for a clean shutdown.

@@ -111,7 +111,7 @@ async fn serve_node(node: Arc<Node>) -> String {
                 DomainRules::default(),
                 Access::Mtls,
             )))
-            .add_service(OperatorServiceServer::new(OperatorApi(node, Access::Mtls)))
+            .add_service(OperatorServiceServer::new(OperatorApi::new(node, Access::Mtls)))
             .serve_with_incoming(incoming),
     );
     endpoint
