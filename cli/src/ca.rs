@@ -17,8 +17,10 @@ Setting up a cluster:
   vmha ca issue host kvm1 --ip 10.0.0.11         # per hypervisor: ca.pem + host-kvm1.* to kvm1
   vmha ca issue operator alice --role admin      # per person: viewer, operator or admin
 Everything goes to /etc/vmha/pki unless --dir says otherwise; keys are written 0600.
-Renewing: issue the same name again before it expires, copy the files over the old ones,
-and reload (`systemctl reload vmha-agent`, which sends SIGHUP): no restart, no VM touched.
+Renewing: issue the same name again before it expires (or `vmha ca renew-all` for all of
+them), copy the files over the old ones, and reload (`systemctl reload vmha-agent`, which
+sends SIGHUP): no restart, no VM touched. `vmha status` warns 30 days before a host's
+certificate expires, and raises an alarm 7 days before.
 `vmha ca show FILE` tells who a certificate names and when it expires; `vmha host ls`
 shows each host's.";
 
@@ -64,6 +66,22 @@ pub enum CaVerb {
         /// Where to write NAME's files [default: the CA's directory].
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Renew every certificate issued into a directory at once (the same roles, names,
+    /// DNS names and addresses, new keys): certificates issued together expire together, and
+    /// a host whose certificate lapses loses its lease and self-fences. Then copy each host's
+    /// and controller's files to it and reload (`systemctl reload vmha-agent`,
+    /// `systemctl reload vmha-controller`); nothing restarts and no VM is touched.
+    RenewAll {
+        /// The CA's directory (ca.pem and ca.key).
+        #[arg(long, default_value = "/etc/vmha/pki")]
+        dir: PathBuf,
+        /// Where the certificates to renew are [default: the CA's directory].
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// Validity of the renewed certificates.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
     /// Who a certificate names, its role and when it expires.
     Show { file: PathBuf },
@@ -169,6 +187,38 @@ pub fn run(verb: CaVerb, fmt: Format) -> Result<(), Failure> {
             let issued =
                 ca::issue(&dir, &out, &ca::Request { role, name, dns, ips: ip, days }).map_err(failed)?;
             show_issued(fmt, &issued, &dir);
+        }
+        CaVerb::RenewAll { dir, certs, days } => {
+            let certs = certs.unwrap_or_else(|| dir.clone());
+            let renewed = ca::renew_all(&dir, &certs, days).map_err(failed)?;
+            match fmt {
+                Format::Json => output::json(
+                    &renewed
+                        .iter()
+                        .map(|i| Shown {
+                            cert: Some(i.cert.clone()),
+                            key: Some(i.key.clone()),
+                            ..Shown::new(&i.identity)
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                Format::Table | Format::Csv => {
+                    for i in &renewed {
+                        println!(
+                            "renewed {} {}: {}, until {}",
+                            i.identity.role,
+                            i.identity.name,
+                            i.cert.display(),
+                            expiry(i.identity.not_after)
+                        );
+                    }
+                    println!(
+                        "{} renewed; copy each one's .pem and .key to its machine and reload it (`systemctl reload \
+                         vmha-agent` or `vmha-controller`; operators just use the new files)",
+                        renewed.len()
+                    );
+                }
+            }
         }
         CaVerb::Show { file } => {
             let id = read_identity(&file)?;

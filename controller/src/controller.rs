@@ -559,7 +559,6 @@ impl Controller {
         self.submit(Input::FenceResult { host, result });
     }
 
-    /// Opens the command stream for `host`'s agent, replacing any earlier one.
     pub fn set_host_cert_expiry(&self, host: &str, not_after: i64) {
         lock(&self.host_certs).insert(host.into(), not_after);
     }
@@ -568,6 +567,15 @@ impl Controller {
         lock(&self.host_certs).get(host).copied()
     }
 
+    /// Every registered host's certificate expiry (seconds since the Unix epoch), by name.
+    pub fn host_cert_expiries(&self) -> Vec<(String, i64)> {
+        let mut all: Vec<(String, i64)> =
+            lock(&self.host_certs).iter().map(|(h, t)| (h.clone(), *t)).collect();
+        all.sort();
+        all
+    }
+
+    /// Opens the command stream for `host`'s agent, replacing any earlier one.
     pub fn connect_agent(&self, host: &str) -> mpsc::Receiver<Result<pb::Command, Status>> {
         let (tx, rx) = mpsc::channel(64);
         lock(&self.agents).insert(host.into(), tx);

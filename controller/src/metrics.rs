@@ -67,6 +67,7 @@ pub struct Metrics {
     quorum: Gauge,
     heartbeat_age: Family<HostLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     lease_remaining: Family<HostLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    cert_expiry: Family<HostLabel, Gauge>,
     operations: Family<OpLabels, Counter>,
     migration_seconds: Histogram,
     migration_downtime_seconds: Histogram,
@@ -93,6 +94,7 @@ impl Metrics {
             quorum: Gauge::default(),
             heartbeat_age: Family::default(),
             lease_remaining: Family::default(),
+            cert_expiry: Family::default(),
             operations: Family::default(),
             migration_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 10)),
             migration_downtime_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
@@ -117,6 +119,12 @@ impl Metrics {
             "host_heartbeat_age_seconds",
             "Seconds since each host's last heartbeat",
             m.heartbeat_age.clone(),
+        );
+        registry.register(
+            "host_certificate_expiry_timestamp_seconds",
+            "When each registered host's certificate expires (Unix time): alert well before, since a host whose \
+             certificate lapses loses its lease and self-fences",
+            m.cert_expiry.clone(),
         );
         registry.register(
             "host_lease_remaining_seconds",
@@ -262,8 +270,12 @@ impl Metrics {
 
 /// The exposition text of `/metrics`, with the gauges read from the leader's state now.
 pub async fn scrape(node: &Node) -> String {
+    METRICS.cert_expiry.clear();
     let state = match node.leader() {
         Ok(c) => {
+            for (host, t) in c.host_cert_expiries() {
+                METRICS.cert_expiry.get_or_create(&HostLabel { host }).set(t);
+            }
             let now = c.now();
             c.read(move |s| METRICS.set_state(Some((s, now)))).await.ok()
         }

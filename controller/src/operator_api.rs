@@ -200,6 +200,7 @@ impl OperatorService for OperatorApi {
             })
             .await?;
         let mut warnings = warnings;
+        warnings.extend(views::certificate_warnings(&c.host_cert_expiries(), chrono::Utc::now().timestamp()));
         self.warn_if_insecure(&mut warnings);
         Ok(Response::new(StatusResponse {
             epoch: c.epoch,

@@ -108,6 +108,48 @@ pub fn as_recorded_vm(mut v: pb::Vm) -> pb::Vm {
     v
 }
 
+/// Hosts' certificates expire together when they were issued together, and a host whose
+/// certificate lapses can reach neither the controllers nor its peers: it loses its lease and
+/// self-fences, all of them at once. So `vmha status` warns from `CERT_WARN_DAYS` before, and
+/// raises an alarm from `CERT_ALARM_DAYS`.
+pub const CERT_WARN_DAYS: i64 = 30;
+pub const CERT_ALARM_DAYS: i64 = 7;
+
+/// The warnings for hosts' certificates (`expiries`: by host, seconds since the Unix epoch)
+/// at `now` (the same clock).
+pub fn certificate_warnings(expiries: &[(String, i64)], now: i64) -> Vec<String> {
+    let when = |t: i64| {
+        chrono::DateTime::from_timestamp(t, 0)
+            .map_or(t.to_string(), |d| d.format("%Y-%m-%d %H:%M UTC").to_string())
+    };
+    let renew = |h: &str| {
+        format!(
+            "renew it (`vmha ca issue host {h} --ip ADDRESS`, copy the files to {h}, `systemctl reload vmha-agent` \
+             there; or `vmha ca renew-all`)"
+        )
+    };
+    expiries
+        .iter()
+        .filter_map(|(h, t)| {
+            let days = (t - now).div_euclid(86400);
+            let at = when(*t);
+            if *t <= now {
+                Some(format!("CERTIFICATE EXPIRED: host {h}'s certificate expired at {at}; {}", renew(h)))
+            } else if days < CERT_ALARM_DAYS {
+                Some(format!(
+                    "CERTIFICATE EXPIRES IN {days} DAYS: host {h}'s certificate ends at {at}, and then {h} loses its \
+                     lease and self-fences; {}",
+                    renew(h)
+                ))
+            } else if days < CERT_WARN_DAYS {
+                Some(format!("host {h}'s certificate expires in {days} days ({at}); {}", renew(h)))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
 pub fn warnings(s: &ClusterState, now: Millis) -> Vec<String> {
     let mut out = Vec::new();
     let k = s.policy.reserve_hosts;
@@ -375,6 +417,25 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn certificates_are_warned_of_a_month_before_and_alarmed_a_week_before() {
+        let day = 86_400;
+        let now = 1_800_000_000;
+        let hosts = [
+            ("kvm1".to_string(), now + 90 * day),
+            ("kvm2".to_string(), now + 20 * day),
+            ("kvm3".to_string(), now + 3 * day + 60),
+            ("kvm4".to_string(), now - 60),
+        ];
+        let w = certificate_warnings(&hosts, now);
+        assert_eq!(w.len(), 3, "{w:#?}");
+        assert!(w[0].starts_with("host kvm2's certificate expires in 20 days (2027-02-04 "), "{}", w[0]);
+        assert!(w[1].starts_with("CERTIFICATE EXPIRES IN 3 DAYS: host kvm3's"), "{}", w[1]);
+        assert!(w[1].contains("kvm3 loses its lease and self-fences"), "{}", w[1]);
+        assert!(w[2].starts_with("CERTIFICATE EXPIRED: host kvm4's certificate expired at"), "{}", w[2]);
+        assert!(w.iter().all(|w| w.contains("vmha ca renew-all")));
+    }
 
     /// A VM protected a day before the end of a 30-day window, down for an hour since, is
     /// 95.8% available, not 99.86%: its figures count from its protection.

@@ -122,6 +122,55 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, req: &Request) -> Result<Issued, Tls
     Ok(Issued { cert: cert_path, key: key_path, identity })
 }
 
+/// Renews every certificate in `certs_dir` (the `*.pem` files `issue` wrote, not the CA's):
+/// the same role, name, DNS names and addresses, valid `days` from now, with a new key. For a
+/// cluster whose certificates were issued together and so expire together. Files that are
+/// not vmha certificates are left alone and listed in the error if nothing else failed.
+pub fn renew_all(ca_dir: &Path, certs_dir: &Path, days: u32) -> Result<Vec<Issued>, TlsError> {
+    let entries =
+        std::fs::read_dir(certs_dir).map_err(|e| TlsError::io("list the certificates in", certs_dir, e))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pem") && p.file_name().is_some_and(|n| n != CA_CERT))
+        .collect();
+    files.sort();
+    let mut renewed = Vec::new();
+    for file in files {
+        let (identity, dns, ips) = servers_of(&file)?;
+        let dns = dns.into_iter().filter(|d| *d != identity.name).collect();
+        let req = Request { role: identity.role, name: identity.name, dns, ips, days };
+        renewed.push(issue(ca_dir, certs_dir, &req)?);
+    }
+    Ok(renewed)
+}
+
+/// The identity in a certificate file, and the DNS names and addresses it answers to.
+fn servers_of(path: &Path) -> Result<(Identity, Vec<String>, Vec<IpAddr>), TlsError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let bad = |detail: String| TlsError::BadFile { path: path.to_path_buf(), what: "certificate", detail };
+    let pem = std::fs::read(path).map_err(|e| TlsError::io("read", path, e))?;
+    let der = CertificateDer::from_pem_slice(&pem).map_err(|e| bad(e.to_string()))?;
+    let identity = Identity::from_der(&der).map_err(|e| bad(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| bad(e.to_string()))?;
+    let (mut dns, mut ips) = (Vec::new(), Vec::new());
+    let sans = cert.subject_alternative_name().map_err(|e| bad(e.to_string()))?;
+    for name in sans.iter().flat_map(|s| s.value.general_names.iter()) {
+        match name {
+            GeneralName::DNSName(d) => dns.push(d.to_string()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*b).expect("4 bytes"))),
+                16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*b).expect("16 bytes"))),
+                _ => return Err(bad(format!("an IP address of {} bytes", b.len()))),
+            },
+            _ => {}
+        }
+    }
+    Ok((identity, dns, ips))
+}
+
 fn names(common_name: &str, unit: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "vmha");
@@ -159,6 +208,45 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn renew_all_keeps_roles_names_and_addresses_and_moves_the_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 30).unwrap();
+        let host = Request {
+            role: Role::Host,
+            name: "kvm1".into(),
+            dns: vec!["kvm1.example.net".into()],
+            ips: vec!["10.0.0.11".parse().unwrap(), "fd00::11".parse().unwrap()],
+            days: 2,
+        };
+        let admin = Request {
+            role: Role::Operator(Level::Admin),
+            name: "alice".into(),
+            dns: vec![],
+            ips: vec![],
+            days: 2,
+        };
+        for r in [&host, &admin] {
+            issue(dir.path(), dir.path(), r).unwrap();
+        }
+        let old_key = std::fs::read(dir.path().join("host-kvm1.key")).unwrap();
+        let renewed = renew_all(dir.path(), dir.path(), 365).unwrap();
+        let names: Vec<(Role, String)> =
+            renewed.iter().map(|i| (i.identity.role, i.identity.name.clone())).collect();
+        assert_eq!(
+            names,
+            [(Role::Host, "kvm1".to_string()), (Role::Operator(Level::Admin), "alice".to_string())]
+        );
+        let year = OffsetDateTime::now_utc().unix_timestamp() + 365 * 86400;
+        assert!(renewed.iter().all(|i| (i.identity.not_after - year).abs() < 60));
+        let (id, dns, ips) = servers_of(&dir.path().join("host-kvm1.pem")).unwrap();
+        assert_eq!(id.name, "kvm1");
+        assert_eq!(dns, ["kvm1", "kvm1.example.net"]);
+        assert_eq!(ips, host.ips);
+        assert_ne!(std::fs::read(dir.path().join("host-kvm1.key")).unwrap(), old_key, "a new key");
+        assert_eq!(mode(&dir.path().join("host-kvm1.key")), 0o600);
     }
 
     #[test]

@@ -177,6 +177,24 @@ fn read_own(paths: &Paths, provider: &CryptoProvider) -> Result<(Arc<CertifiedKe
         detail: format!("{e} (is it the key of {}?)", paths.cert.display()),
     })?;
     let left = identity.not_after - time::OffsetDateTime::now_utc().unix_timestamp();
+    // No handshake would succeed with it: at start that is an error to fix, and on a reload
+    // (SIGHUP) the certificate in use is kept.
+    if left <= 0 {
+        return Err(TlsError::BadFile {
+            path: paths.cert.clone(),
+            what: "certificate",
+            detail: format!(
+                "it expired {} days ago: renew it (`vmha ca issue {} {}` or `vmha ca renew-all`) and copy it here",
+                (-left).div_euclid(86400),
+                match identity.role {
+                    crate::Role::Host => "host",
+                    crate::Role::Controller => "controller",
+                    crate::Role::Operator(_) => "operator",
+                },
+                identity.name
+            ),
+        });
+    }
     if left < WARN_BEFORE_S {
         tracing::warn!(
             certificate = %paths.cert.display(),

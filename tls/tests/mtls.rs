@@ -122,4 +122,11 @@ async fn a_renewed_certificate_is_used_after_a_reload_and_must_keep_its_name() {
     assert!(err.contains("now names host kvm9, not host kvm1"), "{err}");
     assert_eq!(creds.identity().name, "kvm1");
     assert_eq!(ask(&client, &endpoint, Expect::Controller).await.unwrap().host, "kvm1");
+
+    // An expired certificate is refused too, saying how to renew it; the one in use stays.
+    issue(dir.path(), Role::Host, "kvm1", 0);
+    let err = creds.reload().unwrap_err().to_string();
+    assert!(err.contains("expired 0 days ago: renew it (`vmha ca issue host kvm1`"), "{err}");
+    assert_eq!(creds.identity().not_after, renewed.not_after);
+    assert_eq!(ask(&client, &endpoint, Expect::Controller).await.unwrap().host, "kvm1");
 }
