@@ -3115,7 +3115,8 @@ fn libvirt_admits_only_hosts_over_tls(lab: &Lab) {
 
 /// Renewal as the README tells it: `vmha ca issue` the same host again, SIGHUP its agent; the
 /// agent reconnects with the new certificate, `vmha host ls` shows the new expiry, and nothing
-/// restarts or moves.
+/// restarts or moves. On the way (issue 26, item 6): with 5 days left `vmha status` raises the
+/// alarm, and an expired certificate is refused on reload, the one in use kept.
 fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
     lab.settle();
     let host = "kvm3";
@@ -3128,17 +3129,67 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
     assert!(before > 0, "host ls shows {host}'s certificate expiry");
     let (pid, vms) = (lab.agent_pid(host), qemu_processes());
     let ip = lab.address(host);
-    let out = lab
-        .cli()
-        .args(["ca", "issue", "host", host, "--ip", &ip, "--days", "200", "--dir", &lab.env["VMHA_LAB_PKI"]])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    // Issues kvm3 a certificate of `days` and has its agent reload it; when it was issued.
+    let renew = |days: &str| {
+        let out = lab
+            .cli()
+            .args([
+                "ca",
+                "issue",
+                "host",
+                host,
+                "--ip",
+                &ip,
+                "--days",
+                days,
+                "--dir",
+                &lab.env["VMHA_LAB_PKI"],
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+        now
+    };
+    let warnings = || -> Vec<String> {
+        let status = lab.json(&["status"]);
+        status["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect()
+    };
+    // Five days left: `vmha status` raises the alarm.
+    let now = renew("5");
+    wait_until("host ls to show the 5-day certificate", Duration::from_secs(15), || {
+        (expiry() - (now + 5 * 86400)).abs() < 600
+    });
+    let alarm = warnings().into_iter().find(|w| w.contains(&format!("host {host}'s certificate")));
+    assert!(
+        alarm.as_deref().is_some_and(|w| ["4", "5"]
+            .iter()
+            .any(|d| w.starts_with(&format!("CERTIFICATE EXPIRES IN {d} DAYS")))),
+        "status warnings: {alarm:?}"
+    );
+    let five_days = expiry();
+    // An expired one is refused on reload: the agent keeps the certificate in use.
+    let log = lab.dir().join(format!("agent-{host}.log"));
+    let logged = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
+    renew("0");
+    wait_until("the agent to refuse the expired certificate", Duration::from_secs(10), || {
+        let text = std::fs::read(&log).unwrap_or_default();
+        let new = String::from_utf8_lossy(text.get(logged..).unwrap_or_default()).to_string();
+        new.contains("kept the certificate in use") && new.contains("expired")
+    });
+    lab.settle();
+    assert_eq!(expiry(), five_days, "the expired certificate was not taken");
+    let now = renew("200");
     wait_until("host ls to show the renewed certificate", Duration::from_secs(15), || {
         (expiry() - (now + 200 * 86400)).abs() < 600
     });
+    assert!(
+        !warnings().iter().any(|w| w.contains(&format!("host {host}'s certificate"))),
+        "{:?}",
+        warnings()
+    );
     lab.settle();
     assert_eq!(lab.agent_pid(host), pid, "the agent was not restarted");
     assert_eq!(qemu_processes(), vms, "no guest stopped or moved");
