@@ -146,7 +146,7 @@ impl AgentService for AgentApi {
         for d in r.domains.iter().filter(|d| !d.xml.is_empty()) {
             let uuid = d.uuid.to_lowercase();
             match self.definitions.check(&d.xml, &uuid) {
-                Ok(()) => xml.push((uuid, d.xml.clone())),
+                Ok(disks) => xml.push((uuid, d.xml.clone(), disks)),
                 Err(refused) => xml_refused.push((uuid, refused.to_string())),
             }
         }

@@ -213,7 +213,10 @@ impl Controller {
         for h in store.load_hosts().await? {
             cluster.hosts.insert(h.name.clone(), h);
         }
-        for vm in store.load_vms().await? {
+        for mut vm in store.load_vms().await? {
+            // Which VM each disk belongs to is read again from the definitions, so that a
+            // host cannot claim one between a takeover and its VM's next report.
+            vm.disks = crate::domain_xml::disks(&vm.xml);
             cluster.vms.insert(vm.uuid.clone(), vm);
         }
         let (hosts, vms) = (cluster.hosts.len(), cluster.vms.len());

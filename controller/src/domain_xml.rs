@@ -181,10 +181,11 @@ impl DomainRules {
         }
     }
 
-    /// Accepts `xml` as the definition of VM `uuid` (as its host reported it), or says
-    /// everything wrong with it. The definition's own `<uuid>` must be that one: a failover
-    /// would otherwise start, on another host, whatever VM the definition names.
-    pub fn check(&self, xml: &str, uuid: &str) -> Result<(), Refused> {
+    /// Accepts `xml` as the definition of VM `uuid` (as its host reported it), with the
+    /// writable disks it uses (which the engine keeps to one VM each), or says everything
+    /// wrong with it. The definition's own `<uuid>` must be that one: a failover would
+    /// otherwise start, on another host, whatever VM the definition names.
+    pub fn check(&self, xml: &str, uuid: &str) -> Result<Vec<String>, Refused> {
         if nesting_exceeds(xml, MAX_DEPTH) {
             return Err(Refused(vec![Problem::TooDeep]));
         }
@@ -192,7 +193,7 @@ impl DomainRules {
             Ok(doc) => doc,
             Err(e) => return Err(Refused(vec![Problem::Malformed(e.to_string())])),
         };
-        let mut c = Check { rules: self, problems: Vec::new() };
+        let mut c = Check { rules: self, problems: Vec::new(), disks: Vec::new() };
         let root = doc.root_element();
         let claimed = child(root, "uuid").map(text).unwrap_or("");
         if root.tag_name().name() != "domain" || root.tag_name().namespace().is_some() {
@@ -203,7 +204,36 @@ impl DomainRules {
             c.problems.push(Problem::Identity { claimed, reported: uuid.to_string() });
         }
         c.walk(root);
-        if c.problems.is_empty() { Ok(()) } else { Err(Refused(c.problems)) }
+        if c.problems.is_empty() { Ok(c.disks) } else { Err(Refused(c.problems)) }
+    }
+}
+
+/// The writable disks of a definition accepted before (one loaded from the database), as
+/// `DomainRules::check` reads them; none if it does not parse.
+pub fn disks(xml: &str) -> Vec<String> {
+    if nesting_exceeds(xml, MAX_DEPTH) {
+        return Vec::new();
+    }
+    let Ok(doc) = roxmltree::Document::parse(xml) else { return Vec::new() };
+    doc.descendants().filter(|n| n.has_tag_name("disk")).filter_map(writable_disk).collect()
+}
+
+/// What a `<disk>` writes to, naming it as no other disk could: its normalised file or
+/// device path, or `protocol:name` of a network image. None for a CD-ROM or floppy, or a
+/// disk marked `<readonly/>` or `<shareable/>` (a base image or cluster disk many VMs use).
+fn writable_disk(e: Node) -> Option<String> {
+    if matches!(attr(e, "device"), Some("cdrom" | "floppy"))
+        || child(e, "readonly").is_some()
+        || child(e, "shareable").is_some()
+    {
+        return None;
+    }
+    let source = child(e, "source")?;
+    match attr(e, "type").unwrap_or("file") {
+        "file" => normalised(attr(source, "file")?).ok(),
+        "block" => normalised(attr(source, "dev")?).ok(),
+        "network" => Some(format!("{}:{}", attr(source, "protocol").unwrap_or("?"), attr(source, "name")?)),
+        _ => None,
     }
 }
 
@@ -261,6 +291,8 @@ fn nesting_exceeds(xml: &str, max: usize) -> bool {
 struct Check<'r> {
     rules: &'r DomainRules,
     problems: Vec<Problem>,
+    /// The writable disks it uses (`writable_disk`).
+    disks: Vec<String>,
 }
 
 type Node<'a, 'i> = roxmltree::Node<'a, 'i>;
@@ -444,6 +476,7 @@ impl Check<'_> {
             Some(dev) => format!("disk {dev}"),
             None => "disk".to_string(),
         };
+        self.disks.extend(writable_disk(e));
         for n in e.descendants().filter(|n| {
             n.is_element() && matches!(n.tag_name().name(), "disk" | "backingStore" | "dataStore" | "mirror")
         }) {
@@ -772,6 +805,26 @@ mod tests {
         );
         let without = dumpxml("").replace(&format!("<uuid>{UUID}</uuid>"), "");
         assert!(refusal(&r, &without).starts_with("<uuid> is missing"));
+    }
+
+    #[test]
+    fn the_writable_disks_are_named_once_and_shared_ones_not_at_all() {
+        let r = rules(&["/srv/vms"], &["/dev/disk/by-id/lun"], true);
+        let xml = dumpxml(&format!(
+            "{}<disk type='file' device='cdrom'><source file='/srv/vms/debian.iso'/><target dev='hdc'/></disk>\
+             <disk type='file'><source file='/srv/vms/base.qcow2'/><readonly/><target dev='vdb'/></disk>\
+             <disk type='block'><source dev='/dev/disk/by-id/./lun'/><shareable/><target dev='vdc'/></disk>\
+             <disk type='block'><source dev='/dev//disk/by-id/lun'/><target dev='vdd'/></disk>\
+             <disk type='network'><source protocol='rbd' name='pool/web1'/><target dev='vde'/></disk>",
+            file_disk("/srv/vms/./web1.qcow2").replace(
+                "<backingStore/>",
+                "<backingStore type='file'><source file='/srv/vms/base.qcow2'/></backingStore>"
+            )
+        ));
+        let named = ["/srv/vms/web1.qcow2", "/dev/disk/by-id/lun", "rbd:pool/web1"];
+        assert_eq!(r.check(&xml, UUID).unwrap(), named);
+        assert_eq!(disks(&xml), named, "as read back from the database");
+        assert!(disks("<domain><disk").is_empty());
     }
 
     #[test]

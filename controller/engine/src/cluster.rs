@@ -292,12 +292,16 @@ pub struct VmView {
     pub anti_affinity: Option<String>,
     /// Hosts it may run on; empty: any.
     pub allowed_hosts: Vec<String>,
-    /// Where it should run when that host is healthy (failback goes there).
     /// Protected with --force beyond the host reserve: by whom, and what it was short of.
     pub admission_override: Option<String>,
+    /// Where it should run when that host is healthy (failback goes there).
     pub preferred_host: Option<String>,
     /// The inactive domain XML, to define it elsewhere; empty until an agent sent it.
     pub xml: String,
+    /// The writable disks `xml` uses (files, block devices, network images), as the
+    /// controller's checks read them: a disk belongs to one VM only. Derived from `xml` (at a
+    /// report, and by the controller when it loads the database).
+    pub disks: Vec<String>,
     /// Why the definition its host last reported was refused (the controller's checks on
     /// domain XML); `xml` is then the last one accepted. Not persisted: the host sends its
     /// definitions again to a new controller.
@@ -346,6 +350,7 @@ impl VmView {
             preferred_host: None,
             admission_override: None,
             xml: String::new(),
+            disks: Vec::new(),
             definition_refused: None,
             recovery: None,
             second_copy: None,
@@ -436,6 +441,9 @@ pub struct ClusterState {
     pub quorum_cache: Option<(Millis, usize)>,
     /// `lease::membership` and the number of hosts it was taken with.
     pub membership_cache: Option<(u64, usize)>,
+    /// Which VM each writable disk of an accepted definition belongs to (`VmView::disks`).
+    /// An entry whose VM is gone is free again.
+    pub disk_owners: BTreeMap<String, String>,
 }
 
 /// Notes that VM `uuid` may now be on `host` (placed, or a second copy), for `vms_near`.
@@ -446,15 +454,27 @@ pub fn note_near(near: &mut Option<BTreeMap<String, BTreeSet<String>>>, host: &s
 }
 
 impl ClusterState {
-    /// Builds `near` from scratch.
+    /// Builds `near` and `disk_owners` from scratch.
     pub fn index_vms(&mut self) {
         let mut near = Some(BTreeMap::new());
+        self.disk_owners.clear();
         for vm in self.vms.values() {
             for host in vm.hosts_near() {
                 note_near(&mut near, host, &vm.uuid);
             }
+            for d in &vm.disks {
+                self.disk_owners.insert(d.clone(), vm.uuid.clone());
+            }
         }
         self.near = near;
+    }
+
+    /// Another VM (still known) whose definition uses one of `disks`: that disk, and its name.
+    pub fn disk_taken(&self, uuid: &str, disks: &[String]) -> Option<(String, String)> {
+        disks.iter().find_map(|d| {
+            let owner = self.disk_owners.get(d).filter(|o| o.as_str() != uuid)?;
+            self.vms.get(owner).map(|vm| (d.clone(), vm.name.clone()))
+        })
     }
 
     /// The VMs placed on `host` or running a second copy there, in UUID order.

@@ -148,8 +148,9 @@ pub struct Heartbeat {
     pub probes: Vec<Probe>,
     /// `None`: libvirt did not answer the agent, so this report says nothing of its VMs.
     pub domains: Option<Vec<ReportedDomain>>,
-    /// Domain XML that came with the report and passed the controller's checks, by UUID.
-    pub xml: Vec<(String, String)>,
+    /// Domain XML that came with the report and passed the controller's checks, by UUID,
+    /// with the writable disks it uses.
+    pub xml: Vec<(String, String, Vec<String>)>,
     /// Domain XML that came with the report and failed them: UUID and why. The VM keeps the
     /// definition accepted before, if any.
     pub xml_refused: Vec<(String, String)>,
@@ -668,21 +669,46 @@ impl Engine {
             h.reported_at = Some(now);
         }
         // Only for its own domains: a host cannot rewrite the definition of another's VM.
-        let xml_not_taken: Vec<String> = (hb.xml.iter().chain(&hb.xml_refused))
-            .map(|(uuid, _)| uuid)
+        let xml_not_taken: Vec<String> = (hb.xml.iter().map(|(uuid, ..)| uuid))
+            .chain(hb.xml_refused.iter().map(|(uuid, _)| uuid))
             .filter(|u| deferred.contains(*u))
             .cloned()
             .collect();
-        for (uuid, xml) in hb.xml {
-            if let Some(vm) = s.vms.get_mut(&uuid).filter(|vm| vm.host.as_deref() == Some(&host)) {
-                vm.definition_refused = None;
-                if vm.xml != xml {
-                    vm.xml = xml;
-                    out.persist.xml.push(uuid);
+        let mut refused = hb.xml_refused;
+        for (uuid, xml, disks) in hb.xml {
+            if s.vms.get(&uuid).is_none_or(|vm| vm.host.as_deref() != Some(&host)) {
+                continue;
+            }
+            // A second writer on a disk corrupts it: a definition that names another VM's disk
+            // is refused, so that no failover starts it beside that VM.
+            if let Some((disk, other)) = s.disk_taken(&uuid, &disks) {
+                refused.push((
+                    uuid,
+                    format!("disk {disk} belongs to VM {other} (a writable disk belongs to one VM)"),
+                ));
+                continue;
+            }
+            let Some(vm) = s.vms.get_mut(&uuid) else { continue };
+            vm.definition_refused = None;
+            if vm.xml != xml {
+                vm.xml = xml;
+                out.persist.xml.push(uuid.clone());
+            }
+            if vm.disks != disks {
+                for d in &vm.disks {
+                    if s.disk_owners.get(d) == Some(&uuid) {
+                        s.disk_owners.remove(d);
+                    }
+                }
+                for d in &disks {
+                    s.disk_owners.insert(d.clone(), uuid.clone());
+                }
+                if let Some(vm) = s.vms.get_mut(&uuid) {
+                    vm.disks = disks;
                 }
             }
         }
-        for (uuid, why) in hb.xml_refused {
+        for (uuid, why) in refused {
             let Some(vm) = s.vms.get_mut(&uuid).filter(|vm| vm.host.as_deref() == Some(&host)) else {
                 continue;
             };
@@ -1853,7 +1879,7 @@ mod tests {
         assert!(o.events[2].message.contains("cannot be restarted elsewhere"), "{}", o.events[1].message);
         assert!(kinds(&e.step(refused("hostdev: host device passthrough"), Millis(20))).is_empty());
         let mut ok = report("kvm1", U);
-        ok.xml = vec![(U.into(), "<domain/>".into())];
+        ok.xml = vec![(U.into(), "<domain/>".into(), Vec::new())];
         let o = e.step(Input::Heartbeat(ok), Millis(30));
         assert_eq!(o.persist.xml, [U]);
         assert_eq!(e.cluster.vms[U].definition_refused, None);
@@ -1871,6 +1897,40 @@ mod tests {
         assert_eq!(e.cluster.vms[U].definition_refused.as_deref(), Some("disk vda: outside"));
     }
 
+    /// A definition that names another VM's writable disk is refused, whichever host sends
+    /// it: a failover would start it beside that VM, two writers on one disk. The disk is free
+    /// again once its VM no longer uses it.
+    #[test]
+    fn a_disk_belongs_to_one_vm() {
+        const A: &str = "00000000-0000-0000-0000-00000000000a";
+        const B: &str = "00000000-0000-0000-0000-00000000000b";
+        let mut e = Engine::new(ClusterState { epoch: 1, ..Default::default() });
+        e.step(Input::Register(registration("kvm1")), Millis(0));
+        e.step(Input::Register(registration("kvm2")), Millis(0));
+        let define = |host: &str, uuid: &str, disk: &str| {
+            let mut hb = report(host, uuid);
+            hb.xml = vec![(uuid.into(), format!("<domain>{disk}</domain>"), vec![disk.to_string()])];
+            Input::Heartbeat(hb)
+        };
+        e.step(define("kvm1", A, "/srv/vms/dns1.qcow2"), Millis(10));
+        assert_eq!(e.cluster.vms[A].disks, ["/srv/vms/dns1.qcow2"]);
+        let o = e.step(define("kvm2", B, "/srv/vms/dns1.qcow2"), Millis(20));
+        let refused = o.events.iter().find(|e| e.kind == EventKind::DefinitionRefused).expect("refused");
+        assert!(
+            refused
+                .message
+                .contains("disk /srv/vms/dns1.qcow2 belongs to VM dns1 (a writable disk belongs to one VM)"),
+            "{}",
+            refused.message
+        );
+        assert!(e.cluster.vms[B].xml.is_empty(), "nothing of it was kept");
+        // dns1 moves to another disk: the old one is free for the other VM.
+        e.step(define("kvm1", A, "/srv/vms/dns1-new.qcow2"), Millis(30));
+        e.step(define("kvm2", B, "/srv/vms/dns1.qcow2"), Millis(40));
+        assert_eq!(e.cluster.vms[B].disks, ["/srv/vms/dns1.qcow2"]);
+        assert_eq!(e.cluster.vms[B].definition_refused, None);
+    }
+
     /// A deferred VM's XML is handed back, so that its agent sends it again.
     #[test]
     fn the_xml_of_a_vm_not_recorded_yet_is_asked_for_again() {
@@ -1881,7 +1941,8 @@ mod tests {
         let mut second = hb.domains.as_ref().unwrap()[0].clone();
         second.uuid = "b".into();
         hb.domains.as_mut().unwrap().push(second);
-        hb.xml = vec![("a".into(), "<domain/>".into()), ("b".into(), "<domain/>".into())];
+        hb.xml =
+            vec![("a".into(), "<domain/>".into(), Vec::new()), ("b".into(), "<domain/>".into(), Vec::new())];
         let o = e.step(Input::Heartbeat(hb.clone()), Millis(10));
         let Reply::Lease(lease) = &o.reply else { panic!("{:?}", o.reply) };
         assert_eq!(lease.xml_not_taken, ["b"]);

@@ -102,7 +102,12 @@ fn input() -> impl Strategy<Value = Input> {
                     .iter()
                     .flatten()
                     .filter(|d| d.vcpus % 2 == 0)
-                    .map(|d| (d.uuid.clone(), "<domain/>".into()))
+                    // A few disk names between many VMs: some definitions name another's disk.
+                    .map(|d| (
+                        d.uuid.clone(),
+                        "<domain/>".into(),
+                        vec![format!("/srv/vms/{}", d.memory_kib % 5)]
+                    ))
                     .collect(),
                 xml_refused: domains
                     .iter()

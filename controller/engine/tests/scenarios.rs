@@ -948,7 +948,10 @@ impl World {
             .collect();
         let xml = domains
             .iter()
-            .map(|d| (d.uuid.clone(), format!("<domain><name>{}</name></domain>", d.name)))
+            .map(|d| {
+                let xml = format!("<domain><name>{}</name></domain>", d.name);
+                (d.uuid.clone(), xml, vec![format!("/srv/vms/{}.qcow2", d.name)])
+            })
             .collect();
         Heartbeat {
             host: name.into(),
