@@ -2635,7 +2635,7 @@ impl Drop for Kvm9 {
 
 /// Issue 26, item 4: `kvm9`, a host with a certificate from the cluster's CA, reports VMs whose
 /// definitions would reach into whichever host runs them next: one that names protected dns1's
-/// UUID, an unconfined one, a serial port on /etc/shadow, the host's TPM, a macvtap interface,
+/// UUID, one that names dns1's disk, an unconfined one, a serial port on /etc/shadow, the host's TPM, a macvtap interface,
 /// a display on all addresses, shared memory, the host's smartcard reader. Each is refused with
 /// a `definition_refused` event that says why, and none is kept.
 fn definitions_that_reach_into_the_host_are_refused_with_an_event(lab: &Lab) {
@@ -2645,8 +2645,19 @@ fn definitions_that_reach_into_the_host_are_refused_with_an_event(lab: &Lab) {
     lab.ensure_running("dns1");
     let dns1 = lab.json(&["vm", "show", "dns1"])["uuid"].as_str().unwrap().to_string();
     let home = lab.host_of("dns1");
-    let vectors: [(&str, String, &str); 8] = [
+    // dns1's own disk, as its host's libvirt names it.
+    let dumpxml = lab.virsh(&home, &["dumpxml", "--inactive", "dns1"]);
+    let disk =
+        dumpxml.split("<source file='").nth(1).and_then(|r| r.split('\'').next()).expect("dns1's disk");
+    let vectors: [(&str, String, &str); 9] = [
         ("uuid", format!("<uuid>{dns1}</uuid>"), "but the host reported the definition as VM"),
+        (
+            "disk",
+            format!(
+                "<devices><disk type='file' device='disk'><source file='{disk}'/><target dev='vda'/></disk></devices>"
+            ),
+            "belongs to VM dns1",
+        ),
         ("unconfined", "<seclabel type='none'/>".into(), "(no confinement)"),
         (
             "shadow",
