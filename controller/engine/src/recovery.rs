@@ -352,6 +352,14 @@ pub fn failback<'s>(
     if vm.state != RunState::Running || vm.recovery.is_some() || vm.host.as_deref().is_none_or(|h| h == p) {
         return None;
     }
+    // A drain owns the VMs of its host: a failback beside it would start a second operation
+    // on one VM (found by 1,000,000 schedules: the failback's migration and the drain's cold
+    // restart, begun in the same tick, started the VM on two hosts).
+    if let Some(h) =
+        vm.host.as_deref().and_then(|h| state.hosts.get(h)).filter(|h| h.admin == AdminState::Draining)
+    {
+        return Some(Err(format!("its host {} is being drained, which moves it", h.name)));
+    }
     let Some(after) = state.policy.failback_after_ms else {
         return Some(Err(format!(
             "away from its preferred host {p}: failback is off (the controller's --failback-after)"

@@ -1599,3 +1599,21 @@ fn a_host_cut_off_across_a_rejoin_is_not_declared_dead_by_the_next_leader() {
     let sim = run_schedule(&(2, 1199903171331961810, false, false, faults));
     assert!(sim.violations.is_empty(), "{:?}", sim.violations);
 }
+
+/// Found by 1,000,000 schedules: a failback migration of vm2 kept failing while kvm2's
+/// libvirtd hung, kvm0 (vm2's host) was drained with restarts allowed, and in one tick the
+/// failback tried again while the drain gave up migrating and cold-restarted vm2 on kvm1: two
+/// operations on one VM, and the migration that the hung libvirtd might still complete on kvm2
+/// then ran beside the restart. A drain now owns the VMs of its host; failback leaves them.
+#[test]
+fn a_failback_never_moves_a_vm_that_a_drain_owns() {
+    let faults = vec![
+        (12551, Fault::HangLibvirt(2, 19961)),
+        (2561, Fault::DbOutage(15501)),
+        (27051, Fault::Drain(0, true)),
+        (33101, Fault::Revive(0)),
+        (30201, Fault::Drain(1, false)),
+    ];
+    let sim = run_schedule(&(3, 6918819492599275900, true, true, faults));
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+}
