@@ -70,7 +70,6 @@ fn resources(f: &HostFacts) -> HostResources {
 impl AgentService for AgentApi {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let (host, cert_not_after) = self.access.agent(&req)?;
-        self.limits.register.admit(&host)?;
         let r = req.into_inner();
         validate::migration_uri(validate::short_text("the migration URI", &r.migration_uri)?)?;
         validate::peer_address(validate::short_text("the peer address", &r.peer_address)?)?;
@@ -78,6 +77,9 @@ impl AgentService for AgentApi {
         let facts = r.facts.ok_or_else(|| Error::Invalid("register without host facts".into()))?;
         validate::facts(&facts)?;
         let c = self.controller()?;
+        // Counted only here, where a registration is taken: the attempts an agent makes while
+        // no controller leads (a takeover) must not spend the allowance it needs once one does.
+        self.limits.register.admit(&host)?;
         let registration = Registration {
             host: host.clone(),
             migration_uri: r.migration_uri.clone(),

@@ -44,7 +44,11 @@ impl PerCaller {
 }
 
 /// The controller's limits. Agents send one heartbeat a second (a few more when their VMs
-/// change) and register once per connection; operators' tools poll every second or two.
+/// change) and register once per connection; operators' tools poll every second or two. An
+/// agent's requests count only where a leader takes them: a refusal must never cost an honest
+/// agent its lease
+/// (the lab found one: an agent restarted during a takeover spent its registrations on the
+/// standby, was refused by the new leader, and self-fenced).
 pub struct Limits {
     pub register: PerCaller,
     pub heartbeat: PerCaller,
@@ -54,7 +58,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            register: PerCaller::new("registrations", 1, 10),
+            register: PerCaller::new("registrations", 2, 30),
             heartbeat: PerCaller::new("heartbeats", 20, 60),
             operator: PerCaller::new("requests", 50, 200),
         }
