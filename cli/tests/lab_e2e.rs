@@ -2616,6 +2616,22 @@ impl Kvm9 {
         Some(client)
     }
 
+    /// Registers kvm9 with whichever controller leads, trying for up to 10 s: kvm9's
+    /// registrations are rate-limited like any host's, and earlier scenarios spend them.
+    fn register_with_leader(
+        &self,
+        lab: &Lab,
+        rt: &tokio::runtime::Runtime,
+        peer_address: &str,
+    ) -> vmha_proto::v1::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
+        let mut client = None;
+        wait_until("kvm9 to be registered with the leader", Duration::from_secs(10), || {
+            client = lab.leader().and_then(|n| rt.block_on(self.register(n, peer_address)));
+            client.is_some()
+        });
+        client.expect("registered")
+    }
+
     /// Removes kvm9 from the cluster again and waits for the lab's hosts to be online.
     fn remove(&self, lab: &Lab) {
         wait_until("kvm9 to be removed", Duration::from_secs(30), || {
@@ -2701,9 +2717,8 @@ fn definitions_that_reach_into_the_host_are_refused_with_an_event(lab: &Lab) {
     let kvm9 = Kvm9::issue(lab);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let report = |domains: Vec<Domain>, seq: u64| {
+        let mut client = kvm9.register_with_leader(lab, &rt, "10.213.77.99:7401");
         rt.block_on(async {
-            let leader = lab.leader().expect("a controller leads");
-            let mut client = kvm9.register(leader, "10.213.77.99:7401").await.expect("kvm9 registered");
             let mut req = tonic::Request::new(HeartbeatRequest { seq, domains, ..Default::default() });
             req.metadata_mut().insert("x-vmha-host", "kvm9".parse().unwrap());
             // Refused a lease (it echoes nothing), but its report is read.
@@ -2856,8 +2871,7 @@ fn a_peer_answering_epoch_2_pow_63_is_ignored(lab: &Lab) {
         );
         address
     });
-    let leader = lab.leader().expect("a controller leads");
-    assert!(rt.block_on(kvm9.register(leader, &peer_address)).is_some(), "kvm9 registered with ctl{leader}");
+    kvm9.register_with_leader(lab, &rt, &peer_address);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_until("kvm9 to be listed", Duration::from_secs(10), || {
             lab.json(&["host", "ls"]).as_array().unwrap().iter().any(|h| h["name"] == "kvm9")
