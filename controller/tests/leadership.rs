@@ -8,6 +8,7 @@ use support::PgServer;
 use vmha_controller::leadership::{self, IDLE_KILL};
 use vmha_controller::store::Store;
 use vmha_engine::HostView;
+use vmha_engine::availability::OutageMark;
 
 #[tokio::test]
 async fn a_deposed_leaders_writes_are_refused_by_the_database() {
@@ -27,6 +28,30 @@ async fn a_deposed_leaders_writes_are_refused_by_the_database() {
     assert!(refused.is_deposed(), "{refused}");
     assert!(refused.to_string().contains(&format!("epoch {e1} is deposed")), "{refused}");
     assert!(!refused.is_unavailable(), "not retried as if the database were away");
+    // Nor may it record an outage, or empty a table.
+    let mark = OutageMark::Began {
+        vm_uuid: "0d6b3f2e-1c1e-4f7e-9a55-2b8a1f6c0d01".into(),
+        vm_name: "dns1".into(),
+        ago_ms: 0,
+        planned: false,
+        cause: "kvm1 died".into(),
+    };
+    let refused = Store::mark_outage(&mut old.connection().await.unwrap(), &mark, chrono::Utc::now())
+        .await
+        .expect_err("a deposed leader's outage");
+    assert!(refused.is_deposed(), "{refused}");
+    for (table, truncate) in [
+        ("hosts", "TRUNCATE hosts CASCADE"),
+        ("vms", "TRUNCATE vms CASCADE"),
+        ("events", "TRUNCATE events CASCADE"),
+        ("outages", "TRUNCATE outages CASCADE"),
+    ] {
+        let refused = sqlx::query(truncate)
+            .execute(&mut *old.connection().await.unwrap())
+            .await
+            .expect_err("a deposed leader's TRUNCATE");
+        assert!(refused.to_string().contains(&format!("epoch {e1} is deposed")), "{table}: {refused}");
+    }
 
     let new = Store::open_for_epoch(&url, e2).await.unwrap();
     Store::upsert_host(&mut new.connection().await.unwrap(), &HostView::new("kvm2"), "sim")
