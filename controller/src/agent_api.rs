@@ -25,7 +25,7 @@ use crate::domain_xml::DomainRules;
 use crate::errors::{Error, refusal, unexpected};
 use crate::journal::Write;
 use crate::node::Node;
-use crate::rate_limit::Limits;
+use crate::rate_limit::AgentLimits;
 use crate::validate;
 
 pub struct AgentApi {
@@ -35,12 +35,12 @@ pub struct AgentApi {
     definitions: DomainRules,
     /// How it knows which host calls.
     access: Access,
-    limits: Limits,
+    limits: AgentLimits,
 }
 
 impl AgentApi {
     pub fn new(node: Arc<Node>, definitions: DomainRules, access: Access) -> AgentApi {
-        AgentApi { node, definitions, access, limits: Limits::default() }
+        AgentApi { node, definitions, access, limits: AgentLimits::default() }
     }
 
     fn controller(&self) -> Result<&Arc<Controller>, Error> {

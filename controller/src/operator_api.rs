@@ -24,7 +24,7 @@ use crate::access::{Access, Operator};
 use crate::controller::Controller;
 use crate::errors::{Error, refusal, unexpected};
 use crate::node::Node;
-use crate::rate_limit::{Limits, PerCaller};
+use crate::rate_limit::{PerCaller, operator_requests};
 use crate::{validate, views};
 
 /// The operator API of a controller, and how it knows who calls (see `access`).
@@ -32,7 +32,7 @@ pub struct OperatorApi(Arc<Node>, Access, PerCaller);
 
 impl OperatorApi {
     pub fn new(node: Arc<Node>, access: Access) -> OperatorApi {
-        OperatorApi(node, access, Limits::default().operator)
+        OperatorApi(node, access, operator_requests())
     }
 
     /// Who calls, if they may do `what` (at `needed`) and have not sent too much.

@@ -43,26 +43,28 @@ impl PerCaller {
     }
 }
 
-/// The controller's limits. Agents send one heartbeat a second (a few more when their VMs
-/// change) and register once per connection; operators' tools poll every second or two. An
-/// agent's requests count only where a leader takes them: a refusal must never cost an honest
-/// agent its lease
-/// (the lab found one: an agent restarted during a takeover spent its registrations on the
-/// standby, was refused by the new leader, and self-fenced).
-pub struct Limits {
+/// An agent's limits. Agents send one heartbeat a second (a few more when their VMs change)
+/// and register once per connection. An agent's requests count only where a leader takes
+/// them: a refusal must never cost an honest agent its lease (the lab found one: an agent
+/// restarted during a takeover spent its registrations on the standby, was refused by the new
+/// leader, and self-fenced).
+pub struct AgentLimits {
     pub register: PerCaller,
     pub heartbeat: PerCaller,
-    pub operator: PerCaller,
 }
 
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
+impl Default for AgentLimits {
+    fn default() -> AgentLimits {
+        AgentLimits {
             register: PerCaller::new("registrations", 2, 30),
             heartbeat: PerCaller::new("heartbeats", 20, 60),
-            operator: PerCaller::new("requests", 50, 200),
         }
     }
+}
+
+/// An operator's limit: their tools poll every second or two.
+pub fn operator_requests() -> PerCaller {
+    PerCaller::new("requests", 50, 200)
 }
 
 #[cfg(test)]
