@@ -215,7 +215,11 @@ pub fn disks(xml: &str) -> Vec<String> {
         return Vec::new();
     }
     let Ok(doc) = roxmltree::Document::parse(xml) else { return Vec::new() };
-    doc.descendants().filter(|n| n.has_tag_name("disk")).filter_map(writable_disk).collect()
+    // As the checks' walk finds them: not under <metadata>, which libvirt does not read.
+    doc.descendants()
+        .filter(|n| n.has_tag_name("disk") && !n.ancestors().any(|a| a.has_tag_name("metadata")))
+        .filter_map(writable_disk)
+        .collect()
 }
 
 /// What a `<disk>` writes to, naming it as no other disk could: its normalised file or
@@ -825,6 +829,11 @@ mod tests {
         assert_eq!(r.check(&xml, UUID).unwrap(), named);
         assert_eq!(disks(&xml), named, "as read back from the database");
         assert!(disks("<domain><disk").is_empty());
+        let in_metadata = dumpxml("").replace(
+            "<metadata>",
+            "<metadata><disk type='file'><source file='/srv/vms/other.qcow2'/></disk>",
+        );
+        assert!(disks(&in_metadata).is_empty(), "libvirt does not read <metadata>");
     }
 
     #[test]

@@ -469,6 +469,24 @@ impl ClusterState {
         self.near = near;
     }
 
+    /// Gives VM `uuid` the writable disks of its newly accepted definition, keeping
+    /// `disk_owners` in step.
+    pub fn set_disks(&mut self, uuid: &str, disks: Vec<String>) {
+        let Some(vm) = self.vms.get_mut(uuid) else { return };
+        if vm.disks == disks {
+            return;
+        }
+        for d in &vm.disks {
+            if self.disk_owners.get(d).is_some_and(|o| o == uuid) {
+                self.disk_owners.remove(d);
+            }
+        }
+        for d in &disks {
+            self.disk_owners.insert(d.clone(), uuid.to_string());
+        }
+        vm.disks = disks;
+    }
+
     /// Another VM (still known) whose definition uses one of `disks`: that disk, and its name.
     pub fn disk_taken(&self, uuid: &str, disks: &[String]) -> Option<(String, String)> {
         disks.iter().find_map(|d| {

@@ -694,19 +694,7 @@ impl Engine {
                 vm.xml = xml;
                 out.persist.xml.push(uuid.clone());
             }
-            if vm.disks != disks {
-                for d in &vm.disks {
-                    if s.disk_owners.get(d) == Some(&uuid) {
-                        s.disk_owners.remove(d);
-                    }
-                }
-                for d in &disks {
-                    s.disk_owners.insert(d.clone(), uuid.clone());
-                }
-                if let Some(vm) = s.vms.get_mut(&uuid) {
-                    vm.disks = disks;
-                }
-            }
+            s.set_disks(&uuid, disks);
         }
         for (uuid, why) in refused {
             let Some(vm) = s.vms.get_mut(&uuid).filter(|vm| vm.host.as_deref() == Some(&host)) else {
