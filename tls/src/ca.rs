@@ -14,7 +14,7 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 use crate::TlsError;
-use crate::identity::{Identity, Role, check_name};
+use crate::identity::{Identity, Role, bad_certificate, check_name, first_certificate};
 
 pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
@@ -124,8 +124,9 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, req: &Request) -> Result<Issued, Tls
 
 /// Renews every certificate in `certs_dir` (the `*.pem` files `issue` wrote, not the CA's):
 /// the same role, name, DNS names and addresses, valid `days` from now, with a new key. For a
-/// cluster whose certificates were issued together and so expire together. Files that are
-/// not vmha certificates are left alone and listed in the error if nothing else failed.
+/// cluster whose certificates were issued together and so expire together. Every file is read
+/// first: one that is not a vmha certificate stops it, naming the file, before anything is
+/// renewed.
 pub fn renew_all(ca_dir: &Path, certs_dir: &Path, days: u32) -> Result<Vec<Issued>, TlsError> {
     let entries =
         std::fs::read_dir(certs_dir).map_err(|e| TlsError::io("list the certificates in", certs_dir, e))?;
@@ -134,32 +135,24 @@ pub fn renew_all(ca_dir: &Path, certs_dir: &Path, days: u32) -> Result<Vec<Issue
         .filter(|p| p.extension().is_some_and(|x| x == "pem") && p.file_name().is_some_and(|n| n != CA_CERT))
         .collect();
     files.sort();
-    let mut renewed = Vec::new();
-    for file in files {
-        let (identity, dns, ips) = servers_of(&file)?;
-        let dns = dns.into_iter().filter(|d| *d != identity.name).collect();
-        let req = Request { role: identity.role, name: identity.name, dns, ips, days };
-        renewed.push(issue(ca_dir, certs_dir, &req)?);
-    }
-    Ok(renewed)
+    let requests = files.iter().map(|f| renewal_of(f, days)).collect::<Result<Vec<_>, _>>()?;
+    requests.iter().map(|req| issue(ca_dir, certs_dir, req)).collect()
 }
 
-/// The identity in a certificate file, and the DNS names and addresses it answers to.
-fn servers_of(path: &Path) -> Result<(Identity, Vec<String>, Vec<IpAddr>), TlsError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
+/// What renews the certificate in `path`: its identity, and the DNS names (besides its own
+/// name) and addresses it answers to.
+fn renewal_of(path: &Path, days: u32) -> Result<Request, TlsError> {
     use x509_parser::extensions::GeneralName;
     use x509_parser::prelude::{FromDer, X509Certificate};
-    let bad = |detail: String| TlsError::BadFile { path: path.to_path_buf(), what: "certificate", detail };
-    let pem = std::fs::read(path).map_err(|e| TlsError::io("read", path, e))?;
-    let der = CertificateDer::from_pem_slice(&pem).map_err(|e| bad(e.to_string()))?;
+    let bad = |detail: String| bad_certificate(path, detail);
+    let der = first_certificate(path)?;
     let identity = Identity::from_der(&der).map_err(|e| bad(e.to_string()))?;
     let (_, cert) = X509Certificate::from_der(&der).map_err(|e| bad(e.to_string()))?;
     let (mut dns, mut ips) = (Vec::new(), Vec::new());
     let sans = cert.subject_alternative_name().map_err(|e| bad(e.to_string()))?;
     for name in sans.iter().flat_map(|s| s.value.general_names.iter()) {
         match name {
-            GeneralName::DNSName(d) => dns.push(d.to_string()),
+            GeneralName::DNSName(d) if *d != identity.name => dns.push(d.to_string()),
             GeneralName::IPAddress(b) => match b.len() {
                 4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*b).expect("4 bytes"))),
                 16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*b).expect("16 bytes"))),
@@ -168,7 +161,7 @@ fn servers_of(path: &Path) -> Result<(Identity, Vec<String>, Vec<IpAddr>), TlsEr
             _ => {}
         }
     }
-    Ok((identity, dns, ips))
+    Ok(Request { role: identity.role, name: identity.name, dns, ips, days })
 }
 
 fn names(common_name: &str, unit: &str) -> DistinguishedName {
@@ -241,10 +234,10 @@ mod tests {
         );
         let year = OffsetDateTime::now_utc().unix_timestamp() + 365 * 86400;
         assert!(renewed.iter().all(|i| (i.identity.not_after - year).abs() < 60));
-        let (id, dns, ips) = servers_of(&dir.path().join("host-kvm1.pem")).unwrap();
-        assert_eq!(id.name, "kvm1");
-        assert_eq!(dns, ["kvm1", "kvm1.example.net"]);
-        assert_eq!(ips, host.ips);
+        let again = renewal_of(&dir.path().join("host-kvm1.pem"), 365).unwrap();
+        assert_eq!((again.role, again.name.as_str()), (Role::Host, "kvm1"));
+        assert_eq!(again.dns, ["kvm1.example.net"]);
+        assert_eq!(again.ips, host.ips);
         assert_ne!(std::fs::read(dir.path().join("host-kvm1.key")).unwrap(), old_key, "a new key");
         assert_eq!(mode(&dir.path().join("host-kvm1.key")), 0o600);
     }

@@ -129,13 +129,8 @@ impl Identity {
 
     /// The identity in the first certificate of a PEM file.
     pub fn from_pem_file(path: &std::path::Path) -> Result<Identity, TlsError> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let bad =
-            |detail: String| TlsError::BadFile { path: path.to_path_buf(), what: "certificate", detail };
-        let pem = std::fs::read(path).map_err(|e| TlsError::io("read", path, e))?;
-        let der = CertificateDer::from_pem_slice(&pem).map_err(|e| bad(e.to_string()))?;
-        Identity::from_der(&der).map_err(|e| bad(e.to_string()))
+        let der = first_certificate(path)?;
+        Identity::from_der(&der).map_err(|e| bad_certificate(path, e.to_string()))
     }
 
     /// The URI SAN that names `role` `name` in a certificate.
@@ -152,6 +147,20 @@ pub fn check_name(name: &str) -> Result<(), TlsError> {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@'))
         && name.starts_with(|c: char| c.is_ascii_alphanumeric());
     if ok { Ok(()) } else { Err(TlsError::BadName(name.to_string())) }
+}
+
+/// The first certificate of a PEM file, as DER.
+pub(crate) fn first_certificate(
+    path: &std::path::Path,
+) -> Result<rustls::pki_types::CertificateDer<'static>, TlsError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| TlsError::io("read", path, e))?;
+    CertificateDer::from_pem_slice(&pem).map_err(|e| bad_certificate(path, e.to_string()))
+}
+
+pub(crate) fn bad_certificate(path: &std::path::Path, detail: String) -> TlsError {
+    TlsError::BadFile { path: path.to_path_buf(), what: "certificate", detail }
 }
 
 #[cfg(test)]
