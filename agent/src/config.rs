@@ -105,6 +105,12 @@ pub struct Flags {
     /// This host's private key [default: /etc/vmha/pki/host-NAME.key].
     #[arg(long, value_name = "PATH")]
     pub tls_key: Option<PathBuf>,
+    /// Where libvirtd reads its CRL (libvirtd.conf's `crl_file`): the agent writes the
+    /// cluster's CRL there when the controller hands it a new one, and has libvirtd reload it,
+    /// so that revoked host certificates no longer reach this hypervisor
+    /// [default: /etc/pki/CA/cacrl.pem, libvirt's own default].
+    #[arg(long, value_name = "PATH")]
+    pub libvirt_crl: Option<PathBuf>,
     /// Development only: talk plaintext to the controller and to peers, and answer any peer.
     /// Only works with a controller that runs with --insecure-dev too.
     #[arg(long)]
@@ -139,6 +145,7 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    libvirt_crl: Option<PathBuf>,
     #[serde(default)]
     insecure_dev: bool,
     #[serde(default)]
@@ -205,6 +212,8 @@ pub struct Config {
     pub probes: ProbeConfig,
     /// This host's credentials; `None`: `--insecure-dev`.
     pub tls: Option<vmha_tls::Paths>,
+    /// Where libvirtd reads its CRL (see `revocation`).
+    pub libvirt_crl: PathBuf,
 }
 
 impl Config {
@@ -298,6 +307,10 @@ impl Config {
             peer_address,
             metrics_listen: flags.metrics_listen.or(file.metrics_listen),
             libvirt_uri: flags.libvirt_uri.or(file.libvirt_uri).unwrap_or_else(|| "qemu:///system".into()),
+            libvirt_crl: flags
+                .libvirt_crl
+                .or(file.libvirt_crl)
+                .unwrap_or_else(|| "/etc/pki/CA/cacrl.pem".into()),
             host_name,
             migration_uri,
             controllers,

@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod peer;
 pub mod probes;
 pub mod qemu;
+pub mod revocation;
 pub mod session;
 pub mod watchdog;

@@ -86,6 +86,8 @@ pub struct Agent {
     transport: Transport,
     /// Set when the certificate was reloaded: the next session presents the new one.
     reconnect: tokio::sync::Notify,
+    /// The cluster's CRL (`None` with --insecure-dev).
+    revocation: Option<Arc<crate::revocation::Revocation>>,
 }
 
 impl Agent {
@@ -95,7 +97,16 @@ impl Agent {
         lease: Arc<LeaseShell>,
         transport: Transport,
     ) -> Arc<Agent> {
+        let revocation = match &transport {
+            Transport::Mtls(creds) => Some(Arc::new(crate::revocation::Revocation::new(
+                creds.clone(),
+                cfg.state_dir.as_deref(),
+                cfg.libvirt_crl.clone(),
+            ))),
+            Transport::InsecureDev => None,
+        };
         Arc::new(Agent {
+            revocation,
             transport,
             reconnect: tokio::sync::Notify::new(),
             cfg,
@@ -297,6 +308,7 @@ impl Agent {
             self_fenced: self.lease.self_fenced(),
             probes: self.probes.latest(),
             roster_version: Some(self.lease.roster_version()),
+            crl_number: self.revocation.as_ref().map_or(0, |r| r.number()),
         };
         // The lease runs from here: the send, not the answer.
         let sent_at = self.lease.now();
@@ -321,6 +333,10 @@ impl Agent {
             .context("refusing the heartbeat answer")?;
         // Echoed only once taken whole (see `LeaseShell::answered`).
         self.answer_received(answer.epoch, answer.stamp_ms);
+        if let Some(r) = self.revocation.clone().filter(|_| !answer.crl.is_empty()) {
+            let crl = std::mem::take(&mut answer.crl);
+            tokio::spawn(async move { r.offered(&crl).await });
+        }
         let wait = Duration::from_millis(answer.next_heartbeat_in_ms);
         Ok(if wait.is_zero() || wait > interval * 2 { interval } else { wait })
     }

@@ -21,7 +21,7 @@ fn the_agent_says_ready_and_keeps_saying_its_loop_runs() {
         ips: vec![],
         days: 1,
     };
-    let host = vmha_tls::ca::issue(&dir, &dir, &req).unwrap();
+    let host = vmha_tls::ca::issue(&dir, &dir.join("pki"), &req).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut agent = Command::new(env!("CARGO_BIN_EXE_vmha-agent"))
         .args([

@@ -16,7 +16,11 @@ Setting up a cluster:
   vmha ca issue controller ctl1                  # then copy ca.pem + controller-ctl1.* to ctl1
   vmha ca issue host kvm1 --ip 10.0.0.11         # per hypervisor: ca.pem + host-kvm1.* to kvm1
   vmha ca issue operator alice --role admin      # per person: viewer, operator or admin
-Everything goes to /etc/vmha/pki unless --dir says otherwise; keys are written 0600.
+The CA (ca.key, ca.pem, issued.txt, crl.pem) lives in /etc/vmha/ca (--dir); certificates and
+keys for others go to /etc/vmha/pki (--out), never beside ca.key. Keys are written 0600.
+Revoking (a retired or compromised host, a person who left):
+  vmha ca revoke host kvm9                       # every certificate kvm9 was ever issued
+  vmha ca publish                                # controllers, agents and libvirtd refuse them
 Renewing: issue the same name again before it expires (or `vmha ca renew-all` for all of
 them), copy the files over the old ones, and reload (`systemctl reload vmha-agent`, which
 sends SIGHUP): no restart, no VM touched. `vmha status` warns 30 days before a host's
@@ -31,7 +35,7 @@ pub enum CaVerb {
     /// (keep it on this machine only). Never replaces an existing one.
     Init {
         /// Where to write them.
-        #[arg(long, default_value = "/etc/vmha/pki")]
+        #[arg(long, default_value = CA_DIR)]
         dir: PathBuf,
         /// Validity of the CA.
         #[arg(long, default_value_t = 3650)]
@@ -61,11 +65,11 @@ pub enum CaVerb {
         #[arg(long, default_value_t = 365)]
         days: u32,
         /// The CA's directory (ca.pem and ca.key).
-        #[arg(long, default_value = "/etc/vmha/pki")]
+        #[arg(long, default_value = CA_DIR)]
         dir: PathBuf,
-        /// Where to write NAME's files [default: the CA's directory].
-        #[arg(long)]
-        out: Option<PathBuf>,
+        /// Where to write NAME's files (and a copy of ca.pem); never the CA's directory.
+        #[arg(long, default_value = PKI_DIR)]
+        out: PathBuf,
     },
     /// Renew every certificate issued into a directory at once (the same roles, names,
     /// DNS names and addresses, new keys): certificates issued together expire together, and
@@ -74,17 +78,61 @@ pub enum CaVerb {
     /// `systemctl reload vmha-controller`); nothing restarts and no VM is touched.
     RenewAll {
         /// The CA's directory (ca.pem and ca.key).
-        #[arg(long, default_value = "/etc/vmha/pki")]
+        #[arg(long, default_value = CA_DIR)]
         dir: PathBuf,
-        /// Where the certificates to renew are [default: the CA's directory].
-        #[arg(long)]
-        certs: Option<PathBuf>,
+        /// Where the certificates to renew are.
+        #[arg(long, default_value = PKI_DIR)]
+        certs: PathBuf,
         /// Validity of the renewed certificates.
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Revoke every certificate the CA issued to a name (renewed ones too: `issued.txt` keeps
+    /// them all), or the certificates in given files, and write the CA's new CRL (crl.pem).
+    /// Then `vmha ca publish` hands it to the cluster.
+    #[command(after_help = CA_HELP)]
+    Revoke {
+        /// What the certificates are for.
+        kind: Option<Kind>,
+        /// Whose.
+        #[arg(requires = "kind")]
+        name: Option<String>,
+        /// A certificate file to revoke (repeatable), e.g. one issued before the CA kept
+        /// issued.txt.
+        #[arg(long = "file", value_name = "FILE")]
+        certs: Vec<PathBuf>,
+        /// The CA's directory (ca.pem and ca.key).
+        #[arg(long, default_value = CA_DIR)]
+        dir: PathBuf,
+    },
+    /// Hand the CA's CRL to the cluster (admin): the controllers keep it in the database and
+    /// refuse the certificates it revokes, and every agent takes it with its next heartbeat
+    /// answer, refuses them too, and has its libvirtd reload it.
+    Publish {
+        /// The CRL `vmha ca revoke` wrote.
+        #[arg(long, default_value = "/etc/vmha/ca/crl.pem")]
+        crl: PathBuf,
+    },
     /// Who a certificate names, its role and when it expires.
     Show { file: PathBuf },
+}
+
+/// Where the CA lives, and where the certificates it issues go (and every party reads its own
+/// from).
+const CA_DIR: &str = "/etc/vmha/ca";
+const PKI_DIR: &str = "/etc/vmha/pki";
+
+impl CaVerb {
+    /// Whether it talks to a controller (the others work on files only).
+    pub fn needs_controller(&self) -> bool {
+        matches!(self, CaVerb::Publish { .. })
+    }
+}
+
+/// The CRL in `path`, as DER, for `vmha ca publish`.
+pub fn read_crl(path: &Path) -> Result<Vec<u8>, Failure> {
+    vmha_tls::revocation::read_pem(path)
+        .map_err(|e| Failure { message: format!("{e}: make one with `vmha ca revoke`"), exit_code: 2 })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -150,7 +198,15 @@ fn failed(e: vmha_tls::TlsError) -> Failure {
         vmha_tls::TlsError::Exists(_) => 4,
         _ => 1,
     };
-    Failure { message: e.to_string(), exit_code }
+    let mut message = e.to_string();
+    // Before the CA had a directory of its own, `vmha ca init` made it in /etc/vmha/pki.
+    if message.contains(&format!("{CA_DIR}/{}", ca::CA_KEY)) && Path::new(PKI_DIR).join(ca::CA_KEY).exists() {
+        message.push_str(&format!(
+            "; the CA is in {PKI_DIR}, where an older vmha made it: move ca.key, ca.pem (keep a copy of ca.pem \
+             in {PKI_DIR}) to {CA_DIR}, or pass --dir {PKI_DIR} --out ANOTHER_DIR"
+        ));
+    }
+    Failure { message, exit_code }
 }
 
 pub fn run(verb: CaVerb, fmt: Format) -> Result<(), Failure> {
@@ -178,18 +234,12 @@ pub fn run(verb: CaVerb, fmt: Format) -> Result<(), Failure> {
                     exit_code: 2,
                 });
             }
-            let role = match kind {
-                Kind::Host => Role::Host,
-                Kind::Controller => Role::Controller,
-                Kind::Operator => Role::Operator(role.map(Level::from).unwrap_or(Level::Viewer)),
-            };
-            let out = out.unwrap_or_else(|| dir.clone());
+            let role = role_of(kind, role);
             let issued =
                 ca::issue(&dir, &out, &ca::Request { role, name, dns, ips: ip, days }).map_err(failed)?;
             show_issued(fmt, &issued, &dir);
         }
         CaVerb::RenewAll { dir, certs, days } => {
-            let certs = certs.unwrap_or_else(|| dir.clone());
             let renewed = ca::renew_all(&dir, &certs, days).map_err(failed)?;
             match fmt {
                 Format::Json => output::json(
@@ -220,6 +270,38 @@ pub fn run(verb: CaVerb, fmt: Format) -> Result<(), Failure> {
                 }
             }
         }
+        CaVerb::Revoke { kind, name, certs, dir } => {
+            let stem = match (kind, &name) {
+                (Some(kind), Some(name)) => Some(ca::file_stem(role_of(kind, None), name)),
+                (Some(_), None) => {
+                    return Err(Failure {
+                        message: "name whose certificates to revoke".into(),
+                        exit_code: 2,
+                    });
+                }
+                _ => None,
+            };
+            let r = ca::revoke(&dir, stem.as_deref(), &certs).map_err(failed)?;
+            match fmt {
+                Format::Json => output::json(&serde_json::json!({
+                    "crl": r.crl, "number": r.number, "added": r.added, "revoked": r.total
+                })),
+                Format::Table | Format::Csv => {
+                    println!(
+                        "wrote CRL {} to {}: {} certificate(s) newly revoked, {} in all",
+                        r.number,
+                        r.crl.display(),
+                        r.added,
+                        r.total
+                    );
+                    println!(
+                        "next: vmha ca publish --crl {} (until then, nobody refuses them)",
+                        r.crl.display()
+                    );
+                }
+            }
+        }
+        CaVerb::Publish { .. } => unreachable!("publishing needs a controller: see commands.rs"),
         CaVerb::Show { file } => {
             let id = read_identity(&file)?;
             match fmt {
@@ -239,6 +321,14 @@ pub fn run(verb: CaVerb, fmt: Format) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+fn role_of(kind: Kind, level: Option<LevelArg>) -> Role {
+    match kind {
+        Kind::Host => Role::Host,
+        Kind::Controller => Role::Controller,
+        Kind::Operator => Role::Operator(level.map(Level::from).unwrap_or(Level::Viewer)),
+    }
 }
 
 fn show_issued(fmt: Format, issued: &ca::Issued, ca_dir: &Path) {

@@ -211,8 +211,9 @@ enum HostVerb {
         abort: bool,
     },
     /// Forget a retired host (admin). It must hold no lease (stop its agent first) and have no
-    /// VMs (drain it first). Its certificate stays valid until it expires: an agent started
-    /// with it registers the host again, as a new one.
+    /// VMs (drain it first). The controllers then refuse every certificate issued to it so far
+    /// (a new one, issued after, adds the host again); `vmha ca revoke host NAME` and `vmha ca
+    /// publish` make its peers and their libvirtd refuse them too.
     Remove { host: String },
     /// Cap the memory vmha places on a host (0: no cap), e.g. to keep room for the host OS.
     Limit {
@@ -421,13 +422,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         _ => {}
     }
-    if let Verb::Ca(verb) = cli.command {
-        crate::ca::run(verb, fmt)?;
-        return Ok(ExitCode::SUCCESS);
-    }
+    let cli = match cli.command {
+        Verb::Ca(verb) if !verb.needs_controller() => {
+            crate::ca::run(verb, fmt)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => cli,
+    };
     let controllers = Controllers { endpoints: cli.controller.clone(), transport: transport(&cli)? };
     let mut c = controllers.connect().await?;
     match cli.command {
+        Verb::Ca(crate::ca::CaVerb::Publish { crl }) => {
+            let der = crate::ca::read_crl(&crl)?;
+            let r = c.publish_crl(PublishCrlRequest { crl: der }).await?.into_inner();
+            match fmt {
+                Format::Json => output::json(&r),
+                Format::Table | Format::Csv => println!("{}", r.message),
+            }
+        }
         Verb::Ca(_) | Verb::Completions { .. } | Verb::Manpages { .. } => {
             unreachable!("these need no controller: handled above")
         }
@@ -817,4 +829,14 @@ async fn follow_operation(c: &mut Client, op: Operation, fmt: Format) -> Result<
     }
     bar.finish_and_clear();
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks its definitions only when a command is built: two options of one name (a
+    /// command's own `--cert` and the global one) would panic the first operator who ran it.
+    #[test]
+    fn every_command_line_definition_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

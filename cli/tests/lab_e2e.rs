@@ -2575,10 +2575,14 @@ struct Kvm9 {
 
 impl Kvm9 {
     fn issue(lab: &Lab) -> Kvm9 {
+        // The controllers refuse a certificate issued in the second of kvm9's last removal
+        // (`vmha host remove`, which an earlier scenario ends with).
+        std::thread::sleep(Duration::from_millis(1100));
         let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
         let out = lab
             .cli()
-            .args(["ca", "issue", "host", "kvm9", "--ip", "10.213.77.99", "--dir", pki.to_str().unwrap()])
+            .args(["ca", "issue", "host", "kvm9", "--ip", "10.213.77.99", "--dir", &lab.env["VMHA_LAB_CA"]])
+            .args(["--out", pki.to_str().unwrap()])
             .output()
             .unwrap();
         assert!(out.status.success(), "vmha ca issue host kvm9: {}", String::from_utf8_lossy(&out.stderr));
@@ -2594,9 +2598,18 @@ impl Kvm9 {
         n: u32,
         peer_address: &str,
     ) -> Option<vmha_proto::v1::agent_service_client::AgentServiceClient<tonic::transport::Channel>> {
+        self.try_register(n, peer_address).await.ok()
+    }
+
+    /// `register`, saying why not.
+    async fn try_register(
+        &self,
+        n: u32,
+        peer_address: &str,
+    ) -> Result<vmha_proto::v1::agent_service_client::AgentServiceClient<tonic::transport::Channel>, String>
+    {
         use vmha_proto::v1::{HostFacts, RegisterRequest};
-        let identity = tonic::transport::Identity::from_pem(self.cert.clone(), self.key.clone());
-        let mut client = agent_client_of(n, &self.ca, identity).await.ok()?;
+        let mut client = agent_client_of(n, &self.ca, self.identity()).await?;
         let mut register = tonic::Request::new(RegisterRequest {
             migration_uri: "qemu+tls://10.213.77.99/system".into(),
             facts: Some(HostFacts {
@@ -2612,8 +2625,22 @@ impl Kvm9 {
             peer_address: peer_address.into(),
         });
         register.metadata_mut().insert("x-vmha-host", "kvm9".parse().unwrap());
-        client.register(register).await.ok()?;
-        Some(client)
+        client.register(register).await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        Ok(client)
+    }
+
+    fn identity(&self) -> tonic::transport::Identity {
+        tonic::transport::Identity::from_pem(self.cert.clone(), self.key.clone())
+    }
+
+    /// kvm9's certificate as libvirt's client files (a pkipath).
+    fn libvirt_client_dir(&self, lab: &Lab) -> PathBuf {
+        let dir = lab.dir().join("kvm9-as-libvirt-client");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(self.pki.join("ca.pem"), dir.join("cacert.pem")).unwrap();
+        std::fs::write(dir.join("clientcert.pem"), &self.cert).unwrap();
+        std::fs::write(dir.join("clientkey.pem"), &self.key).unwrap();
+        dir
     }
 
     /// Registers kvm9 with whichever controller leads, trying for up to 10 s: kvm9's
@@ -3038,7 +3065,8 @@ fn an_agent_refuses_a_command_from_a_stale_epoch(lab: &Lab) {
     if !pki.join("controller-stale.pem").exists() {
         let bridge =
             lab.leader_endpoint().trim_start_matches("https://").split(':').next().unwrap().to_string();
-        lab.vmha_ok(&["ca", "issue", "controller", "stale", "--ip", &bridge, "--dir", pki.to_str().unwrap()]);
+        let (ca, out) = (&lab.env["VMHA_LAB_CA"], pki.to_str().unwrap());
+        lab.vmha_ok(&["ca", "issue", "controller", "stale", "--ip", &bridge, "--dir", ca, "--out", out]);
     }
     let creds = vmha_tls::Credentials::load(vmha_tls::Paths {
         ca: pki.join("ca.pem"),
@@ -3168,6 +3196,8 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
                 "--days",
                 days,
                 "--dir",
+                &lab.env["VMHA_LAB_CA"],
+                "--out",
                 &lab.env["VMHA_LAB_PKI"],
             ])
             .output()
@@ -3221,9 +3251,88 @@ fn a_renewed_host_certificate_is_taken_on_sighup(lab: &Lab) {
     println!("  {host}: certificate until {before} -> {}", expiry());
 }
 
+/// Issue 26, item 5: a retired host's certificate. `vmha host remove kvm9` and the controllers
+/// refuse kvm9's registration at once; `vmha ca revoke host kvm9` + `vmha ca publish`, and within
+/// seconds kvm1's agent refuses kvm9 as a peer and kvm1's libvirtd refuses kvm9's key (which
+/// opened it before), while the lab's hosts stay online and the lab's own libvirt client and a
+/// real peer still get in.
+fn a_revoked_host_is_refused_by_controllers_peers_and_libvirt(lab: &Lab) {
+    use vmha_proto::v1::LeaseStatusRequest;
+    use vmha_proto::v1::peer_service_client::PeerServiceClient;
+
+    lab.settle();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kvm9 = Kvm9::issue(lab);
+    kvm9.register_with_leader(lab, &rt, "10.213.77.99:7401");
+    let ip = lab.address("kvm1");
+    let libvirt_as_kvm9 = kvm9.libvirt_client_dir(lab);
+    let kvm9_opens_libvirt = || {
+        let uri = format!("qemu+tls://{ip}/system?pkipath={}", libvirt_as_kvm9.display());
+        let out = Command::new("timeout").args(["5", "virsh", "-q", "-c", &uri, "list"]).output().unwrap();
+        out.status.success()
+    };
+    assert!(kvm9_opens_libvirt(), "before the revocation, a host certificate opens kvm1's libvirtd");
+    // Polls kvm1's agent as `identity`, trusting the lab CA; whether it answered.
+    let poll_kvm1 = |identity: tonic::transport::Identity| {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(kvm9.ca.clone())
+            .domain_name("kvm1")
+            .identity(identity);
+        rt.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{ip}:7401"))
+                .unwrap()
+                .connect_timeout(Duration::from_secs(3))
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await;
+            match channel {
+                Ok(c) => PeerServiceClient::new(c).lease_status(LeaseStatusRequest {}).await.is_ok(),
+                Err(_) => false,
+            }
+        })
+    };
+    assert!(poll_kvm1(kvm9.identity()), "before the revocation, kvm9 polls kvm1's agent");
+
+    // `host remove`: the controllers refuse kvm9's certificate from then on.
+    kvm9.remove(lab);
+    let leader = lab.leader().expect("a controller leads");
+    let refused = rt.block_on(kvm9.try_register(leader, "10.213.77.99:7401")).expect_err("registered again");
+    assert!(refused.contains("PermissionDenied") && refused.contains("was removed"), "{refused}");
+    println!("  after host remove, the leader refuses kvm9: {refused}");
+
+    let ca = &lab.env["VMHA_LAB_CA"];
+    let revoke = lab.vmha_ok(&["ca", "revoke", "host", "kvm9", "--dir", ca]);
+    assert!(revoke.contains("newly revoked"), "{revoke}");
+    let crl = PathBuf::from(ca).join("crl.pem");
+    let published = lab.vmha_ok(&["ca", "publish", "--crl", crl.to_str().unwrap()]);
+    assert!(published.contains("is in use"), "{published}");
+    println!("  {}", published.trim());
+    let started = Instant::now();
+    wait_until("kvm1's libvirtd to refuse kvm9's key", Duration::from_secs(20), || !kvm9_opens_libvirt());
+    println!("  kvm1's libvirtd refuses kvm9 {:.1} s after publish", started.elapsed().as_secs_f64());
+    wait_until("kvm1's agent to refuse kvm9's polls", Duration::from_secs(10), || {
+        !poll_kvm1(kvm9.identity())
+    });
+    let err = rt.block_on(kvm9.try_register(leader, "10.213.77.99:7401")).expect_err("refused");
+    println!("  the leader refuses kvm9 at the handshake: {err}");
+
+    // Nobody else is refused: a real host still polls kvm1, the lab's client still opens it,
+    // and every host stays online.
+    let pki = PathBuf::from(&lab.env["VMHA_LAB_PKI"]);
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
+    let kvm2 = tonic::transport::Identity::from_pem(read("host-kvm2.pem"), read("host-kvm2.key"));
+    assert!(poll_kvm1(kvm2), "kvm2 can no longer poll kvm1");
+    lab.virsh("kvm1", &["list"]);
+    std::fs::remove_dir_all(&libvirt_as_kvm9).unwrap();
+    let events = lab.vmha_ok(&["events", "--limit", "50"]);
+    assert!(events.contains("crl_published") || events.contains("CRL"), "{events}");
+    lab.settle();
+}
+
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 35] = [
+    let scenarios: [Scenario; 36] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
@@ -3307,6 +3416,10 @@ fn main() {
         ("roles_decide_and_events_name_the_operator", roles_decide_and_events_name_the_operator),
         ("libvirt_admits_only_hosts_over_tls", libvirt_admits_only_hosts_over_tls),
         ("a_renewed_host_certificate_is_taken_on_sighup", a_renewed_host_certificate_is_taken_on_sighup),
+        (
+            "a_revoked_host_is_refused_by_controllers_peers_and_libvirt",
+            a_revoked_host_is_refused_by_controllers_peers_and_libvirt,
+        ),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let lab = Lab::up_with(Some("default"));

@@ -26,14 +26,9 @@ pub struct Operator {
 }
 
 impl Access {
-    /// The host an agent speaks for, taken from the connection, never from a message body.
-    pub fn agent_host<T>(self, req: &tonic::Request<T>) -> Result<String, Error> {
-        self.agent(req).map(|(host, _)| host)
-    }
-
-    /// `agent_host`, and when its certificate expires (seconds since the Unix epoch; `None`
-    /// without mutual TLS).
-    pub fn agent<T>(self, req: &tonic::Request<T>) -> Result<(String, Option<i64>), Error> {
+    /// The host an agent speaks for, taken from the connection, never from a message body, and
+    /// the certificate it came with (`None` without mutual TLS).
+    pub fn agent<T>(self, req: &tonic::Request<T>) -> Result<(String, Option<Identity>), Error> {
         match self {
             Access::Mtls => {
                 let id = identity(req)?;
@@ -60,7 +55,7 @@ impl Access {
                         id.name
                     )));
                 }
-                Ok((id.name, Some(id.not_after)))
+                Ok((id.name.clone(), Some(id)))
             }
             Access::InsecureDev => Ok((header_host(req)?, None)),
         }
@@ -116,7 +111,7 @@ mod tests {
     #[test]
     fn without_a_certificate_nobody_is_anybody() {
         let req = tonic::Request::new(());
-        let e = Access::Mtls.agent_host(&req).unwrap_err();
+        let e = Access::Mtls.agent(&req).unwrap_err();
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unauthenticated);
         let e = Access::Mtls.operator(&req, Level::Viewer, "status").unwrap_err();
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unauthenticated);
@@ -129,7 +124,7 @@ mod tests {
         req.metadata_mut().insert(vmha_proto::HOST_HEADER, "kvm 1".parse().unwrap());
         assert_eq!(tonic::Status::from(header_host(&req).unwrap_err()).code(), tonic::Code::Unauthenticated);
         req.metadata_mut().insert(vmha_proto::HOST_HEADER, "kvm1".parse().unwrap());
-        assert_eq!(Access::InsecureDev.agent_host(&req).unwrap(), "kvm1");
-        assert!(Access::Mtls.agent_host(&req).is_err(), "mTLS never reads the header");
+        assert_eq!(Access::InsecureDev.agent(&req).unwrap().0, "kvm1");
+        assert!(Access::Mtls.agent(&req).is_err(), "mTLS never reads the header");
     }
 }

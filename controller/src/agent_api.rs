@@ -1,5 +1,5 @@
 //! The agents' side of the gRPC API. Every handler takes the host from the connection
-//! (`Access::agent_host`: the agent's certificate), validates the message, and hands it to the engine as one input.
+//! (`AgentApi::caller`: the agent's certificate), validates the message, and hands it to the engine as one input.
 //! Register and heartbeat answer from memory and never wait for PostgreSQL: an agent must not
 //! lose its lease because the database is away (what they change is queued, see `journal`).
 
@@ -9,24 +9,22 @@ use std::sync::Arc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use vmha_engine::cluster::HostResources;
-use vmha_engine::drain::Probe;
-use vmha_engine::lease::{Echo, LeaseAnswer};
-use vmha_engine::operation::{Done, OpId};
+use vmha_engine::lease::LeaseAnswer;
 use vmha_engine::roster::RosterUpdate;
-use vmha_engine::step::{Heartbeat, Input, Registration, Reply};
-use vmha_engine::{Millis, Watchdog};
+use vmha_engine::step::{Input, Reply};
 use vmha_proto::v1::agent_service_server::AgentService;
 use vmha_proto::v1::*;
+
+use vmha_tls::Identity;
 
 use crate::access::Access;
 use crate::controller::Controller;
 use crate::domain_xml::DomainRules;
 use crate::errors::{Error, refusal, unexpected};
+use crate::host_message;
 use crate::journal::Write;
 use crate::node::Node;
 use crate::rate_limit::AgentLimits;
-use crate::validate;
 
 pub struct AgentApi {
     /// A standby refuses every call, naming the leader: the agent goes there.
@@ -46,55 +44,28 @@ impl AgentApi {
     fn controller(&self) -> Result<&Arc<Controller>, Error> {
         self.node.leader()
     }
-}
 
-/// The engine's view of what an agent says of its watchdog.
-fn watchdog(w: Option<&WatchdogStatus>) -> Watchdog {
-    match w {
-        None => Watchdog::Missing("the agent does not report one (an older agent?)".into()),
-        Some(w) if w.armed => Watchdog::Armed { device: w.device.clone(), timeout_ms: w.timeout_ms },
-        Some(w) => Watchdog::Missing(w.problem.clone()),
-    }
-}
-
-fn resources(f: &HostFacts) -> HostResources {
-    HostResources {
-        cpus: f.cpus,
-        memory_total_kib: f.memory_total_kib,
-        memory_free_kib: f.memory_free_kib,
-        cpu_model: f.cpu_model.clone(),
+    /// The host that calls (`Access::agent`) and its certificate, unless the host was removed
+    /// after that certificate was issued (`vmha host remove` revokes what the host had).
+    fn caller<T>(&self, req: &Request<T>) -> Result<(String, Option<Identity>), Error> {
+        let (host, cert) = self.access.agent(req)?;
+        if let Some(why) = cert.as_ref().and_then(|c| self.node.removed_since_issued(&host, c.not_before)) {
+            return Err(Error::PermissionDenied(why));
+        }
+        Ok((host, cert))
     }
 }
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        let (host, cert_not_after) = self.access.agent(&req)?;
+        let (host, cert) = self.caller(&req)?;
         let r = req.into_inner();
-        validate::migration_uri(validate::short_text("the migration URI", &r.migration_uri)?)?;
-        validate::peer_address(validate::short_text("the peer address", &r.peer_address)?)?;
-        validate::short_text("the agent version", &r.agent_version)?;
-        let facts = r.facts.ok_or_else(|| Error::Invalid("register without host facts".into()))?;
-        validate::facts(&facts)?;
+        let registration = host_message::registration(&host, &r)?;
         let c = self.controller()?;
         // Counted only here, where a registration is taken: the attempts an agent makes while
         // no controller leads (a takeover) must not spend the allowance it needs once one does.
         self.limits.register.admit(&host)?;
-        let registration = Registration {
-            host: host.clone(),
-            migration_uri: r.migration_uri.clone(),
-            peer_address: r.peer_address.clone(),
-            resources: resources(&facts),
-            libvirt_version: facts.libvirt_version.clone(),
-            lock_manager: facts.lock_manager.clone(),
-            describe: format!(
-                "vmha-agent {}, libvirt {}, {} CPUs, {} MiB",
-                r.agent_version,
-                facts.libvirt_version,
-                facts.cpus,
-                facts.memory_total_kib / 1024
-            ),
-        };
         let stamp = match c.step(Input::Register(registration)).await? {
             Reply::Registered { stamp } => stamp,
             Reply::Refused(r) => {
@@ -103,12 +74,13 @@ impl AgentService for AgentApi {
             }
             other => return Err(unexpected("register", &other).into()),
         };
-        if let Some(t) = cert_not_after {
-            c.set_host_cert_expiry(&host, t);
+        if let Some(cert) = cert {
+            c.set_host_cert_expiry(&host, cert.not_after);
         }
         let named = host.clone();
         if let Some(view) = c.read(move |s| s.hosts.get(&named).cloned()).await? {
-            c.write(Write::Host { host: view, hypervisor_version: facts.hypervisor_version.clone() });
+            let hypervisor_version = r.facts.map(|f| f.hypervisor_version).unwrap_or_default();
+            c.write(Write::Host { host: view, hypervisor_version });
         }
         let t = c.timings;
         Ok(Response::new(RegisterResponse {
@@ -130,50 +102,10 @@ impl AgentService for AgentApi {
         // standby must outlive whatever a heartbeat holds. Transit is measured to here.
         let c = self.controller()?;
         let arrived = Some(c.now());
-        let host = self.access.agent_host(&req)?;
+        let host = self.caller(&req)?.0;
         self.limits.heartbeat.admit(&host)?;
         let r = req.into_inner();
-        let domains = validate::reported_domains(&r.domains)?;
-        validate::probes(&r.probes)?;
-        if let Some(f) = &r.facts {
-            validate::facts(f)?;
-        }
-        if let Some(w) = &r.watchdog {
-            validate::short_text("the watchdog device", &w.device)?;
-            validate::short_text("the watchdog problem", &w.problem)?;
-        }
-        // A definition that fails the checks is not kept, and the heartbeat goes on: a VM with
-        // a passthrough device must not cost its host its lease. The engine says it once.
-        let (mut xml, mut xml_refused) = (Vec::new(), Vec::new());
-        for d in r.domains.iter().filter(|d| !d.xml.is_empty()) {
-            let uuid = d.uuid.to_lowercase();
-            match self.definitions.check(&d.xml, &uuid) {
-                Ok(disks) => xml.push((uuid, d.xml.clone(), disks)),
-                Err(refused) => xml_refused.push((uuid, refused.to_string())),
-            }
-        }
-        let hb = Heartbeat {
-            host,
-            echo: (r.echo_stamp_ms > 0).then_some(Echo {
-                epoch: r.echo_epoch,
-                stamp: Millis(r.echo_stamp_ms),
-                held_ms: r.echo_held_ms,
-            }),
-            resources: r.facts.as_ref().map(|f| (resources(f), f.lock_manager.clone())),
-            watchdog: watchdog(r.watchdog.as_ref()),
-            probes: r
-                .probes
-                .iter()
-                .map(|p| Probe { name: p.name.clone(), ok: p.ok, detail: p.detail.clone() })
-                .collect(),
-            domains: (!r.domains_unknown).then_some(domains),
-            xml,
-            xml_refused,
-            roster_known: r.roster_version,
-            self_fenced: r.self_fenced,
-            arrived,
-            seq: r.seq,
-        };
+        let hb = host_message::heartbeat(host, &r, &self.definitions, arrived)?;
         let lease = match c.step(Input::Heartbeat(hb)).await? {
             Reply::Lease(l) => l,
             Reply::Refused(r) => return Err(refusal(r)),
@@ -183,6 +115,9 @@ impl AgentService for AgentApi {
         // agent gets only what changed since the version it holds.
         let peer = |(host, address): &(String, String)| Peer { host: host.clone(), address: address.clone() };
         let mut answer = HeartbeatResponse { roster_version: lease.roster.version, ..Default::default() };
+        if let Some(crl) = self.node.crl().filter(|crl| crl.number > r.crl_number) {
+            answer.crl = crl.der().to_vec();
+        }
         match &lease.roster_update {
             RosterUpdate::Unchanged { .. } => answer.roster_unchanged = true,
             RosterUpdate::Whole(r) => {
@@ -227,7 +162,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<CommandsRequest>,
     ) -> Result<Response<Self::CommandsStream>, Status> {
-        let host = self.access.agent_host(&req)?;
+        let host = self.caller(&req)?.0;
         let named = host.clone();
         if !self.controller()?.read(move |s| s.hosts.contains_key(&named)).await? {
             return Err(
@@ -239,22 +174,14 @@ impl AgentService for AgentApi {
     }
 
     async fn report_progress(&self, req: Request<OperationProgress>) -> Result<Response<Ack>, Status> {
-        let host = self.access.agent_host(&req)?;
+        let host = self.caller(&req)?.0;
         self.controller()?.progress(&host, req.into_inner())?;
         Ok(Response::new(Ack {}))
     }
 
     async fn report_result(&self, req: Request<OperationResult>) -> Result<Response<Ack>, Status> {
-        let host = self.access.agent_host(&req)?;
-        let r = req.into_inner();
-        validate::short_text("the operation's error", &r.error)?;
-        let id = OpId::parse(&r.operation_id)
-            .ok_or_else(|| Error::Invalid(format!("'{}' is not an operation id", r.operation_id)))?;
-        let result = if r.ok {
-            Ok(Done { elapsed_ms: r.elapsed_ms, downtime_ms: r.downtime_ms, bytes: r.bytes })
-        } else {
-            Err(r.error)
-        };
+        let host = self.caller(&req)?.0;
+        let (id, result) = host_message::result(req.into_inner())?;
         match self.controller()?.step(Input::Result { host, id, result }).await? {
             Reply::Refused(r) => Err(refusal(r)),
             _ => Ok(Response::new(Ack {})),

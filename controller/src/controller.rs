@@ -512,6 +512,11 @@ impl Controller {
     }
 
     /// Queues a write outside a step (a host's registration facts).
+    /// `write`, and waits until the database has it (an error: it refused it).
+    pub fn record(&self, write: Write) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        self.journal.record(write)
+    }
+
     pub fn write(&self, write: Write) {
         self.journal.write(write);
     }
@@ -629,8 +634,7 @@ impl Controller {
 
     /// The operation `id`, if it is in flight and `host` carries it out.
     fn reporter(&self, host: &str, id: &str) -> Result<OpId, Error> {
-        let parsed =
-            OpId::parse(id).ok_or_else(|| Error::Invalid(format!("'{id}' is not an operation id")))?;
+        let parsed = crate::host_message::operation_id(id)?;
         match lock(&self.watched).get(&parsed).map(|f| f.executor.as_str()) {
             Some(e) if e == host => Ok(parsed),
             Some(_) => Err(Error::PermissionDenied(format!("operation {id} does not run on {host}"))),

@@ -89,6 +89,12 @@ pub enum Write {
         id: Uuid,
         outcome: OperationOutcome,
     },
+    /// The cluster's CRL (`vmha ca publish`), and who published it.
+    Crl {
+        number: u64,
+        der: Vec<u8>,
+        by: String,
+    },
     /// For the outage history, with the time it was marked (writes may wait for the database).
     Outage {
         mark: OutageMark,
@@ -122,6 +128,7 @@ impl Write {
             }
             Write::OperationFinished { id, outcome } => Store::finish_operation(db, *id, outcome).await,
             Write::Outage { mark, at } => Store::mark_outage(db, mark, *at).await,
+            Write::Crl { number, der, by } => Store::set_crl(db, *number, der, by).await,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod controller;
 pub mod domain_xml;
 pub mod errors;
+pub mod host_message;
 pub mod http;
 pub mod journal;
 pub mod leadership;

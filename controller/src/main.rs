@@ -91,7 +91,11 @@ async fn main() -> anyhow::Result<()> {
     let name =
         flags.name.clone().or_else(|| transport.identity().map(|i| i.name)).unwrap_or_else(system_hostname);
     let endpoint = flags.advertise.clone().unwrap_or_else(|| advertised(&flags, &transport));
-    let node = Node::new(name.clone(), endpoint.clone());
+    let tls = match &transport {
+        Transport::Mtls(creds) => Some(creds.clone()),
+        Transport::InsecureDev => None,
+    };
+    let node = Node::new(name.clone(), endpoint.clone(), tls);
     use vmha_controller::validate::caps;
     let router = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(caps::REQUESTS_PER_CONNECTION)

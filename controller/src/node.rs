@@ -4,6 +4,7 @@
 //! with `Unavailable`, naming the leader in the `x-vmha-leader` header (agents and the CLI go
 //! there), and answers reads from what the database last recorded (`recorded`).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -31,6 +32,10 @@ pub struct Node {
     /// Won the lock, and waits out the takeover before leading.
     elected: std::sync::atomic::AtomicBool,
     seen: Mutex<Seen>,
+    /// This controller's TLS (`None` with --insecure-dev): the CRL it goes by is kept there.
+    tls: Option<Arc<vmha_tls::Credentials>>,
+    /// When each removed host was removed (seconds since the Unix epoch), as on record.
+    removed: Mutex<HashMap<String, i64>>,
 }
 
 /// The controllers as the database last listed them.
@@ -43,7 +48,7 @@ struct Seen {
 }
 
 impl Node {
-    pub fn new(name: String, endpoint: String) -> Arc<Node> {
+    pub fn new(name: String, endpoint: String, tls: Option<Arc<vmha_tls::Credentials>>) -> Arc<Node> {
         Arc::new(Node {
             name,
             endpoint,
@@ -51,12 +56,14 @@ impl Node {
             store: OnceLock::new(),
             elected: Default::default(),
             seen: Mutex::default(),
+            tls,
+            removed: Mutex::default(),
         })
     }
 
     /// A node that leads from the start (tests of one controller).
     pub fn sole(controller: Arc<Controller>) -> Arc<Node> {
-        let node = Node::new("ctl".into(), String::new());
+        let node = Node::new("ctl".into(), String::new(), None);
         node.lead(controller);
         node
     }
@@ -145,6 +152,65 @@ impl Node {
             .collect();
         list.sort_by_key(|c| c.role != "leader");
         list
+    }
+
+    /// The CRL this controller goes by (`None`: none, or --insecure-dev).
+    pub fn crl(&self) -> Option<Arc<vmha_tls::revocation::Crl>> {
+        self.tls.as_ref()?.crl()
+    }
+
+    /// Takes a CRL the cluster CA signed if it is newer than the one in use (see
+    /// `vmha_tls::revocation`); says whether it did.
+    pub fn accept_crl(&self, der: &[u8]) -> Result<bool, Error> {
+        let tls = self.tls.as_ref().ok_or_else(|| {
+            Error::Precondition("this controller runs with --insecure-dev: it checks no certificates".into())
+        })?;
+        tls.accept_crl(der).map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    /// Why a host's certificate issued at `not_before` (seconds since the Unix epoch) is refused:
+    /// the host was removed after it was issued. A certificate issued since is let in (the host
+    /// added again).
+    pub fn removed_since_issued(&self, host: &str, not_before: i64) -> Option<String> {
+        let removed_at = *self.removed.lock().unwrap_or_else(|p| p.into_inner()).get(host)?;
+        // `vmha ca issue` dates certificates a few minutes back (clock skew between machines):
+        // one issued after the removal starts less than that before it. Both are in whole
+        // seconds: one issued in the second of the removal is refused, to be safe.
+        (not_before + vmha_tls::ca::BACKDATE_S <= removed_at).then(|| {
+            format!(
+                "host {host} was removed (`vmha host remove`) after this certificate was issued: it is refused; \
+                 to add the host again, issue it a new one (`vmha ca issue host {host}`)"
+            )
+        })
+    }
+
+    /// `host` was removed just now: its certificates so far are refused at once, before the
+    /// database's record of it is read back.
+    pub fn removed_now(&self, host: &str) {
+        let now = chrono::Utc::now().timestamp();
+        self.removed.lock().unwrap_or_else(|p| p.into_inner()).insert(host.to_string(), now);
+    }
+
+    /// Reads the revocations on record: a newer CRL, and the removed hosts.
+    async fn read_revocations(&self, store: &Store) -> Result<(), crate::store::StoreError> {
+        if let Some(tls) = &self.tls
+            && let Some(der) = store.crl_above(tls.crl_number()).await?
+        {
+            match tls.accept_crl(&der) {
+                Ok(true) => tracing::info!(number = tls.crl_number(), "took the CRL on record"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "the CRL on record is not the cluster CA's; it is ignored")
+                }
+            }
+        }
+        let removed = store.removed_hosts().await?;
+        let mut known = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        for (host, at) in removed {
+            let slot = known.entry(host).or_insert(at);
+            *slot = (*slot).max(at);
+        }
+        Ok(())
     }
 
     /// The database, for a standby's reads of the event log; `None` until it was reached.
@@ -265,6 +331,7 @@ impl Node {
             let epoch = self.leader.get().map(|c| c.epoch);
             let read = async {
                 store.controller_seen(&self.name, &self.endpoint, epoch).await?;
+                self.read_revocations(&store).await?;
                 store.controllers(FORGOTTEN_AFTER).await
             };
             match read.await {
@@ -272,5 +339,25 @@ impl Node {
                 Err(e) => self.seen().trouble = Some(e.to_string()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_host_is_refused_with_the_certificates_it_had_and_let_in_with_a_new_one() {
+        let node = Node::new("ctl1".into(), String::new(), None);
+        let now = chrono::Utc::now().timestamp();
+        // `vmha ca issue` dates a certificate BACKDATE_S back: one issued an hour ago, and
+        // one issued right after the removal.
+        let (old, new) = (now - 3600 - vmha_tls::ca::BACKDATE_S, now + 1 - vmha_tls::ca::BACKDATE_S);
+        assert_eq!(node.removed_since_issued("kvm9", old), None, "not removed yet");
+        node.removed_now("kvm9");
+        let why = node.removed_since_issued("kvm9", old).expect("refused");
+        assert!(why.contains("vmha ca issue host kvm9"), "{why}");
+        assert_eq!(node.removed_since_issued("kvm9", new), None, "a certificate issued since adds it again");
+        assert_eq!(node.removed_since_issued("kvm1", old), None, "another host");
     }
 }

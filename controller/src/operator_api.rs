@@ -23,6 +23,7 @@ use vmha_tls::Level;
 use crate::access::{Access, Operator};
 use crate::controller::Controller;
 use crate::errors::{Error, refusal, unexpected};
+use crate::journal::Write;
 use crate::node::Node;
 use crate::rate_limit::{PerCaller, operator_requests};
 use crate::{validate, views};
@@ -401,11 +402,55 @@ impl OperatorService for OperatorApi {
         let host = validate::host_name(&req.get_ref().host)?.to_string();
         c.require_database("removing a host")?;
         self.change(&who, Change::RemoveHost { host: host.clone() }).await?;
+        self.0.removed_now(&host);
         Ok(Response::new(RemoveHostResponse {
             message: format!(
-                "{host} removed; stop and disable vmha-agent there, or it registers again as a new host"
+                "{host} removed; the controllers refuse the certificates issued to it so far (a new one, \
+                 `vmha ca issue host {host}`, adds it again). For its peers' and libvirt's sake too, revoke \
+                 them where the CA is: `vmha ca revoke host {host}` and `vmha ca publish`"
             ),
         }))
+    }
+
+    async fn publish_crl(
+        &self,
+        req: Request<PublishCrlRequest>,
+    ) -> Result<Response<PublishCrlReply>, Status> {
+        let who = self.caller(&req, Level::Admin, "publishing a CRL")?;
+        let c = self.c()?;
+        c.require_database("publishing a CRL")?;
+        let der = req.into_inner().crl;
+        let taken = self.0.accept_crl(&der)?;
+        let crl = self.0.crl().ok_or_else(|| Error::Invalid("the CRL was not taken".into()))?;
+        if !taken && crl.der() != der.as_slice() {
+            return Err(Error::Precondition(format!(
+                "this CRL is older than CRL {} in use: make a new one with `vmha ca revoke`",
+                crl.number
+            ))
+            .into());
+        }
+        c.record(Write::Crl { number: crl.number, der: crl.der().to_vec(), by: who.name.clone() })
+            .await
+            .map_err(Error::Store)?;
+        let message = if taken {
+            c.event(
+                Event::controller(
+                    &self.0.name,
+                    EventKind::CrlPublished,
+                    format!("CRL {} published: {} certificates revoked", crl.number, crl.len()),
+                )
+                .by(&who.name),
+            );
+            format!(
+                "CRL {} is in use: the controllers refuse the {} certificates it revokes, and every agent takes it \
+                 with its next heartbeat answer (and gives it to its libvirtd)",
+                crl.number,
+                crl.len()
+            )
+        } else {
+            format!("CRL {} was in use already", crl.number)
+        };
+        Ok(Response::new(PublishCrlReply { number: crl.number, revoked: crl.len() as u32, message }))
     }
 
     async fn confirm_down(&self, req: Request<ConfirmDownRequest>) -> Result<Response<Host>, Status> {

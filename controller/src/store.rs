@@ -640,6 +640,15 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(q("delete host"))?;
+        // With the host gone, so are the certificates issued to it so far (see `removed_hosts`).
+        sqlx::query(
+            "INSERT INTO removed_hosts (name, removed_at) VALUES ($1, now()) \
+             ON CONFLICT (name) DO UPDATE SET removed_at = now()",
+        )
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("delete host"))?;
         tx.commit().await.map_err(q("delete host"))?;
         Ok(())
     }
@@ -881,6 +890,41 @@ impl Store {
                 .await
                 .map_err(q("read when VMs were protected"))?;
         Ok(rows.into_iter().map(|(u, at)| (u.to_string(), at.timestamp_millis())).collect())
+    }
+
+    /// Keeps `der` as the cluster's CRL unless one with a number as high is on record.
+    pub async fn set_crl(db: &mut PgConnection, number: u64, der: &[u8], by: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO crl (number, der, published_by) VALUES ($1, $2, $3) ON CONFLICT (singleton) \
+             DO UPDATE SET number = EXCLUDED.number, der = EXCLUDED.der, published_at = now(), \
+             published_by = EXCLUDED.published_by WHERE crl.number < EXCLUDED.number",
+        )
+        .bind(number as i64)
+        .bind(der)
+        .bind(by)
+        .execute(db)
+        .await
+        .map_err(q("record the CRL"))?;
+        Ok(())
+    }
+
+    /// The CRL on record, if its number is above `known`.
+    pub async fn crl_above(&self, known: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        sqlx::query_scalar("SELECT der FROM crl WHERE number > $1")
+            .bind(known as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("read the CRL"))
+    }
+
+    /// When each removed host was removed (seconds since the Unix epoch).
+    pub async fn removed_hosts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+            sqlx::query_as("SELECT name, removed_at FROM removed_hosts")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("read the removed hosts"))?;
+        Ok(rows.into_iter().map(|(n, at)| (n, at.timestamp())).collect())
     }
 
     /// The newest `limit` events after `after_id`, oldest first.

@@ -131,6 +131,7 @@ fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) -> Arc<Lease
         probes: vmha_agent::probes::ProbeConfig::default(),
         state_dir: None,
         tls: None,
+        libvirt_crl: "/nonexistent/crl.pem".into(),
     };
     let lease = LeaseShell::new(name, Timings::default(), None);
     tokio::spawn(Agent::new(cfg, hv, lease.clone(), pki::transport(Role::Host, name)).run());
@@ -148,7 +149,7 @@ async fn a_standby_answers_reads_from_the_record_and_refuses_changes() {
     let kvm1 = FakeHypervisor::default();
     kvm1.add_running(DNS1, "dns1");
     spawn_agent("kvm1", Arc::new(kvm1), &leader);
-    let standby = Node::new("ctl2".into(), "https://ctl2.invalid:7400".into());
+    let standby = Node::new("ctl2".into(), "https://ctl2.invalid:7400".into(), None);
     tokio::spawn(standby.clone().keep_presence(url.clone()));
     let mut op = pki::operator(&serve_node(standby).await, Level::Admin).await;
 
@@ -531,7 +532,7 @@ async fn the_controller_says_ready_and_its_loop_runs_and_refuses_unsafe_timings(
     vmha_tls::ca::init(&dir, 1).unwrap();
     let issue = |role, name: &str| {
         let req = vmha_tls::ca::Request { role, name: name.into(), dns: vec![], ips: vec![], days: 1 };
-        let issued = vmha_tls::ca::issue(&dir, &dir, &req).unwrap();
+        let issued = vmha_tls::ca::issue(&dir, &dir.join("pki"), &req).unwrap();
         let ca = dir.join(vmha_tls::ca::CA_CERT);
         [ca, issued.cert, issued.key].map(|p| p.to_str().unwrap().to_string())
     };

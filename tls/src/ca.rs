@@ -1,6 +1,10 @@
-//! The cluster CA (`vmha ca init`) and the certificates it issues (`vmha ca issue`). Keys are
-//! written 0600 and certificates 0644, each through a temporary file and a rename, so that a
-//! process reloading its certificate never reads half of one.
+//! The cluster CA (`vmha ca init`), the certificates it issues (`vmha ca issue`) and the ones it
+//! revokes (`vmha ca revoke`). Keys are written 0600 and certificates 0644, each through a
+//! temporary file and a rename, so that a process reloading its certificate never reads half
+//! of one. The CA's directory holds only what is the CA's: `ca.key`, `ca.pem`, the record of
+//! what it issued (`issued.txt`, so that every certificate a name ever had can be revoked,
+//! renewed ones included) and its CRL (`crl.pem`). Keys for other machines are written
+//! elsewhere: a directory copied to a host must never carry the CA's key.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -8,20 +12,30 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType,
+    SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
 use crate::TlsError;
 use crate::identity::{Identity, Role, bad_certificate, check_name, first_certificate};
+use crate::revocation::serial_key;
 
 pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
+/// One line per certificate issued: `<serial hex> <file stem> <notAfter>`.
+pub const CA_INDEX: &str = "issued.txt";
+pub const CA_CRL: &str = "crl.pem";
 
+/// How long a CRL says it stays current. Revocations are pushed, not fetched, so nothing
+/// waits for this date; it is far off because GnuTLS (libvirt) may treat a CRL past it as
+/// stale.
+const CRL_VALID: Duration = Duration::days(3650);
 /// Clocks on a cluster's machines differ a little: a certificate is valid from a few minutes
 /// before it was made.
-const BACKDATE: Duration = Duration::minutes(5);
+pub const BACKDATE_S: i64 = 300;
+const BACKDATE: Duration = Duration::seconds(BACKDATE_S);
 
 /// What `vmha ca issue` makes.
 #[derive(Clone, Debug)]
@@ -83,14 +97,14 @@ pub fn init(dir: &Path, days: u32) -> Result<PathBuf, TlsError> {
 /// the old files are replaced, and the processes using them reload on SIGHUP.
 pub fn issue(ca_dir: &Path, out_dir: &Path, req: &Request) -> Result<Issued, TlsError> {
     check_name(&req.name)?;
-    let ca_key_path = ca_dir.join(CA_KEY);
-    let ca_cert_path = ca_dir.join(CA_CERT);
-    let ca_key_pem = std::fs::read_to_string(&ca_key_path)
-        .map_err(|e| TlsError::io("read the CA key", &ca_key_path, e))?;
-    let ca_cert_pem = std::fs::read_to_string(&ca_cert_path)
-        .map_err(|e| TlsError::io("read the CA certificate", &ca_cert_path, e))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(TlsError::Generate)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).map_err(TlsError::Generate)?;
+    if same_dir(ca_dir, out_dir) {
+        return Err(TlsError::Usage(format!(
+            "keys for other machines are not written next to the CA's key in {}: a copy of that \
+             directory would carry ca.key; write them elsewhere (--out, e.g. /etc/vmha/pki)",
+            ca_dir.display()
+        )));
+    }
+    let issuer = load_issuer(ca_dir)?;
 
     let mut params = CertificateParams::default();
     params.distinguished_name = names(&req.name, &file_stem(req.role, &req.name));
@@ -116,10 +130,173 @@ pub fn issue(ca_dir: &Path, out_dir: &Path, req: &Request) -> Result<Issued, Tls
     let identity = Identity::from_der(cert.der())?;
     std::fs::create_dir_all(out_dir).map_err(|e| TlsError::io("create the directory", out_dir, e))?;
     let stem = file_stem(req.role, &req.name);
+    // Recorded before the files are written: a certificate that exists is one `revoke` finds.
+    let serial = crate::revocation::serial_of(cert.der()).expect("rcgen made a readable certificate");
+    append_line(&ca_dir.join(CA_INDEX), &format!("{} {stem} {}\n", hex(&serial), identity.not_after))?;
+    // What every party also needs, beside its own files.
+    let ca_copy = out_dir.join(CA_CERT);
+    if !ca_copy.exists() {
+        let pem = std::fs::read(ca_dir.join(CA_CERT))
+            .map_err(|e| TlsError::io("read the CA certificate", &ca_dir.join(CA_CERT), e))?;
+        write(&ca_copy, &pem, 0o644)?;
+    }
     let (cert_path, key_path) = (out_dir.join(format!("{stem}.pem")), out_dir.join(format!("{stem}.key")));
     write(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write(&cert_path, cert.pem().as_bytes(), 0o644)?;
     Ok(Issued { cert: cert_path, key: key_path, identity })
+}
+
+/// What `revoke` did.
+#[derive(Clone, Debug)]
+pub struct Revoked {
+    pub crl: PathBuf,
+    /// The new CRL's number.
+    pub number: u64,
+    /// Certificates it revokes that the last one did not.
+    pub added: usize,
+    /// Certificates it revokes.
+    pub total: usize,
+}
+
+/// Revokes every certificate the CA issued to `stem` (`host-kvm9`, see `file_stem`) and the
+/// certificates in `files`, writing a new `crl.pem` (the old revocations kept, the CRL number
+/// one higher) in `ca_dir`. Publishing it is the caller's part (`vmha ca publish`).
+pub fn revoke(ca_dir: &Path, stem: Option<&str>, files: &[PathBuf]) -> Result<Revoked, TlsError> {
+    let issuer = load_issuer(ca_dir)?;
+    let mut serials = Vec::new();
+    if let Some(stem) = stem {
+        let index = ca_dir.join(CA_INDEX);
+        let text = match std::fs::read_to_string(&index) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(TlsError::io("read", &index, e)),
+        };
+        let before = serials.len();
+        for line in text.lines() {
+            let mut fields = line.split_whitespace();
+            if let (Some(serial), Some(s)) = (fields.next(), fields.next())
+                && s == stem
+            {
+                serials.push(unhex(serial).ok_or_else(|| TlsError::BadFile {
+                    path: index.clone(),
+                    what: "index of issued certificates",
+                    detail: format!("bad serial '{serial}'"),
+                })?);
+            }
+        }
+        if serials.len() == before {
+            return Err(TlsError::Usage(format!(
+                "the CA has no record of a certificate for {stem} ({} lists what it issued): name the \
+                 certificate's file with --file",
+                index.display()
+            )));
+        }
+    }
+    for f in files {
+        let der = first_certificate(f)?;
+        serials
+            .push(crate::revocation::serial_of(&der).ok_or_else(|| bad_certificate(f, "unreadable".into()))?);
+    }
+    if serials.is_empty() {
+        return Err(TlsError::Usage(
+            "nothing to revoke: name a certificate (KIND NAME, or --file FILE)".into(),
+        ));
+    }
+
+    let crl_path = ca_dir.join(CA_CRL);
+    let (mut revoked, number) = previous_crl(&crl_path, ca_dir)?;
+    let mut known: std::collections::HashSet<Vec<u8>> =
+        revoked.iter().map(|r| r.serial_number.to_bytes()).collect();
+    let now = OffsetDateTime::now_utc();
+    let mut added = 0;
+    for serial in serials {
+        let serial = serial_key(&serial);
+        if known.insert(serial.clone()) {
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&serial),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            });
+            added += 1;
+        }
+    }
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + CRL_VALID,
+        crl_number: SerialNumber::from(number + 1),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let total = params.revoked_certs.len();
+    let crl = params.signed_by(&issuer).map_err(TlsError::Generate)?;
+    write(&crl_path, crl.pem().map_err(TlsError::Generate)?.as_bytes(), 0o644)?;
+    Ok(Revoked { crl: crl_path, number: number + 1, added, total })
+}
+
+/// The revocations in the CA's current CRL, and its number (none: 0).
+fn previous_crl(path: &Path, ca_dir: &Path) -> Result<(Vec<RevokedCertParams>, u64), TlsError> {
+    if !path.exists() {
+        return Ok((Vec::new(), 0));
+    }
+    let bad = |detail: String| TlsError::BadFile { path: path.to_path_buf(), what: "CRL", detail };
+    let der = crate::revocation::read_pem(path)?;
+    let ca = first_certificate(&ca_dir.join(CA_CERT))?;
+    let crl = crate::revocation::Crl::verified(&der, &[ca]).map_err(|e| bad(e.to_string()))?;
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+        .map_err(|e| bad(e.to_string()))?;
+    let revoked = parsed
+        .iter_revoked_certificates()
+        .map(|r| RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&serial_key(r.raw_serial())),
+            revocation_time: r.revocation_date.to_datetime(),
+            reason_code: None,
+            invalidity_date: None,
+        })
+        .collect();
+    Ok((revoked, crl.number))
+}
+
+fn load_issuer(ca_dir: &Path) -> Result<Issuer<'static, KeyPair>, TlsError> {
+    let ca_key_path = ca_dir.join(CA_KEY);
+    let ca_cert_path = ca_dir.join(CA_CERT);
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path)
+        .map_err(|e| TlsError::io("read the CA key", &ca_key_path, e))?;
+    let ca_cert_pem = std::fs::read_to_string(&ca_cert_path)
+        .map_err(|e| TlsError::io("read the CA certificate", &ca_cert_path, e))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(TlsError::Generate)?;
+    Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).map_err(TlsError::Generate)
+}
+
+/// Whether `a` and `b` are one directory (`b` need not exist yet).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn append_line(path: &Path, line: &str) -> Result<(), TlsError> {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(|e| TlsError::io("open", path, e))?;
+    f.write_all(line.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| TlsError::io("append to", path, e))
 }
 
 /// Renews every certificate in `certs_dir` (the `*.pem` files `issue` wrote, not the CA's):
@@ -221,11 +398,12 @@ mod tests {
             ips: vec![],
             days: 2,
         };
+        let out = dir.path().join("pki");
         for r in [&host, &admin] {
-            issue(dir.path(), dir.path(), r).unwrap();
+            issue(dir.path(), &out, r).unwrap();
         }
-        let old_key = std::fs::read(dir.path().join("host-kvm1.key")).unwrap();
-        let renewed = renew_all(dir.path(), dir.path(), 365).unwrap();
+        let old_key = std::fs::read(out.join("host-kvm1.key")).unwrap();
+        let renewed = renew_all(dir.path(), &out, 365).unwrap();
         let names: Vec<(Role, String)> =
             renewed.iter().map(|i| (i.identity.role, i.identity.name.clone())).collect();
         assert_eq!(
@@ -234,12 +412,12 @@ mod tests {
         );
         let year = OffsetDateTime::now_utc().unix_timestamp() + 365 * 86400;
         assert!(renewed.iter().all(|i| (i.identity.not_after - year).abs() < 60));
-        let again = renewal_of(&dir.path().join("host-kvm1.pem"), 365).unwrap();
+        let again = renewal_of(&out.join("host-kvm1.pem"), 365).unwrap();
         assert_eq!((again.role, again.name.as_str()), (Role::Host, "kvm1"));
         assert_eq!(again.dns, ["kvm1.example.net"]);
         assert_eq!(again.ips, host.ips);
-        assert_ne!(std::fs::read(dir.path().join("host-kvm1.key")).unwrap(), old_key, "a new key");
-        assert_eq!(mode(&dir.path().join("host-kvm1.key")), 0o600);
+        assert_ne!(std::fs::read(out.join("host-kvm1.key")).unwrap(), old_key, "a new key");
+        assert_eq!(mode(&out.join("host-kvm1.key")), 0o600);
     }
 
     #[test]
@@ -257,8 +435,16 @@ mod tests {
             ips: vec![],
             days: 7,
         };
-        let issued = issue(dir.path(), dir.path(), &req).unwrap();
-        assert_eq!(issued.cert, dir.path().join("operator-alice.pem"));
+        let err = issue(dir.path(), dir.path(), &req).unwrap_err().to_string();
+        assert!(err.contains("not written next to the CA's key"), "{err}");
+        let out = dir.path().join("pki");
+        let issued = issue(dir.path(), &out, &req).unwrap();
+        assert_eq!(issued.cert, out.join("operator-alice.pem"));
+        assert_eq!(
+            std::fs::read(out.join(CA_CERT)).unwrap(),
+            std::fs::read(&ca).unwrap(),
+            "ca.pem beside it"
+        );
         assert_eq!(mode(&issued.key), 0o600);
         assert_eq!(mode(&issued.cert), 0o644);
         assert_eq!(issued.identity.role, Role::Operator(Level::Viewer));
@@ -268,7 +454,7 @@ mod tests {
 
         let host =
             Request { role: Role::Host, name: "kvm1".into(), ips: vec!["10.0.0.1".parse().unwrap()], ..req };
-        let issued = issue(dir.path(), dir.path(), &host).unwrap();
+        let issued = issue(dir.path(), &out, &host).unwrap();
         assert_eq!((issued.identity.role, issued.identity.name.as_str()), (Role::Host, "kvm1"));
     }
 
@@ -284,13 +470,13 @@ mod tests {
             days: 1,
         };
         assert!(matches!(
-            issue(dir.path(), dir.path(), &req(Role::Host, "kvm:1", vec![])),
+            issue(dir.path(), &dir.path().join("pki"), &req(Role::Host, "kvm:1", vec![])),
             Err(TlsError::BadName(_))
         ));
         assert!(matches!(
             issue(
                 dir.path(),
-                dir.path(),
+                &dir.path().join("pki"),
                 &req(Role::Operator(Level::Admin), "bob", vec!["x.example".into()])
             ),
             Err(TlsError::Usage(_))

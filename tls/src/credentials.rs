@@ -9,12 +9,14 @@ use rustls::client::{ResolvesClientCert, verify_server_cert_signed_by_trust_anch
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::TlsError;
 use crate::identity::Identity;
+use crate::revocation::{Crl, Revocations};
 use crate::transport::Expect;
 
 /// Where a party's credentials live.
@@ -34,6 +36,9 @@ pub struct Credentials {
     paths: Paths,
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
+    /// The CA's certificates, which sign the CRLs it takes.
+    ca: Vec<CertificateDer<'static>>,
+    revocations: Arc<Revocations>,
     current: RwLock<(Arc<CertifiedKey>, Identity)>,
 }
 
@@ -41,7 +46,8 @@ impl Credentials {
     pub fn load(paths: Paths) -> Result<Arc<Credentials>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
-        for der in read_certs(&paths.ca, "CA certificate")? {
+        let ca = read_certs(&paths.ca, "CA certificate")?;
+        for der in ca.iter().cloned() {
             roots.add(der).map_err(|e| TlsError::BadFile {
                 path: paths.ca.clone(),
                 what: "CA certificate",
@@ -49,7 +55,14 @@ impl Credentials {
             })?;
         }
         let current = read_own(&paths, &provider)?;
-        Ok(Arc::new(Credentials { paths, provider, roots: Arc::new(roots), current: RwLock::new(current) }))
+        Ok(Arc::new(Credentials {
+            paths,
+            provider,
+            roots: Arc::new(roots),
+            ca,
+            revocations: Arc::default(),
+            current: RwLock::new(current),
+        }))
     }
 
     /// `load`, for a process that must be `expect`: the controller, or the host it runs on.
@@ -92,6 +105,23 @@ impl Credentials {
         Ok(identity)
     }
 
+    /// Takes the CRL in `der` if the cluster CA signed it and it is newer than the one in use
+    /// (see `revocation`); says whether it did. From then on, no handshake succeeds with a
+    /// certificate it lists.
+    pub fn accept_crl(&self, der: &[u8]) -> Result<bool, TlsError> {
+        Ok(self.revocations.offer(Crl::verified(der, &self.ca)?))
+    }
+
+    /// The CRL in use, if any.
+    pub fn crl(&self) -> Option<Arc<Crl>> {
+        self.revocations.current()
+    }
+
+    /// The number of the CRL in use (0: none).
+    pub fn crl_number(&self) -> u64 {
+        self.revocations.number()
+    }
+
     fn certified_key(&self) -> Arc<CertifiedKey> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).0.clone()
     }
@@ -99,9 +129,10 @@ impl Credentials {
     /// A server that requires a client certificate issued by the cluster CA. Which role may call
     /// what is the handlers' decision (`transport::caller`).
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+        let chain = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
             .build()
             .map_err(|e| TlsError::Refused(format!("cannot build the client verifier: {e}")))?;
+        let verifier = Arc::new(NotRevoked { chain, revocations: self.revocations.clone() });
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Refused(format!("TLS versions: {e}")))?
@@ -115,8 +146,11 @@ impl Credentials {
     /// cluster CA, whatever address it was reached by: the role and name the server must have
     /// are checked after the handshake (`transport::connect`).
     pub fn client_config(self: &Arc<Self>) -> Arc<ClientConfig> {
-        let verifier =
-            ClusterCa { roots: self.roots.clone(), algs: self.provider.signature_verification_algorithms };
+        let verifier = ClusterCa {
+            roots: self.roots.clone(),
+            algs: self.provider.signature_verification_algorithms,
+            revocations: self.revocations.clone(),
+        };
         let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .expect("ring offers TLS 1.2 and 1.3")
@@ -233,6 +267,7 @@ impl ResolvesClientCert for Resolver {
 struct ClusterCa {
     roots: Arc<RootCertStore>,
     algs: WebPkiSupportedAlgorithms,
+    revocations: Arc<Revocations>,
 }
 
 impl ServerCertVerifier for ClusterCa {
@@ -246,6 +281,7 @@ impl ServerCertVerifier for ClusterCa {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algs.all)?;
+        self.revocations.check(end_entity)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -269,5 +305,59 @@ impl ServerCertVerifier for ClusterCa {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()
+    }
+}
+
+/// rustls' client verifier (a chain to the cluster CA), and then the CRL in use.
+#[derive(Debug)]
+struct NotRevoked {
+    chain: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl ClientCertVerifier for NotRevoked {
+    fn offer_client_auth(&self) -> bool {
+        self.chain.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.chain.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.chain.verify_client_cert(end_entity, intermediates, now)?;
+        self.revocations.check(end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
     }
 }

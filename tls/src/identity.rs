@@ -88,7 +88,8 @@ impl fmt::Display for Role {
 pub struct Identity {
     pub role: Role,
     pub name: String,
-    /// The certificate's notAfter, in seconds since the Unix epoch.
+    /// The certificate's notBefore and notAfter, in seconds since the Unix epoch.
+    pub not_before: i64,
     pub not_after: i64,
 }
 
@@ -104,7 +105,8 @@ impl Identity {
     pub fn from_der(der: &[u8]) -> Result<Identity, TlsError> {
         let (_, cert) = X509Certificate::from_der(der)
             .map_err(|e| TlsError::NotVmha(format!("not an X.509 certificate: {e}")))?;
-        let not_after = cert.validity().not_after.timestamp();
+        let (not_before, not_after) =
+            (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp());
         let sans = cert
             .subject_alternative_name()
             .map_err(|e| TlsError::NotVmha(format!("unreadable subject alternative names: {e}")))?;
@@ -124,7 +126,7 @@ impl Identity {
         let role =
             Role::from_tag(tag).ok_or_else(|| TlsError::NotVmha(format!("unknown vmha role '{tag}'")))?;
         check_name(name)?;
-        Ok(Identity { role, name: name.to_string(), not_after })
+        Ok(Identity { role, name: name.to_string(), not_before, not_after })
     }
 
     /// The identity in the first certificate of a PEM file.

@@ -1,11 +1,13 @@
 //! Mutual TLS for every vmha connection: agent to controller, agent to agent (peer polls), and
 //! CLI to controller. One cluster CA issues every certificate (`ca`); a certificate names one
 //! party and its role (`identity`); `credentials` loads a party's own certificate, reloads it
-//! when renewed, and builds the rustls configurations; `transport` puts them under tonic.
+//! when renewed, and builds the rustls configurations; `revocation` holds the CRL every
+//! handshake is checked against; `transport` puts them under tonic.
 
 pub mod ca;
 pub mod credentials;
 pub mod identity;
+pub mod revocation;
 pub mod transport;
 
 use std::path::{Path, PathBuf};

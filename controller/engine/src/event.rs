@@ -45,6 +45,7 @@ event_kinds! {
     FencingSet => "fencing_set",
     MemoryLimit => "memory_limit",
     HostRemoved => "host_removed",
+    CrlPublished => "crl_published",
     DrainStarted => "drain_started",
     DrainDone => "drain_done",
     DrainIncomplete => "drain_incomplete",
@@ -133,6 +134,10 @@ impl Event {
 
     pub fn vm(vm: &str, kind: EventKind, message: String) -> Event {
         Event { subject: Subject::Vm(vm.into()), kind, message, actor: "controller".into() }
+    }
+
+    pub fn controller(name: &str, kind: EventKind, message: String) -> Event {
+        Event { subject: Subject::Controller(name.into()), kind, message, actor: "controller".into() }
     }
 
     pub fn by(mut self, actor: &str) -> Event {

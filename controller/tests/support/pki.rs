@@ -30,7 +30,7 @@ pub fn creds(role: Role, name: &str) -> Arc<Credentials> {
     let _one = ISSUING.lock().unwrap_or_else(|p| p.into_inner());
     let dir = dir();
     let req = ca::Request { role, name: name.into(), dns: vec![], ips: vec![], days: 1 };
-    let issued = ca::issue(&dir, &dir, &req).expect("a test certificate");
+    let issued = ca::issue(&dir, &dir.join("pki"), &req).expect("a test certificate");
     Credentials::load(Paths { ca: dir.join(ca::CA_CERT), cert: issued.cert, key: issued.key })
         .expect("loadable")
 }
