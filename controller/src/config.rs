@@ -116,6 +116,11 @@ pub struct Flags {
     /// of its VMs running; `vmha status` says so while this is on.
     #[arg(long)]
     pub accept_no_watchdog: bool,
+    /// Lead even when PostgreSQL streams to replicas asynchronously. By default no controller
+    /// leads then: a failover of PostgreSQL to such a replica could lose the newest epoch (two
+    /// leaders with one epoch) or a recorded restart. Only when no replica is ever promoted.
+    #[arg(long, env = "VMHA_ALLOW_ASYNC_REPLICATION")]
+    pub allow_async_replication: bool,
     /// A directory on storage every host mounts at the same path (repeatable, or ':'-separated
     /// in the variable). The domain XML agents report is what the controller defines on
     /// another host when a VM's host dies, so it is checked first: a file disk, a filesystem's

@@ -59,6 +59,11 @@ type AgentSender = mpsc::Sender<Result<pb::Command, Status>>;
 /// How often the engine is asked whether to declare a host dead or start a waiting VM.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How many inputs and reads may wait for the decision loop. Beyond it, callers wait to hand
+/// theirs in: a flood of requests slows its senders, it does not grow the controller's memory.
+/// Each connection has at most `validate::caps::REQUESTS_PER_CONNECTION` requests in flight.
+const INBOX: usize = 4096;
+
 /// How many ended operations are kept in memory for `WatchOperation`.
 const ENDED_KEPT: usize = 256;
 
@@ -74,7 +79,7 @@ pub struct Controller {
     origin: Instant,
     pub timings: Timings,
     /// The decision loop's input.
-    inbox: mpsc::UnboundedSender<Msg>,
+    inbox: mpsc::Sender<Msg>,
     /// Command streams of connected agents, by host.
     agents: Mutex<HashMap<String, AgentSender>>,
     /// The operations in flight: who carries each out (and alone may report on it), and its
@@ -112,13 +117,22 @@ enum Msg {
     Step(Box<Input>, Option<oneshot::Sender<Reply>>),
     /// A read of the state, run on the loop.
     Read(Box<dyn FnOnce(&Engine) + Send>),
+    /// A copy of the state, for a read too heavy for the loop (`Controller::view`).
+    Snapshot(oneshot::Sender<Arc<ClusterState>>),
 }
+
+/// How old a copy of the state may be when it is handed out again: heavy reads (status,
+/// capacity, listings) cost the loop one copy per this much time, however many ask.
+const SNAPSHOT_REUSE: Duration = Duration::from_millis(100);
 
 /// The one task that owns the engine: it takes inputs and reads in the order they come, and
 /// ticks the clock.
 pub struct DecisionLoop {
     engine: Engine,
-    inbox: mpsc::UnboundedReceiver<Msg>,
+    inbox: mpsc::Receiver<Msg>,
+    /// The last copy handed out, and when it was made; dropped by an operator's change, so
+    /// that a listing after `vmha protect` shows it.
+    snapshot: Option<(Arc<ClusterState>, Instant)>,
 }
 
 impl DecisionLoop {
@@ -134,12 +148,27 @@ impl DecisionLoop {
                     // deposed within moments); the caller hears that the loop is gone.
                     Some(Msg::Step(..)) if !c.leadership.acting() => {}
                     Some(Msg::Step(input, reply)) => {
+                        if matches!(*input, Input::Operator { .. }) {
+                            self.snapshot = None;
+                        }
                         let r = c.run_step(&mut self.engine, *input);
                         if let Some(tx) = reply {
                             let _ = tx.send(r);
                         }
                     }
                     Some(Msg::Read(f)) => f(&self.engine),
+                    Some(Msg::Snapshot(tx)) => {
+                        let fresh = self.snapshot.as_ref().filter(|(_, at)| at.elapsed() < SNAPSHOT_REUSE);
+                        let copy = match fresh {
+                            Some((copy, _)) => copy.clone(),
+                            None => {
+                                let copy = Arc::new(self.engine.cluster.clone());
+                                self.snapshot = Some((copy.clone(), Instant::now()));
+                                copy
+                            }
+                        };
+                        let _ = tx.send(copy);
+                    }
                 },
                 _ = tick.tick() => {
                     if !c.leadership.acting() {
@@ -237,7 +266,7 @@ impl Controller {
             Store::append_event(&mut db, &new_event(e)).await?;
         }
         let watched = engine.ops.values().map(|op| (op.id, Followed::new(op, epoch))).collect();
-        let (inbox, rx) = mpsc::unbounded_channel();
+        let (inbox, rx) = mpsc::channel(INBOX);
         let controller = Arc::new(Controller {
             journal: Journal::start(store.clone()),
             store,
@@ -254,7 +283,7 @@ impl Controller {
             watched: Mutex::new(watched),
             ended: Mutex::default(),
         });
-        Ok((controller, DecisionLoop { engine, inbox: rx }))
+        Ok((controller, DecisionLoop { engine, inbox: rx, snapshot: None }))
     }
 
     pub fn now(&self) -> Millis {
@@ -270,20 +299,34 @@ impl Controller {
         let read = Box::new(move |e: &Engine| {
             let _ = tx.send(f(&e.cluster));
         });
-        self.inbox.send(Msg::Read(read)).map_err(|_| Error::LoopGone)?;
+        self.inbox.send(Msg::Read(read)).await.map_err(|_| Error::LoopGone)?;
         rx.await.map_err(|_| Error::LoopGone)
+    }
+
+    /// `read` for what is heavy (status, capacity, listings): `f` runs off the decision loop,
+    /// on a copy of the state at most `SNAPSHOT_REUSE` old (or as of the last operator change),
+    /// so that heartbeats are never queued behind it.
+    pub async fn view<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ClusterState) -> R + Send + 'static,
+    ) -> Result<R, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.inbox.send(Msg::Snapshot(tx)).await.map_err(|_| Error::LoopGone)?;
+        let copy = rx.await.map_err(|_| Error::LoopGone)?;
+        tokio::task::spawn_blocking(move || f(&copy)).await.map_err(|_| Error::LoopGone)
     }
 
     /// Hands an input to the decision loop and waits for the reply.
     pub async fn step(&self, input: Input) -> Result<Reply, Error> {
         let (tx, rx) = oneshot::channel();
-        self.inbox.send(Msg::Step(Box::new(input), Some(tx))).map_err(|_| Error::LoopGone)?;
+        self.inbox.send(Msg::Step(Box::new(input), Some(tx))).await.map_err(|_| Error::LoopGone)?;
         rx.await.map_err(|_| Error::LoopGone)
     }
 
-    /// Hands an input to the decision loop without waiting.
-    fn submit(&self, input: Input) {
-        let _ = self.inbox.send(Msg::Step(Box::new(input), None));
+    /// Hands an input to the decision loop without waiting for its reply. Never from the loop
+    /// itself: with the inbox full, it would wait for itself.
+    async fn submit(&self, input: Input) {
+        let _ = self.inbox.send(Msg::Step(Box::new(input), None)).await;
     }
 
     /// One step of the engine, and the steps its immediate failures lead to (a command that
@@ -407,7 +450,7 @@ impl Controller {
                             result: Err(format!("the database refused to record the operation: {e}")),
                         },
                     };
-                    c.submit(input);
+                    c.submit(input).await;
                 }
             });
         }
@@ -564,7 +607,7 @@ impl Controller {
             }
         };
         METRICS.fence_command(verdict);
-        self.submit(Input::FenceResult { host, result });
+        self.submit(Input::FenceResult { host, result }).await;
     }
 
     pub fn set_host_cert_expiry(&self, host: &str, not_after: i64) {

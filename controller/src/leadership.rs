@@ -87,9 +87,46 @@ impl Leadership {
     }
 }
 
-/// The connection that holds (or tries to take) the lock.
+/// The connection that holds (or tries to take) the lock, and the server process behind it.
 pub struct LockSession {
     conn: PgConnection,
+    backend: i32,
+}
+
+/// What the campaign accepts of the database's replication.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Replication {
+    /// Replicas must be synchronous: a failover of PostgreSQL to an asynchronous one can lose
+    /// the newest epoch (two leaders with one epoch) or a recorded restart.
+    #[default]
+    SynchronousOnly,
+    /// `--allow-async-replication`: the operator knows no asynchronous replica is ever promoted.
+    AllowAsync,
+}
+
+/// Why this database must not be led from, as its replication stands (`None`: it may be).
+async fn unsafe_replication(conn: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
+    let (replicas, standby_names, commit): (i64, String, String) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_stat_replication), current_setting('synchronous_standby_names'), \
+         current_setting('synchronous_commit')",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(asynchronous(replicas, &standby_names, &commit))
+}
+
+/// `unsafe_replication`'s verdict on what the server says.
+fn asynchronous(replicas: i64, standby_names: &str, commit: &str) -> Option<String> {
+    let waits = !standby_names.trim().is_empty() && !matches!(commit, "off" | "local");
+    (replicas > 0 && !waits).then(|| {
+        format!(
+            "PostgreSQL streams to {replicas} replica(s) without waiting for them (synchronous_standby_names = \
+             '{standby_names}', synchronous_commit = {commit}): a failover to one could lose the leader's epoch \
+             or a recorded restart, so no controller leads. Make replication synchronous (Patroni: \
+             synchronous_mode: true), or start the controllers with --allow-async-replication if no replica is \
+             ever promoted"
+        )
+    })
 }
 
 /// Connects a session of ours: ended by the server when idle for `IDLE_KILL`.
@@ -101,8 +138,15 @@ async fn session(url: &str, name: &str) -> Result<PgConnection, sqlx::Error> {
 }
 
 /// Stands by until this process takes the lock: tries every `CHECK`, reconnecting while the
-/// database is away. `standing_by` runs at every try (the systemd watchdog is fed from it).
-pub async fn campaign(url: &str, name: &str, mut standing_by: impl FnMut(Option<&str>)) -> LockSession {
+/// database is away, and not while its replication is unsafe (see `Replication`).
+/// `standing_by` runs at every try with why this process cannot lead, if it is not only that
+/// another one does (the systemd watchdog is fed from it).
+pub async fn campaign(
+    url: &str,
+    name: &str,
+    replication: Replication,
+    mut standing_by: impl FnMut(Option<&str>),
+) -> LockSession {
     let mut logged = false;
     loop {
         let mut conn = match session(url, name).await {
@@ -119,13 +163,32 @@ pub async fn campaign(url: &str, name: &str, mut standing_by: impl FnMut(Option<
             }
         };
         loop {
-            let won: Result<bool, _> = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LOCK_KEY)
-                .fetch_one(&mut conn)
-                .await;
+            if replication == Replication::SynchronousOnly {
+                match unsafe_replication(&mut conn).await {
+                    Ok(None) => {}
+                    Ok(Some(why)) => {
+                        if !logged {
+                            tracing::error!("{why}");
+                            logged = true;
+                        }
+                        standing_by(Some(&why));
+                        tokio::time::sleep(CHECK * 4).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the database session while standing by; reconnecting");
+                        break;
+                    }
+                }
+            }
+            let won: Result<(bool, i32), _> =
+                sqlx::query_as("SELECT pg_try_advisory_lock($1), pg_backend_pid()")
+                    .bind(LOCK_KEY)
+                    .fetch_one(&mut conn)
+                    .await;
             match won {
-                Ok(true) => return LockSession { conn },
-                Ok(false) => standing_by(None),
+                Ok((true, backend)) => return LockSession { conn, backend },
+                Ok((false, _)) => standing_by(None),
                 Err(e) => {
                     tracing::warn!(error = %e, "lost the database session while standing by; reconnecting");
                     break;
@@ -147,17 +210,29 @@ impl LockSession {
             let sent = boottime();
             let held = tokio::time::timeout(
                 RIGHT,
-                sqlx::query_scalar::<_, bool>(
+                sqlx::query_as::<_, (bool, i32)>(
                     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0
-                         AND objid = $1::bigint::oid AND objsubid = 1 AND pid = pg_backend_pid() AND granted)",
+                         AND objid = $1::bigint::oid AND objsubid = 1 AND pid = pg_backend_pid() AND granted),
+                         pg_backend_pid()",
                 )
                 .bind(LOCK_KEY)
                 .fetch_one(&mut self.conn),
             )
             .await;
             match held {
-                Ok(Ok(true)) => right.proved(sent),
-                Ok(Ok(false)) => depose("the leader lock is no longer held by this controller's session"),
+                // A transaction-mode pooler (PgBouncer's pool_mode = transaction) hands each
+                // statement to whichever server process is free: a session lock means nothing
+                // through it, and every controller would "win" it.
+                Ok(Ok((_, backend))) if backend != self.backend => depose(&format!(
+                    "the leader lock's session moved from server process {} to {backend}: a connection pooler \
+                     in transaction mode sits between vmha and PostgreSQL, and session locks do not work through \
+                     it; connect the controllers to PostgreSQL directly (or through session pooling)",
+                    self.backend
+                )),
+                Ok(Ok((true, _))) => right.proved(sent),
+                Ok(Ok((false, _))) => {
+                    depose("the leader lock is no longer held by this controller's session")
+                }
                 Ok(Err(e)) => depose(&format!("lost the database session that holds the leader lock: {e}")),
                 Err(_) => depose(&format!(
                     "the database did not confirm the leader lock within {} ms",
@@ -186,6 +261,17 @@ pub fn depose(why: &str) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_that_are_not_waited_for_keep_every_controller_from_leading() {
+        assert_eq!(asynchronous(0, "", "on"), None, "no replica");
+        assert_eq!(asynchronous(1, "\"pg2\"", "on"), None, "a synchronous one");
+        assert_eq!(asynchronous(2, "ANY 1 (pg2, pg3)", "remote_apply"), None);
+        let why = asynchronous(1, "", "on").expect("an asynchronous replica");
+        assert!(why.contains("--allow-async-replication") && why.contains("1 replica"), "{why}");
+        assert!(asynchronous(1, "pg2", "local").is_some(), "commits that do not wait for it");
+        assert!(asynchronous(1, "pg2", "off").is_some());
+    }
 
     #[test]
     fn a_proof_gives_the_right_to_act_for_right_from_its_send() {

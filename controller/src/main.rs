@@ -119,7 +119,14 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(listen = %flags.listen, %name, %endpoint, "vmha-controller standing by for leader");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let leading = tokio::spawn(lead(node, flags.database_url.clone(), timings, policy, migration, fence));
+    let replication = if flags.allow_async_replication {
+        tracing::warn!("--allow-async-replication: leading even if PostgreSQL replicates asynchronously");
+        leadership::Replication::AllowAsync
+    } else {
+        leadership::Replication::SynchronousOnly
+    };
+    let leading =
+        tokio::spawn(lead(node, flags.database_url.clone(), replication, timings, policy, migration, fence));
     // Standbys serve too: they name the leader to agents and operators.
     let serve = vmha_tls::transport::serve(router, flags.listen, &transport, shutdown());
     tokio::select! {
@@ -159,12 +166,14 @@ fn transport(flags: &Flags) -> anyhow::Result<Transport> {
 async fn lead(
     node: Arc<Node>,
     database_url: String,
+    replication: leadership::Replication,
     timings: Timings,
     policy: Policy,
     migration: MigrationSettings,
     fence: FenceSettings,
 ) -> anyhow::Result<()> {
-    let lock = leadership::campaign(&database_url, &node.name, |_| {
+    let lock = leadership::campaign(&database_url, &node.name, replication, |why| {
+        node.standing_by(why);
         // systemd's WatchdogSec: a standby is alive while it stands.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
     })

@@ -36,6 +36,9 @@ pub struct Node {
     tls: Option<Arc<vmha_tls::Credentials>>,
     /// When each removed host was removed (seconds since the Unix epoch), as on record.
     removed: Mutex<HashMap<String, i64>>,
+    /// Why this process does not stand for leader right now, if not only because another one
+    /// leads (see `leadership::campaign`).
+    cannot_lead: Mutex<Option<String>>,
 }
 
 /// The controllers as the database last listed them.
@@ -58,6 +61,7 @@ impl Node {
             seen: Mutex::default(),
             tls,
             removed: Mutex::default(),
+            cannot_lead: Mutex::default(),
         })
     }
 
@@ -66,6 +70,12 @@ impl Node {
         let node = Node::new("ctl".into(), String::new(), None);
         node.lead(controller);
         node
+    }
+
+    /// How the campaign for leader goes: `why` this process cannot lead, if not only because
+    /// another one does.
+    pub fn standing_by(&self, why: Option<&str>) {
+        *self.cannot_lead.lock().unwrap_or_else(|p| p.into_inner()) = why.map(str::to_string);
     }
 
     /// This process won the lock: callers are told to stay, it leads in a moment.
@@ -112,6 +122,7 @@ impl Node {
             };
         }
         let trouble = self.seen().trouble.clone();
+        let cannot_lead = self.cannot_lead.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let leader = self.other_leader();
         let message = match (&leader, trouble) {
             // What this standby cannot read, the leader may still: it is named all the same.
@@ -124,11 +135,14 @@ impl Node {
                 "vmha-controller {} is a standby; the leader is {name} at {endpoint} (epoch {epoch})",
                 self.name
             ),
-            (None, None) => format!(
-                "no controller leads right now (a new leader takes over within seconds); vmha-controller {} stands \
-                 by",
-                self.name
-            ),
+            (None, None) => match cannot_lead {
+                Some(why) => format!("no controller leads: {why}"),
+                None => format!(
+                    "no controller leads right now (a new leader takes over within seconds); vmha-controller {} \
+                     stands by",
+                    self.name
+                ),
+            },
         };
         Error::NotLeader { message, leader: leader.map(|(_, endpoint, _)| endpoint) }
     }
@@ -234,7 +248,8 @@ impl Node {
         Some(s)
     }
 
-    /// `f` on the cluster's state: the leader's, from memory; on a standby, the state the
+    /// `f` on the cluster's state: the leader's, from memory (off its decision loop, see
+    /// `Controller::view`); on a standby, the state the
     /// database last recorded (then `true`), or a refusal naming the leader or why none leads
     /// when the database cannot be read either.
     pub async fn state<R: Send + 'static>(
@@ -244,7 +259,7 @@ impl Node {
         match self.leader() {
             Ok(c) => {
                 let now = c.now();
-                Ok((c.read(move |s| f(s, now)).await?, false))
+                Ok((c.view(move |s| f(s, now)).await?, false))
             }
             Err(not_leader) => {
                 let s = self.recorded().await.ok_or(not_leader)?;

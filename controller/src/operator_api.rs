@@ -180,7 +180,7 @@ impl OperatorService for OperatorApi {
         let hosts = self.0.hosts().await?;
         let now = c.now();
         let (vms_total, vms_running, vms_protected, protected_down, quorum, warnings) = c
-            .read(move |s| {
+            .view(move |s| {
                 let running = |v: &&vmha_engine::VmView| v.state == vmha_engine::RunState::Running;
                 // Only the few that are down get a full view.
                 let down: Vec<Vm> = s
@@ -230,7 +230,7 @@ impl OperatorService for OperatorApi {
         let c = self.c()?;
         let now = c.now();
         let (reserve_hosts, what_ifs) =
-            c.read(move |s| (s.policy.reserve_hosts, vmha_engine::admission::capacity(s, now))).await?;
+            c.view(move |s| (s.policy.reserve_hosts, vmha_engine::admission::capacity(s, now))).await?;
         Ok(Response::new(CapacityReply {
             reserve_hosts: reserve_hosts as u32,
             what_ifs: what_ifs.iter().map(views::what_if).collect(),

@@ -203,20 +203,30 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects and brings the schema up to date; refuses a schema newer than this build.
+    /// Brings the schema up to date (refusing one newer than this build) and connects for
+    /// what every controller does without leading: reads, its presence, taking an epoch. These
+    /// sessions write for no epoch (`vmha.epoch = 'none'`), so the database refuses their
+    /// writes to the cluster's tables (migrations/0020).
     pub async fn open(url: &str) -> Result<Store, StoreError> {
-        let store = Store::connect(url, None, 8).await?;
-        store.migrate().await?;
-        Ok(store)
+        Store::open_for_tools(url).await?;
+        Store::connect(url, Some("none".into()), 8).await
     }
 
     /// The leader's connections: each says which epoch it writes for, and the database
     /// refuses its writes to the cluster's tables once a newer leader has taken over.
     pub async fn open_for_epoch(url: &str, epoch: u64) -> Result<Store, StoreError> {
-        Store::connect(url, Some(epoch), 8).await
+        Store::connect(url, Some(epoch.to_string()), 8).await
     }
 
-    async fn connect(url: &str, epoch: Option<u64>, connections: u32) -> Result<Store, StoreError> {
+    /// Sessions that name no epoch, which the fence does not check: the migrations, and an
+    /// administrator's tools and tests. Never a controller's way to write.
+    pub async fn open_for_tools(url: &str) -> Result<Store, StoreError> {
+        let store = Store::connect(url, None, 8).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn connect(url: &str, epoch: Option<String>, connections: u32) -> Result<Store, StoreError> {
         let connect = |source| {
             let e = StoreError::Connect { url: redact(url), source };
             METRICS.database_error(&e);
@@ -224,7 +234,7 @@ impl Store {
         };
         let mut options = PgConnectOptions::from_str(url).map_err(connect)?;
         if let Some(epoch) = epoch {
-            options = options.options([("vmha.epoch", epoch.to_string())]);
+            options = options.options([("vmha.epoch", epoch)]);
         }
         let pool = PgPoolOptions::new()
             .max_connections(connections)

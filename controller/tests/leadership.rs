@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::PgServer;
-use vmha_controller::leadership::{self, IDLE_KILL};
+use vmha_controller::leadership::{self, IDLE_KILL, Replication};
 use vmha_controller::store::Store;
 use vmha_engine::HostView;
 use vmha_engine::availability::OutageMark;
@@ -59,8 +59,14 @@ async fn a_deposed_leaders_writes_are_refused_by_the_database() {
         .expect("the new leader writes");
     let names: Vec<String> = new.load_hosts().await.unwrap().into_iter().map(|h| h.name).collect();
     assert_eq!(names, ["kvm1", "kvm2"]);
-    // Sessions that name no epoch (tools, migrations) are not fenced.
-    Store::upsert_host(&mut base.connection().await.unwrap(), &HostView::new("kvm3"), "sim").await.unwrap();
+    // A controller's sessions that write for no epoch (a standby's) are refused too, saying why.
+    let refused = Store::upsert_host(&mut base.connection().await.unwrap(), &HostView::new("kvm3"), "sim")
+        .await
+        .expect_err("a write for no epoch");
+    assert!(refused.to_string().contains("writes for no epoch"), "{refused}");
+    // Sessions that name nothing (tools, migrations) are not fenced.
+    let tools = Store::open_for_tools(&url).await.unwrap();
+    Store::upsert_host(&mut tools.connection().await.unwrap(), &HostView::new("kvm3"), "sim").await.unwrap();
 }
 
 #[tokio::test]
@@ -68,10 +74,10 @@ async fn one_controller_leads_and_a_standby_takes_over_when_its_session_ends() {
     let pg = PgServer::shared();
     let url = pg.fresh_database();
     Store::open(&url).await.unwrap();
-    let first = leadership::campaign(&url, "ctl1", |_| {}).await;
+    let first = leadership::campaign(&url, "ctl1", Replication::SynchronousOnly, |_| {}).await;
     let standby = tokio::spawn({
         let url = url.clone();
-        async move { leadership::campaign(&url, "ctl2", |_| {}).await }
+        async move { leadership::campaign(&url, "ctl2", Replication::SynchronousOnly, |_| {}).await }
     });
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(!standby.is_finished(), "the lock is held: the standby waits");
@@ -88,10 +94,12 @@ async fn a_frozen_leader_loses_the_lock_once_its_session_has_been_idle() {
     let url = pg.fresh_database();
     Store::open(&url).await.unwrap();
     // Taken, and then never used again: a leader frozen right after it won.
-    let _frozen = leadership::campaign(&url, "ctl1", |_| {}).await;
+    let _frozen = leadership::campaign(&url, "ctl1", Replication::SynchronousOnly, |_| {}).await;
     let t0 = Instant::now();
     let url2 = url.clone();
-    let standby = tokio::spawn(async move { leadership::campaign(&url2, "ctl2", |_| {}).await });
+    let standby = tokio::spawn(async move {
+        leadership::campaign(&url2, "ctl2", Replication::SynchronousOnly, |_| {}).await
+    });
     tokio::time::timeout(IDLE_KILL + Duration::from_secs(2), standby)
         .await
         .expect("PostgreSQL ends the idle session and the standby wins")

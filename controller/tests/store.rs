@@ -104,7 +104,7 @@ async fn an_unreachable_database_is_named_in_the_error() {
 #[tokio::test]
 async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     let mut db = s.connection().await.unwrap();
     Store::upsert_host(&mut db, &host("kvm1"), "7.2.0").await.unwrap();
     Store::upsert_host(&mut db, &host("kvm2"), "7.2.0").await.unwrap();
@@ -150,7 +150,7 @@ async fn hosts_and_vms_round_trip_with_desired_state_kept_apart_from_observed() 
 #[tokio::test]
 async fn the_last_time_a_controller_led_survives_its_return_to_standby() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     assert_eq!(s.last_led_ms_ago().await.unwrap(), None, "nobody has led");
     s.controller_seen("ctl2", "https://ctl2:7400", None).await.unwrap();
     assert_eq!(s.last_led_ms_ago().await.unwrap(), None, "a standby is not a leader");
@@ -167,7 +167,7 @@ async fn the_last_time_a_controller_led_survives_its_return_to_standby() {
 #[tokio::test]
 async fn a_vms_protection_time_is_set_when_it_begins_kept_while_it_lasts_and_cleared() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     let mut db = s.connection().await.unwrap();
     Store::upsert_host(&mut db, &host("kvm1"), "7.2.0").await.unwrap();
     let id = Uuid::new_v4();
@@ -197,7 +197,7 @@ async fn a_vms_protection_time_is_set_when_it_begins_kept_while_it_lasts_and_cle
 #[tokio::test]
 async fn operations_record_their_life_and_unfinished_ones_are_handed_to_the_next_controller() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     let mut db = s.connection().await.unwrap();
     let vm_id = Uuid::new_v4();
     let done = op(1, vm_id);
@@ -245,7 +245,7 @@ async fn operations_record_their_life_and_unfinished_ones_are_handed_to_the_next
 #[tokio::test]
 async fn a_hosts_death_drain_and_acknowledged_roster_and_a_vms_restart_survive_a_restart() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     let mut db = s.connection().await.unwrap();
     Store::upsert_host(&mut db, &host("kvm1"), "7.2.0").await.unwrap();
     let id = Uuid::new_v4();
@@ -280,7 +280,7 @@ async fn a_hosts_death_drain_and_acknowledged_roster_and_a_vms_restart_survive_a
 #[tokio::test]
 async fn events_are_listed_newest_window_oldest_first_and_followable() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     let mut db = s.connection().await.unwrap();
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -296,7 +296,7 @@ async fn events_are_listed_newest_window_oldest_first_and_followable() {
 #[tokio::test]
 async fn outages_open_once_per_vm_end_when_it_runs_again_and_are_read_by_window() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     let mut db = s.connection().await.unwrap();
     let uuid = Uuid::new_v4().to_string();
     let t0 = chrono::Utc::now() - chrono::Duration::hours(1);
@@ -341,7 +341,7 @@ async fn outages_open_once_per_vm_end_when_it_runs_again_and_are_read_by_window(
 async fn what_must_be_recorded_first_waits_out_an_outage_and_queued_writes_keep_their_order() {
     let pg = PgServer::private();
     let url = pg.fresh_database();
-    let s = Store::open(&url).await.unwrap();
+    let s = Store::open_for_tools(&url).await.unwrap();
     // A connection of its own, not kept across the outage.
     Store::upsert_host(&mut s.connection().await.unwrap(), &host("kvm1"), "7.2.0").await.unwrap();
     let journal = Arc::new(Journal::start(s.clone()));
@@ -379,7 +379,7 @@ async fn what_must_be_recorded_first_waits_out_an_outage_and_queued_writes_keep_
 #[tokio::test]
 async fn a_reader_who_waits_for_the_journal_sees_what_was_queued_before() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     let journal = Journal::start(s.clone());
     for i in 0..20 {
         journal.write(Write::Event(event(format!("event {i}"))));
@@ -402,7 +402,7 @@ async fn transactions_that_wrote_events(s: &Store) -> i64 {
 #[tokio::test]
 async fn a_burst_of_writes_is_written_in_order_in_few_transactions() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     Store::upsert_host(&mut s.connection().await.unwrap(), &host("kvm1"), "7.2.0").await.unwrap();
     let journal = Journal::start(s.clone());
     // Discovery: each VM found running, its XML, an event; then a later report that it shut off.
@@ -452,7 +452,7 @@ async fn a_burst_of_writes_is_written_in_order_in_few_transactions() {
 #[tokio::test]
 async fn a_refused_write_in_a_batch_is_skipped_alone() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     Store::upsert_host(&mut s.connection().await.unwrap(), &host("kvm1"), "7.2.0").await.unwrap();
     let journal = Journal::start(s.clone());
     let id = Uuid::new_v4();
@@ -487,7 +487,7 @@ async fn a_refused_write_in_a_batch_is_skipped_alone() {
 #[tokio::test]
 async fn a_record_is_answered_only_once_its_transaction_has_committed() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     let journal = Journal::start(s.clone());
     // Another session holds the events table: the writer's transaction inserts the operation,
     // then waits at the event after it, and cannot commit.
@@ -510,7 +510,7 @@ async fn a_record_is_answered_only_once_its_transaction_has_committed() {
 #[tokio::test]
 async fn a_commit_whose_answer_was_lost_is_looked_up_not_guessed() {
     let pg = PgServer::shared();
-    let s = Store::open(&pg.fresh_database()).await.unwrap();
+    let s = Store::open_for_tools(&pg.fresh_database()).await.unwrap();
     let mut done = s.begin().await.unwrap();
     let (xid, pid) = Store::transaction_id(&mut done).await.unwrap();
     Store::append_event(&mut done, &event("committed".into())).await.unwrap();

@@ -228,6 +228,9 @@ pub struct HostView {
     /// How many new VMs its reports may still record now; not persisted (a new controller
     /// starts with a full budget).
     pub discovery: crate::inventory::Discovery,
+    /// When its last `agent_connected` event was logged, and the registrations since that
+    /// were not (see `step::CONNECTED_EVENT_EVERY_MS`); not persisted.
+    pub connected_logged: Option<(Millis, u32)>,
 }
 
 impl HostView {
@@ -254,6 +257,7 @@ impl HostView {
             drain: None,
             report_seq: 0,
             discovery: Default::default(),
+            connected_logged: None,
         }
     }
 }

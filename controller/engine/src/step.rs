@@ -377,6 +377,9 @@ impl Default for Output {
     }
 }
 
+/// At most one `agent_connected` event per host in this long, unless its address changes.
+pub const CONNECTED_EVENT_EVERY_MS: u64 = 60_000;
+
 impl Engine {
     pub fn new(cluster: ClusterState) -> Engine {
         let mut e = Engine { cluster, roster: RosterBook::new(), ..Default::default() };
@@ -561,6 +564,25 @@ impl Engine {
         }
         lease::observe_quorum(s, now);
         let h = s.hosts.entry(r.host.clone()).or_insert_with(|| HostView::new(&r.host));
+        // An agent that registers again and again while it is heard from (a crash loop, or a
+        // hostile host) is logged once a minute with a count, not at every registration: the
+        // event log must not grow at the pace a host chooses. A host back after an absence (a
+        // lease's length without a word) or at a new address is always said at once.
+        let moved = h.migration_uri != r.migration_uri || h.peer_address != r.peer_address;
+        let ttl = s.timings.lease_ttl_ms;
+        let away = h.last_heartbeat.is_none_or(|t| now.0.saturating_sub(t.0) >= ttl);
+        let logged = match h.connected_logged {
+            Some((at, unsaid))
+                if !moved && !away && now.0 < at.0.saturating_add(CONNECTED_EVENT_EVERY_MS) =>
+            {
+                h.connected_logged = Some((at, unsaid.saturating_add(1)));
+                None
+            }
+            previous => {
+                h.connected_logged = Some((now, 0));
+                Some(previous.map_or(0, |(_, unsaid)| unsaid))
+            }
+        };
         h.migration_uri = r.migration_uri.clone();
         h.peer_address = r.peer_address;
         h.resources = r.resources;
@@ -571,17 +593,23 @@ impl Engine {
         h.report_seq = 0;
         let stamp = lease::issue_stamp(s, &r.host, now);
         out.persist.registered.push(r.host.clone());
-        out.events.push(
-            Event::host(
-                &r.host,
-                EventKind::AgentConnected,
-                format!(
-                    "agent on {} connected ({}); migrations to it use {}",
-                    r.host, r.describe, r.migration_uri
-                ),
-            )
-            .by(&r.host),
-        );
+        if let Some(unsaid) = logged {
+            let before = match unsaid {
+                0 => String::new(),
+                n => format!(" ({n} more registrations since the last one logged)"),
+            };
+            out.events.push(
+                Event::host(
+                    &r.host,
+                    EventKind::AgentConnected,
+                    format!(
+                        "agent on {} connected ({}); migrations to it use {}{before}",
+                        r.host, r.describe, r.migration_uri
+                    ),
+                )
+                .by(&r.host),
+            );
+        }
         out.reply = Reply::Registered { stamp };
     }
 
@@ -1809,6 +1837,34 @@ mod tests {
             lock_manager: "lockd".into(),
             describe: "test".into(),
         }
+    }
+
+    #[test]
+    fn an_agent_that_registers_in_a_loop_is_logged_once_a_minute_with_a_count() {
+        let mut e = Engine::new(ClusterState::default());
+        let connected = |out: &Output| {
+            out.events
+                .iter()
+                .filter(|ev| ev.kind == EventKind::AgentConnected)
+                .map(|ev| ev.message.clone())
+                .collect::<Vec<_>>()
+        };
+        let mut logged = Vec::new();
+        for i in 0..120u64 {
+            logged.extend(connected(&e.step(Input::Register(registration("kvm1")), Millis(1000 + i * 500))));
+        }
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        let out = e.step(Input::Register(registration("kvm1")), Millis(1000 + CONNECTED_EVENT_EVERY_MS));
+        let said = connected(&out);
+        assert_eq!(said.len(), 1);
+        assert!(said[0].contains("(119 more registrations since the last one logged)"), "{}", said[0]);
+        // A new address is said at once.
+        let moved =
+            Registration { migration_uri: "qemu+tcp://10.0.0.9/system".into(), ..registration("kvm1") };
+        let out = e.step(Input::Register(moved), Millis(2000 + CONNECTED_EVENT_EVERY_MS));
+        assert_eq!(connected(&out).len(), 1);
+        // Every registration is still taken.
+        assert!(matches!(out.reply, Reply::Registered { .. }));
     }
 
     fn report(host: &str, uuid: &str) -> Heartbeat {
