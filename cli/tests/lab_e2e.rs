@@ -615,7 +615,7 @@ fn stopped_controllers_stop_no_vm(lab: &Lab) {
     lab.settle();
     let before = qemu_processes();
     let last_event = last_event_id(lab);
-    // Stop it mid-second: heartbeats are aligned on its whole seconds (controller/engine/SAFETY.md).
+    // Stop it mid-second: heartbeats are aligned on its whole seconds (engine/SAFETY.md).
     wait_until("the middle of a leader second", Duration::from_secs(5), || {
         let clock = lab.json(&["status"])["leader_clock_ms"].as_u64().unwrap();
         (300..700).contains(&(clock % 1000))

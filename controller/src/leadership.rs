@@ -8,7 +8,7 @@
 //! stays open. So every session of ours runs with `idle_session_timeout`: the server ends a
 //! session idle that long, and the leader, which proves it holds the lock every `CHECK`, acts
 //! only until `RIGHT` after the send of its latest proof. The arithmetic, in
-//! `controller/engine/SAFETY.md` ("Leader changes"):
+//! `engine/SAFETY.md` ("Leader changes"):
 //!
 //! - the server can end an idle leader's session no sooner than `IDLE_KILL` after the proof
 //!   was sent, and `RIGHT < IDLE_KILL`: a stuck leader has stopped acting before its lock can

@@ -2,7 +2,7 @@
 //! destroy its protected VMs (self-fence) or to keep them. Pure: the agent's shell feeds it the
 //! time, a random seed, lease grants and poll answers, and carries out what `tick` decides.
 //!
-//! The rule (controller/engine/SAFETY.md): when its lease expires, an agent keeps its
+//! The rule (engine/SAFETY.md): when its lease expires, an agent keeps its
 //! VMs only if its latest poll shows so many votes that the leader cannot count (itself
 //! included, once the leader cannot count it either) that the votes left are fewer than the
 //! majority. A peer's vote cannot be counted if the newest lease the leader could count for it

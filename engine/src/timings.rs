@@ -1,7 +1,7 @@
 //! The one set of timings the safety rule runs on. The controller owns it (its flags), checks
 //! it at start, and sends it to every agent at registration; an agent never uses timings of
 //! its own, because the rule's arithmetic holds only when both sides use the same numbers
-//! (controller/engine/SAFETY.md, "Timings").
+//! (engine/SAFETY.md, "Timings").
 
 /// The timing knobs of the safety rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,9 +1,9 @@
-//! The leader's side of the safety rule (controller/engine/SAFETY.md): which
+//! The leader's side of the safety rule (engine/SAFETY.md): which
 //! heartbeats earn a lease, which leases count toward quorum, and whether quorum has held long
 //! enough for a silent host to be declared dead.
 //!
 //! Two refinements over the plain rule make the agents' peer polls sound (see
-//! `selffence` for the agent's half, and controller/engine/SAFETY.md for the argument):
+//! `selffence` for the agent's half, and engine/SAFETY.md for the argument):
 //! - **Bounded transit.** A heartbeat echoes the stamp of the last answer its agent received
 //!   and how long ago that was; the leader grants a lease only if that proves the heartbeat
 //!   spent at most `max_transit` in flight. So a lease the leader grants ends at most
