@@ -554,12 +554,12 @@ impl Controller {
         }
     }
 
-    /// Queues a write outside a step (a host's registration facts).
     /// `write`, and waits until the database has it (an error: it refused it).
     pub fn record(&self, write: Write) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         self.journal.record(write)
     }
 
+    /// Queues a write outside a step (a host's registration facts).
     pub fn write(&self, write: Write) {
         self.journal.write(write);
     }
