@@ -6,7 +6,7 @@
 //! it decides (database writes, commands to agents). That is what lets the same code run in unit
 //! tests, property tests over random fault schedules and production.
 //!
-//! The one entry point is `Engine::step` (`step.rs`): every input goes through it, and it
+//! The one entry point is `Engine::step` (`step/mod.rs`): every input goes through it, and it
 //! calls the rest in one order: `lease` (who holds a lease, quorum), `recovery` (when a host
 //! may be declared dead, restarts), `drain` (health, drains), `inventory` (what agents
 //! report), `placement`, `migration`. `persist` says what survives a controller restart.
