@@ -9,8 +9,11 @@
 //! The one entry point is `Engine::step` (`step/mod.rs`): every input goes through it, and it
 //! calls the rest in one order: `lease` (who holds a lease, quorum), `recovery` (when a host
 //! may be declared dead, restarts), `drain` (health, drains), `inventory` (what agents
-//! report), `placement`, `migration`. `persist` says what survives a controller restart.
+//! report), `placement`, `migration`. `recovery` and `drain` say what to do as
+//! `action::Action`s, which the step carries out. `persist` says what survives a controller
+//! restart.
 
+pub mod action;
 pub mod admission;
 pub mod availability;
 pub mod cluster;

@@ -4,12 +4,13 @@ use std::collections::BTreeSet;
 
 use super::{Engine, Heartbeat, LeaseReply, Output, Registration, Reply};
 use crate::Refusal;
+use crate::action::Action;
 use crate::availability::OutageMark;
 use crate::drain;
 use crate::event::{Event, EventKind};
 use crate::inventory::{self, InventoryChange};
 use crate::lease::{self, LeaseAnswer};
-use crate::recovery::{self, Action};
+use crate::recovery;
 use crate::{HostView, Millis, Watchdog};
 
 /// At most one `agent_connected` event per host in this long, unless its address changes.
@@ -137,7 +138,7 @@ impl Engine {
                 // recovery behind to find it by.
                 touched.extend(s.vms.values().filter(|v| v.recovery.is_some()).map(|v| v.uuid.clone()));
                 touched.extend(after.iter().filter_map(|a| match a {
-                    recovery::Action::Outage(OutageMark::Ended { vm_uuid }) => Some(vm_uuid.clone()),
+                    Action::Outage(OutageMark::Ended { vm_uuid }) => Some(vm_uuid.clone()),
                     _ => None,
                 }));
             }

@@ -27,10 +27,11 @@ pub use output::{Command, CommandKind, HostWork, LeaseReply, Output, Persist, Re
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::Refusal;
+use crate::cluster::Recovery;
 use crate::drain;
 use crate::event::{Event, EventKind, Subject};
 use crate::operation::{OpId, OpKind, OpState, Operation, Purpose};
-use crate::recovery::{self, Recovery};
+use crate::recovery;
 use crate::roster::RosterBook;
 use crate::{ClusterState, Millis};
 use changes::Scope;

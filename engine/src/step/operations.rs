@@ -2,12 +2,13 @@
 //! or, past its deadline, by the agents' reports.
 
 use super::{Command, CommandKind, Engine, Output};
+use crate::action::Action;
 use crate::availability::OutageMark;
 use crate::drain;
 use crate::event::{Event, EventKind, Subject};
 use crate::inventory;
 use crate::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
-use crate::recovery::{self, Action};
+use crate::recovery;
 use crate::{Millis, RunState};
 
 impl Engine {

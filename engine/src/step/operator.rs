@@ -1,9 +1,10 @@
 //! Operators' requests.
 
 use super::{Command, CommandKind, Engine, Output, Reply, Request, VmWork};
+use crate::action::Action;
 use crate::event::{Event, EventKind};
 use crate::operation::{OpId, OpKind, OpState, Overrides, Purpose};
-use crate::recovery::{self, Action};
+use crate::recovery;
 use crate::{ClusterState, HostLiveness, Millis, Refusal, admission, drain, lease, migration, power};
 
 impl Engine {

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use crate::Refusal;
 use crate::availability::OutageMark;
+use crate::cluster::Recovery;
 use crate::drain::Drain;
 use crate::event::Event;
 use crate::lease::LeaseAnswer;
 use crate::operation::{OpId, Operation};
-use crate::recovery::Recovery;
 use crate::roster::{Roster, RosterUpdate};
 use crate::{AdminState, FencingMode, HostView, Millis};
 

@@ -2,11 +2,11 @@
 
 use super::{Engine, Output};
 use crate::Millis;
+use crate::action::Action;
 use crate::drain;
 use crate::event::{Event, EventKind, Subject};
 use crate::migration;
 use crate::operation::{OpId, OpKind, Purpose};
-use crate::recovery::Action;
 
 impl Engine {
     /// Carries out the engine's actions, and those their immediate refusals lead to.
