@@ -267,7 +267,7 @@ async fn a_hosts_death_drain_and_acknowledged_roster_and_a_vms_restart_survive_a
     let mut v = vm(id, "kvm1");
     v.protected = true;
     v.protected_in = Some((3 << 32) | 12);
-    v.recovery = Some(vmha_engine::recovery::Recovery::in_doubt("kvm2", Millis(7)));
+    v.recovery = Some(vmha_engine::cluster::Recovery::in_doubt("kvm2", Millis(7)));
     Store::set_vm_work(&mut db, &v.uuid, &VmWork::of(&v)).await.unwrap();
 
     let loaded = &s.load_hosts().await.unwrap()[0];

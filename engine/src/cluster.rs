@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::Millis;
 use crate::Timings;
 use crate::lease::HostLease;
-use crate::recovery::Recovery;
 
 /// What the operator wants a host to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,6 +358,68 @@ impl VmView {
             recovery: None,
             second_copy: None,
         }
+    }
+}
+
+/// A protected VM's way back after its host died.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Recovery {
+    /// When its host was declared dead.
+    pub since: Millis,
+    pub attempts: u32,
+    /// Hosts where a start failed.
+    pub tried: Vec<String>,
+    /// A start is in flight there.
+    pub starting_on: Option<String>,
+    /// Why it is not being started right now.
+    pub waiting: Option<String>,
+    /// Set when it gave up: the VM needs an operator.
+    pub error: Option<String>,
+    /// A start was refused because the VM's disk is locked: another copy may run.
+    pub disk_locked: Option<DiskLocked>,
+    /// It may have moved rather than stopped, since then: it stopped on a live host without
+    /// vmha asking (a live migration whose result was missed, a `virsh migrate` by hand), or
+    /// its host died while migrating it. It is restarted only once every other live host has
+    /// reported since, and not at all if one reports it running.
+    #[serde(default)]
+    pub may_have_moved_since: Option<Millis>,
+    /// The host an operator asked for (`vmha vm start --on`, or the host it is off on).
+    #[serde(default)]
+    pub on: Option<String>,
+}
+
+/// The storage lock (libvirt's lockd, QEMU's image locking) refused a start: the second layer
+/// behind fencing caught what may be a second copy. An alarm, not a failure to try elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskLocked {
+    pub since: Millis,
+    /// Where the VM was last seen running (its host before the restart).
+    pub last_seen: String,
+    /// When a start is tried again: only a start can tell the lock is gone, and a refused one
+    /// runs nothing.
+    pub retry_at: Millis,
+}
+
+impl Recovery {
+    pub fn new(since: Millis) -> Recovery {
+        Recovery {
+            since,
+            attempts: 0,
+            tried: Vec::new(),
+            starting_on: None,
+            waiting: None,
+            error: None,
+            disk_locked: None,
+            may_have_moved_since: None,
+            on: None,
+        }
+    }
+
+    /// A start an earlier leader sent to `host` and whose outcome nobody knows: the VM waits
+    /// for that host to report it running, or for the host to be declared dead, and is never
+    /// started elsewhere meanwhile.
+    pub fn in_doubt(host: &str, since: Millis) -> Recovery {
+        Recovery { starting_on: Some(host.into()), attempts: 1, ..Recovery::new(since) }
     }
 }
 

@@ -1,8 +1,8 @@
 //! Emptying a host by live migration: an operator's drain (ending in maintenance) or the
 //! automatic one of a degraded host (whose health probes keep failing). Also host health.
 
+use crate::action::Action;
 use crate::event::EventKind;
-use crate::recovery::Action;
 use crate::{AdminState, ClusterState, HostLiveness, Millis, Refusal, RunState, placement};
 
 /// One health probe's latest result, as the agent reported it.

@@ -6,12 +6,14 @@
 //! it decides (database writes, commands to agents). That is what lets the same code run in unit
 //! tests, property tests over random fault schedules and production.
 //!
-//! The one entry point is `Engine::step` (`step`): every input goes through it. Each input
-//! calls the modules it concerns: `lease` (who holds a lease, quorum), `recovery` (when a host
-//! may be declared dead, restarts), `drain` (health, drains), `inventory` (what agents
-//! report), `placement`, `migration`, `power`; `persist` says what survives a controller
+//! The one entry point is `Engine::step` (`step/mod.rs`): every input goes through it. Each
+//! input calls the modules it concerns: `lease` (who holds a lease, quorum), `recovery` (when
+//! a host may be declared dead, restarts), `drain` (health, drains), `inventory` (what agents
+//! report), `placement`, `migration`, `power`. `recovery` and `drain` say what to do as
+//! `action::Action`s, which the step carries out; `persist` says what survives a controller
 //! restart. The order a heartbeat takes through them is in ARCHITECTURE.md.
 
+pub mod action;
 pub mod admission;
 pub mod availability;
 pub mod cluster;

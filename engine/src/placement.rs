@@ -221,8 +221,8 @@ pub fn choose<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::Recovery;
     use crate::cluster::tests::{three_hosts, vm_on};
-    use crate::recovery::Recovery;
 
     fn online(mut s: ClusterState) -> ClusterState {
         for h in s.hosts.values_mut() {

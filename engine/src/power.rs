@@ -4,7 +4,7 @@
 //! have moved the VM. A stop shuts the VM down and marks it stopped on purpose, so that vmha
 //! does not start it again, protected or not, until an operator does.
 
-use crate::recovery::Recovery;
+use crate::cluster::Recovery;
 use crate::{ClusterState, HostLiveness, Millis, Refusal, RunState, placement};
 
 /// What a stop takes.

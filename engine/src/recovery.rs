@@ -2,52 +2,15 @@
 //! elsewhere, most critical first. Also the return of a host that was declared dead.
 
 use crate::Refusal;
+use crate::action::Action;
 use crate::availability::OutageMark;
+use crate::cluster::{DiskLocked, Recovery};
 use crate::event::EventKind;
 use crate::inventory::{InventoryChange, ReportedDomain};
 use crate::lease::{current_membership, has_quorum, knows_membership, observe_quorum, quorum_held_for};
 use crate::{
     AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, VmView, placement,
 };
-
-/// A protected VM's way back after its host died.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Recovery {
-    /// When its host was declared dead.
-    pub since: Millis,
-    pub attempts: u32,
-    /// Hosts where a start failed.
-    pub tried: Vec<String>,
-    /// A start is in flight there.
-    pub starting_on: Option<String>,
-    /// Why it is not being started right now.
-    pub waiting: Option<String>,
-    /// Set when it gave up: the VM needs an operator.
-    pub error: Option<String>,
-    /// A start was refused because the VM's disk is locked: another copy may run.
-    pub disk_locked: Option<DiskLocked>,
-    /// It may have moved rather than stopped, since then: it stopped on a live host without
-    /// vmha asking (a live migration whose result was missed, a `virsh migrate` by hand), or
-    /// its host died while migrating it. It is restarted only once every other live host has
-    /// reported since, and not at all if one reports it running.
-    #[serde(default)]
-    pub may_have_moved_since: Option<Millis>,
-    /// The host an operator asked for (`vmha vm start --on`, or the host it is off on).
-    #[serde(default)]
-    pub on: Option<String>,
-}
-
-/// The storage lock (libvirt's lockd, QEMU's image locking) refused a start: the second layer
-/// behind fencing caught what may be a second copy. An alarm, not a failure to try elsewhere.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DiskLocked {
-    pub since: Millis,
-    /// Where the VM was last seen running (its host before the restart).
-    pub last_seen: String,
-    /// When a start is tried again: only a start can tell the lock is gone, and a refused one
-    /// runs nothing.
-    pub retry_at: Millis,
-}
 
 /// How often a VM whose disk was locked is tried again.
 pub const DISK_LOCK_RETRY_MS: u64 = 10_000;
@@ -88,51 +51,6 @@ impl VmView {
     pub fn awaits_start_on(&self, host: &str) -> bool {
         self.recovery.as_ref().is_some_and(|r| r.starting_on.as_deref() == Some(host))
     }
-}
-
-impl Recovery {
-    pub fn new(since: Millis) -> Recovery {
-        Recovery {
-            since,
-            attempts: 0,
-            tried: Vec::new(),
-            starting_on: None,
-            waiting: None,
-            error: None,
-            disk_locked: None,
-            may_have_moved_since: None,
-            on: None,
-        }
-    }
-
-    /// A start an earlier leader sent to `host` and whose outcome nobody knows: the VM waits
-    /// for that host to report it running, or for the host to be declared dead, and is never
-    /// started elsewhere meanwhile.
-    pub fn in_doubt(host: &str, since: Millis) -> Recovery {
-        Recovery { starting_on: Some(host.into()), attempts: 1, ..Recovery::new(since) }
-    }
-}
-
-/// What the shell must do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Record that the host was declared dead, and why.
-    DeclaredDead { host: String, cause: String },
-    /// Run the external fence command for the host.
-    Fence { host: String },
-    /// Define and start the VM on `host` (its XML is in the state).
-    Start { vm_uuid: String, vm_name: String, host: String },
-    /// Live-migrate the VM to `host`: "failback" (to its preferred host), "drain".
-    Migrate { vm_uuid: String, vm_name: String, host: String, why: &'static str },
-    /// Destroy the VM on `from`, then start it on `to` (a drain the operator allowed to
-    /// restart VMs that cannot be live-migrated).
-    ColdRestart { vm_uuid: String, vm_name: String, from: String, to: String },
-    /// Destroy a stale copy on a host that came back (fencing was bypassed).
-    DestroyStale { vm_uuid: String, vm_name: String, host: String },
-    /// Write an event.
-    Event { subject_kind: &'static str, subject: String, kind: EventKind, message: String },
-    /// Keep in the outage history.
-    Outage(OutageMark),
 }
 
 fn event(subject_kind: &'static str, subject: &str, kind: EventKind, message: String) -> Action {
