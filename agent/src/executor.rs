@@ -6,18 +6,55 @@ use std::time::{Duration, Instant};
 use vmha_proto::v1::command::Kind;
 use vmha_proto::v1::{Command, DomainState, OperationProgress, OperationResult, ShutdownDomain};
 
-use crate::hypervisor::{MigrateOptions, MigrationStats};
+use crate::hypervisor::{Hypervisor, HypervisorError, MigrateOptions, MigrationStats};
 use crate::session::{Agent, Client};
+
+/// Why a command failed. Its text is the operation's error, which operators see (`vmha op`,
+/// the event log).
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("empty command (a newer controller?)")]
+    Empty,
+    #[error("refusing to start {vm} on {host}: {why}")]
+    StartRefused { vm: String, host: String, why: String },
+    #[error(transparent)]
+    Libvirt(#[from] HypervisorError),
+    #[error(
+        "libvirt did not answer the {call} of {vm} within {after:?}; is libvirtd hung? (the call may still complete)"
+    )]
+    LibvirtHung { call: &'static str, vm: String, after: Duration },
+    #[error("libvirt's {call} for {vm} panicked: {source}")]
+    Panicked { call: &'static str, vm: String, source: tokio::task::JoinError },
+}
 
 /// How long a shutdown or destroy may wait for libvirt.
 const LIBVIRT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Runs libvirt's `call` for VM `vm` off the async runtime: libvirt calls block.
+async fn blocking<T: Send + 'static>(
+    agent: &Agent,
+    call: &'static str,
+    vm: &str,
+    f: impl FnOnce(&dyn Hypervisor) -> Result<T, HypervisorError> + Send + 'static,
+) -> Result<T, CommandError> {
+    let hv = agent.hv.clone();
+    match tokio::task::spawn_blocking(move || f(hv.as_ref())).await {
+        Ok(done) => Ok(done?),
+        Err(source) => Err(CommandError::Panicked { call, vm: vm.into(), source }),
+    }
+}
+
+/// `blocking`, for a call whose failure is safe to report while it may still run.
 async fn within(
-    call: impl Future<Output = anyhow::Result<MigrationStats>>,
-) -> anyhow::Result<MigrationStats> {
-    tokio::time::timeout(LIBVIRT_TIMEOUT, call).await.unwrap_or_else(|_| {
-        Err(anyhow::anyhow!("libvirt did not answer within {LIBVIRT_TIMEOUT:?}; is libvirtd hung? (the call may still complete)"))
-    })
+    agent: &Agent,
+    call: &'static str,
+    vm: &str,
+    f: impl FnOnce(&dyn Hypervisor) -> Result<(), HypervisorError> + Send + 'static,
+) -> Result<MigrationStats, CommandError> {
+    match tokio::time::timeout(LIBVIRT_TIMEOUT, blocking(agent, call, vm, f)).await {
+        Ok(done) => done.map(|()| MigrationStats::default()),
+        Err(_) => Err(CommandError::LibvirtHung { call, vm: vm.into(), after: LIBVIRT_TIMEOUT }),
+    }
 }
 
 /// Whether the definition to start names VM `uuid` (`""`: a controller that does not say).
@@ -56,17 +93,17 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
         Some(Kind::Destroy(_)) => "destroy",
     };
     tracing::info!(operation = %op, %vm, command = what, "executing");
-    let outcome: anyhow::Result<MigrationStats> = match cmd.kind {
-        None => Err(anyhow::anyhow!("empty command (a newer controller?)")),
+    let outcome: Result<MigrationStats, CommandError> = match cmd.kind {
+        None => Err(CommandError::Empty),
         // The migration's own result reports how it ended; the cancel has none.
         Some(Kind::Cancel(c)) => {
             let uuid = c.uuid.clone();
-            match within(agent.blocking(move |hv| hv.abort_job(&uuid).map(|_| Default::default()))).await {
+            match within(&agent, "abort", &vm, move |hv| hv.abort_job(&uuid)).await {
                 Ok(_) => {
                     tracing::info!(operation = %op, %vm, domain = %c.uuid, "asked libvirt to abort the migration")
                 }
                 Err(e) => {
-                    tracing::warn!(operation = %op, %vm, domain = %c.uuid, error = format!("{e:#}"), "could not abort the migration (it may have ended)")
+                    tracing::warn!(operation = %op, %vm, domain = %c.uuid, error = %e, "could not abort the migration (it may have ended)")
                 }
             }
             return;
@@ -97,34 +134,38 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
                         .await;
                 }
             });
-            let r = agent
-                .blocking(move |hv| {
-                    hv.migrate(&m.uuid, &opts, &move |p| {
-                        let _ = tx.send(p);
-                    })
+            let r = blocking(&agent, "migration", &vm, move |hv| {
+                hv.migrate(&m.uuid, &opts, &move |p| {
+                    let _ = tx.send(p);
                 })
-                .await;
+            })
+            .await;
             let _ = forward.await;
             r
         }
         Some(Kind::Start(s)) => match agent.lease.may_start().and_then(|()| names_the_vm(&s.xml, &s.uuid)) {
             // Every copy this host runs must be one its self-fence covers.
-            Err(why) => Err(anyhow::anyhow!("refusing to start a VM on {}: {why}", agent.cfg.host_name)),
-            Ok(()) => agent.blocking(move |hv| hv.define_and_start(&s.xml).map(|_| Default::default())).await,
+            Err(why) => {
+                Err(CommandError::StartRefused { vm: vm.clone(), host: agent.cfg.host_name.clone(), why })
+            }
+            Ok(()) => {
+                blocking(&agent, "start", &vm, move |hv| {
+                    hv.define_and_start(&s.xml).map(|_| Default::default())
+                })
+                .await
+            }
         },
         // A hung libvirtd must not hold these for ever: their failure is safe to report (the
         // controller asks again while the VM still runs). A start's is not (it may still
         // happen, and would then be retried elsewhere): it reports only when libvirt answers,
         // and the controller waits for that, for a report, or for the host's death.
         Some(Kind::Shutdown(s)) => shut_down(&agent, &vm, s).await,
-        Some(Kind::Destroy(d)) => {
-            within(agent.blocking(move |hv| hv.destroy(&d.uuid).map(|_| Default::default()))).await
-        }
+        Some(Kind::Destroy(d)) => within(&agent, "destroy", &vm, move |hv| hv.destroy(&d.uuid)).await,
     };
     // Report the effect before the result: the controller must never see a result and then a
     // report that predates it (a migrated VM would briefly look back on this host).
     if let Err(e) = agent.heartbeat(&mut client).await {
-        tracing::warn!(operation = %op, %vm, error = format!("{e:#}"), "report after the command failed");
+        tracing::warn!(operation = %op, %vm, error = %e, "report after the command failed");
     }
     let result = match &outcome {
         Ok(s) => OperationResult {
@@ -138,7 +179,7 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
         Err(e) => OperationResult {
             operation_id: op.clone(),
             ok: false,
-            error: format!("{e:#}"),
+            error: e.to_string(),
             elapsed_ms: started.elapsed().as_millis() as u64,
             downtime_ms: 0,
             bytes: 0,
@@ -146,7 +187,7 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
     };
     match &outcome {
         Ok(_) => tracing::info!(operation = %op, %vm, command = what, elapsed_ms = result.elapsed_ms, "done"),
-        Err(e) => tracing::warn!(operation = %op, %vm, command = what, error = format!("{e:#}"), "failed"),
+        Err(e) => tracing::warn!(operation = %op, %vm, command = what, error = %e, "failed"),
     }
     report(&mut client, result).await;
 }
@@ -156,30 +197,28 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(500);
 
 /// An operator's stop: the guest is asked to shut down, and destroyed if it still runs once
 /// the timeout has passed (a guest without ACPI support ignores the request).
-async fn shut_down(agent: &Arc<Agent>, vm: &str, s: ShutdownDomain) -> anyhow::Result<MigrationStats> {
+async fn shut_down(agent: &Agent, vm: &str, s: ShutdownDomain) -> Result<MigrationStats, CommandError> {
     let uuid = s.uuid.clone();
-    within(agent.blocking(move |hv| hv.shutdown(&uuid).map(|_| Default::default()))).await?;
+    within(agent, "shutdown", vm, move |hv| hv.shutdown(&uuid)).await?;
     if s.timeout_ms == 0 {
         return Ok(Default::default());
     }
     let until = Instant::now() + Duration::from_millis(s.timeout_ms);
     loop {
         let uuid = s.uuid.clone();
-        let runs = agent
-            .blocking(move |hv| {
-                let state = hv.domains()?.into_iter().find(|d| d.uuid == uuid).map(|d| d.state);
-                Ok(state.is_some_and(|st| {
-                    ![DomainState::ShutOff as i32, DomainState::Crashed as i32].contains(&st)
-                }))
-            })
-            .await?;
+        let runs = blocking(agent, "domain listing", vm, move |hv| {
+            let state = hv.domains()?.into_iter().find(|d| d.uuid == uuid).map(|d| d.state);
+            Ok(state
+                .is_some_and(|st| ![DomainState::ShutOff as i32, DomainState::Crashed as i32].contains(&st)))
+        })
+        .await?;
         if !runs {
             return Ok(Default::default());
         }
         if Instant::now() >= until {
             tracing::warn!(vm, domain = %s.uuid, timeout_ms = s.timeout_ms, "no clean shutdown in time: destroying it");
             let uuid = s.uuid.clone();
-            return within(agent.blocking(move |hv| hv.destroy(&uuid).map(|_| Default::default()))).await;
+            return within(agent, "destroy", vm, move |hv| hv.destroy(&uuid)).await;
         }
         tokio::time::sleep(SHUTDOWN_POLL).await;
     }

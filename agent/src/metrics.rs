@@ -127,8 +127,19 @@ impl Metrics {
     }
 }
 
+/// Why `/metrics` is not served.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error(
+        "cannot serve metrics on {addr}: {source}; give --metrics-listen (metrics_listen) a free address"
+    )]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("serving metrics on {addr} failed: {source}")]
+    Serve { addr: SocketAddr, source: std::io::Error },
+}
+
 /// Serves `/metrics` on `addr` for the life of the process.
-pub async fn serve(addr: SocketAddr, lease: Arc<LeaseShell>) -> anyhow::Result<()> {
+pub async fn serve(addr: SocketAddr, lease: Arc<LeaseShell>) -> Result<(), MetricsError> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -141,14 +152,10 @@ pub async fn serve(addr: SocketAddr, lease: Arc<LeaseShell>) -> anyhow::Result<(
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot serve metrics on {addr}: {e}; give --metrics-listen (metrics_listen) a free address"
-        )
-    })?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
     tracing::info!(%addr, "serving Prometheus metrics on /metrics");
-    axum::serve(listener, app).await?;
-    Ok(())
+    axum::serve(listener, app).await.map_err(|source| MetricsError::Serve { addr, source })
 }
 
 /// A hypervisor whose every call is timed into `vmha_agent_libvirt_call_duration_seconds`.

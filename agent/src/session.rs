@@ -7,11 +7,11 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use vmha_engine::Timings;
+use vmha_engine::selffence::StaleEpoch;
 use vmha_proto::v1::agent_service_client::AgentServiceClient;
 use vmha_proto::v1::{CommandsRequest, Domain, HeartbeatRequest, HostFacts, RegisterRequest};
 use vmha_tls::Transport;
@@ -22,7 +22,7 @@ use crate::bounded::{Blocking, Outcome};
 use crate::config::Config;
 use crate::executor;
 use crate::hypervisor::Hypervisor;
-use crate::lease::{LeaseShell, roster_update};
+use crate::lease::{AnswerRefused, LeaseShell, roster_update};
 use crate::probes::ProbeBoard;
 
 /// The heartbeat's calls into libvirt, and what they last returned.
@@ -38,9 +38,43 @@ pub struct Reporting {
 const NEXT_PAUSE: Duration = Duration::from_millis(100);
 const ROUND_PAUSE: Duration = Duration::from_millis(500);
 
+/// Why a session with a controller ended; the agent then goes on to the next one (or to the
+/// leader a standby named).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] vmha_tls::TlsError),
+    #[error("host name '{host}' is not a valid header value: {source}")]
+    HostName { host: String, source: tonic::metadata::errors::InvalidMetadataValue },
+    #[error("libvirt has not answered since the agent started; is libvirtd running?")]
+    NoFacts,
+    /// Kept whole: a standby's refusal names the leader in its metadata (`leader_named`).
+    #[error("{call}: {source}")]
+    Rpc { call: &'static str, source: tonic::Status },
+    #[error("the controller at {endpoint} sent no timings (an older controller?)")]
+    NoTimings { endpoint: String },
+    #[error("refusing the controller at {endpoint}: {why}")]
+    Timings { endpoint: String, why: String },
+    #[error("refusing the controller at {endpoint}: {source}")]
+    Deposed { endpoint: String, source: StaleEpoch },
+    #[error("the controller at {endpoint} closed the command stream")]
+    StreamClosed { endpoint: String },
+    #[error("listing the domains panicked: {0}")]
+    ListingPanicked(String),
+    #[error("heartbeat timed out after {0:?}")]
+    HeartbeatTimedOut(Duration),
+    #[error("refusing the heartbeat answer: {0}")]
+    Answer(#[from] AnswerRefused),
+}
+
+/// `Rpc` for a call to the controller, named `call`.
+fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> SessionError {
+    move |source| SessionError::Rpc { call, source }
+}
+
 /// The leader a standby named in its refusal (see `vmha_proto::LEADER_HEADER`).
-fn leader_named(e: &anyhow::Error) -> Option<String> {
-    let status = e.chain().find_map(|c| c.downcast_ref::<tonic::Status>())?;
+fn leader_named(e: &SessionError) -> Option<String> {
+    let SessionError::Rpc { source: status, .. } = e else { return None };
     let leader = status.metadata().get(vmha_proto::LEADER_HEADER)?.to_str().ok()?;
     Some(leader.to_string())
 }
@@ -153,7 +187,7 @@ impl Agent {
                         continue;
                     }
                     None => {
-                        tracing::warn!(controller = %endpoint, error = format!("{e:#}"), "lost the controller; retrying")
+                        tracing::warn!(controller = %endpoint, error = %e, "lost the controller; retrying")
                     }
                 }
             }
@@ -162,13 +196,16 @@ impl Agent {
         }
     }
 
-    async fn session(self: Arc<Self>, endpoint: &str) -> anyhow::Result<()> {
+    async fn session(self: Arc<Self>, endpoint: &str) -> Result<(), SessionError> {
         let channel = self.transport.channel(endpoint, Expect::Controller, Duration::from_secs(2)).await?;
         let header = match self.transport {
             Transport::Mtls(_) => None,
-            Transport::InsecureDev => {
-                Some(self.cfg.host_name.parse().context("host name is not a valid header value")?)
-            }
+            Transport::InsecureDev => Some(
+                self.cfg
+                    .host_name
+                    .parse()
+                    .map_err(|source| SessionError::HostName { host: self.cfg.host_name.clone(), source })?,
+            ),
         };
         let mut client: Client = AgentServiceClient::with_interceptor(channel, HostHeader(header));
 
@@ -181,9 +218,9 @@ impl Agent {
                 peer_address: self.cfg.peer_address.clone(),
             })
             .await
-            .context("register")?
+            .map_err(rpc("register"))?
             .into_inner();
-        let t = reg.timings.context("the controller sent no timings (an older controller?)")?;
+        let t = reg.timings.ok_or_else(|| SessionError::NoTimings { endpoint: endpoint.into() })?;
         let timings = Timings {
             heartbeat_interval_ms: t.heartbeat_interval_ms,
             lease_ttl_ms: t.lease_ttl_ms,
@@ -193,17 +230,17 @@ impl Agent {
         };
         self.lease
             .adopt_timings(timings)
-            .map_err(|e| anyhow::anyhow!("refusing the controller at {endpoint}: {e}"))?;
+            .map_err(|why| SessionError::Timings { endpoint: endpoint.into(), why })?;
         self.lease
             .see_epoch(reg.epoch)
-            .map_err(|e| anyhow::anyhow!("refusing the controller at {endpoint}: {e}"))?;
+            .map_err(|source| SessionError::Deposed { endpoint: endpoint.into(), source })?;
         self.answer_received(reg.epoch, reg.stamp_ms);
         // A new session may be a new leader: send every definition again.
         self.sent_xml.lock().unwrap_or_else(|p| p.into_inner()).clear();
         tracing::info!(controller = %endpoint, epoch = reg.epoch, "registered");
 
         let mut commands =
-            client.commands(CommandsRequest {}).await.context("open command stream")?.into_inner();
+            client.commands(CommandsRequest {}).await.map_err(rpc("open command stream"))?.into_inner();
         let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -211,7 +248,7 @@ impl Agent {
                     let wait = self.heartbeat(&mut client).await?;
                     next = tokio::time::Instant::now() + wait;
                 }
-                msg = commands.message() => match msg.context("command stream")? {
+                msg = commands.message() => match msg.map_err(rpc("command stream"))? {
                     Some(cmd) => {
                         if let Err(e) = self.lease.see_epoch(cmd.epoch) {
                             tracing::warn!(operation = %cmd.operation_id, "refusing a command: {e}");
@@ -219,7 +256,7 @@ impl Agent {
                         }
                         tokio::spawn(executor::execute(self.clone(), client.clone(), cmd));
                     }
-                    None => bail!("the controller closed the command stream"),
+                    None => return Err(SessionError::StreamClosed { endpoint: endpoint.into() }),
                 },
                 () = self.reconnect.notified() => {
                     tracing::info!(controller = %endpoint, "reconnecting with the renewed certificate");
@@ -235,20 +272,20 @@ impl Agent {
 
     /// The host's facts for registering; the last ones known if libvirt does not answer, so
     /// that a hung libvirtd never keeps the agent from its controller (and its lease).
-    async fn facts(&self) -> anyhow::Result<HostFacts> {
+    async fn facts(&self) -> Result<HostFacts, SessionError> {
         let mut r = self.report_lock.lock().await;
         let timeout = listing_timeout(self.interval());
         let hv = self.hv.clone();
         if let Outcome::Done(Ok(f)) = r.facts_call.call(timeout, move || hv.host_facts()).await {
             r.facts = Some(f);
         }
-        r.facts.clone().context("libvirt has not answered since the agent started; is libvirtd running?")
+        r.facts.clone().ok_or(SessionError::NoFacts)
     }
 
     /// Takes a full report (facts and every domain) and sends it; returns when the leader
     /// wants the next one. When libvirt does not answer in time, the heartbeat goes anyway,
     /// saying its domain list is unknown: the lease never waits on libvirt.
-    pub async fn heartbeat(&self, client: &mut Client) -> anyhow::Result<Duration> {
+    pub async fn heartbeat(&self, client: &mut Client) -> Result<Duration, SessionError> {
         let interval = self.interval();
         let mut report = self.report_lock.lock().await;
         let hv = self.hv.clone();
@@ -274,7 +311,7 @@ impl Agent {
                 );
                 (report.facts.clone(), Vec::new(), true)
             }
-            Outcome::Panicked(e) => anyhow::bail!("listing the domains panicked: {e}"),
+            Outcome::Panicked(e) => return Err(SessionError::ListingPanicked(e)),
         };
         let mut sending = Vec::new();
         {
@@ -314,8 +351,8 @@ impl Agent {
         let sent_at = self.lease.now();
         let mut answer = tokio::time::timeout(interval * 2, client.heartbeat(req))
             .await
-            .context("heartbeat timed out")?
-            .context("heartbeat")?
+            .map_err(|_| SessionError::HeartbeatTimedOut(interval * 2))?
+            .map_err(rpc("heartbeat"))?
             .into_inner();
         // What the controller did not take is sent again with the next heartbeat.
         let not_taken: std::collections::HashSet<&str> =
@@ -328,9 +365,13 @@ impl Agent {
             tracing::warn!(reason = %answer.refused, "heartbeat earned no lease");
         }
         let roster = roster_update(&mut answer);
-        self.lease
-            .answered(answer.epoch, sent_at, answer.lease_ttl_ms, answer.cluster_hosts as usize, roster)
-            .context("refusing the heartbeat answer")?;
+        self.lease.answered(
+            answer.epoch,
+            sent_at,
+            answer.lease_ttl_ms,
+            answer.cluster_hosts as usize,
+            roster,
+        )?;
         // Echoed only once taken whole (see `LeaseShell::answered`).
         self.answer_received(answer.epoch, answer.stamp_ms);
         if let Some(r) = self.revocation.clone().filter(|_| !answer.crl.is_empty()) {
@@ -340,13 +381,18 @@ impl Agent {
         let wait = Duration::from_millis(answer.next_heartbeat_in_ms);
         Ok(if wait.is_zero() || wait > interval * 2 { interval } else { wait })
     }
+}
 
-    /// Runs a hypervisor call off the async runtime: libvirt calls block.
-    pub async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn Hypervisor) -> Result<T, crate::hypervisor::HypervisorError> + Send + 'static,
-    ) -> anyhow::Result<T> {
-        let hv = self.hv.clone();
-        Ok(tokio::task::spawn_blocking(move || f(hv.as_ref())).await??)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standbys_refusal_names_the_leader_to_follow() {
+        let mut refusal = tonic::Status::unavailable("this controller stands by");
+        refusal.metadata_mut().insert(vmha_proto::LEADER_HEADER, "https://ctl2:7443".parse().unwrap());
+        assert_eq!(leader_named(&rpc("register")(refusal)), Some("https://ctl2:7443".into()));
+        assert_eq!(leader_named(&rpc("heartbeat")(tonic::Status::unavailable("down"))), None);
+        assert_eq!(leader_named(&SessionError::NoFacts), None);
     }
 }

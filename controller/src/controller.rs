@@ -33,7 +33,7 @@ use crate::errors::Error;
 use crate::journal::{Journal, Write};
 use crate::leadership::Leadership;
 use crate::metrics::METRICS;
-use crate::store::{NewEvent, OperationOutcome, Store, StoreError, op_uuid, retry_while_unreachable};
+use crate::store::{NewEvent, Store, StoreError, op_uuid, retry_while_unreachable};
 use crate::views;
 
 /// Defaults for live migrations the controller starts (their timeout is the engine's policy:
@@ -190,6 +190,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What a new leader of `epoch` restores (`Engine::restore`) from the database: the cluster
+/// as stored, on a clock that starts at 0, and the operations an earlier leader left unfinished.
+pub async fn load(
+    store: &Store,
+    timings: Timings,
+    policy: Policy,
+    epoch: u64,
+) -> Result<(ClusterState, Vec<Operation>), StoreError> {
+    let unwatched_before_ms = store.last_led_ms_ago().await?.unwrap_or(0);
+    let mut cluster = ClusterState {
+        timings,
+        policy,
+        started: Millis(0),
+        epoch,
+        unwatched_before_ms,
+        ..Default::default()
+    };
+    for h in store.load_hosts().await? {
+        cluster.hosts.insert(h.name.clone(), h);
+    }
+    for mut vm in store.load_vms().await? {
+        // Which VM each disk belongs to is read again from the definitions, so that a
+        // host cannot claim one between a takeover and its VM's next report.
+        vm.disks = crate::domain_xml::disks(&vm.xml);
+        cluster.vms.insert(vm.uuid.clone(), vm);
+    }
+    Ok((cluster, store.unfinished_operations().await?))
+}
+
 impl Controller {
     /// Connects to `database_url` and starts, waiting as long as PostgreSQL is unreachable (and
     /// saying so in the log); fails at once on what waiting cannot fix (a malformed URL, a
@@ -230,26 +259,9 @@ impl Controller {
         policy: Policy,
         (migration, fence, leadership): (MigrationSettings, FenceSettings, Arc<Leadership>),
     ) -> Result<(Arc<Controller>, DecisionLoop), StoreError> {
-        let unwatched_before_ms = store.last_led_ms_ago().await?.unwrap_or(0);
-        let mut cluster = ClusterState {
-            timings,
-            policy,
-            started: Millis(0),
-            epoch,
-            unwatched_before_ms,
-            ..Default::default()
-        };
-        for h in store.load_hosts().await? {
-            cluster.hosts.insert(h.name.clone(), h);
-        }
-        for mut vm in store.load_vms().await? {
-            // Which VM each disk belongs to is read again from the definitions, so that a
-            // host cannot claim one between a takeover and its VM's next report.
-            vm.disks = crate::domain_xml::disks(&vm.xml);
-            cluster.vms.insert(vm.uuid.clone(), vm);
-        }
+        let (cluster, unfinished) = load(&store, timings, policy, epoch).await?;
         let (hosts, vms) = (cluster.hosts.len(), cluster.vms.len());
-        let (engine, resumed) = Engine::restore(cluster, store.unfinished_operations().await?, Millis(0));
+        let (engine, resumed) = Engine::restore(cluster, unfinished, Millis(0));
         let started = Event {
             subject: Subject::Controller(format!("epoch {epoch}")),
             kind: vmha_engine::event::EventKind::ControllerStarted,
@@ -355,40 +367,14 @@ impl Controller {
     fn persist(&self, engine: &Engine, out: &Output) -> Vec<(OpId, String, RecordFuture)> {
         let s = &engine.cluster;
         let p = &out.persist;
-        for host in &p.watchdog {
-            if let Some(h) = s.hosts.get(host) {
-                self.journal.write(Write::Watchdog { host: host.clone(), watchdog: h.watchdog.clone() });
-            }
-        }
-        for (host, work) in &p.host_work {
-            self.journal.write(Write::HostWork { host: host.clone(), work: work.clone() });
+        for write in Write::persisted(s, p) {
+            self.journal.write(write);
         }
         if !p.host_work.is_empty() {
             self.work_changed.send_modify(|n| *n += 1);
         }
-        for uuid in &p.vms {
-            // The hosts table is the foreign key's target; a report can name a host that
-            // registered after this controller loaded its state.
-            if let Some(vm) =
-                s.vms.get(uuid).filter(|v| v.host.as_ref().is_none_or(|h| s.hosts.contains_key(h)))
-            {
-                self.journal.write(Write::vm(vm));
-            }
-        }
-        for uuid in &p.forgotten {
-            self.journal.write(Write::DeleteVm { uuid: uuid.clone() });
-        }
         for host in &p.removed_hosts {
             lock(&self.host_certs).remove(host);
-            self.journal.write(Write::DeleteHost { host: host.clone() });
-        }
-        for (uuid, work) in &p.vm_work {
-            self.journal.write(Write::VmWork { uuid: uuid.clone(), work: work.clone() });
-        }
-        for uuid in &p.xml {
-            if let Some(vm) = s.vms.get(uuid) {
-                self.journal.write(Write::VmXml { uuid: uuid.clone(), xml: vm.xml.clone() });
-            }
         }
         for e in &out.events {
             METRICS.event(s, e);
@@ -401,24 +387,15 @@ impl Controller {
         }
         let mut recording = Vec::new();
         for op in &p.ops {
-            let id = op_uuid(op.id);
-            match op.state {
-                OpState::Recording => {
-                    let written = self.journal.record(Write::Operation { op: op.clone(), epoch: self.epoch });
-                    recording.push((op.id, op.executor().to_string(), Box::pin(written) as RecordFuture));
-                }
-                OpState::Running => self.journal.write(Write::OperationRunning(id)),
-                OpState::Succeeded | OpState::Failed | OpState::Aborted | OpState::Cancelled => {
+            let write = Write::operation(op, self.epoch);
+            if op.state == OpState::Recording {
+                let written = self.journal.record(write);
+                recording.push((op.id, op.executor().to_string(), Box::pin(written) as RecordFuture));
+            } else {
+                if op.state.ended() {
                     METRICS.operation_ended(op);
-                    let outcome = OperationOutcome {
-                        state: op.state.as_str(),
-                        error: op.error.clone(),
-                        elapsed_ms: op.done.elapsed_ms,
-                        downtime_ms: op.done.downtime_ms,
-                        bytes: op.done.bytes,
-                    };
-                    self.journal.write(Write::OperationFinished { id, outcome });
                 }
+                self.journal.write(write);
             }
         }
         recording

@@ -35,11 +35,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use vmha_engine::availability::OutageMark;
-use vmha_engine::operation::Operation;
-use vmha_engine::step::{HostWork, VmWork};
-use vmha_engine::{HostView, VmView, Watchdog};
+use vmha_engine::operation::{OpState, Operation};
+use vmha_engine::step::{HostWork, Persist, VmWork};
+use vmha_engine::{ClusterState, HostView, VmView, Watchdog};
 
-use crate::store::{NewEvent, OperationOutcome, Store, StoreError, retry_while_unreachable};
+use crate::store::{NewEvent, OperationOutcome, Store, StoreError, op_uuid, retry_while_unreachable};
 
 /// One write, as the store takes it.
 #[derive(Debug)]
@@ -106,6 +106,68 @@ impl Write {
     /// A VM's observed state and sizes; its domain XML, written on its own, is not copied.
     pub fn vm(vm: &VmView) -> Write {
         Write::Vm(VmView { xml: String::new(), ..vm.clone() })
+    }
+
+    /// The writes that keep the hosts and VMs a step's `Persist` names, as `s` has them after
+    /// the step, in the order the state changed. Not registrations: the agent API writes those
+    /// with a fact the engine does not keep (the hypervisor's version). Not operations either:
+    /// see `Write::operation`. The one translation of the engine's restart contract
+    /// (`vmha_engine::persist`) into rows, shared with the test that holds the two together.
+    pub fn persisted(s: &ClusterState, p: &Persist) -> Vec<Write> {
+        let mut writes = Vec::new();
+        for host in &p.watchdog {
+            if let Some(h) = s.hosts.get(host) {
+                writes.push(Write::Watchdog { host: host.clone(), watchdog: h.watchdog.clone() });
+            }
+        }
+        for (host, work) in &p.host_work {
+            writes.push(Write::HostWork { host: host.clone(), work: work.clone() });
+        }
+        for uuid in &p.vms {
+            // The hosts table is the foreign key's target; a report can name a host that
+            // registered after this controller loaded its state.
+            if let Some(vm) =
+                s.vms.get(uuid).filter(|v| v.host.as_ref().is_none_or(|h| s.hosts.contains_key(h)))
+            {
+                writes.push(Write::vm(vm));
+            }
+        }
+        for uuid in &p.forgotten {
+            writes.push(Write::DeleteVm { uuid: uuid.clone() });
+        }
+        for host in &p.removed_hosts {
+            writes.push(Write::DeleteHost { host: host.clone() });
+        }
+        for (uuid, work) in &p.vm_work {
+            writes.push(Write::VmWork { uuid: uuid.clone(), work: work.clone() });
+        }
+        for uuid in &p.xml {
+            if let Some(vm) = s.vms.get(uuid) {
+                writes.push(Write::VmXml { uuid: uuid.clone(), xml: vm.xml.clone() });
+            }
+        }
+        writes
+    }
+
+    /// The write that keeps an operation's row as `op` now stands, for the leader of `epoch`:
+    /// a new one is inserted (to be waited for: its command goes out only once it is written),
+    /// a sent one marked running, an ended one finished.
+    pub fn operation(op: &Operation, epoch: u64) -> Write {
+        let id = op_uuid(op.id);
+        match op.state {
+            OpState::Recording => Write::Operation { op: op.clone(), epoch },
+            OpState::Running => Write::OperationRunning(id),
+            OpState::Succeeded | OpState::Failed | OpState::Aborted | OpState::Cancelled => {
+                let outcome = OperationOutcome {
+                    state: op.state.as_str(),
+                    error: op.error.clone(),
+                    elapsed_ms: op.done.elapsed_ms,
+                    downtime_ms: op.done.downtime_ms,
+                    bytes: op.done.bytes,
+                };
+                Write::OperationFinished { id, outcome }
+            }
+        }
     }
 
     async fn apply(&self, db: &mut PgConnection) -> Result<(), StoreError> {

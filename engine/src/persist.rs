@@ -1,7 +1,8 @@
 //! What the controller keeps in PostgreSQL, as a model: which fields of a step's state survive
 //! a restart, and how a new controller is built from them. The controller's store writes and
 //! loads exactly these (in SQL); the simulator and the scenario tests keep them in memory, so a
-//! restart in a test loses what a real restart loses and keeps what it keeps.
+//! restart in a test loses what a real restart loses and keeps what it keeps
+//! (controller/tests/restart_contract.rs holds the two to each other).
 
 use std::collections::BTreeMap;
 
@@ -24,18 +25,20 @@ impl Db {
     /// Writes what a step's `Persist` names, as `engine` has it now.
     pub fn apply(&mut self, engine: &Engine, p: &Persist) {
         let s = &engine.cluster;
-        for name in p.registered.iter().chain(&p.watchdog) {
+        for name in &p.registered {
             if let Some(h) = s.hosts.get(name) {
-                let mut row = HostView::new(name);
+                let row = self.hosts.entry(name.clone()).or_insert_with(|| HostView::new(name));
                 row.migration_uri = h.migration_uri.clone();
                 row.peer_address = h.peer_address.clone();
                 row.resources = h.resources.clone();
                 row.libvirt_version = h.libvirt_version.clone();
+            }
+        }
+        // Only the watchdog: what heartbeats changed of the host's facts since it registered
+        // (its resources) is not kept, and the next registration brings it again.
+        for name in &p.watchdog {
+            if let (Some(h), Some(row)) = (s.hosts.get(name), self.hosts.get_mut(name)) {
                 row.watchdog = h.watchdog.clone();
-                if let Some(old) = self.hosts.get(name) {
-                    set_host_work(&mut row, &HostWork::of(old));
-                }
-                self.hosts.insert(name.clone(), row);
             }
         }
         for (name, work) in &p.host_work {
@@ -51,6 +54,9 @@ impl Db {
                 row.memory_kib = vm.memory_kib;
                 row.vcpus = vm.vcpus;
                 row.xml = vm.xml.clone();
+                // The controller reads a definition's disks again when it loads it; the engine
+                // parses no XML, so the model keeps them with the definition they were read from.
+                row.disks = vm.disks.clone();
                 // Unknown (a new leader before the first report) keeps the last state a report
                 // showed: the next leader needs it to tell a VM that stopped meanwhile.
                 if vm.state != RunState::Unknown {
@@ -133,6 +139,7 @@ pub fn loaded_vm(row: &VmView) -> VmView {
     vm.memory_kib = row.memory_kib;
     vm.vcpus = row.vcpus;
     vm.xml = row.xml.clone();
+    vm.disks = row.disks.clone();
     VmWork::of(row).apply_to(&mut vm);
     vm
 }
