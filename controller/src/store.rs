@@ -780,7 +780,7 @@ impl Store {
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, kind, vm_uuid, vm_name, source, target, purpose, actor, bandwidth_mib_s, timeout_ms
-             FROM operations WHERE state IN ('pending', 'running') ORDER BY created_at",
+             FROM operations WHERE state IN ('pending', 'running') ORDER BY created_at, id",
         )
         .fetch_all(&self.pool)
         .await

@@ -61,12 +61,11 @@ impl PgServer {
     }
 
     fn start() -> PgServer {
-        let dir = std::env::temp_dir().join(format!(
-            "vmha-test-pg-{}-{}",
-            std::process::id(),
-            NEXT_DB.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        // A fresh, randomly named directory: a name made of the process id can be one a crashed
+        // earlier run left behind (ids are reused), and initdb refuses a directory in use.
+        // Removed by `Drop`.
+        let dir =
+            tempfile::Builder::new().prefix("vmha-test-pg-").tempdir().expect("a temporary directory").keep();
         let as_postgres = is_root();
         if as_postgres {
             let ok = Command::new("chown").args(["postgres:postgres"]).arg(&dir).status().unwrap().success();
