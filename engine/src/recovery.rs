@@ -308,15 +308,19 @@ pub fn failback<'s>(
     }))
 }
 
-/// A host other than the VM's that has not reported its domains since `t` (a report that
-/// earned a lease was sent at most `max_transit` before it arrived) and is not dead: it may run
-/// a copy nobody knows of yet.
+/// A host that has not reported its domains since `t` (a report that earned a lease was sent
+/// at most `max_transit` before it arrived) and is not dead: it may run a copy nobody knows of
+/// yet. The VM's own host is left out once its state there is known.
 pub(crate) fn not_reported_since(state: &ClusterState, vm: &VmView, t: Millis) -> Option<String> {
     let since = Millis(t.0 + state.timings.max_transit_ms);
+    // Its own host counts too while this leader has not heard of the VM there (a takeover
+    // restores every VM as unknown): what an earlier leader saw there (it stopped, its host
+    // self-fenced) may have been undone since, by a move whose end was never written down.
+    let unknown_at_home = vm.state == crate::RunState::Unknown;
     state
         .hosts
         .values()
-        .filter(|h| vm.host.as_deref() != Some(h.name.as_str()) && h.dead.is_none())
+        .filter(|h| (unknown_at_home || vm.host.as_deref() != Some(h.name.as_str())) && h.dead.is_none())
         .find(|h| h.reported_at.is_none_or(|r| r < since))
         .map(|h| h.name.clone())
 }
@@ -859,6 +863,27 @@ mod tests {
     use super::*;
     use crate::cluster::tests::{three_hosts, vm_on};
     use crate::lease::{Echo, issue_stamp, on_heartbeat};
+
+    #[test]
+    fn a_restart_waits_for_the_vms_own_host_until_this_leader_has_heard_of_it_there() {
+        let mut s = three_hosts();
+        for h in s.hosts.values_mut() {
+            h.reported_at = Some(Millis(10_000));
+        }
+        // A takeover: the VM's state is unknown, and its own host has not reported since.
+        s.hosts.get_mut("kvm1").unwrap().reported_at = None;
+        let mut vm = vm_on(&mut s, "a", "dns1", "kvm1");
+        vm.state = RunState::Unknown;
+        assert_eq!(not_reported_since(&s, &vm, Millis(5_000)).as_deref(), Some("kvm1"));
+        // Its host reported it stopped: only the others count then.
+        vm.state = RunState::ShutOff;
+        assert_eq!(not_reported_since(&s, &vm, Millis(5_000)), None);
+        // A dead host is waited for by nobody.
+        vm.state = RunState::Unknown;
+        s.hosts.get_mut("kvm1").unwrap().dead =
+            Some(crate::cluster::Death { at: Millis(9_000), cause: "silent".into() });
+        assert_eq!(not_reported_since(&s, &vm, Millis(5_000)), None);
+    }
 
     #[test]
     fn a_protected_vm_off_on_a_live_host_says_why_it_is_not_restarted() {
