@@ -730,7 +730,11 @@ pub fn after_report(
             continue;
         }
         let InventoryChange::StateChanged { uuid, name, from, to, unwatched, .. } = c else { continue };
-        if !from.has_process() || to.has_process() || *to == RunState::Lost {
+        // Down with its host (`Lost`) counts as running: a host that came back may first send a
+        // report from before its agent self-fenced, which makes its return cancel the restart
+        // ("still runs there"), and only then the one that shows the VM off.
+        let ran = from.has_process() || *from == RunState::Lost;
+        if !ran || to.has_process() || *to == RunState::Lost {
             continue;
         }
         let Some(vm) = state.vms.get_mut(uuid) else { continue };
@@ -863,6 +867,28 @@ mod tests {
     use super::*;
     use crate::cluster::tests::{three_hosts, vm_on};
     use crate::lease::{Echo, issue_stamp, on_heartbeat};
+
+    #[test]
+    fn a_vm_down_with_its_host_is_restarted_when_the_host_comes_back_and_shows_it_off() {
+        let mut s = three_hosts();
+        s.hosts.get_mut("kvm1").unwrap().self_fenced = true;
+        let mut vm = vm_on(&mut s, "a", "dns1", "kvm1");
+        vm.protected = true;
+        // Its host came back; a report from before its agent self-fenced cancelled the
+        // restart; this one shows the VM off.
+        vm.state = RunState::ShutOff;
+        s.vms.insert("a".into(), vm);
+        let change = InventoryChange::StateChanged {
+            uuid: "a".into(),
+            name: "dns1".into(),
+            host: "kvm1".into(),
+            from: RunState::Lost,
+            to: RunState::ShutOff,
+            unwatched: false,
+        };
+        let out = after_report(&mut s, "kvm1", &[change], Millis(1_000));
+        assert!(s.vms["a"].recovery.is_some(), "dns1 is to be restarted: {out:?}");
+    }
 
     #[test]
     fn a_restart_waits_for_the_vms_own_host_until_this_leader_has_heard_of_it_there() {
