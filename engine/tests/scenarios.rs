@@ -26,7 +26,8 @@
 //! ```
 //!
 //! Actions (see `Action`): the world's `kill H`, `revive H`, `cut H`, `cut-controller H`,
-//! `heal H`, `kill-agent H`, `restart-agent H`, `crash VM`, `start-by-hand VM H`, the faults
+//! `heal H`, `kill-agent H`, `restart-agent H`, `crash VM`, `start-by-hand VM H`,
+//! `migrate-by-hand VM H`, `hang-libvirt H DURATION`, the faults
 //! `fail-migrations H`, `fail-starts H`, `slow-migrations H` (20 s), `slow-starts H` (10 s),
 //! `hang H`, `mute H` and `fix H` (clears them), `probe H ok|fail [NAME]`,
 //! `fence-result H ok|fail`, `restart-controller`; the operator's `drain H [allow-restart]`,
@@ -114,6 +115,15 @@ enum Action {
         vm: String,
         host: String,
     },
+    /// An operator live-migrates the VM with `virsh migrate`, bypassing vmha: it runs on the
+    /// host at once, and its source keeps the definition, shut off.
+    MigrateByHand {
+        vm: String,
+        host: String,
+    },
+    /// libvirtd on the host stops answering for a while: the agent's reports go on without
+    /// the domain list, starts wait, destroys are lost.
+    HangLibvirt(String, u64),
     Fault(String, AgentFault),
     Fix(String),
     Probe {
@@ -216,6 +226,8 @@ fn parse_action(words: &[&str]) -> Result<Action, String> {
         ["restart-agent", h] => Action::RestartAgent(s(h)),
         ["crash", vm] => Action::Crash(s(vm)),
         ["start-by-hand", vm, h] => Action::StartByHand { vm: s(vm), host: s(h) },
+        ["migrate-by-hand", vm, h] => Action::MigrateByHand { vm: s(vm), host: s(h) },
+        ["hang-libvirt", h, t] => Action::HangLibvirt(s(h), duration(t)?),
         ["fix", h] => Action::Fix(s(h)),
         ["probe", h, verdict @ ("ok" | "fail"), name @ ..] => Action::Probe {
             host: s(h),
@@ -455,6 +467,8 @@ fn act(w: &mut World, a: Action) {
         Action::RestartAgent(h) => w.restart_agent(w.host(&h)),
         Action::Crash(vm) => w.crash(w.vm_named(&vm)),
         Action::StartByHand { vm, host } => w.start_by_hand(w.vm_named(&vm), w.host(&host)),
+        Action::MigrateByHand { vm, host } => w.migrate_by_hand(w.vm_named(&vm), w.host(&host)),
+        Action::HangLibvirt(h, ms) => w.hang_libvirt(w.host(&h), ms),
         Action::Fault(h, f) => {
             let h = w.host(&h);
             w.hosts[h].faults.insert(f);
