@@ -384,6 +384,14 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
     out
 }
 
+/// Whether a drain's cold restart owns `uuid`: destroyed on its host, its start elsewhere sent
+/// or still to come.
+pub(crate) fn cold_restarting(s: &ClusterState, uuid: &str) -> bool {
+    s.hosts.values().filter_map(|h| h.drain.as_ref()).any(|d| {
+        d.steps.iter().any(|st| st.vm_uuid == uuid && matches!(st.state, StepState::Restarting { .. }))
+    })
+}
+
 fn migrating_in_a_drain(s: &ClusterState, uuid: &str) -> bool {
     s.hosts.values().filter_map(|h| h.drain.as_ref()).any(|d| d.heading_to(uuid).is_some())
 }
@@ -666,6 +674,32 @@ mod tests {
             let a = restart_finished(&mut s, "a", &to, Ok(()), Millis(3));
             assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::DrainDone, .. })), "{a:?}");
             assert_eq!(s.vms["a"].host.as_deref(), Some(to.as_str()));
+        }
+    }
+
+    #[test]
+    fn a_host_lost_during_a_cold_restart_leaves_the_start_to_the_drain_unless_it_fails() {
+        for start_works in [true, false] {
+            let mut s = cluster();
+            s.policy.max_relocate = 0;
+            s.vms.retain(|u, _| u == "a");
+            let a = start(&mut s, "kvm1", true, Millis(1)).unwrap();
+            let (_, to) = migrations(&a).pop().unwrap();
+            let a = migration_finished(&mut s, "a", &to, Err("CPU incompatible".into()), Millis(2));
+            assert!(a.iter().any(|x| matches!(x, Action::ColdRestart { .. })), "{a:?}");
+            crate::recovery::confirm_down(&mut s, "kvm1", Millis(20_000)).unwrap();
+            for h in s.hosts.values_mut() {
+                h.reported_at = Some(Millis(25_000));
+                h.lease.granted_at = Some(Millis(25_000));
+            }
+            let starts = |a: &[Action]| a.iter().filter(|x| matches!(x, Action::Start { .. })).count();
+            let a = crate::recovery::tick(&mut s, Millis(25_001));
+            assert_eq!(starts(&a), 0, "the drain's start is still to come: {a:?}");
+            let result = if start_works { Ok(()) } else { Err("no such file".into()) };
+            restart_finished(&mut s, "a", &to, result, Millis(25_002));
+            let a = crate::recovery::tick(&mut s, Millis(25_003));
+            assert_eq!(starts(&a), usize::from(!start_works), "{a:?}");
+            assert_eq!(s.vms["a"].recovery.is_some(), !start_works);
         }
     }
 

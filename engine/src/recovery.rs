@@ -100,6 +100,10 @@ fn declare_dead(
     }
     let alive: Vec<String> =
         state.hosts.values().filter(|h| h.dead.is_none()).map(|h| h.name.clone()).collect();
+    let cold_restarting: Vec<String> = (state.vms.values())
+        .filter(|v| v.host.as_deref() == Some(host) && crate::drain::cold_restarting(state, &v.uuid))
+        .map(|v| v.uuid.clone())
+        .collect();
     for vm in state.vms.values_mut().filter(|v| v.host.as_deref() == Some(host)) {
         // Another live host reports it running (it was moved behind vmha's back, or started
         // there by hand): that copy is the one left, and nothing is restarted. (`near` lists
@@ -121,8 +125,15 @@ fn declare_dead(
         }
         let had_process = vm.state.has_process() || vm.state == RunState::Unknown;
         vm.state = RunState::Lost;
-        // Busy: a live migration was under way, and may have ended on its target first.
-        let migrating = vm.busy_with.take().is_some();
+        // Busy: a live migration was under way, and may have ended on its target first. A
+        // drain's cold restart stays in charge (destroyed here, its start elsewhere still to
+        // come): the recovery waits for its end, and restarts the VM only if that start
+        // failed (found by 400,000 schedules: both started it, once the target reported).
+        let migrating = if cold_restarting.contains(&vm.uuid) {
+            true
+        } else {
+            vm.busy_with.take().is_some()
+        };
         let covered = proof == Proof::Off || vm.fenced_by(known);
         if vm.stopped_by.is_some() {
             continue;

@@ -777,3 +777,18 @@ fn a_restart_after_a_takeover_waits_for_the_vms_own_host_to_report() {
     let sim = run_schedule(&(5, 766889019738763976, true, true, faults));
     assert!(sim.violations.is_empty(), "{:?}", sim.violations);
 }
+
+/// Found by a 400,000-schedule run.
+#[test]
+fn a_drain_beside_a_hung_libvirt_never_starts_a_second_copy() {
+    let faults = vec![
+        (871, Fault::Drain(2, false)),
+        (2031, Fault::HangLibvirt(0, 14471)),
+        (3511, Fault::Drain(3, false)),
+        (7061, Fault::Drain(1, true)),
+        (9045, Fault::Undrain(2, false)),
+        (9062, Fault::HangAgent(1, 1001)),
+    ];
+    let sim = run_schedule(&(4, 1683236783978760894, false, true, faults));
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+}
