@@ -5,7 +5,7 @@
 //! certificate: an error here refuses the message, and nothing here may panic.
 
 use vmha_engine::cluster::HostResources;
-use vmha_engine::drain::Probe;
+use vmha_engine::health::Probe;
 use vmha_engine::lease::Echo;
 use vmha_engine::operation::{Done, OpId};
 use vmha_engine::step::{Heartbeat, Registration};

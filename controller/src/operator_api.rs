@@ -15,7 +15,7 @@ use vmha_engine::event::{Event, EventKind};
 
 use vmha_engine::operation::{OpId, Overrides};
 use vmha_engine::step::{Input, Reply, Request as Change};
-use vmha_engine::{FencingMode, HostLiveness, drain};
+use vmha_engine::{FencingMode, HostLiveness, drain, drain_record};
 use vmha_proto::v1::operator_service_server::OperatorService;
 use vmha_proto::v1::*;
 use vmha_tls::Level;
@@ -347,10 +347,10 @@ impl OperatorService for OperatorApi {
                 })
                 .await?
                 .map_err(refusal)?;
-            let d = drain::Drain {
-                cause: drain::DrainCause::Operator,
+            let d = drain_record::Drain {
+                cause: drain_record::DrainCause::Operator,
                 allow_restart: r.allow_restart,
-                state: drain::DrainState::Planned,
+                state: drain_record::DrainState::Planned,
                 steps,
                 message: "dry run: nothing changed".into(),
             };

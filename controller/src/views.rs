@@ -1,7 +1,7 @@
 //! What operators see: the operator API's messages, built from engine state and store rows.
 
 use vmha_engine::availability::{self, Outage};
-use vmha_engine::drain::{Drain, DrainStep, StepState};
+use vmha_engine::drain_record::{Drain, DrainStep, StepState};
 use vmha_engine::recovery::explain;
 use vmha_engine::{AdminState, ClusterState, FencingMode, HostLiveness, Millis, VmView, Watchdog};
 use vmha_proto::v1 as pb;

@@ -24,7 +24,7 @@ use support::PgServer;
 use vmha_controller::journal::{Journal, Write};
 use vmha_controller::store::{Store, StoreError};
 use vmha_engine::cluster::HostResources;
-use vmha_engine::drain::Probe;
+use vmha_engine::health::Probe;
 use vmha_engine::event::Event;
 use vmha_engine::inventory::ReportedDomain;
 use vmha_engine::lease::Echo;

@@ -253,10 +253,10 @@ async fn a_hosts_death_drain_and_acknowledged_roster_and_a_vms_restart_survive_a
     let mut h = host("kvm1");
     h.admin = vmha_engine::AdminState::Draining;
     h.dead = Some(vmha_engine::Death { at: Millis(5), cause: "no lease".into() });
-    h.drain = Some(vmha_engine::drain::Drain {
-        cause: vmha_engine::drain::DrainCause::Operator,
+    h.drain = Some(vmha_engine::drain_record::Drain {
+        cause: vmha_engine::drain_record::DrainCause::Operator,
         allow_restart: true,
-        state: vmha_engine::drain::DrainState::Draining,
+        state: vmha_engine::drain_record::DrainState::Draining,
         steps: Vec::new(),
         message: String::new(),
     });

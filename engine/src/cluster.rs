@@ -216,17 +216,17 @@ pub struct HostView {
     pub dead: Option<Death>,
     /// An external fence command is running since then.
     pub fencing_since: Option<Millis>,
-    pub health: crate::drain::Health,
+    pub health: crate::health::Health,
     /// Memory vmha may place on it, whatever the host has free; `None`: no cap.
     pub memory_limit_kib: Option<u64>,
     /// The current or last drain.
-    pub drain: Option<crate::drain::Drain>,
+    pub drain: Option<crate::drain_record::Drain>,
     /// The `seq` of the newest heartbeat whose domain list was taken since its agent last
     /// registered (not persisted: a new leader takes the next one).
     pub report_seq: u64,
     /// How many new VMs its reports may still record now; not persisted (a new controller
     /// starts with a full budget).
-    pub discovery: crate::inventory::Discovery,
+    pub discovery: crate::discovery::Discovery,
     /// When its last `agent_connected` event was logged, and the registrations since that
     /// were not (see `step::CONNECTED_EVENT_EVERY_MS`); not persisted.
     pub connected_logged: Option<(Millis, u32)>,

@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use vmha_engine::cluster::HostResources;
-use vmha_engine::drain::Probe;
+use vmha_engine::health::Probe;
 use vmha_engine::inventory::ReportedDomain;
 use vmha_engine::lease::Echo;
 use vmha_engine::operation::{Done, OpId, Overrides};

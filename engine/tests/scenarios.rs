@@ -50,7 +50,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use sim::{AgentFault, Clock, Libvirt, Log, TICK_MS, World};
-use vmha_engine::drain::Probe;
+use vmha_engine::health::Probe;
 use vmha_engine::{ClusterState, FencingMode, Millis, Policy, Reply, Request, Timings, recovery};
 
 /// Fits `Timings::default()` (at most 3.75 s), as the lab's watchdogs do.

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use super::{Engine, HostWork, Output, VmWork};
-use crate::drain;
+use crate::drain_record;
 
 impl Engine {
     pub(super) fn mark_saved(&mut self) {
@@ -39,7 +39,7 @@ impl Engine {
                 let draining = self
                     .saved_hosts
                     .iter()
-                    .filter(|(_, w)| w.drain.as_ref().is_some_and(|d| d.state == drain::DrainState::Draining))
+                    .filter(|(_, w)| w.drain.as_ref().is_some_and(|d| d.state == drain_record::DrainState::Draining))
                     .map(|(n, _)| n.clone());
                 (std::iter::once(host).chain(draining).collect(), vms)
             }

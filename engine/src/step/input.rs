@@ -1,7 +1,7 @@
 //! What enters a step: what agents and operators say, and the results of what it asked for.
 
 use crate::cluster::HostResources;
-use crate::drain::Probe;
+use crate::health::Probe;
 use crate::inventory::ReportedDomain;
 use crate::lease::Echo;
 use crate::operation::{Done, OpId, Overrides};

@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::Refusal;
 use crate::cluster::Recovery;
 use crate::drain;
+use crate::drain_record;
 use crate::event::{Event, EventKind, Subject};
 use crate::operation::{OpId, OpKind, OpState, Operation, Purpose};
 use crate::recovery;
@@ -74,7 +75,7 @@ impl Engine {
             if let Some(d) = &mut h.dead {
                 d.at = now;
             }
-            if let Some(d) = h.drain.as_ref().filter(|d| d.state == drain::DrainState::Draining) {
+            if let Some(d) = h.drain.as_ref().filter(|d| d.state == drain_record::DrainState::Draining) {
                 events.push(Event::host(
                     &h.name,
                     EventKind::DrainResumed,
@@ -151,10 +152,10 @@ impl Engine {
             for step in h.drain.iter_mut().flat_map(|d| d.steps.iter_mut()) {
                 let sent = matches!(
                     step.state,
-                    drain::StepState::Migrating { .. } | drain::StepState::Restarting { .. }
+                    drain_record::StepState::Migrating { .. } | drain_record::StepState::Restarting { .. }
                 );
                 if sent && !in_flight.contains(step.vm_uuid.as_str()) {
-                    step.state = drain::StepState::Pending;
+                    step.state = drain_record::StepState::Pending;
                 }
             }
         }
@@ -231,7 +232,7 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::cluster::tests::{three_hosts, vm_on};
-    use crate::drain::{Drain, DrainCause, DrainState, DrainStep, StepState};
+    use crate::drain_record::{Drain, DrainCause, DrainState, DrainStep, StepState};
     use crate::operation::Done;
 
     fn step_of(uuid: &str, state: StepState) -> DrainStep {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::Refusal;
 use crate::availability::OutageMark;
 use crate::cluster::Recovery;
-use crate::drain::Drain;
+use crate::drain_record::Drain;
 use crate::event::Event;
 use crate::lease::LeaseAnswer;
 use crate::operation::{OpId, Operation};

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use vmha_engine::drain::Probe;
+use vmha_engine::health::Probe;
 use vmha_engine::lease::{Echo, LeaseAnswer};
 use vmha_engine::roster::{self, Roster};
 use vmha_engine::selffence::{Decision, LeaseKeeper, PeerAnswer, Phase, Poll, RelayedFact};

@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use std::sync::Arc;
 
 use vmha_engine::cluster::HostResources;
-use vmha_engine::drain::Probe;
+use vmha_engine::health::Probe;
 use vmha_engine::inventory::ReportedDomain;
 use vmha_engine::lease::{Echo, LeaseAnswer};
 use vmha_engine::operation::OpId;
