@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::Millis;
 use crate::Timings;
-use crate::lease::HostLease;
+use crate::host_lease::HostLease;
 
 /// What the operator wants a host to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
