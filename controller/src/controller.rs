@@ -260,20 +260,9 @@ impl Controller {
         (migration, fence, leadership): (MigrationSettings, FenceSettings, Arc<Leadership>),
     ) -> Result<(Arc<Controller>, DecisionLoop), StoreError> {
         let (cluster, unfinished) = load(&store, timings, policy, epoch).await?;
-        let (hosts, vms) = (cluster.hosts.len(), cluster.vms.len());
         let (engine, resumed) = Engine::restore(cluster, unfinished, Millis(0));
-        let started = Event {
-            subject: Subject::Controller(format!("epoch {epoch}")),
-            kind: vmha_engine::event::EventKind::ControllerStarted,
-            message: format!(
-                "controller started with epoch {epoch}; {hosts} hosts and {vms} VMs known; nothing is declared dead \
-                 before it has held quorum for {} ms",
-                timings.lease_ttl_ms + timings.fence_margin_ms
-            ),
-            actor: "controller".into(),
-        };
         let mut db = store.connection().await?;
-        for e in std::iter::once(&started).chain(&resumed) {
+        for e in &resumed {
             log_event(e);
             Store::append_event(&mut db, &new_event(e)).await?;
         }
@@ -699,6 +688,7 @@ fn input_kind(input: &Input) -> &'static str {
         Input::FenceResult { .. } => "fence result",
         Input::Operator { .. } => "operator request",
         Input::Tick => "tick",
+        Input::ProtectionUnconfirmed { .. } => "protection unconfirmed",
     }
 }
 

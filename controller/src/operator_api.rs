@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use vmha_engine::event::{Event, EventKind};
 
 use vmha_engine::operation::{OpId, Overrides};
-use vmha_engine::step::{Input, Reply, Request as Change};
+use vmha_engine::step::{Input, Reply, Request as Change, Unconfirmed};
 use vmha_engine::{FencingMode, HostLiveness, drain, drain_record};
 use vmha_proto::v1::operator_service_server::OperatorService;
 use vmha_proto::v1::*;
@@ -138,23 +138,15 @@ impl OperatorApi {
                 })
             })
         };
-        let unconfirmed = |why: String| {
-            let restart = format!(
-                "a failure of {host} restarts {} only after `vmha host confirm-down {host}`",
-                vm.name
-            );
-            c.event(
-                Event::vm(&vm.name, EventKind::ProtectionUnconfirmed, format!("{why}: {restart}"))
-                    .by(&who.name),
-            );
+        let unconfirmed = |why: Unconfirmed| {
+            let (actor, vm, host) = (who.name.clone(), vm.name.clone(), host.clone());
+            c.step(Input::ProtectionUnconfirmed { actor, vm, host, why })
         };
         // A controller going down answers no more: stop waiting.
         while !known().await.unwrap_or(true) {
             if tokio::time::Instant::now() >= deadline {
-                return unconfirmed(format!(
-                    "{host} has not confirmed that {} is protected yet; until it does",
-                    vm.name
-                ));
+                let _ = unconfirmed(Unconfirmed::NotAcknowledged).await;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -162,11 +154,7 @@ impl OperatorApi {
             deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_secs(1));
         if !c.caught_up(left).await {
             let trouble = c.database_trouble().unwrap_or_else(|| format!("no commit in {left:?}"));
-            unconfirmed(format!(
-                "{host} confirmed that {} is protected, but the database has not recorded it ({trouble}); if this \
-                 controller fails together with {host} before it does",
-                vm.name
-            ));
+            let _ = unconfirmed(Unconfirmed::NotOnRecord(trouble)).await;
         }
     }
 }

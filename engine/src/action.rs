@@ -1,7 +1,8 @@
 //! What the decision modules (`recovery`, `drain`) ask the step to carry out (`step::perform`).
 
 use crate::availability::OutageMark;
-use crate::event::EventKind;
+use crate::event::Event;
+use crate::operation::Purpose;
 
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -12,15 +13,16 @@ pub enum Action {
     Fence { host: String },
     /// Define and start the VM on `host` (its XML is in the state).
     Start { vm_uuid: String, vm_name: String, host: String },
-    /// Live-migrate the VM to `host`: "failback" (to its preferred host), "drain".
-    Migrate { vm_uuid: String, vm_name: String, host: String, why: &'static str },
+    /// Live-migrate the VM to `host`: `Purpose::Failback` (to its preferred host) or
+    /// `Purpose::Drain`.
+    Migrate { vm_uuid: String, vm_name: String, host: String, purpose: Purpose },
     /// Destroy the VM on `from`, then start it on `to` (a drain the operator allowed to
     /// restart VMs that cannot be live-migrated).
     ColdRestart { vm_uuid: String, vm_name: String, from: String, to: String },
     /// Destroy a stale copy on a host that came back (fencing was bypassed).
     DestroyStale { vm_uuid: String, vm_name: String, host: String },
     /// Write an event.
-    Event { subject_kind: &'static str, subject: String, kind: EventKind, message: String },
+    Event(Event),
     /// Keep in the outage history.
     Outage(OutageMark),
 }

@@ -2,9 +2,10 @@
 //! automatic one of a degraded host (whose health probes keep failing). Also host health.
 
 use crate::action::Action;
-use crate::event::EventKind;
 use crate::drain_record::{Drain, DrainCause, DrainState, DrainStep, StepState};
+use crate::event::{Event, EventKind};
 use crate::health::Probe;
+use crate::operation::Purpose;
 use crate::{AdminState, ClusterState, HostLiveness, Millis, Refusal, RunState, placement};
 
 /// Takes a host's probe results.
@@ -95,12 +96,11 @@ pub fn start(
         steps,
         message: String::new(),
     });
-    let mut out = vec![Action::Event {
-        subject_kind: "host",
-        subject: host.into(),
-        kind: EventKind::DrainStarted,
-        message: format!("draining {host}: {n} running VMs to move by live migration, protected first"),
-    }];
+    let mut out = vec![Action::Event(Event::host(
+        host,
+        EventKind::DrainStarted,
+        format!("draining {host}: {n} running VMs to move by live migration, protected first"),
+    ))];
     out.extend(tick(state, now));
     Ok(out)
 }
@@ -113,16 +113,11 @@ pub fn undrain(state: &mut ClusterState, host: &str) -> Result<Vec<Action>, Refu
     if h.drain.as_ref().is_some_and(|d| d.cause == DrainCause::Operator) {
         h.drain = None;
     }
-    Ok(vec![Action::Event {
-        subject_kind: "host",
-        subject: host.into(),
-        kind: EventKind::HostUndrained,
-        message: format!("{host} is active again (was {}); it takes VMs", was.as_str()),
-    }])
-}
-
-fn event(host: &str, kind: EventKind, message: String) -> Action {
-    Action::Event { subject_kind: "host", subject: host.into(), kind, message }
+    Ok(vec![Action::Event(Event::host(
+        host,
+        EventKind::HostUndrained,
+        format!("{host} is active again (was {}); it takes VMs", was.as_str()),
+    ))])
 }
 
 /// One step of health and drain handling.
@@ -147,11 +142,11 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
             } else {
                 "moving its VMs away"
             };
-            out.push(event(
+            out.push(Action::Event(Event::host(
                 name,
                 EventKind::HostDegraded,
                 format!("{name} is degraded ({}): no new VMs; {then}", health.failing_summary()),
-            ));
+            )));
             if !libvirtd_only && h.drain.as_ref().is_none_or(|d| d.state != DrainState::Draining) {
                 let steps = plan(state, name, now).unwrap_or_default();
                 if let Some(h) = state.hosts.get_mut(name) {
@@ -167,11 +162,11 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
         } else if health.degraded && health.passing_since.is_some_and(|s| now.since(s) >= p.recover_after_ms)
         {
             health.degraded = false;
-            out.push(event(
+            out.push(Action::Event(Event::host(
                 name,
                 EventKind::HostRecovered,
                 format!("{name} passes its health probes again: it takes VMs"),
-            ));
+            )));
             if h.drain.as_ref().is_some_and(|d| d.cause == DrainCause::Degraded) {
                 h.drain = None;
             }
@@ -224,7 +219,12 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
             match decision {
                 Ok(target) => {
                     set_step(state, name, i, StepState::Migrating { target: target.clone() });
-                    out.push(Action::Migrate { vm_uuid: uuid, vm_name, host: target, why: "drain" });
+                    out.push(Action::Migrate {
+                        vm_uuid: uuid,
+                        vm_name,
+                        host: target,
+                        purpose: Purpose::Drain,
+                    });
                 }
                 Err(reason) => set_step(state, name, i, StepState::Stuck { reason }),
             }
@@ -278,11 +278,19 @@ fn finish_if_done(state: &mut ClusterState, host: &str, out: &mut Vec<Action>) {
             DrainCause::Operator => {
                 h.admin = AdminState::Maintenance;
                 d.message = format!("{moved} VMs moved; {host} is in maintenance");
-                out.push(event(host, EventKind::DrainDone, format!("drained {host}: {}", d.message)));
+                out.push(Action::Event(Event::host(
+                    host,
+                    EventKind::DrainDone,
+                    format!("drained {host}: {}", d.message),
+                )));
             }
             DrainCause::Degraded => {
                 d.message = format!("{moved} VMs moved off the degraded host");
-                out.push(event(host, EventKind::DrainDone, format!("{host}: {}", d.message)));
+                out.push(Action::Event(Event::host(
+                    host,
+                    EventKind::DrainDone,
+                    format!("{host}: {}", d.message),
+                )));
             }
         }
     } else {
@@ -292,11 +300,11 @@ fn finish_if_done(state: &mut ClusterState, host: &str, out: &mut Vec<Action>) {
             left.len(),
             left.join("; ")
         );
-        out.push(event(
+        out.push(Action::Event(Event::host(
             host,
             EventKind::DrainIncomplete,
             format!("drain of {host} incomplete: {}", d.message),
-        ));
+        )));
     }
 }
 
@@ -473,7 +481,10 @@ mod tests {
         migration_finished(&mut s, "b", &m[1].1, Ok(()), Millis(4));
         let target = migrations(&a)[0].1.clone();
         let a = migration_finished(&mut s, "c", &target, Ok(()), Millis(5));
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::DrainDone, .. })), "{a:?}");
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Event(Event { kind: EventKind::DrainDone, .. }))),
+            "{a:?}"
+        );
         assert_eq!(s.hosts["kvm1"].admin, AdminState::Maintenance);
         undrain(&mut s, "kvm1").unwrap();
         assert_eq!(s.hosts["kvm1"].admin, AdminState::Active);
@@ -493,7 +504,7 @@ mod tests {
         let a = migration_finished(&mut s, "b", &m[1].1, Err("target died".into()), Millis(3));
         // radius1 is retried nowhere (no room left anywhere), billing never had room.
         assert!(
-            a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::DrainIncomplete, .. })),
+            a.iter().any(|x| matches!(x, Action::Event(Event { kind: EventKind::DrainIncomplete, .. }))),
             "{a:?}"
         );
         let d = s.hosts["kvm1"].drain.as_ref().unwrap();
@@ -522,7 +533,10 @@ mod tests {
             assert!(s.vms["a"].busy_with.is_some(), "nothing else may restart it meanwhile");
             let to = to.clone();
             let a = restart_finished(&mut s, "a", &to, Ok(()), Millis(3));
-            assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::DrainDone, .. })), "{a:?}");
+            assert!(
+                a.iter().any(|x| matches!(x, Action::Event(Event { kind: EventKind::DrainDone, .. }))),
+                "{a:?}"
+            );
             assert_eq!(s.vms["a"].host.as_deref(), Some(to.as_str()));
         }
     }
@@ -566,7 +580,10 @@ mod tests {
         online(&mut s, 29_000);
         assert!(tick(&mut s, Millis(29_999)).is_empty());
         let a = tick(&mut s, Millis(30_000));
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::HostDegraded, .. })), "{a:?}");
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Event(Event { kind: EventKind::HostDegraded, .. }))),
+            "{a:?}"
+        );
         assert_eq!(migrations(&a).len(), 2);
         assert_eq!(s.hosts["kvm1"].health.as_str(), "degraded");
         let vm = s.vms["c"].clone();
@@ -575,7 +592,10 @@ mod tests {
         on_probes(&mut s, "kvm1", vec![], Millis(31_000));
         online(&mut s, 90_000);
         let a = tick(&mut s, Millis(91_000));
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::HostRecovered, .. })), "{a:?}");
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Event(Event { kind: EventKind::HostRecovered, .. }))),
+            "{a:?}"
+        );
         assert_eq!(s.hosts["kvm1"].admin, AdminState::Active);
     }
 
@@ -589,7 +609,7 @@ mod tests {
         }
         let a = tick(&mut s, Millis(30_000));
         assert!(
-            a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::HostDegraded, message, .. } if message.contains("stay put"))),
+            a.iter().any(|x| matches!(x, Action::Event(Event { kind: EventKind::HostDegraded, message, .. }) if message.contains("stay put"))),
             "{a:?}"
         );
         assert!(migrations(&a).is_empty(), "{a:?}");

@@ -5,9 +5,10 @@ use crate::Refusal;
 use crate::action::Action;
 use crate::availability::OutageMark;
 use crate::cluster::{DiskLocked, Recovery};
-use crate::event::EventKind;
+use crate::event::{Event, EventKind};
 use crate::inventory::{InventoryChange, ReportedDomain};
 use crate::lease::{current_membership, has_quorum, knows_membership, observe_quorum, quorum_held_for};
+use crate::operation::Purpose;
 use crate::{
     AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, VmView, placement,
 };
@@ -51,10 +52,6 @@ impl VmView {
     pub fn awaits_start_on(&self, host: &str) -> bool {
         self.recovery.as_ref().is_some_and(|r| r.starting_on.as_deref() == Some(host))
     }
-}
-
-fn event(subject_kind: &'static str, subject: &str, kind: EventKind, message: String) -> Action {
-    Action::Event { subject_kind, subject: subject.into(), kind, message }
 }
 
 pub(crate) fn secs(ms: u64) -> String {
@@ -112,15 +109,14 @@ fn declare_dead(
             vm.host = Some(second.host.clone());
             vm.state = RunState::Running;
             vm.busy_with = None;
-            out.push(event(
-                "vm",
+            out.push(Action::Event(Event::vm(
                 &vm.name,
                 EventKind::VmMoved,
                 format!(
                     "{} runs on {}, where it was also reported while {host} ran it: nothing to restart",
                     vm.name, second.host
                 ),
-            ));
+            )));
             continue;
         }
         let had_process = vm.state.has_process() || vm.state == RunState::Unknown;
@@ -129,11 +125,7 @@ fn declare_dead(
         // drain's cold restart stays in charge (destroyed here, its start elsewhere still to
         // come): the recovery waits for its end, and restarts the VM only if that start
         // failed (found by 400,000 schedules: both started it, once the target reported).
-        let migrating = if cold_restarting.contains(&vm.uuid) {
-            true
-        } else {
-            vm.busy_with.take().is_some()
-        };
+        let migrating = if cold_restarting.contains(&vm.uuid) { true } else { vm.busy_with.take().is_some() };
         let covered = proof == Proof::Off || vm.fenced_by(known);
         if vm.stopped_by.is_some() {
             continue;
@@ -151,8 +143,7 @@ fn declare_dead(
             vm.recovery =
                 Some(Recovery { may_have_moved_since: migrating.then_some(now), ..Recovery::new(now) });
         } else if vm.protected && had_process && vm.recovery.is_none() {
-            out.push(event(
-                "vm",
+            out.push(Action::Event(Event::vm(
                 &vm.name,
                 EventKind::RestartUnsafe,
                 format!(
@@ -161,14 +152,13 @@ fn declare_dead(
                      confirm-down {host}`",
                     vm.name
                 ),
-            ));
+            )));
         } else if !vm.protected && had_process {
-            out.push(event(
-                "vm",
+            out.push(Action::Event(Event::vm(
                 &vm.name,
                 EventKind::VmDown,
                 format!("{} is down with {host}; it is not protected, so it is not restarted", vm.name),
-            ));
+            )));
         }
     }
 }
@@ -219,15 +209,14 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
                 if let Some(h) = state.hosts.get_mut(&name) {
                     h.fencing_since = Some(now);
                 }
-                out.push(event(
-                    "host",
+                out.push(Action::Event(Event::host(
                     &name,
                     EventKind::ConfirmDownNeeded,
                     format!(
                         "{name} lost its lease, but {why}: nothing is restarted until a fence device or an operator \
                          who knows it is off runs `vmha host confirm-down {name}`"
                     ),
-                ));
+                )));
             }
             continue;
         }
@@ -263,7 +252,12 @@ fn schedule_failback(state: &ClusterState, now: Millis, out: &mut Vec<Action>) {
     let usage = std::cell::OnceCell::new();
     let due = state.vms.values().find_map(|v| failback(state, &usage, v, None, now)?.ok().map(|p| (v, p)));
     if let Some((v, host)) = due {
-        out.push(Action::Migrate { vm_uuid: v.uuid.clone(), vm_name: v.name.clone(), host, why: "failback" });
+        out.push(Action::Migrate {
+            vm_uuid: v.uuid.clone(),
+            vm_name: v.name.clone(),
+            host,
+            purpose: Purpose::Failback,
+        });
     }
 }
 
@@ -352,12 +346,11 @@ pub(crate) fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut
         let Some(vm) = state.vms.get_mut(&uuid) else { continue };
         vm.recovery = None;
         out.push(Action::Outage(OutageMark::Ended { vm_uuid: uuid.clone() }));
-        out.push(event(
-            "vm",
+        out.push(Action::Event(Event::vm(
             &vm.name,
             EventKind::RestartCancelled,
             format!("{} runs on {host}, which reports it: nothing to restart", vm.name),
-        ));
+        )));
     }
     let recovering = recovering.iter().filter_map(|u| state.vms.get(u));
     let mut in_flight =
@@ -419,12 +412,11 @@ pub(crate) fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut
             }
             Err(why) => {
                 if r.waiting.as_deref() != Some(why.as_str()) {
-                    out.push(event(
-                        "vm",
+                    out.push(Action::Event(Event::vm(
                         &vm.name,
                         EventKind::RestartWaiting,
                         format!("{} waits: {why}", vm.name),
-                    ));
+                    )));
                     r.waiting = Some(why);
                 }
             }
@@ -458,18 +450,16 @@ pub fn start_finished(
             vm.host = Some(host.into());
             vm.state = RunState::Running;
             out.push(Action::Outage(OutageMark::Ended { vm_uuid: uuid.into() }));
-            out.push(event(
-                "vm",
+            out.push(Action::Event(Event::vm(
                 &vm.name,
                 EventKind::VmRestarted,
                 format!("{} restarted on {host}, {} after it was found down{unlocked}", vm.name, secs(took)),
-            ));
+            )));
         }
         Err(e) if is_disk_locked(&e) => {
             let last_seen = vm.host.clone().unwrap_or_else(|| "an unknown host".into());
             if r.disk_locked.is_none() {
-                out.push(event(
-                    "vm",
+                out.push(Action::Event(Event::vm(
                     &vm.name,
                     EventKind::DiskLocked,
                     format!(
@@ -479,7 +469,7 @@ pub fn start_finished(
                         vm.name,
                         secs(DISK_LOCK_RETRY_MS)
                     ),
-                ));
+                )));
             }
             let since = r.disk_locked.as_ref().map_or(now, |l| l.since);
             r.waiting = Some(format!("disk locked: another copy may run (last seen on {last_seen})"));
@@ -497,14 +487,13 @@ pub fn start_finished(
                     r.tried.join(", ")
                 );
                 r.error = Some(msg.clone());
-                out.push(event("vm", &vm.name, EventKind::RestartFailed, msg));
+                out.push(Action::Event(Event::vm(&vm.name, EventKind::RestartFailed, msg)));
             } else {
-                out.push(event(
-                    "vm",
+                out.push(Action::Event(Event::vm(
                     &vm.name,
                     EventKind::RestartRetry,
                     format!("starting {} on {host} failed: {e}; trying another host", vm.name),
-                ));
+                )));
                 schedule_restarts(state, now, &mut out);
             }
         }
@@ -532,15 +521,14 @@ pub fn fence_finished(
             );
             schedule_restarts(state, now, &mut out);
         }
-        Err(e) => out.push(event(
-            "host",
+        Err(e) => out.push(Action::Event(Event::host(
             host,
             EventKind::FenceFailed,
             format!(
                 "FENCING {host} FAILED: {e}; nothing of it is restarted. Fix the fence device, or run \
                  `vmha host confirm-down {host}` once you know it is off"
             ),
-        )),
+        ))),
     }
     out
 }
@@ -613,20 +601,18 @@ pub fn on_report(
     let Some(h) = state.hosts.get_mut(host) else { return (out, stale) };
     h.fencing_since = None;
     let Some(death) = h.dead.take() else { return (out, stale) };
-    out.push(event(
-        "host",
+    out.push(Action::Event(Event::host(
         host,
         EventKind::HostReturned,
         format!("{host} is back, {} after it was declared dead ({})", secs(now.since(death.at)), death.cause),
-    ));
+    )));
     for d in domains.iter().filter(|d| d.state.has_process()) {
         let Some(vm) = state.vms.get_mut(&d.uuid) else { continue };
         let elsewhere = vm.host.as_deref().is_some_and(|h| h != host);
         let starting = vm.recovery.as_ref().is_some_and(|r| r.starting_on.is_some());
         if elsewhere || starting {
             stale.push(d.uuid.clone());
-            out.push(event(
-                "vm",
+            out.push(Action::Event(Event::vm(
                 &vm.name,
                 EventKind::StaleCopy,
                 format!(
@@ -634,19 +620,18 @@ pub fn on_report(
                      BYPASSED (agent down without a watchdog?); destroying the copy on {host}",
                     vm.name
                 ),
-            ));
+            )));
             out.push(Action::DestroyStale {
                 vm_uuid: d.uuid.clone(),
                 vm_name: vm.name.clone(),
                 host: host.into(),
             });
         } else if vm.recovery.take().is_some() {
-            out.push(event(
-                "vm",
+            out.push(Action::Event(Event::vm(
                 &vm.name,
                 EventKind::RestartCancelled,
                 format!("{} still runs on {host}, which is back; not restarting it elsewhere", vm.name),
-            ));
+            )));
         }
     }
     (out, stale)
@@ -676,30 +661,28 @@ pub fn after_report(
     for c in changes {
         if let InventoryChange::TwoCopies { uuid, name, placed, extra, confirmed } = c {
             if *confirmed {
-                out.push(event(
-                    "vm",
+                out.push(Action::Event(Event::vm(
                     name,
                     EventKind::TwoCopies,
                     format!(
                         "{name} RUNS TWICE: on {placed}, where vmha placed it, and on {extra}; destroying the copy on \
                          {extra} (fencing was bypassed: a start by hand, or a confirm-down of a live host?)"
                     ),
-                ));
+                )));
                 out.push(Action::DestroyStale {
                     vm_uuid: uuid.clone(),
                     vm_name: name.clone(),
                     host: extra.clone(),
                 });
             } else {
-                out.push(event(
-                    "vm",
+                out.push(Action::Event(Event::vm(
                     name,
                     EventKind::SecondCopySeen,
                     format!(
                         "{extra} reports {name} running while {placed} runs it too; destroying the copy on {extra} \
                          if {placed}'s next report still shows its own"
                     ),
-                ));
+                )));
             }
             continue;
         }
@@ -713,12 +696,11 @@ pub fn after_report(
                 .is_some_and(|r| r.starting_on.is_none() && r.may_have_moved_since.is_some())
         {
             vm.recovery = None;
-            out.push(event(
-                "vm",
+            out.push(Action::Event(Event::vm(
                 name,
                 EventKind::RestartCancelled,
                 format!("{name} runs on {to}: it had moved, not stopped; nothing to restart"),
-            ));
+            )));
             continue;
         }
         if let InventoryChange::Moved { uuid, to: at, .. }
@@ -728,8 +710,7 @@ pub fn after_report(
             && vm.busy_with.is_none()
             && let Some(by) = vm.stopped_by.take()
         {
-            out.push(event(
-                "vm",
+            out.push(Action::Event(Event::vm(
                 &vm.name,
                 EventKind::VmState,
                 format!(
@@ -737,7 +718,7 @@ pub fn after_report(
                     vm.name,
                     if vm.protected { "protects" } else { "watches" }
                 ),
-            ));
+            )));
             continue;
         }
         let InventoryChange::StateChanged { uuid, name, from, to, unwatched, .. } = c else { continue };
@@ -766,8 +747,7 @@ pub fn after_report(
             planned: false,
             cause: format!("stopped on {host} without vmha asking ({})", to.as_str()),
         }));
-        out.push(event(
-            "vm",
+        out.push(Action::Event(Event::vm(
             name,
             EventKind::VmStopped,
             if self_fenced {
@@ -789,7 +769,7 @@ pub fn after_report(
                     to.as_str()
                 )
             },
-        ));
+        )));
     }
     if !out.is_empty() {
         schedule_restarts(state, now, &mut out);
@@ -1058,7 +1038,7 @@ mod tests {
         assert!(explain(&s, "a", Millis(16_000)).unwrap().starts_with("restarting on"));
         let ev = start_finished(&mut s, "a", &st[0].1, Ok(()), Millis(16_500));
         assert!(
-            matches!(&ev[..], [Action::Outage(OutageMark::Ended { vm_uuid }), Action::Event { kind: EventKind::VmRestarted, .. }] if vm_uuid == "a"),
+            matches!(&ev[..], [Action::Outage(OutageMark::Ended { vm_uuid }), Action::Event(Event { kind: EventKind::VmRestarted, .. })] if vm_uuid == "a"),
             "its outage ends: {ev:?}"
         );
         assert_eq!(
@@ -1113,12 +1093,14 @@ mod tests {
             beat(&mut s, &["kvm3", "kvm4"], Millis(t));
             a.extend(tick(&mut s, Millis(t)));
         }
-        assert!(a.iter().any(|a| matches!(a, Action::Event { kind: EventKind::ConfirmDownNeeded, .. })));
+        assert!(
+            a.iter().any(|a| matches!(a, Action::Event(Event { kind: EventKind::ConfirmDownNeeded, .. })))
+        );
         assert!(a.iter().any(|a| matches!(a, Action::Fence { host } if host == "kvm2")));
         assert!(a.iter().all(|a| !matches!(a, Action::DeclaredDead { .. })), "{a:?}");
         let f = fence_finished(&mut s, "kvm2", Err("ipmitool: timeout".into()), Millis(20_000));
         assert!(
-            matches!(&f[0], Action::Event { kind: EventKind::FenceFailed, message, .. } if message.contains("confirm-down kvm2"))
+            matches!(&f[0], Action::Event(Event { kind: EventKind::FenceFailed, message, .. }) if message.contains("confirm-down kvm2"))
         );
         let f = fence_finished(&mut s, "kvm2", Ok("off".into()), Millis(20_000));
         assert!(matches!(&f[0], Action::DeclaredDead { .. }));
@@ -1142,7 +1124,7 @@ mod tests {
         a = start_finished(&mut s, "a", "kvm2", Err("qemu: no KVM".into()), Millis(2));
         assert_eq!(starts(&a), [("dns1".to_string(), "kvm3".to_string())]);
         a = start_finished(&mut s, "a", "kvm3", Err("qemu: no KVM".into()), Millis(3));
-        assert!(matches!(&a[0], Action::Event { kind: EventKind::RestartFailed, .. }), "{a:?}");
+        assert!(matches!(&a[0], Action::Event(Event { kind: EventKind::RestartFailed, .. })), "{a:?}");
         assert!(explain(&s, "a", Millis(3)).unwrap().contains("2 attempts failed"));
     }
 
@@ -1163,7 +1145,7 @@ mod tests {
         let mut s = cluster();
         let a = refused_on_the_lock(&mut s);
         assert!(
-            matches!(&a[..], [Action::Event { kind: EventKind::DiskLocked, message, .. }] if message.contains("last seen on kvm1")),
+            matches!(&a[..], [Action::Event(Event { kind: EventKind::DiskLocked, message, .. })] if message.contains("last seen on kvm1")),
             "an alarm, and no start elsewhere: {a:?}"
         );
         assert_eq!(
@@ -1189,7 +1171,7 @@ mod tests {
         let (_, last) = starts(&a).into_iter().find(|(n, _)| n == "dns1").unwrap();
         let a = start_finished(&mut s, "a", &last, Ok(()), Millis(25_800));
         assert!(
-            matches!(&a[..], [Action::Outage(_), Action::Event { kind: EventKind::VmRestarted, message, .. }] if message.contains("lock is gone"))
+            matches!(&a[..], [Action::Outage(_), Action::Event(Event { kind: EventKind::VmRestarted, message, .. })] if message.contains("lock is gone"))
         );
         assert!(!is_disk_locked("qemu: no KVM"));
     }
@@ -1240,7 +1222,9 @@ mod tests {
         assert!(a.iter().any(
             |x| matches!(x, Action::DestroyStale { vm_name, host, .. } if vm_name == "dns1" && host == "kvm1")
         ));
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::RestartCancelled, .. })));
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Event(Event { kind: EventKind::RestartCancelled, .. })))
+        );
         assert_eq!(s.vms["b"].recovery, None);
         assert_eq!(s.liveness("kvm1", Millis(5_600)), HostLiveness::Online);
     }
@@ -1262,7 +1246,7 @@ mod tests {
             a.extend(tick(&mut s, Millis(t)));
         }
         assert!(
-            matches!(&a[..], [Action::Migrate { vm_name, host, why: "failback", .. }, ..] if vm_name == "dns1" && host == "kvm3"),
+            matches!(&a[..], [Action::Migrate { vm_name, host, purpose: Purpose::Failback, .. }, ..] if vm_name == "dns1" && host == "kvm3"),
             "{a:?}"
         );
         s.policy.failback_after_ms = None;
@@ -1287,7 +1271,7 @@ mod tests {
             s.vms.get_mut(u).unwrap().state = RunState::ShutOff;
         }
         let a = after_report(&mut s, "kvm1", &[stopped("a"), stopped("b")], Millis(10));
-        assert!(a.iter().any(|x| matches!(x, Action::Event { kind: EventKind::VmStopped, .. })));
+        assert!(a.iter().any(|x| matches!(x, Action::Event(Event { kind: EventKind::VmStopped, .. }))));
         assert!(s.vms["b"].recovery.is_none(), "a VM being migrated is not restarted");
         assert!(starts(&a).is_empty(), "not before the other hosts reported it does not run there: {a:?}");
         assert!(

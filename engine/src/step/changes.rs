@@ -39,7 +39,9 @@ impl Engine {
                 let draining = self
                     .saved_hosts
                     .iter()
-                    .filter(|(_, w)| w.drain.as_ref().is_some_and(|d| d.state == drain_record::DrainState::Draining))
+                    .filter(|(_, w)| {
+                        w.drain.as_ref().is_some_and(|d| d.state == drain_record::DrainState::Draining)
+                    })
                     .map(|(n, _)| n.clone());
                 (std::iter::once(host).chain(draining).collect(), vms)
             }

@@ -134,4 +134,21 @@ pub enum Input {
         request: Request,
     },
     Tick,
+    /// `vmha protect` waited for the VM's host to know of the protection and for that to be on
+    /// record, and one of them did not happen in time: the operator is told what follows.
+    ProtectionUnconfirmed {
+        actor: String,
+        vm: String,
+        host: String,
+        why: Unconfirmed,
+    },
+}
+
+/// What a protection still lacks when `vmha protect` answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unconfirmed {
+    /// The host has not acknowledged a roster that lists it.
+    NotAcknowledged,
+    /// The host acknowledged it, but the database has not recorded that (the trouble).
+    NotOnRecord(String),
 }

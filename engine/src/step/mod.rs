@@ -21,7 +21,7 @@ mod output;
 mod perform;
 
 pub use hosts::CONNECTED_EVENT_EVERY_MS;
-pub use input::{Heartbeat, Input, Registration, Request};
+pub use input::{Heartbeat, Input, Registration, Request, Unconfirmed};
 pub use output::{Command, CommandKind, HostWork, LeaseReply, Output, Persist, Reply, VmWork};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -70,7 +70,18 @@ impl Engine {
     /// over at `now`; operations get a full timeout; a start is in doubt until its host reports
     /// or is declared dead. Nothing is re-sent: results and reports settle what was begun.
     pub fn restore(mut cluster: ClusterState, ops: Vec<Operation>, now: Millis) -> (Engine, Vec<Event>) {
-        let mut events = Vec::new();
+        let (epoch, t) = (cluster.epoch, cluster.timings);
+        let mut events = vec![Event::controller(
+            &format!("epoch {epoch}"),
+            EventKind::ControllerStarted,
+            format!(
+                "controller started with epoch {epoch}; {} hosts and {} VMs known; nothing is declared dead \
+                 before it has held quorum for {} ms",
+                cluster.hosts.len(),
+                cluster.vms.len(),
+                t.lease_ttl_ms + t.fence_margin_ms
+            ),
+        )];
         for h in cluster.hosts.values_mut() {
             if let Some(d) = &mut h.dead {
                 d.at = now;
@@ -208,6 +219,10 @@ impl Engine {
                     scope = Scope::Vms(vm);
                 }
             }
+            Input::ProtectionUnconfirmed { actor, vm, host, why } => {
+                scope = Scope::Vms(Vec::new());
+                out.events.push(operator::protection_unconfirmed(&vm, &host, &why).by(&actor));
+            }
             Input::Tick => {
                 self.expire_ops(now, &mut out, &mut actions);
                 self.start_cold_restarts(now, &mut out, &mut actions);
@@ -296,6 +311,27 @@ mod tests {
         assert!(e.cluster.vms["c"].awaits_start_on("kvm3"), "a recorded start stays in doubt");
         assert!(e.ops.values().all(|op| op.inherited && op.deadline > Millis(5)));
         let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
-        assert_eq!(kinds, [EventKind::DrainResumed, EventKind::OperationReconciled]);
+        assert_eq!(
+            kinds,
+            [EventKind::ControllerStarted, EventKind::DrainResumed, EventKind::OperationReconciled]
+        );
+    }
+
+    #[test]
+    fn an_unconfirmed_protection_is_told_to_the_operator_who_asked_and_changes_nothing() {
+        let s = three_hosts();
+        let (mut e, _) = Engine::restore(s.clone(), Vec::new(), Millis(0));
+        for (why, says) in [
+            (Unconfirmed::NotAcknowledged, "kvm1 has not confirmed that dns1 is protected yet"),
+            (Unconfirmed::NotOnRecord("PostgreSQL is down".into()), "not recorded it (PostgreSQL is down)"),
+        ] {
+            let (actor, vm, host) = ("alice".to_string(), "dns1".to_string(), "kvm1".to_string());
+            let out = e.step(Input::ProtectionUnconfirmed { actor, vm, host, why }, Millis(10));
+            let [ev] = &out.events[..] else { panic!("{:?}", out.events) };
+            assert_eq!((ev.kind, ev.actor.as_str()), (EventKind::ProtectionUnconfirmed, "alice"));
+            assert!(ev.message.contains(says), "{}", ev.message);
+            assert!(ev.message.ends_with("only after `vmha host confirm-down kvm1`"), "{}", ev.message);
+            assert_eq!(out.persist, Persist::default());
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Operators' requests.
 
-use super::{Command, CommandKind, Engine, Output, Reply, Request, VmWork};
+use super::{Command, CommandKind, Engine, Output, Reply, Request, Unconfirmed, VmWork};
 use crate::action::Action;
 use crate::event::{Event, EventKind};
 use crate::operation::{OpId, OpKind, OpState, Overrides, Purpose};
@@ -292,4 +292,20 @@ fn protection_event(vm: &crate::VmView) -> Event {
             format!("{} is no longer protected: it will not be restarted elsewhere", vm.name),
         )
     }
+}
+
+/// What an operator is told when a protection is not yet covered: a failure of its host would
+/// restart the VM only after a confirm-down.
+pub(super) fn protection_unconfirmed(vm: &str, host: &str, why: &Unconfirmed) -> Event {
+    let lacks = match why {
+        Unconfirmed::NotAcknowledged => {
+            format!("{host} has not confirmed that {vm} is protected yet; until it does")
+        }
+        Unconfirmed::NotOnRecord(trouble) => format!(
+            "{host} confirmed that {vm} is protected, but the database has not recorded it ({trouble}); if this \
+             controller fails together with {host} before it does"
+        ),
+    };
+    let restart = format!("a failure of {host} restarts {vm} only after `vmha host confirm-down {host}`");
+    Event::vm(vm, EventKind::ProtectionUnconfirmed, format!("{lacks}: {restart}"))
 }

@@ -4,7 +4,7 @@ use super::{Engine, Output};
 use crate::Millis;
 use crate::action::Action;
 use crate::drain;
-use crate::event::{Event, EventKind, Subject};
+use crate::event::{Event, EventKind};
 use crate::migration;
 use crate::operation::{OpId, OpKind, Purpose};
 
@@ -59,10 +59,10 @@ impl Engine {
                         out,
                     );
                 }
-                Action::Migrate { vm_uuid, vm_name, host, why } => {
+                Action::Migrate { vm_uuid, vm_name, host, purpose } => {
                     match migration::plan_migration(&self.cluster, &vm_uuid, &host, now) {
                         Ok(plan) => {
-                            let purpose = if why == "failback" {
+                            if purpose == Purpose::Failback {
                                 out.events.push(Event::vm(
                                     &vm_name,
                                     EventKind::Failback,
@@ -70,10 +70,7 @@ impl Engine {
                                         "{vm_name}'s preferred host {host} is healthy again: moving it back"
                                     ),
                                 ));
-                                Purpose::Failback
-                            } else {
-                                Purpose::Drain
-                            };
+                            }
                             self.begin_migration(
                                 &plan.vm_uuid,
                                 &plan.target,
@@ -126,13 +123,7 @@ impl Engine {
                         out,
                     );
                 }
-                Action::Event { subject_kind, subject, kind, message } => {
-                    let subject = match subject_kind {
-                        "host" => Subject::Host(subject),
-                        _ => Subject::Vm(subject),
-                    };
-                    out.events.push(Event { subject, kind, message, actor: "controller".into() });
-                }
+                Action::Event(event) => out.events.push(event),
                 Action::Outage(mark) => out.outages.push(mark),
             }
         }
