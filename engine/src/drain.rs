@@ -248,7 +248,8 @@ fn migrating_in_a_drain(s: &ClusterState, uuid: &str) -> bool {
 
 fn set_step(state: &mut ClusterState, host: &str, i: usize, st: StepState) {
     if let Some(d) = state.hosts.get_mut(host).and_then(|h| h.drain.as_mut()) {
-        d.steps[i].state = st;
+        let changed = d.steps[i].advance(st);
+        debug_assert!(changed.is_ok(), "{changed:?}");
     }
 }
 
@@ -349,13 +350,13 @@ pub fn migration_finished(
     let allow_restart = d.allow_restart;
     let step = &mut d.steps[i];
     match result {
-        Ok(()) => step.state = StepState::Migrated { target: target.into() },
+        Ok(()) => set_step(state, &name, i, StepState::Migrated { target: target.into() }),
         Err(e) => {
             step.tried.push(target.into());
             if another_host || recovering {
-                step.state = StepState::Pending;
+                set_step(state, &name, i, StepState::Pending);
             } else if !allow_restart {
-                step.state = StepState::Failed { error: e };
+                set_step(state, &name, i, StepState::Failed { error: e });
             } else {
                 // Live migration is out; the operator accepted a restart elsewhere.
                 let vm = state.vms.get(uuid).cloned();

@@ -75,6 +75,34 @@ pub struct DrainStep {
     pub tried: Vec<String>,
 }
 
+impl DrainStep {
+    /// The one way a step changes. A change its life never makes (a result for a step that
+    /// waits for none, say) is refused and the step kept as it was.
+    pub fn advance(&mut self, to: StepState) -> Result<(), StepRefused> {
+        use StepState::*;
+        let allowed = matches!(
+            (&self.state, &to),
+            (Pending, Migrating { .. } | Migrated { .. } | Stuck { .. })
+                | (Migrating { .. }, Migrated { .. } | Pending | Failed { .. } | Restarting { .. })
+                | (Restarting { .. }, Restarted { .. } | Failed { .. } | Pending)
+        );
+        if !allowed {
+            return Err(StepRefused { vm: self.vm_name.clone(), from: self.state.as_str(), to: to.as_str() });
+        }
+        self.state = to;
+        Ok(())
+    }
+}
+
+/// A drain step asked to change in a way it never does.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the drain step of {vm} cannot go from {from} to {to}")]
+pub struct StepRefused {
+    pub vm: String,
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
 /// How a drain stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DrainState {
@@ -115,5 +143,31 @@ impl Drain {
             StepState::Migrating { target } | StepState::Restarting { target } => Some(target.as_str()),
             _ => None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_changes_only_along_a_drains_life() {
+        let mut step = DrainStep {
+            vm_uuid: "a".into(),
+            vm_name: "dns1".into(),
+            protected: true,
+            planned: None,
+            why: String::new(),
+            state: StepState::Pending,
+            tried: Vec::new(),
+        };
+        let migrated = StepState::Migrated { target: "kvm2".into() };
+        assert!(step.advance(StepState::Migrating { target: "kvm2".into() }).is_ok());
+        assert!(step.advance(migrated.clone()).is_ok());
+        // A late result for a step that ended: refused, and the step stays as it was.
+        let late = step.advance(StepState::Failed { error: "timeout".into() });
+        assert_eq!(late.unwrap_err().to_string(), "the drain step of dns1 cannot go from migrated to failed");
+        assert_eq!(step.state, migrated);
+        assert!(step.advance(StepState::Restarting { target: "kvm3".into() }).is_err());
     }
 }

@@ -166,7 +166,8 @@ impl Engine {
                     drain_record::StepState::Migrating { .. } | drain_record::StepState::Restarting { .. }
                 );
                 if sent && !in_flight.contains(step.vm_uuid.as_str()) {
-                    step.state = drain_record::StepState::Pending;
+                    let changed = step.advance(drain_record::StepState::Pending);
+                    debug_assert!(changed.is_ok(), "{changed:?}");
                 }
             }
         }
