@@ -143,7 +143,12 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
             let _ = forward.await;
             r
         }
-        Some(Kind::Start(s)) => match agent.lease.may_start().and_then(|()| names_the_vm(&s.xml, &s.uuid)) {
+        Some(Kind::Start(s)) => match agent
+            .lease
+            .may_start()
+            .map_err(|no| no.to_string())
+            .and_then(|()| names_the_vm(&s.xml, &s.uuid))
+        {
             // Every copy this host runs must be one its self-fence covers.
             Err(why) => {
                 Err(CommandError::StartRefused { vm: vm.clone(), host: agent.cfg.host_name.clone(), why })

@@ -258,7 +258,7 @@ impl LeaseShell {
     }
 
     /// Whether this host may start a VM now (it holds a lease); the reason when not.
-    pub fn may_start(&self) -> Result<(), String> {
+    pub fn may_start(&self) -> Result<(), vmha_engine::selffence::NoLease> {
         let now = self.now();
         self.keeper().may_start(now)
     }

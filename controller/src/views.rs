@@ -330,7 +330,7 @@ pub fn what_if(w: &vmha_engine::admission::WhatIf) -> pb::WhatIf {
             .map(|(vm, r)| pb::PlannedRestart {
                 vm: vm.clone(),
                 target: r.clone().unwrap_or_default(),
-                why_nowhere: r.clone().err().unwrap_or_default(),
+                why_nowhere: r.as_ref().err().map(ToString::to_string).unwrap_or_default(),
             })
             .collect(),
         headroom: (w.headroom.iter())
@@ -347,7 +347,7 @@ fn failback_waits(s: &ClusterState, v: &VmView, now: Millis) -> String {
     }
     let busy = s.vms.values().find_map(|o| o.busy_with.as_deref());
     match vmha_engine::recovery::failback(s, &std::cell::OnceCell::new(), v, busy, now) {
-        Some(Err(why)) => why,
+        Some(Err(why)) => why.to_string(),
         _ => String::new(),
     }
 }

@@ -19,7 +19,7 @@ pub struct WhatIf {
     pub lost: Vec<String>,
     /// Each protected VM running there, highest priority first, with the host it would restart
     /// on, or why none could take it.
-    pub restarts: Vec<(String, Result<String, String>)>,
+    pub restarts: Vec<(String, Result<String, crate::placement::NoHost>)>,
     /// Every other host that holds a lease and takes VMs, with the memory (KiB) it would have
     /// left after those restarts.
     pub headroom: Vec<(String, u64)>,
@@ -162,7 +162,7 @@ fn what_ifs(state: &ClusterState, sizes: &[usize], now: Millis) -> Vec<WhatIf> {
 /// failed now, would its protection leave more protected VMs with nowhere to restart than
 /// without it? A host already short is `below_reserve`'s to warn of; a VM that fits in what is
 /// left is not refused for it. A VM that runs nowhere adds no restart to plan.
-pub fn admit(state: &ClusterState, uuid: &str, now: Millis) -> Result<(), String> {
+pub fn admit(state: &ClusterState, uuid: &str, now: Millis) -> Result<(), ReserveShort> {
     let k = state.policy.reserve_hosts;
     let Some(host) = state.vms.get(uuid).filter(|v| v.state.has_process()).and_then(|v| v.host.as_deref())
     else {
@@ -177,7 +177,17 @@ pub fn admit(state: &ClusterState, uuid: &str, now: Millis) -> Result<(), String
     if with.stranded() <= without.stranded() {
         return Ok(());
     }
-    Err(format!("{}; the reserve is {k} host(s) (--reserve-hosts)", with.shortfall()))
+    Err(ReserveShort { shortfall: with.shortfall(), reserve_hosts: k })
+}
+
+/// A protection that would leave protected VMs with nowhere to restart if the reserve's worth
+/// of hosts failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{shortfall}; the reserve is {reserve_hosts} host(s) (--reserve-hosts)")]
+pub struct ReserveShort {
+    /// Which host's failure strands which VMs, and why.
+    pub shortfall: String,
+    pub reserve_hosts: usize,
 }
 
 /// The hosts whose loss (with the worst `k - 1` others) would strand protected VMs now, each
@@ -243,7 +253,7 @@ mod tests {
         let usage = Usage::of(&s);
         assert!(what_if(&s, &usage, &["kvm1".into()], &|v| v.protected, Millis(1)).covered());
         assert_eq!(admit(&s, "a", Millis(1)), Ok(()));
-        let refused = admit(&s, "c", Millis(1)).unwrap_err();
+        let refused = admit(&s, "c", Millis(1)).unwrap_err().to_string();
         assert!(
             refused.starts_with("if kvm1 failed, 1 of 3 protected VMs would have nowhere to restart: "),
             "{refused}"

@@ -51,7 +51,7 @@ pub fn plan(state: &ClusterState, host: &str, now: Millis) -> Result<Vec<DrainSt
         }
         let (planned, why, st) = match placement::place(&scratch, vm, now, &[]) {
             Ok(t) => (Some(t.clone()), format!("{t} has the most memory left after it"), StepState::Pending),
-            Err(reason) => (None, reason.clone(), StepState::Stuck { reason }),
+            Err(no) => (None, no.to_string(), StepState::Stuck { reason: no.to_string() }),
         };
         let step = DrainStep {
             vm_uuid: vm.uuid.clone(),
@@ -226,7 +226,7 @@ pub fn tick(state: &mut ClusterState, now: Millis) -> Vec<Action> {
                         purpose: Purpose::Drain,
                     });
                 }
-                Err(reason) => set_step(state, name, i, StepState::Stuck { reason }),
+                Err(no) => set_step(state, name, i, StepState::Stuck { reason: no.to_string() }),
             }
         }
         finish_if_done(state, name, &mut out);
@@ -588,7 +588,9 @@ mod tests {
         assert_eq!(migrations(&a).len(), 2);
         assert_eq!(s.hosts["kvm1"].health.as_str(), "degraded");
         let vm = s.vms["c"].clone();
-        let e = placement::place(&s, &vm, Millis(30_000), &["kvm2".into(), "kvm3".into()]).unwrap_err();
+        let e = placement::place(&s, &vm, Millis(30_000), &["kvm2".into(), "kvm3".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("kvm1: degraded (check:raid: exit 1: degraded)"), "{e}");
         on_probes(&mut s, "kvm1", vec![], Millis(31_000));
         online(&mut s, 90_000);

@@ -37,6 +37,7 @@ pub mod selffence;
 pub mod step;
 pub mod time;
 pub mod timings;
+pub mod waits;
 
 pub use cluster::{
     AdminState, ClusterState, Death, FencingMode, HostView, Policy, RunState, VmView, Watchdog,

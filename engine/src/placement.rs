@@ -179,8 +179,18 @@ pub fn why_not(state: &ClusterState, usage: &Usage, vm: &VmView, host: &str, now
     unfit(state, usage, vm, host, now, &|_| None)
 }
 
+/// Why no host can take a VM.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoHost {
+    #[error("no hosts")]
+    NoHosts,
+    /// One clause per host: "kvm2: suspect".
+    #[error("no host can take it: {}", .0.join("; "))]
+    NoneFits(Vec<String>),
+}
+
 /// The host to start `vm` on, or why none fits (one clause per host).
-pub fn place(state: &ClusterState, vm: &VmView, now: Millis, exclude: &[String]) -> Result<String, String> {
+pub fn place(state: &ClusterState, vm: &VmView, now: Millis, exclude: &[String]) -> Result<String, NoHost> {
     let failed = |h: &str| exclude.iter().any(|e| e == h).then(|| "a start there failed already".to_string());
     choose(state, &Usage::of(state), vm, now, &failed)
 }
@@ -192,7 +202,7 @@ pub fn choose<'s>(
     vm: &VmView,
     now: Millis,
     excluded: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, String> {
+) -> Result<String, NoHost> {
     let mut reasons = Vec::new();
     let mut best: Option<(u64, &'s str)> = None;
     for name in state.hosts.keys() {
@@ -213,8 +223,8 @@ pub fn choose<'s>(
     }
     match best {
         Some((_, h)) => Ok(h.to_string()),
-        None if reasons.is_empty() => Err("no hosts".into()),
-        None => Err(format!("no host can take it: {}", reasons.join("; "))),
+        None if reasons.is_empty() => Err(NoHost::NoHosts),
+        None => Err(NoHost::NoneFits(reasons)),
     }
 }
 
@@ -250,7 +260,7 @@ mod tests {
         s.vms.insert("b".into(), dns2);
         s.hosts.get_mut("kvm1").unwrap().dead = Some(crate::Death { at: Millis(0), cause: "t".into() });
         assert_eq!(place(&s, &dns1, Millis(1), &[]), Ok("kvm3".into()));
-        let e = place(&s, &dns1, Millis(1), &["kvm3".into()]).unwrap_err();
+        let e = place(&s, &dns1, Millis(1), &["kvm3".into()]).unwrap_err().to_string();
         assert!(e.contains("kvm2: anti-affinity group dns (dns2 is there)"), "{e}");
         assert!(e.contains("kvm1: dead"), "{e}");
         assert!(e.contains("kvm3: a start there failed already"), "{e}");
@@ -274,7 +284,7 @@ mod tests {
         s.vms.insert("a".into(), big);
         let mut other = vm_on(&mut s, "b", "radius1", "kvm1");
         other.memory_kib = 64 << 10;
-        let e = place(&s, &other, Millis(1), &[]).unwrap_err();
+        let e = place(&s, &other, Millis(1), &[]).unwrap_err().to_string();
         assert!(e.contains("kvm3: 36 MiB free, needs 64 MiB"), "{e}");
         assert!(e.contains("kvm1: maintenance") && e.contains("kvm2: suspect"), "{e}");
     }
@@ -284,7 +294,7 @@ mod tests {
         let mut s = online(three_hosts());
         let mut wide = vm_on(&mut s, "a", "wide", "kvm1");
         wide.vcpus = 17;
-        let e = place(&s, &wide, Millis(1), &["kvm1".into()]).unwrap_err();
+        let e = place(&s, &wide, Millis(1), &["kvm1".into()]).unwrap_err().to_string();
         assert!(e.contains("kvm2: 0 of 16 vCPUs allocated, needs 17"), "{e}");
     }
 

@@ -9,6 +9,7 @@ use crate::event::{Event, EventKind};
 use crate::inventory::{InventoryChange, ReportedDomain};
 use crate::lease::{current_membership, has_quorum, knows_membership, observe_quorum, quorum_held_for};
 use crate::operation::Purpose;
+use crate::waits::{FailbackWait, RestartWait};
 use crate::{
     AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, VmView, placement,
 };
@@ -270,7 +271,7 @@ pub fn failback<'s>(
     vm: &VmView,
     busy: Option<&str>,
     now: Millis,
-) -> Option<Result<String, String>> {
+) -> Option<Result<String, FailbackWait>> {
     let p = vm.preferred_host.as_deref()?;
     if vm.state != RunState::Running || vm.recovery.is_some() || vm.host.as_deref().is_none_or(|h| h == p) {
         return None;
@@ -281,32 +282,21 @@ pub fn failback<'s>(
     if let Some(h) =
         vm.host.as_deref().and_then(|h| state.hosts.get(h)).filter(|h| h.admin == AdminState::Draining)
     {
-        return Some(Err(format!("its host {} is being drained, which moves it", h.name)));
+        return Some(Err(FailbackWait::HostDraining(h.name.clone())));
     }
-    let Some(after) = state.policy.failback_after_ms else {
-        return Some(Err(format!(
-            "away from its preferred host {p}: failback is off (the controller's --failback-after)"
-        )));
-    };
-    let Some(h) = state.hosts.get(p) else { return Some(Err(format!("its preferred host {p} is unknown"))) };
+    let Some(after) = state.policy.failback_after_ms else { return Some(Err(FailbackWait::Off(p.into()))) };
+    let Some(h) = state.hosts.get(p) else { return Some(Err(FailbackWait::UnknownHost(p.into()))) };
     let held = h.lease.held_since.map_or(0, |s| now.since(s));
     Some(Err(match state.liveness(p, now) {
         l if h.dead.is_some() || l != HostLiveness::Online => {
-            format!("its preferred host {p} is {}", l.as_str())
+            FailbackWait::NotOnline { host: p.into(), liveness: l.as_str() }
         }
-        _ if held < after => format!(
-            "its preferred host {p} has held a lease for {} of the {} failback waits for",
-            secs(held),
-            secs(after)
-        ),
-        _ if busy.is_some() => format!(
-            "operation {} is in flight: failback moves one VM at a time, when nothing else moves",
-            busy.unwrap_or_default()
-        ),
+        _ if held < after => FailbackWait::NotSettled { host: p.into(), held_ms: held, after_ms: after },
+        _ if busy.is_some() => FailbackWait::Busy(busy.unwrap_or_default().into()),
         _ => {
             let usage = usage.get_or_init(|| placement::Usage::of(state));
             match placement::why_not(state, usage, vm, p, now) {
-                Some(why) => format!("its preferred host cannot take it: {why}"),
+                Some(why) => FailbackWait::Unfit(why),
                 None => return Some(Ok(p.to_string())),
             }
         }
@@ -376,29 +366,23 @@ pub(crate) fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut
             .and_then(|t| not_reported_since(state, vm, t));
         let decision = if let Some(op) = &vm.busy_with {
             // A drain's cold restart may own it: one start at a time.
-            Err(format!("busy with {op}"))
+            Err(RestartWait::Busy(op.clone()))
         } else if let Some(host) = unheard {
-            Err(format!(
-                "waiting for {host} to report (or be declared dead): {} may have been moved there since it was \
-                 last seen",
-                vm.name
-            ))
+            Err(RestartWait::Unheard { host, vm: vm.name.clone() })
         } else if in_flight >= state.policy.max_parallel_starts {
-            Err(format!("waiting for one of the {} restarts in flight", in_flight))
+            Err(RestartWait::InFlight(in_flight))
         } else if vm.xml.is_empty() {
             Err(match &vm.definition_refused {
-                Some(why) => {
-                    format!("no domain definition accepted (the one its host sent was refused: {why})")
-                }
-                None => "no domain definition known (its host never sent one)".to_string(),
+                Some(why) => RestartWait::DefinitionRefused(why.clone()),
+                None => RestartWait::NoDefinition,
             })
         } else if let Some(on) = vm.recovery.as_ref().and_then(|r| r.on.as_deref()) {
             match placement::why_not(state, &placement::Usage::of(state), vm, on, now) {
-                Some(why) => Err(format!("the host an operator asked for cannot take it ({why})")),
+                Some(why) => Err(RestartWait::AskedHostUnfit(why)),
                 None => Ok(on.to_string()),
             }
         } else {
-            placement::place(state, vm, now, &tried)
+            placement::place(state, vm, now, &tried).map_err(RestartWait::from)
         };
         let Some(vm) = state.vms.get_mut(&uuid) else { continue };
         let Some(r) = vm.recovery.as_mut() else { continue };
@@ -410,7 +394,8 @@ pub(crate) fn schedule_restarts(state: &mut ClusterState, now: Millis, out: &mut
                 in_flight += 1;
                 out.push(Action::Start { vm_uuid: uuid.clone(), vm_name: vm.name.clone(), host });
             }
-            Err(why) => {
+            Err(wait) => {
+                let why = wait.to_string();
                 if r.waiting.as_deref() != Some(why.as_str()) {
                     out.push(Action::Event(Event::vm(
                         &vm.name,

@@ -207,11 +207,11 @@ impl LeaseKeeper {
 
     /// Whether this host may start a VM (or take one by live migration) now: only while it
     /// holds a lease, so that every copy it runs is one its self-fence covers.
-    pub fn may_start(&self, now: Millis) -> Result<(), String> {
+    pub fn may_start(&self, now: Millis) -> Result<(), NoLease> {
         match self.lease_end {
             Some(end) if now < end => Ok(()),
-            Some(end) => Err(format!("this host's lease expired {} ms ago", now.since(end))),
-            None => Err("this host holds no lease yet".into()),
+            Some(end) => Err(NoLease::Expired { ago_ms: now.since(end) }),
+            None => Err(NoLease::NeverHeld),
         }
     }
 
@@ -683,6 +683,15 @@ enum Verdict {
     No(String),
 }
 
+/// Why a host may not start a VM now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoLease {
+    #[error("this host holds no lease yet")]
+    NeverHeld,
+    #[error("this host's lease expired {ago_ms} ms ago")]
+    Expired { ago_ms: u64 },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -995,10 +1004,10 @@ mod tests {
     #[test]
     fn starts_need_a_lease() {
         let mut k = fresh(1);
-        assert!(k.may_start(Millis(10)).unwrap_err().contains("no lease yet"));
+        assert_eq!(k.may_start(Millis(10)), Err(NoLease::NeverHeld));
         k.granted(Millis(1_000), 5_000, 3, 1).unwrap();
         assert_eq!(k.may_start(Millis(5_999)), Ok(()));
-        assert!(k.may_start(Millis(6_000)).unwrap_err().contains("expired 0 ms ago"));
+        assert_eq!(k.may_start(Millis(6_000)).unwrap_err().to_string(), "this host's lease expired 0 ms ago");
     }
 
     #[test]

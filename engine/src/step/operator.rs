@@ -65,7 +65,8 @@ impl Engine {
                 match admitted {
                     Ok(()) => vm.admission_override = None,
                     Err(why) if force => vm.admission_override = Some(format!("{actor}: {why}")),
-                    Err(why) => {
+                    Err(short) => {
+                        let why = short.to_string();
                         // Nothing changes: the settings go back as they were.
                         before.apply_to(vm);
                         vm.protected_since = since_before;

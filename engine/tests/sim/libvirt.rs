@@ -101,7 +101,7 @@ impl World {
             CommandKind::Start { uuid, .. } => {
                 let vm = self.vm(&uuid);
                 match self.hosts[h].keeper.may_start(Millis(self.now)) {
-                    Err(why) => self.report_result(h, conn, c.op, Err(why)),
+                    Err(why) => self.report_result(h, conn, c.op, Err(why.to_string())),
                     Ok(()) => self.begin_start(h, conn, c.op, vm),
                 }
             }
