@@ -514,15 +514,22 @@ mod tests {
         assert_eq!(s.hosts["kvm1"].admin, AdminState::Draining);
     }
 
+    /// dns1 alone on kvm1, drained (`allow_restart` as given), its one live migration failed:
+    /// the state, the migration's target and what the failure led to.
+    fn migration_failed_in_a_drain(allow_restart: bool) -> (ClusterState, String, Vec<Action>) {
+        let mut s = cluster();
+        s.policy.max_relocate = 0;
+        s.vms.retain(|u, _| u == "a");
+        let a = start(&mut s, "kvm1", allow_restart, Millis(1)).unwrap();
+        let (_, to) = migrations(&a).pop().unwrap();
+        let a = migration_finished(&mut s, "a", &to, Err("CPU incompatible".into()), Millis(2));
+        (s, to, a)
+    }
+
     #[test]
     fn a_vm_that_cannot_be_migrated_is_cold_restarted_only_if_the_operator_allowed_it() {
         for allow in [false, true] {
-            let mut s = cluster();
-            s.policy.max_relocate = 0;
-            s.vms.retain(|u, _| u == "a");
-            let a = start(&mut s, "kvm1", allow, Millis(1)).unwrap();
-            let (_, to) = migrations(&a).pop().unwrap();
-            let a = migration_finished(&mut s, "a", &to, Err("CPU incompatible".into()), Millis(2));
+            let (mut s, _, a) = migration_failed_in_a_drain(allow);
             let cold: Vec<_> = a.iter().filter(|x| matches!(x, Action::ColdRestart { .. })).collect();
             if !allow {
                 assert!(cold.is_empty(), "never without --allow-restart: {a:?}");
@@ -545,12 +552,7 @@ mod tests {
     #[test]
     fn a_host_lost_during_a_cold_restart_leaves_the_start_to_the_drain_unless_it_fails() {
         for start_works in [true, false] {
-            let mut s = cluster();
-            s.policy.max_relocate = 0;
-            s.vms.retain(|u, _| u == "a");
-            let a = start(&mut s, "kvm1", true, Millis(1)).unwrap();
-            let (_, to) = migrations(&a).pop().unwrap();
-            let a = migration_finished(&mut s, "a", &to, Err("CPU incompatible".into()), Millis(2));
+            let (mut s, to, a) = migration_failed_in_a_drain(true);
             assert!(a.iter().any(|x| matches!(x, Action::ColdRestart { .. })), "{a:?}");
             crate::recovery::confirm_down(&mut s, "kvm1", Millis(20_000)).unwrap();
             for h in s.hosts.values_mut() {
