@@ -98,6 +98,43 @@ impl RunState {
     }
 }
 
+/// What changes a VM's run state. Each change names one, and `VmView::set_run` holds each
+/// cause to the states it may lead to, so that a state no cause explains is refused in one
+/// place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunCause {
+    /// A host's report lists it in this state (libvirt's, or unknown where libvirt says none).
+    Reported,
+    /// Its host was declared dead.
+    HostDead,
+    /// A start vmha sent ended well (a restart, a drain's cold restart).
+    Started,
+    /// It runs elsewhere now: a live migration ended, or the second copy is the one left.
+    Moved,
+    /// Nobody has reported it: no host lists it any more, or a new leader restored it.
+    Unreported,
+}
+
+impl RunCause {
+    fn may_lead_to(self, to: RunState) -> bool {
+        match self {
+            RunCause::Reported => to != RunState::Lost,
+            RunCause::HostDead => to == RunState::Lost,
+            RunCause::Started | RunCause::Moved => to == RunState::Running,
+            RunCause::Unreported => to == RunState::Unknown,
+        }
+    }
+}
+
+/// A run state its cause cannot explain.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{vm} cannot become {to} because of {cause:?}")]
+pub struct RunRefused {
+    pub vm: String,
+    pub to: &'static str,
+    pub cause: RunCause,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct HostResources {
     pub cpus: u32,
@@ -327,6 +364,21 @@ pub struct SecondCopy {
 }
 
 impl VmView {
+    /// The one way its run state changes (a report, a death, a start, a move).
+    pub fn set_run(&mut self, to: RunState, cause: RunCause) -> Result<(), RunRefused> {
+        if !cause.may_lead_to(to) {
+            return Err(RunRefused { vm: self.name.clone(), to: to.as_str(), cause });
+        }
+        self.state = to;
+        Ok(())
+    }
+
+    /// `set_run` for the engine's own causes, which a test would catch going wrong.
+    pub(crate) fn change_run(&mut self, to: RunState, cause: RunCause) {
+        let changed = self.set_run(to, cause);
+        debug_assert!(changed.is_ok(), "{changed:?}");
+    }
+
     /// The hosts where a copy of it may run: where it is placed, and a second copy's host.
     pub fn hosts_near(&self) -> impl Iterator<Item = &String> {
         self.host.iter().chain(self.second_copy.as_ref().map(|c| &c.host))
@@ -663,5 +715,18 @@ pub(crate) mod tests {
         vm.xml = format!("<domain><name>{name}</name></domain>");
         s.vms.insert(uuid.into(), vm.clone());
         vm
+    }
+
+    #[test]
+    fn a_run_state_changes_only_as_its_cause_allows() {
+        let mut vm = VmView::new("a", "dns1");
+        assert!(vm.set_run(RunState::Running, RunCause::Reported).is_ok());
+        assert!(vm.set_run(RunState::Lost, RunCause::HostDead).is_ok());
+        // Only vmha declares a VM down; a report never does, nor does a start leave it stopped.
+        let refused = vm.set_run(RunState::Lost, RunCause::Reported).unwrap_err();
+        assert_eq!(refused.to_string(), "dns1 cannot become down because of Reported");
+        assert!(vm.set_run(RunState::ShutOff, RunCause::Started).is_err());
+        assert_eq!(vm.state, RunState::Lost);
+        assert!(vm.set_run(RunState::Running, RunCause::Started).is_ok());
     }
 }

@@ -2,6 +2,7 @@
 //! automatic one of a degraded host (whose health probes keep failing). Also host health.
 
 use crate::action::Action;
+use crate::cluster::RunCause;
 use crate::drain_record::{Drain, DrainCause, DrainState, DrainStep, StepState};
 use crate::event::{Event, EventKind};
 use crate::health::Probe;
@@ -411,7 +412,7 @@ pub fn restart_finished(
         if result.is_ok() {
             crate::cluster::note_near(&mut state.near, target, uuid);
             vm.host = Some(target.into());
-            vm.state = RunState::Running;
+            vm.change_run(RunState::Running, RunCause::Started);
             out.push(Action::Outage(crate::availability::OutageMark::Ended { vm_uuid: uuid.into() }));
         }
     }

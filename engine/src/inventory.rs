@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use crate::cluster::{SecondCopy, note_near};
+use crate::cluster::{RunCause, SecondCopy, note_near};
 use crate::{ClusterState, Millis, RunState, VmView};
 
 /// How long a requested destroy of a second copy may take before it is asked for again.
@@ -125,7 +125,7 @@ pub fn apply_report(
             note_near(&mut state.near, host, &d.uuid);
             let mut vm = VmView::new(&d.uuid, &d.name);
             vm.host = Some(host.into());
-            vm.state = d.state;
+            vm.change_run(d.state, RunCause::Reported);
             vm.memory_kib = d.memory_kib;
             vm.vcpus = d.vcpus;
             state.vms.insert(d.uuid.clone(), vm);
@@ -179,12 +179,12 @@ pub fn apply_report(
                         unwatched,
                     });
                 }
-                vm.state = d.state;
+                vm.change_run(d.state, RunCause::Reported);
             }
             None => {
                 note_near(&mut state.near, host, &d.uuid);
                 vm.host = Some(host.into());
-                vm.state = d.state;
+                vm.change_run(d.state, RunCause::Reported);
                 vm.recorded_running = false;
                 changes.push(InventoryChange::Appeared {
                     uuid: d.uuid.clone(),
@@ -227,7 +227,7 @@ pub fn apply_report(
                 });
                 note_near(&mut state.near, host, &d.uuid);
                 vm.host = Some(host.into());
-                vm.state = d.state;
+                vm.change_run(d.state, RunCause::Reported);
                 vm.recorded_running = false;
             }
             Some(_) => {}
@@ -250,7 +250,7 @@ pub fn apply_report(
             vm.second_copy = None;
             note_near(&mut state.near, &extra, &uuid);
             vm.host = Some(extra.clone());
-            vm.state = RunState::Running;
+            vm.change_run(RunState::Running, RunCause::Moved);
             changes.push(InventoryChange::Moved {
                 uuid: vm.uuid.clone(),
                 name: vm.name.clone(),
@@ -264,7 +264,7 @@ pub fn apply_report(
         // operation's result says where it went.
         if vm.host.as_deref() == Some(host) && vm.busy_with.is_none() && here.is_none() {
             vm.host = None;
-            vm.state = RunState::Unknown;
+            vm.change_run(RunState::Unknown, RunCause::Unreported);
             changes.push(InventoryChange::Vanished {
                 uuid: vm.uuid.clone(),
                 name: vm.name.clone(),
@@ -287,7 +287,7 @@ pub fn apply_migrated(state: &mut ClusterState, uuid: &str, target: &str) -> Opt
     let vm = state.vms.get_mut(uuid)?;
     note_near(&mut state.near, target, uuid);
     let from = vm.host.replace(target.into());
-    vm.state = RunState::Running;
+    vm.change_run(RunState::Running, RunCause::Moved);
     match from {
         Some(f) if f == target => None,
         from => Some(InventoryChange::Moved {

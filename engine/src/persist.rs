@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::cluster::RunCause;
 use crate::event::Event;
 use crate::operation::{OpId, Operation};
 use crate::step::{Engine, HostWork, Persist, VmWork};
@@ -133,7 +134,7 @@ pub fn loaded_host(row: &HostView, now: Millis) -> HostView {
 /// until then nobody knows whether it runs.
 pub fn loaded_vm(row: &VmView) -> VmView {
     let mut vm = VmView::new(&row.uuid, &row.name);
-    vm.state = RunState::Unknown;
+    vm.change_run(RunState::Unknown, RunCause::Unreported);
     vm.recorded_running = row.state.has_process();
     vm.host = row.host.clone();
     vm.memory_kib = row.memory_kib;

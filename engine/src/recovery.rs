@@ -4,7 +4,7 @@
 use crate::Refusal;
 use crate::action::Action;
 use crate::availability::OutageMark;
-use crate::cluster::{DiskLocked, Recovery};
+use crate::cluster::{DiskLocked, Recovery, RunCause};
 use crate::event::{Event, EventKind};
 use crate::inventory::{InventoryChange, ReportedDomain};
 use crate::lease::{current_membership, has_quorum, knows_membership, observe_quorum, quorum_held_for};
@@ -108,7 +108,7 @@ fn declare_dead(
         // it there already, as a second copy.)
         if let Some(second) = vm.second_copy.take().filter(|c| alive.contains(&c.host)) {
             vm.host = Some(second.host.clone());
-            vm.state = RunState::Running;
+            vm.change_run(RunState::Running, RunCause::Moved);
             vm.busy_with = None;
             out.push(Action::Event(Event::vm(
                 &vm.name,
@@ -121,7 +121,7 @@ fn declare_dead(
             continue;
         }
         let had_process = vm.state.has_process() || vm.state == RunState::Unknown;
-        vm.state = RunState::Lost;
+        vm.change_run(RunState::Lost, RunCause::HostDead);
         // Busy: a live migration was under way, and may have ended on its target first. A
         // drain's cold restart stays in charge (destroyed here, its start elsewhere still to
         // come): the recovery waits for its end, and restarts the VM only if that start
@@ -433,7 +433,7 @@ pub fn start_finished(
             vm.recovery = None;
             crate::cluster::note_near(&mut state.near, host, uuid);
             vm.host = Some(host.into());
-            vm.state = RunState::Running;
+            vm.change_run(RunState::Running, RunCause::Started);
             out.push(Action::Outage(OutageMark::Ended { vm_uuid: uuid.into() }));
             out.push(Action::Event(Event::vm(
                 &vm.name,
