@@ -9,6 +9,7 @@ use crate::event::{Event, EventKind};
 use crate::inventory::{InventoryChange, ReportedDomain};
 use crate::lease::{current_membership, has_quorum, knows_membership, observe_quorum, quorum_held_for};
 use crate::operation::Purpose;
+use crate::time::secs;
 use crate::waits::{FailbackWait, RestartWait};
 use crate::{
     AdminState, ClusterState, Death, FencingMode, HostLiveness, Millis, RunState, VmView, placement,
@@ -53,10 +54,6 @@ impl VmView {
     pub fn awaits_start_on(&self, host: &str) -> bool {
         self.recovery.as_ref().is_some_and(|r| r.starting_on.as_deref() == Some(host))
     }
-}
-
-pub(crate) fn secs(ms: u64) -> String {
-    format!("{:.1} s", ms as f64 / 1000.0)
 }
 
 /// How a host was found dead.

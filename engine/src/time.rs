@@ -14,3 +14,8 @@ impl Millis {
         self.0.saturating_sub(earlier.0)
     }
 }
+
+/// A duration as operators read it in events: "2.5 s".
+pub(crate) fn secs(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
+}

@@ -2,7 +2,7 @@
 //! `restart_waiting` events say.
 
 use crate::placement::NoHost;
-use crate::recovery::secs;
+use crate::time::secs;
 
 /// Why a restart is not started now.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -124,9 +124,11 @@ impl Engine {
                         op.vm_name,
                         op.source,
                         match op.overrides.map(|o| o.timeout_ms) {
-                            Some(t) if op.done.elapsed_ms >= t =>
-                                format!("no clean shutdown within {}, so it was destroyed", recovery::secs(t)),
-                            _ => format!("shut down in {}", recovery::secs(op.done.elapsed_ms)),
+                            Some(t) if op.done.elapsed_ms >= t => format!(
+                                "no clean shutdown within {}, so it was destroyed",
+                                crate::time::secs(t)
+                            ),
+                            _ => format!("shut down in {}", crate::time::secs(op.done.elapsed_ms)),
                         },
                         op.vm_name
                     ),
