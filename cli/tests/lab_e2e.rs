@@ -90,6 +90,12 @@ impl Lab {
         serde_json::from_str(&self.vmha_ok(&a)).expect("vmha -o json prints JSON")
     }
 
+    /// A demo guest's fixed address on the lab network (`up` prints them), where it serves DNS
+    /// (and RADIUS, radius1) wherever it runs.
+    fn guest_ip(&self, vm: &str) -> String {
+        self.env[&format!("VMHA_LAB_GUEST_{}", vm.to_uppercase())].clone()
+    }
+
     fn uri(&self, host: &str) -> String {
         self.env[&format!("VMHA_LAB_{}_URI", host.to_uppercase())].clone()
     }
@@ -287,6 +293,86 @@ fn qemu_processes() -> BTreeMap<String, Vec<(String, u32)>> {
         }
     }
     out
+}
+
+/// A DNS client asking a guest every 20 ms, as a user of the service would
+/// (`deploy/lab/dns-probe`), until `finish`.
+struct DnsClient {
+    child: std::process::Child,
+}
+
+/// What a `DnsClient` saw: queries sent, answered, lost, and the longest time without an answer.
+#[derive(Debug, serde::Deserialize)]
+struct DnsSeen {
+    sent: u64,
+    answered: u64,
+    lost: u64,
+    longest_gap_ms: f64,
+}
+
+impl DnsClient {
+    fn start(addr: &str) -> DnsClient {
+        let child = Command::new(repo().join("deploy/lab/dns-probe"))
+            .args([addr, "--json"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run deploy/lab/dns-probe");
+        // Its first answer before the scenario acts, so a gap is the scenario's.
+        std::thread::sleep(Duration::from_millis(300));
+        DnsClient { child }
+    }
+
+    fn finish(self) -> DnsSeen {
+        assert!(signal(self.child.id() as i32, "TERM"), "stop dns-probe");
+        let out = self.child.wait_with_output().expect("dns-probe's summary");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("dns-probe printed {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+/// Seconds from `since` until the guest at `addr` answers DNS (a query every 20 ms); panics
+/// after `timeout`.
+fn first_dns_answer(addr: &str, since: std::time::SystemTime, timeout: Duration) -> f64 {
+    let since = since.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let out = Command::new(repo().join("deploy/lab/dns-probe"))
+        .args([addr, "--first-answer", &timeout.as_secs_f64().to_string(), "--since", &since.to_string()])
+        .output()
+        .expect("run deploy/lab/dns-probe");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// radclient, FreeRADIUS's own client, sends the lab user's Access-Request to `addr`; the
+/// answer it printed, when there was one.
+fn radius_request(addr: &str, password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("radclient")
+        .args(["-x", "-t", "1", "-r", "1", &format!("{addr}:1812"), "auth", "vmha-lab"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run radclient (freeradius-utils)");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "User-Name = lab, User-Password = {password}").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Waits until RADIUS at `addr` accepts the lab's user (and its reply names the user), and a
+/// wrong password is rejected; the seconds since `since`.
+fn radius_serves(addr: &str, since: Instant, timeout: Duration) -> f64 {
+    let mut said = String::new();
+    wait_until(&format!("RADIUS at {addr} to accept the lab user"), timeout, || {
+        said = radius_request(addr, "lab");
+        said.contains("Received Access-Accept")
+    });
+    let took = since.elapsed().as_secs_f64();
+    assert!(said.contains("Reply-Message = \"Hello, lab\""), "{said}");
+    let wrong = radius_request(addr, "wrong");
+    assert!(wrong.contains("Received Access-Reject"), "a wrong password is rejected: {wrong}");
+    took
 }
 
 fn running_on(vm: &str) -> Vec<String> {
@@ -516,12 +602,23 @@ fn host_death_restarts_protected_vms_by_priority(lab: &Lab) {
     let victim = lab.host_of("radius1");
     place(lab, "dns1", &victim);
     let before = lab.events().last().map_or(0, |e| e["id"].as_i64().unwrap());
+    assert!(radius_request(&lab.guest_ip("radius1"), "lab").contains("Access-Accept"), "RADIUS serves");
     let watch = DoubleRunWatch::start();
+    let (killed, killed_at) = (Instant::now(), std::time::SystemTime::now());
     lab_verb("kill", &[&victim]);
     wait_until("dns1 and radius1 running on other hosts", Duration::from_secs(40), || {
         let p = qemu_processes();
         ["dns1", "radius1"].iter().all(|vm| p.get(*vm).is_some_and(|c| c.len() == 1 && c[0].0 != victim))
     });
+    let qemu_back = killed.elapsed().as_secs_f64();
+    // The services, as their users see them: the guests booted again elsewhere and answer
+    // (nothing answers at those addresses while the host is dead: every copy ran on it).
+    let dns = first_dns_answer(&lab.guest_ip("dns1"), killed_at, Duration::from_secs(60));
+    let radius = radius_serves(&lab.guest_ip("radius1"), killed, Duration::from_secs(60));
+    println!(
+        "  {victim} killed: QEMU of both running elsewhere after {qemu_back:.1} s, dns1 answers DNS after \
+         {dns:.1} s, radius1 accepts a RADIUS login after {radius:.1} s"
+    );
     let (samples, doubles) = watch.finish();
     assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
     for vm in ["dns1", "radius1"] {
@@ -763,8 +860,13 @@ fn drain_moves_every_vm_live_and_ends_in_maintenance(lab: &Lab) {
         assert!(plan.contains(vm), "the dry run lists {vm}: {plan}");
     }
     assert_eq!(host_json(lab, host)["admin_state"], "active", "a dry run changes nothing");
+    let client = DnsClient::start(&lab.guest_ip("dns1"));
     let out = lab.vmha_ok(&["host", "drain", host]);
+    let seen = client.finish();
+    println!("  a DNS client of dns1 during the drain: {seen:?}");
     assert!(out.contains(&format!("drain of {host} done")), "{out}");
+    assert!(seen.answered > 0 && seen.answered + seen.lost <= seen.sent, "{seen:?}");
+    assert!(seen.longest_gap_ms < 1000.0, "dns1 answered with no gap over 1 s while it moved: {seen:?}");
     for vm in GUESTS {
         moved_live(lab, host, before, vm);
     }
@@ -779,9 +881,9 @@ fn a_drain_without_room_ends_incomplete_and_stops_nothing(lab: &Lab) {
     for vm in GUESTS {
         place(lab, vm, host);
     }
-    // Room for one 64 MiB guest on each other host: the third must stay.
-    lab.vmha_ok(&["host", "limit", "kvm2", "--memory", "64"]);
-    lab.vmha_ok(&["host", "limit", "kvm3", "--memory", "64"]);
+    // Room for one 128 MiB guest on each other host: the third must stay.
+    lab.vmha_ok(&["host", "limit", "kvm2", "--memory", "128"]);
+    lab.vmha_ok(&["host", "limit", "kvm3", "--memory", "128"]);
     let out = lab.vmha(&["host", "drain", host]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     lab.vmha_ok(&["host", "limit", "kvm2", "--memory", "0"]);
@@ -797,7 +899,7 @@ fn a_drain_without_room_ends_incomplete_and_stops_nothing(lab: &Lab) {
     lab.vmha_ok(&["host", "undrain", host]);
 }
 
-/// Admission control with the default one-host reserve: with room for one 64 MiB guest on
+/// Admission control with the default one-host reserve: with room for one 128 MiB guest on
 /// each other host, protecting the three guests of kvm1 is refused at the third, with the
 /// numbers; `--force` protects it, and `vm show` and `status` say so.
 fn protecting_beyond_the_host_reserve_is_refused_unless_forced(lab: &Lab) {
@@ -807,8 +909,8 @@ fn protecting_beyond_the_host_reserve_is_refused_unless_forced(lab: &Lab) {
         lab.vmha_ok(&["unprotect", vm]);
         place(lab, vm, host);
     }
-    lab.vmha_ok(&["host", "limit", "kvm2", "--memory", "64"]);
-    lab.vmha_ok(&["host", "limit", "kvm3", "--memory", "64"]);
+    lab.vmha_ok(&["host", "limit", "kvm2", "--memory", "128"]);
+    lab.vmha_ok(&["host", "limit", "kvm3", "--memory", "128"]);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         lab.vmha_ok(&["protect", "dns1"]);
         lab.vmha_ok(&["protect", "dns2"]);
@@ -822,7 +924,7 @@ fn protecting_beyond_the_host_reserve_is_refused_unless_forced(lab: &Lab) {
         let said = String::from_utf8_lossy(&out.stderr).to_string();
         assert_eq!(out.status.code(), Some(4), "refused as a failed precondition: {said}");
         for part in
-            ["would break the host reserve", "if kvm1 failed", "limit in use, needs 64 MiB", "--force"]
+            ["would break the host reserve", "if kvm1 failed", "limit in use, needs 128 MiB", "--force"]
         {
             assert!(said.contains(part), "the refusal says '{part}': {said}");
         }
@@ -1980,41 +2082,6 @@ fn restart_plain(lab: &Lab, n: u32) {
     );
 }
 
-/// How much of each drained guest's memory `a_controller_killed_mid_drain_resumes_it` makes
-/// random: at 1 MiB/s, a live migration of one of them takes about this many seconds more.
-const FILLED_MIB: u64 = 8;
-
-/// Writes `mib` MiB of random bytes into `vm`'s memory from outside, through its QEMU process
-/// (/proc/PID/mem), from 16 MiB on (SeaBIOS uses the low memory and the top of RAM). A lab
-/// guest sits in SeaBIOS with its memory nearly all zero pages, which a live migration sends
-/// as a few bytes each: even capped at 1 MiB/s it takes about a second. A random page goes
-/// whole.
-fn fill_guest_memory(lab: &Lab, vm: &str, mib: u64) {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let memory = lab.json(&["vm", "show", vm])["memory_mib"].as_u64().unwrap();
-    assert!(16 + mib <= memory, "{vm} has {memory} MiB");
-    let copies = qemu_processes().remove(vm).unwrap_or_default();
-    assert_eq!(copies.len(), 1, "{vm} runs once: {copies:?}");
-    let pid = copies[0].1;
-    // Its RAM: the one anonymous read-write mapping of the guest's size.
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let ram: Vec<u64> = maps
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (a, b) = f[0].split_once('-')?;
-            let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
-            (f.len() == 5 && f[1] == "rw-p" && b - a == memory << 20).then_some(a)
-        })
-        .collect();
-    assert_eq!(ram.len(), 1, "one anonymous mapping of {memory} MiB in {vm}'s QEMU ({pid}): {ram:x?}");
-    let mut random = vec![0; (mib << 20) as usize];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut random).unwrap();
-    let mut mem = std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/mem")).unwrap();
-    mem.seek(SeekFrom::Start(ram[0] + (16 << 20))).unwrap();
-    mem.write_all(&random).unwrap();
-}
-
 /// Whether the QEMU process `pid` was started for an incoming live migration.
 fn incoming(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -2022,8 +2089,8 @@ fn incoming(pid: u32) -> bool {
 }
 
 /// The leader is killed (SIGKILL) half a second into the drain of a host running the three
-/// guests, while the drain's first live migrations run (capped at 1 MiB/s, with guest memory
-/// that takes some 9 s at that rate), and not started again: the standby (running without the
+/// guests, while the drain's first live migrations run (capped at 16 MiB/s: a lab guest's
+/// Linux sends some 107 MiB, about 7 s at that rate), and not started again: the standby (running without the
 /// cap) takes over and finishes the drain. The host ends in maintenance, and each guest left
 /// it by live migration exactly once (the QEMU it ends in is the incoming side of a migration,
 /// and every sample shows its first QEMU or that one), none was restarted, none ever ran twice.
@@ -2033,12 +2100,11 @@ fn a_killed_leader_mid_drain_hands_it_to_the_standby(lab: &Lab) {
     let host = "kvm2";
     for vm in GUESTS {
         place(lab, vm, host);
-        fill_guest_memory(lab, vm, FILLED_MIB);
     }
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // Migrations the drain starts run at 1 MiB/s (the cap is sent with each migration); the
+        // Migrations the drain starts run at 16 MiB/s (the cap is sent with each migration); the
         // standby that takes over runs without it.
-        up_with_controller_args("--migration-bandwidth 1");
+        up_with_controller_args("--migration-bandwidth 16");
         lab.settle();
         let leader = lab.leader().expect("a controller leads");
         restart_plain(lab, 3 - leader);
@@ -2095,7 +2161,7 @@ fn a_killed_leader_mid_drain_hands_it_to_the_standby(lab: &Lab) {
         }
         assert!(
             in_flight(&at_back) > 0,
-            "a migration still runs when the standby leads (else FILLED_MIB is too small): {at_back:?}"
+            "a migration still runs when the standby leads (else the cap is too high): {at_back:?}"
         );
 
         let deadline = Duration::from_secs(45);

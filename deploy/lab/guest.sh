@@ -1,14 +1,16 @@
 # shellcheck shell=bash
 # How a guest built by deploy/lab/guest-image is booted: its kernel command line
 # and the pieces of its libvirt domain XML. Sourced (by guest-image-test now,
-# by `up` when the lab's guests boot it); defines functions only.
+# by `up` for the lab's demo guests); defines functions only.
 #
 #   guest_image_dir                        where guest-image builds by default
 #   guest_accel                            kvm, or tcg where KVM cannot run a Linux guest
-#   guest_cmdline NAME IP/PREFIX [GW]      the kernel command line
+#   guest_cmdline NAME IP/PREFIX [GW [ARG...]]  the kernel command line (ARGs appended,
+#                                          e.g. vmha.radius=1)
 #   guest_mac NAME                         a fixed MAC for NAME (52:54:00 + 3 bytes of its hash)
-#   guest_os_xml DIR NAME IP/PREFIX [GW]   <os> with <kernel>, <initrd>, <cmdline>
-#   guest_devices_xml MAC BRIDGE           the NIC on BRIDGE, the agent's channel, the serial console
+#   guest_os_xml DIR NAME IP/PREFIX [GW [ARG...]]  <os> with <kernel>, <initrd>, <cmdline>
+#   guest_devices_xml MAC BRIDGE [LOG]     the NIC on BRIDGE, the agent's channel, the serial
+#                                          console (copied to the file LOG on the host it runs on)
 #
 # Example, a guest dns1 on the lab bridge:
 #   <domain type='kvm'>
@@ -31,7 +33,7 @@ guest_image_dir() { echo "${VMHA_LAB_DIR:-${TMPDIR:-/tmp}/vmha-lab}/guest-image"
 
 # QEMU's accelerator for these guests on this machine (libvirt: <domain
 # type='kvm'> or type='qemu'). Where /dev/kvm is kvm_pvm (KVM nested without
-# VMX, as on these sandboxes) it runs firmware (the lab's SeaBIOS guests) but
+# VMX, as on these sandboxes) it runs firmware (SeaBIOS, the lab's warm-up) but
 # emulates a guest kernel instruction by instruction: Debian's kernel takes
 # about a minute just to decompress, and KVM stops the guest with an internal
 # error at its first cmpxchg16b (SLUB) or xrstor (FPU init), which that
@@ -42,8 +44,9 @@ guest_accel() {
 
 guest_cmdline() {
   local name=$1 ip=$2 gw=${3:-}
+  shift $(($# < 3 ? $# : 3))
   # panic=-1: a guest whose kernel panics reboots at once instead of hanging.
-  echo "console=ttyS0 panic=-1 vmha.name=$name vmha.ip=$ip${gw:+ vmha.gw=$gw}"
+  echo "console=ttyS0 panic=-1 vmha.name=$name vmha.ip=$ip${gw:+ vmha.gw=$gw}${*:+ $*}"
 }
 
 guest_mac() {
@@ -75,7 +78,7 @@ guest_devices_xml() {
 <channel type='unix'>
   <target type='virtio' name='org.qemu.guest_agent.0'/>
 </channel>
-<serial type='pty'/>
+<serial type='pty'>${3:+<log file='$3' append='on'/>}</serial>
 <console type='pty'/>
 EOF
 }

@@ -56,7 +56,18 @@ LAB_CA_DIR=$VMHA_LAB_DIR/ca
 LAB_OPERATORS=(lab-admin:admin lab-operator:operator lab-viewer:viewer)
 # Every agent serves its peer endpoint on <host address>:LAB_AGENT_PEER_PORT.
 LAB_AGENT_PEER_PORT=7401
-LAB_GUEST_MIB=64
+# The demo guests boot deploy/lab/guest-image's kernel and initramfs (a real
+# DNS server and the QEMU guest agent); 96 MiB is the least that image boots in.
+LAB_GUEST_MIB=128
+# name:home host:address. Every guest has a fixed address on the lab network,
+# which it keeps wherever it runs: the hosts' guests are bridged onto it
+# (LAB_HOST_BRIDGE), so the machine itself reaches them over LAB_BRIDGE.
+LAB_DEMO_GUESTS=(dns1:kvm1:21 radius1:kvm1:23 dns2:kvm2:22)
+# The guests that also run FreeRADIUS (UDP 1812, secret vmha-lab, user lab/lab).
+LAB_RADIUS_GUESTS=(radius1)
+# The bridge inside every host's netns: its eth0 (the veth to LAB_BRIDGE) and its
+# guests' taps are its ports, the host's address is on it.
+LAB_HOST_BRIDGE=br0
 # Storage every lab host sees at the same path (NFS in production): the guests'
 # disk images and virtlockd's lockspace (libvirt's lockd lock manager, see
 # lab_write_host_config). Outside the per-host private libvirt directories.
@@ -65,6 +76,8 @@ LAB_SHARED_DIR=$VMHA_LAB_DIR/san
 LAB_IMAGES_DIR=$LAB_SHARED_DIR/images
 LAB_IMAGES_BACKING=$LAB_SHARED_DIR/.images
 LAB_LOCKSPACE_DIR=$LAB_SHARED_DIR/lockspace
+# The demo guests' kernel and initramfs (deploy/lab/guest-image), on the shared storage.
+LAB_GUEST_BOOT_DIR=$LAB_IMAGES_DIR/boot
 LAB_DISK_MIB=64
 
 # libvirt's directories that must be private per lab host; each is bind-mounted
@@ -75,6 +88,15 @@ LAB_PRIVATE_DIRS=(etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt
 # Pids stopped or killed by this shell (lab_stop_pidfiles, lab_kill_host), for
 # a final lab_wait_gone.
 LAB_KILLED_PIDS=()
+
+# lab_guest_ip NAME: a demo guest's address on the lab network.
+lab_guest_ip() {
+  local g
+  for g in "${LAB_DEMO_GUESTS[@]}"; do
+    [[ ${g%%:*} == "$1" ]] && { printf '%s.%s\n' "$LAB_NET_PREFIX" "${g##*:}"; return 0; }
+  done
+  lab_die "unknown demo guest '$1'"
+}
 
 lab_log() { printf 'lab: %s\n' "$*" >&2; }
 lab_die() { printf 'lab: error: %s\n' "$*" >&2; exit 1; }
