@@ -27,8 +27,16 @@ _guest_exec() {
   shift 3
   local args
   args=$(python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@")
-  virsh -q -c "$(uri_of "$host")" qemu-agent-command "$guest" --timeout 10 \
-    "{\"execute\":\"guest-exec\",\"arguments\":{\"path\":\"$path\",\"arg\":$args}}" >/dev/null
+  # Right after a migration libvirt says the agent is "not available for now" until the
+  # guest's agent has answered on the new host.
+  local try
+  for try in $(seq 20); do
+    virsh -q -c "$(uri_of "$host")" qemu-agent-command "$guest" --timeout 10 \
+      "{\"execute\":\"guest-exec\",\"arguments\":{\"path\":\"$path\",\"arg\":$args}}" >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  echo "bench: the guest agent of $guest on $host did not run $path" >&2
+  return 1
 }
 writer_start() { _guest_exec "$1" "$2" /usr/lib/vmha/dirty "$3" 3600; }
 writer_stop() { _guest_exec "$1" "$2" /bin/sh -c 'pkill -f /usr/lib/vmha/dirty; rm -f /run/dirty'; }
