@@ -95,6 +95,11 @@ pub struct Flags {
     /// checks); their latest results go with every heartbeat [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub probe_interval: Option<Duration>,
+    /// How often the agent pings the QEMU guest agent of each protected VM running here
+    /// (guest-ping through libvirt, answered within a second) and reads its vCPU time and I/O:
+    /// the guest's heartbeat, reported with every heartbeat [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub guest_ping_interval: Option<Duration>,
     /// The cluster CA's certificate [default: /etc/vmha/pki/ca.pem].
     #[arg(long, value_name = "PATH")]
     pub tls_ca: Option<PathBuf>,
@@ -116,6 +121,10 @@ pub struct Flags {
     #[arg(long)]
     pub insecure_dev: bool,
 }
+
+/// `--guest-ping-interval`'s default: a hung guest is seen within a few pings of the
+/// controller's failure interval.
+pub const GUEST_PING_INTERVAL: Duration = Duration::from_secs(2);
 
 /// `--check NAME=COMMAND`; the name is validated with the file's checks in `Config::load`.
 fn parse_check_flag(s: &str) -> Result<Check, String> {
@@ -150,6 +159,8 @@ struct FileConfig {
     insecure_dev: bool,
     #[serde(default)]
     probes: FileProbes,
+    #[serde(default, with = "humantime_serde_opt")]
+    guest_ping_interval: Option<Duration>,
 }
 
 /// The `[probes]` table.
@@ -214,6 +225,8 @@ pub struct Config {
     pub tls: Option<vmha_tls::Paths>,
     /// Where libvirtd reads its CRL (see `revocation`).
     pub libvirt_crl: PathBuf,
+    /// How often protected guests are pinged (`guest_watch`).
+    pub guest_ping_interval: Duration,
 }
 
 impl Config {
@@ -293,7 +306,16 @@ impl Config {
         });
         let probes =
             probe_config(file.probes, flags.checks, flags.storage_paths, flags.nics, flags.probe_interval)?;
+        let guest_ping_interval =
+            flags.guest_ping_interval.or(file.guest_ping_interval).unwrap_or(GUEST_PING_INTERVAL);
+        if !(Duration::from_millis(500)..=Duration::from_secs(60)).contains(&guest_ping_interval) {
+            return Err(ConfigError::Invalid(format!(
+                "guest ping interval (--guest-ping-interval or guest_ping_interval) {} is out of range (500ms to 1m)",
+                humantime::format_duration(guest_ping_interval)
+            )));
+        }
         Ok(Config {
+            guest_ping_interval,
             tls,
             probes,
             peer_listen,

@@ -292,7 +292,7 @@ impl LeaseShell {
         )
     }
 
-    fn protected_list(&self) -> Vec<String> {
+    pub fn protected_list(&self) -> Vec<String> {
         lock(&self.protected).iter().cloned().collect()
     }
 

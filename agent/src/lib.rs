@@ -3,6 +3,7 @@
 pub mod bounded;
 pub mod config;
 pub mod executor;
+pub mod guest_watch;
 pub mod hook;
 pub mod hypervisor;
 pub mod lease;

@@ -5,8 +5,8 @@ use vmha_agent::config::{Config, Flags};
 use vmha_agent::hypervisor::libvirt::Libvirt;
 use vmha_agent::lease::LeaseShell;
 use vmha_agent::peer::PeerApi;
-use vmha_agent::probes;
 use vmha_agent::session::Agent;
+use vmha_agent::{guest_watch, probes};
 use vmha_engine::Timings;
 use vmha_proto::v1::peer_service_server::PeerServiceServer;
 use vmha_tls::Transport;
@@ -61,6 +61,7 @@ async fn run() -> anyhow::Result<()> {
     let peer_listen = cfg.peer_listen;
     let peers = vmha_tls::transport::serve(peers, peer_listen, &transport, std::future::pending());
     let probe_cfg = cfg.probes.clone();
+    let guest_ping_interval = cfg.guest_ping_interval;
     let agent = Agent::new(cfg, hv.clone(), lease.clone(), transport.clone());
     if let Transport::Mtls(creds) = &transport {
         let agent = agent.clone();
@@ -70,6 +71,7 @@ async fn run() -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let r = tokio::select! {
         _ = probes::run(probe_cfg, hv.clone(), agent.probes.clone()) => Ok(()),
+        _ = guest_watch::run(guest_ping_interval, hv.clone(), lease.clone(), agent.guests.clone()) => Ok(()),
         _ = agent.run() => Ok(()),
         _ = lease.clone().run(hv, transport.clone()) => Ok(()),
         r = peers => r.map_err(|e| anyhow::anyhow!("the peer endpoint: {e}")),

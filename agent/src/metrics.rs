@@ -207,6 +207,17 @@ impl<H: Hypervisor> Hypervisor for Timed<H> {
     ) -> Result<MigrationStats, HypervisorError> {
         self.timed("migrate", |h| h.migrate(uuid, opts, progress))
     }
+
+    fn guest_look(&self, uuid: &str) -> Result<Option<crate::hypervisor::GuestLook>, HypervisorError> {
+        self.timed("guest_look", |h| h.guest_look(uuid))
+    }
+
+    fn guest_ping(&self, uuid: &str, timeout: std::time::Duration) -> bool {
+        let start = std::time::Instant::now();
+        let answered = self.0.guest_ping(uuid, timeout);
+        METRICS.libvirt_call("guest_ping", answered, start);
+        answered
+    }
 }
 
 #[cfg(test)]

@@ -115,6 +115,9 @@ pub struct Agent {
     /// The health probes' latest results, filled by `probes::run` (empty if it is not
     /// running, as in tests that drive an agent without probes).
     pub probes: Arc<ProbeBoard>,
+    /// The protected guests' heartbeats, filled by `guest_watch::run` (empty if it is not
+    /// running).
+    pub guests: Arc<crate::guest_watch::GuestBoard>,
     /// How it reaches the controller: with this host's certificate, accepting only a
     /// controller's.
     transport: Transport,
@@ -150,6 +153,7 @@ impl Agent {
             last_answer: Mutex::default(),
             sent_xml: Mutex::default(),
             probes: Arc::default(),
+            guests: Arc::default(),
         })
     }
 
@@ -313,6 +317,9 @@ impl Agent {
             }
             Outcome::Panicked(e) => return Err(SessionError::ListingPanicked(e)),
         };
+        for d in &mut domains {
+            d.guest = self.guests.health(&d.uuid);
+        }
         let mut sending = Vec::new();
         {
             let sent = self.sent_xml.lock().unwrap_or_else(|p| p.into_inner());

@@ -748,6 +748,7 @@ pub(crate) fn show_vm(fmt: Format, v: &Vm) {
                 ("stopped by", v.stopped_by.clone()),
                 ("FORCED", v.admission_override.clone()),
                 ("failback waits", v.failback_waits.clone()),
+                ("guest agent", v.guest.clone()),
             ];
             for (k, val) in extra.iter().filter(|(_, val)| !val.is_empty()) {
                 println!("{k:>14}: {val}");

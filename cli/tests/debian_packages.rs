@@ -71,8 +71,12 @@ fn the_packages_install_verify_run_and_remove_cleanly() {
     let units =
         ["/usr/lib/systemd/system/vmha-agent.service", "/usr/lib/systemd/system/vmha-controller.service"];
     let verify = run("systemd-analyze", &[&["verify"][..], &units[..]].concat());
-    let complaints = String::from_utf8_lossy(&verify.stderr);
-    assert!(verify.status.success() && complaints.trim().is_empty(), "systemd-analyze verify: {complaints}");
+    // It also loads the units ours are ordered after, and says what it dislikes in those: other
+    // packages' units (freeradius.service's MemoryLimit=, installed for the lab's guests) are
+    // not ours to judge.
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    let complaints: Vec<&str> = stderr.lines().filter(|l| l.contains("vmha")).collect();
+    assert!(verify.status.success() && complaints.is_empty(), "systemd-analyze verify: {stderr}");
     for unit in ["vmha-agent.service", "vmha-controller.service"] {
         let wanted = Path::new("/etc/systemd/system/multi-user.target.wants").join(unit);
         assert!(!wanted.exists(), "{unit} is enabled by the install; it must wait until it is configured");

@@ -559,8 +559,18 @@ fn protect_and_live_migrate(lab: &Lab) {
     );
     let target = HOSTS.into_iter().find(|h| *h != source).unwrap();
 
+    // The guest's heartbeat: the agent of its host pings its guest agent.
+    let answering = |what: &str| {
+        wait_until(what, Duration::from_secs(30), || {
+            lab.json(&["vm", "show", "dns1"])["guest"].as_str().is_some_and(|g| g.starts_with("answering"))
+        })
+    };
+    answering("dns1's guest agent to answer its host's pings");
+    assert_eq!(lab.json(&["vm", "show", "dns2"])["guest"], "", "an unprotected guest is not watched");
+
     let out = lab.vmha_ok(&["migrate", "dns1", "--to", target]);
     assert!(out.contains(&format!("dns1 migrated from {source} to {target}")), "{out}");
+    answering("dns1's guest agent to answer its new host's pings");
     assert_eq!(lab.virsh(target, &["domstate", "dns1"]).trim(), "running");
     assert!(!lab.all_names(&source).contains(&"dns1".to_string()), "dns1 is still defined on {source}");
     let vm = lab.json(&["vm", "show", "dns1"]);
@@ -2469,6 +2479,7 @@ fn heartbeat_as(
         vcpus: 1,
         persistent: true,
         xml,
+        guest: None,
     };
     let mut req = tonic::Request::new(vmha_proto::v1::HeartbeatRequest {
         seq,
@@ -2813,6 +2824,7 @@ fn definitions_that_reach_into_the_host_are_refused_with_an_event(lab: &Lab) {
                 vcpus: 1,
                 persistent: true,
                 xml: format!("<domain type='kvm'><name>vector-{name}</name>{own}{body}</domain>"),
+                guest: None,
             }
         })
         .collect();

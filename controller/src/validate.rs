@@ -4,6 +4,7 @@
 
 use crate::errors::Error;
 use uuid::Uuid;
+use vmha_engine::guest::GuestSeen;
 use vmha_engine::{ReportedDomain, RunState};
 use vmha_proto::v1::{Domain, DomainState};
 
@@ -199,9 +200,25 @@ pub fn reported_domains(domains: &[Domain]) -> Result<Vec<ReportedDomain>, Error
             state: run_state(d.state),
             memory_kib: d.memory_kib,
             vcpus: d.vcpus,
+            guest: d.guest.as_ref().and_then(guest_seen),
         });
     }
     Ok(out)
+}
+
+/// A guest heartbeat as the engine takes it; `None`: not watched (or a state this controller
+/// does not know, from a newer agent).
+fn guest_seen(g: &vmha_proto::v1::GuestHealth) -> Option<GuestSeen> {
+    use vmha_proto::v1::GuestAgent;
+    Some(match GuestAgent::try_from(g.agent).ok()? {
+        GuestAgent::Unwatched => return None,
+        GuestAgent::None => GuestSeen::NoAgent,
+        GuestAgent::Waiting => GuestSeen::Waiting,
+        GuestAgent::Answering => GuestSeen::Answering { since_answer_ms: g.since_answer_ms },
+        GuestAgent::Silent => {
+            GuestSeen::Silent { since_answer_ms: g.since_answer_ms, missed: g.missed, active: g.active }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -217,6 +234,7 @@ mod tests {
             vcpus: 1,
             persistent: true,
             xml: String::new(),
+            guest: None,
         }
     }
 
@@ -285,6 +303,12 @@ mod arbitrary_input {
                 vcpus,
                 persistent: true,
                 xml,
+                guest: Some(vmha_proto::v1::GuestHealth {
+                    agent: state,
+                    since_answer_ms: memory_kib,
+                    active: true,
+                    missed: vcpus,
+                }),
             },
         )
     }

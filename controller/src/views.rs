@@ -262,6 +262,7 @@ pub fn vm(s: &ClusterState, v: &VmView, now: Millis) -> pb::Vm {
         failback_waits: failback_waits(s, v, now),
         stopped_by: v.stopped_by.clone().unwrap_or_default(),
         elsewhere: Vec::new(),
+        guest: s.guests.get(&v.uuid).map(|g| g.describe(now)).unwrap_or_default(),
         why_not_running: if v.protected || v.stopped_by.is_some() {
             explain(s, &v.uuid, now).unwrap_or_default()
         } else {

@@ -132,6 +132,7 @@ fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) -> Arc<Lease
         state_dir: None,
         tls: None,
         libvirt_crl: "/nonexistent/crl.pem".into(),
+        guest_ping_interval: vmha_agent::config::GUEST_PING_INTERVAL,
     };
     let lease = LeaseShell::new(name, Timings::default(), None);
     tokio::spawn(Agent::new(cfg, hv, lease.clone(), pki::transport(Role::Host, name)).run());
@@ -369,6 +370,12 @@ impl Hypervisor for Hanging {
     ) -> Result<MigrationStats, HypervisorError> {
         std::thread::sleep(Duration::from_secs(4));
         Err(HypervisorError::NoSuchDomain(uuid.into()))
+    }
+    fn guest_look(&self, uuid: &str) -> Result<Option<vmha_agent::hypervisor::GuestLook>, HypervisorError> {
+        self.0.guest_look(uuid)
+    }
+    fn guest_ping(&self, uuid: &str, timeout: Duration) -> bool {
+        self.0.guest_ping(uuid, timeout)
     }
 }
 

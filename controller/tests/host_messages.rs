@@ -74,6 +74,7 @@ fn heartbeat() -> HeartbeatRequest {
                 vcpus: 1,
                 persistent: true,
                 xml: xml(u),
+                guest: None,
             })
             .collect(),
         watchdog: Some(WatchdogStatus {
@@ -254,6 +255,13 @@ fn domain() -> impl Strategy<Value = Domain> {
                 vcpus,
                 persistent: true,
                 xml,
+                // Whatever a host may say of a guest, in range or not.
+                guest: Some(vmha_proto::v1::GuestHealth {
+                    agent: state,
+                    since_answer_ms: memory_kib,
+                    active: with_xml,
+                    missed: vcpus,
+                }),
             })
         },
     )

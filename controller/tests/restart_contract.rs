@@ -306,6 +306,7 @@ impl World {
                 state,
                 memory_kib: 1 << 20,
                 vcpus: 2,
+                guest: None,
             })
             .collect();
         let xml = host

@@ -561,6 +561,8 @@ pub struct ClusterState {
     /// Which VM each writable disk of an accepted definition belongs to (`VmView::disks`).
     /// An entry whose VM is gone is free again.
     pub disk_owners: BTreeMap<String, String>,
+    /// The guests' heartbeats, by VM UUID, from the hosts running them (`guest`).
+    pub guests: BTreeMap<String, crate::guest::GuestReport>,
 }
 
 /// Notes that VM `uuid` may now be on `host` (placed, or a second copy), for `vms_near`.

@@ -17,6 +17,8 @@ pub struct ReportedDomain {
     pub state: RunState,
     pub memory_kib: u64,
     pub vcpus: u32,
+    /// Its guest's heartbeat, when the host watches it (`guest`).
+    pub guest: Option<crate::guest::GuestSeen>,
 }
 
 /// What `admit_new` decided of a report.
@@ -305,7 +307,14 @@ mod tests {
     use super::*;
 
     fn dom(uuid: &str, state: RunState) -> ReportedDomain {
-        ReportedDomain { uuid: uuid.into(), name: format!("vm-{uuid}"), state, memory_kib: 65_536, vcpus: 1 }
+        ReportedDomain {
+            uuid: uuid.into(),
+            name: format!("vm-{uuid}"),
+            state,
+            memory_kib: 65_536,
+            vcpus: 1,
+            guest: None,
+        }
     }
 
     #[test]

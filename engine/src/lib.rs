@@ -21,6 +21,7 @@ pub mod discovery;
 pub mod drain;
 pub mod drain_record;
 pub mod event;
+pub mod guest;
 pub mod health;
 pub mod host_lease;
 pub mod inventory;

@@ -1165,6 +1165,7 @@ mod tests {
             state: RunState::Running,
             memory_kib: 65_536,
             vcpus: 1,
+            guest: None,
         }
     }
 

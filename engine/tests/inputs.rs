@@ -29,7 +29,14 @@ fn run_state() -> impl Strategy<Value = RunState> {
 
 fn domain() -> impl Strategy<Value = ReportedDomain> {
     (vm(), run_state(), any::<u64>(), any::<u32>()).prop_map(|(uuid, state, memory_kib, vcpus)| {
-        ReportedDomain { name: format!("vm-{}", &uuid[uuid.len() - 1..]), uuid, state, memory_kib, vcpus }
+        ReportedDomain {
+            name: format!("vm-{}", &uuid[uuid.len() - 1..]),
+            uuid,
+            state,
+            memory_kib,
+            vcpus,
+            guest: None,
+        }
     })
 }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use vmha_proto::v1::{Domain, DomainState, HostFacts};
 
-use super::{Hypervisor, HypervisorError, JobProgress, MigrateOptions, MigrationStats};
+use super::{GuestLook, Hypervisor, HypervisorError, JobProgress, MigrateOptions, MigrationStats};
 
 #[derive(Clone, Default)]
 pub struct FakeHypervisor {
@@ -15,6 +15,9 @@ pub struct FakeHypervisor {
     peers: Arc<Mutex<BTreeMap<String, FakeHypervisor>>>,
     /// What `host_facts` says; `None`: a small host (4 CPUs, 8 GiB).
     facts: Arc<Mutex<Option<HostFacts>>>,
+    /// What `guest_look` finds and whether the guest answers pings, by UUID (running domains
+    /// without an entry have no channel).
+    guests: Arc<Mutex<BTreeMap<String, (GuestLook, bool)>>>,
 }
 
 impl FakeHypervisor {
@@ -29,8 +32,14 @@ impl FakeHypervisor {
                 vcpus: 1,
                 persistent: true,
                 xml: format!("<domain><name>{name}</name><uuid>{uuid}</uuid></domain>"),
+                guest: None,
             },
         );
+    }
+
+    /// What the next `guest_look` of the domain finds, and whether its agent answers.
+    pub fn set_guest(&self, uuid: &str, look: GuestLook, answers: bool) {
+        self.guests.lock().unwrap().insert(uuid.into(), (look, answers));
     }
 
     /// Replaces a domain's XML, as an edit with `virsh edit` would.
@@ -128,5 +137,16 @@ impl Hypervisor for FakeHypervisor {
         progress(JobProgress { data_total: 100, data_processed: 100, data_remaining: 0, elapsed_ms: 1 });
         peer.domains.lock().unwrap().insert(uuid.into(), dom);
         Ok(MigrationStats { elapsed_ms: 1, downtime_ms: 1, bytes: 100 })
+    }
+
+    fn guest_look(&self, uuid: &str) -> Result<Option<GuestLook>, HypervisorError> {
+        let running =
+            self.domains.lock().unwrap().get(uuid).is_some_and(|d| d.state == DomainState::Running as i32);
+        let no_channel = GuestLook { instance: 1, channel: false, activity: Default::default() };
+        Ok(running.then(|| self.guests.lock().unwrap().get(uuid).map_or(no_channel, |g| g.0)))
+    }
+
+    fn guest_ping(&self, uuid: &str, _timeout: std::time::Duration) -> bool {
+        self.guests.lock().unwrap().get(uuid).is_some_and(|g| g.1)
     }
 }

@@ -11,7 +11,9 @@ use virt::enumutil::Enum;
 use virt::sys;
 use vmha_proto::v1::{Domain, DomainState, HostFacts};
 
-use super::{Hypervisor, HypervisorError, JobProgress, MigrateOptions, MigrationStats, jobstats};
+use super::{
+    Activity, GuestLook, Hypervisor, HypervisorError, JobProgress, MigrateOptions, MigrationStats, jobstats,
+};
 
 /// How often a running migration's job statistics are sampled.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
@@ -117,6 +119,7 @@ impl Hypervisor for Libvirt {
                 vcpus: info.nr_virt_cpu,
                 persistent,
                 xml,
+                guest: None,
             });
         }
         Ok(out)
@@ -226,6 +229,80 @@ impl Hypervisor for Libvirt {
         }
         Ok(MigrationStats { elapsed_ms, downtime_ms: completed.downtime_ms, bytes: completed.data_processed })
     }
+
+    fn guest_look(&self, uuid: &str) -> Result<Option<GuestLook>, HypervisorError> {
+        let dom = match self.lookup(uuid) {
+            Ok(d) => d,
+            Err(HypervisorError::NoSuchDomain(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let info = dom.info().map_err(domain_err("virDomainGetInfo", uuid))?;
+        // Blocked is running too: a vCPU waiting on I/O.
+        if !matches!(map_state(info.state), DomainState::Running | DomainState::Blocked) {
+            return Ok(None);
+        }
+        let instance = dom.id().unwrap_or(0);
+        let xml = dom.xml_desc(0).map_err(domain_err("virDomainGetXMLDesc", uuid))?;
+        let devices = GuestDevices::of(&xml);
+        // libvirt gives a tap's counters as the guest sees them: tx is what the guest sent.
+        let sent: u64 = devices
+            .nics
+            .iter()
+            .filter_map(|n| dom.interface_stats(n).ok())
+            .map(|s| s.tx_packets.max(0) as u64)
+            .sum();
+        let disk: u64 = devices
+            .disks
+            .iter()
+            .filter_map(|d| dom.block_stats(d).ok())
+            .map(|b| (b.rd_req.max(0) + b.wr_req.max(0)) as u64)
+            .sum();
+        Ok(Some(GuestLook {
+            instance,
+            channel: devices.agent_channel,
+            activity: Activity { cpu_ns: info.cpu_time, io_ops: sent + disk },
+        }))
+    }
+
+    fn guest_ping(&self, uuid: &str, timeout: Duration) -> bool {
+        // libvirt counts the timeout in whole seconds.
+        let secs = timeout.as_secs().max(1) as i32;
+        self.lookup(uuid).is_ok_and(|d| d.qemu_agent_command(r#"{"execute":"guest-ping"}"#, secs, 0).is_ok())
+    }
+}
+
+/// What `guest_check` needs from a running domain's XML.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct GuestDevices {
+    agent_channel: bool,
+    /// The host-side names of its NICs (`<target dev='vnet0'/>`).
+    nics: Vec<String>,
+    /// Its disks' target names (`vda`).
+    disks: Vec<String>,
+}
+
+impl GuestDevices {
+    fn of(xml: &str) -> GuestDevices {
+        let mut out = GuestDevices::default();
+        let Ok(doc) = roxmltree::Document::parse(xml) else { return out };
+        fn target<'a, 'i>(n: roxmltree::Node<'a, 'i>) -> Option<roxmltree::Node<'a, 'i>> {
+            n.children().find(|c| c.has_tag_name("target"))
+        }
+        for dev in doc.descendants().filter(|n| n.has_tag_name("devices")).flat_map(|d| d.children()) {
+            match dev.tag_name().name() {
+                "channel" => {
+                    out.agent_channel |=
+                        target(dev).and_then(|t| t.attribute("name")) == Some("org.qemu.guest_agent.0")
+                }
+                "interface" => {
+                    out.nics.extend(target(dev).and_then(|t| t.attribute("dev")).map(str::to_string))
+                }
+                "disk" => out.disks.extend(target(dev).and_then(|t| t.attribute("dev")).map(str::to_string)),
+                _ => {}
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -234,5 +311,21 @@ mod tests {
     fn libvirt_versions_read_as_dotted() {
         assert_eq!(super::version_string(9_000_000), "9.0.0");
         assert_eq!(super::version_string(7_002_013), "7.2.13");
+    }
+
+    #[test]
+    fn a_running_domains_xml_names_its_agent_channel_nics_and_disks() {
+        let xml = "<domain><devices>\
+            <disk type='file'><source file='/san/dns1.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+            <interface type='bridge'><source bridge='br0'/><target dev='vnet3'/></interface>\
+            <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0' state='connected'/></channel>\
+            <channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel>\
+            </devices></domain>";
+        let d = super::GuestDevices::of(xml);
+        assert!(d.agent_channel);
+        assert_eq!(d.nics, ["vnet3"]);
+        assert_eq!(d.disks, ["vda"]);
+        let none = super::GuestDevices::of("<domain><devices><serial type='pty'/></devices></domain>");
+        assert!(!none.agent_channel && none.nics.is_empty() && none.disks.is_empty());
     }
 }

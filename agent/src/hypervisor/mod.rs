@@ -54,6 +54,43 @@ pub struct MigrationStats {
     pub bytes: u64,
 }
 
+/// What one look at a running guest found (`Hypervisor::guest_look`, and a ping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestCheck {
+    /// libvirt's id of the running domain: a new one is a new QEMU process, a guest booted
+    /// afresh, whose agent has not answered yet.
+    pub instance: u32,
+    pub ping: Ping,
+    pub activity: Activity,
+}
+
+/// A running domain's counters, read without asking the guest anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestLook {
+    pub instance: u32,
+    /// Its definition has a guest agent channel.
+    pub channel: bool,
+    pub activity: Activity,
+}
+
+/// The guest agent's answer to `guest-ping`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ping {
+    Answered,
+    /// No answer in time, or nothing listening on the channel.
+    Unanswered,
+    /// The domain has no guest agent channel.
+    NoChannel,
+}
+
+/// Counters that only move while a guest works. `io_ops` counts what the guest did itself
+/// (disk requests, packets it sent), never packets sent to it: a dead guest still receives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    pub cpu_ns: u64,
+    pub io_ops: u64,
+}
+
 pub trait Hypervisor: Send + Sync + 'static {
     fn host_facts(&self) -> Result<HostFacts, HypervisorError>;
     /// Every domain, running or only defined.
@@ -74,4 +111,10 @@ pub trait Hypervisor: Send + Sync + 'static {
         opts: &MigrateOptions,
         progress: &(dyn Fn(JobProgress) + Sync),
     ) -> Result<MigrationStats, HypervisorError>;
+    /// A running domain's activity counters and whether it has a guest agent channel; `None`
+    /// when it does not run here. Quick: it asks the guest nothing.
+    fn guest_look(&self, uuid: &str) -> Result<Option<GuestLook>, HypervisorError>;
+    /// Whether the domain's guest agent answers `guest-ping` within `timeout` (libvirt may
+    /// take longer to give up on a guest agent that stopped answering).
+    fn guest_ping(&self, uuid: &str, timeout: Duration) -> bool;
 }

@@ -131,6 +131,7 @@ impl Engine {
             deferred = admitted.deferred.into_iter().collect();
             let kept = admitted.domains;
             let changes = inventory::apply_report(s, &host, &kept, sent_after, now);
+            crate::guest::on_report(s, &host, &kept, now);
             let after = recovery::after_report(s, &host, &changes, now);
             if !after.is_empty() {
                 // It placed the waiting restarts again: any of them may wait for another reason,
@@ -386,6 +387,7 @@ mod tests {
                 state: RunState::Running,
                 memory_kib: 65_536,
                 vcpus: 1,
+                guest: None,
             }]),
             xml: Vec::new(),
             xml_refused: Vec::new(),

@@ -437,6 +437,7 @@ impl World {
                     state,
                     memory_kib: vm.spec.mem_mib << 10,
                     vcpus: vm.spec.vcpus,
+                    guest: None,
                 })
             })
             .collect()

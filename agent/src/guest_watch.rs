@@ -1,0 +1,226 @@
+//! The guest's heartbeat: every `--guest-ping-interval` the agent pings the QEMU guest agent of
+//! each protected VM running here and reads its vCPU time and I/O counters. What it saw goes
+//! with every heartbeat; the controller decides what a silence means.
+//!
+//! A guest is only judged by pings once its agent has answered in the current QEMU process:
+//! one without a channel, or still booting, or without qemu-ga inside, is never "silent".
+//! "Active" is vSphere's I/O check: over the silence, its vCPUs ran *and* it did disk or
+//! network I/O of its own (packets it sent, not packets sent to it). A panicked kernel may
+//! spin its vCPU, but it sends nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmha_proto::v1::{GuestAgent, GuestHealth};
+
+use crate::bounded::{Blocking, Outcome};
+use crate::hypervisor::{Activity, GuestCheck, GuestLook, Hypervisor, Ping};
+use crate::lease::LeaseShell;
+
+/// How long a ping may wait for the guest's answer.
+const PING_WAIT: Duration = Duration::from_secs(1);
+/// How long reading the counters may take before libvirt counts as not answering.
+const LOOK_WAIT: Duration = Duration::from_secs(2);
+/// How far back activity samples are kept: the longest silence whose activity is judged.
+const SAMPLES_FOR: Duration = Duration::from_secs(120);
+
+/// What the agent knows of one guest, in its current QEMU process.
+#[derive(Clone, Debug)]
+pub struct Watched {
+    instance: u32,
+    no_channel: bool,
+    last_answer: Option<Instant>,
+    missed: u32,
+    samples: VecDeque<(Instant, Activity)>,
+}
+
+impl Watched {
+    fn new(instance: u32) -> Watched {
+        Watched { instance, no_channel: false, last_answer: None, missed: 0, samples: VecDeque::new() }
+    }
+
+    /// Takes one look's result. A new QEMU process (a restart, a reset by vmha) starts afresh.
+    pub fn observe(&mut self, now: Instant, check: GuestCheck) {
+        if check.instance != self.instance {
+            *self = Watched::new(check.instance);
+        }
+        self.no_channel = check.ping == Ping::NoChannel;
+        match check.ping {
+            Ping::Answered => {
+                self.last_answer = Some(now);
+                self.missed = 0;
+            }
+            Ping::Unanswered => self.missed += 1,
+            Ping::NoChannel => {}
+        }
+        self.samples.push_back((now, check.activity));
+        while self.samples.front().is_some_and(|(t, _)| now.duration_since(*t) > SAMPLES_FOR) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// What goes with the heartbeat.
+    pub fn health(&self, now: Instant) -> GuestHealth {
+        let since = |t: Instant| now.duration_since(t).as_millis() as u64;
+        let (agent, since_answer_ms) = match (self.no_channel, self.last_answer) {
+            (true, _) => (GuestAgent::None, 0),
+            (false, None) => (GuestAgent::Waiting, 0),
+            (false, Some(t)) if self.missed == 0 => (GuestAgent::Answering, since(t)),
+            (false, Some(t)) => (GuestAgent::Silent, since(t)),
+        };
+        let active = agent == GuestAgent::Silent && self.last_answer.is_some_and(|t| self.active_since(t));
+        GuestHealth { agent: agent as i32, since_answer_ms, active, missed: self.missed }
+    }
+
+    /// Whether, between the last sample at or before `t` (or the oldest kept) and the newest,
+    /// the vCPUs ran and the guest did I/O of its own.
+    fn active_since(&self, t: Instant) -> bool {
+        let (Some(first), Some((_, last))) = (
+            self.samples.iter().rev().find(|(at, _)| *at <= t).or(self.samples.front()),
+            self.samples.back(),
+        ) else {
+            return false;
+        };
+        last.cpu_ns > first.1.cpu_ns && last.io_ops > first.1.io_ops
+    }
+}
+
+/// Every watched guest's latest state, by UUID; read by each heartbeat.
+#[derive(Default)]
+pub struct GuestBoard {
+    watched: Mutex<HashMap<String, Watched>>,
+}
+
+impl GuestBoard {
+    pub fn health(&self, uuid: &str) -> Option<GuestHealth> {
+        let w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        w.get(uuid).map(|g| g.health(Instant::now()))
+    }
+
+    fn observe(&self, uuid: &str, now: Instant, check: Option<GuestCheck>) {
+        let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        match check {
+            Some(c) => w.entry(uuid.to_string()).or_insert_with(|| Watched::new(c.instance)).observe(now, c),
+            None => {
+                w.remove(uuid);
+            }
+        }
+    }
+
+    fn keep_only(&self, uuids: &[String]) {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner()).retain(|u, _| uuids.contains(u));
+    }
+}
+
+/// Looks at the protected guests running here every `interval`, forever: their counters in
+/// one libvirt call at a time (a hung libvirtd holds one blocking thread, and nothing is
+/// learnt meanwhile), then a ping of each. A ping libvirt has not given up on by
+/// `PING_WAIT` counts as unanswered for this round and keeps its thread; the next round finds
+/// it still running and counts another miss, so misses count rounds, not libvirt's timeouts.
+pub async fn run(
+    interval: Duration,
+    hv: Arc<dyn Hypervisor>,
+    lease: Arc<LeaseShell>,
+    board: Arc<GuestBoard>,
+) {
+    let mut looking: Blocking<Vec<(String, Option<GuestLook>)>> = Blocking::new();
+    let mut pings: HashMap<String, Blocking<bool>> = HashMap::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let protected = lease.protected_list();
+        board.keep_only(&protected);
+        pings.retain(|u, _| protected.contains(u));
+        if protected.is_empty() {
+            continue;
+        }
+        let hv_look = hv.clone();
+        let looks = looking
+            .call(LOOK_WAIT, move || {
+                // A failed look says nothing: the guest keeps its state.
+                protected.into_iter().filter_map(|u| hv_look.guest_look(&u).ok().map(|l| (u, l))).collect()
+            })
+            .await;
+        let Outcome::Done(looks) = looks else { continue };
+        for (uuid, look) in looks {
+            let Some(look) = look else {
+                board.observe(&uuid, Instant::now(), None);
+                continue;
+            };
+            let ping = if !look.channel {
+                Ping::NoChannel
+            } else {
+                let (hv, u) = (hv.clone(), uuid.clone());
+                match pings
+                    .entry(uuid.clone())
+                    .or_default()
+                    .call(PING_WAIT, move || hv.guest_ping(&u, PING_WAIT))
+                    .await
+                {
+                    Outcome::Done(true) => Ping::Answered,
+                    _ => Ping::Unanswered,
+                }
+            };
+            let check = GuestCheck { instance: look.instance, ping, activity: look.activity };
+            board.observe(&uuid, Instant::now(), Some(check));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(instance: u32, ping: Ping, cpu_ns: u64, io_ops: u64) -> GuestCheck {
+        GuestCheck { instance, ping, activity: Activity { cpu_ns, io_ops } }
+    }
+
+    #[test]
+    fn a_guest_is_silent_only_after_it_answered_and_busy_only_with_cpu_and_io() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = Watched::new(7);
+        // Booting: nothing answers yet; not silent, however long.
+        w.observe(at(0), check(7, Ping::Unanswered, 10, 0));
+        w.observe(at(8), check(7, Ping::Unanswered, 20, 5));
+        assert_eq!(w.health(at(8)).agent, GuestAgent::Waiting as i32);
+        w.observe(at(10), check(7, Ping::Answered, 30, 9));
+        let h = w.health(at(11));
+        assert_eq!((h.agent, h.since_answer_ms, h.missed), (GuestAgent::Answering as i32, 1000, 0));
+        // A panic: the vCPU spins, nothing is sent: silent, not active.
+        w.observe(at(12), check(7, Ping::Unanswered, 40, 9));
+        w.observe(at(14), check(7, Ping::Unanswered, 50, 9));
+        let h = w.health(at(14));
+        assert_eq!(
+            (h.agent, h.since_answer_ms, h.missed, h.active),
+            (GuestAgent::Silent as i32, 4000, 2, false)
+        );
+        // The guest sends again while its agent stays slow: busy, not hung.
+        w.observe(at(16), check(7, Ping::Unanswered, 60, 15));
+        assert!(w.health(at(16)).active);
+        // Reset (a new QEMU process after a restart elsewhere, or a new boot): judged afresh.
+        w.observe(at(18), check(8, Ping::Unanswered, 1, 0));
+        assert_eq!(w.health(at(18)).agent, GuestAgent::Waiting as i32);
+    }
+
+    #[test]
+    fn io_without_cpu_or_cpu_without_io_is_not_activity() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = Watched::new(1);
+        w.observe(at(0), check(1, Ping::Answered, 100, 100));
+        w.observe(at(2), check(1, Ping::Unanswered, 100, 200));
+        assert!(!w.health(at(2)).active, "I/O counters moved but the vCPUs did not run");
+        w.observe(at(4), check(1, Ping::Unanswered, 900, 200));
+        assert!(w.health(at(4)).active, "both moved since the last answer");
+        let mut spin = Watched::new(1);
+        spin.observe(at(0), check(1, Ping::Answered, 100, 100));
+        spin.observe(at(2), check(1, Ping::Unanswered, 5000, 100));
+        assert!(!spin.health(at(2)).active, "a spinning vCPU that sends nothing");
+        let mut none = Watched::new(1);
+        none.observe(at(0), check(1, Ping::NoChannel, 1, 1));
+        assert_eq!(none.health(at(0)).agent, GuestAgent::None as i32);
+    }
+}
