@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmha_proto::v1::command::Kind;
-use vmha_proto::v1::{Command, DomainState, OperationProgress, OperationResult, ShutdownDomain};
+use vmha_proto::v1::{Command, DomainState, OperationProgress, OperationResult, ResetDomain, ShutdownDomain};
 
 use crate::hypervisor::{Hypervisor, HypervisorError, MigrateOptions, MigrationStats};
 use crate::session::{Agent, Client};
@@ -91,6 +91,8 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
         Some(Kind::Start(_)) => "start",
         Some(Kind::Shutdown(_)) => "shutdown",
         Some(Kind::Destroy(_)) => "destroy",
+        Some(Kind::Reset(r)) if r.hard => "destroy and start",
+        Some(Kind::Reset(_)) => "reset",
     };
     tracing::info!(operation = %op, %vm, command = what, "executing");
     let outcome: Result<MigrationStats, CommandError> = match cmd.kind {
@@ -166,6 +168,7 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
         // and the controller waits for that, for a report, or for the host's death.
         Some(Kind::Shutdown(s)) => shut_down(&agent, &vm, s).await,
         Some(Kind::Destroy(d)) => within(&agent, "destroy", &vm, move |hv| hv.destroy(&d.uuid)).await,
+        Some(Kind::Reset(r)) => reset(&agent, &vm, r).await,
     };
     // Report the effect before the result: the controller must never see a result and then a
     // report that predates it (a migrated VM would briefly look back on this host).
@@ -195,6 +198,34 @@ pub async fn execute(agent: Arc<Agent>, mut client: Client, cmd: Command) {
         Err(e) => tracing::warn!(operation = %op, %vm, command = what, error = %e, "failed"),
     }
     report(&mut client, result).await;
+}
+
+/// A hung guest's reset, in place: nothing moves, so no second copy can come of it. The hard
+/// one starts the domain again only through the lease check every start passes. Once done,
+/// the guest's heartbeat starts afresh: it must answer again before it can be judged silent.
+async fn reset(agent: &Agent, vm: &str, r: ResetDomain) -> Result<MigrationStats, CommandError> {
+    let uuid = r.uuid.clone();
+    let done = if r.hard {
+        within(agent, "destroy", vm, move |hv| hv.destroy(&uuid)).await?;
+        match agent.lease.may_start() {
+            Err(no) => Err(CommandError::StartRefused {
+                vm: vm.into(),
+                host: agent.cfg.host_name.clone(),
+                why: format!("{no}; it was destroyed for its reset and stays off here"),
+            }),
+            Ok(()) => {
+                let uuid = r.uuid.clone();
+                blocking(agent, "start", vm, move |hv| hv.start_defined(&uuid).map(|()| Default::default()))
+                    .await
+            }
+        }
+    } else {
+        within(agent, "reset", vm, move |hv| hv.reset(&uuid)).await
+    };
+    if done.is_ok() {
+        agent.guests.forget(&r.uuid);
+    }
+    done
 }
 
 /// How often a shutting-down guest is looked at.

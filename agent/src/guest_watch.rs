@@ -98,6 +98,12 @@ impl GuestBoard {
         w.get(uuid).map(|g| g.health(Instant::now()))
     }
 
+    /// Forgets what was seen of a guest vmha just reset: its agent must answer again before
+    /// its silence counts (libvirt keeps the domain's id across a reset).
+    pub fn forget(&self, uuid: &str) {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner()).remove(uuid);
+    }
+
     fn observe(&self, uuid: &str, now: Instant, check: Option<GuestCheck>) {
         let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
         match check {

@@ -195,6 +195,14 @@ impl<H: Hypervisor> Hypervisor for Timed<H> {
         self.timed("destroy", |h| h.destroy(uuid))
     }
 
+    fn reset(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.timed("reset", |h| h.reset(uuid))
+    }
+
+    fn start_defined(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.timed("start_defined", |h| h.start_defined(uuid))
+    }
+
     fn abort_job(&self, uuid: &str) -> Result<(), HypervisorError> {
         self.timed("abort_job", |h| h.abort_job(uuid))
     }

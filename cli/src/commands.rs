@@ -749,6 +749,8 @@ pub(crate) fn show_vm(fmt: Format, v: &Vm) {
                 ("FORCED", v.admission_override.clone()),
                 ("failback waits", v.failback_waits.clone()),
                 ("guest agent", v.guest.clone()),
+                ("guest resets", v.guest_resets.clone()),
+                ("GUEST ALARM", v.guest_alarm.clone()),
             ];
             for (k, val) in extra.iter().filter(|(_, val)| !val.is_empty()) {
                 println!("{k:>14}: {val}");

@@ -111,6 +111,21 @@ pub struct Flags {
     /// A degraded host whose probes pass this long is healthy again.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub recover_after: Duration,
+    /// A protected guest whose qemu-guest-agent answered, then stays silent this long with no
+    /// disk or network I/O of its own, is hung and reset in place (vSphere's "high"
+    /// sensitivity is 30 s). A guest without the agent is never judged by pings.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub guest_failure_interval: Duration,
+    /// How long a guest vmha reset has to answer again; if it does not, the next reset is a
+    /// destroy and start on the same host.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub guest_boot_grace: Duration,
+    /// Resets in place per VM within --guest-reset-window; past them vmha raises an alarm and
+    /// leaves the guest as it is (0: never reset a guest).
+    #[arg(long, default_value_t = 3)]
+    pub guest_resets: u32,
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub guest_reset_window: Duration,
     /// Declare self-fencing hosts that report no working watchdog dead on their lease alone,
     /// as if they had one. A killed or hung agent on such a host can then leave a second copy
     /// of its VMs running; `vmha status` says so while this is on.

@@ -470,6 +470,7 @@ impl Controller {
                 Kind::Shutdown(pb::ShutdownDomain { uuid, timeout_ms })
             }
             CommandKind::Cancel { uuid } => Kind::Cancel(pb::CancelJob { uuid }),
+            CommandKind::Reset { uuid, hard } => Kind::Reset(pb::ResetDomain { uuid, hard }),
             CommandKind::Migrate { uuid, dest_uri, bandwidth_mib_s, timeout_ms } => {
                 Kind::Migrate(pb::MigrateDomain {
                     uuid,

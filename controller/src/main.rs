@@ -62,6 +62,10 @@ async fn main() -> anyhow::Result<()> {
         migration_timeout_ms: flags.migration_timeout.as_millis() as u64,
         max_hosts: flags.max_hosts,
         new_vms_per_minute: flags.new_vms_per_minute,
+        guest_failure_ms: flags.guest_failure_interval.as_millis() as u64,
+        guest_boot_grace_ms: flags.guest_boot_grace.as_millis() as u64,
+        guest_resets: flags.guest_resets,
+        guest_reset_window_ms: flags.guest_reset_window.as_millis() as u64,
         ..Policy::default()
     };
     let definitions = DomainRules::new(

@@ -530,11 +530,12 @@ impl Store {
             stopped_by: Option<String>,
             state: String,
             protected_in: Option<i64>,
+            guest_care: Option<String>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host, anti_affinity,
                  allowed_hosts, xml, preferred_host, recovery, admission_override, stopped_by, state,
-                 protected_in
+                 protected_in, guest_care
              FROM vms ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -549,6 +550,13 @@ impl Store {
                     .map(serde_json::from_str)
                     .transpose()
                     .map_err(decode("vm recovery"))?;
+                vm.guest_care = r
+                    .guest_care
+                    .as_deref()
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .map_err(decode("vm guest care"))?
+                    .unwrap_or_default();
                 // Observed state is rebuilt from reports; until then nobody knows. What was last
                 // recorded tells whether a VM stopped meanwhile (`persist::loaded_vm`).
                 vm.state = RunState::Unknown;
@@ -600,10 +608,14 @@ impl Store {
     pub async fn set_vm_work(db: &mut PgConnection, uuid: &str, w: &VmWork) -> Result<(), StoreError> {
         let recovery =
             w.recovery.as_ref().map(serde_json::to_string).transpose().map_err(encode("vm recovery"))?;
+        let guest_care = (!w.guest_care.is_default())
+            .then(|| serde_json::to_string(&w.guest_care))
+            .transpose()
+            .map_err(encode("vm guest care"))?;
         sqlx::query(
             "UPDATE vms SET protected = $2, priority = $3, anti_affinity = $4, allowed_hosts = $5,
                  preferred_host = $6, recovery = $7, admission_override = $8, stopped_by = $9,
-                 protected_in = $10, updated_at = now(),
+                 protected_in = $10, guest_care = $11, updated_at = now(),
                  -- The old row's protected: set when protection begins, kept while it lasts.
                  protected_at = CASE WHEN NOT $2 THEN NULL
                                      WHEN NOT vms.protected THEN now()
@@ -620,6 +632,7 @@ impl Store {
         .bind(&w.admission_override)
         .bind(&w.stopped_by)
         .bind(w.protected_in.map(|v| v as i64))
+        .bind(guest_care)
         .execute(&mut *db)
         .await
         .map_err(q("set vm work"))?;

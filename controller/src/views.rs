@@ -160,6 +160,16 @@ pub fn warnings(s: &ClusterState, now: Millis) -> Vec<String> {
         if let Some(o) = &vm.admission_override {
             out.push(format!("{} was protected with --force beyond the host reserve by {o}", vm.name));
         }
+        if let Some(evidence) = &vm.guest_care.alarm {
+            out.push(format!(
+                "{} HANGS and its reset budget is spent ({}): {evidence}; vmha leaves it as it is on {} until the \
+                 window has room (`vmha vm show {}`, `vmha events`)",
+                vm.name,
+                vmha_engine::guest_reset::resets_summary(&s.policy, &vm.guest_care, now),
+                vm.host.as_deref().unwrap_or("its host"),
+                vm.name
+            ));
+        }
     }
     if s.policy.accept_no_watchdog {
         out.push(
@@ -263,6 +273,8 @@ pub fn vm(s: &ClusterState, v: &VmView, now: Millis) -> pb::Vm {
         stopped_by: v.stopped_by.clone().unwrap_or_default(),
         elsewhere: Vec::new(),
         guest: s.guests.get(&v.uuid).map(|g| g.describe(now)).unwrap_or_default(),
+        guest_resets: vmha_engine::guest_reset::resets_summary(&s.policy, &v.guest_care, now),
+        guest_alarm: v.guest_care.alarm.clone().unwrap_or_default(),
         why_not_running: if v.protected || v.stopped_by.is_some() {
             explain(s, &v.uuid, now).unwrap_or_default()
         } else {

@@ -135,7 +135,10 @@ fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) -> Arc<Lease
         guest_ping_interval: vmha_agent::config::GUEST_PING_INTERVAL,
     };
     let lease = LeaseShell::new(name, Timings::default(), None);
-    tokio::spawn(Agent::new(cfg, hv, lease.clone(), pki::transport(Role::Host, name)).run());
+    let agent = Agent::new(cfg, hv.clone(), lease.clone(), pki::transport(Role::Host, name));
+    let interval = vmha_agent::config::GUEST_PING_INTERVAL;
+    tokio::spawn(vmha_agent::guest_watch::run(interval, hv, lease.clone(), agent.guests.clone()));
+    tokio::spawn(agent.run());
     lease
 }
 
@@ -361,6 +364,12 @@ impl Hypervisor for Hanging {
     }
     fn abort_job(&self, uuid: &str) -> Result<(), HypervisorError> {
         self.0.abort_job(uuid)
+    }
+    fn reset(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.0.reset(uuid)
+    }
+    fn start_defined(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.0.start_defined(uuid)
     }
     fn migrate(
         &self,
@@ -591,4 +600,70 @@ async fn the_controller_says_ready_and_its_loop_runs_and_refuses_unsafe_timings(
     assert!(!refused.status.success());
     assert!(stderr.contains("lease TTL 2000 ms must be at least 3 heartbeat intervals"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A protected guest whose agent answered, then falls silent with no I/O of its own, is reset
+/// in place by its host's agent, once; `vmha vm show` and the events say so, and the reset
+/// counts against its budget in the database (a new leader keeps counting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_guest_is_reset_in_place_once_and_its_budget_is_on_record() {
+    use vmha_agent::hypervisor::{Activity, GuestLook};
+    let pg = PgServer::shared();
+    let url = pg.fresh_database();
+    let endpoint = serve(open_controller(&url, Duration::from_secs(30), Duration::from_secs(60)).await).await;
+    let kvm1 = FakeHypervisor::default();
+    kvm1.add_running(DNS1, "dns1");
+    let look = |io_ops| GuestLook { instance: 1, channel: true, activity: Activity { cpu_ns: 1, io_ops } };
+    kvm1.set_guest(DNS1, look(1), true);
+    spawn_agent("kvm1", Arc::new(kvm1.clone()), &endpoint);
+    spawn_agent("kvm2", Arc::new(FakeHypervisor::default()), &endpoint);
+    let mut op = pki::operator(&endpoint, Level::Admin).await;
+    until("dns1 reported on kvm1", async || {
+        let vm = op.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?.into_inner();
+        (vm.state == "running").then_some(())
+    })
+    .await;
+    let req = SetProtectionRequest { vm: "dns1".into(), protected: true, ..Default::default() };
+    op.set_protection(req).await.unwrap();
+    until("dns1's guest agent answering", async || {
+        let vm = op.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?.into_inner();
+        vm.guest.starts_with("answering").then_some(())
+    })
+    .await;
+    // A kernel panic: no answers, and its counters stand still.
+    kvm1.set_guest(DNS1, look(1), false);
+    let mut waited = Duration::ZERO;
+    while kvm1.resets(DNS1) == 0 {
+        if waited >= Duration::from_secs(30) {
+            let vm = op.get_vm(GetVmRequest { vm: "dns1".into() }).await.unwrap().into_inner();
+            let events = op
+                .list_events(ListEventsRequest { limit: 1000, after_id: 0 })
+                .await
+                .unwrap()
+                .into_inner()
+                .events;
+            panic!("dns1 was not reset within 30 s of its silence: {vm:?} {events:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        waited += Duration::from_millis(200);
+    }
+    assert!(waited >= Duration::from_secs(8), "reset after {waited:?}: before the 10 s failure interval");
+    let vm = op.get_vm(GetVmRequest { vm: "dns1".into() }).await.unwrap().into_inner();
+    assert!(vm.guest_resets.starts_with("1 of 3 this hour"), "{vm:?}");
+    assert_eq!(vm.guest_alarm, "");
+    let events =
+        op.list_events(ListEventsRequest { limit: 1000, after_id: 0 }).await.unwrap().into_inner().events;
+    let hung: Vec<&Event> = events.iter().filter(|e| e.kind == "guest_hung").collect();
+    assert_eq!(hung.len(), 1, "{events:?}");
+    assert!(
+        hung[0].message.contains("no disk or network I/O of its own meanwhile: reset 1 of 3"),
+        "{}",
+        hung[0].message
+    );
+    // Still silent, but it has not answered since its reset: it has the boot grace (60 s).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(kvm1.resets(DNS1), 1, "reset once");
+    let stored = Store::open(&url).await.unwrap().load_vms().await.unwrap();
+    let care = &stored.iter().find(|v| v.uuid == DNS1).unwrap().guest_care;
+    assert_eq!((care.resets.len(), care.answered_since_reset), (1, false), "{care:?}");
 }

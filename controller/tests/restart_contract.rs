@@ -404,6 +404,8 @@ impl World {
                 self.hosts[h].domains.insert(vm_index(uuid), RunState::ShutOff);
                 Ok(Done { elapsed_ms: 300, ..Done::default() })
             }
+            // In place: the domain runs on where it ran.
+            (CommandKind::Reset { .. }, Outcome::Done) => Ok(Done { elapsed_ms: 100, ..Done::default() }),
         };
         self.step(Input::Result { host: c.host, id: c.op, result });
     }

@@ -19,6 +19,8 @@ pub enum Action {
     /// Destroy the VM on `from`, then start it on `to` (a drain the operator allowed to
     /// restart VMs that cannot be live-migrated).
     ColdRestart { vm_uuid: String, vm_name: String, from: String, to: String },
+    /// Reset a hung guest on the host running it; `hard`: destroy it and start it again there.
+    ResetGuest { vm_uuid: String, vm_name: String, host: String, hard: bool },
     /// Destroy a stale copy on a host that came back (fencing was bypassed).
     DestroyStale { vm_uuid: String, vm_name: String, host: String },
     /// Write an event.

@@ -352,6 +352,8 @@ pub struct VmView {
     /// `InventoryChange::TwoCopies`); derived from reports, so a restarted controller finds
     /// it again from the next ones.
     pub second_copy: Option<SecondCopy>,
+    /// Its guest's resets in place and alarm (`guest_reset`).
+    pub guest_care: crate::guest_reset::GuestCare,
 }
 
 /// A copy of a VM on a host other than the one vmha placed it on.
@@ -409,6 +411,7 @@ impl VmView {
             definition_refused: None,
             recovery: None,
             second_copy: None,
+            guest_care: Default::default(),
         }
     }
 }
@@ -509,6 +512,15 @@ pub struct Policy {
     /// Admission control (N+k): protecting a VM is refused when losing the worst this many
     /// hosts would leave a protected VM with nowhere to restart (`admission`); 0: no check.
     pub reserve_hosts: usize,
+    /// A guest whose agent answered, then stays silent this long with no I/O of its own, is
+    /// hung (`guest_reset`).
+    pub guest_failure_ms: u64,
+    /// How long a guest vmha reset has to answer again before the reset counts as not having
+    /// helped (the next one is a destroy and start).
+    pub guest_boot_grace_ms: u64,
+    /// Resets in place per VM within `guest_reset_window_ms`; past it, an alarm.
+    pub guest_resets: u32,
+    pub guest_reset_window_ms: u64,
 }
 
 impl Default for Policy {
@@ -528,6 +540,10 @@ impl Default for Policy {
             max_hosts: 2_000,
             new_vms_per_minute: 600,
             reserve_hosts: 1,
+            guest_failure_ms: 10_000,
+            guest_boot_grace_ms: 60_000,
+            guest_resets: 3,
+            guest_reset_window_ms: 3_600_000,
         }
     }
 }

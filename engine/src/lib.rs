@@ -22,6 +22,7 @@ pub mod drain;
 pub mod drain_record;
 pub mod event;
 pub mod guest;
+pub mod guest_reset;
 pub mod health;
 pub mod host_lease;
 pub mod inventory;

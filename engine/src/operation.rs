@@ -48,6 +48,10 @@ pub enum OpKind {
     /// Shut it down on `source` (the operator's `vmha vm stop`): gracefully, then destroyed
     /// once its timeout (`overrides.timeout_ms`) has passed.
     Shutdown,
+    /// Reset it on `source` (a hung guest): the same QEMU process reboots the guest.
+    Reset,
+    /// Destroy it on `source` and start it there again (a reset that did not help).
+    PowerCycle,
 }
 
 impl OpKind {
@@ -57,6 +61,8 @@ impl OpKind {
             OpKind::Migrate => "migrate",
             OpKind::Destroy => "destroy",
             OpKind::Shutdown => "shutdown",
+            OpKind::Reset => "reset",
+            OpKind::PowerCycle => "power_cycle",
         }
     }
 
@@ -66,6 +72,8 @@ impl OpKind {
             "migrate" => Some(OpKind::Migrate),
             "destroy" => Some(OpKind::Destroy),
             "shutdown" => Some(OpKind::Shutdown),
+            "reset" => Some(OpKind::Reset),
+            "power_cycle" => Some(OpKind::PowerCycle),
             _ => None,
         }
     }
@@ -87,6 +95,8 @@ pub enum Purpose {
     ColdRestart,
     /// A copy on a host that came back after it was declared dead.
     StaleCopy,
+    /// A hung guest, reset in place (`guest_reset`).
+    GuestReset,
 }
 
 impl Purpose {
@@ -98,6 +108,7 @@ impl Purpose {
             Purpose::Operator => "operator",
             Purpose::ColdRestart => "cold_restart",
             Purpose::StaleCopy => "stale_copy",
+            Purpose::GuestReset => "guest_reset",
         }
     }
 
@@ -109,6 +120,7 @@ impl Purpose {
             "operator" => Some(Purpose::Operator),
             "cold_restart" => Some(Purpose::ColdRestart),
             "stale_copy" => Some(Purpose::StaleCopy),
+            "guest_reset" => Some(Purpose::GuestReset),
             _ => None,
         }
     }
@@ -196,7 +208,9 @@ impl Operation {
     pub fn executor(&self) -> &str {
         match self.kind {
             OpKind::Start => &self.target,
-            OpKind::Migrate | OpKind::Destroy | OpKind::Shutdown => &self.source,
+            OpKind::Migrate | OpKind::Destroy | OpKind::Shutdown | OpKind::Reset | OpKind::PowerCycle => {
+                &self.source
+            }
         }
     }
 
@@ -209,6 +223,8 @@ impl Operation {
             }
             OpKind::Destroy => format!("destroy of {} on {}", self.vm_name, self.source),
             OpKind::Shutdown => format!("shutdown of {} on {}", self.vm_name, self.source),
+            OpKind::Reset => format!("reset of {} on {}", self.vm_name, self.source),
+            OpKind::PowerCycle => format!("destroy and start of {} on {}", self.vm_name, self.source),
         }
     }
 }

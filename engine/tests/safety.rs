@@ -3,7 +3,8 @@
 //! and cuts messages, with host deaths and revivals, network cuts (whole hosts, or only their
 //! link to the controller: the controller cut off from most hosts), partial heals, leader
 //! pauses (SIGSTOP), leader restarts (a new epoch), agent crashes, restarts and hangs, libvirt
-//! hangs, database outages, drains, live migrations, and each host's watchdog; under the
+//! hangs, database outages, drains, live migrations, hung guests reset in place (and destroyed
+//! and started again in place), and each host's watchdog; under the
 //! default and the fast timings. The leader is the real one: every input goes through
 //! `Engine::step`, and a leader restart reloads what `persist::Db` kept, as the controller does.
 //! The world is the one of `tests/sim/` (the scenarios' too), on its jittered clock
@@ -22,7 +23,7 @@ use std::time::Instant;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
-use sim::{Clock, HostSpec, Libvirt, Log, VmSpec, World};
+use sim::{Clock, GuestFault, HostSpec, Libvirt, Log, VmSpec, World};
 use vmha_engine::selffence::Phase;
 use vmha_engine::{ClusterState, HostView, Millis, Policy, Request, RunState, Timings, VmView};
 
@@ -107,17 +108,23 @@ enum Fault {
     /// combined with a libvirtd that hangs on the target before its next report and the source's
     /// death, vmha cannot know where the VM is (SAFETY.md, known limits).
     MigrateByHand(usize, usize),
+    /// Inside a VM's guest: a kernel panic (reset cures it), an agent silent while the guest
+    /// works, or a guest that hangs at every boot (resets, then destroys and starts in place).
+    Guest(usize, GuestFault),
 }
 
 /// `hosts` hosts, each running one protected VM of its own (`vmN` on `kvmN`, its preferred
 /// host), all registered with the leader, on the world's jittered clock.
 fn world(hosts: usize, seed: u64, slow_network: bool, profile: Profile) -> World {
     // Short migration timeouts, so that operations without a result are settled within a
-    // schedule; failback on, so that VMs move home once their host is back.
+    // schedule; failback on, so that VMs move home once their host is back; hung guests judged
+    // quickly, so that resets and their destroy-and-start in place happen within a schedule.
     let policy = Policy {
         migration_timeout_ms: 5_000,
         result_grace_ms: 2_000,
         failback_after_ms: Some(5_000),
+        guest_failure_ms: 3_000,
+        guest_boot_grace_ms: 5_000,
         ..Policy::default()
     };
     let timings = profile.timings();
@@ -206,6 +213,7 @@ fn fault(w: &mut World, f: Fault) {
         Fault::StopVm(v) => operator(w, Request::StopVm { vm: vm_uuid(v), timeout_ms: 5_000 }),
         Fault::StartVm(v, on) => operator(w, Request::StartVm { vm: vm_uuid(v), on: on.map(host_name) }),
         Fault::MigrateByHand(v, h) => w.migrate_by_hand(v, h),
+        Fault::Guest(v, fault) => w.guest_fault(v, fault),
     }
 }
 
@@ -236,6 +244,13 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
         2 => (h.clone(), h.clone()).prop_map(|(v, h)| Fault::Migrate(v, h)),
         1 => h.clone().prop_map(Fault::StopVm),
         2 => (h.clone(), prop::option::of(h.clone())).prop_map(|(v, on)| Fault::StartVm(v, on)),
+        3 => (h.clone(), prop_oneof![
+            Just(GuestFault::Hung),
+            Just(GuestFault::Busy),
+            Just(GuestFault::Broken),
+            Just(GuestFault::Fine)
+        ])
+            .prop_map(|(v, g)| Fault::Guest(v, g)),
     ]
 }
 
@@ -308,6 +323,40 @@ fn run_with(hosts: usize, profile: Profile, faults: &[(u64, Fault)], until: u64)
 fn single_copy(sim: &World, vm: usize) -> usize {
     assert_eq!(sim.copies(vm).len(), 1, "vm{vm} runs on {:?}", sim.copies(vm));
     *sim.copies(vm).iter().next().unwrap()
+}
+
+/// A guest that hangs at every boot is reset, then destroyed and started again in place, while
+/// its host is cut off, dies, or loses its agent: the copy vmha starts in place and the one a
+/// failover starts elsewhere never overlap.
+#[test]
+fn a_guest_reset_in_place_never_overlaps_a_failover() {
+    for (fault, at_ms) in [
+        (Fault::Cut(0), 9_000),
+        (Fault::Cut(0), 13_500),
+        (Fault::Kill(0), 13_000),
+        (Fault::KillAgent(0), 12_000),
+        (Fault::CutLeaderLink(0), 14_000),
+    ] {
+        for profile in [Profile::Default, Profile::Fast] {
+            let sim = run_with(
+                3,
+                profile,
+                &[(1_000, Fault::Guest(0, GuestFault::Broken)), (at_ms, fault.clone())],
+                40_000,
+            );
+            assert!(
+                sim.resets.0 >= 1,
+                "{fault:?} at {at_ms} ms, {profile:?}: vm0 was reset ({:?})",
+                sim.resets
+            );
+            assert!(sim.copies(0).len() <= 1, "{fault:?}: vm0 runs on {:?}", sim.copies(0));
+        }
+    }
+    let sim = run(3, &[(1_000, Fault::Guest(0, GuestFault::Broken))], 40_000);
+    assert_eq!(sim.resets, (1, 2), "one reset, then two destroy-and-starts, then the budget is spent");
+    assert_eq!(single_copy(&sim, 0), 0, "in place");
+    let sim = run(3, &[(1_000, Fault::Guest(0, GuestFault::Busy))], 40_000);
+    assert_eq!(sim.resets, (0, 0), "a busy guest is not reset");
 }
 
 #[test]

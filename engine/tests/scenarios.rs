@@ -26,7 +26,9 @@
 //! ```
 //!
 //! Actions (see `Action`): the world's `kill H`, `revive H`, `cut H`, `cut-controller H`,
-//! `heal H`, `kill-agent H`, `restart-agent H`, `crash VM`, `start-by-hand VM H`,
+//! `heal H`, `kill-agent H`, `restart-agent H`, `crash VM`, `hang-guest VM` (a kernel panic),
+//! `busy-guest VM` (its agent silent, its I/O going on), `break-guest VM` (hangs at every boot),
+//! `fix-guest VM`, `start-by-hand VM H`,
 //! `migrate-by-hand VM H`, `hang-libvirt H DURATION`, the faults
 //! `fail-migrations H`, `fail-starts H`, `slow-migrations H` (20 s), `slow-starts H` (10 s),
 //! `hang H`, `mute H` and `fix H` (clears them), `probe H ok|fail [NAME]`,
@@ -49,7 +51,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::time::Instant;
 
-use sim::{AgentFault, Clock, Libvirt, Log, TICK_MS, World};
+use sim::{AgentFault, Clock, GuestFault, Libvirt, Log, TICK_MS, World};
 use vmha_engine::health::Probe;
 use vmha_engine::{ClusterState, FencingMode, Millis, Policy, Reply, Request, Timings, recovery};
 
@@ -110,6 +112,10 @@ enum Action {
     RestartAgent(String),
     /// The guest dies: the VM is shut off where it ran.
     Crash(String),
+    /// Inside the guest: a kernel panic (`hang-guest`), an agent too slow to answer while the
+    /// guest works (`busy-guest`), a guest that hangs at every boot (`break-guest`), or well
+    /// again (`fix-guest`).
+    Guest(String, GuestFault),
     /// An operator starts the VM on a host with `virsh start`, bypassing vmha.
     StartByHand {
         vm: String,
@@ -225,6 +231,10 @@ fn parse_action(words: &[&str]) -> Result<Action, String> {
         ["kill-agent", h] => Action::KillAgent(s(h)),
         ["restart-agent", h] => Action::RestartAgent(s(h)),
         ["crash", vm] => Action::Crash(s(vm)),
+        ["hang-guest", vm] => Action::Guest(s(vm), GuestFault::Hung),
+        ["busy-guest", vm] => Action::Guest(s(vm), GuestFault::Busy),
+        ["break-guest", vm] => Action::Guest(s(vm), GuestFault::Broken),
+        ["fix-guest", vm] => Action::Guest(s(vm), GuestFault::Fine),
         ["start-by-hand", vm, h] => Action::StartByHand { vm: s(vm), host: s(h) },
         ["migrate-by-hand", vm, h] => Action::MigrateByHand { vm: s(vm), host: s(h) },
         ["hang-libvirt", h, t] => Action::HangLibvirt(s(h), duration(t)?),
@@ -384,6 +394,10 @@ fn set_policy(p: &mut Policy, o: &str) -> Result<(), String> {
         ("migrations_per_cluster", v) => p.migrations_per_cluster = number(v)?,
         ("vcpu_overcommit", v) => p.vcpu_overcommit = number(v)?,
         ("accept_no_watchdog", "") => p.accept_no_watchdog = true,
+        ("guest_failure", v) => p.guest_failure_ms = duration(v)?,
+        ("guest_boot_grace", v) => p.guest_boot_grace_ms = duration(v)?,
+        ("guest_resets", v) => p.guest_resets = number(v)?,
+        ("guest_reset_window", v) => p.guest_reset_window_ms = duration(v)?,
         _ => return Err(format!("unknown policy option '{o}'")),
     }
     Ok(())
@@ -466,6 +480,7 @@ fn act(w: &mut World, a: Action) {
         Action::KillAgent(h) => w.kill_agent(w.host(&h)),
         Action::RestartAgent(h) => w.restart_agent(w.host(&h)),
         Action::Crash(vm) => w.crash(w.vm_named(&vm)),
+        Action::Guest(vm, fault) => w.guest_fault(w.vm_named(&vm), fault),
         Action::StartByHand { vm, host } => w.start_by_hand(w.vm_named(&vm), w.host(&host)),
         Action::MigrateByHand { vm, host } => w.migrate_by_hand(w.vm_named(&vm), w.host(&host)),
         Action::HangLibvirt(h, ms) => w.hang_libvirt(w.host(&h), ms),

@@ -370,6 +370,7 @@ async fn carry_out(
             }),
             Some(Kind::Destroy(d)) => host.hv.destroy(&d.uuid),
             Some(Kind::Shutdown(d)) => host.hv.shutdown(&d.uuid),
+            Some(Kind::Reset(r)) => host.hv.reset(&r.uuid),
             // Nothing migrates here, so there is nothing to abort, and a cancel has no result.
             Some(Kind::Cancel(_)) => continue,
             Some(Kind::Migrate(_)) | None => Err(vmha_agent::hypervisor::HypervisorError::Host {

@@ -18,6 +18,8 @@ pub struct FakeHypervisor {
     /// What `guest_look` finds and whether the guest answers pings, by UUID (running domains
     /// without an entry have no channel).
     guests: Arc<Mutex<BTreeMap<String, (GuestLook, bool)>>>,
+    /// How many times each domain was reset.
+    resets: Arc<Mutex<BTreeMap<String, u32>>>,
 }
 
 impl FakeHypervisor {
@@ -40,6 +42,11 @@ impl FakeHypervisor {
     /// What the next `guest_look` of the domain finds, and whether its agent answers.
     pub fn set_guest(&self, uuid: &str, look: GuestLook, answers: bool) {
         self.guests.lock().unwrap().insert(uuid.into(), (look, answers));
+    }
+
+    /// How many times the domain was reset (`Hypervisor::reset`).
+    pub fn resets(&self, uuid: &str) -> u32 {
+        self.resets.lock().unwrap().get(uuid).copied().unwrap_or(0)
     }
 
     /// Replaces a domain's XML, as an edit with `virsh edit` would.
@@ -104,6 +111,25 @@ impl Hypervisor for FakeHypervisor {
 
     fn destroy(&self, uuid: &str) -> Result<(), HypervisorError> {
         self.set_state(uuid, DomainState::ShutOff)
+    }
+
+    /// Counted (`resets`); the domain runs on.
+    fn reset(&self, uuid: &str) -> Result<(), HypervisorError> {
+        let running =
+            self.domains.lock().unwrap().get(uuid).is_some_and(|d| d.state == DomainState::Running as i32);
+        if !running {
+            return Err(HypervisorError::Domain {
+                op: "virDomainReset",
+                domain: uuid.into(),
+                message: "Requested operation is not valid: domain is not running".into(),
+            });
+        }
+        *self.resets.lock().unwrap().entry(uuid.to_string()).or_default() += 1;
+        Ok(())
+    }
+
+    fn start_defined(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.set_state(uuid, DomainState::Running)
     }
 
     /// Its migrations end at once: there is never a job left to abort.

@@ -141,6 +141,14 @@ impl Hypervisor for Libvirt {
         self.lookup(uuid)?.destroy().map_err(domain_err("virDomainDestroy", uuid))
     }
 
+    fn reset(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.lookup(uuid)?.reset().map_err(domain_err("virDomainReset", uuid))
+    }
+
+    fn start_defined(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.lookup(uuid)?.create().map_err(domain_err("virDomainCreate", uuid))
+    }
+
     fn abort_job(&self, uuid: &str) -> Result<(), HypervisorError> {
         jobstats::abort(&self.lookup(uuid)?).map_err(domain_err("virDomainAbortJob", uuid))
     }

@@ -101,6 +101,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn shutdown(&self, uuid: &str) -> Result<(), HypervisorError>;
     /// Kills the QEMU process at once.
     fn destroy(&self, uuid: &str) -> Result<(), HypervisorError>;
+    /// Resets the guest, as its reset button would: the same QEMU process, the guest reboots.
+    fn reset(&self, uuid: &str) -> Result<(), HypervisorError>;
+    /// Starts a domain defined here that does not run.
+    fn start_defined(&self, uuid: &str) -> Result<(), HypervisorError>;
     /// Aborts the domain's job (a live migration in flight): the guest stays here.
     fn abort_job(&self, uuid: &str) -> Result<(), HypervisorError>;
     /// Live-migrates peer-to-peer, persistent on the destination, undefined here on success.

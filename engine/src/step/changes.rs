@@ -45,12 +45,15 @@ impl Engine {
                     .map(|(n, _)| n.clone());
                 (std::iter::once(host).chain(draining).collect(), vms)
             }
-            // A tick changes a VM's work only through its restart (`recovery`): the VMs with
-            // one now, or with one when last persisted.
+            // A tick changes a VM's work only through its restart (`recovery`) or its guest's
+            // resets (`guest_reset`): the VMs with one now, or with one when last persisted.
             Scope::Tick => {
-                let now = self.cluster.vms.values().filter(|v| v.recovery.is_some()).map(|v| v.uuid.clone());
-                let before =
-                    self.saved_vms.iter().filter(|(_, w)| w.recovery.is_some()).map(|(u, _)| u.clone());
+                let now = (self.cluster.vms.values())
+                    .filter(|v| v.recovery.is_some() || !v.guest_care.is_default())
+                    .map(|v| v.uuid.clone());
+                let before = (self.saved_vms.iter())
+                    .filter(|(_, w)| w.recovery.is_some() || !w.guest_care.is_default())
+                    .map(|(u, _)| u.clone());
                 (all_hosts(), now.chain(before).chain(out.persist.vms.iter().cloned()).collect())
             }
             Scope::Vms(vms) => (Vec::new(), vms),

@@ -31,6 +31,7 @@ use crate::cluster::Recovery;
 use crate::drain;
 use crate::drain_record;
 use crate::event::{Event, EventKind, Subject};
+use crate::guest_reset;
 use crate::operation::{OpId, OpKind, OpState, Operation, Purpose};
 use crate::recovery;
 use crate::roster::RosterBook;
@@ -100,6 +101,7 @@ impl Engine {
             }
         }
         for vm in cluster.vms.values_mut() {
+            vm.guest_care.restored(now);
             // A report that echoes an earlier leader's answer may have been sent before any
             // result that leader saw: it is no news of a VM stopping (`inventory::apply_report`)
             // until its host echoes this leader's answer, a heartbeat or two.
@@ -131,6 +133,9 @@ impl Engine {
                         vm.busy_with = Some(format!("cold restart on {}", op.target))
                     }
                     (OpKind::Shutdown, _) => vm.busy_with = Some(format!("shutdown on {}", op.source)),
+                    (OpKind::Reset | OpKind::PowerCycle, _) => {
+                        vm.busy_with = Some(format!("reset on {}", op.source))
+                    }
                     _ => {}
                 }
             }
@@ -229,6 +234,7 @@ impl Engine {
                 self.start_cold_restarts(now, &mut out, &mut actions);
                 actions.extend(recovery::tick(&mut self.cluster, now));
                 actions.extend(drain::tick(&mut self.cluster, now));
+                actions.extend(guest_reset::tick(&mut self.cluster, now));
                 scope = Scope::Tick;
             }
         }

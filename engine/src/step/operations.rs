@@ -6,6 +6,7 @@ use crate::action::Action;
 use crate::availability::OutageMark;
 use crate::drain;
 use crate::event::{Event, EventKind, Subject};
+use crate::guest_reset;
 use crate::inventory;
 use crate::operation::{Done, OpId, OpKind, OpState, Operation, Overrides, Purpose};
 use crate::recovery;
@@ -79,6 +80,9 @@ impl Engine {
                 uuid: op.vm_uuid.clone(),
                 timeout_ms: op.overrides.map_or(0, |o| o.timeout_ms),
             },
+            OpKind::Reset | OpKind::PowerCycle => {
+                CommandKind::Reset { uuid: op.vm_uuid.clone(), hard: op.kind == OpKind::PowerCycle }
+            }
         };
         out.commands.push(Command { op: id, host: op.executor().to_string(), vm: op.vm_name.clone(), kind });
         // Its time runs from now: it may have waited long for the database.
@@ -100,7 +104,9 @@ impl Engine {
             OpState::Running => match op.kind {
                 OpKind::Start => (EventKind::RestartStarted, format!("{what} sent (was on {})", op.source)),
                 OpKind::Migrate => (EventKind::MigrationRequested, format!("{what} requested")),
-                OpKind::Destroy | OpKind::Shutdown => (EventKind::OperationDone, format!("{what} sent")),
+                OpKind::Destroy | OpKind::Shutdown | OpKind::Reset | OpKind::PowerCycle => {
+                    (EventKind::OperationDone, format!("{what} sent"))
+                }
             },
             OpState::Succeeded => match op.kind {
                 OpKind::Migrate if op.done.elapsed_ms > 0 => (
@@ -116,7 +122,9 @@ impl Engine {
                     ),
                 ),
                 OpKind::Migrate => (EventKind::MigrationSucceeded, format!("{what} succeeded")),
-                OpKind::Start | OpKind::Destroy => (EventKind::OperationDone, format!("{what} done")),
+                OpKind::Start | OpKind::Destroy | OpKind::Reset | OpKind::PowerCycle => {
+                    (EventKind::OperationDone, format!("{what} done"))
+                }
                 OpKind::Shutdown => (
                     EventKind::VmStoppedByOperator,
                     format!(
@@ -139,7 +147,7 @@ impl Engine {
                     EventKind::MigrationFailed,
                     format!("{what} failed: {}; {} stays on {}", op.error, op.vm_name, op.source),
                 ),
-                OpKind::Start | OpKind::Destroy => {
+                OpKind::Start | OpKind::Destroy | OpKind::Reset | OpKind::PowerCycle => {
                     (EventKind::OperationDone, format!("{what} failed: {}", op.error))
                 }
                 OpKind::Shutdown => (
@@ -283,6 +291,10 @@ impl Engine {
                 }
             },
             (OpKind::Destroy, _) => {}
+            (OpKind::Reset | OpKind::PowerCycle, _) => {
+                actions.extend(guest_reset::reset_finished(s, &op.vm_uuid, &op.source, verdict, now));
+                out.persist.vms.push(op.vm_uuid.clone());
+            }
             (OpKind::Shutdown, _) => {
                 if let Some(vm) = s.vms.get_mut(&op.vm_uuid) {
                     vm.busy_with = None;
@@ -396,6 +408,9 @@ impl Engine {
                     continue;
                 }
                 OpKind::Migrate | OpKind::Start => at(&op.target),
+                // Still running there: whether or not the guest was reset, the next judgement
+                // of its guest says what to do.
+                OpKind::Reset | OpKind::PowerCycle => at(&op.source),
                 OpKind::Destroy | OpKind::Shutdown => gone_from(&op.source),
             };
             let result = if settled {

@@ -8,6 +8,7 @@ use crate::availability::OutageMark;
 use crate::cluster::Recovery;
 use crate::drain_record::Drain;
 use crate::event::Event;
+use crate::guest_reset::GuestCare;
 use crate::lease::LeaseAnswer;
 use crate::operation::{OpId, Operation};
 use crate::roster::{Roster, RosterUpdate};
@@ -47,6 +48,8 @@ pub struct VmWork {
     pub stopped_by: Option<String>,
     /// The roster version that first listed its protection (`VmView::protected_in`).
     pub protected_in: Option<u64>,
+    /// Its guest's resets and alarm (`guest_reset`).
+    pub guest_care: GuestCare,
 }
 
 impl HostWork {
@@ -76,6 +79,7 @@ impl VmWork {
         vm.recovery = self.recovery.clone();
         vm.stopped_by = self.stopped_by.clone();
         vm.protected_in = self.protected_in;
+        vm.guest_care = self.guest_care.clone();
     }
 
     pub fn of(vm: &crate::VmView) -> VmWork {
@@ -89,6 +93,7 @@ impl VmWork {
             recovery: vm.recovery.clone(),
             stopped_by: vm.stopped_by.clone(),
             protected_in: vm.protected_in,
+            guest_care: GuestCare { noted: None, ..vm.guest_care.clone() },
         }
     }
 }
@@ -158,6 +163,12 @@ pub enum CommandKind {
     Shutdown {
         uuid: String,
         timeout_ms: u64,
+    },
+    /// Reset a hung guest; `hard`: destroy the domain and start it again on the same host
+    /// (through the same lease check as every start).
+    Reset {
+        uuid: String,
+        hard: bool,
     },
     /// Abort the job (a live migration) that operation `op` of the command runs on the VM. No
     /// result of its own: the migration's says how it ended.

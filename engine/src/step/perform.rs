@@ -110,6 +110,23 @@ impl Engine {
                         out,
                     );
                 }
+                Action::ResetGuest { vm_uuid, host, hard, .. } => {
+                    if let Some(vm) = self.cluster.vms.get_mut(&vm_uuid) {
+                        vm.busy_with = Some(format!("reset on {host}"));
+                    }
+                    let kind = if hard { OpKind::PowerCycle } else { OpKind::Reset };
+                    self.begin(
+                        kind,
+                        Purpose::GuestReset,
+                        &vm_uuid,
+                        &host,
+                        &host,
+                        "controller",
+                        None,
+                        now,
+                        out,
+                    );
+                }
                 Action::DestroyStale { vm_uuid, host, .. } => {
                     self.begin(
                         OpKind::Destroy,

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use vmha_engine::cluster::HostResources;
+use vmha_engine::guest::GuestSeen;
 use vmha_engine::inventory::ReportedDomain;
 use vmha_engine::operation::{Done, OpId};
 use vmha_engine::step::{Command, CommandKind};
@@ -36,8 +37,37 @@ pub enum AgentFault {
     Mute,
 }
 
+/// What goes wrong inside a VM's guest, as its host's agent sees it through guest-agent pings
+/// and the guest's own I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestFault {
+    /// Answers its pings (once booted).
+    Fine,
+    /// A kernel panic: no answers, no I/O of its own; a reset cures it.
+    Hung,
+    /// Its agent stops answering but its vCPUs run and it does I/O: busy, not hung.
+    Busy,
+    /// Hangs at every boot: it never answers again, whatever is done.
+    Broken,
+}
+
+/// A VM's guest: its fault, since when, and when it last booted (it answers pings from a
+/// second after that, unless broken).
+#[derive(Clone, Copy, Debug)]
+pub struct Guest {
+    pub fault: GuestFault,
+    since: u64,
+    booted: u64,
+}
+
+/// How long a sim guest takes from a reset or start to its agent's first answer.
+const GUEST_BOOT_MS: u64 = 1_000;
+/// The agent's ping interval (`--guest-ping-interval`).
+const GUEST_PING_MS: u64 = 2_000;
+
 pub struct Vm {
     pub spec: VmSpec,
+    pub guest: Guest,
     /// Where libvirt has it defined, by host.
     pub on: BTreeMap<usize, Dom>,
     /// The definition its host reports, and the writable disks in it.
@@ -49,6 +79,7 @@ impl Vm {
     pub(super) fn new(spec: VmSpec) -> Vm {
         Vm {
             on: BTreeMap::from([(spec.host, Dom::Running)]),
+            guest: Guest { fault: GuestFault::Fine, since: 0, booted: 0 },
             xml: format!("<domain><name>{}</name></domain>", spec.name),
             disks: vec![format!("/srv/vms/{}.qcow2", spec.name)],
             spec,
@@ -120,6 +151,11 @@ impl World {
                 }
                 self.report_result(h, conn, c.op, Ok(Done::default()));
             }
+            CommandKind::Reset { uuid, hard } if libvirt_answers => {
+                let vm = self.vm(&uuid);
+                let result = self.reset(h, vm, hard);
+                self.report_result(h, conn, c.op, result);
+            }
             // libvirt aborts the job: the migration fails, the guest stays.
             CommandKind::Cancel { .. } if libvirt_answers => {
                 let now = self.now;
@@ -131,7 +167,10 @@ impl World {
                 }
             }
             // The agent asks libvirt for both: a hung one loses them.
-            CommandKind::Destroy { .. } | CommandKind::Shutdown { .. } | CommandKind::Cancel { .. } => {}
+            CommandKind::Destroy { .. }
+            | CommandKind::Shutdown { .. }
+            | CommandKind::Cancel { .. }
+            | CommandKind::Reset { .. } => {}
         }
     }
 
@@ -199,6 +238,7 @@ impl World {
             ));
         }
         self.run_copy(h, vm);
+        self.guest_boots(vm);
         self.starts += 1;
         Ok(Done::default())
     }
@@ -343,6 +383,66 @@ impl World {
     /// An operator starts a VM with `virsh start`, bypassing vmha.
     pub fn start_by_hand(&mut self, vm: usize, h: usize) {
         self.run_copy(h, vm);
+        self.guest_boots(vm);
+    }
+
+    /// The agent resets the guest in place: only a copy running here; the hard way destroys it
+    /// and starts it again through the lease check every start passes.
+    fn reset(&mut self, h: usize, vm: usize, hard: bool) -> Result<Done, String> {
+        if self.vms[vm].on.get(&h) != Some(&Dom::Running) {
+            return Err("Requested operation is not valid: domain is not running".into());
+        }
+        if hard {
+            self.vms[vm].on.insert(h, Dom::ShutOff);
+            self.hosts[h]
+                .keeper
+                .may_start(Millis(self.now))
+                .map_err(|e| format!("refusing to start it again: {e}; it stays off"))?;
+            self.run_copy(h, vm);
+            self.resets.1 += 1;
+        } else {
+            self.resets.0 += 1;
+        }
+        self.guest_boots(vm);
+        Ok(Done::default())
+    }
+
+    /// Its guest boots (a start or a reset): a panic is gone, a broken guest hangs again.
+    fn guest_boots(&mut self, vm: usize) {
+        let g = &mut self.vms[vm].guest;
+        if g.fault != GuestFault::Broken {
+            g.fault = GuestFault::Fine;
+        }
+        g.booted = self.now;
+        g.since = self.now;
+    }
+
+    /// Something goes wrong (or right again) inside the guest, from now.
+    pub fn guest_fault(&mut self, vm: usize, fault: GuestFault) {
+        let g = &mut self.vms[vm].guest;
+        if fault != g.fault {
+            g.fault = fault;
+            g.since = self.now;
+        }
+    }
+
+    /// What the agent of a host running the guest sees of it.
+    fn guest_seen(&self, vm: usize) -> GuestSeen {
+        let g = &self.vms[vm].guest;
+        let up = self.now.saturating_sub(g.booted);
+        let silent = |active| {
+            let ms = self.now.saturating_sub(g.since);
+            GuestSeen::Silent { since_answer_ms: ms, missed: (ms / GUEST_PING_MS) as u32, active }
+        };
+        match g.fault {
+            _ if up < GUEST_BOOT_MS => GuestSeen::Waiting,
+            GuestFault::Broken if g.booted > 0 => GuestSeen::Waiting,
+            GuestFault::Fine => {
+                GuestSeen::Answering { since_answer_ms: (up - GUEST_BOOT_MS) % GUEST_PING_MS }
+            }
+            GuestFault::Hung | GuestFault::Broken => silent(false),
+            GuestFault::Busy => silent(true),
+        }
     }
 
     /// The guest dies: the VM is shut off wherever it ran.
@@ -424,8 +524,8 @@ impl World {
 
     /// What libvirt on `h` lists now.
     pub(super) fn domains_of(&self, h: usize) -> Vec<ReportedDomain> {
-        (self.vms.iter())
-            .filter_map(|vm| {
+        (self.vms.iter().enumerate())
+            .filter_map(|(v, vm)| {
                 let state = match vm.on.get(&h)? {
                     Dom::Running => RunState::Running,
                     Dom::Incoming => RunState::Paused,
@@ -437,7 +537,9 @@ impl World {
                     state,
                     memory_kib: vm.spec.mem_mib << 10,
                     vcpus: vm.spec.vcpus,
-                    guest: None,
+                    // The agent watches the guests of the protected VMs it runs.
+                    guest: (state == RunState::Running && self.hosts[h].protected.contains(&v))
+                        .then(|| self.guest_seen(v)),
                 })
             })
             .collect()

@@ -25,7 +25,7 @@ use vmha_engine::step::Persist;
 use vmha_engine::{ClusterState, Engine, Timings};
 
 pub use agent::Host;
-pub use libvirt::{AgentFault, Dom, Vm};
+pub use libvirt::{AgentFault, Dom, GuestFault, Vm};
 use network::{Event, Followup};
 
 /// The controller's tick.
@@ -136,6 +136,8 @@ pub struct World {
     vm_index: HashMap<String, usize>,
     /// Starts carried out by libvirt (a migration is no start).
     pub starts: usize,
+    /// Guest resets carried out by libvirt: (in place, hard: destroyed and started again).
+    pub resets: (usize, usize),
     /// Each time a VM started while another copy of it ran.
     pub violations: Vec<String>,
     /// Peer-poll questions asked (one RPC each), per second of simulated time.
@@ -179,6 +181,7 @@ impl World {
             hosts: hosts.into_iter().map(|spec| Host::new(spec, &config, protected.clone())).collect(),
             vms: vms.into_iter().map(Vm::new).collect(),
             starts: 0,
+            resets: (0, 0),
             violations: Vec::new(),
             asks: Vec::new(),
             log: Vec::new(),
