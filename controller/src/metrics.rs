@@ -40,6 +40,17 @@ struct HostLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GuestLabels {
+    vm: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VmLabel {
+    vm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FenceLabels {
     mode: &'static str,
     result: &'static str,
@@ -68,6 +79,9 @@ pub struct Metrics {
     heartbeat_age: Family<HostLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     lease_remaining: Family<HostLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     cert_expiry: Family<HostLabel, Gauge>,
+    guests: Family<GuestLabels, Gauge>,
+    guest_resets: Family<VmLabel, Gauge>,
+    guest_alarms: Family<VmLabel, Gauge>,
     operations: Family<OpLabels, Counter>,
     migration_seconds: Histogram,
     migration_downtime_seconds: Histogram,
@@ -95,6 +109,9 @@ impl Metrics {
             heartbeat_age: Family::default(),
             lease_remaining: Family::default(),
             cert_expiry: Family::default(),
+            guests: Family::default(),
+            guest_resets: Family::default(),
+            guest_alarms: Family::default(),
             operations: Family::default(),
             migration_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 10)),
             migration_downtime_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
@@ -130,6 +147,23 @@ impl Metrics {
             "host_lease_remaining_seconds",
             "Seconds left on each host's lease as the leader counts it (negative: lapsed that long ago)",
             m.lease_remaining.clone(),
+        );
+        registry.register(
+            "guest",
+            "Each watched protected VM's guest, as its host's agent last saw it (1 for its state): answering, \
+             waiting (booting, or no qemu-guest-agent inside yet), no_agent, silent (no I/O of its own: hung once \
+             the failure interval has passed), busy (silent but working)",
+            m.guests.clone(),
+        );
+        registry.register(
+            "guest_resets_in_window",
+            "Resets in place of each protected VM's hung guest within the budget's window",
+            m.guest_resets.clone(),
+        );
+        registry.register(
+            "guest_alarm",
+            "1 while a protected VM's guest hangs with its reset budget spent: vmha no longer resets it",
+            m.guest_alarms.clone(),
         );
         registry.register("operations", "Operations ended, by kind and result", m.operations.clone());
         registry.register(
@@ -231,6 +265,9 @@ impl Metrics {
         self.vms.clear();
         self.heartbeat_age.clear();
         self.lease_remaining.clear();
+        self.guests.clear();
+        self.guest_resets.clear();
+        self.guest_alarms.clear();
         let Some((s, now)) = state else {
             self.protected_not_running.set(0);
             self.quorum.set(0);
@@ -256,6 +293,20 @@ impl Metrics {
         for v in s.vms.values() {
             self.vms.get_or_create(&StateLabel { state: v.state.as_str() }).inc();
             down += i64::from(v.protected && v.state != RunState::Running);
+            if !v.protected {
+                continue;
+            }
+            if let Some(g) = s.guests.get(&v.uuid) {
+                self.guests.get_or_create(&GuestLabels { vm: v.name.clone(), state: g.seen.as_str() }).set(1);
+            }
+            let care = &v.guest_care;
+            let recent = vmha_engine::guest_reset::recent_resets(&s.policy, care, now).len();
+            if recent > 0 {
+                self.guest_resets.get_or_create(&VmLabel { vm: v.name.clone() }).set(recent as i64);
+            }
+            if care.alarm.is_some() {
+                self.guest_alarms.get_or_create(&VmLabel { vm: v.name.clone() }).set(1);
+            }
         }
         self.protected_not_running.set(down);
     }
@@ -300,7 +351,15 @@ mod tests {
         host.last_heartbeat = Some(Millis(0));
         host.lease.granted_at = Some(Millis(0));
         s.hosts.insert("kvm1".into(), host);
-        s.vms.insert("u".into(), vmha_engine::VmView::new("u", "dns1"));
+        let mut vm = vmha_engine::VmView::new("u", "dns1");
+        vm.protected = true;
+        vm.guest_care.resets = vec![Millis(0)];
+        vm.guest_care.alarm = Some("guest agent silent for 10.0 s".into());
+        s.vms.insert("u".into(), vm);
+        let seen =
+            vmha_engine::guest::GuestSeen::Silent { since_answer_ms: 10_000, missed: 5, active: false };
+        s.guests
+            .insert("u".into(), vmha_engine::guest::GuestReport { host: "kvm1".into(), seen, at: Millis(0) });
         let metrics = Metrics::new();
         metrics.set_state(Some((&s, Millis(0))));
         metrics.operations.get_or_create(&OpLabels { kind: "start", result: "succeeded" }).inc();

@@ -174,15 +174,17 @@ pub fn main(s: &Snapshot) -> Markup {
         h2 { "Protected VMs" }
         @if protected.is_empty() { p { "No VM is protected (`vmha protect VM`)." } } @else {
             div .scroll { table #protected {
-                thead { tr { th { "VM" } th { "state" } th { "host" } th { "priority" } } }
+                thead { tr { th { "VM" } th { "state" } th { "host" } th { "priority" } th { "guest" } } }
                 tbody { @for v in protected.iter().take(ROWS) {
                     tr id={ "vm-" (v.name) } data-state=(v.state) {
                         td { (v.name) }
                         td { span class={ "badge " (v.state) } { (v.state) } }
                         td { (v.host) }
                         td .num { (v.priority) }
+                        td .guest { (v.guest) @if !v.guest_resets.is_empty() { div .why { "resets: " (v.guest_resets) } } }
                     }
-                    @if !v.why_not_running.is_empty() { tr .note { td colspan="4" .why { (v.why_not_running) } } }
+                    @if !v.guest_alarm.is_empty() { tr .note { td colspan="5" .why { "GUEST ALARM: " (v.guest_alarm) "; its reset budget is spent" } } }
+                    @if !v.why_not_running.is_empty() { tr .note { td colspan="5" .why { (v.why_not_running) } } }
                 } }
             } }
             @if protected.len() > ROWS { p { "… and " (protected.len() - ROWS) " more, running (`vmha vm ls` lists them all)." } }

@@ -29,6 +29,17 @@ pub enum GuestSeen {
 }
 
 impl GuestSeen {
+    /// One word for metrics and tables: no_agent, waiting, answering, silent, busy.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GuestSeen::NoAgent => "no_agent",
+            GuestSeen::Waiting => "waiting",
+            GuestSeen::Answering { .. } => "answering",
+            GuestSeen::Silent { active: false, .. } => "silent",
+            GuestSeen::Silent { active: true, .. } => "busy",
+        }
+    }
+
     /// For `vmha vm show`: "answering (last answer 0.4 s ago)".
     pub fn describe(&self) -> String {
         match *self {

@@ -64,8 +64,7 @@ impl GuestCare {
 /// For `vmha vm show`: "2 of 3 this hour, the last 4.0 s ago", or nothing if vmha has not
 /// reset it within the window.
 pub fn resets_summary(p: &Policy, care: &GuestCare, now: Millis) -> String {
-    let recent: Vec<&Millis> =
-        care.resets.iter().filter(|t| now.since(**t) < p.guest_reset_window_ms).collect();
+    let recent = recent_resets(p, care, now);
     match recent.last() {
         None => String::new(),
         Some(last) => format!(
@@ -73,9 +72,14 @@ pub fn resets_summary(p: &Policy, care: &GuestCare, now: Millis) -> String {
             recent.len(),
             p.guest_resets,
             window_words(p),
-            secs(now.since(**last))
+            secs(now.since(*last))
         ),
     }
+}
+
+/// Its resets within the budget's window at `now`, oldest first.
+pub fn recent_resets(p: &Policy, care: &GuestCare, now: Millis) -> Vec<Millis> {
+    care.resets.iter().copied().filter(|t| now.since(*t) < p.guest_reset_window_ms).collect()
 }
 
 /// What a look at one guest found.
@@ -107,7 +111,7 @@ pub fn tick(s: &mut ClusterState, now: Millis) -> Vec<Action> {
     for uuid in uuids {
         let verdict = judge(s, &uuid, now);
         let vm = s.vms.get_mut(&uuid).expect("listed above");
-        vm.guest_care.resets.retain(|t| now.since(*t) < p.guest_reset_window_ms);
+        vm.guest_care.resets = recent_resets(&p, &vm.guest_care, now);
         let care = &mut vm.guest_care;
         if care.alarm.is_some() && (care.resets.len() as u32) < p.guest_resets {
             care.alarm = None;
