@@ -4,11 +4,11 @@
 //!
 //! A guest is only judged by pings once its agent has answered in the current QEMU process:
 //! one without a channel, or still booting, or without qemu-ga inside, is never "silent".
-//! "Active" is vSphere's I/O check: over the silence, its vCPUs ran *and* it did disk or
-//! network I/O of its own (packets it sent, not packets sent to it). A panicked kernel may
-//! spin its vCPU, but it sends nothing.
+//! With the silence goes how long the guest has been *quiet*: since two looks in a row found
+//! its vCPUs ran *and* it did disk or network I/O of its own (packets it sent, not packets sent
+//! to it), vSphere's I/O check. A panicked kernel may spin its vCPU, but it sends nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,9 +22,6 @@ use crate::lease::LeaseShell;
 const PING_WAIT: Duration = Duration::from_secs(1);
 /// How long reading the counters may take before libvirt counts as not answering.
 const LOOK_WAIT: Duration = Duration::from_secs(2);
-/// How far back activity samples are kept: the longest silence whose activity is judged.
-const SAMPLES_FOR: Duration = Duration::from_secs(120);
-
 /// What the agent knows of one guest, in its current QEMU process.
 #[derive(Clone, Debug)]
 pub struct Watched {
@@ -32,12 +29,23 @@ pub struct Watched {
     no_channel: bool,
     last_answer: Option<Instant>,
     missed: u32,
-    samples: VecDeque<(Instant, Activity)>,
+    /// The newest look's counters.
+    last_look: Option<Activity>,
+    /// When a look last found both counters moved since the one before (or when watching
+    /// began: a guest is not quiet for longer than it has been watched).
+    last_active: Option<Instant>,
 }
 
 impl Watched {
     fn new(instance: u32) -> Watched {
-        Watched { instance, no_channel: false, last_answer: None, missed: 0, samples: VecDeque::new() }
+        Watched {
+            instance,
+            no_channel: false,
+            last_answer: None,
+            missed: 0,
+            last_look: None,
+            last_active: None,
+        }
     }
 
     /// Takes one look's result. A new QEMU process (a restart, a reset by vmha) starts afresh.
@@ -54,10 +62,12 @@ impl Watched {
             Ping::Unanswered => self.missed += 1,
             Ping::NoChannel => {}
         }
-        self.samples.push_back((now, check.activity));
-        while self.samples.front().is_some_and(|(t, _)| now.duration_since(*t) > SAMPLES_FOR) {
-            self.samples.pop_front();
+        let a = check.activity;
+        let worked = self.last_look.is_none_or(|b| a.cpu_ns > b.cpu_ns && a.io_ops > b.io_ops);
+        if worked {
+            self.last_active = Some(now);
         }
+        self.last_look = Some(a);
     }
 
     /// What goes with the heartbeat.
@@ -69,20 +79,11 @@ impl Watched {
             (false, Some(t)) if self.missed == 0 => (GuestAgent::Answering, since(t)),
             (false, Some(t)) => (GuestAgent::Silent, since(t)),
         };
-        let active = agent == GuestAgent::Silent && self.last_answer.is_some_and(|t| self.active_since(t));
-        GuestHealth { agent: agent as i32, since_answer_ms, active, missed: self.missed }
-    }
-
-    /// Whether, between the last sample at or before `t` (or the oldest kept) and the newest,
-    /// the vCPUs ran and the guest did I/O of its own.
-    fn active_since(&self, t: Instant) -> bool {
-        let (Some(first), Some((_, last))) = (
-            self.samples.iter().rev().find(|(at, _)| *at <= t).or(self.samples.front()),
-            self.samples.back(),
-        ) else {
-            return false;
+        let quiet_ms = match agent {
+            GuestAgent::Silent => self.last_active.map_or(0, since),
+            _ => 0,
         };
-        last.cpu_ns > first.1.cpu_ns && last.io_ops > first.1.io_ops
+        GuestHealth { agent: agent as i32, since_answer_ms, missed: self.missed, quiet_ms }
     }
 }
 
@@ -184,7 +185,7 @@ mod tests {
     }
 
     #[test]
-    fn a_guest_is_silent_only_after_it_answered_and_busy_only_with_cpu_and_io() {
+    fn a_guest_is_silent_only_after_it_answered_and_quiet_only_without_cpu_and_io() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         let mut w = Watched::new(7);
@@ -194,18 +195,22 @@ mod tests {
         assert_eq!(w.health(at(8)).agent, GuestAgent::Waiting as i32);
         w.observe(at(10), check(7, Ping::Answered, 30, 9));
         let h = w.health(at(11));
-        assert_eq!((h.agent, h.since_answer_ms, h.missed), (GuestAgent::Answering as i32, 1000, 0));
-        // A panic: the vCPU spins, nothing is sent: silent, not active.
+        assert_eq!(
+            (h.agent, h.since_answer_ms, h.missed, h.quiet_ms),
+            (GuestAgent::Answering as i32, 1000, 0, 0)
+        );
+        // A panic: the vCPU spins, nothing is sent: silent, and quiet since the last look that
+        // found it working.
         w.observe(at(12), check(7, Ping::Unanswered, 40, 9));
         w.observe(at(14), check(7, Ping::Unanswered, 50, 9));
-        let h = w.health(at(14));
+        let h = w.health(at(15));
         assert_eq!(
-            (h.agent, h.since_answer_ms, h.missed, h.active),
-            (GuestAgent::Silent as i32, 4000, 2, false)
+            (h.agent, h.since_answer_ms, h.missed, h.quiet_ms),
+            (GuestAgent::Silent as i32, 5000, 2, 5000)
         );
-        // The guest sends again while its agent stays slow: busy, not hung.
+        // The guest sends again while its agent stays slow: not quiet.
         w.observe(at(16), check(7, Ping::Unanswered, 60, 15));
-        assert!(w.health(at(16)).active);
+        assert_eq!(w.health(at(16)).quiet_ms, 0);
         // Reset (a new QEMU process after a restart elsewhere, or a new boot): judged afresh.
         w.observe(at(18), check(8, Ping::Unanswered, 1, 0));
         assert_eq!(w.health(at(18)).agent, GuestAgent::Waiting as i32);
@@ -218,13 +223,13 @@ mod tests {
         let mut w = Watched::new(1);
         w.observe(at(0), check(1, Ping::Answered, 100, 100));
         w.observe(at(2), check(1, Ping::Unanswered, 100, 200));
-        assert!(!w.health(at(2)).active, "I/O counters moved but the vCPUs did not run");
-        w.observe(at(4), check(1, Ping::Unanswered, 900, 200));
-        assert!(w.health(at(4)).active, "both moved since the last answer");
+        assert_eq!(w.health(at(2)).quiet_ms, 2000, "I/O counters moved but the vCPUs did not run");
+        w.observe(at(4), check(1, Ping::Unanswered, 900, 300));
+        assert_eq!(w.health(at(4)).quiet_ms, 0, "both moved");
         let mut spin = Watched::new(1);
         spin.observe(at(0), check(1, Ping::Answered, 100, 100));
         spin.observe(at(2), check(1, Ping::Unanswered, 5000, 100));
-        assert!(!spin.health(at(2)).active, "a spinning vCPU that sends nothing");
+        assert_eq!(spin.health(at(2)).quiet_ms, 2000, "a spinning vCPU that sends nothing");
         let mut none = Watched::new(1);
         none.observe(at(0), check(1, Ping::NoChannel, 1, 1));
         assert_eq!(none.health(at(0)).agent, GuestAgent::None as i32);

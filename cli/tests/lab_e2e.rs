@@ -599,6 +599,126 @@ fn protect_and_live_migrate(lab: &Lab) {
     assert_eq!(lab.virsh(target, &["domstate", "dns1"]).trim(), "running", "refusals changed nothing");
 }
 
+/// Runs `argv` in `vm`'s guest through its QEMU guest agent, on `host`, without waiting for
+/// it to end (a kernel panic never answers).
+fn guest_exec(lab: &Lab, host: &str, vm: &str, argv: &[&str]) {
+    let cmd = serde_json::json!({"execute": "guest-exec", "arguments": {"path": argv[0], "arg": &argv[1..]}});
+    let out = lab.virsh(host, &["qemu-agent-command", vm, "--timeout", "10", &cmd.to_string()]);
+    assert!(out.contains("pid"), "guest-exec in {vm} on {host}: {out}");
+}
+
+/// `vmha vm show VM`'s guest line says its guest agent answers.
+fn await_answering(lab: &Lab, vm: &str, timeout: Duration) {
+    wait_until(&format!("{vm}'s guest agent to answer its host's pings"), timeout, || {
+        lab.json(&["vm", "show", vm])["guest"].as_str().is_some_and(|g| g.starts_with("answering"))
+    });
+}
+
+/// The events about `vm` of `kind` after event `after`.
+fn events_of(lab: &Lab, after: i64, vm: &str, kind: &str) -> Vec<serde_json::Value> {
+    (lab.events().into_iter())
+        .filter(|e| e["id"].as_i64().unwrap() > after && e["subject"] == vm && e["kind"] == kind)
+        .collect()
+}
+
+/// A kernel panic inside a protected guest (its QEMU process runs on, so nothing else would
+/// notice): its agent falls silent, its I/O stops, and vmha resets it in place; DNS answers
+/// again from the same host, one copy throughout, and the event gives the evidence.
+fn a_panicked_guest_is_reset_in_place_and_serves_again(lab: &Lab) {
+    lab.vmha_ok(&["protect", "dns1"]);
+    await_answering(lab, "dns1", Duration::from_secs(60));
+    let host = lab.host_of("dns1");
+    let addr = lab.guest_ip("dns1");
+    let before = last_event_id(lab);
+    let watch = DoubleRunWatch::start();
+    let panicked_at = std::time::SystemTime::now();
+    let panicked = Instant::now();
+    guest_exec(lab, &host, "dns1", &["/bin/sh", "-c", "sleep 0.5; echo c > /proc/sysrq-trigger"]);
+    wait_until("dns1 to stop answering DNS (its kernel panicked)", Duration::from_secs(10), || {
+        !Command::new(repo().join("deploy/lab/dns-probe"))
+            .args([&addr, "--first-answer", "0.5"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    wait_until("vmha to reset dns1", Duration::from_secs(40), || {
+        !events_of(lab, before, "dns1", "guest_hung").is_empty()
+    });
+    let detected = panicked.elapsed().as_secs_f64();
+    let back = first_dns_answer(&addr, panicked_at, Duration::from_secs(60));
+    println!("  dns1 panicked on {host}: reset after {detected:.1} s, DNS answers again after {back:.1} s");
+    let (samples, doubles) = watch.finish();
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    assert_eq!(running_on("dns1"), [host.clone()], "reset in place, on {host}");
+    let hung = events_of(lab, before, "dns1", "guest_hung");
+    let msg = hung[0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("guest agent silent for") && msg.contains("no disk or network I/O of its own"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("reset 1 of 3 this hour") && msg.ends_with(&format!("resetting it on {host}")),
+        "{msg}"
+    );
+    // Events reach the log through the database, a moment after the state changed.
+    wait_until("the event that dns1's guest answers again", Duration::from_secs(60), || {
+        events_of(lab, before, "dns1", "guest_recovered").len() == 1
+    });
+    await_answering(lab, "dns1", Duration::from_secs(10));
+    let vm = lab.json(&["vm", "show", "dns1"]);
+    assert!(vm["guest_resets"].as_str().unwrap().starts_with("1 of 3 this hour"), "{vm}");
+    assert_eq!(vm["guest_alarm"], "", "{vm}");
+}
+
+/// A guest that panics again after every reset: three resets within the hour, then an alarm
+/// in the events, `vmha status` and `vmha vm show`, and no fourth reset; one copy throughout.
+fn a_guest_that_keeps_panicking_gets_three_resets_then_an_alarm(lab: &Lab) {
+    lab.vmha_ok(&["protect", "dns2"]);
+    let host = lab.host_of("dns2");
+    let before = last_event_id(lab);
+    let watch = DoubleRunWatch::start();
+    for n in 1..=4 {
+        await_answering(lab, "dns2", Duration::from_secs(60));
+        guest_exec(lab, &host, "dns2", &["/bin/sh", "-c", "sleep 0.5; echo c > /proc/sysrq-trigger"]);
+        let kind = if n <= 3 { "guest_hung" } else { "guest_alarm" };
+        wait_until(&format!("panic {n} of dns2 to be judged"), Duration::from_secs(40), || {
+            events_of(lab, before, "dns2", kind).len() == if n <= 3 { n } else { 1 }
+        });
+        if n == 3 {
+            // The third reset's guest must answer before its next panic counts as a new hang.
+            wait_until("dns2's guest to answer after its third reset", Duration::from_secs(60), || {
+                events_of(lab, before, "dns2", "guest_recovered").len() == 3
+            });
+        }
+    }
+    let alarm = &events_of(lab, before, "dns2", "guest_alarm")[0];
+    let msg = alarm["message"].as_str().unwrap();
+    assert!(msg.contains("its reset budget is spent (3 of 3 this hour)"), "{msg}");
+    assert!(msg.contains("vmha stops resetting it"), "{msg}");
+    // It stays as it is: no fourth reset.
+    std::thread::sleep(Duration::from_secs(15));
+    assert_eq!(events_of(lab, before, "dns2", "guest_hung").len(), 3);
+    let resets = (lab.events().into_iter())
+        .filter(|e| e["id"].as_i64().unwrap() > before && e["kind"] == "operation_done")
+        .filter(|e| {
+            e["message"].as_str().unwrap().starts_with("reset of dns2")
+                && e["message"].as_str().unwrap().ends_with("done")
+        })
+        .count();
+    assert_eq!(resets, 3, "three resets carried out");
+    let vm = lab.json(&["vm", "show", "dns2"]);
+    assert!(vm["guest_alarm"].as_str().unwrap().contains("guest agent silent for"), "{vm}");
+    assert!(vm["guest_resets"].as_str().unwrap().starts_with("3 of 3 this hour"), "{vm}");
+    let status = lab.vmha_ok(&["status"]);
+    assert!(status.contains("dns2 HANGS and its reset budget is spent"), "{status}");
+    let (samples, doubles) = watch.finish();
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    assert_eq!(running_on("dns2"), [host.clone()], "left as it is, on {host}");
+    // The operator's turn: a reset by hand, and dns2 back to unprotected for what follows.
+    lab.virsh(&host, &["reset", "dns2"]);
+    first_dns_answer(&lab.guest_ip("dns2"), std::time::SystemTime::now(), Duration::from_secs(60));
+    lab.vmha_ok(&["unprotect", "dns2"]);
+}
+
 /// Puts `vm` on `host` by live migration, unless it is there already.
 fn place(lab: &Lab, vm: &str, host: &str) {
     if lab.host_of(vm) != host {
@@ -3440,8 +3560,16 @@ fn a_revoked_host_is_refused_by_controllers_peers_and_libvirt(lab: &Lab) {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 36] = [
+    let scenarios: [Scenario; 38] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
+        (
+            "a_panicked_guest_is_reset_in_place_and_serves_again",
+            a_panicked_guest_is_reset_in_place_and_serves_again,
+        ),
+        (
+            "a_guest_that_keeps_panicking_gets_three_resets_then_an_alarm",
+            a_guest_that_keeps_panicking_gets_three_resets_then_an_alarm,
+        ),
         ("host_death_restarts_protected_vms_by_priority", host_death_restarts_protected_vms_by_priority),
         ("anti_affinity_holds_after_failover", anti_affinity_holds_after_failover),
         ("an_isolated_host_fences_itself_and_is_replaced", an_isolated_host_fences_itself_and_is_replaced),

@@ -357,7 +357,7 @@ mod tests {
         vm.guest_care.alarm = Some("guest agent silent for 10.0 s".into());
         s.vms.insert("u".into(), vm);
         let seen =
-            vmha_engine::guest::GuestSeen::Silent { since_answer_ms: 10_000, missed: 5, active: false };
+            vmha_engine::guest::GuestSeen::Silent { since_answer_ms: 10_000, missed: 5, quiet_ms: 9_000 };
         s.guests
             .insert("u".into(), vmha_engine::guest::GuestReport { host: "kvm1".into(), seen, at: Millis(0) });
         let metrics = Metrics::new();

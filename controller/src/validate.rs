@@ -216,7 +216,7 @@ fn guest_seen(g: &vmha_proto::v1::GuestHealth) -> Option<GuestSeen> {
         GuestAgent::Waiting => GuestSeen::Waiting,
         GuestAgent::Answering => GuestSeen::Answering { since_answer_ms: g.since_answer_ms },
         GuestAgent::Silent => {
-            GuestSeen::Silent { since_answer_ms: g.since_answer_ms, missed: g.missed, active: g.active }
+            GuestSeen::Silent { since_answer_ms: g.since_answer_ms, missed: g.missed, quiet_ms: g.quiet_ms }
         }
     })
 }
@@ -306,7 +306,7 @@ mod arbitrary_input {
                 guest: Some(vmha_proto::v1::GuestHealth {
                     agent: state,
                     since_answer_ms: memory_kib,
-                    active: true,
+                    quiet_ms: 0,
                     missed: vcpus,
                 }),
             },

@@ -259,7 +259,7 @@ fn domain() -> impl Strategy<Value = Domain> {
                 guest: Some(vmha_proto::v1::GuestHealth {
                     agent: state,
                     since_answer_ms: memory_kib,
-                    active: with_xml,
+                    quiet_ms: if with_xml { u64::MAX } else { 0 },
                     missed: vcpus,
                 }),
             })

@@ -45,8 +45,9 @@ guest_accel() {
 guest_cmdline() {
   local name=$1 ip=$2 gw=${3:-}
   shift $(($# < 3 ? $# : 3))
-  # panic=-1: a guest whose kernel panics reboots at once instead of hanging.
-  echo "console=ttyS0 panic=-1 vmha.name=$name vmha.ip=$ip${gw:+ vmha.gw=$gw}${*:+ $*}"
+  # No panic=: a guest whose kernel panics hangs, as Debian's kernel does by default. vmha's
+  # guest heartbeat notices (its agent falls silent, its I/O stops) and resets it.
+  echo "console=ttyS0 vmha.name=$name vmha.ip=$ip${gw:+ vmha.gw=$gw}${*:+ $*}"
 }
 
 guest_mac() {

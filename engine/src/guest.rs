@@ -19,12 +19,12 @@ pub enum GuestSeen {
     Answering {
         since_answer_ms: u64,
     },
-    /// It answered before, and not the last `missed` pings. `active`: meanwhile its vCPUs ran
-    /// and it did disk or network I/O of its own.
+    /// It answered before, and not the last `missed` pings. `quiet_ms`: since its vCPUs ran
+    /// *and* it did disk or network I/O of its own (packets it sent, never packets sent to it).
     Silent {
         since_answer_ms: u64,
         missed: u32,
-        active: bool,
+        quiet_ms: u64,
     },
 }
 
@@ -35,9 +35,17 @@ impl GuestSeen {
             GuestSeen::NoAgent => "no_agent",
             GuestSeen::Waiting => "waiting",
             GuestSeen::Answering { .. } => "answering",
-            GuestSeen::Silent { active: false, .. } => "silent",
-            GuestSeen::Silent { active: true, .. } => "busy",
+            GuestSeen::Silent { .. } if self.busy() => "busy",
+            GuestSeen::Silent { .. } => "silent",
         }
+    }
+
+    /// Silent, but working: it did I/O of its own in the latter half of its silence. A
+    /// panicked guest stops its I/O within a ping of its last answer; one whose agent is only
+    /// slow goes on serving (vSphere's I/O check, over the silence itself rather than a fixed
+    /// 120 s, so that a hang is noticed in seconds).
+    pub fn busy(&self) -> bool {
+        matches!(*self, GuestSeen::Silent { since_answer_ms, quiet_ms, .. } if quiet_ms.saturating_mul(2) < since_answer_ms)
     }
 
     /// For `vmha vm show`: "answering (last answer 0.4 s ago)".
@@ -48,10 +56,15 @@ impl GuestSeen {
             GuestSeen::Answering { since_answer_ms } => {
                 format!("answering (last answer {} ago)", secs(since_answer_ms))
             }
-            GuestSeen::Silent { since_answer_ms, missed, active } => format!(
-                "SILENT for {} ({missed} pings unanswered), {}",
+            GuestSeen::Silent { since_answer_ms, missed, quiet_ms } => format!(
+                "SILENT for {} ({missed} pings unanswered), {} {} ago",
                 secs(since_answer_ms),
-                if active { "but its vCPUs run and it does I/O: busy" } else { "and no I/O of its own" }
+                if self.busy() {
+                    "but busy: its vCPUs ran and it did I/O of its own"
+                } else {
+                    "its vCPUs and its own I/O last moved together"
+                },
+                secs(quiet_ms)
             ),
         }
     }
@@ -66,19 +79,26 @@ pub struct GuestReport {
 }
 
 impl GuestReport {
-    /// What it says, aged to `now`, with how old the report is when that matters.
+    /// What it says, aged to `now`.
     pub fn describe(&self, now: Millis) -> String {
+        self.aged(now).describe()
+    }
+
+    /// What it says, with its times counted to `now`.
+    pub fn aged(&self, now: Millis) -> GuestSeen {
         let age = now.since(self.at);
-        let seen = match self.seen {
+        match self.seen {
             GuestSeen::Answering { since_answer_ms } => {
-                GuestSeen::Answering { since_answer_ms: since_answer_ms + age }
+                GuestSeen::Answering { since_answer_ms: since_answer_ms.saturating_add(age) }
             }
-            GuestSeen::Silent { since_answer_ms, missed, active } => {
-                GuestSeen::Silent { since_answer_ms: since_answer_ms + age, missed, active }
+            GuestSeen::Silent { since_answer_ms, missed, quiet_ms } => {
+                // A host may send any number: none may overflow here.
+                let (since_answer_ms, quiet_ms) =
+                    (since_answer_ms.saturating_add(age), quiet_ms.saturating_add(age));
+                GuestSeen::Silent { since_answer_ms, missed, quiet_ms }
             }
             other => other,
-        };
-        seen.describe()
+        }
     }
 }
 
@@ -117,7 +137,7 @@ mod tests {
     fn only_the_host_running_a_vm_speaks_for_its_guest() {
         let mut s = three_hosts();
         vm_on(&mut s, "u1", "dns1", "kvm1");
-        let silent = GuestSeen::Silent { since_answer_ms: 12_000, missed: 6, active: false };
+        let silent = GuestSeen::Silent { since_answer_ms: 12_000, missed: 6, quiet_ms: 11_000 };
         on_report(&mut s, "kvm2", &[report("u1", RunState::Running, Some(silent))], Millis(1));
         assert!(s.guests.is_empty(), "kvm2 does not run dns1: its word on dns1's guest is ignored");
         let answering = GuestSeen::Answering { since_answer_ms: 400 };
@@ -128,6 +148,11 @@ mod tests {
         on_report(&mut s, "kvm1", &[report("u1", RunState::Running, None)], Millis(4));
         assert!(s.guests.is_empty(), "kvm1 no longer watches it");
         assert_eq!(answering.describe(), "answering (last answer 0.4 s ago)");
-        assert_eq!(silent.describe(), "SILENT for 12.0 s (6 pings unanswered), and no I/O of its own");
+        assert_eq!(
+            silent.describe(),
+            "SILENT for 12.0 s (6 pings unanswered), its vCPUs and its own I/O last moved together 11.0 s ago"
+        );
+        let busy = GuestSeen::Silent { since_answer_ms: 12_000, missed: 6, quiet_ms: 400 };
+        assert_eq!((silent.as_str(), busy.as_str()), ("silent", "busy"));
     }
 }

@@ -221,25 +221,26 @@ fn judge(s: &ClusterState, uuid: &str, now: Millis) -> Verdict {
         return Verdict::Fine;
     }
     let age = now.since(r.at);
-    let evidence = match r.seen {
-        GuestSeen::Silent { since_answer_ms, active: false, .. }
-            if since_answer_ms + age >= p.guest_failure_ms =>
+    let seen = r.aged(now);
+    let evidence = match seen {
+        GuestSeen::Silent { since_answer_ms, quiet_ms, .. }
+            if since_answer_ms >= p.guest_failure_ms && !seen.busy() =>
         {
             format!(
-                "guest agent silent for {}, and no disk or network I/O of its own meanwhile",
-                secs(since_answer_ms + age)
+                "guest agent silent for {}, no disk or network I/O of its own for {}",
+                secs(since_answer_ms),
+                secs(quiet_ms)
             )
         }
-        GuestSeen::Silent { since_answer_ms, active: true, .. }
-            if since_answer_ms + age >= p.guest_failure_ms =>
-        {
+        GuestSeen::Silent { since_answer_ms, quiet_ms, .. } if since_answer_ms >= p.guest_failure_ms => {
             return Verdict::NotJudged {
                 reason: "busy".into(),
                 message: format!(
-                    "{}'s guest agent has been silent for {}, but its vCPUs run and it does disk or network I/O of \
-                     its own: busy, not hung; not reset",
+                    "{}'s guest agent has been silent for {}, but its vCPUs ran and it did disk or network I/O of \
+                     its own {} ago: busy, not hung; not reset",
                     vm.name,
-                    secs(since_answer_ms + age)
+                    secs(since_answer_ms),
+                    secs(quiet_ms)
                 ),
             };
         }
@@ -337,7 +338,8 @@ mod tests {
     }
 
     fn silent(ms: u64, active: bool) -> GuestSeen {
-        GuestSeen::Silent { since_answer_ms: ms, missed: (ms / 2_000) as u32, active }
+        let quiet_ms = if active { 300 } else { ms.saturating_sub(1_500) };
+        GuestSeen::Silent { since_answer_ms: ms, missed: (ms / 2_000) as u32, quiet_ms }
     }
 
     fn events(actions: &[Action]) -> Vec<(EventKind, String)> {
@@ -371,7 +373,7 @@ mod tests {
             events(&a),
             [(
                 EventKind::GuestHung,
-                "dns1: guest agent silent for 10.2 s, and no disk or network I/O of its own meanwhile: reset 1 of 3 \
+                "dns1: guest agent silent for 10.2 s, no disk or network I/O of its own for 8.7 s: reset 1 of 3 \
                  this hour, resetting it on kvm1"
                     .to_string()
             )]

@@ -430,9 +430,10 @@ impl World {
     fn guest_seen(&self, vm: usize) -> GuestSeen {
         let g = &self.vms[vm].guest;
         let up = self.now.saturating_sub(g.booted);
-        let silent = |active| {
+        let silent = |busy| {
             let ms = self.now.saturating_sub(g.since);
-            GuestSeen::Silent { since_answer_ms: ms, missed: (ms / GUEST_PING_MS) as u32, active }
+            let quiet_ms = if busy { 0 } else { ms };
+            GuestSeen::Silent { since_answer_ms: ms, missed: (ms / GUEST_PING_MS) as u32, quiet_ms }
         };
         match g.fault {
             _ if up < GUEST_BOOT_MS => GuestSeen::Waiting,
