@@ -39,7 +39,8 @@ _guest_exec() {
   return 1
 }
 writer_start() { _guest_exec "$1" "$2" /usr/lib/vmha/dirty "$3" 3600; }
-writer_stop() { _guest_exec "$1" "$2" /bin/sh -c 'pkill -f /usr/lib/vmha/dirty; rm -f /run/dirty'; }
+# The guest's busybox has killall, not pkill.
+writer_stop() { _guest_exec "$1" "$2" /bin/sh -c 'killall dirty dd; rm -f /run/dirty'; }
 
 declare -A _client_pid=()
 client_start() {

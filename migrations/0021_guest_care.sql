@@ -6,3 +6,5 @@ ALTER TABLE vms ADD COLUMN guest_care text;
 ALTER TABLE operations DROP CONSTRAINT operations_kind_check;
 ALTER TABLE operations ADD CONSTRAINT operations_kind_check
     CHECK (kind IN ('migrate', 'start', 'shutdown', 'destroy', 'reset', 'power_cycle'));
+-- Its service probes (`vmha vm probe`, engine/src/service_probe.rs, as JSON); NULL: none.
+ALTER TABLE vms ADD COLUMN probes text;

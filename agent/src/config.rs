@@ -100,6 +100,11 @@ pub struct Flags {
     /// the guest's heartbeat, reported with every heartbeat [default: 2s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub guest_ping_interval: Option<Duration>,
+    /// Run the `exec` service probes operators declare (`vmha vm probe VM exec ...`): shell
+    /// commands run as this agent's user on this host, with VMHA_VM and VMHA_ADDRESS set. Off
+    /// by default: an admin of the cluster could otherwise run anything on every hypervisor.
+    #[arg(long)]
+    pub allow_exec_probes: bool,
     /// The cluster CA's certificate [default: /etc/vmha/pki/ca.pem].
     #[arg(long, value_name = "PATH")]
     pub tls_ca: Option<PathBuf>,
@@ -161,6 +166,8 @@ struct FileConfig {
     probes: FileProbes,
     #[serde(default, with = "humantime_serde_opt")]
     guest_ping_interval: Option<Duration>,
+    #[serde(default)]
+    allow_exec_probes: bool,
 }
 
 /// The `[probes]` table.
@@ -227,6 +234,8 @@ pub struct Config {
     pub libvirt_crl: PathBuf,
     /// How often protected guests are pinged (`guest_watch`).
     pub guest_ping_interval: Duration,
+    /// Whether `exec` service probes run here (`service_probes`).
+    pub allow_exec_probes: bool,
 }
 
 impl Config {
@@ -316,6 +325,7 @@ impl Config {
         }
         Ok(Config {
             guest_ping_interval,
+            allow_exec_probes: flags.allow_exec_probes || file.allow_exec_probes,
             tls,
             probes,
             peer_listen,

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmha_proto::v1::{GuestAgent, GuestHealth};
+use vmha_proto::v1::{GuestAgent, GuestHealth, ServiceProbe, ServiceProbeResult, VmProbes};
 
 use crate::bounded::{Blocking, Outcome};
 use crate::hypervisor::{Activity, GuestCheck, GuestLook, Hypervisor, Ping};
@@ -34,6 +34,18 @@ pub struct Watched {
     /// When a look last found both counters moved since the one before (or when watching
     /// began: a guest is not quiet for longer than it has been watched).
     last_active: Option<Instant>,
+    /// Its service probes in this QEMU process (a reset or a restart starts them afresh), by
+    /// name.
+    probes: HashMap<String, ProbeState>,
+}
+
+/// One service probe of a guest, since the guest started.
+#[derive(Clone, Debug, Default)]
+struct ProbeState {
+    due: Option<Instant>,
+    failures_in_row: u32,
+    passed_once: bool,
+    last_error: String,
 }
 
 impl Watched {
@@ -45,6 +57,7 @@ impl Watched {
             missed: 0,
             last_look: None,
             last_active: None,
+            probes: HashMap::new(),
         }
     }
 
@@ -83,17 +96,93 @@ impl Watched {
             GuestAgent::Silent => self.last_active.map_or(0, since),
             _ => 0,
         };
-        GuestHealth { agent: agent as i32, since_answer_ms, missed: self.missed, quiet_ms }
+        let mut probes: Vec<ServiceProbeResult> = (self.probes.iter())
+            .map(|(name, p)| ServiceProbeResult {
+                name: name.clone(),
+                failures_in_row: p.failures_in_row,
+                passed_once: p.passed_once,
+                last_error: p.last_error.clone(),
+            })
+            .collect();
+        probes.sort_by(|a, b| a.name.cmp(&b.name));
+        GuestHealth { agent: agent as i32, since_answer_ms, missed: self.missed, quiet_ms, probes }
+    }
+
+    /// Whether the guest is up enough for its services to be probed: its agent answers, or it
+    /// has no agent channel at all. A booting guest's services are not probed (nor counted).
+    fn up(&self) -> bool {
+        self.no_channel || (self.last_answer.is_some() && self.missed == 0)
     }
 }
 
-/// Every watched guest's latest state, by UUID; read by each heartbeat.
+/// Every watched guest's latest state, by UUID; read by each heartbeat. Also the service
+/// probes the controller gave for them, with their version.
 #[derive(Default)]
 pub struct GuestBoard {
     watched: Mutex<HashMap<String, Watched>>,
+    probes: Mutex<(u64, HashMap<String, Vec<ServiceProbe>>)>,
+}
+
+/// A probe that is due: its guest, the guest's QEMU process, and the probe.
+pub struct DueProbe {
+    pub uuid: String,
+    pub instance: u32,
+    pub probe: ServiceProbe,
 }
 
 impl GuestBoard {
+    /// The version of the probes held, for the heartbeat.
+    pub fn probes_version(&self) -> u64 {
+        self.probes.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// The controller's probes, by VM, replacing those held.
+    pub fn set_probes(&self, version: u64, by_vm: Vec<VmProbes>) {
+        let map = by_vm.into_iter().map(|v| (v.uuid, v.probes)).collect();
+        *self.probes.lock().unwrap_or_else(|p| p.into_inner()) = (version, map);
+    }
+
+    /// The probes due at `now` of the guests that are up, each marked as run until its next
+    /// interval.
+    pub fn due_probes(&self, now: Instant) -> Vec<DueProbe> {
+        let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        let mut due = Vec::new();
+        for (uuid, list) in &probes.1 {
+            let Some(g) = w.get_mut(uuid).filter(|g| g.up()) else { continue };
+            g.probes.retain(|name, _| list.iter().any(|p| &p.name == name));
+            for p in list {
+                let st = g.probes.entry(p.name.clone()).or_default();
+                if st.due.is_none_or(|t| t <= now) {
+                    st.due = Some(now + Duration::from_millis(p.interval_ms.max(1_000)));
+                    due.push(DueProbe { uuid: uuid.clone(), instance: g.instance, probe: p.clone() });
+                }
+            }
+        }
+        due
+    }
+
+    /// A probe's result, unless its guest was reset or restarted meanwhile.
+    pub fn probe_result(&self, uuid: &str, instance: u32, name: &str, result: Result<(), String>) {
+        let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(st) =
+            w.get_mut(uuid).filter(|g| g.instance == instance).and_then(|g| g.probes.get_mut(name))
+        else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                st.failures_in_row = 0;
+                st.passed_once = true;
+                st.last_error.clear();
+            }
+            Err(e) => {
+                st.failures_in_row += 1;
+                st.last_error = e;
+            }
+        }
+    }
+
     pub fn health(&self, uuid: &str) -> Option<GuestHealth> {
         let w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
         w.get(uuid).map(|g| g.health(Instant::now()))

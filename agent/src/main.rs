@@ -6,7 +6,7 @@ use vmha_agent::hypervisor::libvirt::Libvirt;
 use vmha_agent::lease::LeaseShell;
 use vmha_agent::peer::PeerApi;
 use vmha_agent::session::Agent;
-use vmha_agent::{guest_watch, probes};
+use vmha_agent::{guest_watch, probes, service_probes};
 use vmha_engine::Timings;
 use vmha_proto::v1::peer_service_server::PeerServiceServer;
 use vmha_tls::Transport;
@@ -61,7 +61,7 @@ async fn run() -> anyhow::Result<()> {
     let peer_listen = cfg.peer_listen;
     let peers = vmha_tls::transport::serve(peers, peer_listen, &transport, std::future::pending());
     let probe_cfg = cfg.probes.clone();
-    let guest_ping_interval = cfg.guest_ping_interval;
+    let (guest_ping_interval, allow_exec_probes) = (cfg.guest_ping_interval, cfg.allow_exec_probes);
     let agent = Agent::new(cfg, hv.clone(), lease.clone(), transport.clone());
     if let Transport::Mtls(creds) = &transport {
         let agent = agent.clone();
@@ -72,6 +72,7 @@ async fn run() -> anyhow::Result<()> {
     let r = tokio::select! {
         _ = probes::run(probe_cfg, hv.clone(), agent.probes.clone()) => Ok(()),
         _ = guest_watch::run(guest_ping_interval, hv.clone(), lease.clone(), agent.guests.clone()) => Ok(()),
+        _ = service_probes::run(agent.guests.clone(), allow_exec_probes) => Ok(()),
         _ = agent.run() => Ok(()),
         _ = lease.clone().run(hv, transport.clone()) => Ok(()),
         r = peers => r.map_err(|e| anyhow::anyhow!("the peer endpoint: {e}")),

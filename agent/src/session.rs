@@ -353,6 +353,7 @@ impl Agent {
             probes: self.probes.latest(),
             roster_version: Some(self.lease.roster_version()),
             crl_number: self.revocation.as_ref().map_or(0, |r| r.number()),
+            probes_version: self.guests.probes_version(),
         };
         // The lease runs from here: the send, not the answer.
         let sent_at = self.lease.now();
@@ -381,6 +382,9 @@ impl Agent {
         )?;
         // Echoed only once taken whole (see `LeaseShell::answered`).
         self.answer_received(answer.epoch, answer.stamp_ms);
+        if answer.probes_sent {
+            self.guests.set_probes(answer.probes_version, std::mem::take(&mut answer.probes));
+        }
         if let Some(r) = self.revocation.clone().filter(|_| !answer.crl.is_empty()) {
             let crl = std::mem::take(&mut answer.crl);
             tokio::spawn(async move { r.offered(&crl).await });

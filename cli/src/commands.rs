@@ -224,7 +224,7 @@ enum HostVerb {
     },
 }
 
-fn humantime_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn humantime_duration(s: &str) -> Result<Duration, String> {
     let d: Duration = s.parse::<humantime::Duration>().map_err(|e| e.to_string())?.into();
     Ok(d)
 }
@@ -269,6 +269,28 @@ enum VmVerb {
         /// Return once the shutdown is sent.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Check a service inside a protected guest: a DNS query, a TCP connect, an HTTP GET, or a
+    /// command on its host. A service that fails its probe --failures times in a row, after
+    /// it passed since the guest started, gets the guest reset in place (within its reset
+    /// budget, like a hung guest). Setting probes needs the admin role.
+    #[command(after_help = "Examples:\n  \
+        vmha vm probe dns1 dns lab.vmha --address 10.77.0.21 --expect 10.77.0.53\n  \
+        vmha vm probe web1 http http://10.77.0.30/health --status 200 --interval 5s\n  \
+        vmha vm probe radius1 exec -- radclient -t 1 -r 1 \\$VMHA_ADDRESS status secret\n  \
+        vmha vm probe dns1 --remove dns\n  \
+        vmha vm probe dns1 --clear")]
+    Probe {
+        /// VM name or libvirt domain UUID.
+        vm: String,
+        #[command(subcommand)]
+        what: Option<crate::probe::ProbeWhat>,
+        /// Remove the probe of this name.
+        #[arg(long, value_name = "NAME")]
+        remove: Option<String>,
+        /// Remove all its probes.
+        #[arg(long)]
+        clear: bool,
     },
 }
 
@@ -529,6 +551,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Verb::Vm(VmVerb::Stop { vm, timeout, no_wait }) => {
             return crate::power::stop(&mut c, fmt, vm, timeout, no_wait).await;
         }
+        Verb::Vm(VmVerb::Probe { vm, what, remove, clear }) => {
+            crate::probe::run(&mut c, fmt, vm, what, remove, clear).await?;
+        }
         Verb::Protect { vm, priority, anti_affinity, hosts, prefer, force } => {
             let allowed_hosts: Vec<String> =
                 hosts.clone().unwrap_or_default().into_iter().filter(|h| !h.is_empty()).collect();
@@ -754,6 +779,9 @@ pub(crate) fn show_vm(fmt: Format, v: &Vm) {
             ];
             for (k, val) in extra.iter().filter(|(_, val)| !val.is_empty()) {
                 println!("{k:>14}: {val}");
+            }
+            for (i, p) in v.probes.iter().enumerate() {
+                println!("{:>14}: {p}", if i == 0 { "probes" } else { "" });
             }
             for (i, why) in v.elsewhere.iter().enumerate() {
                 println!("{:>14}: {why}", if i == 0 { "not elsewhere" } else { "" });

@@ -5,6 +5,7 @@ mod commands;
 mod drain;
 mod output;
 mod power;
+mod probe;
 mod report;
 
 use std::process::ExitCode;

@@ -648,7 +648,7 @@ fn a_panicked_guest_is_reset_in_place_and_serves_again(lab: &Lab) {
     println!("  dns1 panicked on {host}: reset after {detected:.1} s, DNS answers again after {back:.1} s");
     let (samples, doubles) = watch.finish();
     assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
-    assert_eq!(running_on("dns1"), [host.clone()], "reset in place, on {host}");
+    assert_eq!(running_on("dns1"), std::slice::from_ref(&host), "reset in place, on {host}");
     let hung = events_of(lab, before, "dns1", "guest_hung");
     let msg = hung[0]["message"].as_str().unwrap();
     assert!(
@@ -667,6 +667,41 @@ fn a_panicked_guest_is_reset_in_place_and_serves_again(lab: &Lab) {
     let vm = lab.json(&["vm", "show", "dns1"]);
     assert!(vm["guest_resets"].as_str().unwrap().starts_with("1 of 3 this hour"), "{vm}");
     assert_eq!(vm["guest_alarm"], "", "{vm}");
+}
+
+/// A DNS server wedged inside its guest (SIGSTOP: the process stays, nothing answers, the
+/// kernel and the guest agent carry on): its DNS probe fails three times in a row, vmha resets
+/// the guest in place, and DNS answers again; the event names the probe. One copy throughout.
+fn a_wedged_dns_server_fails_its_probe_and_its_guest_is_reset(lab: &Lab) {
+    lab.vmha_ok(&["protect", "dns1"]);
+    let addr = lab.guest_ip("dns1");
+    let probe = ["vm", "probe", "dns1", "dns", "probe.lab", "--address", &addr, "--expect", "192.0.2.1"];
+    lab.vmha_ok(&[&probe[..], &["--interval", "1s", "--timeout", "500ms", "--failures", "3"]].concat());
+    let probes = |lab: &Lab| lab.json(&["vm", "show", "dns1"])["probes"].to_string();
+    wait_until("dns1's DNS probe to pass", Duration::from_secs(60), || probes(lab).contains(": passing"));
+    let host = lab.host_of("dns1");
+    let before = last_event_id(lab);
+    let watch = DoubleRunWatch::start();
+    let wedged_at = std::time::SystemTime::now();
+    guest_exec(lab, &host, "dns1", &["/usr/bin/killall", "-STOP", "dnsmasq"]);
+    wait_until("dns1's probe to fail", Duration::from_secs(10), || probes(lab).contains("FAILING"));
+    wait_until("vmha to reset dns1", Duration::from_secs(30), || {
+        !events_of(lab, before, "dns1", "guest_hung").is_empty()
+    });
+    let back = first_dns_answer(&addr, wedged_at, Duration::from_secs(60));
+    println!("  dnsmasq wedged in dns1 on {host}: DNS answers again after {back:.1} s");
+    let (samples, doubles) = watch.finish();
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    assert_eq!(running_on("dns1"), std::slice::from_ref(&host), "reset in place, on {host}");
+    let hung = events_of(lab, before, "dns1", "guest_hung");
+    let msg = hung[0]["message"].as_str().unwrap();
+    assert!(msg.contains("its dns probe failed 3 times in a row (dns probe.lab @"), "{msg}");
+    assert!(msg.ends_with(&format!("resetting it on {host}")), "{msg}");
+    wait_until("dns1's DNS probe to pass after the reset", Duration::from_secs(60), || {
+        probes(lab).contains(": passing")
+    });
+    lab.vmha_ok(&["vm", "probe", "dns1", "--clear"]);
+    assert_eq!(lab.json(&["vm", "show", "dns1"])["probes"], serde_json::json!([]));
 }
 
 /// A guest that panics again after every reset: three resets within the hour, then an alarm
@@ -712,7 +747,7 @@ fn a_guest_that_keeps_panicking_gets_three_resets_then_an_alarm(lab: &Lab) {
     assert!(status.contains("dns2 HANGS and its reset budget is spent"), "{status}");
     let (samples, doubles) = watch.finish();
     assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
-    assert_eq!(running_on("dns2"), [host.clone()], "left as it is, on {host}");
+    assert_eq!(running_on("dns2"), std::slice::from_ref(&host), "left as it is, on {host}");
     // The operator's turn: a reset by hand, and dns2 back to unprotected for what follows.
     lab.virsh(&host, &["reset", "dns2"]);
     first_dns_answer(&lab.guest_ip("dns2"), std::time::SystemTime::now(), Duration::from_secs(60));
@@ -3560,11 +3595,15 @@ fn a_revoked_host_is_refused_by_controllers_peers_and_libvirt(lab: &Lab) {
 
 fn main() {
     type Scenario = (&'static str, fn(&Lab));
-    let scenarios: [Scenario; 38] = [
+    let scenarios: [Scenario; 39] = [
         ("protect_and_live_migrate", protect_and_live_migrate),
         (
             "a_panicked_guest_is_reset_in_place_and_serves_again",
             a_panicked_guest_is_reset_in_place_and_serves_again,
+        ),
+        (
+            "a_wedged_dns_server_fails_its_probe_and_its_guest_is_reset",
+            a_wedged_dns_server_fails_its_probe_and_its_guest_is_reset,
         ),
         (
             "a_guest_that_keeps_panicking_gets_three_resets_then_an_alarm",

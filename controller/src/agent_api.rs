@@ -118,6 +118,16 @@ impl AgentService for AgentApi {
         if let Some(crl) = self.node.crl().filter(|crl| crl.number > r.crl_number) {
             answer.crl = crl.der().to_vec();
         }
+        if let Some((version, probes)) = &lease.service_probes {
+            answer.probes_sent = true;
+            answer.probes_version = *version;
+            answer.probes = (probes.iter())
+                .map(|(uuid, ps)| VmProbes {
+                    uuid: uuid.clone(),
+                    probes: ps.iter().map(crate::service_probes::to_api).collect(),
+                })
+                .collect();
+        }
         match &lease.roster_update {
             RosterUpdate::Unchanged { .. } => answer.roster_unchanged = true,
             RosterUpdate::Whole(r) => {

@@ -89,7 +89,7 @@ pub fn refusal(r: Refusal) -> Status {
         | Refusal::UnknownHost(_)
         | Refusal::UnknownOperation(_)
         | Refusal::NothingToCancel(_) => Status::not_found(r.to_string()),
-        Refusal::AmbiguousVm { .. } => Status::invalid_argument(r.to_string()),
+        Refusal::AmbiguousVm { .. } | Refusal::BadProbes { .. } => Status::invalid_argument(r.to_string()),
         Refusal::TooManyHosts { .. } => Status::resource_exhausted(r.to_string()),
         Refusal::NotExecutor { .. } => Status::permission_denied(r.to_string()),
         Refusal::BeyondReserve { .. } => Status::failed_precondition(r.to_string()),

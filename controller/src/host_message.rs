@@ -84,6 +84,7 @@ pub fn heartbeat(
         xml,
         xml_refused,
         roster_known: r.roster_version,
+        probes_known: r.probes_version,
         self_fenced: r.self_fenced,
         arrived,
         seq: r.seq,

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod node;
 pub mod operator_api;
 pub mod rate_limit;
+pub mod service_probes;
 pub mod status_page;
 pub mod store;
 pub mod validate;

@@ -358,8 +358,10 @@ mod tests {
         s.vms.insert("u".into(), vm);
         let seen =
             vmha_engine::guest::GuestSeen::Silent { since_answer_ms: 10_000, missed: 5, quiet_ms: 9_000 };
-        s.guests
-            .insert("u".into(), vmha_engine::guest::GuestReport { host: "kvm1".into(), seen, at: Millis(0) });
+        s.guests.insert(
+            "u".into(),
+            vmha_engine::guest::GuestReport { host: "kvm1".into(), seen, at: Millis(0), probes: Vec::new() },
+        );
         let metrics = Metrics::new();
         metrics.set_state(Some((&s, Millis(0))));
         metrics.operations.get_or_create(&OpLabels { kind: "start", result: "succeeded" }).inc();

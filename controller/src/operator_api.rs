@@ -553,6 +553,22 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(shown_operation(c, id)?))
     }
 
+    async fn set_probes(&self, req: Request<SetProbesRequest>) -> Result<Response<Vm>, Status> {
+        // Exec probes run commands on the hosts: only an admin may set probes.
+        let who = self.caller(&req, Level::Admin, "setting a VM's service probes")?;
+        let c = self.c()?;
+        let r = req.into_inner();
+        let key = validate::vm_ref(&r.vm)?.to_string();
+        let probes = (r.probes.iter())
+            .map(crate::service_probes::from_api)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Status::invalid_argument)?;
+        c.require_database("setting a VM's service probes")?;
+        let reply = self.change(&who, Change::SetProbes { vm: key, probes }).await?;
+        let Reply::Vm(uuid) = reply else { return Err(unexpected("set_probes", &reply).into()) };
+        Ok(Response::new(self.vm_view(&uuid).await?))
+    }
+
     async fn start_vm(&self, req: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {
         let who = self.caller(&req, Level::Operator, "starting a VM")?;
         let c = self.c()?;

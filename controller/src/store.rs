@@ -531,11 +531,12 @@ impl Store {
             state: String,
             protected_in: Option<i64>,
             guest_care: Option<String>,
+            probes: Option<String>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT uuid, name, memory_kib, vcpus, protected, priority, current_host, anti_affinity,
                  allowed_hosts, xml, preferred_host, recovery, admission_override, stopped_by, state,
-                 protected_in, guest_care
+                 protected_in, guest_care, probes
              FROM vms ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -556,6 +557,13 @@ impl Store {
                     .map(serde_json::from_str)
                     .transpose()
                     .map_err(decode("vm guest care"))?
+                    .unwrap_or_default();
+                vm.probes = r
+                    .probes
+                    .as_deref()
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .map_err(decode("vm probes"))?
                     .unwrap_or_default();
                 // Observed state is rebuilt from reports; until then nobody knows. What was last
                 // recorded tells whether a VM stopped meanwhile (`persist::loaded_vm`).
@@ -612,10 +620,14 @@ impl Store {
             .then(|| serde_json::to_string(&w.guest_care))
             .transpose()
             .map_err(encode("vm guest care"))?;
+        let probes = (!w.probes.is_empty())
+            .then(|| serde_json::to_string(&w.probes))
+            .transpose()
+            .map_err(encode("vm probes"))?;
         sqlx::query(
             "UPDATE vms SET protected = $2, priority = $3, anti_affinity = $4, allowed_hosts = $5,
                  preferred_host = $6, recovery = $7, admission_override = $8, stopped_by = $9,
-                 protected_in = $10, guest_care = $11, updated_at = now(),
+                 protected_in = $10, guest_care = $11, probes = $12, updated_at = now(),
                  -- The old row's protected: set when protection begins, kept while it lasts.
                  protected_at = CASE WHEN NOT $2 THEN NULL
                                      WHEN NOT vms.protected THEN now()
@@ -633,6 +645,7 @@ impl Store {
         .bind(&w.stopped_by)
         .bind(w.protected_in.map(|v| v as i64))
         .bind(guest_care)
+        .bind(probes)
         .execute(&mut *db)
         .await
         .map_err(q("set vm work"))?;

@@ -5,6 +5,7 @@
 use crate::errors::Error;
 use uuid::Uuid;
 use vmha_engine::guest::GuestSeen;
+use vmha_engine::service_probe::ProbeSeen;
 use vmha_engine::{ReportedDomain, RunState};
 use vmha_proto::v1::{Domain, DomainState};
 
@@ -201,9 +202,24 @@ pub fn reported_domains(domains: &[Domain]) -> Result<Vec<ReportedDomain>, Error
             memory_kib: d.memory_kib,
             vcpus: d.vcpus,
             guest: d.guest.as_ref().and_then(guest_seen),
+            probes: d.guest.as_ref().map(probes_seen).unwrap_or_default(),
         });
     }
     Ok(out)
+}
+
+/// A guest's service probe results as the engine keeps them: as many as a VM may have
+/// probes, with names and messages cut to size (a host may send anything).
+fn probes_seen(g: &vmha_proto::v1::GuestHealth) -> Vec<ProbeSeen> {
+    let cut = |s: &str, n: usize| s.chars().take(n).collect::<String>();
+    (g.probes.iter().take(vmha_engine::service_probe::MAX_PROBES))
+        .map(|p| ProbeSeen {
+            name: cut(&p.name, 32),
+            failures_in_row: p.failures_in_row,
+            passed_once: p.passed_once,
+            last_error: cut(&p.last_error, 300),
+        })
+        .collect()
 }
 
 /// A guest heartbeat as the engine takes it; `None`: not watched (or a state this controller
@@ -307,6 +323,7 @@ mod arbitrary_input {
                     agent: state,
                     since_answer_ms: memory_kib,
                     quiet_ms: 0,
+                    probes: Vec::new(),
                     missed: vcpus,
                 }),
             },

@@ -275,6 +275,11 @@ pub fn vm(s: &ClusterState, v: &VmView, now: Millis) -> pb::Vm {
         guest: s.guests.get(&v.uuid).map(|g| g.describe(now)).unwrap_or_default(),
         guest_resets: vmha_engine::guest_reset::resets_summary(&s.policy, &v.guest_care, now),
         guest_alarm: v.guest_care.alarm.clone().unwrap_or_default(),
+        probes: vmha_engine::service_probe::status(
+            &v.probes,
+            s.guests.get(&v.uuid).map_or(&[][..], |g| &g.probes[..]),
+        ),
+        probe_specs: v.probes.iter().map(crate::service_probes::to_api).collect(),
         why_not_running: if v.protected || v.stopped_by.is_some() {
             explain(s, &v.uuid, now).unwrap_or_default()
         } else {

@@ -133,11 +133,13 @@ fn spawn_agent(name: &str, hv: Arc<dyn Hypervisor>, endpoint: &str) -> Arc<Lease
         tls: None,
         libvirt_crl: "/nonexistent/crl.pem".into(),
         guest_ping_interval: vmha_agent::config::GUEST_PING_INTERVAL,
+        allow_exec_probes: true,
     };
     let lease = LeaseShell::new(name, Timings::default(), None);
     let agent = Agent::new(cfg, hv.clone(), lease.clone(), pki::transport(Role::Host, name));
     let interval = vmha_agent::config::GUEST_PING_INTERVAL;
     tokio::spawn(vmha_agent::guest_watch::run(interval, hv, lease.clone(), agent.guests.clone()));
+    tokio::spawn(vmha_agent::service_probes::run(agent.guests.clone(), true));
     tokio::spawn(agent.run());
     lease
 }
@@ -655,11 +657,7 @@ async fn a_hung_guest_is_reset_in_place_once_and_its_budget_is_on_record() {
         op.list_events(ListEventsRequest { limit: 1000, after_id: 0 }).await.unwrap().into_inner().events;
     let hung: Vec<&Event> = events.iter().filter(|e| e.kind == "guest_hung").collect();
     assert_eq!(hung.len(), 1, "{events:?}");
-    assert!(
-        hung[0].message.contains("no disk or network I/O of its own for"),
-        "{}",
-        hung[0].message
-    );
+    assert!(hung[0].message.contains("no disk or network I/O of its own for"), "{}", hung[0].message);
     // Still silent, but it has not answered since its reset: it has the boot grace (60 s).
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(kvm1.resets(DNS1), 1, "reset once");

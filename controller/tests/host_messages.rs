@@ -261,6 +261,15 @@ fn domain() -> impl Strategy<Value = Domain> {
                     since_answer_ms: memory_kib,
                     quiet_ms: if with_xml { u64::MAX } else { 0 },
                     missed: vcpus,
+                    // More results than a VM may have probes, with names and messages of any size.
+                    probes: (0..(vcpus % 12))
+                        .map(|n| vmha_proto::v1::ServiceProbeResult {
+                            name: "p".repeat(n as usize * 9),
+                            failures_in_row: vcpus,
+                            passed_once: with_xml,
+                            last_error: "e".repeat(memory_kib as usize % 5_000),
+                        })
+                        .collect(),
                 }),
             })
         },
@@ -309,6 +318,7 @@ fn any_heartbeat() -> impl Strategy<Value = HeartbeatRequest> {
                     }),
                     roster_version: roster,
                     crl_number: crl,
+                    probes_version: stamp,
                 }
             },
         )

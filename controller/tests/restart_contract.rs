@@ -307,6 +307,7 @@ impl World {
                 memory_kib: 1 << 20,
                 vcpus: 2,
                 guest: None,
+                probes: Vec::new(),
             })
             .collect();
         let xml = host
@@ -336,6 +337,7 @@ impl World {
             roster_known: Some(host.roster),
             self_fenced: false,
             seq: 0,
+            probes_known: 0,
         };
         let epoch = self.epoch();
         match self.step(Input::Heartbeat(hb)) {

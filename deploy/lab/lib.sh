@@ -636,7 +636,7 @@ lab_start_agent() {
     $(lab_tls_flags "host-$h") \
     --peer-listen "$(lab_host_ip "$h"):$LAB_AGENT_PEER_PORT" \
     --metrics-listen "$(lab_agent_metrics_addr "$h")" \
-    --probe-interval 1s --state-dir "$(lab_host_dir "$h")/agent-state" \
+    --probe-interval 1s --state-dir "$(lab_host_dir "$h")/agent-state" --allow-exec-probes \
     --check "lab-flag=test ! -e $(printf '%q' "$(lab_host_fail_file "$h")")" \
     --watchdog-device "$(lab_watchdog_path "$h")" --watchdog-timeout "$(lab_watchdog_secs)s"
 }

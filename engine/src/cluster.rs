@@ -354,6 +354,8 @@ pub struct VmView {
     pub second_copy: Option<SecondCopy>,
     /// Its guest's resets in place and alarm (`guest_reset`).
     pub guest_care: crate::guest_reset::GuestCare,
+    /// Checks of its services, run by its host's agent (`service_probe`).
+    pub probes: Vec<crate::service_probe::ServiceProbe>,
 }
 
 /// A copy of a VM on a host other than the one vmha placed it on.
@@ -412,6 +414,7 @@ impl VmView {
             recovery: None,
             second_copy: None,
             guest_care: Default::default(),
+            probes: Vec::new(),
         }
     }
 }

@@ -88,6 +88,7 @@ event_kinds! {
     GuestAlarm => "guest_alarm",
     GuestRecovered => "guest_recovered",
     GuestBudget => "guest_budget",
+    ProbesSet => "probes_set",
     OperationDone => "operation_done",
     OperationAborted => "operation_aborted",
     OperationExpired => "operation_expired",

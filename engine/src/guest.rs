@@ -76,6 +76,8 @@ pub struct GuestReport {
     pub host: String,
     pub seen: GuestSeen,
     pub at: Millis,
+    /// Its service probes' results (`service_probe`).
+    pub probes: Vec<crate::service_probe::ProbeSeen>,
 }
 
 impl GuestReport {
@@ -112,7 +114,8 @@ pub fn on_report(s: &mut ClusterState, host: &str, domains: &[ReportedDomain], n
             .is_some_and(|vm| vm.host.as_deref() == Some(host) && vm.state == RunState::Running);
         match (d.guest, runs_here) {
             (Some(seen), true) => {
-                s.guests.insert(d.uuid.clone(), GuestReport { host: host.into(), seen, at: now });
+                let probes = d.probes.clone();
+                s.guests.insert(d.uuid.clone(), GuestReport { host: host.into(), seen, at: now, probes });
             }
             // No longer watched there (stopped, unprotected), or another host's claim.
             _ => {
@@ -130,7 +133,16 @@ mod tests {
     use crate::cluster::tests::{three_hosts, vm_on};
 
     fn report(uuid: &str, state: RunState, guest: Option<GuestSeen>) -> ReportedDomain {
-        ReportedDomain { uuid: uuid.into(), name: uuid.into(), state, memory_kib: 65_536, vcpus: 1, guest }
+        let probes = Vec::new();
+        ReportedDomain {
+            uuid: uuid.into(),
+            name: uuid.into(),
+            state,
+            memory_kib: 65_536,
+            vcpus: 1,
+            guest,
+            probes,
+        }
     }
 
     #[test]
@@ -142,7 +154,8 @@ mod tests {
         assert!(s.guests.is_empty(), "kvm2 does not run dns1: its word on dns1's guest is ignored");
         let answering = GuestSeen::Answering { since_answer_ms: 400 };
         on_report(&mut s, "kvm1", &[report("u1", RunState::Running, Some(answering))], Millis(2));
-        assert_eq!(s.guests["u1"], GuestReport { host: "kvm1".into(), seen: answering, at: Millis(2) });
+        let kept = GuestReport { host: "kvm1".into(), seen: answering, at: Millis(2), probes: Vec::new() };
+        assert_eq!(s.guests["u1"], kept);
         on_report(&mut s, "kvm2", &[report("u1", RunState::ShutOff, None)], Millis(3));
         assert!(s.guests.contains_key("u1"), "nor can kvm2 clear it");
         on_report(&mut s, "kvm1", &[report("u1", RunState::Running, None)], Millis(4));

@@ -254,7 +254,11 @@ fn judge(s: &ClusterState, uuid: &str, now: Millis) -> Verdict {
                 secs(now.since(care.reset_done.unwrap_or(now)))
             )
         }
-        _ => return Verdict::Fine,
+        // A service that worked since the guest started and now fails its probe as declared.
+        _ => match crate::service_probe::failing(&vm.probes, &r.probes) {
+            Some(evidence) => evidence,
+            None => return Verdict::Fine,
+        },
     };
     let host = r.host.as_str();
     let blocked = if vm.host.as_deref() != Some(host) || vm.state != RunState::Running {
@@ -334,7 +338,8 @@ mod tests {
     }
 
     fn seen(s: &mut ClusterState, seen: GuestSeen, at: u64) {
-        s.guests.insert("u1".into(), GuestReport { host: "kvm1".into(), seen, at: Millis(at) });
+        let report = GuestReport { host: "kvm1".into(), seen, at: Millis(at), probes: Vec::new() };
+        s.guests.insert("u1".into(), report);
     }
 
     fn silent(ms: u64, active: bool) -> GuestSeen {
@@ -472,6 +477,44 @@ mod tests {
         let a = tick(&mut s, Millis(11_500));
         assert_eq!(resets(&a), [false], "the failed one did nothing: not a reason for the hard way");
         assert!(events(&a)[0].1.contains("reset 2 of 3"), "{a:?}");
+    }
+
+    #[test]
+    fn a_service_failing_its_probe_after_it_worked_gets_its_guest_reset() {
+        use crate::service_probe::{ProbeKind, ProbeSeen, ServiceProbe};
+        let mut s = dns1_at(1_000);
+        s.vms.get_mut("u1").unwrap().probes = vec![ServiceProbe {
+            name: "dns".into(),
+            kind: ProbeKind::Dns { name: "lab.vmha".into(), expect: None },
+            address: "10.0.0.5".into(),
+            interval_ms: 2_000,
+            timeout_ms: 1_000,
+            failures: 3,
+        }];
+        let report = |failures_in_row, passed_once| GuestReport {
+            host: "kvm1".into(),
+            seen: GuestSeen::Answering { since_answer_ms: 500 },
+            at: Millis(1_000),
+            probes: vec![ProbeSeen {
+                name: "dns".into(),
+                failures_in_row,
+                passed_once,
+                last_error: "no DNS answer from 10.0.0.5 within 1.0 s".into(),
+            }],
+        };
+        s.guests.insert("u1".into(), report(2, true));
+        assert!(tick(&mut s, Millis(1_000)).is_empty(), "2 of 3");
+        s.guests.insert("u1".into(), report(5, false));
+        assert!(tick(&mut s, Millis(1_000)).is_empty(), "never passed since the guest started");
+        s.guests.insert("u1".into(), report(3, true));
+        let a = tick(&mut s, Millis(1_000));
+        assert_eq!(resets(&a), [false]);
+        assert!(
+            events(&a)[0]
+                .1
+                .starts_with("dns1: its dns probe failed 3 times in a row (dns lab.vmha @10.0.0.5"),
+            "{a:?}"
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct ReportedDomain {
     pub vcpus: u32,
     /// Its guest's heartbeat, when the host watches it (`guest`).
     pub guest: Option<crate::guest::GuestSeen>,
+    /// Its service probes' results, from the same agent.
+    pub probes: Vec<crate::service_probe::ProbeSeen>,
 }
 
 /// What `admit_new` decided of a report.
@@ -314,6 +316,7 @@ mod tests {
             memory_kib: 65_536,
             vcpus: 1,
             guest: None,
+            probes: Vec::new(),
         }
     }
 

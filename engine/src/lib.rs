@@ -36,6 +36,7 @@ pub mod recovery;
 pub mod refusal;
 pub mod roster;
 pub mod selffence;
+pub mod service_probe;
 pub mod step;
 pub mod time;
 pub mod timings;

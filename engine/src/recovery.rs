@@ -1166,6 +1166,7 @@ mod tests {
             memory_kib: 65_536,
             vcpus: 1,
             guest: None,
+            probes: Vec::new(),
         }
     }
 

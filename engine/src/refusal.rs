@@ -59,6 +59,8 @@ pub enum Refusal {
     CannotStart { vm: String, why: String },
     #[error("cannot stop {vm}: {why}")]
     CannotStop { vm: String, why: String },
+    #[error("the service probes given for {vm} are refused: {why}")]
+    BadProbes { vm: String, why: String },
     #[error("operation {operation} does not run on {host}")]
     NotExecutor { operation: String, host: String },
 }

@@ -36,6 +36,7 @@ fn domain() -> impl Strategy<Value = ReportedDomain> {
             memory_kib,
             vcpus,
             guest: None,
+            probes: Vec::new(),
         }
     })
 }
@@ -97,6 +98,7 @@ fn input() -> impl Strategy<Value = Input> {
         )
             .prop_map(|(host, echo, armed, domains)| Input::Heartbeat(Heartbeat {
                 seq: 0,
+                probes_known: echo.map_or(0, |e| e.1),
                 echo: echo.map(|(epoch, stamp, held_ms)| Echo { epoch, stamp: Millis(stamp), held_ms }),
                 resources: None,
                 watchdog: if armed {

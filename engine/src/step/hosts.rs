@@ -84,7 +84,7 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) -> Vec<String> {
         let host = hb.host;
-        let roster_known = hb.roster_known;
+        let (roster_known, probes_known) = (hb.roster_known, hb.probes_known);
         let s = &mut self.cluster;
         let Some(h) = s.hosts.get_mut(&host) else {
             out.reply = Reply::Refused(Refusal::NotRegistered(host));
@@ -231,6 +231,7 @@ impl Engine {
             roster_update: self.roster.update_for(s, roster_known.unwrap_or(0)),
             roster,
             xml_not_taken,
+            service_probes: crate::service_probe::for_host(s, &host, probes_known),
         });
         touched
     }
@@ -388,10 +389,12 @@ mod tests {
                 memory_kib: 65_536,
                 vcpus: 1,
                 guest: None,
+                probes: Vec::new(),
             }]),
             xml: Vec::new(),
             xml_refused: Vec::new(),
             roster_known: None,
+            probes_known: 0,
             self_fenced: false,
             arrived: None,
             seq: 0,

@@ -49,6 +49,8 @@ pub struct Heartbeat {
     /// same agent overtook (a slow one the agent gave up on, then let go) lists its domains as
     /// they were before that later report's: its list is not taken.
     pub seq: u64,
+    /// The version of the service probes the agent holds (0: none).
+    pub probes_known: u64,
 }
 
 /// A change an operator asks for.
@@ -69,6 +71,11 @@ pub enum Request {
         vm: String,
         to: String,
         overrides: Option<Overrides>,
+    },
+    /// `vmha vm probe`: replaces the VM's service probes.
+    SetProbes {
+        vm: String,
+        probes: Vec<crate::service_probe::ServiceProbe>,
     },
     Drain {
         host: String,

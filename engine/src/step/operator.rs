@@ -162,6 +162,24 @@ impl Engine {
                 out.events.push(Event::host(&host, EventKind::MemoryLimit, message).by(actor));
                 Ok(Reply::Host(host))
             }
+            Request::SetProbes { vm, probes } => {
+                let uuid = s.find_vm(&vm)?.uuid.clone();
+                let v = s.vms.get_mut(&uuid).expect("found above");
+                crate::service_probe::check_all(&probes)
+                    .map_err(|why| Refusal::BadProbes { vm: v.name.clone(), why })?;
+                let message = match &probes[..] {
+                    [] => format!("{} has no service probes now", v.name),
+                    ps => format!(
+                        "{}'s service probes: {}{}",
+                        v.name,
+                        ps.iter().map(|p| p.describe()).collect::<Vec<_>>().join("; "),
+                        if v.protected { "" } else { " (run once it is protected)" }
+                    ),
+                };
+                v.probes = probes;
+                out.events.push(Event::vm(&v.name, EventKind::ProbesSet, message).by(actor));
+                Ok(Reply::Vm(uuid))
+            }
             Request::StopVm { vm, timeout_ms } => match power::stop(s, &vm, actor, now)? {
                 power::Stop::Shutdown { uuid, host } => {
                     let overrides = Some(Overrides { bandwidth_mib_s: 0, timeout_ms });

@@ -50,6 +50,7 @@ pub struct VmWork {
     pub protected_in: Option<u64>,
     /// Its guest's resets and alarm (`guest_reset`).
     pub guest_care: GuestCare,
+    pub probes: Vec<crate::service_probe::ServiceProbe>,
 }
 
 impl HostWork {
@@ -80,6 +81,7 @@ impl VmWork {
         vm.stopped_by = self.stopped_by.clone();
         vm.protected_in = self.protected_in;
         vm.guest_care = self.guest_care.clone();
+        vm.probes = self.probes.clone();
     }
 
     pub fn of(vm: &crate::VmView) -> VmWork {
@@ -94,6 +96,7 @@ impl VmWork {
             stopped_by: vm.stopped_by.clone(),
             protected_in: vm.protected_in,
             guest_care: GuestCare { noted: None, ..vm.guest_care.clone() },
+            probes: vm.probes.clone(),
         }
     }
 }
@@ -112,6 +115,9 @@ pub struct LeaseReply {
     /// Domains whose XML came with this heartbeat but were not recorded yet
     /// (`inventory::admit_new`): the agent sends their XML again.
     pub xml_not_taken: Vec<String>,
+    /// The service probes of the protected VMs the host runs, when the agent does not hold
+    /// their version: the version, and the probes by VM.
+    pub service_probes: Option<(u64, crate::service_probe::ProbesByVm)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -89,6 +89,8 @@ impl World {
             arrived: Some(Millis(arrived)),
             self_fenced: matches!(a.keeper.phase(), vmha_engine::selffence::Phase::Fenced { .. }),
             seq: r.seq,
+            // The simulated agents run no service probes.
+            probes_known: 0,
         };
         let Reply::Lease(reply) = self.step(Input::Heartbeat(hb)) else {
             if self.config.sessions {

@@ -541,6 +541,7 @@ impl World {
                     // The agent watches the guests of the protected VMs it runs.
                     guest: (state == RunState::Running && self.hosts[h].protected.contains(&v))
                         .then(|| self.guest_seen(v)),
+                    probes: Vec::new(),
                 })
             })
             .collect()
