@@ -21,6 +21,9 @@ pub enum Action {
     ColdRestart { vm_uuid: String, vm_name: String, from: String, to: String },
     /// Reset a hung guest on the host running it; `hard`: destroy it and start it again there.
     ResetGuest { vm_uuid: String, vm_name: String, host: String, hard: bool },
+    /// A hung guest on a host failing its own health probes: destroy it on `from`, then, once
+    /// that is confirmed and every other host has reported since, start it on `to`.
+    MoveHungGuest { vm_uuid: String, vm_name: String, from: String, to: String },
     /// Destroy a stale copy on a host that came back (fencing was bypassed).
     DestroyStale { vm_uuid: String, vm_name: String, host: String },
     /// Write an event.

@@ -37,6 +37,9 @@ pub struct GuestCare {
     /// The last reset failed: it is not judged again before then.
     #[serde(default)]
     pub not_before: Option<Millis>,
+    /// A reset (or move) of its is under way: not judged until it ends.
+    #[serde(default)]
+    pub in_flight: bool,
     /// The budget ran out, and what the last judgement found: vmha does not reset it again
     /// until the window has room.
     pub alarm: Option<String>,
@@ -54,6 +57,8 @@ impl GuestCare {
         }
         self.reset_done = self.reset_done.map(|_| now);
         self.not_before = self.not_before.map(|_| now);
+        // An operation the previous leader left is followed from its own record (`busy_with`).
+        self.in_flight = false;
     }
 
     pub fn is_default(&self) -> bool {
@@ -110,6 +115,10 @@ pub fn tick(s: &mut ClusterState, now: Millis) -> Vec<Action> {
     let uuids: Vec<String> = s.vms.iter().filter(|(_, v)| v.protected).map(|(u, _)| u.clone()).collect();
     for uuid in uuids {
         let verdict = judge(s, &uuid, now);
+        let move_to = match &verdict {
+            Verdict::Hung(_) => s.vms[&uuid].host.as_deref().and_then(|h| elsewhere(s, &uuid, h, now)),
+            _ => None,
+        };
         let vm = s.vms.get_mut(&uuid).expect("listed above");
         vm.guest_care.resets = recent_resets(&p, &vm.guest_care, now);
         let care = &mut vm.guest_care;
@@ -163,6 +172,24 @@ pub fn tick(s: &mut ClusterState, now: Millis) -> Vec<Action> {
                 let hard = care.reset_done.is_some() && !care.answered_since_reset;
                 care.resets.push(now);
                 care.noted = None;
+                care.in_flight = true;
+                if let Some((to, why)) = move_to {
+                    actions.push(Action::Event(Event::vm(
+                        &vm.name,
+                        EventKind::GuestHung,
+                        format!(
+                            "{}: {evidence}: reset {} of {} {}, on another host: {host} fails its own health probes \
+                             ({why}), so it is stopped there and started on {to} once the stop is confirmed",
+                            vm.name,
+                            used + 1,
+                            p.guest_resets,
+                            window_words(&p)
+                        ),
+                    )));
+                    let (vm_uuid, vm_name) = (uuid.clone(), vm.name.clone());
+                    actions.push(Action::MoveHungGuest { vm_uuid, vm_name, from: host, to });
+                    continue;
+                }
                 let how = if hard {
                     format!(
                         "the last reset did not help (no answer within {} of it): destroying and starting it again on {host}",
@@ -194,6 +221,48 @@ pub fn tick(s: &mut ClusterState, now: Millis) -> Vec<Action> {
     actions
 }
 
+/// Where a hung guest goes instead of a reset in place: another host, when its own host fails
+/// its health probes (and placement finds room); with the failing probes, for the event.
+fn elsewhere(s: &ClusterState, uuid: &str, host: &str, now: Millis) -> Option<(String, String)> {
+    let health = &s.hosts.get(host)?.health;
+    health.failing_since?;
+    let to = crate::placement::place(s, s.vms.get(uuid)?, now, &[host.to_string()]).ok()?;
+    Some((to, health.failing_summary()))
+}
+
+/// The end of a hung guest's move: the start on `target` (after the stop on its host was
+/// confirmed). Started: it runs there, its guest judged afresh. Not: it is off, and recovery
+/// starts it as any protected VM found stopped on a live host.
+pub fn move_finished(
+    s: &mut ClusterState,
+    uuid: &str,
+    target: &str,
+    result: Result<(), String>,
+    now: Millis,
+) -> Vec<Action> {
+    let mut out = Vec::new();
+    let Some(vm) = s.vms.get_mut(uuid) else { return out };
+    vm.busy_with = None;
+    vm.guest_care.in_flight = false;
+    match result {
+        Ok(()) => {
+            crate::cluster::note_near(&mut s.near, target, uuid);
+            vm.host = Some(target.into());
+            vm.change_run(RunState::Running, crate::cluster::RunCause::Started);
+            vm.guest_care.reset_done = Some(now);
+            vm.guest_care.answered_since_reset = false;
+            s.guests.remove(uuid);
+            out.push(Action::Outage(crate::availability::OutageMark::Ended { vm_uuid: uuid.into() }));
+        }
+        Err(e) => out.push(Action::Event(Event::vm(
+            &vm.name,
+            EventKind::GuestHung,
+            format!("{}: starting it on {target} after its stop failed: {e}", vm.name),
+        ))),
+    }
+    out
+}
+
 /// The first answer after a reset: said once, with how long the guest took.
 fn answered_again(vm: &mut VmView, report: Option<&GuestReport>, now: Millis, actions: &mut Vec<Action>) {
     let care = &mut vm.guest_care;
@@ -215,9 +284,12 @@ fn judge(s: &ClusterState, uuid: &str, now: Millis) -> Verdict {
     let p = &s.policy;
     let (Some(vm), Some(r)) = (s.vms.get(uuid), s.guests.get(uuid)) else { return Verdict::Fine };
     let care = &vm.guest_care;
-    if care.reset_done.is_some_and(|d| r.at <= d) || care.not_before.is_some_and(|t| now < t) {
-        // Sent before the last reset ended (the guest it speaks of is gone), or a failed reset
-        // waits before the next.
+    if care.in_flight
+        || care.reset_done.is_some_and(|d| r.at <= d)
+        || care.not_before.is_some_and(|t| now < t)
+    {
+        // Its reset is under way, or this was sent before the last one ended (the guest it
+        // speaks of is gone), or a failed reset waits before the next.
         return Verdict::Fine;
     }
     let age = now.since(r.at);
@@ -297,6 +369,7 @@ pub fn reset_finished(
 ) -> Vec<Action> {
     let Some(vm) = s.vms.get_mut(uuid) else { return Vec::new() };
     vm.busy_with = None;
+    vm.guest_care.in_flight = false;
     match result {
         Ok(()) => {
             vm.guest_care.reset_done = Some(now);

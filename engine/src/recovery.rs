@@ -288,6 +288,11 @@ pub fn failback<'s>(
         l if h.dead.is_some() || l != HostLiveness::Online => {
             FailbackWait::NotOnline { host: p.into(), liveness: l.as_str() }
         }
+        // Back to a host whose probes fail would only move it again (a degraded host is
+        // emptied; a hung guest there is moved off).
+        _ if h.health.failing_since.is_some() || h.health.degraded => {
+            FailbackWait::Unhealthy { host: p.into(), why: h.health.failing_summary() }
+        }
         _ if held < after => FailbackWait::NotSettled { host: p.into(), held_ms: held, after_ms: after },
         _ if busy.is_some() => FailbackWait::Busy(busy.unwrap_or_default().into()),
         _ => {

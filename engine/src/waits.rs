@@ -38,6 +38,8 @@ pub enum FailbackWait {
     UnknownHost(String),
     #[error("its preferred host {host} is {liveness}")]
     NotOnline { host: String, liveness: &'static str },
+    #[error("its preferred host {host} fails its own health probes ({why})")]
+    Unhealthy { host: String, why: String },
     #[error("its preferred host {host} has held a lease for {} of the {} failback waits for", secs(*held_ms), secs(*after_ms))]
     NotSettled { host: String, held_ms: u64, after_ms: u64 },
     #[error("operation {0} is in flight: failback moves one VM at a time, when nothing else moves")]

@@ -24,6 +24,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 use sim::{Clock, GuestFault, HostSpec, Libvirt, Log, VmSpec, World};
+use vmha_engine::health::Probe;
 use vmha_engine::selffence::Phase;
 use vmha_engine::{ClusterState, HostView, Millis, Policy, Request, RunState, Timings, VmView};
 
@@ -111,6 +112,9 @@ enum Fault {
     /// Inside a VM's guest: a kernel panic (reset cures it), an agent silent while the guest
     /// works, or a guest that hangs at every boot (resets, then destroys and starts in place).
     Guest(usize, GuestFault),
+    /// A host's own health probe fails (or passes again): a hung guest there is stopped and
+    /// started elsewhere instead of reset in place.
+    HostProbe(usize, bool),
 }
 
 /// `hosts` hosts, each running one protected VM of its own (`vmN` on `kvmN`, its preferred
@@ -214,6 +218,10 @@ fn fault(w: &mut World, f: Fault) {
         Fault::StartVm(v, on) => operator(w, Request::StartVm { vm: vm_uuid(v), on: on.map(host_name) }),
         Fault::MigrateByHand(v, h) => w.migrate_by_hand(v, h),
         Fault::Guest(v, fault) => w.guest_fault(v, fault),
+        Fault::HostProbe(h, ok) => {
+            let detail = if ok { "exit 0" } else { "exit 1 (sim)" };
+            w.hosts[h].probes = vec![Probe { name: "check:raid".into(), ok, detail: detail.into() }];
+        }
     }
 }
 
@@ -251,6 +259,7 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
             Just(GuestFault::Fine)
         ])
             .prop_map(|(v, g)| Fault::Guest(v, g)),
+        2 => (h.clone(), any::<bool>()).prop_map(|(h, ok)| Fault::HostProbe(h, ok)),
     ]
 }
 
@@ -357,6 +366,39 @@ fn a_guest_reset_in_place_never_overlaps_a_failover() {
     assert_eq!(single_copy(&sim, 0), 0, "in place");
     let sim = run(3, &[(1_000, Fault::Guest(0, GuestFault::Busy))], 40_000);
     assert_eq!(sim.resets, (0, 0), "a busy guest is not reset");
+}
+
+/// A hung guest on a host failing its own probes is stopped there and started elsewhere,
+/// while the host is cut off, killed, or loses its agent around the move: one copy at most,
+/// and it ends up running.
+#[test]
+fn a_hung_guest_moved_off_a_failing_host_never_runs_twice() {
+    let sim =
+        run(3, &[(500, Fault::HostProbe(0, false)), (1_000, Fault::Guest(0, GuestFault::Hung))], 30_000);
+    assert_eq!(sim.resets, (0, 0), "not reset in place");
+    assert_ne!(single_copy(&sim, 0), 0, "moved off kvm0");
+    for (fault, at_ms) in [
+        (Fault::Cut(0), 3_900),
+        (Fault::Cut(0), 4_100),
+        (Fault::Kill(0), 4_050),
+        (Fault::KillAgent(0), 4_000),
+        (Fault::CutLeaderLink(0), 4_100),
+        (Fault::HangLibvirt(0, 3_000), 3_950),
+    ] {
+        for profile in [Profile::Default, Profile::Fast] {
+            let faults = [
+                (500, Fault::HostProbe(0, false)),
+                (1_000, Fault::Guest(0, GuestFault::Hung)),
+                (at_ms, fault.clone()),
+            ];
+            let sim = run_with(3, profile, &faults, 40_000);
+            assert!(
+                sim.copies(0).len() <= 1,
+                "{fault:?} at {at_ms} ms, {profile:?}: vm0 runs on {:?}",
+                sim.copies(0)
+            );
+        }
+    }
 }
 
 #[test]

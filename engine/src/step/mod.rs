@@ -48,7 +48,7 @@ pub struct Engine {
     /// Cold restarts whose destroy is done, by VM: (source, target, when it was destroyed).
     /// The start waits until every other live host has reported since: a copy nobody knew of
     /// (moved or started by hand) would show up there, and then nothing is started.
-    cold_starts: BTreeMap<String, (String, String, Millis)>,
+    cold_starts: BTreeMap<String, (String, String, Millis, Purpose)>,
     next_seq: u64,
     /// What was last handed out for persisting, to persist only what changed.
     saved_hosts: BTreeMap<String, HostWork>,
@@ -131,6 +131,9 @@ impl Engine {
                     (OpKind::Migrate, _) => vm.busy_with = Some(format!("migration to {}", op.target)),
                     (OpKind::Destroy | OpKind::Start, Purpose::ColdRestart) => {
                         vm.busy_with = Some(format!("cold restart on {}", op.target))
+                    }
+                    (OpKind::Destroy | OpKind::Start, Purpose::GuestReset) => {
+                        vm.busy_with = Some(format!("move to {} (its guest hung)", op.target))
                     }
                     (OpKind::Shutdown, _) => vm.busy_with = Some(format!("shutdown on {}", op.source)),
                     (OpKind::Reset | OpKind::PowerCycle, _) => {

@@ -267,6 +267,10 @@ impl Engine {
                 actions.extend(recovery::start_finished(s, &op.vm_uuid, &op.target, verdict, now));
                 out.persist.vms.push(op.vm_uuid.clone());
             }
+            (OpKind::Start, Purpose::GuestReset) => {
+                actions.extend(guest_reset::move_finished(s, &op.vm_uuid, &op.target, verdict, now));
+                out.persist.vms.push(op.vm_uuid.clone());
+            }
             (OpKind::Start, _) => {
                 actions.extend(drain::restart_finished(s, &op.vm_uuid, &op.target, verdict, now));
                 out.persist.vms.push(op.vm_uuid.clone());
@@ -283,11 +287,34 @@ impl Engine {
                             cause: format!("cold restart by the drain of {}", op.source),
                         });
                     }
-                    self.cold_starts.insert(op.vm_uuid.clone(), (op.source.clone(), op.target.clone(), now));
+                    self.cold_starts.insert(
+                        op.vm_uuid.clone(),
+                        (op.source.clone(), op.target.clone(), now, Purpose::ColdRestart),
+                    );
                 }
                 Err(e) => {
                     let why = format!("destroying it on {} failed: {e}; it keeps running there", op.source);
                     actions.extend(drain::restart_finished(s, &op.vm_uuid, &op.target, Err(why), now));
+                }
+            },
+            // A hung guest's move: stopped on its host, as confirmed; the start follows once every
+            // host reported since, as a cold restart's.
+            (OpKind::Destroy, Purpose::GuestReset) => match verdict {
+                Ok(()) => {
+                    out.outages.push(OutageMark::Began {
+                        vm_uuid: op.vm_uuid.clone(),
+                        vm_name: op.vm_name.clone(),
+                        ago_ms: 0,
+                        planned: false,
+                        cause: format!("its guest hung on {}, which fails its health probes", op.source),
+                    });
+                    self.cold_starts.insert(
+                        op.vm_uuid.clone(),
+                        (op.source.clone(), op.target.clone(), now, Purpose::GuestReset),
+                    );
+                }
+                Err(e) => {
+                    actions.extend(guest_reset::reset_finished(s, &op.vm_uuid, &op.source, Err(e), now))
                 }
             },
             (OpKind::Destroy, _) => {}
@@ -319,18 +346,20 @@ impl Engine {
     /// The second half of cold restarts whose hosts have all reported since the destroy: the
     /// start, unless a report showed the VM running elsewhere (then it has left the host).
     pub(super) fn start_cold_restarts(&mut self, now: Millis, out: &mut Output, actions: &mut Vec<Action>) {
-        let due: Vec<(String, String, String)> = self
+        let due: Vec<(String, String, String, Purpose)> = self
             .cold_starts
             .iter()
-            .filter(|(uuid, (_, _, since))| {
+            .filter(|(uuid, (_, _, since, _))| {
                 self.cluster
                     .vms
                     .get(*uuid)
                     .is_none_or(|vm| recovery::not_reported_since(&self.cluster, vm, *since).is_none())
             })
-            .map(|(uuid, (source, target, _))| (uuid.clone(), source.clone(), target.clone()))
+            .map(|(uuid, (source, target, _, purpose))| {
+                (uuid.clone(), source.clone(), target.clone(), *purpose)
+            })
             .collect();
-        for (uuid, source, target) in due {
+        for (uuid, source, target, purpose) in due {
             self.cold_starts.remove(&uuid);
             let Some(vm) = self.cluster.vms.get(&uuid) else { continue };
             match vm.host.clone().filter(|h| *h != source && vm.state.has_process()) {
@@ -340,26 +369,14 @@ impl Engine {
                         EventKind::RestartCancelled,
                         format!("{} runs on {elsewhere} already: it is not started on {target}", vm.name),
                     ));
-                    actions.extend(drain::restart_finished(
-                        &mut self.cluster,
-                        &uuid,
-                        &elsewhere,
-                        Ok(()),
-                        now,
-                    ));
+                    let s = &mut self.cluster;
+                    actions.extend(match purpose {
+                        Purpose::GuestReset => guest_reset::move_finished(s, &uuid, &elsewhere, Ok(()), now),
+                        _ => drain::restart_finished(s, &uuid, &elsewhere, Ok(()), now),
+                    });
                 }
                 None => {
-                    self.begin(
-                        OpKind::Start,
-                        Purpose::ColdRestart,
-                        &uuid,
-                        &source,
-                        &target,
-                        "controller",
-                        None,
-                        now,
-                        out,
-                    );
+                    self.begin(OpKind::Start, purpose, &uuid, &source, &target, "controller", None, now, out);
                 }
             }
         }

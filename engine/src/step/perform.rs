@@ -127,6 +127,22 @@ impl Engine {
                         out,
                     );
                 }
+                Action::MoveHungGuest { vm_uuid, from, to, .. } => {
+                    if let Some(vm) = self.cluster.vms.get_mut(&vm_uuid) {
+                        vm.busy_with = Some(format!("move to {to} (its guest hung)"));
+                    }
+                    self.begin(
+                        OpKind::Destroy,
+                        Purpose::GuestReset,
+                        &vm_uuid,
+                        &from,
+                        &to,
+                        "controller",
+                        None,
+                        now,
+                        out,
+                    );
+                }
                 Action::DestroyStale { vm_uuid, host, .. } => {
                     self.begin(
                         OpKind::Destroy,
