@@ -665,3 +665,69 @@ async fn a_hung_guest_is_reset_in_place_once_and_its_budget_is_on_record() {
     let care = &stored.iter().find(|v| v.uuid == DNS1).unwrap().guest_care;
     assert_eq!((care.resets.len(), care.answered_since_reset), (1, false), "{care:?}");
 }
+
+/// A service probe end to end: only an admin may set one, a bad one is refused with the
+/// reason, the agent of the VM's host runs it, and a service that worked and then fails it as
+/// declared gets its guest reset in place; the event names the probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_fails_its_probe_after_it_worked_gets_its_guest_reset() {
+    use vmha_agent::hypervisor::{Activity, GuestLook};
+    let (endpoint, _db) = start_controller(Duration::from_secs(30), Duration::from_secs(60)).await;
+    let kvm1 = FakeHypervisor::default();
+    kvm1.add_running(DNS1, "dns1");
+    let busy = GuestLook { instance: 1, channel: true, activity: Activity { cpu_ns: 1, io_ops: 1 } };
+    kvm1.set_guest(DNS1, busy, true);
+    spawn_agent("kvm1", Arc::new(kvm1.clone()), &endpoint);
+    spawn_agent("kvm2", Arc::new(FakeHypervisor::default()), &endpoint);
+    let mut admin = pki::operator(&endpoint, Level::Admin).await;
+    until("dns1 reported on kvm1 and both hosts online", async || {
+        let hosts = admin.list_hosts(ListHostsRequest {}).await.ok()?.into_inner().hosts;
+        let vm = admin.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?.into_inner();
+        (vm.state == "running" && hosts.iter().filter(|h| h.state == "online").count() == 2).then_some(())
+    })
+    .await;
+    let req = SetProtectionRequest { vm: "dns1".into(), protected: true, ..Default::default() };
+    admin.set_protection(req).await.unwrap();
+    // The guest's service: a TCP port that answers until the listener goes.
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    let tcp = |address: &str| ServiceProbe {
+        name: "svc".into(),
+        kind: Some(service_probe::Kind::Tcp(TcpProbe { port: port.into() })),
+        address: address.into(),
+        interval_ms: 1_000,
+        timeout_ms: 500,
+        failures: 2,
+    };
+    let mut operator = pki::operator(&endpoint, Level::Operator).await;
+    let set = |probes| SetProbesRequest { vm: "dns1".into(), probes };
+    let refused = operator.set_probes(set(vec![tcp("127.0.0.1")])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = admin.set_probes(set(vec![tcp("dns1")])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("'dns1' is not the guest's IP address"), "{}", refused.message());
+    let vm = admin.set_probes(set(vec![tcp("127.0.0.1")])).await.unwrap().into_inner();
+    assert_eq!(vm.probe_specs.len(), 1);
+    until("the probe to pass on kvm1", async || {
+        let vm = admin.get_vm(GetVmRequest { vm: "dns1".into() }).await.ok()?.into_inner();
+        vm.probes.first().is_some_and(|p| p.ends_with(": passing")).then_some(())
+    })
+    .await;
+    drop(service);
+    until("dns1 to be reset for its failing service", async || (kvm1.resets(DNS1) == 1).then_some(())).await;
+    let events =
+        admin.list_events(ListEventsRequest { limit: 1000, after_id: 0 }).await.unwrap().into_inner().events;
+    let hung: Vec<&Event> = events.iter().filter(|e| e.kind == "guest_hung").collect();
+    assert_eq!(hung.len(), 1, "{events:?}");
+    assert!(
+        hung[0].message.contains("its svc probe failed 2 times in a row (svc: tcp 127.0.0.1:"),
+        "{}",
+        hung[0].message
+    );
+    assert!(events.iter().any(|e| e.kind == "probes_set" && e.actor.contains("admin")), "{events:?}");
+    // It never passed since the reset: shown as failing, and not reset again for it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(kvm1.resets(DNS1), 1);
+    let vm = admin.get_vm(GetVmRequest { vm: "dns1".into() }).await.unwrap().into_inner();
+    assert!(vm.probes[0].contains("never passed since the guest started: not judged"), "{vm:?}");
+}
