@@ -40,6 +40,9 @@ pub struct GuestCare {
     /// A reset (or move) of its is under way: not judged until it ends.
     #[serde(default)]
     pub in_flight: bool,
+    /// The service probe the last reset was for (`None`: its guest agent's silence).
+    #[serde(default)]
+    pub reset_for: Option<String>,
     /// The budget ran out, and what the last judgement found: vmha does not reset it again
     /// until the window has room.
     pub alarm: Option<String>,
@@ -95,8 +98,9 @@ enum Verdict {
     /// Would be hung, but is not judged now: the reason (told once while it lasts) and the
     /// message with the evidence.
     NotJudged { reason: String, message: String },
-    /// Hung: the evidence.
-    Hung(String),
+    /// Hung: the evidence, the service probe it is judged by (`None`: its guest agent), and
+    /// whether the last reset did not help (the next is a destroy and start).
+    Hung { evidence: String, probe: Option<String>, hard: bool },
 }
 
 /// The policy's reset budget, as operators read it: "3 this hour", "3 per 24 h".
@@ -116,7 +120,7 @@ pub fn tick(s: &mut ClusterState, now: Millis) -> Vec<Action> {
     for uuid in uuids {
         let verdict = judge(s, &uuid, now);
         let move_to = match &verdict {
-            Verdict::Hung(_) => s.vms[&uuid].host.as_deref().and_then(|h| elsewhere(s, &uuid, h, now)),
+            Verdict::Hung { .. } => s.vms[&uuid].host.as_deref().and_then(|h| elsewhere(s, &uuid, h, now)),
             _ => None,
         };
         let vm = s.vms.get_mut(&uuid).expect("listed above");
@@ -147,7 +151,7 @@ pub fn tick(s: &mut ClusterState, now: Millis) -> Vec<Action> {
                     vm.guest_care.noted = Some(reason);
                 }
             }
-            Verdict::Hung(evidence) => {
+            Verdict::Hung { evidence, probe, hard } => {
                 let host = vm.host.clone().expect("judged on its host");
                 let care = &mut vm.guest_care;
                 let used = care.resets.len() as u32;
@@ -169,7 +173,7 @@ pub fn tick(s: &mut ClusterState, now: Millis) -> Vec<Action> {
                     }
                     continue;
                 }
-                let hard = care.reset_done.is_some() && !care.answered_since_reset;
+                care.reset_for = probe;
                 care.resets.push(now);
                 care.noted = None;
                 care.in_flight = true;
@@ -192,7 +196,7 @@ pub fn tick(s: &mut ClusterState, now: Millis) -> Vec<Action> {
                 }
                 let how = if hard {
                     format!(
-                        "the last reset did not help (no answer within {} of it): destroying and starting it again on {host}",
+                        "the last reset did not help within {} of it: destroying and starting it again on {host}",
                         secs(p.guest_boot_grace_ms)
                     )
                 } else {
@@ -294,15 +298,17 @@ fn judge(s: &ClusterState, uuid: &str, now: Millis) -> Verdict {
     }
     let age = now.since(r.at);
     let seen = r.aged(now);
-    let evidence = match seen {
+    let not_helped = care.reset_done.is_some_and(|d| now.since(d) >= p.guest_boot_grace_ms);
+    let (evidence, probe, hard) = match seen {
         GuestSeen::Silent { since_answer_ms, quiet_ms, .. }
             if since_answer_ms >= p.guest_failure_ms && !seen.busy() =>
         {
-            format!(
+            let evidence = format!(
                 "guest agent silent for {}, no disk or network I/O of its own for {}",
                 secs(since_answer_ms),
                 secs(quiet_ms)
-            )
+            );
+            (evidence, None, care.reset_done.is_some() && !care.answered_since_reset)
         }
         GuestSeen::Silent { since_answer_ms, quiet_ms, .. } if since_answer_ms >= p.guest_failure_ms => {
             return Verdict::NotJudged {
@@ -317,20 +323,25 @@ fn judge(s: &ClusterState, uuid: &str, now: Millis) -> Verdict {
             };
         }
         // After a reset a guest has the boot grace to answer; one that does not was not helped.
-        GuestSeen::Waiting
-            if care.reset_done.is_some_and(|d| now.since(d) >= p.guest_boot_grace_ms)
-                && !care.answered_since_reset =>
-        {
-            format!(
+        GuestSeen::Waiting if not_helped && !care.answered_since_reset => {
+            let evidence = format!(
                 "no answer from its guest agent in the {} since vmha reset it",
                 secs(now.since(care.reset_done.unwrap_or(now)))
-            )
+            );
+            (evidence, None, true)
         }
-        // A service that worked since the guest started and now fails its probe as declared.
-        _ => match crate::service_probe::failing(&vm.probes, &r.probes) {
-            Some(evidence) => evidence,
-            None => return Verdict::Fine,
-        },
+        // A service that worked since the guest started and now fails its probe as declared;
+        // or the one a reset was for, which has not passed within the boot grace since.
+        _ => {
+            let after_reset = care.reset_for.as_deref().filter(|_| not_helped);
+            match crate::service_probe::failing(&vm.probes, &r.probes, after_reset) {
+                Some((name, evidence)) => {
+                    let hard = after_reset == Some(name.as_str());
+                    (evidence, Some(name), hard)
+                }
+                None => return Verdict::Fine,
+            }
+        }
     };
     let host = r.host.as_str();
     let blocked = if vm.host.as_deref() != Some(host) || vm.state != RunState::Running {
@@ -353,7 +364,7 @@ fn judge(s: &ClusterState, uuid: &str, now: Millis) -> Verdict {
             message: format!("{}: {evidence}, but it is not reset: {why}", vm.name),
             reason: why,
         },
-        None => Verdict::Hung(evidence),
+        None => Verdict::Hung { evidence, probe, hard },
     }
 }
 
@@ -586,6 +597,25 @@ mod tests {
             events(&a)[0]
                 .1
                 .starts_with("dns1: its dns probe failed 3 times in a row (dns lab.vmha @10.0.0.5"),
+            "{a:?}"
+        );
+        // The reset did not bring the service back: within the boot grace nothing is done;
+        // after it, a destroy and start.
+        reset_finished(&mut s, "u1", "kvm1", Ok(()), Millis(1_500));
+        let mut later = |at: u64| {
+            s.hosts.get_mut("kvm1").unwrap().lease.granted_at = Some(Millis(at));
+            s.guests.insert("u1".into(), GuestReport { at: Millis(at), ..report(9, false) });
+            tick(&mut s, Millis(at))
+        };
+        assert!(resets(&later(30_000)).is_empty(), "in its boot grace");
+        let a = later(61_500);
+        assert_eq!(resets(&a), [true]);
+        assert!(
+            events(&a)[0].1.contains("its dns probe has not passed since vmha reset the guest for it"),
+            "{a:?}"
+        );
+        assert!(
+            events(&a)[0].1.contains("the last reset did not help within 60.0 s of it: destroying"),
             "{a:?}"
         );
     }

@@ -176,7 +176,7 @@ pub fn status(probes: &[ServiceProbe], seen: &[ProbeSeen]) -> Vec<String> {
                 Some(s) => format!(
                     "FAILING {} in a row{}: {}",
                     s.failures_in_row,
-                    if s.passed_once { "" } else { " (never passed since the guest started: not judged)" },
+                    if s.passed_once { "" } else { " (not passed since the guest started)" },
                     s.last_error
                 ),
             };
@@ -185,19 +185,31 @@ pub fn status(probes: &[ServiceProbe], seen: &[ProbeSeen]) -> Vec<String> {
         .collect()
 }
 
-/// The first probe failing as declared, after it passed since the guest started: its
-/// evidence.
-pub fn failing(probes: &[ServiceProbe], seen: &[ProbeSeen]) -> Option<String> {
+/// The first probe failing as declared, after it passed since the guest started: its name
+/// and the evidence. `after_reset`: the probe a reset by vmha was for, which has not passed
+/// since (the reset did not help), counts too.
+pub fn failing(
+    probes: &[ServiceProbe],
+    seen: &[ProbeSeen],
+    after_reset: Option<&str>,
+) -> Option<(String, String)> {
     probes.iter().find_map(|p| {
         let s = seen.iter().find(|s| s.name == p.name)?;
-        (s.passed_once && s.failures_in_row >= p.failures).then(|| {
-            format!(
-                "its {} probe failed {} times in a row ({}; {})",
+        let judged = s.passed_once || after_reset == Some(p.name.as_str());
+        (judged && s.failures_in_row >= p.failures).then(|| {
+            let how = if s.passed_once {
+                "failed"
+            } else {
+                "has not passed since vmha reset the guest for it, and failed"
+            };
+            let evidence = format!(
+                "its {} probe {how} {} times in a row ({}; {})",
                 p.name,
                 s.failures_in_row,
                 p.describe(),
                 s.last_error
-            )
+            );
+            (p.name.clone(), evidence)
         })
     })
 }
@@ -268,9 +280,15 @@ mod tests {
             passed_once: passed,
             last_error: "no DNS answer from 10.0.0.5 within 1.0 s".into(),
         };
-        assert_eq!(failing(&probes, &[seen(2, true)]), None);
-        assert_eq!(failing(&probes, &[seen(9, false)]), None, "never worked since the guest started");
-        let why = failing(&probes, &[seen(3, true)]).unwrap();
+        assert_eq!(failing(&probes, &[seen(2, true)], None), None);
+        assert_eq!(failing(&probes, &[seen(9, false)], None), None, "never worked since the guest started");
+        let (_, not_back) = failing(&probes, &[seen(9, false)], Some("dns")).unwrap();
+        assert!(
+            not_back.starts_with("its dns probe has not passed since vmha reset the guest for it"),
+            "{not_back}"
+        );
+        let (name, why) = failing(&probes, &[seen(3, true)], None).unwrap();
+        assert_eq!(name, "dns");
         assert_eq!(
             why,
             "its dns probe failed 3 times in a row (dns lab.vmha @10.0.0.5 every 2.0 s, timeout 1.0 s, 3 failures; \
