@@ -607,6 +607,19 @@ fn guest_exec(lab: &Lab, host: &str, vm: &str, argv: &[&str]) {
     assert!(out.contains("pid"), "guest-exec in {vm} on {host}: {out}");
 }
 
+/// A hung guest's `guest_hung` event `msg` and where it runs now: reset in place on `host`;
+/// unless its host had been failing its own health probes as long as the guest was silent (a
+/// loaded CI machine can make libvirtd that slow), when vmha moves it and says why.
+fn assert_in_place_or_moved_with_reason(msg: &str, vm: &str, host: &str) {
+    let on = running_on(vm);
+    if msg.contains(&format!("on another host: {host} fails its own health probes")) {
+        assert!(on.len() == 1 && on[0] != host, "{vm} moved off {host}, one copy: {on:?}");
+    } else {
+        assert!(msg.ends_with(&format!("resetting it on {host}")), "{msg}");
+        assert_eq!(on, [host], "{vm} reset in place, on {host}");
+    }
+}
+
 /// `vmha vm show VM`'s guest line says its guest agent answers.
 fn await_answering(lab: &Lab, vm: &str, timeout: Duration) {
     wait_until(&format!("{vm}'s guest agent to answer its host's pings"), timeout, || {
@@ -648,17 +661,14 @@ fn a_panicked_guest_is_reset_in_place_and_serves_again(lab: &Lab) {
     println!("  dns1 panicked on {host}: reset after {detected:.1} s, DNS answers again after {back:.1} s");
     let (samples, doubles) = watch.finish();
     assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
-    assert_eq!(running_on("dns1"), std::slice::from_ref(&host), "reset in place, on {host}");
     let hung = events_of(lab, before, "dns1", "guest_hung");
     let msg = hung[0]["message"].as_str().unwrap();
     assert!(
         msg.contains("guest agent silent for") && msg.contains("no disk or network I/O of its own"),
         "{msg}"
     );
-    assert!(
-        msg.contains("reset 1 of 3 this hour") && msg.ends_with(&format!("resetting it on {host}")),
-        "{msg}"
-    );
+    assert!(msg.contains("reset 1 of 3 this hour"), "{msg}");
+    assert_in_place_or_moved_with_reason(msg, "dns1", &host);
     // Events reach the log through the database, a moment after the state changed.
     wait_until("the event that dns1's guest answers again", Duration::from_secs(60), || {
         events_of(lab, before, "dns1", "guest_recovered").len() == 1
@@ -695,11 +705,10 @@ fn a_killed_dns_server_fails_its_probe_and_its_guest_is_reset(lab: &Lab) {
     println!("  dnsmasq killed in dns1 on {host}: DNS answers again after {back:.1} s");
     let (samples, doubles) = watch.finish();
     assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
-    assert_eq!(running_on("dns1"), std::slice::from_ref(&host), "reset in place, on {host}");
     let hung = events_of(lab, before, "dns1", "guest_hung");
     let msg = hung[0]["message"].as_str().unwrap();
     assert!(msg.contains("its dns probe failed 3 times in a row (dns probe.lab @"), "{msg}");
-    assert!(msg.ends_with(&format!("resetting it on {host}")), "{msg}");
+    assert_in_place_or_moved_with_reason(msg, "dns1", &host);
     wait_until("dns1's DNS probe to pass after the reset", Duration::from_secs(60), || {
         probes(lab).contains(": passing")
     });
@@ -711,11 +720,12 @@ fn a_killed_dns_server_fails_its_probe_and_its_guest_is_reset(lab: &Lab) {
 /// in the events, `vmha status` and `vmha vm show`, and no fourth reset; one copy throughout.
 fn a_guest_that_keeps_panicking_gets_three_resets_then_an_alarm(lab: &Lab) {
     lab.vmha_ok(&["protect", "dns2"]);
-    let host = lab.host_of("dns2");
     let before = last_event_id(lab);
     let watch = DoubleRunWatch::start();
     for n in 1..=4 {
         await_answering(lab, "dns2", Duration::from_secs(60));
+        // Where it runs now: a host failing its own probes would have it moved, not reset.
+        let host = lab.host_of("dns2");
         guest_exec(lab, &host, "dns2", &["/bin/sh", "-c", "sleep 0.5; echo c > /proc/sysrq-trigger"]);
         let kind = if n <= 3 { "guest_hung" } else { "guest_alarm" };
         wait_until(&format!("panic {n} of dns2 to be judged"), Duration::from_secs(40), || {
@@ -735,11 +745,12 @@ fn a_guest_that_keeps_panicking_gets_three_resets_then_an_alarm(lab: &Lab) {
     // It stays as it is: no fourth reset.
     std::thread::sleep(Duration::from_secs(15));
     assert_eq!(events_of(lab, before, "dns2", "guest_hung").len(), 3);
+    // Resets in place, or the first half of a move off a host failing its probes.
     let resets = (lab.events().into_iter())
         .filter(|e| e["id"].as_i64().unwrap() > before && e["kind"] == "operation_done")
         .filter(|e| {
-            e["message"].as_str().unwrap().starts_with("reset of dns2")
-                && e["message"].as_str().unwrap().ends_with("done")
+            let m = e["message"].as_str().unwrap();
+            (m.starts_with("reset of dns2") || m.starts_with("destroy of dns2")) && m.ends_with("done")
         })
         .count();
     assert_eq!(resets, 3, "three resets carried out");
@@ -750,6 +761,7 @@ fn a_guest_that_keeps_panicking_gets_three_resets_then_an_alarm(lab: &Lab) {
     assert!(status.contains("dns2 HANGS and its reset budget is spent"), "{status}");
     let (samples, doubles) = watch.finish();
     assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    let host = lab.host_of("dns2");
     assert_eq!(running_on("dns2"), std::slice::from_ref(&host), "left as it is, on {host}");
     // The operator's turn: a reset by hand, and dns2 back to unprotected for what follows.
     lab.virsh(&host, &["reset", "dns2"]);

@@ -730,5 +730,8 @@ async fn a_service_that_fails_its_probe_after_it_worked_gets_its_guest_reset() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(kvm1.resets(DNS1), 1);
     let vm = admin.get_vm(GetVmRequest { vm: "dns1".into() }).await.unwrap().into_inner();
-    assert!(vm.probes[0].contains("FAILING") && vm.probes[0].contains("(not passed since the guest started)"), "{vm:?}");
+    assert!(
+        vm.probes[0].contains("FAILING") && vm.probes[0].contains("(not passed since the guest started)"),
+        "{vm:?}"
+    );
 }

@@ -225,11 +225,15 @@ pub fn tick(s: &mut ClusterState, now: Millis) -> Vec<Action> {
     actions
 }
 
-/// Where a hung guest goes instead of a reset in place: another host, when its own host fails
-/// its health probes (and placement finds room); with the failing probes, for the event.
+/// Where a hung guest goes instead of a reset in place: another host, when its own host has
+/// failed its health probes for as long as the guest has been silent (a libvirt call slow for
+/// a moment under load is not a sick host), and placement finds room; with the failing
+/// probes, for the event.
 fn elsewhere(s: &ClusterState, uuid: &str, host: &str, now: Millis) -> Option<(String, String)> {
     let health = &s.hosts.get(host)?.health;
-    health.failing_since?;
+    if now.since(health.failing_since?) < s.policy.guest_failure_ms {
+        return None;
+    }
     let to = crate::placement::place(s, s.vms.get(uuid)?, now, &[host.to_string()]).ok()?;
     Some((to, health.failing_summary()))
 }
