@@ -3,6 +3,7 @@
 pub mod bounded;
 pub mod config;
 pub mod executor;
+pub mod fd_limit;
 pub mod guest_watch;
 pub mod hook;
 pub mod hypervisor;

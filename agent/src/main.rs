@@ -36,6 +36,9 @@ async fn run() -> anyhow::Result<()> {
         std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
     })?;
     tracing::info!(host = %cfg.host_name, libvirt = %cfg.libvirt_uri, controllers = ?cfg.controllers, "vmha-agent starting");
+    // A connection per peer poll: systemd's default soft limit of 1024 is too few at scale.
+    vmha_agent::fd_limit::raise_at_start();
+    tokio::spawn(vmha_agent::fd_limit::watch(std::time::Duration::from_secs(10)));
     let hv: Arc<dyn vmha_agent::hypervisor::Hypervisor> =
         Arc::new(vmha_agent::metrics::Timed(Libvirt::new(cfg.libvirt_uri.clone())));
     // Until the leader sends its timings (at registration), those it sent last time.

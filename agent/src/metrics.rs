@@ -1,6 +1,7 @@
 //! The agent's Prometheus metrics (`--metrics-listen`): its lease (read from the lease state
-//! machine at each scrape), watchdog feeds, the health probes' verdicts, and how long each
-//! libvirt call takes (`Timed`, around the hypervisor). Names follow Prometheus' conventions
+//! machine at each scrape), watchdog feeds, the health probes' verdicts, how long each
+//! libvirt call takes (`Timed`, around the hypervisor), and its open files against their limit
+//! (sampled by `fd_limit::watch`). Names follow Prometheus' conventions
 //! (`vmha_agent_` prefix, seconds, `_total` counters); labels come from fixed sets: the
 //! hypervisor's calls, the probes this host's configuration names, feed results.
 
@@ -47,6 +48,8 @@ pub struct Metrics {
     probe_ok: Family<ProbeLabel, Gauge>,
     probe_failures: Family<ProbeLabel, Counter>,
     libvirt_seconds: Family<CallLabels, Histogram>,
+    open_files: Gauge,
+    open_files_limit: Gauge,
 }
 
 /// The process' metrics: one registry, as a process has one `/metrics`.
@@ -66,6 +69,8 @@ impl Metrics {
             libvirt_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.5, 14))
             }),
+            open_files: Gauge::default(),
+            open_files_limit: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -95,7 +100,21 @@ impl Metrics {
             "How long libvirt calls take, by call and result",
             m.libvirt_seconds.clone(),
         );
+        registry.register("open_files", "File descriptors this agent holds open", m.open_files.clone());
+        registry.register(
+            "open_files_limit",
+            "The soft limit on this agent's open files (RLIMIT_NOFILE; -1 if unlimited)",
+            m.open_files_limit.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    pub fn open_files(&self, open: u64, limit: crate::fd_limit::Limit) {
+        self.open_files.set(i64::try_from(open).unwrap_or(i64::MAX));
+        self.open_files_limit.set(match limit {
+            crate::fd_limit::Limit::Finite(n) => i64::try_from(n).unwrap_or(i64::MAX),
+            crate::fd_limit::Limit::Unlimited => -1,
+        });
     }
 
     pub fn watchdog_fed(&self, ok: bool) {
@@ -241,6 +260,7 @@ mod tests {
         let lease = LeaseShell::new("kvm1", vmha_engine::Timings::default(), None);
         METRICS.probe("memory", true);
         METRICS.probe("check:raid", false);
+        METRICS.open_files(900, crate::fd_limit::Limit::Finite(65536));
         let text = METRICS.render(&lease);
         let has = |line: &str| text.lines().any(|l| l.starts_with(line));
         assert!(
@@ -253,6 +273,7 @@ mod tests {
                 && has(r#"vmha_agent_probe_ok{probe="check:raid"} 0"#)
         );
         assert!(has(r#"vmha_agent_probe_failures_total{probe="check:raid"} 1"#));
+        assert!(has("vmha_agent_open_files 900") && has("vmha_agent_open_files_limit 65536"), "{text}");
         // No lease yet: none held, nothing left.
         assert!(has("vmha_agent_lease_held 0") && has("vmha_agent_lease_remaining_seconds 0.0"), "{text}");
     }

@@ -24,6 +24,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
+use vmha_agent::fd_limit::Limit;
 use vmha_agent::hypervisor::Hypervisor;
 use vmha_agent::hypervisor::fake::FakeHypervisor;
 use vmha_agent::lease::{LeaseShell, roster_update};
@@ -127,6 +128,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_ansi(false)
         .init();
+    // All the simulated hosts' peer connections, both ends, share this process's limit: raised
+    // as the agent raises its own.
+    if let Err(e) = vmha_agent::fd_limit::raise_soft_to_hard() {
+        eprintln!("simagent: {e}");
+    }
     let facts = HostFacts {
         cpus: 64,
         memory_total_kib: 512 << 20,
@@ -453,11 +459,19 @@ async fn commands_from_stdin(sim: Arc<Sim>) {
                 let polls = sim.tally.peer_polls_marked.load(Ordering::Relaxed);
                 let secs = marked.0.elapsed().as_secs_f64();
                 let open = sim.tally.open_files_marked.load(Ordering::Relaxed);
-                let limit = open_files_limit().unwrap_or(u64::MAX);
+                // The soft limit in force (the one that refuses a connection), not the hard one.
+                let limit = match vmha_agent::fd_limit::current() {
+                    Ok(l) => l.soft,
+                    Err(e) => {
+                        eprintln!("simagent: cannot read the open-file limit: {e}");
+                        Limit::Unlimited
+                    }
+                };
                 // Past 90% of the limit, peer connections were surely refused somewhere: the
                 // self-fences then say what this one process can simulate, not what agents on
                 // their own hosts would do.
-                let short = if open * 10 >= limit * 9 {
+                let near = matches!(limit, Limit::Finite(n) if u128::from(open) * 10 >= u128::from(n) * 9);
+                let short = if near {
                     " (NEAR THE LIMIT: peer connections were refused for lack of file descriptors; these \
                      self-fences are the simulation's limit, not the agents')"
                 } else {
@@ -543,18 +557,11 @@ async fn watch_fences(sim: Arc<Sim>) {
             }
         }
         if round % 20 == 0 {
-            let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+            let open = vmha_agent::fd_limit::open_files().unwrap_or(0);
             sim.tally.open_files_marked.fetch_max(open, Ordering::Relaxed);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The soft limit on this process's open files, from /proc/self/limits.
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Prints the heartbeat figures since the last report, and starts a new period.
