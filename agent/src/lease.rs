@@ -31,6 +31,9 @@ const LIBVIRT_FENCE_TIMEOUT: Duration = Duration::from_millis(500);
 /// the rounds of one outage (seconds apart), and kept forever every agent would end up holding
 /// one to every peer.
 const IDLE_CHANNELS: Duration = Duration::from_secs(30);
+/// Connections kept past a poll by a host that is not a standing prover: a cheap poll needs a
+/// few, and a thousand kept by every host would hold a million across the cluster.
+const KEPT_CHANNELS: usize = 64;
 
 pub struct LeaseShell {
     origin: Instant,
@@ -307,9 +310,9 @@ impl LeaseShell {
             let decision = self.keeper().tick(now);
             match decision {
                 Decision::Nothing => {}
-                Decision::PollPeers { ask } => {
+                Decision::PollPeers { ask, until, direct } => {
                     last_poll = Instant::now();
-                    tokio::spawn(self.clone().poll(now, ask, transport.clone()));
+                    tokio::spawn(self.clone().poll(now, ask, until, direct, transport.clone()));
                 }
                 Decision::Keep { reason } => {
                     tracing::warn!(%reason, "lease expired; keeping VMs: the leader cannot have quorum");
@@ -446,9 +449,18 @@ impl LeaseShell {
         Some(channel)
     }
 
-    /// Asks the peers `ask` names for their lease (and the fact they hold). The answer must
-    /// name the host asked: nobody else can answer for it.
-    async fn poll(self: Arc<Self>, started: Millis, ask: Vec<String>, transport: Transport) {
+    /// Asks the peers `ask` names for their lease (and the fact they hold), until `until`,
+    /// reporting the answers so far every half period: a direct poll may prove a fact before
+    /// its slowest peers answer, and then asks no more. The answer must name the host asked:
+    /// nobody else can answer for it.
+    async fn poll(
+        self: Arc<Self>,
+        started: Millis,
+        ask: Vec<String>,
+        until: Millis,
+        direct: bool,
+        transport: Transport,
+    ) {
         let ask: HashSet<String> = ask.into_iter().collect();
         let peers: Vec<Peer> = {
             let peers = lock(&self.peers);
@@ -458,13 +470,23 @@ impl LeaseShell {
                 .retain(|(host, address), _| listed.contains(&(host.as_str(), address.as_str())));
             peers.iter().filter(|p| ask.contains(&p.host)).cloned().collect()
         };
-        let timeout = Duration::from_millis(self.timings().poll_every_ms() * 3 / 4);
+        let wait = Duration::from_millis(until.since(self.now()));
+        let until_at = tokio::time::Instant::now() + wait;
+        // A handshake may take longer than a poll (a loaded peer), but not for ever: a poll
+        // that keeps asking a dead peer keeps starting new ones.
+        let connect_timeout = Duration::from_millis(self.timings().heartbeat_interval_ms);
         let mut asks = tokio::task::JoinSet::new();
         for p in peers {
             let (shell, transport) = (self.clone(), transport.clone());
             asks.spawn(async move {
-                let answer = tokio::time::timeout(timeout, async {
-                    let channel = shell.channel(&p, &transport, timeout).await?;
+                // The connection is made in a task of its own: a poll that gives up on it
+                // does not throw away a handshake half done, and the next poll finds it kept.
+                let connect = {
+                    let (shell, p, transport) = (shell.clone(), p.clone(), transport.clone());
+                    tokio::spawn(async move { shell.channel(&p, &transport, connect_timeout).await })
+                };
+                let answer = tokio::time::timeout(wait, async {
+                    let channel = connect.await.ok()??;
                     Some(PeerServiceClient::new(channel).lease_status(LeaseStatusRequest {}).await)
                 })
                 .await;
@@ -496,7 +518,43 @@ impl LeaseShell {
                 })
             });
         }
-        let answers = asks.join_all().await.into_iter().flatten().collect();
+        let report_every = Duration::from_millis(self.timings().poll_every_ms() / 2);
+        let mut answers = Vec::new();
+        let mut report_at = tokio::time::Instant::now() + report_every;
+        loop {
+            let (done, due) = tokio::select! {
+                joined = asks.join_next() => match joined {
+                    Some(answer) => {
+                        answers.extend(answer.ok().flatten());
+                        (false, false)
+                    }
+                    None => (true, true),
+                },
+                () = tokio::time::sleep_until(report_at.min(until_at)) => {
+                    report_at += report_every;
+                    (tokio::time::Instant::now() >= until_at, true)
+                }
+            };
+            if due && !answers.is_empty() {
+                self.report(started, std::mem::take(&mut answers));
+            }
+            if done || !self.keeper().wants_answers(started, self.now()) {
+                break;
+            }
+        }
+        // Questions still open are dropped with the set: their answers are no longer wanted.
+        self.keeper().poll_ended(started);
+        if direct && !self.keeper().stands_as_volunteer() {
+            let mut channels = lock(&self.channels);
+            let over = channels.len().saturating_sub(KEPT_CHANNELS);
+            let drop: Vec<_> = channels.keys().take(over).cloned().collect();
+            for key in drop {
+                channels.remove(&key);
+            }
+        }
+    }
+
+    fn report(&self, started: Millis, answers: Vec<PeerAnswer>) {
         let other = self.keeper().polled(Poll { started, answers });
         if !other.is_empty() {
             tracing::warn!(

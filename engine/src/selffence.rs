@@ -15,15 +15,19 @@
 //! Which peers are asked, and when, only decides how often a needless fence happens and what
 //! the polls cost, never whether a VM can run twice: that is decided by `judge` and by what a
 //! fact is. At scale an agent asks few peers: a few at random for a fact they hold (cheap
-//! polls), and only when that fails as many as can show the leader lacks quorum (direct polls).
+//! polls); a few agents (the provers) ask as many as can show the leader lacks quorum (direct
+//! polls), and more join them, doubling every period, only while no fact comes. A prover whose
+//! poll fell short asks only the peers that have not answered yet, for as many lapses as are
+//! missing (SAFETY.md, 4b).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{Millis, Timings};
 
-/// How many peers a cheap poll asks: enough that a fact known to a fraction `f` of the hosts
-/// reaches about `4 f` more with every poll round.
-const CHEAP_ASKS: usize = 4;
+/// How many peers a cheap poll asks: a fact known to a fraction `f` of the hosts reaches about
+/// `2 f` more with every poll round. Four spread it a round or two sooner, at a third more
+/// RPCs in the round's busiest second (17 per host at 1000 hosts, against 13).
+const CHEAP_ASKS: usize = 2;
 /// How many agents prove a fact directly in every round of polls; the others learn it from them
 /// (cheap polls). More make a round's first fact come sooner, at about `hosts / 2` asks each.
 /// The standing ones are the same members every round (those whose names hash lowest), so a
@@ -33,6 +37,11 @@ const CHEAP_ASKS: usize = 4;
 /// cluster of up to four hosts every agent volunteers.
 const STANDING_VOLUNTEERS: usize = 2;
 const DRAWN_VOLUNTEERS: u64 = 3;
+/// While a round has no fact, this many more agents on average become provers in its first
+/// period of escalation, twice as many in the next, and so on: one fact from any of them
+/// reaches the others by cheap polls, so more provers only help when the first ones' polls
+/// fail, and cluster-wide a period costs a few direct polls, not one per agent.
+const ESCALATION_BASE: u64 = 5;
 
 /// A fact a peer holds: the leader lacked quorum at an instant `age_ms` before its answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,10 +102,16 @@ pub enum Phase {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     Nothing,
-    /// Ask these peers (answers within three quarters of a poll period) and report back with
-    /// `polled`.
+    /// Ask these peers, waiting for answers until `until` (connections included), and report
+    /// back with `polled`: the answers so far, as often as every half period (a direct poll
+    /// may prove a fact before every peer answered), then `poll_ended`. Stop early once
+    /// `wants_answers` says no.
     PollPeers {
         ask: Vec<String>,
+        until: Millis,
+        /// A prover's poll: it may need a connection to most peers, where a cheap one keeps
+        /// to a few.
+        direct: bool,
     },
     /// Destroy every protected VM at once, and record why.
     Fence {
@@ -118,8 +133,48 @@ struct Round {
     volunteer_at: Option<Millis>,
     /// From then on cheap polls, one after the other, until a fact ends the round.
     cheap_from: Millis,
-    /// From then on direct polls, every poll period: no fact came in time.
-    direct_from: Millis,
+    /// From then on, every period without a fact, more agents become provers.
+    escalate_from: Millis,
+    /// The escalation periods this agent has drawn in so far.
+    drawn: u64,
+    /// This agent proves in this round: a direct poll every period until a fact ends it.
+    prover: bool,
+    /// When its latest direct poll of this round went out.
+    direct_at: Option<Millis>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct OpenPoll {
+    started: Millis,
+    direct: bool,
+    until: Millis,
+}
+
+/// The answers of a prover's direct polls in one round, merged: a peer's lapse counts at
+/// `started`, the first poll's start, since every answer was given after it (SAFETY.md, 4b).
+#[derive(Clone, Debug)]
+struct Proving {
+    started: Millis,
+    answers: BTreeMap<String, PeerAnswer>,
+}
+
+impl Proving {
+    fn poll(&self) -> Poll {
+        Poll { started: self.started, answers: self.answers.values().cloned().collect() }
+    }
+
+    /// Keeps, of two answers of one peer, the one that ends its lease sooner: each bounds it.
+    fn merge(&mut self, answers: &[PeerAnswer]) {
+        let end = |a: &PeerAnswer| a.received_at.0 as i64 + a.upper_remaining_ms;
+        for a in answers {
+            match self.answers.get(&a.host) {
+                Some(held) if end(held) <= end(a) => {}
+                _ => {
+                    self.answers.insert(a.host.clone(), a.clone());
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -135,10 +190,18 @@ pub struct LeaseKeeper {
     peers: Option<BTreeSet<String>>,
     last_poll: Option<Poll>,
     poll_started: Option<Millis>,
-    /// The latest poll has not reported back yet; `Some(true)`: it was a direct one.
-    open_direct: Option<bool>,
-    /// The latest direct poll of a subset showed no fact: the next one asks every peer.
-    ask_all: bool,
+    /// The polls under way, until they ended (or their time is up): a cheap one and a direct
+    /// one or two, so that a prover waiting on slow peers still learns a fact from others.
+    open: Vec<OpenPoll>,
+    /// When the latest cheap poll went out.
+    cheap_started: Option<Millis>,
+    /// The latest direct poll (merged with the earlier ones it builds on): what a prediction
+    /// rests on, which a cheap poll of a few peers cannot carry.
+    last_direct: Option<Poll>,
+    /// This host's rank among the members by name hash: the lowest stand as volunteers.
+    rank: usize,
+    /// A prover's direct polls of this round that have not shown a fact yet.
+    proving: Option<Proving>,
     round: Option<Round>,
     /// The latest instant at which the leader is known to have lacked quorum.
     confirmed_at: Option<Millis>,
@@ -167,8 +230,11 @@ impl LeaseKeeper {
             peers: None,
             last_poll: None,
             poll_started: None,
-            open_direct: None,
-            ask_all: false,
+            open: Vec::new(),
+            cheap_started: None,
+            last_direct: None,
+            rank: 0,
+            proving: None,
             round: None,
             confirmed_at: None,
             confirmed_epoch: 0,
@@ -263,6 +329,11 @@ impl LeaseKeeper {
         if epoch < self.newest_epoch {
             return Err(StaleEpoch { got: epoch, newest: self.newest_epoch });
         }
+        if epoch > self.newest_epoch {
+            // Its answers were of the older epoch.
+            self.proving = None;
+            self.last_direct = None;
+        }
         self.newest_epoch = epoch;
         Ok(())
     }
@@ -296,9 +367,15 @@ impl LeaseKeeper {
     pub fn set_peers(&mut self, peers: impl IntoIterator<Item = String>) {
         let peers: BTreeSet<String> = peers.into_iter().collect();
         if self.peers.as_ref() != Some(&peers) {
-            if let Some(poll) = self.last_poll.as_mut() {
+            for poll in self.last_poll.iter_mut().chain(self.last_direct.iter_mut()) {
                 poll.answers.retain(|a| peers.contains(&a.host));
             }
+            // Lapses counted in another membership prove nothing in this one.
+            self.proving = None;
+            // Names, not their sorted order, so that the volunteers of hosts named by rack are
+            // not all in one rack.
+            let own = (name_hash(&self.host), self.host.as_str());
+            self.rank = peers.iter().filter(|p| (name_hash(p), p.as_str()) < own).count();
             self.peers = Some(peers);
         }
     }
@@ -354,7 +431,8 @@ impl LeaseKeeper {
         }
     }
 
-    /// A finished poll. Only the answers of peers that have seen the same newest epoch as this
+    /// Answers of a poll (all of them, or those so far of the open one: `started` says which).
+    /// Only the answers of peers that have seen the same newest epoch as this
     /// agent count; it returns the others, with their epochs, for the log. An older one may
     /// speak of a deposed leader's lease. A newer one is not taken on the peer's word either:
     /// only a leader's own message (a registration, a lease, a command) moves this agent's
@@ -380,20 +458,45 @@ impl LeaseKeeper {
         if let Some(c) = relayed {
             self.confirm(Millis(c));
         }
-        let own = self.shows_fact(&poll);
-        if own {
+        let open = self.open.iter().find(|o| o.started == poll.started).copied();
+        let poll = match (open, self.proving.as_mut()) {
+            (Some(o), Some(proving)) if o.direct && poll.started >= proving.started => {
+                proving.merge(&poll.answers);
+                let merged = proving.poll();
+                self.last_direct = Some(merged.clone());
+                merged
+            }
+            // The rest of an open cheap poll's answers.
+            (Some(_), _) if self.last_poll.as_ref().is_some_and(|l| l.started == poll.started) => {
+                let mut last = self.last_poll.take().expect("just seen");
+                last.answers.extend(poll.answers);
+                last
+            }
+            _ => poll,
+        };
+        if self.shows_fact(&poll) {
             self.confirm(poll.started);
+            self.proving = None;
         }
-        if self.poll_started == Some(poll.started)
-            && let Some(direct) = self.open_direct.take()
-            && direct
-        {
-            self.ask_all = !own;
+        if self.round.as_ref().is_some_and(|r| self.round_need() != r.need) {
+            // A fact ended the round: nothing more to ask.
+            self.open.clear();
         }
         if self.last_poll.as_ref().is_none_or(|p| p.started <= poll.started) {
             self.last_poll = Some(poll);
         }
         other.into_iter().map(|a| (a.host, a.epoch)).collect()
+    }
+
+    /// The shell has reported every answer of the poll that started at `started`.
+    pub fn poll_ended(&mut self, started: Millis) {
+        self.open.retain(|o| o.started != started);
+    }
+
+    /// Whether answers of the poll that started at `started` are still wanted at `now`: not
+    /// once it is over, or a fact ended its round.
+    pub fn wants_answers(&self, started: Millis, now: Millis) -> bool {
+        self.open.iter().any(|o| o.started == started && now < o.until)
     }
 
     /// The peers of `poll` whose votes the leader could not count at `t`, and whether this
@@ -457,10 +560,11 @@ impl LeaseKeeper {
 
     /// The round of polls before `need`, drawn anew when the need moves. It begins an interval
     /// before the need, but not before the leader stops counting this host's own vote (until
-    /// then its own polls cannot show a fact). Volunteers ask directly at once, jittered; the
-    /// others ask a few peers for a fact from half a period later, one poll after the other,
-    /// and directly only for the last two periods (jittered), so that a direct poll still ends
-    /// before the need.
+    /// then its own polls cannot show a fact). Volunteers prove at once, jittered; the others
+    /// ask a few peers for a fact from half a period later, one poll after the other. From a
+    /// period and a half after the start, every period without a fact draws more provers
+    /// (`ESCALATION_BASE`, doubling), unless what this agent's polls saw says the leader holds
+    /// quorum.
     fn round(&mut self, need: Millis) -> Round {
         if let Some(r) = self.round.as_ref().filter(|r| r.need == need) {
             return r.clone();
@@ -475,90 +579,191 @@ impl LeaseKeeper {
         // earlier run's lease may still count): it can only learn one from its peers.
         let cheap_from =
             if start < need.0 { start + p / 2 + self.rand(p / 2) } else { need.0.saturating_sub(i) };
-        let direct_from = Millis(need.0.saturating_sub(2 * p + self.rand(p / 2)));
-        let round = Round { need, volunteer_at, cheap_from: Millis(cheap_from), direct_from };
+        let escalate_from = Millis(start + p + p / 2 + self.rand(p / 2));
+        self.proving = None;
+        let round = Round {
+            need,
+            volunteer_at,
+            cheap_from: Millis(cheap_from),
+            escalate_from,
+            drawn: 0,
+            prover: false,
+            direct_at: None,
+        };
         self.round = Some(round.clone());
         round
     }
 
     /// Whether this host is one of the standing volunteers: among the members (itself and its
-    /// peers) whose names hash lowest. Names, not their sorted order, so that the volunteers of
-    /// hosts named by rack are not all in one rack.
-    fn stands_as_volunteer(&self) -> bool {
-        let own = (name_hash(&self.host), self.host.as_str());
-        let lower = self.peers.iter().flatten().filter(|p| (name_hash(p), p.as_str()) < own).count();
-        lower < STANDING_VOLUNTEERS
+    /// peers) whose names hash lowest.
+    pub fn stands_as_volunteer(&self) -> bool {
+        self.rank < STANDING_VOLUNTEERS
     }
 
-    /// How many peers a direct poll asks: those whose lapse shows the leader lacks quorum
-    /// (all votes but a majority, this host's own among them), and some more for peers that
-    /// are down or slow. Every peer after a direct poll that showed no fact.
-    fn direct_asks(&self, peers: usize) -> usize {
+    /// Whether this agent proves by a direct poll now, in the round before `need`: a prover of
+    /// this round every period, or one drawn in this period of escalation. Not once a direct
+    /// poll could no longer end before the need, nor while what its polls saw says the leader
+    /// holds quorum: a direct poll could not show a fact then.
+    fn proves_now(&mut self, now: Millis, need: Millis) -> bool {
+        let p = self.cfg.poll_every_ms();
+        let Some(r) = self.round.as_ref() else { return false };
+        if now.0 + p / 2 > need.0 || self.leader_seems_alive(now, need) {
+            return false;
+        }
+        if r.prover {
+            return r.direct_at.is_none_or(|s| now.since(s) >= p);
+        }
+        if now < r.escalate_from {
+            return false;
+        }
+        let period = (now.0 - r.escalate_from.0) / p;
+        if r.drawn > period {
+            return false;
+        }
+        let odds = ESCALATION_BASE.saturating_mul(1 << period.min(32));
+        let peers = self.peers.as_ref().map_or(0, |p| p.len()) as u64;
+        let drawn = self.rand(peers) < odds;
+        let r = self.round.as_mut().expect("seen above");
+        r.drawn = period + 1;
+        r.prover = drawn;
+        drawn
+    }
+
+    /// Whether the latest poll (no older than two periods, two answers at least) shows most
+    /// of the peers asked with a lease the leader could count past `need` and its margin: the
+    /// leader renews them, so it holds quorum. Only saves direct polls: a host that lies about
+    /// it can only make this one less likely to keep its VMs.
+    fn leader_seems_alive(&self, now: Millis, need: Millis) -> bool {
+        let Some(poll) = self.last_poll.as_ref() else { return false };
+        if now.since(poll.started) > 2 * self.cfg.poll_every_ms() || poll.answers.len() < 2 {
+            return false;
+        }
+        let past = (need.0 + self.cfg.fence_margin_ms).saturating_sub(self.cfg.guard_ms) as i64;
+        let fresh =
+            poll.answers.iter().filter(|a| a.received_at.0 as i64 + a.upper_remaining_ms > past).count();
+        2 * fresh > poll.answers.len()
+    }
+
+    /// The peers a direct poll asks. A prover with nothing to build on asks those whose lapse
+    /// shows the leader lacks quorum (all votes but a majority, this host's own among them)
+    /// and some more for peers that are down or slow. One whose direct polls of the last
+    /// interval fell short for want of answers (most of those that answered had lapsed) asks, of
+    /// the peers that have not answered them,
+    /// as many as should make up the lapses still missing (at the rate the answers showed
+    /// lapses), and a margin: their answers count with the earlier ones. When the answers show
+    /// too few lapses (leases still running at that instant), it starts afresh instead.
+    fn direct_ask(&mut self, now: Millis) -> Vec<String> {
         let total = self.cluster_hosts + 1;
         let needed = total - (total / 2 + 1);
-        if self.ask_all { peers } else { peers.min(needed + (needed / 8).max(2)) }
-    }
-
-    /// `n` peers at random (partial Fisher-Yates).
-    fn pick(&mut self, n: usize) -> Vec<String> {
-        let mut all: Vec<&String> = self.peers.iter().flatten().collect();
-        let n = n.min(all.len());
-        for k in 0..n {
-            let j = k + xorshift(&mut self.rng, (all.len() - k) as u64) as usize;
-            all.swap(k, j);
+        let margin = |n: usize| n + (n / 8).max(2);
+        let i = self.cfg.heartbeat_interval_ms;
+        if let Some(proving) = self.proving.as_ref().filter(|p| now.since(p.started) <= i) {
+            let merged = proving.poll();
+            let (lapsed, own) = self.lapsed_by(&merged, proving.started);
+            let missing = (needed + 1).saturating_sub(lapsed.len() + usize::from(own));
+            let unanswered: Vec<&String> =
+                self.peers.iter().flatten().filter(|p| !proving.answers.contains_key(*p)).collect();
+            // Of `answered` peers, `lapsed` had lapsed: as many more lapses need that many
+            // times more peers.
+            let (answered, lapsed) = (proving.answers.len(), lapsed.len());
+            let wanted = (missing * answered).div_ceil(lapsed.max(1));
+            if missing > 0 && answered > 0 && lapsed * 2 >= answered && wanted <= unanswered.len() {
+                return pick(&mut self.rng, unanswered, margin(wanted));
+            }
         }
-        all[..n].iter().map(|s| s.to_string()).collect()
+        self.proving = Some(Proving { started: now, answers: BTreeMap::new() });
+        let peers: Vec<&String> = self.peers.iter().flatten().collect();
+        let n = margin(needed);
+        pick(&mut self.rng, peers, n)
     }
 
-    /// Which peers to ask now, if a poll is due: see `round`. Past the need (keeping on a
-    /// prediction) a direct poll every period, and one as soon as the peers a prediction counts
-    /// on have lapsed: that poll turns the prediction into a fact.
-    fn poll_due(&mut self, now: Millis) -> Option<Vec<String>> {
+    /// Which peers to ask now, and until when, if a poll is due: see `round`. Past the need
+    /// (keeping on a prediction) a direct poll every period, and one as soon as the peers a
+    /// prediction counts on have lapsed: that poll turns the prediction into a fact.
+    fn poll_due(&mut self, now: Millis) -> Option<(Vec<String>, Millis, bool)> {
         let p = self.cfg.poll_every_ms();
         let since = self.poll_started.map(|s| now.since(s));
         let fact_poll =
             self.fact_poll_at.is_some_and(|f| self.poll_started.is_none_or(|s| s < f) && f <= now);
-        // One poll at a time; one that never reports back is given up after a period.
-        let busy = since.is_some_and(|d| d < p && self.open_direct.is_some());
+        // One cheap poll at a time, until it ended or its time is up; a direct one every period
+        // at most, the answers of the one before still taken until its end.
+        self.open.retain(|o| now < o.until);
+        let busy = |direct: bool| {
+            self.open.iter().any(|o| o.direct == direct && (!direct || now.since(o.started) < p))
+        };
+        let (direct_busy, cheap_busy) = (busy(true), busy(false));
         let need = self.round_need();
-        let direct = if fact_poll || (now >= need && since.is_none_or(|d| d >= p)) {
+        let direct = if fact_poll || (now >= need && !direct_busy && since.is_none_or(|d| d >= p)) {
             true
-        } else if busy || now >= need {
+        } else if now >= need {
             return None;
         } else {
             let round = self.round(need);
-            if round.volunteer_at.is_some_and(|v| v <= now) {
+            if !direct_busy && round.volunteer_at.is_some_and(|v| v <= now) {
                 if let Some(r) = self.round.as_mut() {
                     r.volunteer_at = None;
+                    r.prover = true;
                 }
                 true
-            } else if now >= round.direct_from {
-                if since.is_some_and(|d| d < p) {
-                    return None;
-                }
+            } else if !direct_busy && self.proves_now(now, need) {
                 true
-            } else if now >= round.cheap_from {
+            } else if !cheap_busy && now >= round.cheap_from {
                 false
             } else {
                 return None;
             }
         };
         let peers = self.peers.as_ref().map_or(0, |p| p.len());
-        let n = if direct { self.direct_asks(peers) } else { CHEAP_ASKS.min(peers) };
         // Cheap polls go one after the other (every quarter period at most) while they spread
-        // a fact; one that asks every peer anyway is a direct poll, every period.
-        let gap = if n < peers { p / 4 } else { p };
-        if !fact_poll && since.is_some_and(|d| d < gap) {
+        // a fact; one that asks every peer anyway goes every period.
+        let gap = if CHEAP_ASKS < peers { p / 4 } else { p };
+        if !direct && self.cheap_started.is_some_and(|c| now.since(c) < gap) {
             return None;
         }
+        let ask = if direct {
+            self.direct_ask(now)
+        } else {
+            let all: Vec<&String> = self.peers.iter().flatten().collect();
+            pick(&mut self.rng, all, CHEAP_ASKS)
+        };
+        // A direct poll in a round may take until shortly before the need, two periods at
+        // most (connections included); the time left then serves a poll of its shortfall.
+        let until = if direct && now < need {
+            Millis((now.0 + 2 * p).min(need.0.saturating_sub(p / 4)).max(now.0 + p * 3 / 4))
+        } else {
+            Millis(now.0 + p * 3 / 4)
+        };
         self.poll_started = Some(now);
-        self.open_direct = Some(direct);
-        Some(self.pick(n))
+        if !direct {
+            self.cheap_started = Some(now);
+        }
+        if !direct {
+            self.open.retain(|o| o.direct);
+        }
+        self.open.push(OpenPoll { started: now, direct, until });
+        if let Some(r) = self.round.as_mut().filter(|r| direct && r.need == need) {
+            r.direct_at = Some(now);
+        }
+        Some((ask, until, direct))
     }
 
-    /// What the latest poll shows about the leader's quorum.
+    /// What the latest polls show about the leader's quorum: the latest direct one and the
+    /// latest of any kind, whichever shows more.
     fn judge(&self, own_end: Millis, now: Millis) -> Verdict {
-        let Some(poll) = &self.last_poll else { return Verdict::No("no peer poll has answered".into()) };
+        let rank = |v: &Verdict| match v {
+            Verdict::Fact(_) => 0,
+            Verdict::Predicted(..) => 1,
+            Verdict::No(_) => 2,
+        };
+        [self.last_poll.as_ref(), self.last_direct.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|poll| self.judge_poll(poll, own_end, now))
+            .min_by_key(rank)
+            .unwrap_or_else(|| Verdict::No("no peer poll has answered".into()))
+    }
+
+    fn judge_poll(&self, poll: &Poll, own_end: Millis, now: Millis) -> Verdict {
         // A poll older than that says nothing about now (a fact it showed is kept as
         // `confirmed_at`, and its grace needs no newer poll).
         if now.since(poll.started) > 2 * self.cfg.poll_every_ms() + self.cfg.heartbeat_interval_ms {
@@ -603,7 +808,11 @@ impl LeaseKeeper {
 
     pub fn tick(&mut self, now: Millis) -> Decision {
         let poll = |k: &mut LeaseKeeper| {
-            k.poll_due(now).map_or(Decision::Nothing, |ask| Decision::PollPeers { ask })
+            k.poll_due(now).map_or(Decision::Nothing, |(ask, until, direct)| Decision::PollPeers {
+                ask,
+                until,
+                direct,
+            })
         };
         if self.lease_end.is_some_and(|e| now < e) {
             self.phase = Phase::Leased;
@@ -660,12 +869,22 @@ impl LeaseKeeper {
     }
 }
 
-/// A number below `n` from the xorshift state.
+/// `n` of `among` at random (partial Fisher-Yates).
+fn pick(rng: &mut u64, mut among: Vec<&String>, n: usize) -> Vec<String> {
+    let n = n.min(among.len());
+    for k in 0..n {
+        let j = k + xorshift(rng, (among.len() - k) as u64) as usize;
+        among.swap(k, j);
+    }
+    among[..n].iter().map(|s| s.to_string()).collect()
+}
+
 /// FNV-1a: a hash of a host's name that every agent computes alike.
 fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
+/// A number below `n` from the xorshift state.
 fn xorshift(state: &mut u64, n: u64) -> u64 {
     *state ^= *state << 13;
     *state ^= *state >> 7;
@@ -724,12 +943,17 @@ mod tests {
         k
     }
 
-    /// Ticks every 50 ms from `from` to `to`; the polls, with when they were due.
+    /// Ticks every 50 ms from `from` to `to`; the polls, with when they were due. Nobody
+    /// answers: each poll ends at once with no answer.
     fn polls(k: &mut LeaseKeeper, from: u64, to: u64) -> Vec<(u64, Vec<String>)> {
         (from..to)
             .step_by(50)
             .filter_map(|t| match k.tick(Millis(t)) {
-                Decision::PollPeers { ask } => Some((t, ask)),
+                Decision::PollPeers { ask, .. } => {
+                    k.polled(Poll { started: Millis(t), answers: vec![] });
+                    k.poll_ended(Millis(t));
+                    Some((t, ask))
+                }
                 _ => None,
             })
             .collect()
@@ -749,23 +973,102 @@ mod tests {
     }
 
     #[test]
-    fn a_direct_poll_asks_the_lapses_a_proof_needs_and_every_peer_after_one_failed() {
+    fn a_direct_poll_asks_the_lapses_a_proof_needs_then_only_its_shortfall() {
         let mut k = member_of(1_000, 3);
         // 1_001 votes, majority 501: this host's and 500 peers' lapses prove it.
-        assert_eq!(k.direct_asks(999), 500 + 62);
-        k.ask_all = true;
-        assert_eq!(k.direct_asks(999), 999);
-        assert_eq!(member_of(3, 3).direct_asks(2), 2);
-        assert_eq!(member_of(10, 3).direct_asks(9), 7, "5 needed and 2 more");
-        // A direct poll that shows no fact makes the next one ask everybody.
-        let mut k = member_of(10, 3);
+        assert_eq!(k.direct_ask(Millis(5_200)).len(), 500 + 62);
+        assert_eq!(member_of(3, 3).direct_ask(Millis(5_200)).len(), 2);
+        assert_eq!(member_of(10, 3).direct_ask(Millis(5_200)).len(), 7, "5 needed and 2 more");
+        // kvm1's direct poll at 5_200 heard from 200 of 562 peers, all lapsed: 300 more
+        // lapses are missing. The next asks only peers that have not answered, 300 and a margin.
+        let mut k = member_of(1_000, 3);
         k.poll_started = Some(Millis(5_200));
-        k.open_direct = Some(true);
-        k.polled(Poll { started: Millis(5_200), answers: vec![answer("kvm2", -300, 5_210)] });
-        assert!(k.ask_all);
-        let picked = k.pick(4);
-        assert_eq!(picked.len(), 4);
-        assert_eq!(picked.iter().collect::<BTreeSet<_>>().len(), 4, "distinct peers");
+        k.open = vec![OpenPoll { started: Millis(5_200), direct: true, until: Millis(5_600) }];
+        let first = k.direct_ask(Millis(5_200));
+        let answered: Vec<PeerAnswer> = first[..200].iter().map(|h| answer(h, -300, 5_250)).collect();
+        k.polled(Poll { started: Millis(5_200), answers: answered });
+        k.poll_ended(Millis(5_200));
+        assert_eq!(k.confirmed_at, None, "200 lapses prove nothing");
+        let second = k.direct_ask(Millis(5_600));
+        assert_eq!(second.len(), 300 + 37);
+        assert!(second.iter().all(|h| !first[..200].contains(h)), "none of those that answered");
+        // Their lapses count at 5_200, with the earlier ones: the fact is from then.
+        k.open = vec![OpenPoll { started: Millis(5_600), direct: true, until: Millis(6_000) }];
+        let answers: Vec<PeerAnswer> = second[..300].iter().map(|h| answer(h, -700, 5_650)).collect();
+        k.polled(Poll { started: Millis(5_600), answers });
+        assert_eq!(k.confirmed_at, Some(Millis(5_200)));
+        // A poll that lapsed after 5_200 does not count at 5_200: with answers like that the
+        // merged poll proves nothing, and the next direct poll starts afresh.
+        let mut k = member_of(1_000, 3);
+        k.open = vec![OpenPoll { started: Millis(5_200), direct: true, until: Millis(5_600) }];
+        let first = k.direct_ask(Millis(5_200));
+        let late: Vec<PeerAnswer> = first.iter().map(|h| answer(h, 100, 5_250)).collect();
+        k.polled(Poll { started: Millis(5_200), answers: late });
+        assert_eq!(k.confirmed_at, None);
+        assert_eq!(k.direct_ask(Millis(5_600)).len(), 562, "nothing left to build on: a fresh poll");
+        assert_eq!(k.proving.as_ref().map(|p| p.started), Some(Millis(5_600)));
+    }
+
+    /// 1000 agents whose leases end together and whose polls nobody answers: the provers come
+    /// a few at first, then twice as many every period, never all of them at once.
+    #[test]
+    fn provers_escalate_geometrically_while_no_fact_comes() {
+        let hosts = 1_000;
+        let names: Vec<String> = (1..=hosts).map(|i| format!("kvm{i}")).collect();
+        let mut provers_by_period = [0usize; 8];
+        let mut direct = 0;
+        for (i, name) in names.iter().enumerate() {
+            let mut k = LeaseKeeper::new(name, Timings::default(), Millis(0), i as u64);
+            k.granted(Millis(1_000), 5_000, hosts, 1).unwrap();
+            k.set_peers(names.iter().filter(|p| *p != name).cloned());
+            let mut first = None;
+            for t in (4_000..6_000).step_by(50) {
+                if let Decision::PollPeers { ask, .. } = k.tick(Millis(t))
+                    && ask.len() > CHEAP_ASKS
+                {
+                    direct += 1;
+                    first.get_or_insert(t);
+                    k.polled(Poll { started: Millis(t), answers: vec![] });
+                    k.poll_ended(Millis(t));
+                }
+            }
+            if let Some(t) = first {
+                provers_by_period[((t - 5_000) / 200) as usize] += 1;
+            }
+        }
+        let provers: usize = provers_by_period.iter().sum();
+        eprintln!("provers by the period they began in: {provers_by_period:?}; {direct} direct polls");
+        assert!((20..=150).contains(&provers), "{provers} of 1000 agents proved: {provers_by_period:?}");
+        // The volunteers first (about five), then more every period.
+        assert!(provers_by_period[0] <= 15, "{provers_by_period:?}");
+        assert!(provers_by_period[2] + provers_by_period[3] > provers_by_period[0], "{provers_by_period:?}");
+    }
+
+    /// A poll that shows most peers with leases the leader renews says it holds quorum: no
+    /// agent escalates then.
+    #[test]
+    fn no_escalation_while_polls_show_the_leader_renewing_leases() {
+        let mut escalated = 0;
+        for seed in 0..200 {
+            let mut k = member_of(1_000, seed);
+            k.rank = STANDING_VOLUNTEERS; // not a standing volunteer
+            for t in (5_000..6_000).step_by(50) {
+                match k.tick(Millis(t)) {
+                    Decision::PollPeers { ask, .. } if ask.len() > CHEAP_ASKS => {
+                        let volunteered = k.round.as_ref().is_some_and(|r| t < r.escalate_from.0);
+                        escalated += usize::from(!volunteered);
+                        break;
+                    }
+                    Decision::PollPeers { ask, .. } => {
+                        let answers = ask.iter().map(|h| answer(h, 4_000, t + 10)).collect();
+                        k.polled(Poll { started: Millis(t), answers });
+                        k.poll_ended(Millis(t));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(escalated, 0);
     }
 
     #[test]
@@ -853,12 +1156,12 @@ mod tests {
         // although the lease ended at 6_000.
         assert!(matches!(k.tick(Millis(6_000)), Decision::Keep { .. }));
         assert!(polls(&mut k, 6_050, 10_000).is_empty());
-        // Then a round: cheap polls of four peers, one after the other (no answers here, so
-        // each is given up after a period), and direct ones for the last two periods.
+        // Then a round: cheap polls of a few peers, one after the other, and direct ones only
+        // if this agent volunteers or is drawn as a prover.
         let round = polls(&mut k, 10_000, 11_000);
-        assert!(round.iter().any(|(_, ask)| ask.len() == 4));
+        assert!(round.iter().any(|(_, ask)| ask.len() == CHEAP_ASKS));
         let sizes: Vec<(u64, usize)> = round.iter().map(|(t, a)| (*t, a.len())).collect();
-        assert!(sizes.iter().all(|(t, n)| *n == 4 || (*t >= 10_550 && *n == 562)), "{sizes:?}");
+        assert!(sizes.iter().all(|(_, n)| *n == CHEAP_ASKS || *n == 562), "{sizes:?}");
     }
 
     #[test]

@@ -65,6 +65,14 @@ enum Fault {
     HealLeaderLink(usize),
     /// The controller is stopped for a while (SIGSTOP), then runs on with what queued up.
     PauseLeader(u64),
+    /// The next direct poll of every agent is lost: the provers' first polls find nothing,
+    /// and others must step in.
+    LoseFirstProofs,
+    /// The host answers peer polls 100 to 600 ms late from now on.
+    SlowPeer(usize),
+    /// For a while the leader's answers to this host's heartbeats come 2 to 6 s late: it lapses
+    /// while the leader holds quorum.
+    LateRenewals(usize, u64),
     /// The controller restarts: a new epoch, observed state lost.
     RestartLeader,
     /// The leader stops (SIGKILL, or deposed after a freeze); a standby takes over with the
@@ -196,6 +204,9 @@ fn fault(w: &mut World, f: Fault) {
         Fault::CutLeaderLink(h) => w.hosts[h].link_controller = false,
         Fault::HealLeaderLink(h) => w.hosts[h].link_controller = true,
         Fault::PauseLeader(ms) => w.pause_controller(ms),
+        Fault::LoseFirstProofs => w.hosts.iter_mut().for_each(|a| a.loses_next_proof = true),
+        Fault::SlowPeer(h) => w.hosts[h].slow_answers = true,
+        Fault::LateRenewals(h, ms) => w.hosts[h].late_renewals_until = w.now + ms,
         Fault::RestartLeader => w.restart_controller(0),
         Fault::Takeover(gap) => w.restart_controller(gap),
         Fault::KillAgent(h) => w.kill_agent(h),
@@ -235,6 +246,9 @@ fn fault_strategy(hosts: usize) -> impl Strategy<Value = Fault> {
         3 => h.clone().prop_map(Fault::CutLeaderLink),
         2 => h.clone().prop_map(Fault::HealLeaderLink),
         2 => (1_000u64..20_000).prop_map(Fault::PauseLeader),
+        1 => Just(Fault::LoseFirstProofs),
+        1 => h.clone().prop_map(Fault::SlowPeer),
+        1 => (h.clone(), 1_000u64..10_000).prop_map(|(h, ms)| Fault::LateRenewals(h, ms)),
         1 => Just(Fault::RestartLeader),
         1 => (1_250u64..8_000).prop_map(Fault::Takeover),
         2 => h.clone().prop_map(Fault::KillAgent),
@@ -629,11 +643,17 @@ fn a_host_that_lies_about_its_epoch_moves_no_other_host() {
     assert_eq!(sim.starts, 0);
 }
 
+/// The peer-poll RPCs of all agents together in the busiest second from `from` on, per host.
+fn busiest_second(sim: &World, from: usize, hosts: usize) -> f64 {
+    sim.asks.iter().skip(from).copied().max().unwrap_or(0) as f64 / hosts as f64
+}
+
 /// Issue 13's target: while the leader of 1000 hosts is stopped for 10 s, no host fences or is
-/// reset, and the peer polls of all agents together (every question, cheap or direct, one RPC
-/// each) stay within 10 per host and second.
+/// reset. The peer polls of all agents together (every question, cheap or direct, one RPC
+/// each) stay within 10 per host and second on average; in the busiest second, within 15
+/// (the cheap polls that spread a fact cost about 10 per host in its round, the provers' 3).
 #[test]
-fn a_10_s_leader_pause_at_1000_hosts_fences_nothing_and_asks_at_most_10_per_host_and_second() {
+fn a_10_s_leader_pause_at_1000_hosts_fences_nothing_and_bounds_the_peer_polls() {
     let hosts = 1_000;
     let started = Instant::now();
     let mut sim = world(hosts, 13, false, Profile::Default);
@@ -643,9 +663,10 @@ fn a_10_s_leader_pause_at_1000_hosts_fences_nothing_and_asks_at_most_10_per_host
     let fenced = sim.hosts.iter().filter(|a| a.fenced + a.resets > 0).count();
     let asks: u64 = sim.asks.iter().skip(10).take(10).sum();
     let per_second = asks as f64 / 10.0;
+    let busiest = busiest_second(&sim, 10, hosts);
     eprintln!(
-        "1000 hosts, leader paused 10 s: {per_second:.0} peer-poll RPCs/s ({:.2} per host and second; by second \
-         {:?}), {fenced} hosts fenced or reset; simulated in {:.1} s",
+        "1000 hosts, leader paused 10 s: {per_second:.0} peer-poll RPCs/s ({:.2} per host and second, {busiest:.1} \
+         in the busiest second; by second {:?}), {fenced} hosts fenced or reset; simulated in {:.1} s",
         per_second / hosts as f64,
         &sim.asks[10..sim.asks.len().min(22)],
         started.elapsed().as_secs_f64()
@@ -653,6 +674,56 @@ fn a_10_s_leader_pause_at_1000_hosts_fences_nothing_and_asks_at_most_10_per_host
     assert_eq!(fenced, 0);
     assert_eq!(sim.starts, 0);
     assert!(per_second <= 10.0 * hosts as f64);
+    assert!(busiest <= 15.0, "{busiest:.1} peer-poll RPCs per host in one second");
+}
+
+/// The fallback, forced: through a 10 s pause of the leader of 200 hosts, the first direct
+/// poll of every agent is lost and 5% of the hosts answer polls late. The provers ask again a
+/// period later, more step in period by period, and nobody fences. The busiest second costs
+/// about 28 RPCs per host here (a direct poll asks half the cluster: at 200 hosts each costs
+/// every host half an RPC); bounded at 30.
+#[test]
+fn lost_first_proofs_and_slow_peers_bring_more_provers_not_fences() {
+    let hosts = 200;
+    let mut sim = world(hosts, 17, false, Profile::Default);
+    for h in (0..hosts).step_by(20) {
+        at(&mut sim, 1_000, Fault::SlowPeer(h));
+    }
+    at(&mut sim, 10_000, Fault::PauseLeader(10_000));
+    at(&mut sim, 10_500, Fault::LoseFirstProofs);
+    sim.run(25_000);
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+    let fenced = sim.hosts.iter().filter(|a| a.fenced + a.resets > 0).count();
+    let busiest = busiest_second(&sim, 10, hosts);
+    eprintln!(
+        "200 hosts, first proofs lost, 5% slow: by second {:?}, busiest {busiest:.1} per host, {fenced} fenced",
+        &sim.asks[10..sim.asks.len().min(22)],
+    );
+    let fences: Vec<&String> = sim.log.iter().filter(|l| l.contains("self_fence")).collect();
+    assert_eq!(fenced, 0, "a fence although the leader lacked quorum all along: {fences:?}");
+    assert_eq!(sim.starts, 0);
+    assert!(busiest <= 30.0, "{busiest:.1} peer-poll RPCs per host in one second");
+}
+
+/// The leader holds quorum while 5% of the hosts get their renewals late and lapse now and
+/// then: their polls show the leader renewing their peers, so they do not escalate into direct
+/// polls of half the cluster, and nothing runs twice.
+#[test]
+fn late_renewals_under_a_live_leader_cost_few_polls() {
+    let hosts = 200;
+    let mut sim = world(hosts, 19, false, Profile::Default);
+    for h in (0..hosts).step_by(20) {
+        at(&mut sim, 8_000, Fault::LateRenewals(h, 12_000));
+    }
+    sim.run(25_000);
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+    let busiest = busiest_second(&sim, 8, hosts);
+    let fenced = sim.hosts.iter().filter(|a| a.fenced > 0).count();
+    eprintln!(
+        "200 hosts, 10 with late renewals: by second {:?}, busiest {busiest:.2} per host, {fenced} fenced",
+        &sim.asks[8..sim.asks.len().min(25)],
+    );
+    assert!(busiest <= 2.0, "{busiest:.2} peer-poll RPCs per host in one second");
 }
 
 /// One random fault schedule over 1000 hosts (a new one every run; `VMHA_SCALE_SEED=N`

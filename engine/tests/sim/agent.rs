@@ -40,18 +40,33 @@ pub struct Host {
     pub next_heartbeat: u64,
     /// Heartbeats sent by this run of the agent (their `seq`).
     pub heartbeats: u64,
-    /// Polls under way: their start, the answers so far, how many peers were asked (the agent
-    /// takes a poll once every one answered, or at its timeout).
-    pub(super) polls: Vec<(u64, Vec<PeerAnswer>, usize)>,
+    /// Polls under way (the agent reports their answers every half period, and ends them once
+    /// every peer answered, at their end, or once the keeper wants no more).
+    pub(super) polls: Vec<OpenPoll>,
     pub fenced: u64,
     /// When the watchdog resets the host unless fed; `None`: not armed.
     pub watchdog_deadline: Option<u64>,
     pub resets: u64,
     /// Answers peer polls with epoch 2^63 (a host with a valid certificate that lies).
     pub lies_about_epoch: bool,
+    /// The questions of its next direct poll are lost.
+    pub loses_next_proof: bool,
+    /// Answers peer polls 100 to 600 ms late (a loaded host).
+    pub slow_answers: bool,
+    /// Until then the controller's answers to its heartbeats come 1 to 3 s late.
+    pub late_renewals_until: u64,
     pub(super) jobs: Vec<Job>,
     pub faults: BTreeSet<AgentFault>,
     pub probes: Vec<Probe>,
+}
+
+/// A poll under way: its start, the answers not yet reported, how many peers have not
+/// answered, and until when answers count.
+pub(super) struct OpenPoll {
+    pub started: u64,
+    pub unreported: Vec<PeerAnswer>,
+    pub waiting: usize,
+    pub until: u64,
 }
 
 impl Host {
@@ -77,6 +92,9 @@ impl Host {
             watchdog_deadline: None,
             resets: 0,
             lies_about_epoch: false,
+            slow_answers: false,
+            loses_next_proof: false,
+            late_renewals_until: 0,
             jobs: Vec::new(),
             faults: BTreeSet::new(),
             probes: Vec::new(),
@@ -310,8 +328,8 @@ impl World {
     fn decide(&mut self, h: usize, decision: Decision) {
         let fence = match decision {
             Decision::Nothing => None,
-            Decision::PollPeers { ask } => {
-                self.poll_peers(h, &ask);
+            Decision::PollPeers { ask, until, direct } => {
+                self.poll_peers(h, &ask, until.0, direct);
                 None
             }
             Decision::Keep { reason } => {
@@ -343,7 +361,7 @@ impl World {
         }
     }
 
-    fn poll_peers(&mut self, h: usize, ask: &[String]) {
+    fn poll_peers(&mut self, h: usize, ask: &[String], until: u64, direct: bool) {
         let now = self.now;
         let second = (now / 1_000) as usize;
         if self.asks.len() <= second {
@@ -358,9 +376,14 @@ impl World {
                     .filter(|p| self.agent_running(*p) && self.linked(h, *p))
                     .map(|p| self.peer_answer(p, now))
                     .collect();
-                self.hosts[h].keeper.polled(Poll { started: Millis(now), answers });
+                let keeper = &mut self.hosts[h].keeper;
+                keeper.polled(Poll { started: Millis(now), answers });
+                keeper.poll_ended(Millis(now));
             }
-            Clock::Jittered { .. } => self.ask_peers(h, &peers),
+            Clock::Jittered { .. } => {
+                let lost = direct && std::mem::take(&mut self.hosts[h].loses_next_proof);
+                self.ask_peers(h, &peers, until, lost)
+            }
         }
     }
 

@@ -142,6 +142,7 @@ pub struct World {
     pub violations: Vec<String>,
     /// Peer-poll questions asked (one RPC each), per second of simulated time.
     pub asks: Vec<u64>,
+
     pub log: Vec<String>,
     /// The open outage of each VM (UUID) as the store keeps it, for the log: when it began.
     outages: BTreeMap<String, u64>,
@@ -184,6 +185,7 @@ impl World {
             resets: (0, 0),
             violations: Vec::new(),
             asks: Vec::new(),
+
             log: Vec::new(),
             outages: BTreeMap::new(),
             config,

@@ -14,6 +14,7 @@ use vmha_engine::selffence::{PeerAnswer, Poll};
 use vmha_engine::step::Command;
 use vmha_engine::{Input, Millis};
 
+use super::agent::OpenPoll;
 use super::{Clock, World};
 
 pub(super) enum Event {
@@ -146,21 +147,22 @@ impl World {
                         self.at(t, Event::PeerAsked { asker, peer, poll, back_delay, conn })
                     }
                     Some(_) => {
-                        let t = self.now + back_delay;
+                        let slow = if self.hosts[peer].slow_answers { 100 + self.rand(500) } else { 0 };
+                        let t = self.now + back_delay + slow;
                         let answer = self.peer_answer(peer, t);
                         self.at(t, Event::PeerAnswered { asker, poll, answer, conn });
                     }
                 }
             }
             Event::PeerAnswered { asker, poll, answer, conn } => {
-                let timeout = self.poll_timeout();
                 let a = &mut self.hosts[asker];
                 if a.conn == conn
-                    && answer.received_at.0 <= poll + timeout
-                    && let Some((_, answers, asked)) = a.polls.iter_mut().find(|(p, _, _)| *p == poll)
+                    && let Some(open) = a.polls.iter_mut().find(|o| o.started == poll)
+                    && answer.received_at.0 <= open.until
                 {
-                    answers.push(answer);
-                    if answers.len() == *asked {
+                    open.unreported.push(answer);
+                    open.waiting -= 1;
+                    if open.waiting == 0 {
                         let t = self.now;
                         self.at(t, Event::PollDone { host: asker, poll, conn });
                     }
@@ -169,13 +171,7 @@ impl World {
             Event::PollDone { host, poll, conn } => match self.agent_wait(host, conn) {
                 None => {}
                 Some(t) if t > self.now => self.at(t, Event::PollDone { host, poll, conn }),
-                Some(_) => {
-                    let a = &mut self.hosts[host];
-                    if let Some(i) = a.polls.iter().position(|(p, _, _)| *p == poll) {
-                        let (started, answers, _) = a.polls.remove(i);
-                        a.keeper.polled(Poll { started: Millis(started), answers });
-                    }
-                }
+                Some(_) => self.report_poll(host, poll, conn),
             },
             Event::Command { host, conn, command } => self.command_arrives(host, conn, command),
             Event::Result(input) => {
@@ -196,9 +192,24 @@ impl World {
         }
     }
 
-    /// A poll's answers count only if they come back within this.
-    fn poll_timeout(&self) -> u64 {
-        self.config.timings.poll_every_ms() * 3 / 4
+    /// The agent of `h` reports the answers of its poll so far, as the real one does every
+    /// half period; the poll ends once every peer answered, at its end, or once the keeper
+    /// wants no more.
+    fn report_poll(&mut self, h: usize, poll: u64, conn: u64) {
+        let now = self.now;
+        let half = self.config.timings.poll_every_ms() / 2;
+        let a = &mut self.hosts[h];
+        let Some(i) = a.polls.iter().position(|o| o.started == poll) else { return };
+        let answers = std::mem::take(&mut a.polls[i].unreported);
+        a.keeper.polled(Poll { started: Millis(poll), answers });
+        let open = &a.polls[i];
+        if open.waiting == 0 || now >= open.until || !a.keeper.wants_answers(Millis(poll), Millis(now)) {
+            a.polls.remove(i);
+            a.keeper.poll_ended(Millis(poll));
+        } else {
+            let t = (now + half).min(open.until);
+            self.at(t, Event::PollDone { host: h, poll, conn });
+        }
     }
 
     pub(super) fn send_heartbeat(&mut self, h: usize, report: Report) {
@@ -230,23 +241,26 @@ impl World {
             return self.at(t, Event::Heartbeat { host: h, report, arrived });
         };
         if let Some(answer) = self.take_heartbeat(h, report, arrived) {
-            let t = self.now + self.delay();
+            let late =
+                if self.now < self.hosts[h].late_renewals_until { 2_000 + self.rand(4_000) } else { 0 };
+            let t = self.now + self.delay() + late;
             self.at(t, Event::Answer { host: h, answer });
         }
     }
 
     /// The agent of `h` asks `peers` whether the controller may still hold quorum; the poll
     /// is taken once all answered or at its timeout.
-    pub(super) fn ask_peers(&mut self, h: usize, peers: &[usize]) {
+    pub(super) fn ask_peers(&mut self, h: usize, peers: &[usize], until: u64, lost: bool) {
         let (now, conn) = (self.now, self.hosts[h].conn);
         for &p in peers {
-            if self.linked(h, p) {
+            if self.linked(h, p) && !lost {
                 let (d1, d2) = (self.delay(), self.delay());
                 self.at(now + d1, Event::PeerAsked { asker: h, peer: p, poll: now, back_delay: d2, conn });
             }
         }
-        self.hosts[h].polls.push((now, Vec::new(), peers.len()));
-        let t = now + self.poll_timeout();
+        let waiting = peers.len();
+        self.hosts[h].polls.push(OpenPoll { started: now, unreported: Vec::new(), waiting, until });
+        let t = (now + self.config.timings.poll_every_ms() / 2).min(until);
         self.at(t, Event::PollDone { host: h, poll: now, conn });
     }
 
