@@ -31,8 +31,9 @@ const LIBVIRT_FENCE_TIMEOUT: Duration = Duration::from_millis(500);
 /// the rounds of one outage (seconds apart), and kept forever every agent would end up holding
 /// one to every peer.
 const IDLE_CHANNELS: Duration = Duration::from_secs(30);
-/// Connections kept past a poll by a host that is not a standing prover: a cheap poll needs a
-/// few, and a thousand kept by every host would hold a million across the cluster.
+/// Connections kept past a poll by a host that is not a standing volunteer (the provers of
+/// every round): a cheap poll needs a few, and a thousand kept by every host would hold a
+/// million across the cluster.
 const KEPT_CHANNELS: usize = 64;
 
 pub struct LeaseShell {
@@ -248,9 +249,23 @@ impl LeaseShell {
             self.keeper().set_peers(peers.iter().map(|p| p.host.clone()));
             *lock(&self.peers) = peers;
         }
+        if !protected_changed {
+            return Ok(());
+        }
+        // Changes are applied as changes: at 4,000 protected VMs, copying the whole list on
+        // every answer was most of what a thousand simulated agents cost.
         let mut known = lock(&self.protected);
-        if protected_changed && !known.iter().eq(held.protected.iter()) {
-            *known = held.protected.iter().cloned().collect();
+        match &update {
+            RosterUpdate::Changes { protected_added, protected_removed, .. } => {
+                for u in protected_removed {
+                    known.remove(u);
+                }
+                known.extend(protected_added.iter().cloned());
+            }
+            _ if known.iter().eq(held.protected.iter()) => return Ok(()),
+            _ => *known = held.protected.iter().cloned().collect(),
+        }
+        if lock(&self.state_dir).is_some() {
             self.save("protected", known.iter().map(|u| format!("{u}\n")).collect());
         }
         Ok(())
@@ -310,9 +325,9 @@ impl LeaseShell {
             let decision = self.keeper().tick(now);
             match decision {
                 Decision::Nothing => {}
-                Decision::PollPeers { ask, until, direct } => {
+                Decision::PollPeers { ask, until, .. } => {
                     last_poll = Instant::now();
-                    tokio::spawn(self.clone().poll(now, ask, until, direct, transport.clone()));
+                    tokio::spawn(self.clone().poll(now, ask, until, transport.clone()));
                 }
                 Decision::Keep { reason } => {
                     tracing::warn!(%reason, "lease expired; keeping VMs: the leader cannot have quorum");
@@ -453,14 +468,7 @@ impl LeaseShell {
     /// reporting the answers so far every half period: a direct poll may prove a fact before
     /// its slowest peers answer, and then asks no more. The answer must name the host asked:
     /// nobody else can answer for it.
-    async fn poll(
-        self: Arc<Self>,
-        started: Millis,
-        ask: Vec<String>,
-        until: Millis,
-        direct: bool,
-        transport: Transport,
-    ) {
+    async fn poll(self: Arc<Self>, started: Millis, ask: Vec<String>, until: Millis, transport: Transport) {
         let ask: HashSet<String> = ask.into_iter().collect();
         let peers: Vec<Peer> = {
             let peers = lock(&self.peers);
@@ -544,7 +552,7 @@ impl LeaseShell {
         }
         // Questions still open are dropped with the set: their answers are no longer wanted.
         self.keeper().poll_ended(started);
-        if direct && !self.keeper().stands_as_volunteer() {
+        if !self.keeper().stands_as_volunteer() {
             let mut channels = lock(&self.channels);
             let over = channels.len().saturating_sub(KEPT_CHANNELS);
             let drop: Vec<_> = channels.keys().take(over).cloned().collect();

@@ -206,6 +206,15 @@ impl World {
         if open.waiting == 0 || now >= open.until || !a.keeper.wants_answers(Millis(poll), Millis(now)) {
             a.polls.remove(i);
             a.keeper.poll_ended(Millis(poll));
+            // A host that is not a standing volunteer keeps 64 connections at most, the most
+            // recently used (the agent's KEPT_CHANNELS).
+            if !a.keeper.stands_as_volunteer() {
+                while a.channels.len() > 64 {
+                    let oldest = a.channels.iter().min_by_key(|(_, used)| **used).map(|(p, _)| *p);
+                    oldest.map(|p| a.channels.remove(&p));
+                }
+                a.max_kept = a.max_kept.max(a.channels.len());
+            }
         } else {
             let t = (now + half).min(open.until);
             self.at(t, Event::PollDone { host: h, poll, conn });
@@ -252,9 +261,20 @@ impl World {
     /// is taken once all answered or at its timeout.
     pub(super) fn ask_peers(&mut self, h: usize, peers: &[usize], until: u64, lost: bool) {
         let (now, conn) = (self.now, self.hosts[h].conn);
+        // Connections kept are dropped once no poll went out for 30 s (the agent's
+        // IDLE_CHANNELS).
+        if self.hosts[h].channels.values().max().is_some_and(|last| now.saturating_sub(*last) > 30_000) {
+            self.hosts[h].channels.clear();
+        }
         for &p in peers {
+            // A new connection costs a handshake first; a loaded peer's, more.
+            let connect = match self.hosts[h].channels.insert(p, now) {
+                Some(_) => 0,
+                None if self.hosts[p].slow_answers => 100 + self.rand(500),
+                None => 2 + self.rand(8),
+            };
             if self.linked(h, p) && !lost {
-                let (d1, d2) = (self.delay(), self.delay());
+                let (d1, d2) = (self.delay() + connect, self.delay());
                 self.at(now + d1, Event::PeerAsked { asker: h, peer: p, poll: now, back_delay: d2, conn });
             }
         }

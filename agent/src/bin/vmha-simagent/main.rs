@@ -13,6 +13,11 @@
 //!   controller has sent a start for each of their protected VMs (or after 120 s) it prints
 //!   when their leases ended and when the last start came;
 //! - `mark`: starts counting peer polls and self-fences; `polls` prints them since the mark.
+//!
+//! With `--shards K` the hosts are spread over K processes of this program (`shards`).
+
+mod reports;
+mod shards;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -22,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
+use reports::{Killed, Leased, Polls, Protected, Report, Stats};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use vmha_agent::fd_limit::Limit;
@@ -43,7 +49,7 @@ use vmha_tls::Transport;
 /// Simulated vmha agents against a controller started with --insecure-dev (the hosts are
 /// named in a header; TLS is measured by bench/mtls).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Flags {
     /// The controller, e.g. http://127.0.0.1:7490.
     #[arg(long)]
@@ -67,6 +73,14 @@ struct Flags {
     /// The first simulated host's peer port (the others follow).
     #[arg(long, default_value_t = 20001)]
     peer_port: u16,
+    /// Spread the hosts over this many processes (this one starts them and adds up what they
+    /// report): peer polls then cross processes over TCP, and no one process's file limit or
+    /// threads bound the run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    shards: u16,
+    /// Which of the shards this process is (set by the parent).
+    #[arg(long, hide = true)]
+    shard: Option<u16>,
 }
 
 /// What all simulated hosts saw in the current report period.
@@ -84,6 +98,8 @@ struct Tally {
     open_files_marked: AtomicU64,
     /// When the current report period began.
     period: Mutex<Instant>,
+    /// How late this process's own 50 ms ticks came, in this period.
+    tick_late_us: Mutex<Vec<u64>>,
 }
 
 /// One simulated host.
@@ -119,6 +135,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
+    if flags.shards > 1 && flags.shard.is_none() {
+        return shards::run(usize::from(flags.shards), flags.report, flags.duration).await;
+    }
     // The lease state machines' own lines (why a host self-fenced) go to the log; only errors
     // unless VMHA_SIM_LOG says more (a filter like RUST_LOG): a thousand hosts' warnings
     // would drown it.
@@ -142,7 +161,11 @@ async fn main() -> anyhow::Result<()> {
         hypervisor_version: "sim".into(),
         lock_manager: "lockd".into(),
     };
-    let hosts = (1..=flags.hosts)
+    // A shard simulates its slice of the hosts, named and numbered as in one process.
+    let (shard, of) = (usize::from(flags.shard.unwrap_or(0)), usize::from(flags.shards));
+    let mine = shard * flags.hosts / of + 1..=(shard + 1) * flags.hosts / of;
+    let first = *mine.start();
+    let hosts = mine
         .map(|i| {
             let name = format!("sim{i:04}");
             let hv = FakeHypervisor::default();
@@ -176,11 +199,12 @@ async fn main() -> anyhow::Result<()> {
         peer_polls_marked: AtomicU64::default(),
         open_files_marked: AtomicU64::default(),
         period: Mutex::new(Instant::now()),
+        tick_late_us: Mutex::default(),
     };
     let sim = Arc::new(Sim { flags, tally, hosts, starts: Mutex::default() });
     let end = Instant::now() + sim.flags.duration;
     for (i, host) in sim.hosts.iter().enumerate() {
-        start_host(&sim, host, sim.flags.peer_port + i as u16)?;
+        start_host(&sim, host, sim.flags.peer_port + (first - 1 + i) as u16)?;
         // A hundred hosts a second, as agents starting over a rolling restart would.
         if (i + 1) % 20 == 0 {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -189,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(protect(sim.clone()));
     tokio::spawn(commands_from_stdin(sim.clone()));
     tokio::spawn(watch_fences(sim.clone()));
+    tokio::spawn(watch_ticks(sim.clone()));
     if sim.flags.report.is_zero() {
         tokio::time::sleep_until(end.into()).await;
         return Ok(());
@@ -408,7 +433,7 @@ async fn protect(sim: Arc<Sim>) {
         Ok(c) => OperatorServiceClient::new(c),
         Err(e) => return eprintln!("simagent: cannot reach the operator API: {e}"),
     };
-    println!("simagent: every host holds a lease, {:.1} s after the start", started.elapsed().as_secs_f64());
+    emit(&sim, Report::Leased(Leased { after_s: started.elapsed().as_secs_f64() }));
     let t0 = Instant::now();
     let wanted: Vec<String> = sim.hosts.iter().flat_map(|h| h.protected.clone()).collect();
     let limit = Arc::new(tokio::sync::Semaphore::new(200));
@@ -422,11 +447,14 @@ async fn protect(sim: Arc<Sim>) {
         });
     }
     let failed: Vec<String> = calls.join_all().await.into_iter().filter_map(Result::err).collect();
-    println!(
-        "simagent: protected {} VMs in {:.1} s{}",
-        wanted.len() - failed.len(),
-        t0.elapsed().as_secs_f64(),
-        failed.first().map_or(String::new(), |f| format!("; {} refused, e.g. {f}", failed.len()))
+    emit(
+        &sim,
+        Report::Protected(Protected {
+            count: wanted.len() - failed.len(),
+            secs: t0.elapsed().as_secs_f64(),
+            refused: failed.len(),
+            example: failed.into_iter().next(),
+        }),
     );
 }
 
@@ -467,23 +495,18 @@ async fn commands_from_stdin(sim: Arc<Sim>) {
                         Limit::Unlimited
                     }
                 };
-                // Past 90% of the limit, peer connections were surely refused somewhere: the
-                // self-fences then say what this one process can simulate, not what agents on
-                // their own hosts would do.
+                // Past 90% of the limit, peer connections were surely refused somewhere.
                 let near = matches!(limit, Limit::Finite(n) if u128::from(open) * 10 >= u128::from(n) * 9);
-                let short = if near {
-                    " (NEAR THE LIMIT: peer connections were refused for lack of file descriptors; these \
-                     self-fences are the simulation's limit, not the agents')"
-                } else {
-                    ""
+                let polls = Polls {
+                    polls,
+                    secs,
+                    fenced: fenced(&sim),
+                    fenced_before: marked.1,
+                    open,
+                    limit: limit.to_string(),
+                    near,
                 };
-                println!(
-                    "simagent: since the mark ({secs:.1} s): {polls} peer polls, {:.0} per second; {} hosts \
-                     self-fenced ({} before the mark); at most {open} files open of the {limit} allowed{short}",
-                    polls as f64 / secs,
-                    fenced(&sim),
-                    marked.1
-                );
+                emit(&sim, Report::Polls(polls));
             }
             _ => eprintln!("simagent: unknown command '{line}' (kill N, stats, mark, polls)"),
         }
@@ -526,7 +549,7 @@ async fn kill(sim: Arc<Sim>, n: usize) {
     let lease_end =
         victims.iter().map(|(h, _)| h.lease_end_unix_ms.load(Ordering::Relaxed)).max().unwrap_or(0);
     let protected: Vec<String> = victims.iter().flat_map(|(_, p)| p.clone()).collect();
-    let names: Vec<&str> = victims.iter().map(|(h, _)| h.name.as_str()).collect();
+    let names: Vec<String> = victims.iter().map(|(h, _)| h.name.clone()).collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     let (started, last) = loop {
         let seen: Vec<u64> = {
@@ -538,14 +561,7 @@ async fn kill(sim: Arc<Sim>, n: usize) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    println!(
-        "simagent: killed {} hosts ({}{}): leases ended at {lease_end} ms; {started} of {} protected VMs started, \
-         the last start command at {last} ms (unix)",
-        victims.len(),
-        names.iter().take(3).copied().collect::<Vec<_>>().join(", "),
-        if names.len() > 3 { ", ..." } else { "" },
-        protected.len(),
-    );
+    emit(&sim, Report::Killed(Killed { names, lease_end, started, total: protected.len(), last }));
 }
 
 /// Notes every host that self-fences, however briefly, and (every second) the files open.
@@ -564,29 +580,47 @@ async fn watch_fences(sim: Arc<Sim>) {
     }
 }
 
+/// Notes how late this process's own 50 ms ticks come: when they come late, so do the lease
+/// loops' and heartbeats' of the hosts it simulates.
+async fn watch_ticks(sim: Arc<Sim>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let due = tick.tick().await;
+        lock(&sim.tally.tick_late_us).push(due.elapsed().as_micros() as u64);
+    }
+}
+
+/// Prints a report: as text, or for the parent of the shards as JSON.
+fn emit(sim: &Sim, report: Report) {
+    if sim.flags.shard.is_some() {
+        match serde_json::to_string(&report) {
+            Ok(json) => println!("{}{json}", shards::PREFIX),
+            Err(e) => eprintln!("simagent: cannot encode a {} report: {e}", report.kind()),
+        }
+    } else {
+        println!("{report}");
+    }
+}
+
 /// Prints the heartbeat figures since the last report, and starts a new period.
 fn report(sim: &Sim) {
     let t = &sim.tally;
     let period = lock(&t.period).elapsed().as_secs_f64();
     *lock(&t.period) = Instant::now();
-    let sent = t.sent.swap(0, Ordering::Relaxed);
-    let answered = t.answered.swap(0, Ordering::Relaxed);
-    let leased = t.leased.swap(0, Ordering::Relaxed);
-    let bytes = t.reply_bytes.swap(0, Ordering::Relaxed);
-    let polls = t.peer_polls.swap(0, Ordering::Relaxed);
-    let mut lat = std::mem::take(&mut *lock(&t.latencies_us));
-    lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied();
-    let ms = |v: Option<u64>| v.map_or("-".into(), |us| format!("{:.1}", us as f64 / 1000.0));
-    println!(
-        "simagent: {} hosts: {sent} heartbeats sent, {answered} answered, {:.1}% of those earned a lease; \
-         latency p50 {} ms, p99 {} ms; {} bytes per answer; {:.0} peer polls/s; {} hosts self-fenced",
-        sim.hosts.iter().filter(|h| h.alive.load(Ordering::Relaxed)).count(),
-        if answered == 0 { 0.0 } else { leased as f64 * 100.0 / answered as f64 },
-        ms(pct(0.5)),
-        ms(pct(0.99)),
-        bytes.checked_div(answered).unwrap_or(0),
-        polls as f64 / period,
-        fenced(sim),
-    );
+    let mut late = std::mem::take(&mut *lock(&t.tick_late_us));
+    late.sort_unstable();
+    let late_p99 = late.get((late.len() * 99 / 100).min(late.len().saturating_sub(1))).copied().unwrap_or(0);
+    let stats = Stats {
+        hosts: sim.hosts.iter().filter(|h| h.alive.load(Ordering::Relaxed)).count(),
+        sent: t.sent.swap(0, Ordering::Relaxed),
+        answered: t.answered.swap(0, Ordering::Relaxed),
+        leased: t.leased.swap(0, Ordering::Relaxed),
+        bytes: t.reply_bytes.swap(0, Ordering::Relaxed),
+        polls_per_s: t.peer_polls.swap(0, Ordering::Relaxed) as f64 / period,
+        fenced: fenced(sim),
+        latencies_us: std::mem::take(&mut *lock(&t.latencies_us)),
+        tick_late_p99_ms: late_p99 as f64 / 1000.0,
+    };
+    emit(sim, Report::Stats(stats));
 }
