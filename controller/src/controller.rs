@@ -291,6 +291,11 @@ impl Controller {
         Millis(self.origin.elapsed().as_millis() as u64)
     }
 
+    /// `t` on this leader's clock.
+    pub fn millis_at(&self, t: std::time::Instant) -> Millis {
+        Millis(t.saturating_duration_since(self.origin).as_millis() as u64)
+    }
+
     /// Reads the cluster state, on the decision loop.
     pub async fn read<R: Send + 'static>(
         &self,

@@ -104,10 +104,11 @@ async fn main() -> anyhow::Result<()> {
     let router = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(caps::REQUESTS_PER_CONNECTION)
         .max_concurrent_streams(Some(caps::STREAMS_PER_CONNECTION))
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             AgentServiceServer::new(AgentApi::new(node.clone(), definitions, access))
                 .max_decoding_message_size(caps::MESSAGE_BYTES),
-        )
+            vmha_controller::agent_api::stamp_arrival,
+        ))
         .add_service(
             OperatorServiceServer::new(OperatorApi::new(node.clone(), access))
                 .max_decoding_message_size(caps::OPERATOR_MESSAGE_BYTES),

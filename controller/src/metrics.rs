@@ -87,6 +87,8 @@ pub struct Metrics {
     migration_downtime_seconds: Histogram,
     failover_seconds: Histogram,
     write_lag_seconds: Histogram,
+    heartbeat_transit_seconds: Histogram,
+    heartbeat_wait_seconds: Histogram,
     fence_actions: Family<FenceLabels, Counter>,
     database_errors: Family<DatabaseLabel, Counter>,
     /// Unplanned outages open, by VM: when they began (for the failover time).
@@ -117,6 +119,8 @@ impl Metrics {
             migration_downtime_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             failover_seconds: Histogram::new(exponential_buckets(1.0, 1.5, 12)),
             write_lag_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            heartbeat_transit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 12)),
+            heartbeat_wait_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             fence_actions: Family::default(),
             database_errors: Family::default(),
             down_since: Mutex::default(),
@@ -188,6 +192,18 @@ impl Metrics {
             m.write_lag_seconds.clone(),
         );
         registry.register(
+            "heartbeat_transit_seconds",
+            "Heartbeats of this leader's agents: the bound on their time in flight (from the answer they echo \
+             leaving to the heartbeat's arrival, less what the agent held it); over --max-transit, no lease",
+            m.heartbeat_transit_seconds.clone(),
+        );
+        registry.register(
+            "heartbeat_wait_seconds",
+            "Heartbeats: from their arrival (stamped before the message is decoded) to their answer, the decision \
+             loop's queue included",
+            m.heartbeat_wait_seconds.clone(),
+        );
+        registry.register(
             "fence_actions",
             "Fencing: self (an agent destroyed its protected VMs: fenced; a host declared dead when its lease \
              lapsed: lease_lapsed), external (the fence command: succeeded, failed, timed_out), manual \
@@ -219,6 +235,14 @@ impl Metrics {
             _ => return,
         };
         self.fence_actions.get_or_create(&FenceLabels { mode: action.0, result: action.1 }).inc();
+    }
+
+    /// A heartbeat spent at most `transit` in flight, and was answered `wait` after it arrived.
+    pub fn heartbeat(&self, transit: Option<std::time::Duration>, wait: std::time::Duration) {
+        if let Some(t) = transit {
+            self.heartbeat_transit_seconds.observe(t.as_secs_f64());
+        }
+        self.heartbeat_wait_seconds.observe(wait.as_secs_f64());
     }
 
     /// A write committed `lag` after it was queued.

@@ -167,6 +167,13 @@ fn push_issued(l: &mut HostLease, i: Issued) {
     }
 }
 
+/// How long a heartbeat that arrived at `arrived` was in flight at most: the answer it echoes
+/// left at `stamp`, and the agent held it `held_ms` before sending this one. `None` for an
+/// echo from the future (another leader's clock).
+pub fn transit_bound(arrived: Millis, echo: &Echo) -> Option<u64> {
+    (echo.stamp <= arrived).then(|| arrived.0.saturating_sub(echo.stamp.0).saturating_sub(echo.held_ms))
+}
+
 /// A heartbeat from `host` arrived at `arrived` and is decided at `now`: acknowledge what it
 /// echoes, then grant a lease if it provably spent at most `max_transit` in flight.
 ///
@@ -217,10 +224,7 @@ pub fn on_heartbeat(
     if h.lease.acked_members.is_none_or(|(s, _)| s < issued.stamp) {
         h.lease.acked_members = Some((issued.stamp, issued.members));
     }
-    // The echoed answer left at `stamp`; the agent held it `held_ms` before sending this one.
-    // So this heartbeat was in flight at most arrived - stamp - held_ms.
-    let transit_bound = arrived.0.saturating_sub(echo.stamp.0).saturating_sub(echo.held_ms);
-    if echo.stamp > arrived || transit_bound > t.max_transit_ms {
+    if transit_bound(arrived, &echo).is_none_or(|transit| transit > t.max_transit_ms) {
         push_issued(&mut h.lease, Issued { stamp: now, lease_end: None, members, roster });
         return LeaseAnswer::Refused { stamp: now, reason: "the heartbeat was in flight too long" };
     }
