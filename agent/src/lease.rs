@@ -31,10 +31,9 @@ const LIBVIRT_FENCE_TIMEOUT: Duration = Duration::from_millis(500);
 /// the rounds of one outage (seconds apart), and kept forever every agent would end up holding
 /// one to every peer.
 const IDLE_CHANNELS: Duration = Duration::from_secs(30);
-/// Connections kept past a poll by a host that is not a standing volunteer (the provers of
-/// every round): a cheap poll needs a few, and a thousand kept by every host would hold a
-/// million across the cluster.
-const KEPT_CHANNELS: usize = 64;
+/// How many connections an agent makes in a second to the peers it keeps them to
+/// (`keep_warm`): handshakes cost CPU that the heartbeats need too.
+const WARMED_PER_SECOND: usize = 50;
 
 pub struct LeaseShell {
     origin: Instant,
@@ -319,8 +318,13 @@ impl LeaseShell {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_poll = Instant::now();
+        let mut ticks = 0u64;
         loop {
             tick.tick().await;
+            ticks += 1;
+            if ticks.is_multiple_of(20) {
+                self.keep_warm(&transport);
+            }
             let now = self.now();
             let decision = self.keeper().tick(now);
             match decision {
@@ -346,7 +350,7 @@ impl LeaseShell {
                 }
             }
             if last_poll.elapsed() > IDLE_CHANNELS {
-                lock(&self.channels).clear();
+                self.drop_unkept_channels();
             }
             if self.self_fenced() {
                 self.enforce_fence();
@@ -446,6 +450,39 @@ impl LeaseShell {
         }
     }
 
+    /// A standing volunteer makes its connections to the peers it proves with before a round
+    /// needs them, a few more every second: at 1000 hosts handshakes are most of what a proof
+    /// over new connections costs (bench/peerpoll).
+    fn keep_warm(self: &Arc<Self>, transport: &Transport) {
+        let kept: HashSet<String> = self.keeper().warm_peers().iter().cloned().collect();
+        if kept.is_empty() {
+            return;
+        }
+        // The peers' lock first, as everywhere (`poll`).
+        let listed: Vec<Peer> =
+            lock(&self.peers).iter().filter(|p| kept.contains(&p.host)).cloned().collect();
+        let missing: Vec<Peer> = {
+            let channels = lock(&self.channels);
+            (listed.into_iter())
+                .filter(|p| !channels.contains_key(&(p.host.clone(), p.address.clone())))
+                .take(WARMED_PER_SECOND)
+                .collect()
+        };
+        let timeout = Duration::from_millis(self.timings().heartbeat_interval_ms);
+        for p in missing {
+            let (shell, transport) = (self.clone(), transport.clone());
+            tokio::spawn(async move { shell.channel(&p, &transport, timeout).await });
+        }
+    }
+
+    /// Closes the connections to peers this agent does not keep (`LeaseKeeper::kept_peers`):
+    /// those a direct poll or a shortfall made. A thousand kept by every host would be a
+    /// million across the cluster.
+    fn drop_unkept_channels(&self) {
+        let kept: HashSet<String> = self.keeper().kept_peers().iter().cloned().collect();
+        lock(&self.channels).retain(|(host, _), _| kept.contains(host));
+    }
+
     /// The kept connection to `p`, or a new one. A peer is reached over mutual TLS and must
     /// present the certificate of the host it is listed as.
     async fn channel(&self, p: &Peer, transport: &Transport, timeout: Duration) -> Option<Channel> {
@@ -465,7 +502,7 @@ impl LeaseShell {
     }
 
     /// Asks the peers `ask` names for their lease (and the fact they hold), until `until`,
-    /// reporting the answers so far every half period: a direct poll may prove a fact before
+    /// reporting the answers so far every quarter period: a direct poll may prove a fact before
     /// its slowest peers answer, and then asks no more. The answer must name the host asked:
     /// nobody else can answer for it.
     async fn poll(self: Arc<Self>, started: Millis, ask: Vec<String>, until: Millis, transport: Transport) {
@@ -526,14 +563,18 @@ impl LeaseShell {
                 })
             });
         }
-        let report_every = Duration::from_millis(self.timings().poll_every_ms() / 2);
+        let report_every = Duration::from_millis(self.timings().poll_every_ms() / 4);
+        let (asked, mut answered) = (asks.len(), 0);
         let mut answers = Vec::new();
         let mut report_at = tokio::time::Instant::now() + report_every;
         loop {
             let (done, due) = tokio::select! {
                 joined = asks.join_next() => match joined {
                     Some(answer) => {
-                        answers.extend(answer.ok().flatten());
+                        if let Some(a) = answer.ok().flatten() {
+                            answers.push(a);
+                            answered += 1;
+                        }
                         (false, false)
                     }
                     None => (true, true),
@@ -543,7 +584,8 @@ impl LeaseShell {
                     (tokio::time::Instant::now() >= until_at, true)
                 }
             };
-            if due && !answers.is_empty() {
+            // The last report goes even with no answer: the keeper judges on the latest poll.
+            if due && (done || !answers.is_empty()) {
                 self.report(started, std::mem::take(&mut answers));
             }
             if done || !self.keeper().wants_answers(started, self.now()) {
@@ -552,14 +594,14 @@ impl LeaseShell {
         }
         // Questions still open are dropped with the set: their answers are no longer wanted.
         self.keeper().poll_ended(started);
-        if !self.keeper().stands_as_volunteer() {
-            let mut channels = lock(&self.channels);
-            let over = channels.len().saturating_sub(KEPT_CHANNELS);
-            let drop: Vec<_> = channels.keys().take(over).cloned().collect();
-            for key in drop {
-                channels.remove(&key);
-            }
-        }
+        tracing::debug!(
+            asked,
+            answered,
+            took_ms = self.now().since(started),
+            fact_age_ms = self.fact().map(|f| f.age_ms),
+            "peer poll ended"
+        );
+        self.drop_unkept_channels();
     }
 
     fn report(&self, started: Millis, answers: Vec<PeerAnswer>) {

@@ -28,6 +28,11 @@ use crate::{Millis, Timings};
 /// `2 f` more with every poll round. Four spread it a round or two sooner, at a third more
 /// RPCs in the round's busiest second (17 per host at 1000 hosts, against 13).
 const CHEAP_ASKS: usize = 2;
+/// The peers an agent's cheap polls choose from: the first of its own order of them
+/// (`LeaseKeeper::order`). Its connections to them are kept once made, so a cheap poll rarely
+/// costs a handshake, and no agent keeps more than this many beyond what it proves with.
+/// Random neighbourhoods of this size pass a fact on about as fast as the whole cluster would.
+pub const NEIGHBOURS: usize = 16;
 /// How many agents prove a fact directly in every round of polls; the others learn it from them
 /// (cheap polls). More make a round's first fact come sooner, at about `hosts / 2` asks each.
 /// The standing ones are the same members every round (those whose names hash lowest), so a
@@ -103,7 +108,7 @@ pub enum Phase {
 pub enum Decision {
     Nothing,
     /// Ask these peers, waiting for answers until `until` (connections included), and report
-    /// back with `polled`: the answers so far, as often as every half period (a direct poll
+    /// back with `polled`: the answers so far, as often as every quarter period (a direct poll
     /// may prove a fact before every peer answered), then `poll_ended`. Stop early once
     /// `wants_answers` says no.
     PollPeers {
@@ -198,8 +203,15 @@ pub struct LeaseKeeper {
     /// The latest direct poll (merged with the earlier ones it builds on): what a prediction
     /// rests on, which a cheap poll of a few peers cannot carry.
     last_direct: Option<Poll>,
+    /// The direct poll before it, while the latest has only part of its answers: answers come
+    /// in as they arrive, and the first few must not put a poll that showed more out of use.
+    prev_direct: Option<Poll>,
     /// This host's rank among the members by name hash: the lowest stand as volunteers.
     rank: usize,
+    /// The peers in an order of this host's own (by a hash of both names): a fresh direct poll
+    /// asks the first of them, always the same, so that a standing volunteer can keep its
+    /// connections to them made (`kept_peers`) and prove without a handshake.
+    order: Vec<String>,
     /// A prover's direct polls of this round that have not shown a fact yet.
     proving: Option<Proving>,
     round: Option<Round>,
@@ -233,7 +245,9 @@ impl LeaseKeeper {
             open: Vec::new(),
             cheap_started: None,
             last_direct: None,
+            prev_direct: None,
             rank: 0,
+            order: Vec::new(),
             proving: None,
             round: None,
             confirmed_at: None,
@@ -243,12 +257,7 @@ impl LeaseKeeper {
             fact_poll_at: None,
             newest_epoch: 0,
             // splitmix64 of the seed: close seeds (host indexes) give unrelated streams.
-            rng: {
-                let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                (z ^ (z >> 31)) | 1
-            },
+            rng: mix(seed.wrapping_add(0x9E37_79B9_7F4A_7C15)) | 1,
         }
     }
 
@@ -333,6 +342,7 @@ impl LeaseKeeper {
             // Its answers were of the older epoch.
             self.proving = None;
             self.last_direct = None;
+            self.prev_direct = None;
         }
         self.newest_epoch = epoch;
         Ok(())
@@ -367,7 +377,12 @@ impl LeaseKeeper {
     pub fn set_peers(&mut self, peers: impl IntoIterator<Item = String>) {
         let peers: BTreeSet<String> = peers.into_iter().collect();
         if self.peers.as_ref() != Some(&peers) {
-            for poll in self.last_poll.iter_mut().chain(self.last_direct.iter_mut()) {
+            for poll in self
+                .last_poll
+                .iter_mut()
+                .chain(self.last_direct.iter_mut())
+                .chain(self.prev_direct.iter_mut())
+            {
                 poll.answers.retain(|a| peers.contains(&a.host));
             }
             // Lapses counted in another membership prove nothing in this one.
@@ -376,6 +391,11 @@ impl LeaseKeeper {
             // not all in one rack.
             let own = (name_hash(&self.host), self.host.as_str());
             self.rank = peers.iter().filter(|p| (name_hash(p), p.as_str()) < own).count();
+            self.order = peers.iter().cloned().collect();
+            // Mixed, not only XORed: orders that share structure would give hosts whose names
+            // hash alike the same neighbours, and a fact would stay among them.
+            let pair = |p: &String| mix(name_hash(p) ^ own.0);
+            self.order.sort_by_cached_key(|p| (pair(p), p.clone()));
             self.peers = Some(peers);
         }
     }
@@ -466,8 +486,9 @@ impl LeaseKeeper {
                 self.last_direct = Some(merged.clone());
                 merged
             }
-            // The rest of an open cheap poll's answers.
-            (Some(_), _) if self.last_poll.as_ref().is_some_and(|l| l.started == poll.started) => {
+            // The rest of a poll's answers (one that ended, or a cheap one): added to what its
+            // earlier reports brought, never in their place.
+            _ if self.last_poll.as_ref().is_some_and(|l| l.started == poll.started) => {
                 let mut last = self.last_poll.take().expect("just seen");
                 last.answers.extend(poll.answers);
                 last
@@ -653,14 +674,13 @@ impl LeaseKeeper {
     /// lapses), and a margin: their answers count with the earlier ones. When the answers show
     /// too few lapses (leases still running at that instant), it starts afresh instead.
     fn direct_ask(&mut self, now: Millis) -> Vec<String> {
-        let total = self.cluster_hosts + 1;
-        let needed = total - (total / 2 + 1);
         let margin = |n: usize| n + (n / 8).max(2);
         let i = self.cfg.heartbeat_interval_ms;
         if let Some(proving) = self.proving.as_ref().filter(|p| now.since(p.started) <= i) {
             let merged = proving.poll();
             let (lapsed, own) = self.lapsed_by(&merged, proving.started);
-            let missing = (needed + 1).saturating_sub(lapsed.len() + usize::from(own));
+            let total = self.cluster_hosts + 1;
+            let missing = (total - total / 2).saturating_sub(lapsed.len() + usize::from(own));
             let unanswered: Vec<&String> =
                 self.peers.iter().flatten().filter(|p| !proving.answers.contains_key(*p)).collect();
             // Of `answered` peers, `lapsed` had lapsed: as many more lapses need that many
@@ -672,9 +692,36 @@ impl LeaseKeeper {
             }
         }
         self.proving = Some(Proving { started: now, answers: BTreeMap::new() });
-        let peers: Vec<&String> = self.peers.iter().flatten().collect();
-        let n = margin(needed);
-        pick(&mut self.rng, peers, n)
+        if let Some(done) = self.last_direct.take() {
+            self.prev_direct = Some(done);
+        }
+        self.order.iter().take(self.direct_count()).cloned().collect()
+    }
+
+    /// How many peers a direct poll asks: those whose lapse shows the leader lacks quorum (all
+    /// votes but a majority, this host's own among them), and some more for peers that are
+    /// down or slow.
+    fn direct_count(&self) -> usize {
+        let total = self.cluster_hosts + 1;
+        let needed = total - (total / 2 + 1);
+        needed + (needed / 8).max(2)
+    }
+
+    /// The peers this agent keeps connections to once made: its neighbours (`NEIGHBOURS`),
+    /// and for a standing volunteer those its fresh direct polls ask.
+    pub fn kept_peers(&self) -> &[String] {
+        let n = if self.stands_as_volunteer() { self.direct_count().max(NEIGHBOURS) } else { NEIGHBOURS };
+        &self.order[..n.min(self.order.len())]
+    }
+
+    /// The peers a standing volunteer makes connections to before it needs them, so that its
+    /// proof costs no handshake: those its fresh direct polls ask. None for the others.
+    pub fn warm_peers(&self) -> &[String] {
+        if self.stands_as_volunteer() {
+            &self.order[..self.direct_count().min(self.order.len())]
+        } else {
+            &[]
+        }
     }
 
     /// Which peers to ask now, and until when, if a poll is due: see `round`. Past the need
@@ -723,8 +770,8 @@ impl LeaseKeeper {
         let ask = if direct {
             self.direct_ask(now)
         } else {
-            let all: Vec<&String> = self.peers.iter().flatten().collect();
-            pick(&mut self.rng, all, CHEAP_ASKS)
+            let near: Vec<&String> = self.order.iter().take(NEIGHBOURS).collect();
+            pick(&mut self.rng, near, CHEAP_ASKS)
         };
         // A direct poll in a round may take until shortly before the need, two periods at
         // most (connections included); the time left then serves a poll of its shortfall.
@@ -747,15 +794,16 @@ impl LeaseKeeper {
         Some((ask, until, direct))
     }
 
-    /// What the latest polls show about the leader's quorum: the latest direct one and the
-    /// latest of any kind, whichever shows more.
+    /// What the latest polls show about the leader's quorum: the latest of any kind, the latest
+    /// direct one and the one before it, whichever shows more (each judged at its own start,
+    /// and none older than two periods and an interval).
     fn judge(&self, own_end: Millis, now: Millis) -> Verdict {
         let rank = |v: &Verdict| match v {
             Verdict::Fact(_) => 0,
             Verdict::Predicted(..) => 1,
             Verdict::No(_) => 2,
         };
-        [self.last_poll.as_ref(), self.last_direct.as_ref()]
+        [self.last_poll.as_ref(), self.last_direct.as_ref(), self.prev_direct.as_ref()]
             .into_iter()
             .flatten()
             .map(|poll| self.judge_poll(poll, own_end, now))
@@ -877,6 +925,13 @@ fn pick(rng: &mut u64, mut among: Vec<&String>, n: usize) -> Vec<String> {
         among.swap(k, j);
     }
     among[..n].iter().map(|s| s.to_string()).collect()
+}
+
+/// splitmix64's finalizer: close inputs give unrelated outputs.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// FNV-1a: a hash of a host's name that every agent computes alike.
@@ -1042,6 +1097,27 @@ mod tests {
         // The volunteers first (about five), then more every period.
         assert!(provers_by_period[0] <= 15, "{provers_by_period:?}");
         assert!(provers_by_period[2] + provers_by_period[3] > provers_by_period[0], "{provers_by_period:?}");
+    }
+
+    /// Every agent's neighbours are its own draw: each host is the neighbour of about as many
+    /// others as it has neighbours, none of a crowd (orders that shared structure gave hosts
+    /// whose names hash alike the same neighbours, and the simulator's facts stopped spreading).
+    #[test]
+    fn neighbourhoods_are_drawn_independently() {
+        let names: Vec<String> = (1..=1_000).map(|i| format!("kvm{i}")).collect();
+        let mut chosen: BTreeMap<String, usize> = BTreeMap::new();
+        for name in &names {
+            let mut k = LeaseKeeper::new(name, Timings::default(), Millis(0), 1);
+            k.set_peers(names.iter().filter(|p| *p != name).cloned());
+            if !k.stands_as_volunteer() {
+                assert_eq!(k.kept_peers().len(), NEIGHBOURS, "connections kept by {name}");
+            }
+            for p in &k.order[..NEIGHBOURS] {
+                *chosen.entry(p.clone()).or_default() += 1;
+            }
+        }
+        let most = chosen.values().max().copied().unwrap_or(0);
+        assert!(chosen.len() > 990 && most < 4 * NEIGHBOURS, "{} hosts chosen, one by {most}", chosen.len());
     }
 
     /// A poll that shows most peers with leases the leader renews says it holds quorum: no

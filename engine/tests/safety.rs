@@ -674,8 +674,6 @@ fn a_10_s_leader_pause_at_1000_hosts_fences_nothing_and_bounds_the_peer_polls() 
     assert_eq!(fenced, 0);
     assert_eq!(sim.starts, 0);
     assert!(per_second <= 10.0 * hosts as f64);
-    let kept = sim.hosts.iter().map(|a| a.max_kept).max().unwrap_or(0);
-    assert!(kept <= 64, "a host that is not a standing volunteer kept {kept} peer connections");
     assert!(busiest <= 15.0, "{busiest:.1} peer-poll RPCs per host in one second");
 }
 

@@ -1,7 +1,7 @@
 //! Each host's agent: its lease state machine, heartbeats and what it does with their answers,
 //! peer polls, self-fence and the watchdog it feeds.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use vmha_engine::health::Probe;
 use vmha_engine::lease::{Echo, LeaseAnswer};
@@ -43,11 +43,7 @@ pub struct Host {
     /// Polls under way (the agent reports their answers every half period, and ends them once
     /// every peer answered, at their end, or once the keeper wants no more).
     pub(super) polls: Vec<OpenPoll>,
-    /// Its kept peer connections, with when each was last used: a question on a new one
-    /// waits for the handshake first.
-    pub(super) channels: BTreeMap<usize, u64>,
-    /// The most connections it kept past a poll while it was not a standing volunteer.
-    pub max_kept: usize,
+
     pub fenced: u64,
     /// When the watchdog resets the host unless fed; `None`: not armed.
     pub watchdog_deadline: Option<u64>,
@@ -93,8 +89,7 @@ impl Host {
             next_heartbeat: 0,
             heartbeats: 0,
             polls: Vec::new(),
-            channels: BTreeMap::new(),
-            max_kept: 0,
+
             fenced: 0,
             watchdog_deadline: None,
             resets: 0,
@@ -178,7 +173,6 @@ impl World {
         a.keeper = LeaseKeeper::new(&a.spec.name, self.config.timings, Millis(now), seed);
         a.roster = Roster::default();
         a.polls.clear();
-        a.channels.clear();
         a.next_heartbeat = now;
         a.heartbeats = 0;
         a.registered = false;

@@ -2,6 +2,7 @@
 //! `Clock`), and which links are up.
 
 use std::cmp::Reverse;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use vmha_engine::cluster::HostResources;
@@ -193,11 +194,11 @@ impl World {
     }
 
     /// The agent of `h` reports the answers of its poll so far, as the real one does every
-    /// half period; the poll ends once every peer answered, at its end, or once the keeper
+    /// quarter period; the poll ends once every peer answered, at its end, or once the keeper
     /// wants no more.
     fn report_poll(&mut self, h: usize, poll: u64, conn: u64) {
         let now = self.now;
-        let half = self.config.timings.poll_every_ms() / 2;
+        let quarter = self.config.timings.poll_every_ms() / 4;
         let a = &mut self.hosts[h];
         let Some(i) = a.polls.iter().position(|o| o.started == poll) else { return };
         let answers = std::mem::take(&mut a.polls[i].unreported);
@@ -206,17 +207,8 @@ impl World {
         if open.waiting == 0 || now >= open.until || !a.keeper.wants_answers(Millis(poll), Millis(now)) {
             a.polls.remove(i);
             a.keeper.poll_ended(Millis(poll));
-            // A host that is not a standing volunteer keeps 64 connections at most, the most
-            // recently used (the agent's KEPT_CHANNELS).
-            if !a.keeper.stands_as_volunteer() {
-                while a.channels.len() > 64 {
-                    let oldest = a.channels.iter().min_by_key(|(_, used)| **used).map(|(p, _)| *p);
-                    oldest.map(|p| a.channels.remove(&p));
-                }
-                a.max_kept = a.max_kept.max(a.channels.len());
-            }
         } else {
-            let t = (now + half).min(open.until);
+            let t = (now + quarter).min(open.until);
             self.at(t, Event::PollDone { host: h, poll, conn });
         }
     }
@@ -261,18 +253,20 @@ impl World {
     /// is taken once all answered or at its timeout.
     pub(super) fn ask_peers(&mut self, h: usize, peers: &[usize], until: u64, lost: bool) {
         let (now, conn) = (self.now, self.hosts[h].conn);
-        // Connections kept are dropped once no poll went out for 30 s (the agent's
-        // IDLE_CHANNELS).
-        if self.hosts[h].channels.values().max().is_some_and(|last| now.saturating_sub(*last) > 30_000) {
-            self.hosts[h].channels.clear();
-        }
-        for &p in peers {
-            // A new connection costs a handshake first; a loaded peer's, more.
-            let connect = match self.hosts[h].channels.insert(p, now) {
-                Some(_) => 0,
-                None if self.hosts[p].slow_answers => 100 + self.rand(500),
-                None => 2 + self.rand(8),
-            };
+        // An agent keeps its connections to the peers it polls (its neighbours; a standing
+        // volunteer, those it proves with too, made before a round needs them): any other
+        // costs a handshake first, a loaded peer's more. (Neighbours' connections are taken as
+        // made: made at a round's first cheap polls, they are kept from then on.)
+        let kept: BTreeSet<&str> = self.hosts[h].keeper.kept_peers().iter().map(String::as_str).collect();
+        let costs: Vec<u64> = (peers.iter())
+            .map(|&p| match () {
+                _ if kept.contains(self.hosts[p].spec.name.as_str()) => 0,
+                _ if self.hosts[p].slow_answers => 100,
+                _ => 2,
+            })
+            .collect();
+        for (&p, cost) in peers.iter().zip(costs) {
+            let connect = if cost == 0 { 0 } else { cost + self.rand(if cost == 100 { 500 } else { 8 }) };
             if self.linked(h, p) && !lost {
                 let (d1, d2) = (self.delay() + connect, self.delay());
                 self.at(now + d1, Event::PeerAsked { asker: h, peer: p, poll: now, back_delay: d2, conn });
@@ -280,7 +274,7 @@ impl World {
         }
         let waiting = peers.len();
         self.hosts[h].polls.push(OpenPoll { started: now, unreported: Vec::new(), waiting, until });
-        let t = (now + self.config.timings.poll_every_ms() / 2).min(until);
+        let t = (now + self.config.timings.poll_every_ms() / 4).min(until);
         self.at(t, Event::PollDone { host: h, poll: now, conn });
     }
 

@@ -98,8 +98,9 @@ struct Tally {
     open_files_marked: AtomicU64,
     /// When the current report period began.
     period: Mutex<Instant>,
-    /// How late this process's own 50 ms ticks came, in this period.
+    /// How late this process's own 50 ms ticks came, in this period and since `mark`.
     tick_late_us: Mutex<Vec<u64>>,
+    tick_late_marked_us: Mutex<Vec<u64>>,
 }
 
 /// One simulated host.
@@ -200,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
         open_files_marked: AtomicU64::default(),
         period: Mutex::new(Instant::now()),
         tick_late_us: Mutex::default(),
+        tick_late_marked_us: Mutex::default(),
     };
     let sim = Arc::new(Sim { flags, tally, hosts, starts: Mutex::default() });
     let end = Instant::now() + sim.flags.duration;
@@ -422,7 +424,7 @@ async fn carry_out(
     }
 }
 
-/// Protects each host's first VMs once every host holds a lease, 200 requests at a time.
+/// Protects each host's first VMs once every host holds a lease, 32 requests at a time (what the controller serves at once on one connection).
 async fn protect(sim: Arc<Sim>) {
     let started = Instant::now();
     while sim.hosts.iter().any(|h| h.lease.may_start().is_err()) {
@@ -436,7 +438,7 @@ async fn protect(sim: Arc<Sim>) {
     emit(&sim, Report::Leased(Leased { after_s: started.elapsed().as_secs_f64() }));
     let t0 = Instant::now();
     let wanted: Vec<String> = sim.hosts.iter().flat_map(|h| h.protected.clone()).collect();
-    let limit = Arc::new(tokio::sync::Semaphore::new(200));
+    let limit = Arc::new(tokio::sync::Semaphore::new(32));
     let mut calls = tokio::task::JoinSet::new();
     for uuid in wanted.clone() {
         let (mut client, limit) = (client.clone(), limit.clone());
@@ -478,9 +480,19 @@ async fn commands_from_stdin(sim: Arc<Sim>) {
                 Err(_) => eprintln!("simagent: kill N: '{n}' is not a number"),
             },
             ["stats"] => report(&sim),
+            ["starts", since] => {
+                let since: u64 = since.parse().unwrap_or(0);
+                let starts = lock(&sim.starts)
+                    .iter()
+                    .filter(|(_, t)| **t >= since)
+                    .map(|(u, t)| (u.clone(), *t))
+                    .collect();
+                emit(&sim, Report::Starts(starts));
+            }
             ["mark"] => {
                 sim.tally.peer_polls_marked.store(0, Ordering::Relaxed);
                 sim.tally.open_files_marked.store(0, Ordering::Relaxed);
+                lock(&sim.tally.tick_late_marked_us).clear();
                 marked = (Instant::now(), fenced(&sim));
             }
             ["polls"] => {
@@ -505,6 +517,7 @@ async fn commands_from_stdin(sim: Arc<Sim>) {
                     open,
                     limit: limit.to_string(),
                     near,
+                    tick_late_p99_ms: p99_ms(&lock(&sim.tally.tick_late_marked_us)),
                 };
                 emit(&sim, Report::Polls(polls));
             }
@@ -550,18 +563,21 @@ async fn kill(sim: Arc<Sim>, n: usize) {
         victims.iter().map(|(h, _)| h.lease_end_unix_ms.load(Ordering::Relaxed)).max().unwrap_or(0);
     let protected: Vec<String> = victims.iter().flat_map(|(_, p)| p.clone()).collect();
     let names: Vec<String> = victims.iter().map(|(h, _)| h.name.clone()).collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (started, last) = loop {
-        let seen: Vec<u64> = {
-            let starts = lock(&sim.starts);
-            protected.iter().filter_map(|u| starts.get(u).copied()).filter(|t| *t >= killed_at).collect()
-        };
-        if seen.len() == protected.len() || Instant::now() > deadline {
-            break (seen.len(), seen.into_iter().max().unwrap_or(0));
+    let total = protected.len();
+    let mut killed = Killed { names, lease_end, started: 0, total, last: 0, protected, killed_at };
+    // A shard's dead hosts' VMs may start on another shard's hosts: the parent asks them all.
+    if sim.flags.shard.is_none() {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let starts: Vec<(String, u64)> = lock(&sim.starts).iter().map(|(u, t)| (u.clone(), *t)).collect();
+            killed.count_starts(&starts);
+            if killed.started == total || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    emit(&sim, Report::Killed(Killed { names, lease_end, started, total: protected.len(), last }));
+    }
+    emit(&sim, Report::Killed(killed));
 }
 
 /// Notes every host that self-fences, however briefly, and (every second) the files open.
@@ -587,8 +603,19 @@ async fn watch_ticks(sim: Arc<Sim>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let due = tick.tick().await;
-        lock(&sim.tally.tick_late_us).push(due.elapsed().as_micros() as u64);
+        let late = due.elapsed().as_micros() as u64;
+        lock(&sim.tally.tick_late_us).push(late);
+        lock(&sim.tally.tick_late_marked_us).push(late);
     }
+}
+
+/// The 99th percentile of microsecond samples, in ms.
+fn p99_ms(samples: &[u64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    sorted
+        .get((sorted.len() * 99 / 100).min(sorted.len().saturating_sub(1)))
+        .map_or(0.0, |us| *us as f64 / 1000.0)
 }
 
 /// Prints a report: as text, or for the parent of the shards as JSON.
@@ -608,9 +635,7 @@ fn report(sim: &Sim) {
     let t = &sim.tally;
     let period = lock(&t.period).elapsed().as_secs_f64();
     *lock(&t.period) = Instant::now();
-    let mut late = std::mem::take(&mut *lock(&t.tick_late_us));
-    late.sort_unstable();
-    let late_p99 = late.get((late.len() * 99 / 100).min(late.len().saturating_sub(1))).copied().unwrap_or(0);
+    let late_p99 = p99_ms(&std::mem::take(&mut *lock(&t.tick_late_us)));
     let stats = Stats {
         hosts: sim.hosts.iter().filter(|h| h.alive.load(Ordering::Relaxed)).count(),
         sent: t.sent.swap(0, Ordering::Relaxed),
@@ -620,7 +645,7 @@ fn report(sim: &Sim) {
         polls_per_s: t.peer_polls.swap(0, Ordering::Relaxed) as f64 / period,
         fenced: fenced(sim),
         latencies_us: std::mem::take(&mut *lock(&t.latencies_us)),
-        tick_late_p99_ms: late_p99 as f64 / 1000.0,
+        tick_late_p99_ms: late_p99,
     };
     emit(sim, Report::Stats(stats));
 }

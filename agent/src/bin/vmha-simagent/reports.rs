@@ -14,6 +14,9 @@ pub enum Report {
     Stats(Stats),
     Polls(Polls),
     Killed(Killed),
+    /// The start commands a shard carried out since an instant: a dead host's VM may be
+    /// started on a host of another shard.
+    Starts(Vec<(String, u64)>),
 }
 
 impl Report {
@@ -25,6 +28,7 @@ impl Report {
             Report::Stats(_) => "stats",
             Report::Polls(_) => "polls",
             Report::Killed(_) => "killed",
+            Report::Starts(_) => "starts",
         }
     }
 
@@ -61,6 +65,7 @@ impl Report {
                 open: a.open.max(b.open),
                 limit: a.limit,
                 near: a.near || b.near,
+                tick_late_p99_ms: a.tick_late_p99_ms.max(b.tick_late_p99_ms),
             }),
             (Report::Killed(a), Report::Killed(b)) => Report::Killed(Killed {
                 names: [a.names, b.names].concat(),
@@ -68,7 +73,10 @@ impl Report {
                 started: a.started + b.started,
                 total: a.total + b.total,
                 last: a.last.max(b.last),
+                protected: [a.protected, b.protected].concat(),
+                killed_at: a.killed_at.min(b.killed_at),
             }),
+            (Report::Starts(a), Report::Starts(b)) => Report::Starts([a, b].concat()),
             (sum, _) => sum,
         }))
     }
@@ -90,6 +98,7 @@ impl fmt::Display for Report {
             Report::Stats(r) => r.fmt(f),
             Report::Polls(r) => r.fmt(f),
             Report::Killed(r) => r.fmt(f),
+            Report::Starts(s) => write!(f, "simagent: {} start commands", s.len()),
         }
     }
 }
@@ -161,6 +170,8 @@ pub struct Polls {
     pub limit: String,
     /// A process came within 10% of its limit: connections were surely refused.
     pub near: bool,
+    /// How late the processes' own ticks came since the mark (p99).
+    pub tick_late_p99_ms: f64,
 }
 
 impl fmt::Display for Polls {
@@ -168,14 +179,15 @@ impl fmt::Display for Polls {
         write!(
             f,
             "simagent: since the mark ({:.1} s): {} peer polls, {:.0} per second; {} hosts self-fenced ({} before the \
-             mark); at most {} files open of the {} allowed",
+             mark); at most {} files open of the {} allowed; the simulation's ticks late by {:.1} ms (p99)",
             self.secs,
             self.polls,
             self.polls as f64 / self.secs,
             self.fenced,
             self.fenced_before,
             self.open,
-            self.limit
+            self.limit,
+            self.tick_late_p99_ms,
         )?;
         if self.near {
             // Self-fences then say what the simulation can hold, not what agents on their own
@@ -200,6 +212,23 @@ pub struct Killed {
     pub total: usize,
     /// Unix ms of the last start command.
     pub last: u64,
+    /// The protected VMs that ran on them.
+    pub protected: Vec<String>,
+    /// Unix ms at which they were killed.
+    pub killed_at: u64,
+}
+
+impl Killed {
+    /// Counts the start commands, anywhere, of the protected VMs that ran on them.
+    pub fn count_starts(&mut self, starts: &[(String, u64)]) {
+        let mut first: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for (uuid, at) in starts.iter().filter(|(_, at)| *at >= self.killed_at) {
+            first.entry(uuid.as_str()).or_insert(*at);
+        }
+        let seen: Vec<u64> = self.protected.iter().filter_map(|u| first.get(u.as_str()).copied()).collect();
+        self.started = seen.len();
+        self.last = seen.into_iter().max().unwrap_or(0);
+    }
 }
 
 impl fmt::Display for Killed {
@@ -233,6 +262,8 @@ mod tests {
                 started,
                 total,
                 last,
+                protected: vec![],
+                killed_at: 0,
             })
         };
         let merged = Report::merge(vec![
@@ -253,6 +284,7 @@ mod tests {
                 open,
                 limit: "20000".into(),
                 near,
+                tick_late_p99_ms: 1.0,
             })
         };
         let merged =

@@ -14,7 +14,7 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::ChildStdin;
 
-use crate::reports::Report;
+use crate::reports::{Killed, Report};
 
 /// What a shard prints before a report's JSON.
 pub const PREFIX: &str = "shard: ";
@@ -75,8 +75,15 @@ pub async fn run(shards: usize, report: Duration, duration: Duration) -> anyhow:
     let mut ticks = tokio::time::interval(if report.is_zero() { duration } else { report });
     ticks.tick().await;
     let mut pending: HashMap<&'static str, Vec<Report>> = HashMap::new();
+    // Hosts killed: their VMs' starts are looked for on every shard, every 100 ms, for 120 s.
+    let mut killed: Option<(Killed, tokio::time::Instant)> = None;
+    let mut ask_starts = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
+            _ = ask_starts.tick(), if killed.is_some() => {
+                let since = killed.as_ref().map_or(0, |(k, _)| k.killed_at);
+                broadcast(&mut stdins, &format!("starts {since}")).await;
+            }
             () = tokio::time::sleep_until(end) => return Ok(()),
             _ = ticks.tick(), if !report.is_zero() => broadcast(&mut stdins, "stats").await,
             Some(line) = commands.recv() => match line.split_whitespace().collect::<Vec<_>>()[..] {
@@ -98,7 +105,24 @@ pub async fn run(shards: usize, report: Duration, duration: Duration) -> anyhow:
                 if held.len() == shards
                     && let Some(sum) = Report::merge(std::mem::take(held))
                 {
-                    println!("{sum}");
+                    match (sum, killed.take()) {
+                        (Report::Killed(k), _) => {
+                            killed = Some((k, tokio::time::Instant::now() + Duration::from_secs(120)));
+                        }
+                        (Report::Starts(starts), Some((mut k, deadline))) => {
+                            k.count_starts(&starts);
+                            if k.started == k.total || tokio::time::Instant::now() > deadline {
+                                println!("{}", Report::Killed(k));
+                            } else {
+                                killed = Some((k, deadline));
+                            }
+                        }
+                        (Report::Starts(_), None) => {}
+                        (sum, waiting) => {
+                            killed = waiting;
+                            println!("{sum}");
+                        }
+                    }
                 }
             }
         }
