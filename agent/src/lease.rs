@@ -584,11 +584,12 @@ impl LeaseShell {
                     (tokio::time::Instant::now() >= until_at, true)
                 }
             };
+            let last = done || !self.keeper().wants_answers(started, self.now());
             // The last report goes even with no answer: the keeper judges on the latest poll.
-            if due && (done || !answers.is_empty()) {
+            if last || (due && !answers.is_empty()) {
                 self.report(started, std::mem::take(&mut answers));
             }
-            if done || !self.keeper().wants_answers(started, self.now()) {
+            if last {
                 break;
             }
         }
