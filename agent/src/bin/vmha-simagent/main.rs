@@ -445,7 +445,18 @@ async fn protect(sim: Arc<Sim>) {
         calls.spawn(async move {
             let _permit = limit.acquire_owned().await;
             let req = SetProtectionRequest { vm: uuid.clone(), protected: true, ..Default::default() };
-            client.set_protection(req).await.map_err(|e| format!("{uuid}: {}", e.message()))
+            // Refused for going too fast (the controller's rate limit per caller, which all
+            // shards share here): slowed down and asked again, as an operator's script would.
+            let mut tries = 0;
+            loop {
+                match client.set_protection(req.clone()).await {
+                    Err(e) if e.code() == tonic::Code::ResourceExhausted && tries < 50 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    done => break done.map(|_| ()).map_err(|e| format!("{uuid}: {}", e.message())),
+                }
+            }
         });
     }
     let failed: Vec<String> = calls.join_all().await.into_iter().filter_map(Result::err).collect();
