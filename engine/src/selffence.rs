@@ -666,15 +666,13 @@ impl LeaseKeeper {
     }
 
     /// The peers a direct poll asks. A prover with nothing to build on asks those whose lapse
-    /// shows the leader lacks quorum (all votes but a majority, this host's own among them)
-    /// and some more for peers that are down or slow. One whose direct polls of the last
-    /// interval fell short for want of answers (most of those that answered had lapsed) asks, of
-    /// the peers that have not answered them,
-    /// as many as should make up the lapses still missing (at the rate the answers showed
-    /// lapses), and a margin: their answers count with the earlier ones. When the answers show
-    /// too few lapses (leases still running at that instant), it starts afresh instead.
+    /// shows the leader lacks quorum (`direct_count`). One whose direct polls of the last
+    /// interval fell short for want of answers (most of those that answered had lapsed) asks,
+    /// of the peers that have not answered them, as many as should make up the lapses still
+    /// missing (at the rate the answers showed lapses), and a margin: their answers count with
+    /// the earlier ones. When the answers show too few lapses (leases still running at that
+    /// instant), it starts afresh instead.
     fn direct_ask(&mut self, now: Millis) -> Vec<String> {
-        let margin = |n: usize| n + (n / 8).max(2);
         let i = self.cfg.heartbeat_interval_ms;
         if let Some(proving) = self.proving.as_ref().filter(|p| now.since(p.started) <= i) {
             let merged = proving.poll();
@@ -688,7 +686,7 @@ impl LeaseKeeper {
             let (answered, lapsed) = (proving.answers.len(), lapsed.len());
             let wanted = (missing * answered).div_ceil(lapsed.max(1));
             if missing > 0 && answered > 0 && lapsed * 2 >= answered && wanted <= unanswered.len() {
-                return pick(&mut self.rng, unanswered, margin(wanted));
+                return pick(&mut self.rng, unanswered, with_margin(wanted));
             }
         }
         self.proving = Some(Proving { started: now, answers: BTreeMap::new() });
@@ -703,8 +701,7 @@ impl LeaseKeeper {
     /// down or slow.
     fn direct_count(&self) -> usize {
         let total = self.cluster_hosts + 1;
-        let needed = total - (total / 2 + 1);
-        needed + (needed / 8).max(2)
+        with_margin(total - (total / 2 + 1))
     }
 
     /// The peers this agent keeps connections to once made: its neighbours (`NEIGHBOURS`),
@@ -783,8 +780,6 @@ impl LeaseKeeper {
         self.poll_started = Some(now);
         if !direct {
             self.cheap_started = Some(now);
-        }
-        if !direct {
             self.open.retain(|o| o.direct);
         }
         self.open.push(OpenPoll { started: now, direct, until });
@@ -915,6 +910,11 @@ impl LeaseKeeper {
             }
         }
     }
+}
+
+/// `n` peers and some more for peers that are down or slow.
+fn with_margin(n: usize) -> usize {
+    n + (n / 8).max(2)
 }
 
 /// `n` of `among` at random (partial Fisher-Yates).

@@ -622,11 +622,7 @@ async fn watch_ticks(sim: Arc<Sim>) {
 
 /// The 99th percentile of microsecond samples, in ms.
 fn p99_ms(samples: &[u64]) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable();
-    sorted
-        .get((sorted.len() * 99 / 100).min(sorted.len().saturating_sub(1)))
-        .map_or(0.0, |us| *us as f64 / 1000.0)
+    reports::percentile(samples, 0.99).map_or(0.0, |us| us as f64 / 1000.0)
 }
 
 /// Prints a report: as text, or for the parent of the shards as JSON.

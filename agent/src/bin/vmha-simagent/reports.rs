@@ -116,6 +116,13 @@ pub struct Protected {
     pub example: Option<String>,
 }
 
+/// The `p` quantile (0 to 1) of `samples`, if there are any.
+pub fn percentile(samples: &[u64], p: f64) -> Option<u64> {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    sorted.get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1))).copied()
+}
+
 /// The heartbeat figures of a report period.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Stats {
@@ -134,10 +141,7 @@ pub struct Stats {
 
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut lat = self.latencies_us.clone();
-        lat.sort_unstable();
-        let pct =
-            |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied();
+        let pct = |p: f64| percentile(&self.latencies_us, p);
         let ms = |v: Option<u64>| v.map_or("-".into(), |us| format!("{:.1}", us as f64 / 1000.0));
         write!(
             f,
