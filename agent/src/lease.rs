@@ -468,7 +468,7 @@ impl LeaseShell {
                 .take(WARMED_PER_SECOND)
                 .collect()
         };
-        let timeout = Duration::from_millis(self.timings().heartbeat_interval_ms);
+        let timeout = self.connect_timeout();
         for p in missing {
             let (shell, transport) = (self.clone(), transport.clone());
             tokio::spawn(async move { shell.channel(&p, &transport, timeout).await });
@@ -481,6 +481,12 @@ impl LeaseShell {
     fn drop_unkept_channels(&self) {
         let kept: HashSet<String> = self.keeper().kept_peers().iter().cloned().collect();
         lock(&self.channels).retain(|(host, _), _| kept.contains(host));
+    }
+
+    /// How long a connection to a peer may take: longer than a poll (a loaded peer), but not
+    /// for ever, since a poll that keeps asking a dead peer keeps starting new ones.
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.timings().heartbeat_interval_ms)
     }
 
     /// The kept connection to `p`, or a new one. A peer is reached over mutual TLS and must
@@ -517,9 +523,7 @@ impl LeaseShell {
         };
         let wait = Duration::from_millis(until.since(self.now()));
         let until_at = tokio::time::Instant::now() + wait;
-        // A handshake may take longer than a poll (a loaded peer), but not for ever: a poll
-        // that keeps asking a dead peer keeps starting new ones.
-        let connect_timeout = Duration::from_millis(self.timings().heartbeat_interval_ms);
+        let connect_timeout = self.connect_timeout();
         let mut asks = tokio::task::JoinSet::new();
         for p in peers {
             let (shell, transport) = (self.clone(), transport.clone());
